@@ -1,0 +1,44 @@
+"""monetdsl: train larger PyTorch models in less memory.
+
+One optimisation decides which activations to keep, which to recompute in the backward
+pass and when, and which implementation each operator uses. Specs and schedules are
+``.monet`` text; the simulator in :mod:`monetdsl.search.simulator` referees every schedule.
+
+Data flows one way: spec text -> IR (:mod:`monetdsl.ir`) -> search -> schedule -> runtime.
+"""
+from .errors import Diagnostic, MonetError, ScheduleError, SolveError, SpecError, SpecSyntaxError
+from .grammar import (
+    format_schedule,
+    format_spec,
+    load_schedule,
+    load_spec,
+    parse_schedule,
+    parse_spec,
+)
+from .ir import Network, Schedule, Spec
+from .search import Simulation, SolveResult, simulate, solve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "Diagnostic",
+    "MonetError",
+    "SpecError",
+    "SpecSyntaxError",
+    "ScheduleError",
+    "SolveError",
+    "Network",
+    "Spec",
+    "Schedule",
+    "parse_spec",
+    "load_spec",
+    "parse_schedule",
+    "load_schedule",
+    "format_spec",
+    "format_schedule",
+    "simulate",
+    "Simulation",
+    "solve",
+    "SolveResult",
+]

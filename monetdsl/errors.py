@@ -1,0 +1,73 @@
+"""Errors that monetdsl reports to users: located, readable, never a traceback.
+
+Every problem with user input becomes a :class:`Diagnostic` (file, line, column,
+message) collected in a :class:`MonetError`. The CLI prints them as
+``file:line:column: message`` followed, where the source is known, by the offending
+line and a caret, which is the form compilers use and editors understand.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Diagnostic", "MonetError", "SpecSyntaxError", "SpecError", "ScheduleError", "SolveError"]
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """One located problem. ``line``/``column`` are 1-based; 0 means unknown."""
+
+    message: str
+    file: str = "<input>"
+    line: int = 0
+    column: int = 0
+    source_line: str | None = None
+    severity: str = "error"
+
+    def format(self) -> str:
+        where = self.file
+        if self.line:
+            where += f":{self.line}"
+            if self.column:
+                where += f":{self.column}"
+        text = f"{where}: {self.severity + ': ' if self.severity != 'error' else ''}{self.message}"
+        if self.source_line is not None and self.line:
+            caret_at = max(self.column, 1)
+            text += f"\n    {self.source_line.rstrip()}\n    {' ' * (caret_at - 1)}^"
+        return text
+
+    def as_json(self) -> dict:
+        return {"file": self.file, "line": self.line, "column": self.column, "message": self.message}
+
+
+class MonetError(Exception):
+    """Bad user input: one or more diagnostics. The CLI prints them and exits non-zero."""
+
+    def __init__(self, diagnostics: list[Diagnostic] | Diagnostic | str):
+        if isinstance(diagnostics, str):
+            diagnostics = [Diagnostic(diagnostics)]
+        elif isinstance(diagnostics, Diagnostic):
+            diagnostics = [diagnostics]
+        self.diagnostics: list[Diagnostic] = list(diagnostics)
+        super().__init__("\n".join(d.format() for d in self.diagnostics))
+
+
+class SpecSyntaxError(MonetError):
+    """The text does not follow the .monet grammar."""
+
+
+class SpecError(MonetError):
+    """The text parses but describes an inconsistent network or constraints."""
+
+
+class ScheduleError(MonetError):
+    """A schedule is invalid for its spec (wrong spec, missing tensor, illegal in-place...)."""
+
+
+class SolveError(Exception):
+    """A solver could not produce a schedule; carries what is known (e.g. the minimum budget)."""
+
+    def __init__(self, message: str, *, min_feasible_budget: int | None = None, details: dict | None = None):
+        super().__init__(message)
+        self.message = message
+        self.min_feasible_budget = min_feasible_budget
+        self.details = dict(details or {})
