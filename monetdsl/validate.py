@@ -255,15 +255,15 @@ def resolve_constraints(
                 continue  # a glob pins only the matched ops that have one of the named impls
             usable = tuple(i for i in op.impl_names if i in pin.allowed and i in allowed.get(name, op.impl_names))
             if not usable:
+                wanted = pin.allowed[0] if len(pin.allowed) == 1 else f"any of ({', '.join(pin.allowed)})"
                 report(
-                    f"impl {pin.pattern.text}: op {name} has none of ({', '.join(pin.allowed)}); its implementations are"
-                    f" {', '.join(op.impl_names)}",
+                    f"impl {pin.pattern.text}: op {name} has no implementation {wanted}; it has {', '.join(op.impl_names)}",
                     pin.pattern.line,
                 )
                 continue
             allowed[name] = usable
         unknown = [a for a in pin.allowed if a not in known]
-        if unknown:
+        if unknown and is_glob:
             report(f"impl {pin.pattern.text}: no matching operator has an implementation called {unknown[0]}", pin.pattern.line)
     # keep vs. implementations that destroy or never produce the kept tensor
     for name in sorted(keep):

@@ -267,14 +267,14 @@ class _ToRaw(Transformer):
         return _Impl(children[0], list(children[1:]))
 
     def backward_line(self, children):
-        name = children[0] if children and isinstance(children[0], Ident) else None
+        keyword = children[0]
+        name = children[1] if len(children) > 1 and isinstance(children[1], Ident) else None
         attrs = [c for c in children if isinstance(c, _Attr)]
-        return (name, attrs)
+        return (keyword, name, attrs)
 
     def backward_block(self, children):
-        (name, attrs), impls = children[0], list(children[1:])
-        line = name.line if name is not None else (attrs[0].line if attrs else 0)
-        return _Backward(name, attrs, impls, line, name.column if name is not None else 0)
+        (keyword, name, attrs), impls = children[0], list(children[1:])
+        return _Backward(name, attrs, impls, keyword.line, keyword.column)
 
     def op_line(self, children):
         name = children[0]
@@ -532,7 +532,8 @@ def parse_spec(text: str, path: str = "<input>") -> Spec:
     doc = parse_document(text, path)
     if doc.network is None:
         hint = " (this looks like a schedule; pass it with --schedule)" if doc.schedule is not None else ""
-        raise SpecError(Diagnostic(f"no network section in this file{hint}", path, 1, 1))
+        first = doc.source.splitlines()[0] if doc.source.strip() else None
+        raise SpecError(Diagnostic(f"no network section in this file{hint}", path, 1, 1, first))
     if doc.schedule is not None:
         raise SpecError(Diagnostic("a spec file holds no schedule; keep schedules in their own file", path))
     spec = Spec(doc.network, doc.constraints or Constraints(), path, doc.source)
@@ -563,6 +564,16 @@ def load_schedule(path: str | Path) -> Schedule:
 _TENSOR_KINDS = {kind.value: kind for kind in TensorKind}
 
 
+class _Invalid:
+    """A quantity that failed to parse (already reported): suppresses follow-on errors."""
+
+    def __bool__(self) -> bool:
+        return False
+
+
+_INVALID = _Invalid()
+
+
 class _Builder:
     """Raw statements to IR, collecting located diagnostics instead of stopping at the first."""
 
@@ -586,8 +597,13 @@ class _Builder:
         try:
             return parse(str(tok))
         except UnitError as exc:
-            self.error(f"{what}: {exc}", tok)
-            return None
+            text = str(tok).strip()
+            if text and text[-1].isdigit():
+                example = "40us" if parse is parse_time_us else "8MiB"
+                self.error(f"{what}: {text} has no unit (write e.g. {example})", tok)
+            else:
+                self.error(f"{what}: {exc}", tok)
+            return _INVALID
 
     def _bytes(self, tok: Token, what: str) -> int | None:
         return self._quantity(tok, parse_bytes, what)
@@ -710,12 +726,14 @@ class _Builder:
             resolve(name)
 
         def need(ref: Ident, what: str) -> bool:
-            """A reference must name a tensor; create grad(x) tensors on first use."""
+            """A reference must name a tensor; create grad(x) tensors on first use.
+
+            ``what`` is the phrase that leads the message, e.g. "op b reads"."""
             if ref.grad_of is not None:
                 base = tensors.get(ref.grad_of)
                 if base is None:
                     if ref.grad_of not in decls:
-                        self.error(f"{what} {ref}: there is no tensor {ref.grad_of}", ref)
+                        self.error(f"{what} {ref}, but there is no tensor {ref.grad_of}", ref)
                     return False
                 if str(ref) not in tensors:
                     tensors[str(ref)] = Tensor(
@@ -724,7 +742,10 @@ class _Builder:
                 return True
             if str(ref) not in tensors:
                 if ref not in decls:
-                    self.error(f"{what} {ref}: no tensor of that name is declared or produced", ref)
+                    if what.endswith(" produces"):
+                        self.error(f"{what} {ref} without a type: write e.g. `{ref} f32[8,16]` or `{ref} 4KiB`", ref)
+                    else:
+                        self.error(f"{what} {ref}, but no tensor of that name is declared or produced", ref)
                 return False
             return True
 
@@ -755,7 +776,7 @@ class _Builder:
                     top_level_backward.append(bop)
 
         for out in outputs:
-            need(out, "output")
+            need(out, "the network outputs")
         seen_outputs: set[str] = set()
         for out in outputs:
             if out in seen_outputs:
@@ -781,9 +802,9 @@ class _Builder:
     def _forward_op(self, raw: _Op, need) -> ForwardOp | None:
         ok = True
         for ref in raw.inputs:
-            ok &= need(ref, f"input of {raw.name}:")
+            ok &= need(ref, f"op {raw.name} reads")
         for out in raw.outputs:
-            ok &= need(out.ref, f"output of {raw.name}:")
+            ok &= need(out.ref, f"op {raw.name} produces")
             if out.ref.grad_of is not None:
                 self.error(f"forward op {raw.name} cannot produce a gradient ({out.ref})", out.ref)
                 ok = False
@@ -821,7 +842,7 @@ class _Builder:
                         if out.ref.grad_of is not None:
                             self.error(f"impl {raw_impl.name} of {raw.name} cannot produce a gradient", out.ref)
                             ok = False
-                        elif need(out.ref, f"derived output of {raw.name}:"):
+                        elif need(out.ref, f"impl {raw_impl.name} of {raw.name} produces"):
                             derived.append(str(out.ref))
                 elif attr.kind == "reads":
                     self.error(
@@ -832,12 +853,16 @@ class _Builder:
                     ok = False
                 else:
                     self._apply_common_attr(values, attr, f"{raw.name} impl {raw_impl.name}")
-            if values["time"] is None:
-                self.error(f"op {raw.name} impl {raw_impl.name} has no time (add e.g. `time 10us`)", raw_impl.name)
+            if values["time"] is None or values["time"] is _INVALID:
+                if values["time"] is None:
+                    self.error(f"op {raw.name} impl {raw_impl.name} has no time (add e.g. `time 10us`)", raw_impl.name)
+                ok = False
+                continue
+            if values["recompute_time"] is _INVALID:
                 ok = False
                 continue
             for ref in values["recompute_reads"]:
-                ok &= need(ref, f"recompute read of {raw.name}:")
+                ok &= need(ref, f"recomputing {raw.name} reads")
             impls.append(
                 ForwardImpl(
                     str(raw_impl.name),
@@ -899,11 +924,11 @@ class _Builder:
             self.error(f"backward op {full} produces nothing: add `-> grad(x)` (the gradients it computes)", where)
             ok = False
         for ref in outputs:
-            ok &= need(ref, f"output of {full}:")
+            ok &= need(ref, f"backward op {full} produces")
         for ref in common_reads:
-            ok &= need(ref, f"read of {full}:")
+            ok &= need(ref, f"backward op {full} reads")
         impls: list[BackwardImpl] = []
-        raw_impls = raw.impls or [_Impl(Ident("default", where.line, where.column), [])]
+        raw_impls = raw.impls or [_Impl(Ident("default", raw.line or where.line, raw.column or where.column), [])]
         names_seen: set[str] = set()
         for raw_impl in raw_impls:
             if raw_impl.name in names_seen:
@@ -916,7 +941,7 @@ class _Builder:
             for attr in raw_impl.attrs:
                 if attr.kind == "reads":
                     for ref in attr.value:
-                        ok &= need(ref, f"read of {full} impl {raw_impl.name}:")
+                        ok &= need(ref, f"backward op {full} (impl {raw_impl.name}) reads")
                     reads.extend(attr.value)
                 elif attr.kind == "time":
                     values["time"] = self._time(attr.value, f"time of {full} impl {raw_impl.name}")
@@ -928,14 +953,15 @@ class _Builder:
                         attr,
                     )
                     ok = False
-            if values["time"] is None:
-                self.error(f"backward op {full} impl {raw_impl.name} has no time (add e.g. `time 10us`)", raw_impl.name)
+            if values["time"] is None or values["time"] is _INVALID:
+                if values["time"] is None:
+                    self.error(f"backward op {full} impl {raw_impl.name} has no time (add e.g. `time 10us`)", raw_impl.name)
                 ok = False
                 continue
             impls.append(BackwardImpl(str(raw_impl.name), frozenset(str(r) for r in reads), values["time"], values["workspace"], raw_impl.name.line))
         if not ok:
             return None
-        return BackwardOp(full, tuple(str(o) for o in outputs), tuple(impls), str(parent) if parent is not None else None, where.line)
+        return BackwardOp(full, tuple(str(o) for o in outputs), tuple(impls), str(parent) if parent is not None else None, raw.line or where.line)
 
     # constraints ---------------------------------------------------------------------
     def constraints(self, items: list) -> Constraints:

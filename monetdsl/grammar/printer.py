@@ -8,6 +8,7 @@ binary unit that divides them. Parsing the printed text gives back an equal IR.
 """
 from __future__ import annotations
 
+import json
 import re
 
 from ..ir import (
@@ -35,7 +36,7 @@ _WRAP = 96
 
 
 def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return json.dumps(text, ensure_ascii=False)
 
 
 def quote_name(name: str) -> str:
