@@ -13,7 +13,7 @@ import sys
 from . import __version__
 from .commands import COMMANDS
 from .commands.common import report_errors
-from .errors import MonetError
+from .errors import Diagnostic, MonetError, SolveError
 
 __all__ = ["main", "build_parser"]
 
@@ -56,5 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except MonetError as exc:
         return report_errors(exc.diagnostics, getattr(args, "json", False))
+    except SolveError as exc:
+        return report_errors([Diagnostic(exc.message, getattr(args, "spec", "monetdsl"))], getattr(args, "json", False))
     except BrokenPipeError:  # e.g. `monetdsl show ... | head`
         return 0

@@ -194,27 +194,42 @@ def storage_root(network: Network, name: str) -> str:
 
 
 def checkpoint_candidates(network: Network) -> tuple[str, ...]:
-    """Forward tensors whose removal cuts the forward graph: Chen's checkpoint candidates.
+    """Tensors every path from the inputs to the outputs goes through: Chen's candidates.
 
-    Builds the undirected graph of activation tensors (an edge from each input activation
-    of an op to each of its outputs; parameters and inputs are left out, as they are always
-    resident) and returns its articulation points in forward order, restricted to tensors
-    that separate the graph into a part before and a part after them.
+    In the directed graph of data tensors (an edge from each input of an op to each of its
+    outputs), these are the dominators of the network outputs seen from the inputs: the
+    articulation points of the forward graph that lie on its main path. Tensors that only
+    feed a side branch (saved statistics, say) are not candidates; parameters and buffers
+    are left out, being always resident. Outputs are not candidates either (they are kept
+    anyway). The result is in forward order.
     """
     idx = index(network)
-    graph = nx.Graph()
+    tensors = network.tensors
+    graph = nx.DiGraph()
+    source, sink = ("__source__",), ("__sink__",)
+    graph.add_node(source)
     for name in idx.forward_order:
         op = idx.forward_ops[name]
-        outs = [o for o in op.outputs if network.tensors[o].kind is TensorKind.ACTIVATION]
-        graph.add_nodes_from(outs)
-        for inp in op.inputs:
-            if network.tensors[inp].kind is TensorKind.ACTIVATION:
-                for out in outs:
-                    graph.add_edge(inp, out)
-    cut = set(nx.articulation_points(graph)) if graph.number_of_nodes() else set()
-    ordered = []
-    for name in idx.forward_order:
-        for out in idx.forward_ops[name].outputs:
-            if out in cut:
-                ordered.append(out)
-    return tuple(ordered)
+        data_inputs = [i for i in op.inputs if tensors[i].kind in (TensorKind.ACTIVATION, TensorKind.INPUT)]
+        for out in op.outputs:
+            graph.add_node(out)
+            if not data_inputs:
+                graph.add_edge(source, out)
+            for inp in data_inputs:
+                graph.add_edge(inp, out)
+    for name, tensor in tensors.items():
+        if tensor.kind is TensorKind.INPUT and name in graph:
+            graph.add_edge(source, name)
+    for out in network.outputs:
+        graph.add_edge(out, sink)
+    if sink not in graph:
+        return ()
+    dominators = nx.immediate_dominators(graph, source)
+    chain = set()
+    node = dominators.get(sink)
+    while node is not None and node != source:
+        chain.add(node)
+        node = dominators.get(node)
+    order = [out for name in idx.forward_order for out in idx.forward_ops[name].outputs]
+    outputs = set(network.outputs)
+    return tuple(t for t in order if t in chain and t not in outputs and tensors[t].kind is TensorKind.ACTIVATION)

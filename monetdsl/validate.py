@@ -90,6 +90,8 @@ def validate_network(network: Network, path: str = "<input>", source: str = "") 
             for name in impl.recompute_reads:
                 if tensors[name].kind is TensorKind.GRADIENT:
                     report(f"recomputing {op.name} cannot read the gradient {name}", impl.line)
+                elif derived_owner.get(name) == op.name and name not in impl.derived:
+                    report(f"impl {impl.name} of {op.name} recomputes from {name}, which it does not produce", impl.line)
             if impl.overwrites is not None:
                 _check_in_place(network, idx, op, impl, report)
     dag = forward_dag(network)
@@ -111,6 +113,16 @@ def validate_network(network: Network, path: str = "<input>", source: str = "") 
         for impl in bop.impls:
             for name in sorted(impl.reads):
                 tensor = tensors[name]
+                if name in bop.outputs:
+                    report(f"backward op {bop.name} both reads and writes {name}", impl.line or bop.line)
+                    continue
+                if tensor.grad_of is not None and tensors[tensor.grad_of].is_fixed:
+                    report(
+                        f"backward op {bop.name} reads {name}: gradients of {tensors[tensor.grad_of].kind.value}s go to"
+                        " fixed memory and are not read in the backward pass",
+                        impl.line or bop.line,
+                    )
+                    continue
                 if tensor.kind is TensorKind.GRADIENT:
                     if name not in writers and name not in seeds:
                         hint = ""
@@ -119,6 +131,21 @@ def validate_network(network: Network, path: str = "<input>", source: str = "") 
                         report(f"backward op {bop.name} reads {name}, which nothing produces{hint}", impl.line or bop.line)
                     elif writers.get(name) == (bop.name,) and name not in seeds:
                         report(f"backward op {bop.name} reads {name}, which only it produces", impl.line or bop.line)
+    for bop in network.backward_ops:
+        for impl in bop.impls:
+            needs: dict[str, list[str]] = {}
+            for name in sorted(impl.reads):
+                if name in idx.derived_by:
+                    needs.setdefault(idx.derived_by[name][0], []).append(name)
+            for owner, names in needs.items():
+                common = set.intersection(*(set(idx.derived_by[n][1]) for n in names))
+                if not common:
+                    report(
+                        f"impl {impl.name} of backward op {bop.name} reads {', '.join(names)}, which no single"
+                        f" implementation of {owner} produces together",
+                        impl.line or bop.line,
+                    )
+    _check_derived_demands(network, idx, report)
     bdag = backward_dag(network)
     if not nx.is_directed_acyclic_graph(bdag):
         cycle = nx.find_cycle(bdag)
@@ -130,6 +157,32 @@ def validate_network(network: Network, path: str = "<input>", source: str = "") 
         if name not in produced_by:
             report(f"output {name} is not produced by a forward op", tensors[name].line)
     return report.items
+
+
+def _check_derived_demands(network: Network, idx, report) -> None:
+    """Every backward op must be able to find its derived tensors under one choice per op.
+
+    For each op that produces derived tensors, intersect over the backward ops that need
+    some of them the implementations that would satisfy that backward op.
+    """
+    owners = {owner for owner, _ in idx.derived_by.values()}
+    for owner in sorted(owners):
+        all_impls = set(idx.forward_ops[owner].impl_names)
+        possible = set(all_impls)
+        demanding: list[str] = []
+        for bop in network.backward_ops:
+            allowed: set[str] = set()
+            for impl in bop.impls:
+                producers = [set(idx.derived_by[r][1]) for r in impl.reads if r in idx.derived_by and idx.derived_by[r][0] == owner]
+                allowed |= set.intersection(*producers) if producers else all_impls
+            if allowed != all_impls:
+                demanding.append(bop.name)
+                possible &= allowed
+        if not possible:
+            report(
+                f"no implementation of {owner} produces the derived tensors that {' and '.join(demanding[:3])} need",
+                idx.forward_ops[owner].line,
+            )
 
 
 def _is_view_chain_of(network: Network, base: str, inputs: tuple[str, ...]) -> bool:

@@ -35,16 +35,25 @@ def _setup(network: Network, constraints: ResolvedConstraints | None):
 def store_all(network: Network, constraints: ResolvedConstraints | None = None, *, spec_path: str, fingerprint: str) -> Schedule:
     """Keep every forward tensor any backward stage reads; recompute nothing."""
     impls, keep, never = _setup(network, constraints)
+    pins = set(keep)
     idx = index(network)
     for reads in backward_reads(network, impls, idx.backward_order):
         keep |= reads
-    return build_schedule(network, impls, forward_keep=keep, never_recompute=never, spec_path=spec_path, fingerprint=fingerprint)
+    # a tensor an in-place implementation destroys in the forward pass cannot be kept
+    for op in network.forward_ops:
+        keep.discard(op.impl(impls[op.name]).overwrites)
+    return build_schedule(
+        network, impls, forward_keep=keep, never_recompute=never, pinned=pins, spec_path=spec_path, fingerprint=fingerprint
+    )
 
 
 def recompute_all(network: Network, constraints: ResolvedConstraints | None = None, *, spec_path: str, fingerprint: str) -> Schedule:
     """Keep only what the constraints force; recompute everything else in every stage."""
     impls, keep, never = _setup(network, constraints)
-    return build_schedule(network, impls, forward_keep=keep, never_recompute=never, spec_path=spec_path, fingerprint=fingerprint)
+    pins = set(keep)
+    return build_schedule(
+        network, impls, forward_keep=keep, never_recompute=never, pinned=pins, spec_path=spec_path, fingerprint=fingerprint
+    )
 
 
 def chen_sqrt_checkpoints(network: Network) -> tuple[str, ...]:
@@ -59,7 +68,15 @@ def chen_sqrt_checkpoints(network: Network) -> tuple[str, ...]:
 def chen_sqrt(network: Network, constraints: ResolvedConstraints | None = None, *, spec_path: str, fingerprint: str) -> Schedule:
     """Chen's sqrt(n) checkpointing over the articulation points of the forward graph."""
     impls, keep, never = _setup(network, constraints)
+    pins = set(keep)
     keep |= set(chen_sqrt_checkpoints(network))
     return build_schedule(
-        network, impls, forward_keep=keep, promote="needed", never_recompute=never, spec_path=spec_path, fingerprint=fingerprint
+        network,
+        impls,
+        forward_keep=keep,
+        promote="needed",
+        never_recompute=never,
+        pinned=pins,
+        spec_path=spec_path,
+        fingerprint=fingerprint,
     )

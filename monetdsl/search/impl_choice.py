@@ -36,66 +36,110 @@ __all__ = ["cheapest_impls", "no_recompute_compute_us"]
 def cheapest_impls(network: Network, allowed: dict[str, tuple[str, ...]] | None = None) -> dict[str, str]:
     """The cheapest no-recompute implementation of every op (forward and backward).
 
-    ``allowed`` restricts ops to the listed implementations (constraints' pins).
+    ``allowed`` restricts ops to the listed implementations (constraints' pins). First
+    each forward op is chosen together with its attached backward ops; then backward
+    ops that read a derived tensor of *another* op are repaired, by switching either the
+    backward implementation or the producer's implementation, whichever costs less.
     """
     allowed = allowed or {}
     idx = index(network)
-    chosen: dict[str, str] = {}
-    derived_available: set[str] = set()
 
     def usable(op) -> list:
         names = allowed.get(op.name, op.impl_names)
         return [op.impl(n) for n in op.impl_names if n in names]
 
+    def obtainable(name: str, own_op: str, produced: set[str]) -> bool:
+        if name not in idx.derived_by:
+            return True
+        owner, producers = idx.derived_by[name]
+        if owner == own_op:
+            return name in produced
+        return any(i.name in producers for i in usable(idx.forward_ops[owner]))
+
+    chosen: dict[str, str] = {}
     for name in idx.forward_order:
         op = idx.forward_ops[name]
         candidates = usable(op)
-        out_of_place = [i for i in candidates if i.overwrites is None]
-        candidates = out_of_place or candidates
+        candidates = [i for i in candidates if i.overwrites is None] or candidates
         attached = [idx.backward_ops[b] for b in idx.backward_of.get(name, ())]
         best = None
         for order, impl in enumerate(candidates):
             produced = set(impl.derived)
-            total = impl.time_us
-            picks = {}
-            feasible = True
+            total, picks = impl.time_us, {}
             for bop in attached:
-                options = [
-                    b for b in usable(bop)
-                    if all(_available(r, network, idx, produced | derived_available) for r in b.reads)
-                ]
+                options = [b for b in usable(bop) if all(obtainable(r, name, produced) for r in b.reads)]
                 if not options:
-                    feasible = False
                     break
                 pick = min(options, key=lambda b: b.time_us)
                 picks[bop.name] = pick.name
                 total += pick.time_us
-            if not feasible:
-                continue
-            key = (total, order)
-            if best is None or key < best[0]:
-                best = (key, impl, picks)
-        if best is None:  # nothing satisfies every attached backward: fall back to the first usable impls
-            impl = candidates[0]
-            picks = {b.name: usable(b)[0].name for b in attached}
+            else:
+                if best is None or (total, order) < best[0]:
+                    best = ((total, order), impl, picks)
+        if best is None:  # no combination works locally: the repair below sorts it out
+            chosen[name] = candidates[0].name
+            chosen.update({b.name: usable(b)[0].name for b in attached})
         else:
-            _, impl, picks = best
-        chosen[name] = impl.name
-        derived_available.update(impl.derived)
-        chosen.update(picks)
+            chosen[name] = best[1].name
+            chosen.update(best[2])
     for bop in network.backward_ops:
-        if bop.name in chosen:
-            continue
-        options = usable(bop)
-        ready = [b for b in options if all(_available(r, network, idx, derived_available) for r in b.reads)]
-        chosen[bop.name] = min(ready or options, key=lambda b: b.time_us).name
+        chosen.setdefault(bop.name, min(usable(bop), key=lambda b: b.time_us).name)
+    _repair_derived_reads(network, idx, chosen, usable)
     return chosen
 
 
-def _available(name: str, network: Network, idx, derived: set[str]) -> bool:
-    if name in idx.derived_by:
-        return name in derived
+def _satisfied(reads, idx, chosen: dict[str, str]) -> bool:
+    for name in reads:
+        if name in idx.derived_by:
+            owner, producers = idx.derived_by[name]
+            if chosen[owner] not in producers:
+                return False
     return True
+
+
+def _owner_switch(reads, idx, chosen, usable) -> dict | None:
+    """Implementations of the producers that make every derived tensor in ``reads`` exist."""
+    needs: dict[str, set[str]] = {}
+    for name in reads:
+        if name in idx.derived_by:
+            owner, producers = idx.derived_by[name]
+            needs.setdefault(owner, set(producers))
+            needs[owner] &= set(producers)
+    switch = {}
+    for owner, producers in needs.items():
+        options = [i for i in usable(idx.forward_ops[owner]) if i.name in producers]
+        if not options:
+            return None
+        options.sort(key=lambda i: (i.overwrites is not None, i.time_us))
+        switch[owner] = options[0]
+    return switch
+
+
+def _repair_derived_reads(network: Network, idx, chosen: dict[str, str], usable) -> None:
+    for _ in range(len(network.backward_ops) + 1):
+        changed = False
+        for bop in network.backward_ops:
+            if _satisfied(bop.impl(chosen[bop.name]).reads, idx, chosen):
+                continue
+            options = [b for b in usable(bop) if _satisfied(b.reads, idx, chosen)]
+            if options:
+                chosen[bop.name] = min(options, key=lambda b: b.time_us).name
+                changed = True
+                continue
+            best = None
+            for impl in usable(bop):
+                switch = _owner_switch(impl.reads, idx, chosen, usable)
+                if switch is None:
+                    continue
+                extra = sum(new.time_us - idx.forward_ops[o].impl(chosen[o]).time_us for o, new in switch.items())
+                if best is None or impl.time_us + extra < best[0]:
+                    best = (impl.time_us + extra, impl, switch)
+            if best is not None:
+                chosen[bop.name] = best[1].name
+                chosen.update({owner: impl.name for owner, impl in best[2].items()})
+                changed = True
+        if not changed:
+            return
 
 
 def no_recompute_compute_us(network: Network, impls: dict[str, str] | None = None) -> float:

@@ -50,6 +50,7 @@ def build_schedule(
     forward_keep: Iterable[str],
     promote: str | set[str] = "none",
     never_recompute: Iterable[str] = (),
+    pinned: Iterable[str] = (),
     spec_path: str,
     fingerprint: str,
     stage_order: Iterable[str] | None = None,
@@ -61,6 +62,8 @@ def build_schedule(
     which gives Chen-style segment recomputation), or an explicit set of tensor names.
     Outputs of ``never_recompute`` ops, and tensors a recomputation must read
     (``recompute reads``), are added to the forward keep set when a stage needs them.
+    Kept tensors no stage reads are dropped from the keep set, except ``pinned`` ones
+    (the constraints' ``keep``), which are kept until their last use.
     """
     idx = index(network)
     order = tuple(stage_order) if stage_order is not None else idx.backward_order
@@ -72,7 +75,7 @@ def build_schedule(
         if not extra:
             break
         keep |= extra
-    stages, used_keep = _add_frees(network, keep, stages, order, impls)
+    stages, used_keep = _add_frees(network, keep, stages, order, impls, pinned=set(pinned) & keep)
     choices = {op: impl for op, impl in impls.items() if len(network.op(op).impls) > 1}
     forward_keep_sorted = tuple(sorted(used_keep, key=lambda t: _tensor_position(idx, t)))
     return Schedule(spec_path, fingerprint, choices, forward_keep_sorted, tuple(stages))
@@ -144,7 +147,7 @@ def _plan(network, impls, keep, promote, never, order):
     return stages, must_keep - keep
 
 
-def _add_frees(network, keep, stages, order, impls):
+def _add_frees(network, keep, stages, order, impls, pinned=frozenset()):
     """Free each carried tensor after the last stage that reads it; drop unused keeps."""
     idx = index(network)
     reads = backward_reads(network, impls, order)
@@ -163,9 +166,9 @@ def _add_frees(network, keep, stages, order, impls):
     for name in keep:
         if name in outputs:
             continue
-        if name in last_read:
+        if name in last_read or name in pinned:
             used_keep.add(name)
-            frees.setdefault(last_read[name], []).append(name)
+            frees.setdefault(last_read.get(name, 1), []).append(name)
     kept_stages = []
     for t, stage in enumerate(stages, start=1):
         promoted = []

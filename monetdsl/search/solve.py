@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import SpecError
+from ..errors import SolveError, SpecError
 from ..ir import Schedule, Spec
 from ..units import human_bytes
 from ..validate import ResolvedConstraints, resolve_constraints
@@ -108,7 +108,7 @@ def _run_method(name: str, spec: Spec, constraints: ResolvedConstraints, baselin
     simulation = simulate(spec.network, schedule, constraints=constraints, baseline_us=baseline_us)
     if not simulation.valid:
         problems = "; ".join(d.message for d in simulation.errors[:3])
-        raise AssertionError(f"method {name} produced an invalid schedule: {problems}")
+        raise SolveError(f"method {name} cannot schedule this network: {problems}", details={"method": name})
     return schedule, simulation
 
 
