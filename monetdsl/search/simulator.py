@@ -534,7 +534,10 @@ def _check_constraints(replay: _Replay, constraints: ResolvedConstraints) -> Non
         )
     if constraints.max_overhead is not None and result.overhead > constraints.max_overhead + 1e-12:
         replay.violation(f"compute overhead {result.overhead:.2%} exceeds the cap {constraints.max_overhead:.2%}")
-    recomputed = {name: stage for stage in sched.stages for name in stage.recompute}
+    recomputed: dict = {}
+    for stage in sched.stages:
+        for name in stage.recompute:
+            recomputed.setdefault(name, stage)  # report the first stage that recomputes it
     for name in sorted(constraints.keep):
         producer = replay.idx.producing_op(name)
         if name not in sched.forward_keep:
