@@ -364,3 +364,4 @@ class Schedule:
     source: str = field(default="", compare=False, repr=False)
     impl_lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
     forward_line: int = field(default=0, compare=False)
+    line: int = field(default=0, compare=False)

@@ -165,24 +165,28 @@ def _check_derived_demands(network: Network, idx, report) -> None:
     For each op that produces derived tensors, intersect over the backward ops that need
     some of them the implementations that would satisfy that backward op.
     """
-    owners = {owner for owner, _ in idx.derived_by.values()}
-    for owner in sorted(owners):
-        all_impls = set(idx.forward_ops[owner].impl_names)
-        possible = set(all_impls)
-        demanding: list[str] = []
-        for bop in network.backward_ops:
-            allowed: set[str] = set()
-            for impl in bop.impls:
+    demands: dict[str, dict[str, set[str]]] = {}  # owner -> backward op -> allowed owner impls
+    for bop in network.backward_ops:
+        per_owner: dict[str, set[str]] = {}
+        free_of: set[str] = set()  # owners some impl of this op does not need
+        touched = {idx.derived_by[r][0] for impl in bop.impls for r in impl.reads if r in idx.derived_by}
+        for impl in bop.impls:
+            for owner in touched:
                 producers = [set(idx.derived_by[r][1]) for r in impl.reads if r in idx.derived_by and idx.derived_by[r][0] == owner]
-                allowed |= set.intersection(*producers) if producers else all_impls
-            if allowed != all_impls:
-                demanding.append(bop.name)
-                possible &= allowed
+                if producers:
+                    per_owner.setdefault(owner, set()).update(set.intersection(*producers))
+                else:
+                    free_of.add(owner)
+        for owner, allowed in per_owner.items():
+            if owner not in free_of:
+                demands.setdefault(owner, {})[bop.name] = allowed
+    for owner, by_op in sorted(demands.items()):
+        possible = set(idx.forward_ops[owner].impl_names)
+        for allowed in by_op.values():
+            possible &= allowed
         if not possible:
-            report(
-                f"no implementation of {owner} produces the derived tensors that {' and '.join(demanding[:3])} need",
-                idx.forward_ops[owner].line,
-            )
+            names = list(by_op)[:3]
+            report(f"no implementation of {owner} produces the derived tensors that {' and '.join(names)} need", idx.forward_ops[owner].line)
 
 
 def _is_view_chain_of(network: Network, base: str, inputs: tuple[str, ...]) -> bool:

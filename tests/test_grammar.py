@@ -119,3 +119,18 @@ network "my net"
     assert spec.network.forward_ops[0].name == "layer1.0.conv1"
     assert '"out put"' in format_network(spec.network)
     assert parse_spec(format_network(spec.network)).network == spec.network
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
+@pytest.mark.parametrize("method", ["store-all", "recompute-all", "chen-sqrt"])
+def test_schedules_round_trip(path, method):
+    from monetdsl.grammar import format_schedule, parse_schedule
+    from monetdsl.search import simulate, solve
+
+    spec = load_spec(path)
+    schedule = solve(spec, method, memory_budget=1 << 40).schedule
+    text = format_schedule(schedule, spec.network, header=["a comment"], stage_notes={1: "note"})
+    again = parse_schedule(text)
+    assert again == schedule
+    assert format_schedule(again, spec.network, header=["a comment"], stage_notes={1: "note"}) == text
+    assert simulate(spec.network, again, fingerprint=spec.fingerprint).peak_bytes == simulate(spec.network, schedule).peak_bytes

@@ -60,8 +60,8 @@ class _Indentation(Indenter):
     """Python-style INDENT/DEDENT tokens, with located errors for inconsistent dedents."""
 
     NL_type = "_NL"
-    OPEN_PAREN_types = ["LPAR", "LSQB"]
-    CLOSE_PAREN_types = ["RPAR", "RSQB"]
+    OPEN_PAREN_types = ["LPAR"]
+    CLOSE_PAREN_types = ["RPAR"]
     INDENT_type = "_INDENT"
     DEDENT_type = "_DEDENT"
     tab_len = 8
@@ -196,6 +196,7 @@ class _RawSchedule:
     spec_path: Token
     fingerprint: Token
     items: list
+    line: int = 0
 
 
 def _tok_ident(tok: Token) -> Ident:
@@ -215,19 +216,20 @@ class _ToRaw(Transformer):
         return children[0]
 
     def grad_ref(self, children):
-        base = children[0]
-        return Ident(grad_name(base), base.line, base.column, grad_of=str(base))
+        tok = children[0]
+        inner = str(tok)[len("grad(") : -1].strip()
+        base = ast.literal_eval(inner) if inner.startswith('"') else inner
+        return Ident(grad_name(base), tok.line, tok.column, grad_of=base)
 
     def pattern(self, children):
         return _tok_ident(children[0])
 
-    def shape(self, children):
-        return tuple(int(c) for c in children)
-
     def shaped_type(self, children):
-        dtype, shape = children[0], children[1]
-        size = children[2] if len(children) > 2 else None
-        return _Type(str(dtype), shape, size, dtype.line, dtype.column)
+        tok = children[0]
+        dtype, _, dims = str(tok).partition("[")
+        shape = tuple(int(d) for d in dims.rstrip("]").split(",") if d.strip())
+        size = children[1] if len(children) > 1 else None
+        return _Type(dtype, shape, size, tok.line, tok.column)
 
     def sized_type(self, children):
         tok = children[0]
@@ -359,7 +361,7 @@ class _ToRaw(Transformer):
         return self._stage(children[0], children[1:], children[0].line)
 
     def schedule(self, children):
-        return _RawSchedule(children[0], children[1], list(children[2:]))
+        return _RawSchedule(children[1], children[2], list(children[3:]), children[0].line)
 
     def start(self, children):
         return list(children)
@@ -384,9 +386,9 @@ _FRIENDLY = {
     "STRING": 'a quoted name ("...")',
     "PATTERN": "a name or glob pattern",
     "QUANTITY": "a quantity with a unit (e.g. 40us, 8MiB, 10%)",
-    "INT": "an integer",
     "HEX": "a hexadecimal fingerprint",
-    "DTYPE": "a dtype with a shape (e.g. f32[8,16])",
+    "SHAPED": "a dtype with a shape (e.g. f32[8,16])",
+    "GRAD_REF": "a gradient (grad(NAME))",
     "KIND": "a tensor kind (input, param, buffer, activation, gradient)",
     "_NL": "end of line",
     "_INDENT": "an indented line",
@@ -1034,8 +1036,10 @@ class _Builder:
             tuple(forward_keep),
             tuple(stages),
             path=self.path,
+            source="\n".join(self.lines) + "\n",
             impl_lines=impl_lines,
             forward_line=forward_line,
+            line=raw.line,
         )
 
 

@@ -510,7 +510,7 @@ def simulate(
         replay.error(
             f"this schedule was made for another spec (fingerprint {schedule.fingerprint}, spec {fingerprint});"
             f" solve the spec again",
-            1 if schedule.source else 0,
+            schedule.line,
         )
         return result
     replay.run()
