@@ -69,6 +69,7 @@ def networks(draw, max_ops: int = 6) -> Network:
     activations: list[str] = []  # main outputs, not views
     readable: list[str] = list(tensors)
     overwritten: set[str] = set()  # an in-place victim may have no later reader
+    derived_of: dict[str, list[str]] = {}
     for _ in range(draw(st.integers(1, max_ops))):
         choices = [r for r in readable if r not in overwritten]
         inputs = tuple(dict.fromkeys(draw(st.lists(st.sampled_from(choices), min_size=1, max_size=3))))
@@ -122,6 +123,7 @@ def networks(draw, max_ops: int = 6) -> Network:
                 )
             )
         forward.append(ForwardOp(fresh("op"), inputs, tuple(outputs), tuple(impls)))
+        derived_of[forward[-1].name] = derived_pool
         activations.extend(o for o in outputs if tensors[o].view_of is None)
         readable.extend(outputs)
 
@@ -136,7 +138,10 @@ def networks(draw, max_ops: int = 6) -> Network:
     outputs = (last,)
     backward: list[BackwardOp] = []
     forward_tensors = [t for t in tensors if tensors[t].kind is TensorKind.ACTIVATION]
+    all_derived = {d for pool in derived_of.values() for d in pool}
     for op in forward:
+        # an op's backward reads derived tensors of that op only (masks, statistics): what real specs do
+        readable_here = [t for t in forward_tensors if t not in all_derived or t in derived_of[op.name]]
         for local in draw(st.lists(st.sampled_from(["backward", "dgrad", "wgrad", "time"]), max_size=2, unique=True)):
             available_grads = [g for g in tensors if tensors[g].grad_of is not None] or [grad_name(last)]
             outs = tuple(dict.fromkeys(grad(i) for i in op.inputs if not tensors[i].is_fixed or draw(st.booleans())))
@@ -145,7 +150,7 @@ def networks(draw, max_ops: int = 6) -> Network:
             impls = []
             for impl_name in draw(st.lists(NAMES, min_size=1, max_size=2, unique=True)):
                 reads = frozenset(
-                    draw(st.lists(st.sampled_from(available_grads + forward_tensors), max_size=3))
+                    draw(st.lists(st.sampled_from(available_grads + readable_here), max_size=3))
                 )
                 for name in reads:
                     if name.startswith("grad(") and name not in tensors:
@@ -155,7 +160,8 @@ def networks(draw, max_ops: int = 6) -> Network:
     for _ in range(draw(st.integers(0, 2))):
         out = draw(tensor_type(fresh("g"), TensorKind.GRADIENT))
         tensors[out.name] = out
-        reads = frozenset(draw(st.lists(st.sampled_from(forward_tensors), max_size=2)))
+        main_tensors = [t for t in forward_tensors if t not in all_derived]
+        reads = frozenset(draw(st.lists(st.sampled_from(main_tensors), max_size=2)))
         name = fresh("bw")
         backward.append(BackwardOp(name, (out.name,), (BackwardImpl("default", reads, draw(TIMES)),)))
     return Network(draw(NAMES), tensors, tuple(forward), tuple(backward), outputs, fixed)

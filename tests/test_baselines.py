@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 
-from monetdsl.grammar import load_spec, parse_spec
+from monetdsl.grammar import format_network, load_spec, parse_spec
 from monetdsl.graph import checkpoint_candidates, index
 from monetdsl.search import chen_sqrt, recompute_all, simulate, solve, store_all
 from monetdsl.search.baselines import chen_sqrt_checkpoints
@@ -24,7 +24,7 @@ def test_every_baseline_schedule_replays_on_random_networks(net):
     assume(validate_network(net) == [])
     for name, method in METHODS.items():
         sim = simulate(net, method(net, None, spec_path="x", fingerprint="0"))
-        assert sim.valid, (name, [e.message for e in sim.errors])
+        assert sim.valid, (name, [e.message for e in sim.errors], format_network(net))
     store = simulate(net, store_all(net, None, spec_path="x", fingerprint="0"))
     overwritten = {op.impl(i).overwrites for op in net.forward_ops for i in op.impl_names} - {None}
     if not overwritten:

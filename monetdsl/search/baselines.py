@@ -39,9 +39,6 @@ def store_all(network: Network, constraints: ResolvedConstraints | None = None, 
     idx = index(network)
     for reads in backward_reads(network, impls, idx.backward_order):
         keep |= reads
-    # a tensor an in-place implementation destroys in the forward pass cannot be kept
-    for op in network.forward_ops:
-        keep.discard(op.impl(impls[op.name]).overwrites)
     return build_schedule(
         network, impls, forward_keep=keep, never_recompute=never, pinned=pins, spec_path=spec_path, fingerprint=fingerprint
     )

@@ -69,6 +69,8 @@ def build_schedule(
     order = tuple(stage_order) if stage_order is not None else idx.backward_order
     impls = {op.name: impls.get(op.name, op.impls[0].name) for op in (*network.forward_ops, *network.backward_ops)}
     keep = {t for t in forward_keep if idx.is_forward_tensor(t)}
+    # an input that an in-place implementation destroys in the forward pass cannot be kept
+    keep -= {op.impl(impls[op.name]).overwrites for op in network.forward_ops} - set(pinned)
     never = set(never_recompute)
     for _ in range(len(network.tensors) + 1):
         stages, extra = _plan(network, impls, keep, promote, never, order)

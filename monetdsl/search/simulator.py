@@ -400,6 +400,7 @@ class _Replay:
                 self.error(f"{where}: recompute {op.name}, but all its outputs are already present", line)
         # allocation -------------------------------------------------------------------
         pending: list[tuple[str, int, bool]] = []  # (tensor, storage, keep?)
+        storage_before = {name: mem.storage_of.get(name) for name in reads}  # before any in-place write
         for k, out in enumerate(outputs):
             tensor = self.tensors[out]
             duplicate = out in mem
@@ -410,7 +411,7 @@ class _Replay:
                 continue
             if tensor.view_of is not None:
                 base = tensor.view_of
-                sid = _FIXED if self.is_fixed(base) else mem.storage_of.get(base)
+                sid = _FIXED if self.is_fixed(base) else storage_before.get(base, mem.storage_of.get(base))
                 if sid is None:
                     continue  # the missing base is already reported as a missing input
                 pending.append((out, sid, not duplicate))
