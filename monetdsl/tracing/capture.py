@@ -50,6 +50,7 @@ class Captured:
     placeholders: dict[str, Placeholder]  # fx placeholder name (primals_N) -> what it is
     seconds: float
     loss: str
+    leaf_modules: frozenset = frozenset()  # module paths without children
     notes: list[str] = field(default_factory=list)
 
 
@@ -222,7 +223,8 @@ def capture(model: nn.Module, inputs: Sequence[torch.Tensor], loss: Callable | s
             next_input += 1
             info = (name, "input", False)
         placeholders[node.name] = Placeholder(info[0], info[1], info[2])
-    return Captured(joint, placeholders, seconds, loss_name)
+    leaves = frozenset(name for name, m in model.named_modules() if name and not list(m.children()))
+    return Captured(joint, placeholders, seconds, loss_name, leaves)
 
 
 def _clean_source(text: str) -> str:

@@ -48,8 +48,13 @@ class NameAllocator:
         return candidate
 
 
-def op_names(entries: list[tuple[str | None, str]]) -> list[str]:
-    """Names for ops given ``(module path or None for the loss, kind)`` in forward order."""
+def op_names(entries: list[tuple[str | None, str]], leaves=None) -> list[str]:
+    """Names for ops given ``(module path or None for the loss, kind)`` in forward order.
+
+    ``leaves`` are the paths of modules without children: a leaf module run several times
+    (one ``nn.ReLU`` used thrice) names its ops ``path``, ``path.1``...; ops that a
+    composite module's own ``forward`` runs are ``path.kind``, ``path.kind.1``...
+    """
     by_path: dict[str, list[int]] = {}
     for i, (path, _) in enumerate(entries):
         by_path.setdefault("\0loss" if path is None else path, []).append(i)
@@ -57,10 +62,10 @@ def op_names(entries: list[tuple[str | None, str]]) -> list[str]:
     for path, members in by_path.items():
         kinds = [entries[i][1] for i in members]
         prefix = "loss" if path == "\0loss" else path
-        if path != "\0loss" and path and len(members) == 1:
+        if path != "\0loss" and path and len(members) == 1 and (leaves is None or path in leaves):
             names[members[0]] = path
             continue
-        same = len(set(kinds)) == 1 and path not in ("", "\0loss")
+        same = len(set(kinds)) == 1 and path not in ("", "\0loss") and (leaves is None or path in leaves)
         seen: dict[str, int] = {}
         for i, kind in zip(members, kinds):
             base = prefix if same else (f"{prefix}.{kind}" if prefix else kind)

@@ -163,7 +163,7 @@ def build_network(facts: JointFacts, name: str, roofline: Roofline) -> BuiltNetw
         entries.append((path, short))
         records.append(OpRecord("", comp, kind, binding, path))
     op_taken = NameAllocator()
-    for record, op_name in zip(records, op_names(entries)):
+    for record, op_name in zip(records, op_names(entries, captured.leaf_modules or None)):
         record.name = op_taken.take(op_name)
 
     # main outputs -------------------------------------------------------------------------------
