@@ -30,6 +30,7 @@ MODELS = {
     "tiny_resnet": (models.tiny_resnet, lambda: [torch.randn(4, 3, 16, 16)]),
     "tiny_unet": (models.tiny_unet, lambda: [torch.randn(2, 3, 16, 16)]),
     "tiny_gpt": (models.tiny_gpt, lambda: [torch.randint(0, 512, (2, 64))]),
+    "tiny_mobile": (models.tiny_mobile, lambda: [torch.randn(2, 3, 12, 12)]),
 }
 
 
@@ -133,6 +134,16 @@ def test_catalogue_alternatives_appear(traced):
     gpt = {o.name: o for o in traced["tiny_gpt"][2].network.forward_ops}
     assert gpt["h.0.attn.sdpa"].impl_names == ("flash", "math")
     assert gpt["h.0.ln_1"].impls[0].recompute_reads
+
+
+def test_in_place_relu6_is_described_by_the_catalogue(traced):
+    """ReLU6(inplace=True) makes autograd keep a copy of its input; the spec keeps the input."""
+    result = traced["tiny_mobile"][2]
+    op = {o.name: o for o in result.network.forward_ops}
+    assert op["stem.2"].impl_names[:2] == ("plain", "inplace")
+    bwd = {b.name: b for b in result.network.backward_ops}
+    assert bwd["stem.2.backward"].impls[0].name == "from_input"
+    assert bwd["depthwise.0.wgrad"].impls and bwd["depthwise.0.dgrad"].impls
 
 
 def test_in_place_is_offered_only_where_legal(traced):

@@ -3,14 +3,15 @@
 * :class:`SmallCNN`: conv-BN-ReLU-maxpool twice, dropout, linear (every CNN catalogue kind);
 * :class:`TinyResNet`: a stem and two residual blocks (identity and projection skips);
 * :class:`TinyUNet`: one down and one up level (transposed convolution) joined by a
-  concatenation, with LeakyReLU activations.
+  concatenation, with LeakyReLU activations;
+* :class:`TinyMobile`: inverted residuals with in-place ReLU6 and a depthwise convolution.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-__all__ = ["SmallCNN", "TinyResNet", "TinyUNet", "small_cnn", "tiny_resnet", "tiny_unet"]
+__all__ = ["SmallCNN", "TinyResNet", "TinyUNet", "TinyMobile", "small_cnn", "tiny_resnet", "tiny_unet", "tiny_mobile"]
 
 
 class SmallCNN(nn.Module):
@@ -92,3 +93,29 @@ def tiny_resnet() -> TinyResNet:
 
 def tiny_unet() -> TinyUNet:
     return TinyUNet()
+
+
+class TinyMobile(nn.Module):
+    """MobileNetV2-style inverted residuals with in-place ReLU6 and depthwise convolutions."""
+
+    def __init__(self, classes: int = 10, width: int = 8):
+        super().__init__()
+
+        def cba(cin, cout, k=1, groups=1, act=True):
+            layers = [nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+            return nn.Sequential(*(layers + [nn.ReLU6(inplace=True)] if act else layers))
+
+        self.stem = cba(3, width, 3)
+        self.expand = cba(width, 4 * width)
+        self.depthwise = cba(4 * width, 4 * width, 3, groups=4 * width)
+        self.project = cba(4 * width, width, act=False)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.project(self.depthwise(self.expand(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def tiny_mobile() -> TinyMobile:
+    return TinyMobile()

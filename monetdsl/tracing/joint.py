@@ -72,6 +72,7 @@ class JointFacts:
     reads: dict = field(default_factory=dict)  # compute node -> [owner values read by its group]
     outputs: dict = field(default_factory=dict)  # compute node -> {index or None: value node}
     unattributed: list = field(default_factory=list)
+    saved_clones: set = field(default_factory=set)  # forward clones only the backward reads
 
     def owner(self, node: fx.Node) -> fx.Node:
         """The value whose storage ``node`` uses."""
@@ -89,7 +90,7 @@ class JointFacts:
                     node = base.args[node.args[1]]
                     continue
                 return node
-            if is_alias(node):
+            if is_alias(node) or node in self.saved_clones:
                 node = node.args[0]
                 continue
             return node
@@ -116,6 +117,12 @@ def analyse(captured: Captured) -> JointFacts:
             else:
                 facts.forward.add(node)
     facts.loss = _find_loss(graph, facts)
+    # an in-place op whose derivative needs its original input (hardtanh_, leaky_relu_) makes
+    # autograd keep a copy: the functional graph reads the same value as the input itself
+    backward_set = set(facts.backward)
+    for node in nodes:
+        if node in facts.forward and packet_name(node.target) == "clone" and node.users and all(u in backward_set for u in node.users):
+            facts.saved_clones.add(node)
 
     # requires-grad, in graph order ----------------------------------------------------------
     rg: dict[fx.Node, bool] = {}
@@ -154,7 +161,8 @@ def analyse(captured: Captured) -> JointFacts:
         needed.add(comp)
         for arg in _tensor_args(comp):
             stack.append(facts.owner(arg))
-    facts.compute = [n for n in nodes if n in facts.forward and n in needed and n.target is not operator.getitem and not is_alias(n)]
+    facts.compute = [n for n in nodes if n in facts.forward and n in needed and n.target is not operator.getitem
+                     and not is_alias(n) and n not in facts.saved_clones]
     for comp in facts.compute:
         outs: dict = {}
         val = comp.meta.get("val")
@@ -175,6 +183,8 @@ def analyse(captured: Captured) -> JointFacts:
     for bnode in facts.backward:
         seq = bnode.meta.get("seq_nr")
         owners = by_seq.get(seq)
+        if not owners and seq is not None:
+            owners = by_seq.get(seq + 1)  # an in-place op records its forward one number later
         reads = [facts.owner(a) for a in _tensor_args(bnode)]
         reads = [r for r in reads if r in facts.forward or r.op == "placeholder" and not r.name.startswith("tangents")]
         if not owners:
