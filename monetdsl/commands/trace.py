@@ -94,7 +94,10 @@ def run(args) -> int:
     if not isinstance(model, nn.Module):
         raise MonetError(Diagnostic(f"{args.target} returned {type(model).__name__}, not a torch.nn.Module", args.target))
     loss = args.loss if ":" not in args.loss else load_target(args.loss)
-    result = trace_model(model, inputs, loss=loss, name=args.name, device=args.device, profile=args.profile,
+    name = args.name
+    if name is None and callable(factory) and not isinstance(factory, type):
+        name = getattr(factory, "__name__", None)  # monetdsl.models:small_cnn -> small_cnn
+    result = trace_model(model, inputs, loss=loss, name=name, device=args.device, profile=args.profile,
                          optimizer=args.optimizer, dtype=args.dtype, repeats=args.repeats)
     text = result.text()
     net = result.network

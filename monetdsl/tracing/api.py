@@ -70,7 +70,7 @@ def _as_inputs(example_inputs) -> list:
 def _network_name(model: nn.Module, name: str | None) -> str:
     if name:
         return name
-    text = re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", type(model).__name__).lower()
+    text = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", type(model).__name__).lower()
     return re.sub(r"[^A-Za-z0-9_]", "_", text) or "model"
 
 

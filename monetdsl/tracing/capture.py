@@ -245,8 +245,8 @@ def _describe_failure(exc: Exception) -> str:
     try:
         from torch._dynamo import exc as dexc
 
-        if isinstance(exc, (dexc.Unsupported,)) or "graph break" in text.lower():
+        if isinstance(exc, dexc.Unsupported):
             return f"graph break: torch cannot capture the model as one graph ({summary}); monetdsl needs the whole step in one graph"
-    except Exception:  # pragma: no cover - dynamo internals moved
+    except ImportError:  # pragma: no cover - dynamo internals moved
         pass
     return f"the model cannot be captured ({kind}: {summary})"
