@@ -10,7 +10,10 @@ residual net, a U-Net-like net with a concatenation, a two-block GPT):
 * every spec parses back to the same IR, validates, is deterministic and can be solved.
 """
 import math
-import resource
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,13 +177,49 @@ def test_fixed_memory_and_optimizers():
 
 
 def test_large_batch_traces_without_allocating():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    result = trace_model(models.tiny_resnet(), [(256, 3, 224, 224)], device="P100")
-    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    net = result.network
-    activations = sum(t.nbytes for t in net.tensors.values() if t.kind is TensorKind.ACTIVATION)
-    assert activations > 2 * 1024**3  # the step would need gigabytes
-    assert grown_mib < 200  # the input alone would be 147 MiB
+    """Batch 256 at 224x224 (a 147 MiB input, gigabytes of activations) in a fresh process."""
+    code = (
+        "import resource, torch\n"
+        "from monetdsl import models\n"
+        "from monetdsl.tracing import trace_model\n"
+        "from monetdsl.ir import TensorKind\n"
+        "model = models.tiny_resnet()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "net = trace_model(model, [(256, 3, 224, 224)], device='P100').network\n"
+        "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
+        "acts = sum(t.nbytes for t in net.tensors.values() if t.kind is TensorKind.ACTIVATION)\n"
+        "print(grown // 1024, acts // 2**20)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    grown_mib, activations_mib = map(int, out.stdout.split())
+    assert activations_mib > 2048  # the step would need gigabytes
+    assert grown_mib < 140  # less than the input alone (147 MiB)
+
+
+def test_dtype_option_casts_model_and_inputs():
+    f32 = trace_model(models.small_cnn(), [(4, 3, 32, 32)]).network
+    bf16 = trace_model(models.small_cnn(), [(4, 3, 32, 32)], dtype="bf16").network
+    assert bf16.tensors["x"].dtype == "bf16" and bf16.tensors["conv1.weight"].dtype == "bf16"
+    assert bf16.tensors["conv1"].nbytes * 2 == f32.tensors["conv1"].nbytes
+    assert {f.name: f.nbytes * 2 for f in bf16.fixed} == {f.name: f.nbytes for f in f32.fixed}
+
+
+class _Noisy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x + 0.1 * torch.randn_like(x))
+
+
+def test_random_ops_outside_the_catalogue_are_never_recomputed():
+    spec = trace_model(_Noisy(), [(4, 8)]).spec
+    pinned = [p.text for p in spec.constraints.never_recompute]
+    assert pinned and all("randn" in p for p in pinned)
+    reparsed = parse_spec(trace_model(_Noisy(), [(4, 8)]).text())
+    assert [p.text for p in reparsed.constraints.never_recompute] == pinned
 
 
 def test_roofline_presets_order_devices():
