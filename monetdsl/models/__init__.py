@@ -24,7 +24,14 @@ __all__ = [
     "SHIPPED", "ShippedSpec", "small_cnn", "tiny_resnet", "tiny_unet", "tiny_mobile", "SmallCNN", "TinyResNet", "TinyUNet", "TinyMobile", "get", "TORCHVISION",
 ]
 
-TORCHVISION = importlib.util.find_spec("torchvision") is not None
+def _has_torchvision() -> bool:
+    try:
+        return importlib.util.find_spec("torchvision") is not None
+    except (ImportError, ValueError):  # a half-installed or stubbed torchvision
+        return False
+
+
+TORCHVISION = _has_torchvision()
 
 
 def get(name: str, prefer_torchvision: bool = True):

@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from .capture import Captured
 
-__all__ = ["JointFacts", "analyse", "packet_name", "is_alias"]
+__all__ = ["JointFacts", "analyse", "packet_name", "is_alias", "tensor_args"]
 
 _ALIAS_OPS = frozenset({"_unsafe_view", "detach", "alias", "lift_fresh"})
 _BN_FUNCTIONAL = "_native_batch_norm_legit_functional"
@@ -41,7 +41,7 @@ def is_alias(node: fx.Node) -> bool:
     return packet_name(node.target) in _ALIAS_OPS
 
 
-def _tensor_args(node: fx.Node) -> list[fx.Node]:
+def tensor_args(node: fx.Node) -> list[fx.Node]:
     found: list[fx.Node] = []
 
     def visit(a):
@@ -138,7 +138,7 @@ def analyse(captured: Captured) -> JointFacts:
             elif packet_name(node.target) == "detach":
                 rg[node] = False
             else:
-                any_rg = any(rg.get(a, False) for a in _tensor_args(node))
+                any_rg = any(rg.get(a, False) for a in tensor_args(node))
                 rg[node] = any_rg and (is_float or not isinstance(val, torch.Tensor))
     facts.requires_grad = rg
 
@@ -146,7 +146,7 @@ def analyse(captured: Captured) -> JointFacts:
     needed: set[fx.Node] = set()
     stack = [facts.owner(facts.loss)]
     for bnode in facts.backward:
-        for arg in _tensor_args(bnode):
+        for arg in tensor_args(bnode):
             owner = facts.owner(arg)
             if owner in facts.forward or owner.op == "placeholder":
                 stack.append(owner)
@@ -159,7 +159,7 @@ def analyse(captured: Captured) -> JointFacts:
         if comp is None:
             continue
         needed.add(comp)
-        for arg in _tensor_args(comp):
+        for arg in tensor_args(comp):
             stack.append(facts.owner(arg))
     facts.compute = [n for n in nodes if n in facts.forward and n in needed and n.target is not operator.getitem
                      and not is_alias(n) and n not in facts.saved_clones]
@@ -185,7 +185,7 @@ def analyse(captured: Captured) -> JointFacts:
         owners = by_seq.get(seq)
         if not owners and seq is not None:
             owners = by_seq.get(seq + 1)  # an in-place op records its forward one number later
-        reads = [facts.owner(a) for a in _tensor_args(bnode)]
+        reads = [facts.owner(a) for a in tensor_args(bnode)]
         reads = [r for r in reads if r in facts.forward or r.op == "placeholder" and not r.name.startswith("tangents")]
         if not owners:
             if reads:

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from ..ir import BackwardOp, ForwardOp, Network
-from .joint import _tensor_args, is_alias
+from .joint import tensor_args, is_alias
 from .to_ir import BuiltNetwork
 
 __all__ = ["profile_network", "time_call"]
@@ -29,17 +29,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_call(fn, device: str, repeats: int = 5) -> float:
-    """Median microseconds of ``fn()`` after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    samples = []
-    for _ in range(max(repeats, 1)):
+def time_call(fn, device: str, repeats: int = 5, setup=None) -> float:
+    """Median microseconds of ``fn()`` (or ``fn(setup())``) after two warm-up calls.
+
+    ``setup`` runs outside the timed region: fresh copies for in-place alternatives."""
+    def once():
+        arg = setup() if setup is not None else None
         _sync(device)
         start = time.perf_counter()
-        fn()
+        fn(arg) if setup is not None else fn()
         _sync(device)
-        samples.append((time.perf_counter() - start) * 1e6)
+        return (time.perf_counter() - start) * 1e6
+
+    for _ in range(2):
+        once()
+    samples = [once() for _ in range(max(repeats, 1))]
     return round(statistics.median(samples), 3)
 
 
@@ -134,14 +138,14 @@ def _profile_catalogue_forward(record, fop, device, repeats):
     outputs_by_alt = {}
     for impl in fop.impls:
         fresh = lambda: {k: v.clone() for k, v in base.items()}  # noqa: E731 - in-place alternatives write their input
-        t = time_call(lambda: kind.forward(impl.name, fresh(), attrs), device, repeats)
+        t = time_call(lambda ins: kind.forward(impl.name, ins, attrs), device, repeats, setup=fresh)
         out = kind.forward(impl.name, fresh(), attrs)
         outputs_by_alt[impl.name] = out
         recompute = None
         if impl.recompute_time_us is not None:
             alt = next(a for a in kind.forward_alts(record.binding) if a.name == impl.name)
             saved = {r: out[r] for r in alt.recompute_reads}
-            recompute = time_call(lambda: kind.forward(impl.name, fresh(), attrs, saved=saved), device, repeats)
+            recompute = time_call(lambda ins: kind.forward(impl.name, ins, attrs, saved=saved), device, repeats, setup=fresh)
         impls.append(replace(impl, time_us=t, recompute_time_us=recompute))
     # tensors a backward may read: inputs and every alternative's outputs
     available = dict(base)

@@ -20,7 +20,7 @@ from ..catalogue import kind_for
 from ..catalogue.base import Binding, OpKind
 from ..ir import BackwardImpl, BackwardOp, ForwardImpl, ForwardOp, Network, Tensor, TensorKind, grad_name, shape_bytes
 from .costs import MATMUL_KINDS, Roofline, node_flops
-from .joint import JointFacts, _tensor_args, is_alias, packet_name
+from .joint import JointFacts, tensor_args, is_alias, packet_name
 from .naming import NameAllocator, module_path, op_names
 
 __all__ = ["BuiltNetwork", "OpRecord", "build_network", "ir_dtype"]
@@ -104,7 +104,7 @@ def _node_cost(node: fx.Node, roofline: Roofline, fpe: float = 1.0) -> float:
     flops = node_flops(node.target, args, kwargs, val)
     out_numel = val.numel() if isinstance(val, torch.Tensor) else sum(v.numel() for v in (val or ()) if isinstance(v, torch.Tensor))
     flops = max(flops, out_numel * fpe)
-    nbytes = sum(_nbytes(a.meta.get("val")) for a in _tensor_args(node)) + _nbytes(val)
+    nbytes = sum(_nbytes(a.meta.get("val")) for a in tensor_args(node)) + _nbytes(val)
     dtype = _main_dtype(val)
     matmul = packet_name(node.target) in ("mm", "bmm", "addmm", "convolution", "convolution_backward", "baddbmm") or "attention" in packet_name(node.target)
     return roofline.time_us(flops, nbytes, dtype, matmul)
@@ -209,13 +209,13 @@ def build_network(facts: JointFacts, name: str, roofline: Roofline) -> BuiltNetw
     readers_after: dict[str, int] = {}
     order = {r.name: i for i, r in enumerate(records)}
     for i, record in enumerate(records):
-        for arg in _tensor_args(record.node):
+        for arg in tensor_args(record.node):
             readers_after[name_of(arg)] = i  # last forward reader, by position
     main_outputs: dict[str, list[str]] = {}
     for record in records:
         comp = record.node
         inputs = []
-        for arg in _tensor_args(comp):
+        for arg in tensor_args(comp):
             n = name_of(arg)
             if n not in inputs:
                 inputs.append(n)
