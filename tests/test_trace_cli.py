@@ -74,6 +74,30 @@ def test_graph_break_through_the_cli(tmp_path, capsys, monkeypatch):
     assert "graph break" in err and "Traceback" not in err
 
 
+def test_loss_options(tmp_path, capsys, monkeypatch):
+    (tmp_path / "losses.py").write_text("def l1(out):\n    return out.abs().mean()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = ["trace", "monetdsl.models:small_cnn", "--input", "2x3x32x32"]
+    assert main(base + ["--loss", "mse"]) == 0
+    assert "loss.pow" in capsys.readouterr().out
+    assert main(base + ["--loss", "losses:l1"]) == 0
+    out = capsys.readouterr().out
+    assert "loss.abs" in out and "loss l1" in out
+    assert main(base + ["--loss", "none"]) == 1
+    assert "needs a model that returns a scalar" in capsys.readouterr().err
+
+
+def test_records_give_the_runtime_what_it_needs():
+    from monetdsl import models
+    from monetdsl.tracing import trace_model
+
+    result = trace_model(models.small_cnn(), [(2, 3, 32, 32)])
+    pool = result.ops["pool1"]
+    assert pool.kind.name == "max_pool2d" and pool.binding.attrs["kernel"] == (2, 2)
+    assert pool.role_names["x"] == "relu1" and pool.role_names["window"] == "pool1.window"
+    assert result.ops["fc"].kind.name == "matmul" and result.ops["loss.nll_loss"].kind is None
+
+
 def test_parse_input():
     assert parse_input("184x3x224x224") == ((184, 3, 224, 224), torch.float32)
     assert parse_input("8x1024:i64") == ((8, 1024), torch.int64)

@@ -44,6 +44,13 @@ class TraceResult:
     def network(self) -> Network:
         return self.spec.network
 
+    @property
+    def ops(self) -> dict:
+        """Op name -> :class:`~monetdsl.tracing.to_ir.OpRecord`: the catalogue kind, the role
+        binding (attributes such as kernel sizes) and the captured fx node of every op; what
+        a runtime needs to run the chosen implementations."""
+        return {record.name: record for record in self.built.records}
+
     def text(self) -> str:
         """The spec as ``.monet`` text: header comments, then the canonical form."""
         return "".join(f"# {line}\n" if line else "#\n" for line in self.header) + format_spec(self.spec)

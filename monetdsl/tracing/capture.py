@@ -149,6 +149,8 @@ def capture(model: nn.Module, inputs: Sequence[torch.Tensor], loss: Callable | s
     """The joint graph of one training step of ``model`` on ``inputs`` (FakeTensors).
 
     Raises :class:`CaptureError` for graph breaks and for code torch cannot capture.
+    Resets dynamo's caches before and after (each trace must compile afresh; a cached
+    graph would skip the backend).
     """
     from torch._dynamo.backends.common import aot_autograd
 
