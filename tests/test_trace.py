@@ -287,3 +287,22 @@ def test_bad_options_are_refused():
         trace_model(models.small_cnn(), [(2, 3, 32, 32)], device="TPU")
     with pytest.raises(CaptureError, match="profile"):
         trace_model(models.small_cnn(), [(2, 3, 32, 32)], device="P100", profile=True)
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 4)
+        self.b = nn.Linear(3, 4)
+
+    def forward(self, x, y):
+        return torch.tanh(self.a(x)) * self.b(y)
+
+
+def test_several_inputs_are_named_in_order():
+    net = trace_model(_TwoInputs(), [(5, 6), (5, 3)], loss="sum").network
+    assert net.tensors["x0"].shape == (5, 6) and net.tensors["x1"].shape == (5, 3)
+    assert net.tensors["x0"].kind is TensorKind.INPUT
+    op = {o.name: o for o in net.forward_ops}
+    assert op["a"].inputs[1] == "x0" and op["b"].inputs[1] == "x1"
+    assert op["tanh"].impl_names == ("plain", "inplace")  # the product reads tanh's output, not its input

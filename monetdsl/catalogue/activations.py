@@ -22,10 +22,6 @@ from .packing import pack_bits, unpack_bits
 __all__ = ["ClampActivation", "OutputActivation", "InputActivation"]
 
 
-def _single_input(args) -> bool:
-    return len(args) >= 1 and isinstance(args[0], object)
-
-
 class ClampActivation(OpKind):
     """ReLU, LeakyReLU and hardtanh: backward from input, from output or from a 1-bit mask."""
 

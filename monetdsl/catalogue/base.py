@@ -23,7 +23,7 @@ Conventions the tracer relies on:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -151,5 +151,3 @@ class OpKind:
             table[step.name] = [a.name for a in step.alts]
         return table
 
-
-Reference = Callable[..., dict]

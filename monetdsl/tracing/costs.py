@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 __all__ = ["DevicePreset", "PRESETS", "preset", "Roofline", "node_flops", "MATMUL_KINDS"]
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from ..ir import BackwardOp, ForwardOp, Network
-from .joint import tensor_args, is_alias
+from .joint import is_alias
 from .to_ir import BuiltNetwork
 
 __all__ = ["profile_network", "time_call"]

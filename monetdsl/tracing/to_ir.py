@@ -191,8 +191,7 @@ def build_network(facts: JointFacts, name: str, roofline: Roofline) -> BuiltNetw
             if role is not None:
                 record.role_names[role] = tname
             value_name[value] = tname
-            kind_ = TensorKind.ACTIVATION
-            tensors[tname] = _tensor_of(tname, _val(value), kind_)
+            tensors[tname] = _tensor_of(tname, _val(value), TensorKind.ACTIVATION)
 
     def name_of(node: fx.Node) -> str:
         owner = facts.owner(node)
@@ -211,7 +210,6 @@ def build_network(facts: JointFacts, name: str, roofline: Roofline) -> BuiltNetw
     for i, record in enumerate(records):
         for arg in tensor_args(record.node):
             readers_after[name_of(arg)] = i  # last forward reader, by position
-    main_outputs: dict[str, list[str]] = {}
     for record in records:
         comp = record.node
         inputs = []
@@ -233,7 +231,6 @@ def build_network(facts: JointFacts, name: str, roofline: Roofline) -> BuiltNetw
                     record.role_names[role] = name_of(arg)
         if not outputs:
             raise ValueError(f"op {record.name} has no outputs")
-        main_outputs[record.name] = outputs
         impls = _forward_impls(record, inputs, outputs, tensors, facts, roofline, readers_after, order, name_of)
         if torch.Tag.nondeterministic_seeded in getattr(comp.target, "tags", ()) and record.kind is None:
             never_recompute.append(record.name)
