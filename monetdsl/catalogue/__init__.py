@@ -4,7 +4,7 @@
 >>> kind_for("relu").name, kind_for("convolution").name, kind_for("add") is None
 ('relu', 'conv', True)
 >>> sorted(CATALOGUE)[:4]
-['batch_norm', 'conv', 'dropout', 'gelu']
+['adaptive_avg_pool2d', 'batch_norm', 'conv', 'dropout']
 
 Ops with no entry are described generically by the tracer: one implementation that
 keeps exactly what autograd keeps.
@@ -18,7 +18,7 @@ from .dropout import Dropout
 from .linear import Convolution, MatMul
 from .norms import BatchNorm, GammaHasZeros, LayerNorm, RMSNorm
 from .packing import pack_bits, unpack_bits
-from .pooling import MaxPool2d
+from .pooling import AdaptiveAvgPool2d, MaxPool2d
 
 __all__ = [
     "CATALOGUE",
@@ -47,6 +47,7 @@ _KINDS: list[OpKind] = [
     LayerNorm(),
     RMSNorm(),
     MaxPool2d(),
+    AdaptiveAvgPool2d(),
     Dropout(),
     Convolution(),
     MatMul(),

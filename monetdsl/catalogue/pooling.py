@@ -5,6 +5,9 @@
 * ``window``: one int8 per output element, the position of the maximum *inside its
   window* (``kh * kernel_w + kw``; windows up to 127 elements): 8x smaller than int64;
 * ``plain``: nothing; the backward re-runs the pool on the kept input to find the maxima.
+
+Adaptive average pooling's backward needs only the input's shape (autograd keeps the
+input anyway).
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import torch.nn.functional as F
 
 from .base import BackwardAlt, BackwardStep, Binding, ForwardAlt, OpKind
 
-__all__ = ["MaxPool2d"]
+__all__ = ["MaxPool2d", "AdaptiveAvgPool2d"]
 
 
 def _pair(v, default=None):
@@ -133,4 +136,61 @@ class MaxPool2d(OpKind):
             y = F.max_pool2d(x, kernel, stride, padding, dilation, ceil)
             cases.append(({"x": x}, {"kernel": kernel, "stride": stride, "padding": padding, "dilation": dilation, "ceil_mode": ceil,
                                      "shape": tuple(x.shape), "out_shape": tuple(y.shape)}))
+        return cases
+
+
+def _windows(size: int, out: int):
+    """Adaptive pooling windows along one dimension: [floor(i*size/out), ceil((i+1)*size/out))."""
+    return [((i * size) // out, -((-(i + 1) * size) // out)) for i in range(out)]
+
+
+class AdaptiveAvgPool2d(OpKind):
+    """Adaptive average pooling: the backward needs only the input's *shape*.
+
+    Autograd keeps the whole input (ResNet-50's last feature map at batch 184 is 70 MiB);
+    ``from_shape`` keeps nothing and spreads each output gradient evenly over its window.
+    """
+
+    name = "adaptive_avg_pool2d"
+    aten = ("_adaptive_avg_pool2d",)
+    summary = "adaptive_avg_pool2d: backward from the input (autograd) or from its shape alone"
+    flops_per_element = 1.0
+
+    def bind(self, target, args, kwargs, input_shapes, output_shapes):
+        if len(input_shapes[0]) not in (3, 4):
+            return None
+        return Binding({"x": args[0]}, {"y": None}, {"shape": tuple(input_shapes[0]), "out_shape": tuple(output_shapes[0])})
+
+    def forward_alts(self, binding):
+        return (ForwardAlt("default"),)
+
+    def backward_steps(self, binding):
+        return (BackwardStep("backward", ("x",), (
+            BackwardAlt("autograd", ("x",), "as autograd: keeps the input although only its shape is used"),
+            BackwardAlt("from_shape", (), "keeps nothing"),
+        )),)
+
+    def forward(self, alt, inputs, attrs, saved=None):
+        return {"y": F.adaptive_avg_pool2d(inputs["x"], attrs["out_shape"][-2:])}
+
+    def backward(self, step, alt, grads, saved, attrs):
+        g = grads["y"]
+        h, w = attrs["shape"][-2:]
+        oh, ow = attrs["out_shape"][-2:]
+        dx = g.new_zeros(attrs["shape"])
+        for i, (h0, h1) in enumerate(_windows(h, oh)):
+            for j, (w0, w1) in enumerate(_windows(w, ow)):
+                dx[..., h0:h1, w0:w1] += (g[..., i, j] / ((h1 - h0) * (w1 - w0)))[..., None, None]
+        return {"x": dx}
+
+    def autograd_reference(self, inputs, attrs):
+        return self.forward("default", inputs, attrs)
+
+    def examples(self):
+        g = torch.Generator().manual_seed(12)
+        cases = []
+        for shape, out in (((2, 3, 7, 7), (1, 1)), ((2, 3, 9, 7), (4, 3)), ((3, 10, 6), (5, 4))):
+            x = torch.randn(shape, generator=g, dtype=torch.float64)
+            y = F.adaptive_avg_pool2d(x, out)
+            cases.append(({"x": x}, {"shape": tuple(x.shape), "out_shape": tuple(y.shape)}))
         return cases
