@@ -306,3 +306,48 @@ def test_several_inputs_are_named_in_order():
     op = {o.name: o for o in net.forward_ops}
     assert op["a"].inputs[1] == "x0" and op["b"].inputs[1] == "x1"
     assert op["tanh"].impl_names == ("plain", "inplace")  # the product reads tanh's output, not its input
+
+
+class _Mixed(nn.Module):
+    """Ops outside the catalogue: group norm, ELU, chunk, average pooling, transposed
+    convolution, bilinear interpolation, softplus; and an in-place LeakyReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 8)
+        self.ct = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.act = nn.LeakyReLU(0.2, inplace=True)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        y = F.elu(self.gn(self.c(x)))
+        a, b = y.chunk(2, dim=1)
+        y = torch.cat([a * torch.sigmoid(b), F.avg_pool2d(b, 3, 1, 1)], 1)
+        y = F.interpolate(self.act(self.ct(y)), scale_factor=0.5, mode="bilinear", align_corners=False)
+        return self.fc(F.softplus(y.permute(0, 2, 3, 1).reshape(-1, 4)))
+
+
+def test_generic_ops_keep_what_autograd_keeps_up_to_decomposed_index_vectors():
+    from monetdsl.tracing.evidence import constant_tensors
+
+    torch.manual_seed(0)
+    model, x = _Mixed(), [torch.randn(2, 3, 8, 8)]
+    result = trace_model(model, x, device="cpu")
+    net = result.network
+    real, spec = autograd_saved(model, x), spec_saved(net)
+    # the loss's target is built from nothing too, but eager keeps it as well
+    constant = {n for n in constant_tensors(net) if not n.startswith("loss.")}
+    assert constant  # bilinear interpolation became index arithmetic
+    kept_constant = {n for b in net.backward_ops for n in b.impls[0].reads if n in constant}
+    assert spec.total - real.total == sum(net.tensors[n].nbytes for n in kept_constant)
+    def kept(op):
+        return {n for b in net.backward_ops if b.of == op for n in b.impls[0].reads
+                if net.tensors[n].grad_of is None and not net.tensors[n].is_fixed}
+
+    only_constant = {o.name for o in net.forward_ops if kept(o.name) and kept(o.name) <= constant}
+    per_op = [b for name, b in spec.per_op if name not in only_constant]
+    assert per_op == [b for _, b in real.per_op]
+    # the in-place LeakyReLU keeps its output, and the catalogue says so
+    bwd = {b.name: b for b in net.backward_ops}
+    assert bwd["act.backward"].impls[0].name == "from_output"

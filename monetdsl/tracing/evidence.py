@@ -23,7 +23,7 @@ from ..graph import storage_root
 from ..ir import Network
 from .capture import LOSSES, TrainStep
 
-__all__ = ["SavedBytes", "autograd_saved", "spec_saved", "autograd_store_all"]
+__all__ = ["SavedBytes", "autograd_saved", "spec_saved", "autograd_store_all", "constant_tensors"]
 
 
 @dataclass
@@ -55,6 +55,9 @@ def autograd_saved(model: nn.Module, inputs, loss="auto") -> SavedBytes:
         key = _storage_key(t)
         if key not in fixed:
             storages[key] = key[1]
+    # per op, count what went through the hooks (a Python scalar wrapped as a tensor, e.g.
+    # the 4 of ``x / 4``, shows in a node's fields but is not packed: it is not device memory)
+    counted = fixed | set(storages)
     nodes = []
     seen = set()
     stack = [out.grad_fn]
@@ -79,7 +82,8 @@ def autograd_saved(model: nn.Module, inputs, loss="auto") -> SavedBytes:
             for v in values:
                 if isinstance(v, torch.Tensor):
                     key = _storage_key(v)
-                    keys[key] = key[1]
+                    if key in counted:
+                        keys[key] = key[1]
         if keys:
             per_op.append((type(node).__name__, sum(keys.values())))
     return SavedBytes(sum(storages.values()), per_op)
@@ -121,3 +125,16 @@ def autograd_store_all(spec):
     constraints = ResolvedConstraints(None, None, frozenset(), frozenset(), allowed)
     schedule = store_all(network, constraints, spec_path=spec.path, fingerprint=spec.fingerprint)
     return simulate(network, schedule, constraints=constraints, fingerprint=spec.fingerprint)
+
+
+def constant_tensors(network: Network) -> set[str]:
+    """Activations computed from no input, parameter or buffer (``arange`` and what follows).
+
+    Torch decomposes some ops before autograd sees them (bilinear and nearest interpolation
+    become index arithmetic); the decomposed backward keeps these small index and weight
+    vectors, which the fused eager kernel recomputes internally."""
+    constant: set[str] = set()
+    for op in network.forward_ops:  # declaration order is a forward order
+        if all(name in constant for name in op.inputs):
+            constant.update(op.outputs)
+    return constant

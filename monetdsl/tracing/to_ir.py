@@ -385,11 +385,23 @@ def _catalogue_backward(record, fop, grad_reads, joint_reads, tensors, roofline,
     if not steps:
         record.note = "no input of this op needs a gradient although its output does"
         return None
-    # the first alternatives together must read what the captured backward reads
+    # the first alternatives together must read what the captured backward reads; with a
+    # single step, whichever alternative does is put first (in-place LeakyReLU keeps its
+    # output where the out-of-place one keeps its input)
+    wanted = {n for n in joint_reads if not tensors[n].is_fixed}
+
+    def nonfixed(alt):
+        return {record.role_names[r] for r in alt.reads if r in record.role_names and not tensors[record.role_names[r]].is_fixed}
+
+    if len(steps) == 1:
+        step, roles = steps[0]
+        matching = [a for a in step.alts if all(r in record.role_names for r in a.reads) and nonfixed(a) == wanted]
+        if matching and matching[0] is not step.alts[0]:
+            alts = (matching[0],) + tuple(a for a in step.alts if a is not matching[0])
+            steps = [(type(step)(step.name, step.grads, alts), roles)]
     first_reads = set()
     for step, _ in steps:
         first_reads.update(record.role_names[r] for r in step.alts[0].reads if r in record.role_names)
-    wanted = {n for n in joint_reads if not tensors[n].is_fixed}
     have = {n for n in first_reads if not tensors[n].is_fixed}
     if wanted != have:
         record.note = (f"catalogue entry {kind.name} would keep {sorted(have)} but autograd keeps {sorted(wanted)};"
