@@ -1,10 +1,10 @@
 """The operator-implementation catalogue: one entry per op kind, looked up by aten name.
 
 >>> from monetdsl.catalogue import CATALOGUE, kind_for
->>> kind_for("relu").name, kind_for("convolution").name, kind_for("add") is None
+>>> kind_for("relu").name, kind_for("convolution").name, kind_for("mul") is None
 ('relu', 'conv', True)
 >>> sorted(CATALOGUE)[:4]
-['adaptive_avg_pool2d', 'batch_norm', 'conv', 'dropout']
+['adaptive_avg_pool2d', 'add', 'batch_norm', 'conv']
 
 Ops with no entry are described generically by the tracer: one implementation that
 keeps exactly what autograd keeps.
@@ -15,6 +15,7 @@ from .activations import ClampActivation, InputActivation, OutputActivation
 from .attention import ScaledDotProductAttention
 from .base import BackwardAlt, BackwardStep, Binding, ForwardAlt, OpKind
 from .dropout import Dropout
+from .elementwise import Add
 from .linear import Convolution, MatMul
 from .norms import BatchNorm, GammaHasZeros, LayerNorm, RMSNorm
 from .packing import pack_bits, unpack_bits
@@ -52,6 +53,7 @@ _KINDS: list[OpKind] = [
     Convolution(),
     MatMul(),
     ScaledDotProductAttention(),
+    Add(),
 ]
 
 #: catalogue name -> entry
