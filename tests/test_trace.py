@@ -351,3 +351,46 @@ def test_generic_ops_keep_what_autograd_keeps_up_to_decomposed_index_vectors():
     # the in-place LeakyReLU keeps its output, and the catalogue says so
     bwd = {b.name: b for b in net.backward_ops}
     assert bwd["act.backward"].impls[0].name == "from_output"
+
+
+class _LlamaBlock(nn.Module):
+    """RMSNorm + SwiGLU MLP: torch decomposes nn.RMSNorm; the tracer folds it back."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(100, 32)
+        self.norm = nn.RMSNorm(32)
+        self.w1 = nn.Linear(32, 64, bias=False)
+        self.w3 = nn.Linear(32, 64, bias=False)
+        self.w2 = nn.Linear(64, 32, bias=False)
+        self.head = nn.Linear(32, 100)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        h = self.norm(x)
+        return self.head(x + self.w2(F.silu(self.w1(h)) * self.w3(h)))
+
+
+def test_decomposed_rms_norm_is_one_catalogue_op_keeping_what_autograd_keeps():
+    torch.manual_seed(0)
+    model, x = _LlamaBlock(), [torch.randint(0, 100, (2, 7))]
+    result = trace_model(model, x, device="cpu")
+    net = result.network
+    op = {o.name: o for o in net.forward_ops}
+    assert op["norm"].inputs == ("emb", "norm.weight") and op["norm"].outputs == ("norm", "norm.rstd")
+    assert op["norm"].impl_names == ("autograd", "default")
+    bwd = {b.name: b for b in net.backward_ops}
+    assert bwd["norm.backward"].impl_names == ("autograd", "from_input", "from_output")
+    real, spec = autograd_saved(model, x), spec_saved(net)
+    assert spec.total == real.total
+    # autograd runs the norm as four nodes (pow, rsqrt, mul, mul): together they keep what the op keeps
+    names = [n for n, _ in real.per_op]
+    start = names.index("PowBackward0")
+    merged = {}
+    for keys in real.storages[start:start + 4]:
+        merged.update(keys)
+    real_per_op = [b for _, b in real.per_op[:start]] + [sum(merged.values())] + [b for _, b in real.per_op[start + 4:]]
+    assert [b for _, b in spec.per_op] == real_per_op
+    spec_text = parse_spec(result.text())
+    validate_spec(spec_text)
+    assert solve(spec_text, method="store-all").success

@@ -215,9 +215,10 @@ class LayerNorm(OpKind):
 class RMSNorm(OpKind):
     """RMS norm ``y = x * rstd * w`` with ``rstd = 1/sqrt(mean(x^2) + eps)`` (aten ``_fused_rms_norm``).
 
-    On the CPU, torch 2.13 decomposes ``nn.RMSNorm`` into pow/mean/rsqrt/mul before
-    autograd sees it, so traces of CPU graphs show those pieces instead (each keeps what
-    autograd keeps); this entry covers graphs that call the fused op.
+    On the CPU, torch 2.13 decomposes ``nn.RMSNorm`` into pow/mean/add/rsqrt/mul before
+    autograd sees it; the tracer folds that sequence back into this kind with
+    ``decomposed=True``, whose first alternatives (``autograd``) also keep x_hat, as the
+    decomposed autograd graph does.
     """
 
     name = "rms_norm"
@@ -236,15 +237,31 @@ class RMSNorm(OpKind):
         attrs = {"normalized_shape": tuple(int(d) for d in normalized_shape), "eps": eps, "shape": tuple(input_shapes[0])}
         return Binding(inputs, {"y": 0, "rstd": 1}, attrs)
 
+    def _keeps_xhat(self, binding) -> bool:
+        # the decomposed form (x * rstd, then * w) makes autograd keep x_hat for grad(w)
+        return bool(binding.attrs.get("decomposed")) and "w" in binding.inputs
+
     def forward_alts(self, binding):
-        return (ForwardAlt("default", recompute_reads=("rstd",), cheaper_recompute=True),)
+        alts = [ForwardAlt("default", recompute_reads=("rstd",), cheaper_recompute=True)]
+        if self._keeps_xhat(binding):
+            alts.insert(0, ForwardAlt("autograd", derived=("xhat",), recompute_reads=("rstd",), cheaper_recompute=True,
+                                      doc="as autograd runs the decomposed op: also keeps x_hat"))
+        return tuple(alts)
 
     def backward_steps(self, binding):
         affine = ("w",) if "w" in binding.inputs else ()
-        return (BackwardStep("backward", ("x",) + affine, (
+        alts = [
             BackwardAlt("from_input", ("x", "rstd") + affine),
             BackwardAlt("from_output", ("y", "rstd") + affine, "rebuilds x_hat = y / w; needs w != 0"),
-        )),)
+        ]
+        if self._keeps_xhat(binding):
+            alts.insert(0, BackwardAlt("autograd", ("x", "rstd", "xhat") + affine, "as autograd: x_hat gives grad(w)"))
+        return (BackwardStep("backward", ("x",) + affine, tuple(alts)),)
+
+    def derived_type(self, role, binding, y_dtype, y_shape):
+        if role == "xhat":
+            return y_dtype, tuple(y_shape)
+        raise KeyError(role)
 
     def _eps(self, x, attrs):
         return attrs["eps"] if attrs["eps"] is not None else torch.finfo(x.dtype).eps
@@ -253,10 +270,12 @@ class RMSNorm(OpKind):
         x = inputs["x"]
         dims = list(range(x.dim() - len(attrs["normalized_shape"]), x.dim()))
         rstd = saved["rstd"] if saved is not None else torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + self._eps(x, attrs))
-        y = x * rstd
-        if "w" in inputs:
-            y = y * inputs["w"]
-        return {"y": y, "rstd": rstd}
+        xhat = x * rstd
+        y = xhat * inputs["w"] if "w" in inputs else xhat
+        out = {"y": y, "rstd": rstd}
+        if alt == "autograd":
+            out["xhat"] = xhat
+        return out
 
     def backward(self, step, alt, grads, saved, attrs):
         g = grads["y"]
@@ -264,7 +283,12 @@ class RMSNorm(OpKind):
         dims = list(range(g.dim() - k, g.dim()))
         lead = list(range(0, g.dim() - k))
         rstd, w = saved["rstd"], saved.get("w")
-        xhat = saved["x"] * rstd if alt == "from_input" else _invert_affine(saved["y"], w, None, attrs["normalized_shape"])
+        if alt == "autograd":
+            xhat = saved["xhat"]
+        elif alt == "from_input":
+            xhat = saved["x"] * rstd
+        else:
+            xhat = _invert_affine(saved["y"], w, None, attrs["normalized_shape"])
         gw = g if w is None else g * w
         n = 1
         for d in attrs["normalized_shape"]:
@@ -285,4 +309,5 @@ class RMSNorm(OpKind):
         g = torch.Generator().manual_seed(5)
         x = torch.randn(3, 4, 8, generator=g, dtype=torch.float64)
         w = torch.rand(8, generator=g, dtype=torch.float64) + 0.5
-        return [({"x": x, "w": w}, {"normalized_shape": (8,), "eps": 1e-6, "shape": tuple(x.shape)})]
+        attrs = {"normalized_shape": (8,), "eps": 1e-6, "shape": tuple(x.shape)}
+        return [({"x": x, "w": w}, attrs), ({"x": x, "w": w}, {**attrs, "decomposed": True})]

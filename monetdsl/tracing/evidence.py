@@ -14,7 +14,7 @@ Storages, not logical sizes, are compared: keeping a view keeps its base alive.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,7 @@ __all__ = ["SavedBytes", "autograd_saved", "spec_saved", "autograd_store_all", "
 class SavedBytes:
     total: int  # activation storages kept for the backward (fixed memory excluded)
     per_op: list[tuple[str, int]]  # (op or autograd node, storage bytes it keeps, fixed included)
+    storages: list[dict] = field(default_factory=list)  # per op: storage key -> bytes
 
 
 def _storage_key(t: torch.Tensor):
@@ -69,6 +70,7 @@ def autograd_saved(model: nn.Module, inputs, loss="auto") -> SavedBytes:
         nodes.append(node)
         stack.extend(n for n, _ in node.next_functions)
     per_op = []
+    per_op_storages = []
     for node in sorted(nodes, key=lambda n: n._sequence_nr()):
         keys = {}
         for attr in dir(node):
@@ -86,7 +88,8 @@ def autograd_saved(model: nn.Module, inputs, loss="auto") -> SavedBytes:
                         keys[key] = key[1]
         if keys:
             per_op.append((type(node).__name__, sum(keys.values())))
-    return SavedBytes(sum(storages.values()), per_op)
+            per_op_storages.append(keys)
+    return SavedBytes(sum(storages.values()), per_op, per_op_storages)
 
 
 def spec_saved(network: Network) -> SavedBytes:

@@ -73,6 +73,14 @@ class JointFacts:
     outputs: dict = field(default_factory=dict)  # compute node -> {index or None: value node}
     unattributed: list = field(default_factory=list)
     saved_clones: set = field(default_factory=set)  # forward clones only the backward reads
+    fused: dict = field(default_factory=dict)  # leader node -> FusedRMSNorm (decomposed RMS norms)
+
+    def inputs_of(self, comp: fx.Node) -> list[fx.Node]:
+        """The tensors an op reads: its arguments, or a fused group's external inputs."""
+        group = self.fused.get(comp)
+        if group is not None:
+            return [n for n in (group.x, group.w) if n is not None]
+        return tensor_args(comp)
 
     def owner(self, node: fx.Node) -> fx.Node:
         """The value whose storage ``node`` uses."""
@@ -163,8 +171,13 @@ def analyse(captured: Captured) -> JointFacts:
             stack.append(facts.owner(arg))
     facts.compute = [n for n in nodes if n in facts.forward and n in needed and n.target is not operator.getitem
                      and not is_alias(n) and n not in facts.saved_clones]
+    member_of = _fuse_rms_norms(facts)
     for comp in facts.compute:
         outs: dict = {}
+        group = facts.fused.get(comp)
+        if group is not None:
+            facts.outputs[comp] = {0: comp, 1: group.rstd, 2: group.xhat} if group.w is not None else {0: comp, 1: group.rstd}
+            continue
         val = comp.meta.get("val")
         if isinstance(val, torch.Tensor):
             outs[None] = comp
@@ -180,6 +193,10 @@ def analyse(captured: Captured) -> JointFacts:
         seq = comp.meta.get("seq_nr")
         if seq is not None and any(rg.get(v, False) for v in facts.outputs[comp].values()):
             by_seq.setdefault(seq, []).append(comp)
+    for member, leader in member_of.items():
+        seq = member.meta.get("seq_nr")
+        if seq is not None and leader not in by_seq.get(seq, []):
+            by_seq.setdefault(seq, []).append(leader)
     for bnode in facts.backward:
         seq = bnode.meta.get("seq_nr")
         owners = by_seq.get(seq)
@@ -198,6 +215,76 @@ def analyse(captured: Captured) -> JointFacts:
             if r not in bucket:
                 bucket.append(r)
     return facts
+
+
+@dataclass
+class FusedRMSNorm:
+    """One call of ``nn.RMSNorm`` that torch decomposed (pow, mean, add, rsqrt, mul, mul)."""
+
+    members: list
+    x: fx.Node
+    w: fx.Node | None
+    rstd: fx.Node
+    xhat: fx.Node
+    eps: float
+    dims: tuple
+
+
+def _module_class(node: fx.Node):
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None, None
+    path, cls = list(stack.values())[-1]
+    return path, cls
+
+
+def _is_rms_norm_class(cls) -> bool:
+    try:
+        return cls is not None and issubclass(cls, torch.nn.RMSNorm)
+    except TypeError:
+        return False
+
+
+def _fuse_rms_norms(facts: JointFacts) -> dict:
+    """Fold each decomposed ``nn.RMSNorm`` call into one op (the last node leads it).
+
+    Only the exact decomposition ``y = x * rsqrt(mean(x^2) + eps) [* w]`` is folded; any
+    other sequence stays as separate generic ops. Returns member -> leader."""
+    runs: list[list[fx.Node]] = []
+    last_path = None
+    for comp in facts.compute:
+        path, cls = _module_class(comp)
+        if not _is_rms_norm_class(cls):
+            last_path = None
+            continue
+        if path != last_path or packet_name(comp.target) == "pow":
+            runs.append([])
+        runs[-1].append(comp)
+        last_path = path
+    member_of: dict = {}
+    for run in runs:
+        names = [packet_name(n.target) for n in run]
+        if names not in (["pow", "mean", "add", "rsqrt", "mul"], ["pow", "mean", "add", "rsqrt", "mul", "mul"]):
+            continue
+        pow_, mean, add, rsqrt, mul = run[:5]
+        x = pow_.args[0]
+        if pow_.args[1] != 2 or mean.args[0] is not pow_ or add.args[0] is not mean or rsqrt.args[0] is not add:
+            continue
+        if not isinstance(add.args[1], (int, float)) or set(mul.args[:2]) != {x, rsqrt}:
+            continue
+        w = None
+        if len(run) == 6:
+            last = run[5]
+            if last.args[0] is not mul or not isinstance(last.args[1], fx.Node) or last.args[1].op != "placeholder":
+                continue
+            w = last.args[1]
+        leader = run[-1]
+        facts.fused[leader] = FusedRMSNorm(run, x, w, rsqrt, mul, float(add.args[1]), tuple(mean.args[1]))
+        for member in run:
+            member_of[member] = leader
+    members = {m for m, leader in member_of.items() if m is not leader}
+    facts.compute = [n for n in facts.compute if n not in members]
+    return member_of
 
 
 def _find_loss(graph: fx.Graph, facts: JointFacts) -> fx.Node:

@@ -147,7 +147,10 @@ def build_network(facts: JointFacts, name: str, roofline: Roofline) -> BuiltNetw
         path = module_path(list(stack.values())[-1][0]) if stack else None
         kind = kind_for(packet_name(comp.target))
         binding = None
-        if kind is not None:
+        group = facts.fused.get(comp)
+        if group is not None:
+            kind, binding = _rms_norm_binding(group)
+        elif kind is not None:
             in_shapes = [tuple(a.meta["val"].shape) if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor) else ()
                          for a in comp.args if isinstance(a, fx.Node) or a is None]
             val = _val(comp)
@@ -208,12 +211,12 @@ def build_network(facts: JointFacts, name: str, roofline: Roofline) -> BuiltNetw
     readers_after: dict[str, int] = {}
     order = {r.name: i for i, r in enumerate(records)}
     for i, record in enumerate(records):
-        for arg in tensor_args(record.node):
+        for arg in facts.inputs_of(record.node):
             readers_after[name_of(arg)] = i  # last forward reader, by position
     for record in records:
         comp = record.node
         inputs = []
-        for arg in tensor_args(comp):
+        for arg in facts.inputs_of(comp):
             n = name_of(arg)
             if n not in inputs:
                 inputs.append(n)
@@ -283,6 +286,20 @@ def build_network(facts: JointFacts, name: str, roofline: Roofline) -> BuiltNetw
             notes.append(f"{record.name}: {record.note}")
     network = Network(name, tensors, tuple(forward_ops), tuple(backward_ops), (loss_name,), ())
     return BuiltNetwork(network, records, never_recompute, notes)
+
+
+def _rms_norm_binding(group):
+    """A decomposed RMS norm as the catalogue's fused ``rms_norm`` kind."""
+    x_val = group.x.meta["val"]
+    dims = tuple(d % x_val.dim() for d in group.dims)
+    shape = tuple(int(x_val.shape[d]) for d in sorted(dims))
+    inputs = {"x": group.x}
+    outputs = {"y": 0, "rstd": 1}
+    if group.w is not None:
+        inputs["w"] = group.w
+        outputs["xhat"] = 2
+    attrs = {"normalized_shape": shape, "eps": group.eps, "shape": tuple(x_val.shape), "decomposed": True}
+    return kind_for("_fused_rms_norm"), Binding(inputs, outputs, attrs)
 
 
 def _short_kind(packet: str) -> str:
