@@ -287,6 +287,12 @@ def test_bad_options_are_refused():
         trace_model(models.small_cnn(), [(2, 3, 32, 32)], device="TPU")
     with pytest.raises(CaptureError, match="profile"):
         trace_model(models.small_cnn(), [(2, 3, 32, 32)], device="P100", profile=True)
+    with pytest.raises(CaptureError, match="dtype"):
+        trace_model(models.small_cnn(), [(2, 3, 32, 32)], dtype="f8")
+    if not torch.cuda.is_available():
+        for profile in (False, True):
+            with pytest.raises(CaptureError, match="CUDA"):
+                trace_model(models.small_cnn(), [(2, 3, 32, 32)], device="cuda", profile=profile)
 
 
 class _TwoInputs(nn.Module):
@@ -394,3 +400,21 @@ def test_decomposed_rms_norm_is_one_catalogue_op_keeping_what_autograd_keeps():
     spec_text = parse_spec(result.text())
     validate_spec(spec_text)
     assert solve(spec_text, method="store-all").success
+
+
+def test_a_catalogue_entry_that_disagrees_with_autograd_falls_back_to_the_generic_description(monkeypatch):
+    from monetdsl.catalogue import CATALOGUE
+    from monetdsl.catalogue.base import BackwardAlt, BackwardStep
+
+    relu = CATALOGUE["relu"]
+    wrong = (BackwardStep("backward", ("x",), (BackwardAlt("from_mask", ("mask",)),)),)
+    monkeypatch.setattr(relu, "backward_steps", lambda binding: wrong)
+    torch.manual_seed(0)
+    model, x = models.small_cnn(), [torch.randn(2, 3, 32, 32)]
+    result = trace_model(model, x, device="cpu")
+    assert any("relu1: catalogue entry relu would keep" in n for n in result.built.notes)
+    assert "described generically" in result.text()
+    op = {o.name: o for o in result.network.forward_ops}
+    assert op["relu1"].impl_names == ("default",)
+    monkeypatch.setattr(F, "dropout", _native_dropout)
+    assert spec_saved(result.network).total == autograd_saved(model, x).total
