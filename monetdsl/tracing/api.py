@@ -121,7 +121,8 @@ def trace_model(
             raise CaptureError(f"--profile times ops on a real device: use --device cpu or cuda, not {device}")
         if device == "cuda" and not torch.cuda.is_available():
             raise CaptureError("--device cuda: no CUDA device is available here")
-        roofline = Roofline(PRESETS["cpu"] if device == "cpu" else _cuda_preset())
+        # the roofline only fills in ops that cannot be replayed on the device
+        roofline = Roofline(PRESETS["cpu"] if device == "cpu" else _cuda_preset(fallback=PRESETS["A100"]))
     else:
         try:
             roofline = Roofline(_cuda_preset() if device == "cuda" else preset(device))
@@ -157,13 +158,15 @@ def trace_model(
     return result
 
 
-def _cuda_preset():
+def _cuda_preset(fallback=None):
     if not torch.cuda.is_available():
         raise CaptureError("--device cuda: no CUDA device is available here; pick a preset (P100, V100, A100, H100)")
     name = torch.cuda.get_device_name()
     for key in ("H100", "A100", "V100", "P100"):
         if key in name:
             return PRESETS[key]
+    if fallback is not None:
+        return fallback
     raise CaptureError(f"no roofline preset for {name}; use --profile, or a preset name")
 
 
