@@ -23,6 +23,7 @@ examples:
   monetdsl solve specs/tiny_chain.monet --budget 21MiB
   monetdsl check specs/tiny_chain.monet --schedule specs/tiny_chain.schedule.monet
   monetdsl show specs/tiny_chain.schedule.monet
+  monetdsl trace monetdsl.models:resnet50 --input 184x3x224x224 -o resnet50.monet
 
 exit status: 0 ok, 1 invalid input or infeasible, 2 usage error
 """

@@ -1,0 +1,147 @@
+"""Convolutions and matrix products: the two gradients as two backward steps.
+
+``y = conv(x, w) + b`` and ``y = a @ b (+ bias)`` have two independent gradients. Split
+into a *weight-gradient* step (reads the input activation) and an *input-gradient* step
+(reads only the weight), the input activation can be freed as soon as the first step has
+run instead of living until the second. For a product of two activations (attention
+scores written as ``bmm``) the steps are ``grad_a`` (reads ``b``) and ``grad_b`` (reads
+``a``). Forward and each gradient cost about the same number of FLOPs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.grad as nn_grad
+
+from .base import BackwardAlt, BackwardStep, Binding, ForwardAlt, OpKind
+
+__all__ = ["Convolution", "MatMul"]
+
+_CONV_INPUT = {1: nn_grad.conv1d_input, 2: nn_grad.conv2d_input, 3: nn_grad.conv3d_input}
+_CONV_WEIGHT = {1: nn_grad.conv1d_weight, 2: nn_grad.conv2d_weight, 3: nn_grad.conv3d_weight}
+_CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
+
+
+class Convolution(OpKind):
+    name = "conv"
+    aten = ("convolution",)
+    summary = "conv: weight gradient (reads x) and input gradient (reads w) as separate steps"
+
+    def bind(self, target, args, kwargs, input_shapes, output_shapes):
+        x, w, b, stride, padding, dilation, transposed, output_padding, groups = args[:9]
+        spatial = len(input_shapes[0]) - 2
+        if transposed or spatial not in _CONV or len(input_shapes[0]) != len(input_shapes[1]):
+            return None
+        inputs = {"x": x, "w": w}
+        if b is not None:
+            inputs["b"] = b
+        attrs = {"stride": tuple(stride), "padding": tuple(padding), "dilation": tuple(dilation), "groups": int(groups),
+                 "shape": tuple(input_shapes[0]), "w_shape": tuple(input_shapes[1]), "bias": b is not None}
+        return Binding(inputs, {"y": None}, attrs)
+
+    def forward_alts(self, binding):
+        return (ForwardAlt("default"),)
+
+    def backward_steps(self, binding):
+        wgrad = ("w", "b") if "b" in binding.inputs else ("w",)
+        return (
+            BackwardStep("wgrad", wgrad, (BackwardAlt("default", ("x",)),)),
+            BackwardStep("dgrad", ("x",), (BackwardAlt("default", ("w",)),)),
+        )
+
+    def forward(self, alt, inputs, attrs, saved=None):
+        n = len(attrs["shape"]) - 2
+        y = _CONV[n](inputs["x"], inputs["w"], inputs.get("b"), attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"])
+        return {"y": y}
+
+    def backward(self, step, alt, grads, saved, attrs):
+        g = grads["y"]
+        n = len(attrs["shape"]) - 2
+        common = dict(stride=attrs["stride"], padding=attrs["padding"], dilation=attrs["dilation"], groups=attrs["groups"])
+        if step == "wgrad":
+            out = {"w": _CONV_WEIGHT[n](saved["x"], attrs["w_shape"], g, **common)}
+            if attrs["bias"]:
+                out["b"] = g.sum([0] + list(range(2, g.dim())))
+            return out
+        if step == "dgrad":
+            return {"x": _CONV_INPUT[n](attrs["shape"], saved["w"], g, **common)}
+        raise KeyError(step)
+
+    def autograd_reference(self, inputs, attrs):
+        return self.forward("default", inputs, attrs)
+
+    def examples(self):
+        g = torch.Generator().manual_seed(8)
+        cases = []
+        for shape, w_shape, stride, padding, dilation, groups in [
+            ((2, 4, 7, 6), (6, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+            ((2, 4, 9, 8), (4, 1, 3, 3), (2, 2), (1, 1), (1, 1), 4),  # depthwise
+            ((2, 3, 11), (5, 3, 3), (2,), (0,), (2,), 1),
+        ]:
+            x = torch.randn(shape, generator=g, dtype=torch.float64)
+            w = torch.randn(w_shape, generator=g, dtype=torch.float64)
+            b = torch.randn(w_shape[0], generator=g, dtype=torch.float64)
+            cases.append(({"x": x, "w": w, "b": b}, {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups,
+                                                     "shape": shape, "w_shape": w_shape, "bias": True}))
+        return cases
+
+
+class MatMul(OpKind):
+    """``mm(a, b)``, ``bmm(a, b)`` and ``addmm(bias, a, b)`` (nn.Linear traces to these)."""
+
+    name = "matmul"
+    aten = ("mm", "bmm", "addmm")
+    summary = "mm/bmm/addmm (linear): the gradients of a and b as separate steps"
+
+    def bind(self, target, args, kwargs, input_shapes, output_shapes):
+        name = target.__name__.split(".")[0] if hasattr(target, "__name__") else str(target)
+        if name == "addmm":
+            bias, a, b = args[:3]
+            if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
+                return None
+            return Binding({"a": a, "b": b, "bias": bias}, {"y": None},
+                           {"a_shape": tuple(input_shapes[1]), "b_shape": tuple(input_shapes[2]), "bias_shape": tuple(input_shapes[0])})
+        a, b = args[:2]
+        return Binding({"a": a, "b": b}, {"y": None}, {"a_shape": tuple(input_shapes[0]), "b_shape": tuple(input_shapes[1])})
+
+    def forward_alts(self, binding):
+        return (ForwardAlt("default"),)
+
+    def backward_steps(self, binding):
+        weight_is_b = "b" in binding.attrs.get("param_roles", ())
+        grad_b = ("b", "bias") if "bias" in binding.inputs else ("b",)
+        first = BackwardStep("wgrad" if weight_is_b else "grad_b", grad_b, (BackwardAlt("default", ("a",)),))
+        second = BackwardStep("dgrad" if weight_is_b else "grad_a", ("a",), (BackwardAlt("default", ("b",)),))
+        return (first, second)
+
+    def forward(self, alt, inputs, attrs, saved=None):
+        y = torch.matmul(inputs["a"], inputs["b"])
+        if "bias" in inputs:
+            y = y + inputs["bias"]
+        return {"y": y}
+
+    def backward(self, step, alt, grads, saved, attrs):
+        g = grads["y"]
+        if step in ("wgrad", "grad_b"):
+            out = {"b": saved["a"].transpose(-1, -2) @ g}
+            if "bias_shape" in attrs:
+                out["bias"] = g.sum(0) if len(attrs["bias_shape"]) == 1 else g.sum_to_size(attrs["bias_shape"])
+            return out
+        if step in ("dgrad", "grad_a"):
+            return {"a": g @ saved["b"].transpose(-1, -2)}
+        raise KeyError(step)
+
+    def autograd_reference(self, inputs, attrs):
+        return self.forward("default", inputs, attrs)
+
+    def examples(self):
+        g = torch.Generator().manual_seed(9)
+        a = torch.randn(5, 4, generator=g, dtype=torch.float64)
+        b = torch.randn(4, 3, generator=g, dtype=torch.float64)
+        bias = torch.randn(3, generator=g, dtype=torch.float64)
+        a3 = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)
+        b3 = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+        return [
+            ({"a": a, "b": b, "bias": bias}, {"a_shape": (5, 4), "b_shape": (4, 3), "bias_shape": (3,), "param_roles": ("b", "bias")}),
+            ({"a": a, "b": b}, {"a_shape": (5, 4), "b_shape": (4, 3)}),
+            ({"a": a3, "b": b3}, {"a_shape": (2, 5, 4), "b_shape": (2, 4, 6)}),
+        ]

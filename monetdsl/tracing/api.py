@@ -1,0 +1,175 @@
+"""``trace(model, example_inputs)``: a PyTorch model and its inputs -> a spec.
+
+The pieces: :mod:`.capture` (joint graph on FakeTensors), :mod:`.joint` (storage owners,
+gradient flow), :mod:`.to_ir` (ops, alternatives, costs), :mod:`.fixed_memory`
+(gradients, optimizer state), :mod:`.costs` (roofline presets) and :mod:`.profile`
+(measured times).
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..grammar.printer import format_spec
+from ..ir import Constraints, Network, Pattern, Spec
+from .capture import CaptureError, capture, make_fake_inputs
+from .costs import PRESETS, Roofline, preset
+from .fixed_memory import OPTIMIZERS, fixed_items
+from .joint import analyse
+from .to_ir import BuiltNetwork, build_network
+
+__all__ = ["TraceResult", "trace", "trace_model", "DTYPES"]
+
+#: --dtype spellings
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64}
+
+
+@dataclass
+class TraceResult:
+    """A traced spec and what produced it."""
+
+    spec: Spec
+    built: BuiltNetwork
+    cost_model: str
+    capture_seconds: float
+    total_seconds: float
+    header: list[str] = field(default_factory=list)
+
+    @property
+    def network(self) -> Network:
+        return self.spec.network
+
+    @property
+    def ops(self) -> dict:
+        """Op name -> :class:`~monetdsl.tracing.to_ir.OpRecord`: the catalogue kind, the role
+        binding (attributes such as kernel sizes) and the captured fx node of every op; what
+        a runtime needs to run the chosen implementations."""
+        return {record.name: record for record in self.built.records}
+
+    def text(self) -> str:
+        """The spec as ``.monet`` text: header comments, then the canonical form."""
+        return "".join(f"# {line}\n" if line else "#\n" for line in self.header) + format_spec(self.spec)
+
+
+def _as_inputs(example_inputs) -> list:
+    if isinstance(example_inputs, torch.Tensor):
+        return [example_inputs]
+    if isinstance(example_inputs, tuple) and example_inputs and all(isinstance(d, int) for d in example_inputs):
+        return [(example_inputs, torch.float32)]
+    out = []
+    for item in example_inputs:
+        if isinstance(item, torch.Tensor):
+            out.append(item)
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.dtype):
+            out.append(item)
+        elif isinstance(item, (tuple, list)) and all(isinstance(d, int) for d in item):
+            out.append((tuple(item), torch.float32))
+        else:
+            raise CaptureError(f"an example input must be a tensor, a shape or (shape, dtype); got {item!r}")
+    return out
+
+
+def _network_name(model: nn.Module, name: str | None) -> str:
+    if name:
+        return name
+    text = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", type(model).__name__).lower()
+    return re.sub(r"[^A-Za-z0-9_]", "_", text) or "model"
+
+
+def trace_model(
+    model: nn.Module,
+    example_inputs,
+    *,
+    loss: Callable | str = "auto",
+    name: str | None = None,
+    device: str = "P100",
+    profile: bool = False,
+    optimizer: str = "adam",
+    dtype: str | torch.dtype | None = None,
+    repeats: int = 5,
+) -> TraceResult:
+    """Trace one training step of ``model`` and describe it as a spec.
+
+    ``example_inputs``: tensors (real, meta or fake), shapes, or ``(shape, dtype)`` pairs;
+    nothing of their size is allocated. ``device``: a roofline preset (``cpu``, ``P100``,
+    ``V100``, ``A100``, ``H100``) or, with ``profile=True``, the device to time every op
+    on (``cpu`` or ``cuda``). ``dtype`` casts the model and floating inputs first.
+    """
+    start = time.perf_counter()
+    if optimizer not in OPTIMIZERS:
+        raise CaptureError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+    if dtype is not None:
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise CaptureError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+            dtype = DTYPES[dtype]
+        model = model.to(dtype)
+    inputs = _as_inputs(example_inputs)
+    if dtype is not None:
+        inputs = [
+            (i.to(dtype) if isinstance(i, torch.Tensor) and i.is_floating_point() else
+             (i[0], dtype) if isinstance(i, tuple) and i[1].is_floating_point else i)
+            for i in inputs
+        ]
+    if profile:
+        if device not in ("cpu", "cuda"):
+            raise CaptureError(f"--profile times ops on a real device: use --device cpu or cuda, not {device}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise CaptureError("--device cuda: no CUDA device is available here")
+        # the roofline only fills in ops that cannot be replayed on the device
+        roofline = Roofline(PRESETS["cpu"] if device == "cpu" else _cuda_preset(fallback=PRESETS["A100"]))
+    else:
+        try:
+            roofline = Roofline(_cuda_preset() if device == "cuda" else preset(device))
+        except KeyError:
+            raise CaptureError(f"unknown device {device!r}; use one of {', '.join(PRESETS)} or cuda") from None
+    fake, _ = make_fake_inputs(inputs)
+    captured = capture(model, fake, loss)
+    facts = analyse(captured)
+    net_name = _network_name(model, name)
+    built = build_network(facts, net_name, roofline)
+    network = built.network
+    network.fixed = fixed_items(model, optimizer)
+    cost_model = roofline.describe()
+    if profile:
+        from .profile import profile_network
+
+        network, measured = profile_network(built, device, repeats=repeats)
+        built.network = network
+        cost_model = f"measured on {measured} (median of {repeats} runs after 2 warm-up runs, per op and implementation)"
+    constraints = Constraints(never_recompute=tuple(Pattern(n) for n in built.never_recompute))
+    spec = Spec(network, constraints, path=f"<trace {net_name}>")
+    shapes = ", ".join("x".join(str(d) for d in f.shape) + f" {str(f.dtype).replace('torch.', '')}" for f in fake)
+    header = [
+        f"{net_name}: one training step traced by monetdsl trace (torch {torch.__version__})",
+        f"inputs {shapes}; loss {captured.loss}; optimizer {optimizer}",
+        f"costs: {cost_model}",
+        "the first implementation of every op keeps what PyTorch's autograd keeps",
+    ]
+    for note in built.notes:
+        header.append(f"note: {note}")
+    result = TraceResult(spec, built, cost_model, captured.seconds, time.perf_counter() - start, header)
+    spec.source = result.text()
+    return result
+
+
+def _cuda_preset(fallback=None):
+    if not torch.cuda.is_available():
+        raise CaptureError("--device cuda: no CUDA device is available here; pick a preset (P100, V100, A100, H100)")
+    name = torch.cuda.get_device_name()
+    for key in ("H100", "A100", "V100", "P100"):
+        if key in name:
+            return PRESETS[key]
+    if fallback is not None:
+        return fallback
+    raise CaptureError(f"no roofline preset for {name}; use --profile, or a preset name")
+
+
+def trace(model: nn.Module, example_inputs: Sequence, **options) -> Spec:
+    """Trace ``model`` on ``example_inputs`` and return the spec (IR); see :func:`trace_model`."""
+    return trace_model(model, example_inputs, **options).spec

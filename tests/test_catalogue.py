@@ -1,0 +1,129 @@
+"""Every catalogue alternative computes the same values and gradients as autograd.
+
+For each op kind and each small example: every forward alternative must reproduce the
+plain op's output, and every backward alternative whose reads that forward alternative
+provides must give the gradients ``torch.autograd.grad`` gives (float64, tight
+tolerances). Recomputation with the kept tensors must reproduce the first output exactly.
+"""
+import pytest
+import torch
+
+from monetdsl.catalogue import CATALOGUE, GammaHasZeros, pack_bits, unpack_bits
+
+CASES = [(name, i) for name, kind in sorted(CATALOGUE.items()) for i in range(len(kind.examples()))]
+
+
+def _clone(inputs):
+    return {k: v.detach().clone() for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("name,case", CASES)
+def test_alternatives_match_autograd(name, case):
+    kind = CATALOGUE[name]
+    inputs, attrs = kind.examples()[case]
+    binding_inputs = {k: v for k, v in inputs.items()}
+    from monetdsl.catalogue import Binding
+
+    binding = Binding(binding_inputs, {"y": None}, attrs)
+    float_roles = [r for r, t in inputs.items() if t.is_floating_point() and r not in ("running_mean", "running_var")]
+    checked = 0
+    for falt in kind.forward_alts(binding):
+        # oracle: same RNG state for dropout, fresh leaf tensors
+        state = torch.get_rng_state()
+        leaves = {k: v.detach().clone().requires_grad_(k in float_roles) for k, v in inputs.items()}
+        ref_y = kind.autograd_reference(leaves, attrs)["y"]
+        g = torch.randn(ref_y.shape, dtype=ref_y.dtype, generator=torch.Generator().manual_seed(11))
+        wanted = [leaves[r] for r in float_roles]
+        ref_grads = dict(zip(float_roles, torch.autograd.grad(ref_y, wanted, g, allow_unused=True)))
+        torch.set_rng_state(state)
+        fin = _clone(inputs)
+        x_before = fin.get("x", None)
+        x_before = x_before.clone() if x_before is not None else None
+        out = kind.forward(falt.name, fin, attrs)
+        torch.testing.assert_close(out["y"], ref_y.detach(), rtol=1e-10, atol=1e-10)
+        for role in falt.derived:
+            assert role in out, f"{falt.name} must produce {role}"
+        # what is available to a backward after this forward alternative
+        available = dict(out)
+        for role, t in inputs.items():
+            if not (falt.overwrites == role):
+                available[role] = t.detach().clone()
+        if falt.overwrites:
+            # in place: the input's storage now holds the output
+            assert out["y"].data_ptr() == fin[falt.overwrites].data_ptr()
+        # a recomputation from the kept tensors reproduces the output exactly
+        if falt.recompute_reads and x_before is not None:
+            saved = {r: out[r] for r in falt.recompute_reads}
+            again = kind.forward(falt.name, _clone({**inputs}), attrs, saved=saved)
+            assert torch.equal(again["y"], out["y"])
+        for step in kind.backward_steps(binding):
+            for balt in step.alts:
+                if not all(r in available for r in balt.reads):
+                    continue
+                saved = {r: available[r] for r in balt.reads}
+                for role in ("w", "b"):  # affine parameters are always resident
+                    if role in inputs and role not in saved:
+                        saved[role] = inputs[role]
+                grads = kind.backward(step.name, balt.name, {"y": g}, saved, attrs)
+                for role in step.grads:
+                    if role not in float_roles:
+                        continue
+                    assert role in grads, f"{name} {step.name}/{balt.name} must give grad of {role}"
+                    torch.testing.assert_close(grads[role], ref_grads[role], rtol=1e-8, atol=1e-10)
+                checked += 1
+    assert checked >= len(kind.forward_alts(binding))
+
+
+def test_every_backward_alternative_is_reachable():
+    for kind in CATALOGUE.values():
+        inputs, attrs = kind.examples()[0]
+        from monetdsl.catalogue import Binding
+
+        binding = Binding(dict(inputs), {"y": None}, attrs)
+        produced = {"y", "lse", "mean", "invstd", "rstd", "indices"} | set(inputs)
+        for falt in kind.forward_alts(binding):
+            produced |= set(falt.derived)
+        for step in kind.backward_steps(binding):
+            for balt in step.alts:
+                assert set(balt.reads) <= produced, (kind.name, balt.name)
+
+
+def test_bit_packing_round_trip_and_size():
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 7, 8, 9, 1000, 1001):
+        m = torch.rand(n, generator=g) > 0.5
+        packed = pack_bits(m)
+        assert packed.dtype == torch.uint8 and packed.numel() == (n + 7) // 8
+        assert torch.equal(unpack_bits(packed, (n,)), m)
+
+
+@pytest.mark.parametrize("name", ["batch_norm", "layer_norm", "rms_norm"])
+def test_output_based_backward_refuses_zero_gamma(name):
+    kind = CATALOGUE[name]
+    inputs, attrs = kind.examples()[0]
+    inputs = _clone(inputs)
+    inputs["w"][0] = 0.0
+    out = kind.forward("default", _clone(inputs), attrs)
+    saved = {"y": out["y"], "w": inputs["w"], **{k: out[k] for k in ("invstd", "rstd") if k in out}}
+    if "b" in inputs:
+        saved["b"] = inputs["b"]
+    with pytest.raises(GammaHasZeros):
+        kind.backward("backward", "from_output", {"y": torch.ones_like(out["y"])}, saved, attrs)
+
+
+def test_batch_norm_recompute_does_not_touch_running_stats():
+    kind = CATALOGUE["batch_norm"]
+    inputs, attrs = kind.examples()[0]
+    inputs = _clone(inputs)
+    first = kind.forward("default", inputs, attrs)
+    rm, rv = inputs["running_mean"].clone(), inputs["running_var"].clone()
+    assert not torch.equal(rm, torch.zeros_like(rm))  # the first forward updated them
+    again = kind.forward("default", inputs, attrs, saved={"mean": first["mean"], "invstd": first["invstd"]})
+    assert torch.equal(again["y"], first["y"])
+    assert torch.equal(inputs["running_mean"], rm) and torch.equal(inputs["running_var"], rv)
+    # and the update matches torch's own
+    ref_rm, ref_rv = torch.zeros_like(rm), torch.ones_like(rv)
+    x, w, b = kind.examples()[0][0]["x"], kind.examples()[0][0]["w"], kind.examples()[0][0]["b"]
+    torch.nn.functional.batch_norm(x, ref_rm, ref_rv, w, b, True, attrs["momentum"], attrs["eps"])
+    torch.testing.assert_close(rm, ref_rm)
+    torch.testing.assert_close(rv, ref_rv)
