@@ -44,7 +44,6 @@ def test_baselines_on_shipped_specs(path):
         t in {r for op in spec.network.forward_ops for i in op.impls for r in i.recompute_reads}
         for t in results["recompute-all"].schedule.forward_keep
     )  # recompute-all keeps only what recomputation itself needs (RNG states, statistics)
-    assert every.peak_bytes <= store.peak_bytes
     assert store.compute_us <= chen.compute_us <= every.compute_us
 
 

@@ -26,6 +26,7 @@ its legality constraints in a no-recompute schedule.
 from __future__ import annotations
 
 import itertools
+import math
 
 from ..graph import index
 from ..ir import Network
@@ -145,7 +146,5 @@ def _repair_derived_reads(network: Network, idx, chosen: dict[str, str], usable)
 def no_recompute_compute_us(network: Network, impls: dict[str, str] | None = None) -> float:
     """Total time of running every op once with ``impls`` (default: the cheapest)."""
     impls = impls if impls is not None else cheapest_impls(network)
-    total = 0.0
-    for op in itertools.chain(network.forward_ops, network.backward_ops):
-        total += op.impl(impls.get(op.name, op.impls[0].name)).time_us
-    return total
+    ops = itertools.chain(network.forward_ops, network.backward_ops)
+    return math.fsum(op.impl(impls.get(op.name, op.impls[0].name)).time_us for op in ops)

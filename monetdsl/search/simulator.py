@@ -40,6 +40,7 @@ Execution model, in short:
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -105,7 +106,9 @@ class Simulation:
 
     @property
     def compute_us(self) -> float:
-        return self.forward_us + self.recompute_us + self.backward_us
+        """Total time of all steps, summed exactly (``math.fsum``): the same multiset of
+        times gives the same total whatever the order, so solvers can compare to the bit."""
+        return math.fsum(step.time_us for step in self.steps)
 
     @property
     def overhead(self) -> float:
@@ -451,12 +454,6 @@ class _Replay:
                     mem.detach(name)
         step = Step(step.index, t, label, kind, op.name, impl_name, live_before, peak, mem.live, time_us)
         self.result.steps.append(step)
-        if kind == "forward":
-            self.result.forward_us += time_us
-        elif kind == "recompute":
-            self.result.recompute_us += time_us
-        else:
-            self.result.backward_us += time_us
 
     def _missing_message(self, where: str, kind: str, op, name: str) -> str:
         tensor = self.tensors[name]
@@ -515,6 +512,8 @@ def simulate(
         )
         return result
     replay.run()
+    for kind in ("forward", "recompute", "backward"):
+        setattr(result, f"{kind}_us", math.fsum(step.time_us for step in result.steps if step.kind == kind))
     result.baseline_us = baseline_us if baseline_us is not None else no_recompute_compute_us(network, cheapest_impls(network))
     if result.steps:
         result.peak_step = max(result.steps, key=lambda s: (s.peak, -s.index))
