@@ -151,17 +151,12 @@ class ForwardImpl:
         return self.time_us if self.recompute_time_us is None else self.recompute_time_us
 
 
-@dataclass(frozen=True)
-class ForwardOp:
-    """A forward operator: reads ``inputs``, produces ``outputs`` with one of ``impls``."""
+class _Alternatives:
+    """Lookup of an op's implementations by name (shared by forward and backward ops)."""
 
-    name: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    impls: tuple[ForwardImpl, ...]
-    line: int = field(default=0, compare=False)
+    impls: tuple
 
-    def impl(self, name: str) -> ForwardImpl:
+    def impl(self, name: str):
         for impl in self.impls:
             if impl.name == name:
                 return impl
@@ -170,6 +165,18 @@ class ForwardOp:
     @property
     def impl_names(self) -> tuple[str, ...]:
         return tuple(i.name for i in self.impls)
+
+
+@dataclass(frozen=True)
+class ForwardOp(_Alternatives):
+    """A forward operator: reads ``inputs``, produces ``outputs`` with one of ``impls``."""
+
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    impls: tuple[ForwardImpl, ...]
+    line: int = field(default=0, compare=False)
+
 
 
 @dataclass(frozen=True)
@@ -185,7 +192,7 @@ class BackwardImpl:
 
 
 @dataclass(frozen=True)
-class BackwardOp:
+class BackwardOp(_Alternatives):
     """A backward operator; ``of`` is the forward op it differentiates (None in plain DAGs)."""
 
     name: str
@@ -193,16 +200,6 @@ class BackwardOp:
     impls: tuple[BackwardImpl, ...]
     of: str | None = None
     line: int = field(default=0, compare=False)
-
-    def impl(self, name: str) -> BackwardImpl:
-        for impl in self.impls:
-            if impl.name == name:
-                return impl
-        raise KeyError(name)
-
-    @property
-    def impl_names(self) -> tuple[str, ...]:
-        return tuple(i.name for i in self.impls)
 
     @property
     def local_name(self) -> str:
