@@ -35,7 +35,7 @@ from .codec import Accounting, decisions_from_solution, decode, encode, evaluate
 from .highs import MilpRun, run_highs
 from .model import MIB, JointModel, build_model
 
-__all__ = ["DEFAULT_TIME_LIMIT", "DEFAULT_GAP", "solve_joint", "minimum_budget", "MinimumBudget"]
+__all__ = ["DEFAULT_TIME_LIMIT", "DEFAULT_GAP", "solve_joint", "minimum_budget", "certify_minimum", "MinimumBudget"]
 
 #: seconds a MILP search may take when the caller gives no limit
 DEFAULT_TIME_LIMIT = 60.0
@@ -173,9 +173,42 @@ def minimum_budget(
     schedule, accounting = _decoded(model, run, ctx)
     sim = simulate(network, schedule, constraints=cons, baseline_us=ctx.baseline_us)
     peak = sim.peak_bytes if sim.valid else accounting.peak_bytes
-    # peaks are whole bytes: a proved bound within one byte of the peak proves the peak
-    exact = run.status == "optimal" and sim.valid and run.bound is not None and peak - (model.fixed_bytes + run.bound * MIB) < 1.0
-    return MinimumBudget(peak, exact, lower, schedule, seconds, details)
+    exact = _proved(model, run, peak)
+    if run.status == "optimal" and not exact:
+        remaining = limit - (time.perf_counter() - begin)
+        exact, better = certify_minimum(network, cons, ctx, peak, pins=pins, time_limit=max(remaining, 1.0))
+        if better is not None:
+            schedule, peak = better
+            exact = False
+    return MinimumBudget(peak, exact, lower, schedule, time.perf_counter() - begin, details)
+
+
+def _proved(model: JointModel, run: MilpRun, peak: int) -> bool:
+    """Peaks are whole bytes: a proved bound within one byte of the peak proves it minimal."""
+    return run.status == "optimal" and run.bound is not None and peak - (model.fixed_bytes + run.bound * MIB) < 1.0
+
+
+def certify_minimum(
+    network: Network, constraints: ResolvedConstraints, ctx: SearchContext, peak: int, *, pins=None, time_limit: float
+) -> tuple[bool, tuple[Schedule, int] | None]:
+    """Prove that no schedule peaks below ``peak``: the budget ``peak - 1`` is infeasible.
+
+    HiGHS declares optimality within its own tolerances, which on byte-sized objectives can
+    leave a bound a few bytes short of the incumbent. This settles it: returns ``(True,
+    None)`` when ``peak - 1`` is proved infeasible, ``(False, (schedule, its peak))`` if a
+    lower peak exists after all, ``(False, None)`` when time ran out.
+    """
+    cons = ResolvedConstraints(peak - 1, constraints.max_overhead, constraints.keep, constraints.never_recompute, constraints.allowed_impls)
+    model = build_model(network, cons, pins=pins, objective="compute", memory_budget=peak - 1, max_overhead=cons.max_overhead, baseline_us=ctx.baseline_us)
+    if model.builder.conflicts:
+        return True, None
+    run = _run(model, ctx, time_limit, None, "milp", "proving the minimum")
+    if run.status == "infeasible":
+        return True, None
+    if run.x is not None:
+        schedule, accounting = _decoded(model, run, ctx)
+        return False, (schedule, accounting.peak_bytes)
+    return False, None
 
 
 def solve_joint(
@@ -233,20 +266,26 @@ def solve_joint(
         return MethodOutcome(None, "time_limit", message, bound, None, details=details)
     schedule, accounting = _decoded(model, run, ctx)
     details["milp_peak_bytes"] = accounting.peak_bytes
-    details["milp_compute_us"] = accounting.compute_us
-    details["milp_step_peaks"] = accounting.step_peaks
+    details["milp_compute_us"] = float(accounting.compute_us)
     status = "optimal" if run.status == "optimal" else "time_limit"
     bound = convert(run.bound)
     value = accounting.peak_bytes if objective == "memory" else accounting.compute_us
     gap = 0.0 if status == "optimal" else (None if bound is None else max(0.0, value - bound) / max(abs(value), 1e-12))
     outcome = MethodOutcome(schedule, status, "", bound, gap, details=details)
     if objective == "memory":
-        exact = status == "optimal" and run.bound is not None and accounting.peak_bytes - (model.fixed_bytes + run.bound * MIB) < 1.0
-        outcome.min_feasible_budget = accounting.peak_bytes
+        peak = accounting.peak_bytes
+        exact = _proved(model, run, peak)
+        if status == "optimal" and not exact:
+            remaining = max(limit - (time.perf_counter() - begin), 1.0)
+            exact, better = certify_minimum(network, constraints, ctx, peak, pins=pins, time_limit=remaining)
+            if better is not None:  # tolerance hid a lower peak: take it (not proved minimal)
+                outcome.schedule, peak = better
+                outcome.status = "time_limit"
+        outcome.min_feasible_budget = peak
         outcome.min_feasible_budget_exact = exact
         remaining = limit - (time.perf_counter() - begin)
         if remaining > 0.5:
-            _polish(network, constraints, ctx, pins, label, outcome, accounting.peak_bytes, remaining, model, run)
+            _polish(network, constraints, ctx, pins, label, outcome, peak, remaining, model, run)
     return outcome
 
 
@@ -266,8 +305,7 @@ def _polish(network, constraints, ctx, pins, label, outcome, peak, remaining, me
     if accounting.compute_us < first.compute_us - 1e-9 and accounting.peak_bytes <= peak:
         outcome.schedule = schedule
         outcome.details["milp_peak_bytes"] = accounting.peak_bytes
-        outcome.details["milp_compute_us"] = accounting.compute_us
-        outcome.details["milp_step_peaks"] = accounting.step_peaks
+        outcome.details["milp_compute_us"] = float(accounting.compute_us)
 
 
 def _infeasible(network, constraints, ctx, pins, label, begin, details, candidates) -> MethodOutcome:
