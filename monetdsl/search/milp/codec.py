@@ -21,7 +21,7 @@ from ...ir import Schedule, StagePlan
 from ..simulator import chosen_impls
 from .model import MIB, JointModel
 
-__all__ = ["Accounting", "decode", "encode", "evaluate", "decisions_from_solution"]
+__all__ = ["Accounting", "decode", "encode", "evaluate", "decisions_from_solution", "canonical"]
 
 
 @dataclass
@@ -87,6 +87,42 @@ def decode(model: JointModel, decisions: dict[int, float], *, spec_path: str, fi
         stages.append(StagePlan(name, recompute, keep, free))
         previous = now
     return Schedule(spec_path, fingerprint, choices, forward_keep, tuple(stages))
+
+
+def canonical(model: JointModel, schedule: Schedule) -> Schedule:
+    """The same schedule written the way the model expresses it (same memory, same compute).
+
+    Two rewrites, both neutral for the simulator: a carried view carries its base tensor
+    too (they share one storage, so nothing is added), and a tensor is no longer carried
+    once no later step can read it (the model has no column for such a carry; dropping it
+    only lowers memory).
+    """
+    net = model.network
+    roots = {x: model_root for x in model.tensors if (model_root := _root(net, x)) != x}
+    outputs = set(net.outputs)
+
+    def fix(t: int, carried: set[str]) -> set[str]:
+        carried = carried | {roots[x] for x in carried if x in roots and roots[x] in model.tensors}
+        return {x for x in carried if x in outputs or (t, x) in model.carry}
+
+    previous = fix(0, set(schedule.forward_keep) | outputs)
+    forward_keep = tuple(x for x in model.tensors if x in previous and x not in outputs)
+    raw = set(schedule.forward_keep) | outputs
+    stages = []
+    for t, stage in enumerate(schedule.stages, start=1):
+        raw = (raw | set(stage.keep)) - set(stage.free)
+        now = fix(t, raw)
+        keep = tuple(x for x in model.tensors if x in now and x not in previous)
+        free = tuple(x for x in model.tensors if x in previous and x not in now and x not in outputs)
+        stages.append(StagePlan(stage.backward, stage.recompute, keep, free))
+        previous = now
+    return Schedule(schedule.spec_path, schedule.fingerprint, dict(schedule.impls), forward_keep, tuple(stages))
+
+
+def _root(network, name: str) -> str:
+    from ...graph import storage_root
+
+    return storage_root(network, name)
 
 
 def encode(model: JointModel, schedule: Schedule) -> tuple[dict[int, float], list[str]]:

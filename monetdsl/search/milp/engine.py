@@ -31,7 +31,7 @@ from ...validate import ResolvedConstraints
 from ..outcome import MethodOutcome, SearchContext
 from ..progress import ProgressInfo
 from ..simulator import Simulation, simulate
-from .codec import Accounting, decisions_from_solution, decode, encode, evaluate
+from .codec import Accounting, canonical, decisions_from_solution, decode, encode, evaluate
 from .highs import MilpRun, run_highs
 from .model import MIB, JointModel, build_model
 
@@ -86,7 +86,7 @@ def _start_for(model: JointModel, candidates) -> tuple[str, object, float] | Non
     """The best candidate schedule that lies in the model's space: (name, column vector, value)."""
     best = None
     for name, schedule, sim in candidates:
-        decisions, outside = encode(model, schedule)
+        decisions, outside = encode(model, canonical(model, schedule))
         if outside:
             continue
         values = model.builder.complete(decisions)
@@ -265,11 +265,36 @@ def solve_joint(
             message += f"; every schedule needs at least {_fmt(bound, unit)}" if objective == "memory" else f"; lower bound {_fmt(bound, unit)}"
         return MethodOutcome(None, "time_limit", message, bound, None, details=details)
     schedule, accounting = _decoded(model, run, ctx)
+    retries = 0
+    while budget is not None and accounting.peak_bytes > budget and retries < 3:
+        # HiGHS accepted the point within its tolerances but it is over the budget by a
+        # few bytes: exclude it by tightening the budget by the excess and solve again
+        retries += 1
+        tighter = budget - (accounting.peak_bytes - budget) * retries
+        cons = ResolvedConstraints(tighter, constraints.max_overhead, constraints.keep, constraints.never_recompute, constraints.allowed_impls)
+        model = build_model(network, cons, pins=pins, objective=objective, memory_budget=tighter, max_overhead=cons.max_overhead, baseline_us=ctx.baseline_us)
+        remaining = max(limit - (time.perf_counter() - begin), 1.0)
+        run = _run(model, ctx, remaining, None, label, "search")
+        details["tolerance_retries"] = retries
+        if run.status == "infeasible":
+            return _infeasible(network, constraints, ctx, pins, label, begin, details, candidates)
+        if run.x is None:
+            message = "a schedule HiGHS found was over the budget by a few bytes and the retry found none in time"
+            return MethodOutcome(None, "time_limit", message, details=details)
+        schedule, accounting = _decoded(model, run, ctx)
     details["milp_peak_bytes"] = accounting.peak_bytes
     details["milp_compute_us"] = float(accounting.compute_us)
     status = "optimal" if run.status == "optimal" else "time_limit"
     bound = convert(run.bound)
     value = accounting.peak_bytes if objective == "memory" else accounting.compute_us
+    if status == "time_limit" and fitting:
+        # without a MIP start (scipy) the incumbent can be worse than a heuristic: keep the better
+        name, h_schedule, h_sim = min(fitting, key=lambda c: _objective_value(c[2], objective))
+        if _objective_value(h_sim, objective) < value:
+            schedule, value = h_schedule, _objective_value(h_sim, objective)
+            details["fallback"] = name
+            for key in ("milp_peak_bytes", "milp_compute_us"):
+                details.pop(key)
     gap = 0.0 if status == "optimal" else (None if bound is None else max(0.0, value - bound) / max(abs(value), 1e-12))
     outcome = MethodOutcome(schedule, status, "", bound, gap, details=details)
     if objective == "memory":

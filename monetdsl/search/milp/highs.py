@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,6 +27,9 @@ from .linear import ModelBuilder
 __all__ = ["MilpRun", "run_highs", "BACKENDS"]
 
 BACKENDS = ("highspy", "scipy")
+#: integrality and row tolerance of MIP solutions. Memory is in MiB inside the model, so
+#: HiGHS's default (1e-6) would let a schedule one byte over the budget pass
+FEASIBILITY_TOL = 1e-9
 
 #: ``progress(elapsed_s, incumbent, bound, gap)``; incumbent/gap are None before one exists
 Progress = Callable[[float, float | None, float | None, float | None], None]
@@ -124,8 +128,17 @@ def _run_scipy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap) 
 
     begin = time.perf_counter()
     constraints = [LinearConstraint(a, rl, ru)] if a.shape[0] else []
-    options = {"time_limit": max(time_limit, 1e-3), "mip_rel_gap": rel_gap, "disp": False, "presolve": True}
-    with _quiet_stdout():  # HiGHS 1.12 (inside scipy) prints a debug line on some solves
+    options = {
+        "time_limit": max(time_limit, 1e-3),
+        "mip_rel_gap": rel_gap,
+        "disp": False,
+        "presolve": True,
+        # not in scipy's documented list; scipy hands it to HiGHS (with a warning)
+        "mip_feasibility_tolerance": FEASIBILITY_TOL,
+        "mip_abs_gap": abs_gap,
+    }
+    with _quiet_stdout(), warnings.catch_warnings():  # HiGHS 1.12 prints a debug line on some solves
+        warnings.simplefilter("ignore", RuntimeWarning)
         res = milp(c, integrality=integrality, bounds=Bounds(cl, cu), constraints=constraints, options=options)
     seconds = time.perf_counter() - begin
     bound = getattr(res, "mip_dual_bound", None)
@@ -150,7 +163,7 @@ def _run_highspy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap
     h.setOptionValue("mip_rel_gap", float(rel_gap))
     h.setOptionValue("mip_abs_gap", float(abs_gap))
     h.setOptionValue("random_seed", int(seed))
-    h.setOptionValue("mip_feasibility_tolerance", 1e-8)
+    h.setOptionValue("mip_feasibility_tolerance", FEASIBILITY_TOL)
     inf = highspy.kHighsInf
     lp = highspy.HighsLp()
     lp.num_col_ = len(c)

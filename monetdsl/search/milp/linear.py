@@ -239,6 +239,15 @@ class ModelBuilder:
 
     def matrix(self) -> tuple[np.ndarray, sparse.csr_array, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(c, A, row_lower, row_upper, col_lower, col_upper, integrality)`` for HiGHS."""
+        key = (self.num_cols, self.num_rows, tuple(sorted(self.cost.items())))
+        cached = self.__dict__.get("_matrix")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        result = self._matrix()
+        self.__dict__["_matrix"] = (key, result)
+        return result
+
+    def _matrix(self):
         n = self.num_cols
         c = np.zeros(n)
         for col, coef in self.cost.items():
@@ -286,12 +295,15 @@ class ModelBuilder:
 
     def violations(self, x: np.ndarray, tol: float = 1e-7) -> list[str]:
         """Names of the rows and bounds ``x`` breaks (empty for a feasible point)."""
-        bad = []
-        for col in range(self.num_cols):
-            if x[col] < self.lower[col] - tol or x[col] > self.upper[col] + tol:
-                bad.append(f"bound of {self.names[col]} ({x[col]} not in [{self.lower[col]}, {self.upper[col]}])")
-        for r in range(self.num_rows):
-            value = sum(v * x[c] for c, v in zip(self.row_cols[r], self.row_vals[r]))
-            if value < self.row_lower[r] - tol or value > self.row_upper[r] + tol:
-                bad.append(f"row {self.row_names[r]} ({self.row_lower[r]} <= {value} <= {self.row_upper[r]})")
+        _, a, rl, ru, cl, cu, _ = self.matrix()
+        x = np.asarray(x, dtype=float)
+        bad = [
+            f"bound of {self.names[c]} ({x[c]} not in [{cl[c]}, {cu[c]}])"
+            for c in np.flatnonzero((x < cl - tol) | (x > cu + tol))
+        ]
+        values = a @ x
+        bad += [
+            f"row {self.row_names[r]} ({rl[r]} <= {values[r]} <= {ru[r]})"
+            for r in np.flatnonzero((values < rl - tol) | (values > ru + tol))
+        ]
         return bad
