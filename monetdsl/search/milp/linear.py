@@ -19,7 +19,7 @@ small for HiGHS without a separate presolve pass.
     >>> b = ModelBuilder()
     >>> x, y = b.binary("x"), b.binary("y")
     >>> v = b.and_not(x, [y], "x and not y")
-    >>> b.complete({x.var: 1, y.var: 0})[v.var]
+    >>> float(b.complete({x.var: 1, y.var: 0})[v.var])
     1.0
 """
 from __future__ import annotations
