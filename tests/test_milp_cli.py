@@ -144,6 +144,14 @@ def test_sweep_table_json_and_plot(capfd, tmp_path):
     assert "sweep: milp at" in err  # per-run progress on stderr, not stdout
 
 
+@pytest.mark.parametrize("command", ["check", "solve", "sweep", "show"])
+def test_help_of_every_command_renders(capfd, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    out, err = capfd.readouterr()
+    assert exit_info.value.code == 0 and "usage: monetdsl" in out and "example" in out
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

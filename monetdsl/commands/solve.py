@@ -47,7 +47,9 @@ def register(subparsers) -> None:
         help="find the smallest peak (within --max-overhead, if given) and report the exact minimum budget;"
         " implies --method milp unless a searching method is named",
     )
-    parser.add_argument("--gap", help=f"relative optimality gap at which the MILP stops (default {DEFAULT_GAP:.2%})")
+    parser.add_argument(
+        "--gap", help=f"relative optimality gap at which the MILP stops, e.g. 1%% (default {100 * DEFAULT_GAP:g}%%)"
+    )
     parser.add_argument("--solver", choices=BACKENDS, default="highspy", help="HiGHS interface for the MILPs (default highspy)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("-o", "--output", help="where to write the schedule (default: the spec's NAME.schedule.monet)")

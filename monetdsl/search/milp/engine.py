@@ -17,7 +17,7 @@
 
 With ``objective="memory"`` (``--min-memory``, or an overhead cap without a budget) the
 search minimises the peak, then spends the remaining time on the fastest schedule at that
-peak (a second solve warm-started from the first).
+peak (a second solve warm-started from the first; ``options={"polish": False}`` skips it).
 """
 from __future__ import annotations
 
@@ -246,8 +246,12 @@ def solve_joint(
     convert, unit = _units(model)
     if run.status == "infeasible":
         return _infeasible(network, constraints, ctx, pins, label, begin, details, candidates)
-    if run.status == "error":
-        raise RuntimeError(f"HiGHS failed: {run.message}")
+    if run.status == "error":  # e.g. HiGHS reports a numerical failure: say so, keep any heuristic
+        details["solver_message"] = run.message
+        if fitting:
+            name, schedule, sim = min(fitting, key=lambda c: _objective_value(c[2], objective))
+            return MethodOutcome(schedule, "feasible", f"HiGHS failed ({run.message}); best heuristic: {name}", details=details)
+        return MethodOutcome(None, "time_limit", f"HiGHS failed ({run.message}) and no heuristic schedule fits", details=details)
     if run.x is None:
         # the limit ended the search before any incumbent: fall back to a heuristic
         bound = convert(run.bound)
@@ -298,7 +302,7 @@ def solve_joint(
     gap = 0.0 if status == "optimal" else (None if bound is None else max(0.0, value - bound) / max(abs(value), 1e-12))
     outcome = MethodOutcome(schedule, status, "", bound, gap, details=details)
     if objective == "memory":
-        peak = accounting.peak_bytes
+        peak = int(value)  # the decoded schedule's peak, or the better heuristic's
         exact = _proved(model, run, peak)
         if status == "optimal" and not exact:
             remaining = max(limit - (time.perf_counter() - begin), 1.0)
@@ -309,12 +313,13 @@ def solve_joint(
         outcome.min_feasible_budget = peak
         outcome.min_feasible_budget_exact = exact
         remaining = limit - (time.perf_counter() - begin)
-        if remaining > 0.5:
-            _polish(network, constraints, ctx, pins, label, outcome, peak, remaining, model, run)
+        details["proof_seconds"] = round(time.perf_counter() - begin, 3)
+        if remaining > 0.5 and ctx.options.get("polish", True):
+            _polish(network, constraints, ctx, pins, label, outcome, peak, remaining)
     return outcome
 
 
-def _polish(network, constraints, ctx, pins, label, outcome, peak, remaining, mem_model, mem_run) -> None:
+def _polish(network, constraints, ctx, pins, label, outcome, peak, remaining) -> None:
     """Second phase of the memory objective: the fastest schedule at the minimum peak."""
     cons = ResolvedConstraints(peak, constraints.max_overhead, constraints.keep, constraints.never_recompute, constraints.allowed_impls)
     model = build_model(network, cons, pins=pins, objective="compute", memory_budget=peak, max_overhead=cons.max_overhead, baseline_us=ctx.baseline_us)

@@ -325,11 +325,9 @@ class _Builder:
             if c.is_const():
                 continue
             m.le(c, self.carried(t - 1, x) + self.produced(t, x), f"carry[{t},{x}]")
-            r = self.root.get(x)
+            r = self.root.get(x)  # None for a view of fixed memory: free to carry
             if r is not None and r != x:
                 m.le(c, self.carried(t, r), f"view[{t},{x}]")
-            elif r is None and self.tensors[x].view_of is not None:
-                pass  # a view of fixed memory: free to carry
 
     # ------------------------------------------------------------------ memory
     def memory(self) -> None:
@@ -339,6 +337,12 @@ class _Builder:
         u_prev: Expr = ZERO
         for t in range(0, self.T + 1):
             events = self.storage_events(t)
+            created: dict[int, list[Expr]] = {}
+            released: dict[int, list[Expr]] = {}
+            for r, ev in events.items():
+                created.setdefault(ev["pos"], []).append(self.size[r] * ev["sigma"])
+                for k, f in ev["free"].items():
+                    released.setdefault(k, []).append(self.size[r] * f)
             if t >= 1:
                 u_prev = u_prev - total(self.size[r] * ev["drop"] for r, ev in events.items())
             active = [k for k, name in enumerate(self.order) if not self.rho(t, name).is_zero()]
@@ -360,7 +364,7 @@ class _Builder:
                         step = step + self.w(t, name, impl.name) * ((alloc + impl.workspace) / MIB)
                     kind = "forward" if t == 0 else "recompute"
                     self.slots.append(Slot(t, kind, name, self.rho(t, name), g + u + step))
-                    delta = total(self.size[r] * ev["sigma"] for r, ev in events.items() if ev["pos"] == k)
+                    delta = total(created.get(k, ()))
                 else:
                     b = self.stages[t - 1]
                     bop = self.idx.backward_ops[b]
@@ -368,7 +372,7 @@ class _Builder:
                     ws = total(self.z[b, impl.name] * (impl.workspace / MIB) for impl in self.bimpls[b])
                     self.slots.append(Slot(t, "backward", b, ONE, g + u + outs + ws))
                     delta = ZERO
-                delta = delta - total(self.size[r] * ev["free"][k] for r, ev in events.items() if k in ev["free"])
+                delta = delta - total(released.get(k, ()))
                 u_prev = u + delta
             u_prev = m.defined(u_prev, f"U[{t},end]")
 
