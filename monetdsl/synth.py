@@ -57,7 +57,12 @@ def random_spec_text(seed: int, *, forward_ops: int = 3, max_impls: int = 3, vie
     last = ops[-1]["out"]
     for op in ops:
         lines.extend(_op_lines(rng, op, ops, consumed, last, max_impls))
-    lines.append(f"  output {last}")
+    outputs = [last]
+    if len(ops) >= 3 and rng.random() < 0.2:  # a second output: its gradient is a seed that a backward op also writes
+        extra = rng.choice([op["out"] for op in ops[:-1] if op["view_of"] is None] or [last])
+        if extra not in outputs:
+            outputs.append(extra)
+    lines.append(f"  output {', '.join(outputs)}")
     return "\n".join(lines) + "\n"
 
 
@@ -111,6 +116,11 @@ def _op_lines(rng, op, ops, consumed, last, max_impls) -> list[str]:
             lines.append(f"    backward reads (grad({out})) -> grad(x) time {rng.randint(1, 10)}us")
         return lines
     variants = [("from_input", f"{inputs[0]}"), ("from_output", out)]
+    later = [o["out"] for o in ops if o["inputs"] and o["inputs"][0] == out and o["view_of"] is None]
+    if later and rng.random() < 0.3:
+        # an implementation that also reads the next gradient: gradient liveness then
+        # depends on the implementation chosen
+        variants.append(("with_next_grad", f"{inputs[0]}, grad({later[0]})"))
     if "mask" in chosen:
         variants.append(("from_mask", derived_mask))
     if "rng" in chosen:

@@ -240,12 +240,14 @@ def _add_exact_minimum(spec, constraints, baseline_us, time_limit, progress, res
     result.message += f"; the smallest budget any schedule meets is {what} {human_bytes(found.bytes)} ({found.bytes} B)"
 
 
-def _status_words(status: str, gap: float | None) -> str:
+def _status_words(status: str, gap: float | None, bound: float | None, objective: str) -> str:
     if status == "optimal":
         return "optimal"
-    if status == "time_limit":
-        return "time limit reached" + (f", gap {gap:.2%}" if gap is not None else "")
-    return "feasible" + (f", gap {gap:.2%}" if gap is not None else "")
+    proof = ""
+    if gap is not None:
+        shown = "-" if bound is None else (human_bytes(bound) if objective == "memory" else f"{bound:.6g} us")
+        proof = f", gap {gap:.2%} (lower bound {shown})"
+    return ("time limit reached" if status == "time_limit" else "feasible") + proof
 
 
 def _solve_searching(spec: Spec, method: str, constraints: ResolvedConstraints, ctx: SearchContext, exact_min_budget: bool) -> SolveResult:
@@ -271,7 +273,8 @@ def _solve_searching(spec: Spec, method: str, constraints: ResolvedConstraints, 
     if planned[0] is not None and (planned[0] != simulation.peak_bytes or abs(planned[1] - simulation.compute_us) > 1e-6 * max(1.0, simulation.compute_us)):
         details["accounting_mismatch"] = {"milp_peak_bytes": planned[0], "simulator_peak_bytes": simulation.peak_bytes}
     if simulation.ok:
-        message = f"{method}: {_status_words(outcome.status, outcome.gap)}; {simulation.summary()}"
+        words = _status_words(outcome.status, outcome.gap, outcome.lower_bound, ctx.objective)
+        message = f"{method}: {words}; {simulation.summary()} [{elapsed:.2f} s]"
         if outcome.message:
             message += f" ({outcome.message})"
         if ctx.objective == "memory" and outcome.min_feasible_budget is not None:
