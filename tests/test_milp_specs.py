@@ -123,3 +123,19 @@ def test_heuristic_infeasibility_reports_the_exact_minimum(specs, ladders):
     assert result.status == "infeasible"
     assert result.min_feasible_budget == low and result.min_feasible_budget_exact
     assert "details" not in result.message and "any schedule" in result.message
+
+
+def test_milp_honours_the_constraint_block(specs_dir_module):
+    from monetdsl.grammar.parser import parse_spec
+
+    text = (specs_dir_module / "resblock.monet").read_text()
+    text += "\nconstraints\n  memory <= 160MiB\n  keep c2\n  never recompute conv1\n  impl relu2 = plain\n  impl relu1 in (mask, inplace_mask)\n"
+    spec = parse_spec(text, path="resblock-constrained.monet")
+    free = solve(load_spec(str(specs_dir_module / "resblock.monet")), "milp", memory_budget=160 * 2**20)
+    pinned = solve(spec, "milp", time_limit=60)
+    assert pinned.status == "optimal" and pinned.simulation.ok  # the simulator checks every pin
+    schedule = pinned.schedule
+    assert "c2" in schedule.forward_keep
+    assert not any("conv1" in stage.recompute for stage in schedule.stages)
+    assert schedule.impls["relu2"] == "plain" and schedule.impls["relu1"] in ("mask", "inplace_mask")
+    assert pinned.simulation.compute_us >= free.simulation.compute_us - 1e-9  # constraints never help
