@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..graph import index
 from ..ir import Network, Schedule, StagePlan, TensorKind
-from .simulator import Simulation, _Memory, _Replay, simulate
+from .simulator import Simulation, _Memory, _Replay
 
 __all__ = ["ParetoPoint", "exhaustive_front", "best_within"]
 
@@ -192,8 +192,3 @@ def best_within(front: list[ParetoPoint], budget: int | None) -> ParetoPoint | N
     """The fastest point whose peak fits ``budget`` (None: no fitting schedule)."""
     fitting = [p for p in front if budget is None or p.peak_bytes <= budget]
     return min(fitting, key=lambda p: (p.compute_us, p.peak_bytes)) if fitting else None
-
-
-def replay_point(network: Network, point: ParetoPoint) -> Simulation:
-    """The full simulation of a front point (a check that the stage-wise costs add up)."""
-    return simulate(network, point.schedule)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import sparse
 
-__all__ = ["Expr", "ModelBuilder", "INF"]
+__all__ = ["Expr", "ModelBuilder", "INF", "total"]
 
 INF = float("inf")
 
@@ -152,6 +152,11 @@ class ModelBuilder:
 
     def continuous(self, name: str, lower: float, upper: float, definition: _Definition) -> Expr:
         return self._column(name, lower, upper, False, definition)
+
+    def product_column(self, a: Expr, b: Expr, name: str) -> Expr:
+        """A column defined as ``a AND b`` whose rows the caller writes (a leaner family
+        than :meth:`and_not` when several products share ``a``, as ``W = R AND y`` do)."""
+        return self._column(name, 0.0, 1.0, False, _Definition("and_not", (a, (Expr(1.0) - b,))))
 
     @property
     def num_cols(self) -> int:

@@ -42,7 +42,7 @@ from ...errors import SpecError
 from ...graph import index, storage_root
 from ...ir import Network, TensorKind
 from ...validate import ResolvedConstraints
-from .linear import INF, Expr, ModelBuilder, _Definition, total
+from .linear import INF, Expr, ModelBuilder, total
 
 __all__ = ["MIB", "Slot", "JointModel", "build_model"]
 
@@ -241,7 +241,7 @@ class _Builder:
             parts = []
             for impl in impls:
                 yv = self.y[name, impl.name]
-                w = m.continuous(f"W[{t},{name},{impl.name}]", 0.0, 1.0, _Definition("and_not", (r, (ONE - yv,))))
+                w = m.product_column(r, yv, f"W[{t},{name},{impl.name}]")
                 m.le(w, yv, f"W<=y[{t},{name},{impl.name}]")
                 parts.append(w)
                 self.W[t, name, impl.name] = w
