@@ -10,8 +10,11 @@ from .. import __version__
 from ..grammar import format_schedule, load_spec
 from ..io import write_preserving
 from ..ir import Schedule, Spec
+from ..search.milp.engine import DEFAULT_GAP, DEFAULT_TIME_LIMIT
+from ..search.milp.highs import BACKENDS
+from ..search.progress import StderrProgress
 from ..search.simulator import Simulation
-from ..search.solve import METHODS, solve
+from ..search.solve import METHODS, SEARCHERS, solve
 from ..units import human_bytes
 from .common import add_parser, parse_budget, parse_overhead, usage_error
 
@@ -26,6 +29,8 @@ def register(subparsers) -> None:
         " was found, 1 when none fits.",
         examples=[
             "monetdsl solve specs/resblock.monet --budget 150MiB",
+            "monetdsl solve specs/resblock.monet --budget 130MiB --method milp --time-limit 30",
+            "monetdsl solve specs/transformer_block.monet --min-memory --max-overhead 10%",
             "monetdsl solve specs/resblock.monet --max-overhead 10% --method chen-sqrt -o plan.monet --json",
         ],
     )
@@ -33,7 +38,20 @@ def register(subparsers) -> None:
     parser.add_argument("--budget", help="memory budget, e.g. 6GiB (overrides the spec's `memory <=`)")
     parser.add_argument("--max-overhead", help="compute overhead cap, e.g. 10%% (overrides the spec's `overhead <=`)")
     parser.add_argument("--method", default="auto", help=f"search method: auto (default) or one of {', '.join(METHODS)}")
-    parser.add_argument("--time-limit", type=float, help="seconds the search may take")
+    parser.add_argument(
+        "--time-limit", type=float,
+        help=f"seconds a searching method ({', '.join(sorted(SEARCHERS))}) may take (default {DEFAULT_TIME_LIMIT:g})",
+    )
+    parser.add_argument(
+        "--min-memory", action="store_true",
+        help="find the smallest peak (within --max-overhead, if given) and report the exact minimum budget;"
+        " implies --method milp unless a searching method is named",
+    )
+    parser.add_argument(
+        "--gap", help=f"relative optimality gap at which the MILP stops, e.g. 1%% (default {100 * DEFAULT_GAP:g}%%)"
+    )
+    parser.add_argument("--solver", choices=BACKENDS, default="highspy", help="HiGHS interface for the MILPs (default highspy)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("-o", "--output", help="where to write the schedule (default: the spec's NAME.schedule.monet)")
     parser.add_argument("--no-write", action="store_true", help="do not write the schedule file")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -54,7 +72,21 @@ def run(args) -> int:
     output = Path(args.output) if args.output else default_output(args.spec)
     if not args.no_write and output.resolve() == Path(args.spec).resolve():
         raise usage_error(f"refusing to write the schedule over the spec {args.spec}; choose another -o")
-    result = solve(spec, args.method, memory_budget=budget, max_overhead=overhead, time_limit=args.time_limit)
+    gap = parse_overhead(args.gap, "--gap") if args.gap is not None else None
+    if args.time_limit is not None and args.time_limit <= 0:
+        raise usage_error("--time-limit: must be positive")
+    options = {"backend": args.solver}
+    if gap is not None:
+        options["gap"] = gap
+    progress = None if args.quiet else StderrProgress()
+    try:
+        result = solve(
+            spec, args.method, memory_budget=budget, max_overhead=overhead, time_limit=args.time_limit,
+            options=options, objective="memory" if args.min_memory else None, progress=progress,
+        )
+    finally:
+        if progress is not None:
+            progress.close()
     data = result.as_json()
     wrote = None
     if result.success and not args.no_write:

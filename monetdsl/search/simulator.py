@@ -318,6 +318,8 @@ class _Replay:
         for name in stage.free:
             if self.tensors.get(name) is not None and self.tensors[name].kind is TensorKind.GRADIENT:
                 self.error(f"free {name}: gradients are freed automatically after their last reader", stage.line)
+            elif name in self.net.outputs:
+                self.error(f"stage {stage.backward}: free {name}: it is a network output, held until the end of the step", stage.line)
             elif name not in carried_before:
                 self.error(f"stage {stage.backward}: free {name}, but {name} is not kept at this point", stage.line)
         for name in stage.keep:

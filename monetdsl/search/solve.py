@@ -28,26 +28,49 @@ from ..ir import Schedule, Spec
 from ..units import human_bytes
 from ..validate import ResolvedConstraints, resolve_constraints
 from .baselines import chen_sqrt, recompute_all, store_all
+from .checkmate import checkmate, checkmate_lp
+from .chen import chen_greedy
 from .impl_choice import cheapest_impls, no_recompute_compute_us
+from .milp.engine import DEFAULT_TIME_LIMIT, minimum_budget, solve_joint
+from .outcome import OBJECTIVES, MethodOutcome, SearchContext
+from .progress import ProgressCallback
+from .revolve import revolve
 from .simulator import Simulation, simulate
 
-__all__ = ["METHODS", "SolveResult", "solve", "register_method"]
+__all__ = ["METHODS", "SEARCHERS", "HEURISTICS", "SolveResult", "solve", "register_method"]
 
 Method = Callable[..., Schedule]
 
-#: name -> function(network, constraints, *, spec_path, fingerprint) -> Schedule
+#: name -> function. Plain methods: ``(network, constraints, *, spec_path, fingerprint) ->
+#: Schedule``; searching methods (listed in :data:`SEARCHERS`): ``(network, constraints,
+#: SearchContext) -> MethodOutcome``.
 METHODS: dict[str, Method] = {
+    "milp": solve_joint,
+    "checkmate": checkmate,
+    "checkmate-lp": checkmate_lp,
+    "chen-sqrt": chen_sqrt,
+    "chen-greedy": chen_greedy,
+    "revolve": revolve,
     "store-all": store_all,
     "recompute-all": recompute_all,
-    "chen-sqrt": chen_sqrt,
 }
+#: methods that search (time limit, objective, bound, gap): see :mod:`.outcome`
+SEARCHERS = {"milp", "checkmate", "checkmate-lp"}
+#: cheap plain methods, whose best schedule is the MILP's MIP start
+HEURISTICS = ["store-all", "chen-sqrt", "chen-greedy", "revolve", "recompute-all"]
 #: methods ``auto`` tries, fastest schedules first
 AUTO_CANDIDATES = ["store-all", "chen-sqrt", "recompute-all"]
 
 
-def register_method(name: str, function: Method, *, auto: bool = False) -> None:
-    """Make a search method available to :func:`solve` and the CLI (``--method name``)."""
+def register_method(name: str, function: Method, *, auto: bool = False, searches: bool = False) -> None:
+    """Make a search method available to :func:`solve` and the CLI (``--method name``).
+
+    ``searches``: the function takes a :class:`~.outcome.SearchContext` and returns a
+    :class:`~.outcome.MethodOutcome` (see :mod:`.outcome`).
+    """
     METHODS[name] = function
+    if searches:
+        SEARCHERS.add(name)
     if auto and name not in AUTO_CANDIDATES:
         AUTO_CANDIDATES.append(name)
 
@@ -58,9 +81,11 @@ class SolveResult:
 
     ``status`` is ``"optimal"`` (proved best), ``"feasible"`` (a schedule within every
     constraint, optimality not proved), ``"time_limit"`` (the best schedule found before the
-    limit, with ``gap``) or ``"infeasible"`` (no schedule within the constraints; see
-    ``min_feasible_budget``). ``schedule`` and ``simulation`` are set whenever a schedule
-    exists, even an infeasible one, so callers can show how far off it is.
+    limit, with ``gap``; no schedule when the limit came before any) or ``"infeasible"`` (no
+    schedule within the constraints; see ``min_feasible_budget``, exact when
+    ``min_feasible_budget_exact``). ``schedule`` and ``simulation`` are set whenever a
+    schedule exists, even an infeasible one, so callers can show how far off it is.
+    ``lower_bound`` is in the objective's unit (microseconds of compute, or bytes of peak).
     """
 
     status: str
@@ -95,7 +120,7 @@ class SolveResult:
             data["lower_bound"] = self.lower_bound
         if self.gap is not None:
             data["gap"] = self.gap
-        if self.status == "infeasible" and self.min_feasible_budget is not None:
+        if self.min_feasible_budget is not None:
             data["min_feasible_budget"] = self.min_feasible_budget
             data["min_feasible_budget_exact"] = self.min_feasible_budget_exact
         if self.details:
@@ -120,12 +145,25 @@ def solve(
     max_overhead: float | None = None,
     time_limit: float | None = None,
     options: dict | None = None,
+    objective: str | None = None,
+    progress: ProgressCallback | None = None,
+    exact_min_budget: bool = True,
 ) -> SolveResult:
     """Find a schedule for ``spec`` with ``method`` under its constraints.
 
     ``memory_budget`` (bytes) and ``max_overhead`` (a fraction) override the spec's
-    constraints. ``auto`` runs the built-in methods and returns the fastest schedule within
-    the budget and the overhead cap (with only a cap: the one with the lowest peak).
+    constraints. ``auto`` runs the built-in heuristics and returns the fastest schedule
+    within the budget and the overhead cap (with only a cap: the one with the lowest peak).
+
+    Searching methods (``milp``, ``checkmate``, ``checkmate-lp``) take ``time_limit``
+    (seconds, default 60), ``objective`` (``"compute"``: fastest within the budget;
+    ``"memory"``: lowest peak within the cap, the default when only a cap is given),
+    ``options`` (``gap``: relative gap, ``backend``: ``"highspy"`` or ``"scipy"``) and a
+    ``progress`` callback. With ``objective="memory"``, ``auto`` means ``milp``.
+
+    When no schedule fits the budget, ``min_feasible_budget`` says how much would:
+    the method's own exact minimum for the MILPs, and for other methods the exact minimum
+    over all schedules from the joint MILP (skipped with ``exact_min_budget=False``).
     """
     if method != "auto" and method not in METHODS:
         raise SpecError(f"unknown method {method!r}; choose one of: auto, {', '.join(METHODS)}")
@@ -135,6 +173,8 @@ def solve(
         raise SpecError("the overhead cap cannot be negative")
     if time_limit is not None and time_limit <= 0:
         raise SpecError("the time limit must be positive")
+    if objective is not None and objective not in OBJECTIVES:
+        raise SpecError(f"unknown objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
     constraints = resolve_constraints(
         spec.network,
         spec.constraints,
@@ -144,6 +184,16 @@ def solve(
         source=spec.source,
     )
     baseline_us = no_recompute_compute_us(spec.network, cheapest_impls(spec.network))
+    if objective == "memory" and method == "auto":
+        method = "milp"
+    if objective == "memory" and method not in SEARCHERS:
+        raise SpecError(f"--min-memory needs a method that searches ({', '.join(sorted(SEARCHERS))}), not {method}")
+    if method in SEARCHERS:
+        if objective is None:
+            only_cap = constraints.memory_budget is None and constraints.max_overhead is not None
+            objective = "memory" if only_cap else "compute"
+        ctx = SearchContext(spec.path, spec.fingerprint, baseline_us, objective, time_limit, dict(options or {}), progress)
+        return _solve_searching(spec, method, constraints, ctx, exact_min_budget)
     start = time.perf_counter()
     names = AUTO_CANDIDATES if method == "auto" else [method]
     runs = [(name, *_run_method(name, spec, constraints, baseline_us)) for name in names]
@@ -167,6 +217,80 @@ def solve(
     result = SolveResult("infeasible", message, method, schedule, simulation, elapsed, min_feasible_budget=smallest)
     if method == "auto":
         result.details = {"tried": [r[0] for r in runs]}
+    if exact_min_budget and constraints.memory_budget is not None:
+        _add_exact_minimum(spec, constraints, baseline_us, time_limit, progress, result)
+    return result
+
+
+def _add_exact_minimum(spec, constraints, baseline_us, time_limit, progress, result: SolveResult) -> None:
+    """Replace a heuristic's smallest budget by the exact one over all schedules (joint MILP)."""
+    ctx = SearchContext(spec.path, spec.fingerprint, baseline_us, "memory", time_limit, {}, progress)
+    try:
+        found = minimum_budget(spec.network, constraints, ctx, time_limit=time_limit or DEFAULT_TIME_LIMIT)
+    except SpecError as exc:  # a spec the MILP refuses: keep the method's own figure
+        result.details["exact_min_budget"] = exc.diagnostics[0].message
+        return
+    if found.bytes is None:
+        return
+    if result.min_feasible_budget is not None:
+        result.details["method_min_budget"] = result.min_feasible_budget
+    result.min_feasible_budget = found.bytes
+    result.min_feasible_budget_exact = found.exact
+    what = "exactly" if found.exact else "at most"
+    result.message += f"; the smallest budget any schedule meets is {what} {human_bytes(found.bytes)} ({found.bytes} B)"
+
+
+def _status_words(status: str, gap: float | None, bound: float | None, objective: str) -> str:
+    if status == "optimal":
+        return "optimal"
+    proof = ""
+    if gap is not None:
+        shown = "-" if bound is None else (human_bytes(bound) if objective == "memory" else f"{bound:.6g} us")
+        proof = f", gap {gap:.2%} (lower bound {shown})"
+    return ("time limit reached" if status == "time_limit" else "feasible") + proof
+
+
+def _solve_searching(spec: Spec, method: str, constraints: ResolvedConstraints, ctx: SearchContext, exact_min_budget: bool) -> SolveResult:
+    start = time.perf_counter()
+    outcome: MethodOutcome = METHODS[method](spec.network, constraints, ctx)
+    elapsed = time.perf_counter() - start
+    details = dict(outcome.details)
+    details["objective"] = ctx.objective
+    common = dict(lower_bound=outcome.lower_bound, gap=outcome.gap, details=details)
+    if outcome.schedule is None:
+        result = SolveResult(outcome.status, f"{method}: {outcome.message}", method, None, None, elapsed, **common)
+        result.min_feasible_budget = outcome.min_feasible_budget
+        result.min_feasible_budget_exact = outcome.min_feasible_budget_exact
+        if outcome.status == "infeasible" and outcome.min_budget_schedule is not None:
+            result.schedule = outcome.min_budget_schedule
+            result.simulation = simulate(spec.network, result.schedule, constraints=constraints, baseline_us=ctx.baseline_us)
+        return result
+    simulation = simulate(spec.network, outcome.schedule, constraints=constraints, baseline_us=ctx.baseline_us)
+    if not simulation.valid:
+        problems = "; ".join(d.message for d in simulation.errors[:3])
+        raise AssertionError(f"method {method} produced an invalid schedule: {problems}")
+    planned = details.get("milp_peak_bytes"), details.get("milp_compute_us")
+    if planned[0] is not None and (planned[0] != simulation.peak_bytes or abs(planned[1] - simulation.compute_us) > 1e-6 * max(1.0, simulation.compute_us)):
+        details["accounting_mismatch"] = {"milp_peak_bytes": planned[0], "simulator_peak_bytes": simulation.peak_bytes}
+    if simulation.ok:
+        words = _status_words(outcome.status, outcome.gap, outcome.lower_bound, ctx.objective)
+        message = f"{method}: {words}; {simulation.summary()} [{elapsed:.2f} s]"
+        if outcome.message:
+            message += f" ({outcome.message})"
+        if ctx.objective == "memory" and outcome.min_feasible_budget is not None:
+            what = "exact" if outcome.min_feasible_budget_exact else "not proved minimal"
+            message += f"; minimum feasible budget {human_bytes(simulation.peak_bytes)} ({simulation.peak_bytes} B, {what})"
+        result = SolveResult(outcome.status, message, method, outcome.schedule, simulation, elapsed, **common)
+        if ctx.objective == "memory":
+            result.min_feasible_budget = simulation.peak_bytes
+            result.min_feasible_budget_exact = outcome.min_feasible_budget_exact
+        return result
+    # the schedule breaks a constraint in the simulator: no method of this kind fits
+    reasons = "; ".join(d.message for d in simulation.violations)
+    message = f"{method}: no schedule found within the constraints ({reasons})"
+    result = SolveResult("infeasible", message, method, outcome.schedule, simulation, elapsed, **common)
+    if exact_min_budget and constraints.memory_budget is not None:
+        _add_exact_minimum(spec, constraints, ctx.baseline_us, ctx.time_limit, ctx.progress, result)
     return result
 
 

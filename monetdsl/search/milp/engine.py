@@ -1,0 +1,370 @@
+"""The joint MILP as a search method: model, MIP start, HiGHS, decode, replay, fall back.
+
+:func:`solve_joint` is what ``--method milp`` (and, with every implementation pinned,
+``--method checkmate``) runs:
+
+1. build the model (:mod:`.model`); a budget no schedule can meet because of a step that
+   always runs is caught here without a solve;
+2. run the cheap heuristics and encode the best one that satisfies the constraints as the
+   MIP start, so that HiGHS always holds an incumbent and a time limit never leaves the
+   user with nothing when a heuristic fits;
+3. solve with a time limit and a relative gap, reporting progress;
+4. decode the incumbent into a schedule and compute the model's own accounting of it
+   (:func:`.codec.evaluate`); :func:`~monetdsl.search.solve.solve` then replays it in the
+   simulator, which is the referee; the two are compared and any difference is reported;
+5. when the budget is infeasible, find the exact minimum feasible budget with the
+   peak-memory objective (:func:`minimum_budget`).
+
+With ``objective="memory"`` (``--min-memory``, or an overhead cap without a budget) the
+search minimises the peak, then spends the remaining time on the fastest schedule at that
+peak (a second solve warm-started from the first; ``options={"polish": False}`` skips it).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from ...ir import Network, Schedule
+from ...units import human_bytes
+from ...validate import ResolvedConstraints
+from ..outcome import MethodOutcome, SearchContext
+from ..progress import ProgressInfo
+from ..simulator import Simulation, simulate
+from .codec import Accounting, canonical, decisions_from_solution, decode, encode, evaluate
+from .highs import MilpRun, run_highs
+from .model import MIB, JointModel, build_model
+
+__all__ = ["DEFAULT_TIME_LIMIT", "DEFAULT_GAP", "solve_joint", "minimum_budget", "certify_minimum", "MinimumBudget"]
+
+#: seconds a MILP search may take when the caller gives no limit
+DEFAULT_TIME_LIMIT = 60.0
+#: relative optimality gap at which HiGHS stops (0.01 %)
+DEFAULT_GAP = 1e-4
+
+
+@dataclass
+class MinimumBudget:
+    """The smallest peak any schedule reaches (within the overhead cap, if any)."""
+
+    bytes: int | None
+    exact: bool
+    lower_bound: int | None
+    schedule: Schedule | None
+    seconds: float
+    details: dict = field(default_factory=dict)
+
+
+def _heuristics(network: Network, constraints: ResolvedConstraints, ctx: SearchContext, pins) -> list[tuple[str, Schedule, Simulation]]:
+    """Every cheap method's schedule with its simulation (valid ones only)."""
+    from ..solve import HEURISTICS, METHODS
+
+    pinned = constraints
+    if pins:
+        allowed = dict(constraints.allowed_impls)
+        allowed.update(pins)
+        pinned = ResolvedConstraints(
+            constraints.memory_budget, constraints.max_overhead, constraints.keep, constraints.never_recompute, allowed
+        )
+    found = []
+    for name in HEURISTICS:
+        try:
+            schedule = METHODS[name](network, pinned, spec_path=ctx.spec_path, fingerprint=ctx.fingerprint)
+        except Exception:  # noqa: BLE001 - a heuristic's failure must not stop the MILP
+            continue
+        sim = simulate(network, schedule, constraints=constraints, baseline_us=ctx.baseline_us)
+        if sim.valid:
+            found.append((name, schedule, sim))
+    return found
+
+
+def _objective_value(sim: Simulation, objective: str) -> float:
+    return float(sim.peak_bytes) if objective == "memory" else sim.compute_us
+
+
+def _start_for(model: JointModel, candidates) -> tuple[str, object, float] | None:
+    """The best candidate schedule that lies in the model's space: (name, column vector, value)."""
+    best = None
+    for name, schedule, sim in candidates:
+        decisions, outside = encode(model, canonical(model, schedule))
+        if outside:
+            continue
+        values = model.builder.complete(decisions)
+        if model.builder.violations(values):
+            continue
+        value = _objective_value(sim, model.objective)
+        if best is None or value < best[2]:
+            best = (name, values, value)
+    return best
+
+
+def _units(model: JointModel):
+    """Convert model objective values to user units (us, or bytes including fixed memory)."""
+    if model.objective == "memory":
+        return (lambda v: None if v is None else model.fixed_bytes + v * MIB), "bytes"
+    return (lambda v: v), "us"
+
+
+def _progress_adapter(ctx: SearchContext, model: JointModel, label: str, phase: str):
+    if ctx.progress is None:
+        return None
+    convert, unit = _units(model)
+
+    def report(elapsed, incumbent, bound, gap):
+        ctx.progress(ProgressInfo(label, phase, elapsed, convert(incumbent), convert(bound), gap, unit))
+
+    return report
+
+
+def _run(model: JointModel, ctx: SearchContext, time_limit: float, start, label: str, phase: str, *, exact: bool = False) -> MilpRun:
+    gap = 0.0 if exact else ctx.options.get("gap", DEFAULT_GAP)
+    abs_gap = 0.25 / MIB if model.objective == "memory" else 1e-6
+    return run_highs(
+        model.builder,
+        time_limit=time_limit,
+        rel_gap=gap,
+        abs_gap=abs_gap,
+        start=start,
+        progress=_progress_adapter(ctx, model, label, phase),
+        backend=ctx.options.get("backend", "highspy"),
+    )
+
+
+def _decoded(model: JointModel, run: MilpRun, ctx: SearchContext) -> tuple[Schedule, Accounting]:
+    decisions = decisions_from_solution(model, run.x)
+    schedule = decode(model, decisions, spec_path=ctx.spec_path, fingerprint=ctx.fingerprint)
+    return schedule, evaluate(model, decisions)
+
+
+def minimum_budget(
+    network: Network,
+    constraints: ResolvedConstraints,
+    ctx: SearchContext,
+    *,
+    pins: dict[str, tuple[str, ...]] | None = None,
+    time_limit: float | None = None,
+    label: str = "milp",
+    candidates=None,
+) -> MinimumBudget:
+    """The exact minimum feasible budget (minimum peak within the overhead cap).
+
+    ``exact`` is True when HiGHS proves the minimum to within half a byte; otherwise
+    ``bytes`` is the best peak found and ``lower_bound`` what HiGHS proved.
+    """
+    begin = time.perf_counter()
+    limit = time_limit if time_limit is not None else (ctx.time_limit or DEFAULT_TIME_LIMIT)
+    cons = ResolvedConstraints(None, constraints.max_overhead, constraints.keep, constraints.never_recompute, constraints.allowed_impls)
+    model = build_model(network, cons, pins=pins, objective="memory", max_overhead=cons.max_overhead, baseline_us=ctx.baseline_us)
+    if model.builder.conflicts:
+        return MinimumBudget(None, True, None, None, time.perf_counter() - begin, {"conflicts": model.builder.conflicts})
+    if candidates is None:
+        candidates = _heuristics(network, cons, ctx, pins)
+    candidates = [c for c in candidates if c[2].ok or (cons.max_overhead is None or c[2].overhead <= cons.max_overhead + 1e-12)]
+    start = _start_for(model, candidates)
+    run = _run(model, ctx, limit, None if start is None else start[1], label, "minimum budget", exact=True)
+    seconds = time.perf_counter() - begin
+    details = {"solver_status": run.status, "nodes": run.nodes, "backend": run.backend}
+    if run.status == "infeasible":
+        return MinimumBudget(None, True, None, None, seconds, details)
+    lower = None if run.bound is None else int(math.ceil(model.fixed_bytes + run.bound * MIB - 1e-6))
+    if run.x is None:
+        best = min(candidates, key=lambda c: c[2].peak_bytes, default=None)
+        return MinimumBudget(best[2].peak_bytes if best else None, False, lower, best[1] if best else None, seconds, details)
+    schedule, accounting = _decoded(model, run, ctx)
+    sim = simulate(network, schedule, constraints=cons, baseline_us=ctx.baseline_us)
+    peak = sim.peak_bytes if sim.valid else accounting.peak_bytes
+    exact = _proved(model, run, peak)
+    if run.status == "optimal" and not exact:
+        remaining = limit - (time.perf_counter() - begin)
+        exact, better = certify_minimum(network, cons, ctx, peak, pins=pins, time_limit=max(remaining, 1.0))
+        if better is not None:
+            schedule, peak = better
+            exact = False
+    return MinimumBudget(peak, exact, lower, schedule, time.perf_counter() - begin, details)
+
+
+def _proved(model: JointModel, run: MilpRun, peak: int) -> bool:
+    """Peaks are whole bytes: a proved bound within one byte of the peak proves it minimal."""
+    return run.status == "optimal" and run.bound is not None and peak - (model.fixed_bytes + run.bound * MIB) < 1.0
+
+
+def certify_minimum(
+    network: Network, constraints: ResolvedConstraints, ctx: SearchContext, peak: int, *, pins=None, time_limit: float
+) -> tuple[bool, tuple[Schedule, int] | None]:
+    """Prove that no schedule peaks below ``peak``: the budget ``peak - 1`` is infeasible.
+
+    HiGHS declares optimality within its own tolerances, which on byte-sized objectives can
+    leave a bound a few bytes short of the incumbent. This settles it: returns ``(True,
+    None)`` when ``peak - 1`` is proved infeasible, ``(False, (schedule, its peak))`` if a
+    lower peak exists after all, ``(False, None)`` when time ran out.
+    """
+    cons = ResolvedConstraints(peak - 1, constraints.max_overhead, constraints.keep, constraints.never_recompute, constraints.allowed_impls)
+    model = build_model(network, cons, pins=pins, objective="compute", memory_budget=peak - 1, max_overhead=cons.max_overhead, baseline_us=ctx.baseline_us)
+    if model.builder.conflicts:
+        return True, None
+    run = _run(model, ctx, time_limit, None, "milp", "proving the minimum")
+    if run.status == "infeasible":
+        return True, None
+    if run.x is not None:
+        schedule, accounting = _decoded(model, run, ctx)
+        return False, (schedule, accounting.peak_bytes)
+    return False, None
+
+
+def solve_joint(
+    network: Network,
+    constraints: ResolvedConstraints,
+    ctx: SearchContext,
+    *,
+    pins: dict[str, tuple[str, ...]] | None = None,
+    label: str = "milp",
+) -> MethodOutcome:
+    """Run the MILP search; see the module docstring for the steps."""
+    begin = time.perf_counter()
+    limit = ctx.time_limit or DEFAULT_TIME_LIMIT
+    objective = ctx.objective
+    budget = constraints.memory_budget
+    model = build_model(
+        network,
+        constraints,
+        pins=pins,
+        objective=objective,
+        memory_budget=budget,
+        max_overhead=constraints.max_overhead,
+        baseline_us=ctx.baseline_us,
+    )
+    details: dict = {"model": model.stats}
+    candidates = _heuristics(network, constraints, ctx, pins)
+    fitting = [c for c in candidates if c[2].ok]
+    if model.builder.conflicts:
+        return _infeasible(network, constraints, ctx, pins, label, begin, details, candidates)
+    start = _start_for(model, fitting)
+    if start is not None:
+        details["start"] = start[0]
+    run = _run(model, ctx, limit, None if start is None else start[1], label, "search")
+    details.update(solver_status=run.status, nodes=run.nodes, backend=run.backend, solver_seconds=round(run.seconds, 3))
+    convert, unit = _units(model)
+    if run.status == "infeasible":
+        return _infeasible(network, constraints, ctx, pins, label, begin, details, candidates)
+    if run.status == "error":  # e.g. HiGHS reports a numerical failure: say so, keep any heuristic
+        details["solver_message"] = run.message
+        if fitting:
+            name, schedule, sim = min(fitting, key=lambda c: _objective_value(c[2], objective))
+            return MethodOutcome(schedule, "feasible", f"HiGHS failed ({run.message}); best heuristic: {name}", details=details)
+        return MethodOutcome(None, "time_limit", f"HiGHS failed ({run.message}) and no heuristic schedule fits", details=details)
+    if run.x is None:
+        # the limit ended the search before any incumbent: fall back to a heuristic
+        bound = convert(run.bound)
+        if fitting:
+            name, schedule, sim = min(fitting, key=lambda c: _objective_value(c[2], objective))
+            value = _objective_value(sim, objective)
+            gap = None if bound is None else max(0.0, value - bound) / max(value, 1e-12)
+            message = (
+                f"the time limit ({limit:g} s) ended the MILP search before it found a schedule; this is the best"
+                f" heuristic schedule ({name})"
+            )
+            return MethodOutcome(schedule, "time_limit", message, bound, gap, details={**details, "fallback": name})
+        message = f"the time limit ({limit:g} s) ended the MILP search before it found a schedule, and no heuristic schedule fits"
+        if bound is not None:
+            message += f"; every schedule needs at least {_fmt(bound, unit)}" if objective == "memory" else f"; lower bound {_fmt(bound, unit)}"
+        return MethodOutcome(None, "time_limit", message, bound, None, details=details)
+    schedule, accounting = _decoded(model, run, ctx)
+    retries = 0
+    while budget is not None and accounting.peak_bytes > budget and retries < 3:
+        # HiGHS accepted the point within its tolerances but it is over the budget by a
+        # few bytes: exclude it by tightening the budget by the excess and solve again
+        retries += 1
+        tighter = budget - (accounting.peak_bytes - budget) * retries
+        cons = ResolvedConstraints(tighter, constraints.max_overhead, constraints.keep, constraints.never_recompute, constraints.allowed_impls)
+        model = build_model(network, cons, pins=pins, objective=objective, memory_budget=tighter, max_overhead=cons.max_overhead, baseline_us=ctx.baseline_us)
+        remaining = max(limit - (time.perf_counter() - begin), 1.0)
+        run = _run(model, ctx, remaining, None, label, "search")
+        details["tolerance_retries"] = retries
+        if run.status == "infeasible":
+            return _infeasible(network, constraints, ctx, pins, label, begin, details, candidates)
+        if run.x is None:
+            message = "a schedule HiGHS found was over the budget by a few bytes and the retry found none in time"
+            return MethodOutcome(None, "time_limit", message, details=details)
+        schedule, accounting = _decoded(model, run, ctx)
+    details["milp_peak_bytes"] = accounting.peak_bytes
+    details["milp_compute_us"] = float(accounting.compute_us)
+    status = "optimal" if run.status == "optimal" else "time_limit"
+    bound = convert(run.bound)
+    value = accounting.peak_bytes if objective == "memory" else accounting.compute_us
+    if status == "time_limit" and fitting:
+        # without a MIP start (scipy) the incumbent can be worse than a heuristic: keep the better
+        name, h_schedule, h_sim = min(fitting, key=lambda c: _objective_value(c[2], objective))
+        if _objective_value(h_sim, objective) < value:
+            schedule, value = h_schedule, _objective_value(h_sim, objective)
+            details["fallback"] = name
+            for key in ("milp_peak_bytes", "milp_compute_us"):
+                details.pop(key)
+    gap = 0.0 if status == "optimal" else (None if bound is None else max(0.0, value - bound) / max(abs(value), 1e-12))
+    outcome = MethodOutcome(schedule, status, "", bound, gap, details=details)
+    if objective == "memory":
+        peak = int(value)  # the decoded schedule's peak, or the better heuristic's
+        exact = _proved(model, run, peak)
+        if status == "optimal" and not exact:
+            remaining = max(limit - (time.perf_counter() - begin), 1.0)
+            exact, better = certify_minimum(network, constraints, ctx, peak, pins=pins, time_limit=remaining)
+            if better is not None:  # tolerance hid a lower peak: take it (not proved minimal)
+                outcome.schedule, peak = better
+                outcome.status = "time_limit"
+        outcome.min_feasible_budget = peak
+        outcome.min_feasible_budget_exact = exact
+        remaining = limit - (time.perf_counter() - begin)
+        details["proof_seconds"] = round(time.perf_counter() - begin, 3)
+        if remaining > 0.5 and ctx.options.get("polish", True):
+            _polish(network, constraints, ctx, pins, label, outcome, peak, remaining)
+    return outcome
+
+
+def _polish(network, constraints, ctx, pins, label, outcome, peak, remaining) -> None:
+    """Second phase of the memory objective: the fastest schedule at the minimum peak."""
+    cons = ResolvedConstraints(peak, constraints.max_overhead, constraints.keep, constraints.never_recompute, constraints.allowed_impls)
+    model = build_model(network, cons, pins=pins, objective="compute", memory_budget=peak, max_overhead=cons.max_overhead, baseline_us=ctx.baseline_us)
+    if model.builder.conflicts:
+        return
+    first = simulate(network, outcome.schedule, constraints=cons, baseline_us=ctx.baseline_us)
+    start = _start_for(model, [("phase 1", outcome.schedule, first)])
+    run = _run(model, ctx, remaining, None if start is None else start[1], label, "fastest at that peak")
+    outcome.details["polish_status"] = run.status
+    if run.x is None:
+        return
+    schedule, accounting = _decoded(model, run, ctx)
+    if accounting.compute_us < first.compute_us - 1e-9 and accounting.peak_bytes <= peak:
+        outcome.schedule = schedule
+        outcome.details["milp_peak_bytes"] = accounting.peak_bytes
+        outcome.details["milp_compute_us"] = float(accounting.compute_us)
+
+
+def _infeasible(network, constraints, ctx, pins, label, begin, details, candidates) -> MethodOutcome:
+    remaining = (ctx.time_limit or DEFAULT_TIME_LIMIT) - (time.perf_counter() - begin)
+    limit = max(remaining, min(ctx.time_limit or DEFAULT_TIME_LIMIT, 10.0))
+    found = minimum_budget(network, constraints, ctx, pins=pins, time_limit=limit, label=label, candidates=candidates)
+    details["minimum_budget"] = found.details
+    if found.bytes is None:
+        message = "no schedule satisfies the constraints at any budget"
+        if constraints.max_overhead is not None:
+            message += f" within the overhead cap {constraints.max_overhead:.2%}"
+        return MethodOutcome(None, "infeasible", message, details=details)
+    what = "exactly" if found.exact else f"at most (the MILP proved at least {human_bytes(found.lower_bound or 0)})"
+    budget = constraints.memory_budget
+    message = (
+        f"no schedule fits the budget {human_bytes(budget)} ({budget} B)" if budget is not None else "no schedule fits"
+    )
+    if constraints.max_overhead is not None:
+        message += f" within the overhead cap {constraints.max_overhead:.2%}"
+    message += f"; the minimum feasible budget is {what} {human_bytes(found.bytes)} ({found.bytes} B)"
+    outcome = MethodOutcome(None, "infeasible", message, details=details)
+    outcome.min_feasible_budget = found.bytes
+    outcome.min_feasible_budget_exact = found.exact
+    outcome.min_budget_schedule = found.schedule
+    return outcome
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    return human_bytes(int(round(value))) if unit == "bytes" else f"{value:.6g} us"
+
