@@ -1,0 +1,391 @@
+"""Block menus: a Pareto set of ways to run one block, each from the exact engine.
+
+An *option* of a block is a complete schedule of its sub-network (:mod:`.subnet`):
+implementations, what the forward pass keeps, what each backward stage recomputes. The
+chain DP (:mod:`.chain_dp`) combines one option per block; what it needs to know of an
+option is measured by replaying the option's schedule in the simulator on the
+sub-network:
+
+* ``saved``: bytes the block keeps from its forward pass to its backward pass (besides
+  its outputs, which the next block's checkpoint accounts for): what the block holds
+  across the block boundary while later blocks run;
+* ``fwd_peak`` / ``bwd_peak``: the highest memory inside the block's forward pass and
+  inside its backward stages (the block's inputs included, fixed memory excluded);
+* times: the forward pass, a re-run of the forward (recompute times of the ops needed),
+  and the backward stages (recomputations included);
+* ``fresh``: the option keeps nothing from the forward but tensors that cannot be
+  recomputed (saved statistics, dropout seeds): its backward can start from the block's
+  inputs alone, right after the inputs have been recomputed.
+
+Options come from the joint MILP of :mod:`..milp` restricted to the block, at a grid of
+peak budgets between the block's minimum (itself a MILP) and the peak of its fastest
+schedule, with and without a cap on what the forward keeps (``fresh`` is the cap 0), plus
+the cheap heuristics of :mod:`..baselines` as a floor. Dominated options are dropped.
+Menus depend only on the block's :attr:`~.subnet.BlockNet.fingerprint`, so identical
+blocks are solved once, and :class:`MenuCache` keeps them for later solves in the
+process. Menus of different kinds are built in parallel processes when asked.
+"""
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+import multiprocessing
+
+from ...graph import index, storage_root
+from ...ir import Network, Schedule
+from ..baselines import recompute_all, store_all
+from ..chen import chen_greedy
+from ..impl_choice import cheapest_impls, no_recompute_compute_us
+from ..milp.codec import decisions_from_solution, decode
+from ..milp.engine import _start_for
+from ..milp.highs import run_highs
+from ..milp.model import MIB, build_model
+from ..revolve import revolve
+from ..simulator import chosen_impls, simulate
+from .compose import forward_closure, sticky_tensors
+from .subnet import SINK, SOURCE, SOURCE_VIEWS, BlockNet
+
+__all__ = ["Option", "BlockMenu", "MenuCache", "build_menu", "build_menus", "evaluate_option"]
+
+#: relative gap of the menu MILPs: an option 0.1 % slower than optimal is as good
+MENU_GAP = 1e-3
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to run a block (local names of its sub-network); see the module docstring."""
+
+    impls: tuple[tuple[str, str], ...]
+    keep: frozenset[str]
+    recomputes: tuple[tuple[str, ...], ...]  # per backward op of the block, in order
+    saved: int
+    fwd_peak: int
+    fwd_time: float
+    bwd_peak: int
+    bwd_time: float
+    reforward_ops: tuple[str, ...]
+    reforward_time: float
+    sticky: frozenset[str]
+    sticky_bytes: int
+    none_peak: int  # forward pass keeping only the sticky tensors (the "discard" forward)
+    none_reforward_ops: tuple[str, ...]
+    none_reforward_time: float
+    fresh: bool
+    origin: str
+
+    @property
+    def impl_map(self) -> dict[str, str]:
+        return dict(self.impls)
+
+    def key(self) -> tuple:
+        return (self.impls, self.keep, self.recomputes)
+
+
+@dataclass
+class BlockMenu:
+    """The options of one block kind, and what building them cost."""
+
+    fingerprint: str
+    options: list[Option]
+    milp_solves: int = 0
+    seconds: float = 0.0
+    proved: int = 0  # MILP solves that ended optimal
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fresh(self) -> list[Option]:
+        return [o for o in self.options if o.fresh]
+
+
+def _storage_bytes(network: Network, names) -> int:
+    roots = {storage_root(network, n) for n in names}
+    return sum(network.tensors[r].storage_bytes for r in roots if not network.tensors[r].is_fixed)
+
+
+def evaluate_option(bn: BlockNet, schedule: Schedule, origin: str) -> Option | None:
+    """Replay ``schedule`` on the block's sub-network and describe it as an option.
+
+    Returns None when the schedule is invalid, breaks the block's constraints, or
+    recomputes in the sink's stage (which has no counterpart in the whole network).
+    """
+    net = bn.network
+    cons = bn.constraints()
+    sim = simulate(net, schedule, constraints=cons)
+    if not sim.ok:
+        return None
+    if schedule.stages[0].recompute or schedule.stages[-1].recompute:
+        return None
+    idx = index(net)
+    fixed = net.fixed_bytes
+    fwd = [s for s in sim.steps if s.stage == 0]
+    bwd = [s for s in sim.steps if s.stage >= 1]
+    impls = chosen_impls(net, schedule)
+    block_ops = bn.block_ops
+    inputs = set(bn.inputs)
+    outputs = set(idx.forward_ops[SINK].inputs)
+    keep = frozenset(t for t in schedule.forward_keep if t not in inputs and t not in net.outputs)
+    sticky = frozenset(sticky_tensors(net, impls, block_ops))
+    fresh = keep <= (sticky | bn.keep)
+    reforward = forward_closure(net, impls, outputs | keep, block_ops)
+    none_reforward = forward_closure(net, impls, outputs, block_ops)
+    rtime = lambda ops: math.fsum(idx.forward_ops[o].impl(impls[o]).effective_recompute_time_us for o in ops)  # noqa: E731
+    none_peak = _none_peak(bn, impls, sticky)
+    if none_peak is None:
+        return None
+    return Option(
+        impls=tuple(sorted((k, v) for k, v in impls.items() if k not in (SOURCE, SOURCE_VIEWS, SINK) and not k.startswith(("src.", "sink.")))),
+        keep=keep,
+        recomputes=tuple(tuple(st.recompute) for st in schedule.stages[1:-1]),
+        saved=_storage_bytes(net, keep - outputs),
+        fwd_peak=max(s.peak for s in fwd) - fixed,
+        fwd_time=math.fsum(s.time_us for s in fwd),
+        bwd_peak=max((s.peak for s in bwd), default=fixed) - fixed,
+        bwd_time=math.fsum(s.time_us for s in bwd),
+        reforward_ops=reforward,
+        reforward_time=rtime(reforward),
+        sticky=sticky,
+        sticky_bytes=_storage_bytes(net, sticky),
+        none_peak=none_peak,
+        none_reforward_ops=none_reforward,
+        none_reforward_time=rtime(none_reforward),
+        fresh=fresh,
+        origin=origin,
+    )
+
+
+def _none_peak(bn: BlockNet, impls: dict[str, str], sticky) -> int | None:
+    """Peak of the block's forward pass when it keeps only ``sticky`` (Rotor's F-empty)."""
+    from ..schedule_builder import build_schedule
+
+    net = bn.network
+    choices = {k: v for k, v in impls.items() if len(net.op(k).impls) > 1}
+    schedule = build_schedule(
+        net, choices, forward_keep=set(sticky) | set(bn.inputs), never_recompute=bn.never, pinned=bn.keep,
+        spec_path="block", fingerprint="0",
+    )
+    sim = simulate(net, schedule)
+    if not sim.valid:
+        return None
+    return max(s.peak for s in sim.steps if s.stage == 0) - net.fixed_bytes
+
+
+def _dominates(a: Option, b: Option) -> bool:
+    ta = (a.saved, a.fwd_peak, a.bwd_peak, a.fwd_time, a.reforward_time, a.bwd_time, -int(a.fresh))
+    tb = (b.saved, b.fwd_peak, b.bwd_peak, b.fwd_time, b.reforward_time, b.bwd_time, -int(b.fresh))
+    return all(x <= y + 1e-9 for x, y in zip(ta, tb)) and (ta != tb or a.key() < b.key())
+
+
+def pareto(options: list[Option]) -> list[Option]:
+    """Options no other option beats on every measure (the ties broken by a fixed key)."""
+    unique = {}
+    for o in options:
+        unique.setdefault(o.key(), o)
+    items = list(unique.values())
+    kept = [o for o in items if not any(_dominates(p, o) for p in items if p is not o)]
+    return sorted(kept, key=lambda o: (o.saved, o.bwd_peak, o.bwd_time))
+
+
+class _Solver:
+    """The block MILP at a given budget / keep cap, warm-started from known schedules."""
+
+    def __init__(self, bn: BlockNet, deadline: float, per_solve: float):
+        self.bn = bn
+        self.net = bn.network
+        self.cons = bn.constraints()
+        self.deadline = deadline
+        self.per_solve = per_solve
+        self.baseline = no_recompute_compute_us(self.net, cheapest_impls(self.net, self.cons.allowed_impls))
+        self.solves = 0
+        self.proved = 0
+        self.known: list[tuple[str, Schedule, object]] = []  # (name, schedule, simulation): MIP starts
+        self.exempt = frozenset(self._exempt())
+
+    def _exempt(self) -> set[str]:
+        """Tensors a fresh option may still keep: what recomputations read back (any impl)."""
+        net = self.net
+        idx = index(net)
+        result = set(self.bn.keep)
+        for name in self.bn.block_ops:
+            op = idx.forward_ops[name]
+            for impl in op.impls:
+                for r in impl.recompute_reads:
+                    if idx.producing_op(r) in self.bn.block_ops:
+                        result.add(r)
+        return result
+
+    def remember(self, name: str, schedule: Schedule) -> None:
+        sim = simulate(self.net, schedule, constraints=self.cons)
+        if sim.ok:
+            self.known.append((name, schedule, sim))
+
+    def time_left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def solve(self, objective: str, budget: int | None = None, cap: int | None = None) -> tuple[Schedule | None, str, float | None]:
+        """(schedule, solver status, objective value in bytes or us) or (None, why, None)."""
+        left = self.time_left()
+        if left <= 0.05:
+            return None, "no time", None
+        model = build_model(
+            self.net, self.cons, objective=objective, memory_budget=budget, baseline_us=self.baseline,
+            no_recompute_stages={1}, forward_keep_cap=cap, forward_keep_exempt=self.exempt if cap is not None else frozenset(),
+        )
+        if model.builder.conflicts:
+            return None, "infeasible", None
+        fitting = [k for k in self.known if budget is None or k[2].peak_bytes <= budget]
+        start = _start_for(model, fitting) if fitting else None
+        gap = 0.0 if objective == "memory" else MENU_GAP
+        run = run_highs(
+            model.builder, time_limit=min(self.per_solve, left), rel_gap=gap,
+            abs_gap=0.25 / MIB if objective == "memory" else 1e-6, start=None if start is None else start[1],
+        )
+        self.solves += 1
+        if run.status == "optimal":
+            self.proved += 1
+        if run.x is None:
+            return None, run.status, None
+        decisions = decisions_from_solution(model, run.x)
+        schedule = decode(model, decisions, spec_path="block", fingerprint="0")
+        value = None if run.objective is None else (model.fixed_bytes + run.objective * MIB if objective == "memory" else run.objective)
+        self.remember(f"milp {objective}", schedule)
+        return schedule, run.status, value
+
+
+def _heuristic_schedules(bn: BlockNet) -> list[tuple[str, Schedule]]:
+    cons = bn.constraints()
+    found = []
+    for name, method in (("store-all", store_all), ("recompute-all", recompute_all), ("chen-greedy", chen_greedy), ("revolve", revolve)):
+        try:
+            found.append((name, method(bn.network, cons, spec_path="block", fingerprint="0")))
+        except Exception:  # noqa: BLE001 - a heuristic that cannot handle the block is skipped
+            continue
+    return found
+
+
+def build_menu(bn: BlockNet, *, time_budget: float = 10.0, per_solve: float = 4.0, grid: int = 3) -> BlockMenu:
+    """The menu of one block kind within ``time_budget`` seconds (see the module docstring).
+
+    ``grid`` is the number of intermediate peak budgets between the block's minimum and
+    the peak of its fastest schedule; each is solved with and without a keep cap.
+    """
+    begin = time.perf_counter()
+    solver = _Solver(bn, begin + time_budget, per_solve)
+    options: list[Option] = []
+    notes: list[str] = []
+
+    def add(schedule: Schedule | None, origin: str) -> Option | None:
+        if schedule is None:
+            return None
+        option = evaluate_option(bn, schedule, origin)
+        if option is not None:
+            options.append(option)
+        return option
+
+    for name, schedule in _heuristic_schedules(bn):
+        solver.remember(name, schedule)
+        add(schedule, name)
+    fastest = min((o for o in options), key=lambda o: (o.fwd_time + o.bwd_time, o.bwd_peak), default=None)
+    fixed = bn.network.fixed_bytes
+    # the block's minimum peak, then the fastest schedule at that peak
+    low, status, value = solver.solve("memory")
+    low_opt = add(low, "milp min-memory")
+    plans: list[tuple[str, int | None, int | None]] = []
+    if low_opt is not None and fastest is not None:
+        lo_peak = fixed + max(low_opt.fwd_peak, low_opt.bwd_peak)
+        hi_peak = fixed + max(fastest.fwd_peak, fastest.bwd_peak)
+        plans.append(("milp fastest at min peak", lo_peak, None))
+        fracs = [(k + 1) / (grid + 1) for k in range(grid)]
+        mid = [int(lo_peak + f * (hi_peak - lo_peak)) for f in fracs]
+        plans += [(f"milp peak<={b}", b, None) for b in mid]
+        saved_hi = max(fastest.saved, 1)
+        plans += [(f"milp peak<={hi_peak} saved<={saved_hi // 2}", hi_peak, saved_hi // 2)]
+        plans += [(f"milp peak<={b} saved<={saved_hi // 4}", b, saved_hi // 4) for b in mid[len(mid) // 2:]]
+    elif low_opt is None:
+        notes.append(f"minimum-memory MILP: {status}")
+    # fresh options: nothing kept but what cannot be recomputed
+    if not bn.pinned:
+        fresh_fast, _, _ = solver.solve("compute", None, 0)
+        ff = add(fresh_fast, "milp fresh fastest")
+        fresh_low, _, _ = solver.solve("memory", None, 0)
+        fl = add(fresh_low, "milp fresh min-memory")
+        if ff is not None and fl is not None:
+            lo_f = fixed + max(fl.fwd_peak, fl.bwd_peak)
+            hi_f = fixed + max(ff.fwd_peak, ff.bwd_peak)
+            plans.insert(1, ("milp fresh fastest at min peak", lo_f, 0))
+            for k in range(grid):
+                b = int(lo_f + (k + 1) / (grid + 1) * (hi_f - lo_f))
+                plans.insert(2 + 2 * k, (f"milp fresh peak<={b}", b, 0))
+    for origin, budget, cap in plans:
+        if solver.time_left() <= 0.05:
+            notes.append("time budget spent before every grid point was solved")
+            break
+        schedule, _, _ = solver.solve("compute", budget, cap)
+        add(schedule, origin)
+    menu = BlockMenu(bn.fingerprint, pareto(options), solver.solves, time.perf_counter() - begin, solver.proved, notes)
+    return menu
+
+
+class MenuCache:
+    """Menus by block fingerprint, kept for the life of the process."""
+
+    def __init__(self):
+        self.menus: dict[str, BlockMenu] = {}
+        self.builds = 0  # menus built (not found in the cache)
+
+    def get(self, fingerprint: str) -> BlockMenu | None:
+        return self.menus.get(fingerprint)
+
+    def put(self, menu: BlockMenu) -> None:
+        self.menus[menu.fingerprint] = menu
+
+
+#: the process-wide cache used when the caller passes none
+DEFAULT_CACHE = MenuCache()
+
+
+def _build_one(args) -> BlockMenu:
+    bn, budget, per_solve, grid = args
+    return build_menu(bn, time_budget=budget, per_solve=per_solve, grid=grid)
+
+
+def build_menus(
+    kinds: list[BlockNet],
+    *,
+    time_budget: float,
+    cache: MenuCache | None = None,
+    workers: int = 1,
+    grid: int = 3,
+) -> dict[str, BlockMenu]:
+    """Menus of every block kind (one representative :class:`BlockNet` per fingerprint).
+
+    The time budget is shared among the kinds not in the cache, in proportion to their
+    size (forward ops squared, as the MILP grows), and spread over ``workers`` processes.
+    """
+    cache = cache if cache is not None else DEFAULT_CACHE
+    result: dict[str, BlockMenu] = {}
+    todo = []
+    for bn in kinds:
+        found = cache.get(bn.fingerprint)
+        if found is not None:
+            result[bn.fingerprint] = found
+        elif all(bn.fingerprint != t.fingerprint for t in todo):
+            todo.append(bn)
+    if not todo:
+        return result
+    weights = [max(1, len(bn.block_ops)) ** 2 for bn in todo]
+    total = sum(weights)
+    share = time_budget * max(1, min(workers, len(todo)))
+    jobs = [(bn, max(0.5, share * w / total), max(0.5, min(4.0, share * w / total / 3)), grid) for bn, w in zip(todo, weights)]
+    if workers > 1 and len(todo) > 1:
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            menus = list(pool.map(_build_one, jobs))
+    else:
+        menus = [_build_one(job) for job in jobs]
+    for menu in menus:
+        cache.put(menu)
+        cache.builds += 1
+        result[menu.fingerprint] = menu
+    return result
