@@ -83,6 +83,7 @@ class ChainModel:
         self.out_elsewhere = [sum(out_size[o] for o, j in outs if j != k) for k in range(self.L)]
         self._gradients(order, where)
         self.reserve = sum(max((o.sticky_bytes for o in opts), default=0) for opts in self.options)
+        self.passing = [self.nbytes(self.before[j] - self.inputs[j]) for j in range(self.L)]
 
     # ------------------------------------------------------------------ helpers
     def root(self, name: str) -> str | None:
@@ -149,7 +150,7 @@ class ChainModel:
         none_peakr = np.zeros(L, dtype=np.int64)
         none_t0 = np.zeros(L)
         none_tr = np.zeros(L)
-        passing = [self.nbytes(self.before[j] - self.inputs[j]) for j in range(L)]
+        passing = self.passing
         for j, opts in enumerate(self.options):
             for o, opt in enumerate(opts):
                 q["a0"][j, o] = passing[j] + opt.fwd_peak + self.out_before[j]
@@ -247,6 +248,51 @@ class ChainModel:
             ops = opt.reforward_ops if mode == "all" else opt.none_reforward_ops
             lists[stage].extend(bn.to_global[x] for x in ops)
         return schedule_from_recomputes(self.network, impls, lists, spec_path=spec_path, fingerprint=fingerprint)
+
+    def targets(self, problem: ChainProblem, plan: Plan, m: int, unit: int) -> dict[str, tuple[BlockNet, list]]:
+        """Per block kind, the (sub-network budget, saved cap, fresh) that ``plan`` at ``m``
+        units leaves each of its blocks: the budgets at which a block option would fit
+        exactly where the plan uses the block (the engine solves them and runs the DP again).
+        """
+        requests: dict[str, tuple[BlockNet, list]] = {}
+
+        def ask(j: int, room: int, cap: int | None, fresh: bool) -> None:
+            bn = self.nets[j]
+            if room <= 0:
+                return
+            entry = requests.setdefault(bn.fingerprint, (bn, []))
+            item = (bn.network.fixed_bytes + room, cap, fresh)
+            if item not in entry[1]:
+                entry[1].append(item)
+
+        def walk(node, m: int) -> None:
+            kind = node[0]
+            avail = m * unit
+            if kind == "single":
+                _, t, o = node
+                bwd = avail - self.passing[t] - self.grad_pass[t] - self.out_elsewhere[t]
+                if t == self.L - 1:
+                    ask(t, min(bwd, avail - self.passing[t] - self.out_before[t]), None, False)
+                else:
+                    ask(t, bwd, None, True)
+                return
+            if kind == "keep":
+                _, s, t, o, inner = node
+                opt = self.options[s][o]
+                bwd = avail - self.passing[s] - self.grad_pass[s] - self.out_elsewhere[s]
+                if t == self.L - 1:
+                    fwd = avail - self.passing[s] - self.out_before[s]
+                else:
+                    fwd = avail - self.passing[s] - int(problem.g[t]) * unit - 2 * opt.sticky_bytes
+                ask(s, min(bwd, fwd), opt.saved, False)
+                walk(inner, m - int(problem.ha[s, o]))
+                return
+            _, s, t, s2, right, left = node
+            walk(right, m - int(problem.hb[s, s2]))
+            walk(left, m)
+
+        walk(plan, m)
+        return requests
 
     def predicted_peak(self, need_units: int, unit: int) -> int:
         return self.fixed + self.reserve + need_units * unit

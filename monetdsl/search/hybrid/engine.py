@@ -44,7 +44,7 @@ from .bounds import compute_lower_bound, peak_lower_bound
 from .chain import ChainModel
 from .chain_dp import evaluate_plan, reconstruct, solve_chain
 from .decompose import DEFAULT_TARGET_OPS, Decomposition, decompose, decompose_at
-from .menus import DEFAULT_CACHE, MenuCache, build_menus
+from .menus import DEFAULT_CACHE, MenuCache, build_menus, extend_menus
 from .subnet import BlockNet, SubnetError, block_network
 
 __all__ = ["hybrid", "HybridRun", "run_hybrid", "REFINE_MAX_FORWARD_OPS"]
@@ -52,8 +52,9 @@ __all__ = ["hybrid", "HybridRun", "run_hybrid", "REFINE_MAX_FORWARD_OPS"]
 #: the refinement runs the whole network's MILP only up to this many forward ops (above,
 #: building the model alone takes longer than the search is worth; see docs/milp.md §11)
 REFINE_MAX_FORWARD_OPS = 40
-#: share of the time limit spent on block menus
-MENU_SHARE = 0.6
+#: share of the time limit spent on the first block menus (targeted solves and the
+#: refinement share the rest)
+MENU_SHARE = 0.35
 #: bytes of DP table the engine allows itself (L x L x slots float64)
 TABLE_BYTES = 160 * 2**20
 
@@ -135,6 +136,15 @@ class _Search:
             raise AssertionError(f"the hybrid engine composed an invalid schedule: {problems}")
         self.probes[m] = (schedule, sim, cost, need)
         return self.probes[m]
+
+    def best_fitting(self, budget: int, cap_us: float | None) -> int | None:
+        """The probed ``m`` whose replay fits ``budget`` (and the cap) with the least compute;
+        among equals the largest (its plan leaves the blocks the most room)."""
+        fitting = [
+            (r[1].compute_us, -m) for m, r in self.probes.items()
+            if r is not None and r[1].peak_bytes <= budget and (cap_us is None or r[1].compute_us <= cap_us)
+        ]
+        return -min(fitting)[1] if fitting else None
 
     def smallest_feasible(self) -> int | None:
         """The least ``m`` at which the DP has a plan."""
@@ -233,38 +243,78 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     menu_budget = float(options.get("menu_seconds", limit * MENU_SHARE))
     t = time.perf_counter()
     builds_before = cache.builds
-    menus = build_menus(list(kinds.values()), time_budget=menu_budget, cache=cache, workers=workers, grid=int(options.get("grid", 3)))
+    menus = build_menus(list(kinds.values()), time_budget=menu_budget, cache=cache, workers=workers, grid=int(options.get("grid", 2)))
     details["menu_seconds"] = round(time.perf_counter() - t, 3)
     details["menus_built"] = cache.builds - builds_before
-    details["menu_milp_solves"] = sum(menus[f].milp_solves for f in kinds)
-    details["menu_options"] = sum(len(menus[f].options) for f in kinds)
     empty = [bn.block.index for bn in nets if not menus[bn.fingerprint].options]
     if empty:
         raise SpecError(f"the hybrid engine found no way to run block {empty[0]} on its own; use --method milp or a heuristic")
     report("menus built")
-    # 3-4. chain DP and composition --------------------------------------------------------
-    chain = ChainModel(network, parts, nets, menus)
-    details["reserve_bytes"] = chain.reserve
+    # 3-4. chain DP and composition, then targeted block solves and again ---------------
     heuristics = _heuristics(network, constraints, ctx, None)
     details["heuristics"] = {name: {"peak": sim.peak_bytes, "compute": sim.compute_us} for name, _, sim in heuristics}
-    store_peak = max((sim.peak_bytes for _, _, sim in heuristics), default=chain.fixed)
+    store_peak = max((sim.peak_bytes for _, _, sim in heuristics), default=network.fixed_bytes)
+    fixed = network.fixed_bytes
     if objective == "memory" or budget is None:
-        span = max(1, store_peak - chain.fixed)
+        span = max(1, store_peak - fixed)
     else:
-        span = max(1, min(int((budget - chain.fixed) * 1.5), store_peak - chain.fixed + (budget - chain.fixed)))
-    search = _Search(network, chain, ctx, constraints, span)
-    details["dp"] = {"slots": search.slots, "unit_bytes": search.unit, "seconds": round(search.dp_seconds, 3), "backend": options.get("dp_backend", "numba")}
-    dp_deadline = max(deadline - 0.25 * (deadline - time.perf_counter()), time.perf_counter() + 1.0)
-    if objective == "memory":
-        found = search.least_peak(cap_us, dp_deadline)
-    elif budget is not None:
-        found = search.fastest_within(budget, dp_deadline)
-    else:
-        found = [(r[0], r[1]) for r in [search.probe(search.slots)] if r is not None]
-    details["dp"]["probes"] = [
+        span = max(1, min(int((budget - fixed) * 1.5), store_peak - fixed + (budget - fixed)))
+    refine_reserve = 0.3 if _fits_refinement(network, options) else 0.0
+    found: list[tuple[Schedule, Simulation]] = []
+    rounds: list[dict] = []
+    asked: set = set()
+    max_rounds = int(options.get("rounds", 3))
+    while True:
+        chain = ChainModel(network, parts, nets, menus)
+        search = _Search(network, chain, ctx, constraints, span)
+        remaining = deadline - time.perf_counter()
+        dp_deadline = time.perf_counter() + max(1.0, 0.5 * remaining * (1 - refine_reserve))
+        if objective == "memory":
+            new = search.least_peak(cap_us, dp_deadline)
+        elif budget is not None:
+            new = search.fastest_within(budget, dp_deadline)
+        else:
+            new = [(r[0], r[1]) for r in [search.probe(search.slots)] if r is not None]
+        found += new
+        best_m = search.best_fitting(budget, cap_us) if objective == "compute" and budget is not None else None
+        rounds.append({
+            "options": sum(len(o) for o in chain.options), "dp_seconds": round(search.dp_seconds, 3),
+            "slots": search.slots, "unit_bytes": search.unit, "probes": len(search.probes),
+            "best": None if best_m is None else search.probes[best_m][1].compute_us,
+        })
+        report("chain DP", None if best_m is None else search.probes[best_m][1].compute_us)
+        if best_m is None or len(rounds) > max_rounds:
+            break
+        remaining = deadline - time.perf_counter()
+        if remaining * (1 - refine_reserve) < 1.0:
+            break
+        plan = reconstruct(search.problem, search.table, best_m)
+        # the plan's room at the real budget (the DP's accounting is an upper bound, so
+        # these fit), and at the calibrated m (which may fit too, and is faster)
+        m_real = max(0, search.internal_budget(budget))
+        requests = chain.targets(search.problem, plan, best_m, search.unit)
+        if m_real < best_m:
+            for fp, (bn, items) in chain.targets(search.problem, plan, m_real, search.unit).items():
+                entry = requests.setdefault(fp, (bn, []))
+                entry[1][:0] = [i for i in items if i not in entry[1]]
+        fresh_requests = {}
+        for fp, (bn, items) in requests.items():
+            todo = [i for i in items if (fp, i) not in asked]
+            asked.update((fp, i) for i in todo)
+            if todo:
+                fresh_requests[fp] = (bn, todo)
+        rounds[-1]["requests"] = {fp[:8]: [list(i) for i in items] for fp, (_, items) in fresh_requests.items()}
+        if not fresh_requests:
+            break
+        menus = extend_menus(fresh_requests, menus, time_budget=0.5 * remaining * (1 - refine_reserve), cache=cache, workers=workers)
+    details["dp"] = {"backend": options.get("dp_backend", "numba"), "rounds": rounds}
+    details["menu_milp_solves"] = sum(menus[f].milp_solves for f in kinds)
+    details["menu_options"] = sum(len(menus[f].options) for f in kinds)
+    details["dp"]["last_probes"] = [
         {"m": m, "dp_compute": r[2], "dp_peak": chain.predicted_peak(r[3], search.unit), "peak": r[1].peak_bytes, "compute": r[1].compute_us}
         for m, r in sorted(search.probes.items()) if r is not None
     ]
+    details["reserve_bytes"] = chain.reserve
     candidates = [("hybrid", s, sim) for s, sim in found] + [(name, s, sim) for name, s, sim in heuristics]
     run = _pick(candidates, objective, budget, cap_us)
     report("composed", None if run is None else _value(run[2], objective))

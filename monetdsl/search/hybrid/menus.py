@@ -47,7 +47,7 @@ from ..simulator import chosen_impls, simulate
 from .compose import forward_closure, sticky_tensors
 from .subnet import SINK, SOURCE, SOURCE_VIEWS, BlockNet
 
-__all__ = ["Option", "BlockMenu", "MenuCache", "build_menu", "build_menus", "evaluate_option"]
+__all__ = ["Option", "BlockMenu", "MenuCache", "build_menu", "build_menus", "extend_menu", "extend_menus", "evaluate_option", "option_schedule", "pareto"]
 
 #: relative gap of the menu MILPs: an option 0.1 % slower than optimal is as good
 MENU_GAP = 1e-3
@@ -200,9 +200,10 @@ class _Solver:
         self.solves = 0
         self.proved = 0
         self.known: list[tuple[str, Schedule, object]] = []  # (name, schedule, simulation): MIP starts
-        self.exempt = frozenset(self._exempt())
+        self.sticky = frozenset(self._sticky())
+        self.outputs = frozenset(index(self.net).forward_ops[SINK].inputs)
 
-    def _exempt(self) -> set[str]:
+    def _sticky(self) -> set[str]:
         """Tensors a fresh option may still keep: what recomputations read back (any impl)."""
         net = self.net
         idx = index(net)
@@ -223,14 +224,21 @@ class _Solver:
     def time_left(self) -> float:
         return self.deadline - time.perf_counter()
 
-    def solve(self, objective: str, budget: int | None = None, cap: int | None = None) -> tuple[Schedule | None, str, float | None]:
-        """(schedule, solver status, objective value in bytes or us) or (None, why, None)."""
+    def solve(self, objective: str, budget: int | None = None, cap: int | None = None, fresh: bool = False) -> tuple[Schedule | None, str, float | None]:
+        """(schedule, solver status, objective value in bytes or us) or (None, why, None).
+
+        ``cap``: bytes the forward pass may keep besides the block's outputs (``saved``);
+        ``fresh``: keep nothing but what recomputations read back."""
         left = self.time_left()
         if left <= 0.05:
             return None, "no time", None
+        if fresh:
+            cap, exempt = 0, self.sticky
+        else:
+            exempt = self.sticky | self.outputs
         model = build_model(
             self.net, self.cons, objective=objective, memory_budget=budget, baseline_us=self.baseline,
-            no_recompute_stages={1}, forward_keep_cap=cap, forward_keep_exempt=self.exempt if cap is not None else frozenset(),
+            no_recompute_stages={1}, forward_keep_cap=cap, forward_keep_exempt=exempt if cap is not None else frozenset(),
         )
         if model.builder.conflicts:
             return None, "infeasible", None
@@ -264,11 +272,20 @@ def _heuristic_schedules(bn: BlockNet) -> list[tuple[str, Schedule]]:
     return found
 
 
-def build_menu(bn: BlockNet, *, time_budget: float = 10.0, per_solve: float = 4.0, grid: int = 3) -> BlockMenu:
+def option_schedule(bn: BlockNet, option: Option) -> Schedule:
+    """The sub-network schedule an option describes (carries by liveness)."""
+    from .compose import schedule_from_recomputes
+
+    lists = [(), *option.recomputes, ()]
+    return schedule_from_recomputes(bn.network, option.impl_map, lists, spec_path="block", fingerprint="0")
+
+
+def build_menu(bn: BlockNet, *, time_budget: float = 10.0, per_solve: float = 4.0, grid: int = 2) -> BlockMenu:
     """The menu of one block kind within ``time_budget`` seconds (see the module docstring).
 
     ``grid`` is the number of intermediate peak budgets between the block's minimum and
-    the peak of its fastest schedule; each is solved with and without a keep cap.
+    the peak of its fastest schedule (for stored and for fresh options); the engine adds
+    options at the budgets its plans actually give each block (:func:`extend_menu`).
     """
     begin = time.perf_counter()
     solver = _Solver(bn, begin + time_budget, per_solve)
@@ -288,43 +305,60 @@ def build_menu(bn: BlockNet, *, time_budget: float = 10.0, per_solve: float = 4.
         add(schedule, name)
     fastest = min((o for o in options), key=lambda o: (o.fwd_time + o.bwd_time, o.bwd_peak), default=None)
     fixed = bn.network.fixed_bytes
-    # the block's minimum peak, then the fastest schedule at that peak
-    low, status, value = solver.solve("memory")
+    plans: list[tuple[str, int | None, int | None, bool]] = []
+    low, status, _ = solver.solve("memory")
     low_opt = add(low, "milp min-memory")
-    plans: list[tuple[str, int | None, int | None]] = []
-    if low_opt is not None and fastest is not None:
-        lo_peak = fixed + max(low_opt.fwd_peak, low_opt.bwd_peak)
-        hi_peak = fixed + max(fastest.fwd_peak, fastest.bwd_peak)
-        plans.append(("milp fastest at min peak", lo_peak, None))
-        fracs = [(k + 1) / (grid + 1) for k in range(grid)]
-        mid = [int(lo_peak + f * (hi_peak - lo_peak)) for f in fracs]
-        plans += [(f"milp peak<={b}", b, None) for b in mid]
-        saved_hi = max(fastest.saved, 1)
-        plans += [(f"milp peak<={hi_peak} saved<={saved_hi // 2}", hi_peak, saved_hi // 2)]
-        plans += [(f"milp peak<={b} saved<={saved_hi // 4}", b, saved_hi // 4) for b in mid[len(mid) // 2:]]
-    elif low_opt is None:
+    if low_opt is None:
         notes.append(f"minimum-memory MILP: {status}")
-    # fresh options: nothing kept but what cannot be recomputed
     if not bn.pinned:
-        fresh_fast, _, _ = solver.solve("compute", None, 0)
-        ff = add(fresh_fast, "milp fresh fastest")
-        fresh_low, _, _ = solver.solve("memory", None, 0)
-        fl = add(fresh_low, "milp fresh min-memory")
+        ff = add(solver.solve("compute", None, fresh=True)[0], "milp fresh fastest")
+        fl = add(solver.solve("memory", None, fresh=True)[0], "milp fresh min-memory")
         if ff is not None and fl is not None:
             lo_f = fixed + max(fl.fwd_peak, fl.bwd_peak)
             hi_f = fixed + max(ff.fwd_peak, ff.bwd_peak)
-            plans.insert(1, ("milp fresh fastest at min peak", lo_f, 0))
-            for k in range(grid):
-                b = int(lo_f + (k + 1) / (grid + 1) * (hi_f - lo_f))
-                plans.insert(2 + 2 * k, (f"milp fresh peak<={b}", b, 0))
-    for origin, budget, cap in plans:
+            plans.append(("milp fresh fastest at min peak", lo_f, None, True))
+            plans += [(f"milp fresh peak<={b}", b, None, True) for b in _between(lo_f, hi_f, grid)]
+    if low_opt is not None and fastest is not None:
+        lo_peak = fixed + max(low_opt.fwd_peak, low_opt.bwd_peak)
+        hi_peak = fixed + max(fastest.fwd_peak, fastest.bwd_peak)
+        plans.insert(0, ("milp fastest at min peak", lo_peak, None, False))
+        plans += [(f"milp peak<={b}", b, None, False) for b in _between(lo_peak, hi_peak, grid)]
+        half = max(fastest.saved, 1) // 2
+        plans.append((f"milp saved<={half}", hi_peak, half, False))
+    for origin, budget, cap, fresh in plans:
         if solver.time_left() <= 0.05:
             notes.append("time budget spent before every grid point was solved")
             break
-        schedule, _, _ = solver.solve("compute", budget, cap)
-        add(schedule, origin)
-    menu = BlockMenu(bn.fingerprint, pareto(options), solver.solves, time.perf_counter() - begin, solver.proved, notes)
-    return menu
+        add(solver.solve("compute", budget, cap, fresh)[0], origin)
+    return BlockMenu(bn.fingerprint, pareto(options), solver.solves, time.perf_counter() - begin, solver.proved, notes)
+
+
+def _between(lo: int, hi: int, count: int) -> list[int]:
+    return [int(lo + (k + 1) / (count + 1) * (hi - lo)) for k in range(count)]
+
+
+def extend_menu(bn: BlockNet, menu: BlockMenu, requests, *, time_budget: float, per_solve: float = 4.0) -> BlockMenu:
+    """``menu`` plus the fastest option at each requested (budget, saved cap, fresh).
+
+    The engine asks for the budgets that its current plan leaves each block; the known
+    options warm-start every solve, so the new option is never worse than them."""
+    begin = time.perf_counter()
+    solver = _Solver(bn, begin + time_budget, per_solve)
+    for option in menu.options:
+        solver.remember(option.origin, option_schedule(bn, option))
+    options = list(menu.options)
+    for budget, cap, fresh in requests:
+        if solver.time_left() <= 0.05:
+            break
+        schedule = solver.solve("compute", budget, cap, fresh)[0]
+        if schedule is not None:
+            option = evaluate_option(bn, schedule, f"milp targeted peak<={budget}" + (" fresh" if fresh else f" saved<={cap}" if cap is not None else ""))
+            if option is not None:
+                options.append(option)
+    return BlockMenu(
+        bn.fingerprint, pareto(options), menu.milp_solves + solver.solves, menu.seconds + time.perf_counter() - begin,
+        menu.proved + solver.proved, menu.notes,
+    )
 
 
 class MenuCache:
@@ -350,13 +384,46 @@ def _build_one(args) -> BlockMenu:
     return build_menu(bn, time_budget=budget, per_solve=per_solve, grid=grid)
 
 
+def _extend_one(args) -> BlockMenu:
+    bn, menu, requests, budget = args
+    return extend_menu(bn, menu, requests, time_budget=budget)
+
+
+def _pool_map(function, jobs, workers: int):
+    if workers > 1 and len(jobs) > 1:
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
+            return list(pool.map(function, jobs))
+    return [function(job) for job in jobs]
+
+
+def extend_menus(
+    requests: dict[str, tuple[BlockNet, list]], menus: dict[str, BlockMenu], *, time_budget: float,
+    cache: MenuCache | None = None, workers: int = 1,
+) -> dict[str, BlockMenu]:
+    """Add targeted options (``requests[fingerprint] = (block net, [(budget, cap, fresh)])``)."""
+    cache = cache if cache is not None else DEFAULT_CACHE
+    items = [(fp, bn, reqs) for fp, (bn, reqs) in requests.items() if reqs]
+    if not items:
+        return menus
+    weights = [len(reqs) * max(1, len(bn.block_ops)) ** 2 for _, bn, reqs in items]
+    total = sum(weights)
+    share = time_budget * max(1, min(workers, len(items)))
+    jobs = [(bn, menus[fp], reqs, max(0.3, share * w / total)) for (fp, bn, reqs), w in zip(items, weights)]
+    result = dict(menus)
+    for menu in _pool_map(_extend_one, jobs, workers):
+        cache.put(menu)
+        result[menu.fingerprint] = menu
+    return result
+
+
 def build_menus(
     kinds: list[BlockNet],
     *,
     time_budget: float,
     cache: MenuCache | None = None,
     workers: int = 1,
-    grid: int = 3,
+    grid: int = 2,
 ) -> dict[str, BlockMenu]:
     """Menus of every block kind (one representative :class:`BlockNet` per fingerprint).
 
@@ -378,12 +445,7 @@ def build_menus(
     total = sum(weights)
     share = time_budget * max(1, min(workers, len(todo)))
     jobs = [(bn, max(0.5, share * w / total), max(0.5, min(4.0, share * w / total / 3)), grid) for bn, w in zip(todo, weights)]
-    if workers > 1 and len(todo) > 1:
-        ctx = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            menus = list(pool.map(_build_one, jobs))
-    else:
-        menus = [_build_one(job) for job in jobs]
+    menus = _pool_map(_build_one, jobs, workers)
     for menu in menus:
         cache.put(menu)
         cache.builds += 1
