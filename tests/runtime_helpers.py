@@ -1,0 +1,55 @@
+"""Helpers for the runtime tests: schedules with chosen implementations, eager references."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from monetdsl.graph import index
+from monetdsl.ir import Network, Schedule
+from monetdsl.search.schedule_builder import build_schedule
+from monetdsl.search.simulator import simulate
+
+
+def first_impls(network: Network) -> dict[str, str]:
+    """PyTorch's own implementation of every op (the first alternatives)."""
+    return {op.name: op.impls[0].name for op in (*network.forward_ops, *network.backward_ops)}
+
+
+def schedule_with(spec, impls: dict[str, str], keep: str | set = "all", promote: str = "none") -> Schedule:
+    """A valid schedule over ``impls``: keep everything the backward reads, nothing, or a set."""
+    network = spec.network
+    idx = index(network)
+    if keep == "all":
+        wanted = set()
+        for bop in network.backward_ops:
+            wanted |= {r for r in bop.impl(impls.get(bop.name, bop.impls[0].name)).reads if idx.is_forward_tensor(r)}
+    elif keep == "none":
+        wanted = set()
+    else:
+        wanted = set(keep)
+    never = {n for p in spec.constraints.never_recompute for n in [p.text]}
+    schedule = build_schedule(network, impls, forward_keep=wanted, promote=promote, never_recompute=never,
+                              spec_path="<test>", fingerprint=spec.fingerprint)
+    sim = simulate(network, schedule)
+    assert sim.valid, [d.message for d in sim.errors]
+    return schedule
+
+
+def eager_step(model, inputs, seed: int, loss=None):
+    """Output and parameter gradients of one eager training step from RNG state ``seed``."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(*inputs)
+    (loss or _reduce)(out).backward()
+    return out.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _reduce(out):
+    return out if out.dim() == 0 else (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum()
+
+
+def twins(factory, seed: int = 0):
+    torch.manual_seed(seed)
+    model = factory()
+    return model, copy.deepcopy(model)
