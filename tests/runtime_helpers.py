@@ -53,3 +53,39 @@ def twins(factory, seed: int = 0):
     torch.manual_seed(seed)
     model = factory()
     return model, copy.deepcopy(model)
+
+
+def impl_combinations(network: Network) -> list[dict[str, str]]:
+    """Implementation choices that together use every alternative of every op: choice
+    ``j`` gives each forward op its ``j``-th alternative (cyclically) and each backward op
+    the ``j``-th of the alternatives whose derived reads that forward choice produces."""
+    idx = index(network)
+    width = max(len(op.impls) for op in (*network.forward_ops, *network.backward_ops))
+    combos = []
+    for j in range(width):
+        impls = {}
+        for op in network.forward_ops:
+            impl = op.impls[j % len(op.impls)]
+            impls[op.name] = impl.name
+            produced = set(impl.derived)
+            for bname in idx.backward_of.get(op.name, ()):
+                bop = idx.backward_ops[bname]
+                usable = [b for b in bop.impls if all(r not in idx.derived_by or r in produced for r in b.reads)]
+                impls[bname] = usable[j % len(usable)].name
+        combos.append(impls)
+    return combos
+
+
+def patch_dropout(model, impls: dict[str, str]):
+    """Make the eager twin's dropout modules draw their masks as the chosen alternatives
+    do: ``rng_replay`` from a seed drawn from the global RNG, the others as eager does."""
+    from monetdsl.catalogue.dropout import draw_seed, mask_from_seed
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and impls.get(name) == "rng_replay":
+            def forward(x, p=module.p):
+                mask = mask_from_seed(draw_seed(), x.shape, p, x.device)
+                return x * mask * (1.0 / (1.0 - p))
+            module.forward = forward
+        elif isinstance(module, torch.nn.Dropout) and "forward" in module.__dict__:
+            del module.forward

@@ -244,10 +244,14 @@ def _cut_backward(traced: fx.GraphModule, n_args: int, n_grads: int, n_wanted: i
     out_node = next(n for n in graph.nodes if n.op == "output")
     results = list(out_node.args[0])
     grad_results, fwd_outputs = results[:n_wanted], results[n_wanted:]
-    # which nodes depend on an output gradient (the backward part)
+    # the backward part: what autograd ran after the forward calls (its formulas may also
+    # compute from saved values alone, e.g. 2 * x for pow), and anything using a gradient
+    nodes = list(graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    boundary = max((position[n] for n in fwd_outputs if isinstance(n, fx.Node)), default=-1)
     backward = set(grad_ph)
-    for node in graph.nodes:
-        if node.op == "call_function" and any(a in backward for a in node.all_input_nodes):
+    for node in nodes:
+        if node.op == "call_function" and (position[node] > boundary or any(a in backward for a in node.all_input_nodes)):
             backward.add(node)
     _stand_in_conv_inputs(graph, backward)
     output_index = {n: k for k, n in enumerate(fwd_outputs) if isinstance(n, fx.Node)}
@@ -333,44 +337,56 @@ _ADAPTERS: dict = {}
 def owner_adapter(owner_example: torch.Tensor, paths: Sequence[ArgPath]) -> Callable | None:
     """``f(*grads of the views) -> grad of the owner``: the backward of the alias calls
     that derive each view from the owner (a sum when several views are given, as autograd
-    forms it). ``None`` when the single path is the owner itself."""
+    forms it). ``None`` when the single path is the owner itself.
+
+    The backward of a view depends on the layout of the gradient it receives (``view``
+    needs compatible strides), so the graph is traced on first call for each layout."""
     if len(paths) == 1 and paths[0].is_identity:
         return None
-    key = ((tuple(owner_example.shape), tuple(owner_example.stride()), str(owner_example.dtype), str(owner_example.device)),
-           tuple(_path_key(p) for p in paths))
-    cached = _ADAPTERS.get(key)
-    if cached is not None:
-        return cached
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    mode = FakeTensorMode()
-    owner = _fake_like(mode, owner_example)
-    with mode:
-        views = [p.materialize(owner) for p in paths]
-    grads = [_fake_like(mode, v) for v in views]
-
-    def vjp(owner_value, *view_grads):
-        leaf = owner_value.detach().requires_grad_()
-        outs = [p.materialize(leaf) for p in paths]
-        return (torch.autograd.grad(outs, [leaf], list(view_grads), allow_unused=True)[0],)
-
-    with torch.autograd.set_grad_enabled(True), mode:
-        traced = make_fx(vjp, tracing_mode="real")(owner, *grads)
-    module, args_read, _ = _cut_backward(traced, 1, len(grads), 1, 0)
-    if args_read:
-        raise LoweringError("the backward of a view reads the viewed tensor's values")
-    adapter = _Adapter(module)
-    _ADAPTERS[key] = adapter
-    return adapter
+    owner_meta = (tuple(owner_example.shape), tuple(owner_example.stride()), owner_example.dtype, owner_example.device)
+    return _Adapter(owner_meta, tuple(paths))
 
 
 class _Adapter:
-    def __init__(self, module: fx.GraphModule):
-        self.module = module
+    def __init__(self, owner_meta: tuple, paths: tuple):
+        self.owner_meta = owner_meta
+        self.paths = paths
+        self.path_key = tuple(_path_key(p) for p in paths)
+        self.modules: dict = {}
 
     def __call__(self, *grads):
-        return self.module(*grads)[0]
+        layout = tuple((tuple(g.shape), tuple(g.stride()), g.dtype) for g in grads)
+        module = self.modules.get(layout)
+        if module is None:
+            key = (self.owner_meta, self.path_key, layout)
+            module = _ADAPTERS.get(key)
+            if module is None:
+                module = _ADAPTERS[key] = self._trace(grads)
+            self.modules[layout] = module
+        return module(*grads)[0]
+
+    def _trace(self, grads) -> fx.GraphModule:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        shape, stride, dtype, device = self.owner_meta
+        mode = FakeTensorMode()
+        with mode:
+            owner = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        fakes = [_fake_like(mode, g) for g in grads]
+        paths = self.paths
+
+        def vjp(owner_value, *view_grads):
+            leaf = owner_value.detach().requires_grad_()
+            outs = [p.materialize(leaf) for p in paths]
+            return (torch.autograd.grad(outs, [leaf], list(view_grads), allow_unused=True)[0],)
+
+        with torch.autograd.set_grad_enabled(True), mode:
+            traced = make_fx(vjp, tracing_mode="real")(owner, *fakes)
+        module, args_read, _ = _cut_backward(traced, 1, len(fakes), 1, 0)
+        if args_read:
+            raise LoweringError("the backward of a view reads the viewed tensor's values")
+        return module
 
 
 def _path_key(path: ArgPath) -> tuple:

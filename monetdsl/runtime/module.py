@@ -95,12 +95,15 @@ class OptimizedModule(torch.nn.Module):
         return self
 
     # -- plans ------------------------------------------------------------------------------
-    def plan_for(self, *inputs) -> RuntimePlan:
-        """The plan (trace, schedule, lowered steps) for these inputs, made on first use."""
+    def plan_for(self, *inputs, trace=None) -> RuntimePlan:
+        """The plan (trace, schedule, lowered steps) for these inputs, made on first use.
+        ``trace``: a :class:`~monetdsl.tracing.TraceResult` of the model on such inputs
+        (``loss="output"``), to skip tracing again."""
         key = (_signature(inputs), _autocast_state())
         plan = self._plans.get(key)
         if plan is None:
-            plan = build_plan(self._orig_mod, list(inputs), self._constraints, optimizer=self._optimizer, cache_dir=self._cache_dir)
+            plan = build_plan(self._orig_mod, list(inputs), self._constraints, optimizer=self._optimizer,
+                              cache_dir=self._cache_dir, trace=trace)
             self._plans[key] = plan
         return plan
 

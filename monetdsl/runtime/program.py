@@ -138,7 +138,12 @@ def lower(trace, network: Network, impls: dict[str, str]) -> Program:
     for bop in network.backward_ops:
         low = lowerings[bop.of]
         impl = bop.impl(impls.get(bop.name, bop.impls[0].name))
-        program.backward[bop.name] = _backward_step(low, bop, impl, first=impl.name == bop.impls[0].name)
+        try:
+            program.backward[bop.name] = _backward_step(low, bop, impl, first=impl.name == bop.impls[0].name)
+        except LoweringError as exc:
+            if str(exc).startswith(bop.name):
+                raise
+            raise LoweringError(f"{bop.name} ({impl.name}): {exc}") from None
     return program
 
 
