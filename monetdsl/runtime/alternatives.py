@@ -26,8 +26,7 @@ from typing import Callable
 
 import torch
 
-from ..catalogue import CATALOGUE
-from ..catalogue.dropout import draw_seed, mask_from_seed
+from ..catalogue.dropout import draw_seed
 from . import ops as _ops  # noqa: F401 - registers torch.ops.monetdsl
 
 __all__ = ["OpContext", "FORWARD", "RECOMPUTE", "BACKWARD", "forward_function", "backward_function"]
@@ -134,15 +133,30 @@ def _bn_from_output(ctx: OpContext, saved: dict, grads: dict) -> dict:
     return out
 
 
-def _reference_backward(kind: str, alt: str):
-    """The catalogue's plain-torch formula (layer norm and RMS norm from the output, RMS
-    norm from the input, attention from the kept probabilities)."""
-    entry = CATALOGUE[kind]
+def _ln_from_output(ctx: OpContext, saved: dict, grads: dict) -> dict:
+    dx, dw, db = mops.layer_norm_backward_from_output(grads["y"], saved["y"], saved["rstd"], saved.get("w"), saved.get("b"),
+                                                      list(ctx.attrs["normalized_shape"]))
+    out = {"x": dx}
+    if "w" in ctx.attrs["affine"]:
+        out["w"] = dw
+    if "b" in ctx.attrs["affine"]:
+        out["b"] = db
+    return out
 
+
+def _rms_backward(alt: str):
     def run(ctx: OpContext, saved: dict, grads: dict) -> dict:
-        return entry.backward("backward", alt, grads, saved, ctx.attrs)
+        from_output = alt == "from_output"
+        dx, dw = mops.rms_norm_backward(grads["y"], saved["y" if from_output else "x"], saved["rstd"], saved.get("w"),
+                                        from_output, list(ctx.attrs["normalized_shape"]))
+        return {"x": dx, "w": dw} if "w" in saved else {"x": dx}
 
     return run
+
+
+def _sdpa_from_probs(ctx: OpContext, saved: dict, grads: dict) -> dict:
+    dq, dk, dv = mops.attention_backward_from_probs(grads["y"], saved["q"], saved["k"], saved["v"], saved["probs"], ctx.attrs["scale"])
+    return {"q": dq, "k": dk, "v": dv}
 
 
 # ------------------------------------------------------------------------------- max pooling
@@ -200,8 +214,7 @@ def _dropout_bits(ctx: OpContext, saved):
 def _dropout_seed(ctx: OpContext, saved):
     x = ctx.inputs["x"]
     seed = draw_seed() if saved is None else saved["seed"]
-    mask = mask_from_seed(seed, x.shape, ctx.attrs["p"], x.device)
-    return {"y": x.mul(mask).mul_(_scale(ctx.attrs)), "seed": seed}
+    return {"y": mops.dropout_seeded(x, seed, ctx.attrs["p"]), "seed": seed}
 
 
 def _dropout_backward(alt: str):
@@ -210,8 +223,7 @@ def _dropout_backward(alt: str):
         if alt == "from_bits":
             return {"x": mops.apply_bits(g, saved["bits"], _scale(ctx.attrs))}
         if alt == "from_seed":
-            mask = mask_from_seed(saved["seed"], g.shape, ctx.attrs["p"], g.device)
-            return {"x": aten.native_dropout_backward(g, mask, _scale(ctx.attrs))}
+            return {"x": mops.dropout_seeded(g, saved["seed"], ctx.attrs["p"])}
         return {"x": aten.native_dropout_backward(g, saved["mask"], _scale(ctx.attrs))}
 
     return run
@@ -223,10 +235,8 @@ def _add_inplace(ctx: OpContext, saved):
 
 
 def _sdpa_math(ctx: OpContext, saved):
-    out = ctx.call()
-    entry = CATALOGUE["sdpa"]
-    scores, _ = entry._scores(ctx.inputs["q"], ctx.inputs["k"], ctx.attrs)
-    probs = torch.exp(scores.sub_(out["lse"].reshape(scores.shape[:-1]).unsqueeze(-1)))
+    out = ctx.call()  # the flash kernel's output and log-sum-exp, as eager computes them
+    probs = mops.attention_probs(ctx.inputs["q"], ctx.inputs["k"], out["lse"], ctx.attrs["is_causal"], ctx.attrs["scale"])
     return {**out, "probs": probs}
 
 
@@ -256,15 +266,15 @@ for _kind in ("relu", "leaky_relu", "hardtanh"):
     for _alt in ("from_input", "from_output", "from_mask"):
         BACKWARD[(_kind, _alt)] = _clamp_backward(_kind, _alt)
 BACKWARD[("batch_norm", "from_output")] = _bn_from_output
-BACKWARD[("layer_norm", "from_output")] = _reference_backward("layer_norm", "from_output")
-BACKWARD[("rms_norm", "from_input")] = _reference_backward("rms_norm", "from_input")
-BACKWARD[("rms_norm", "from_output")] = _reference_backward("rms_norm", "from_output")
+BACKWARD[("layer_norm", "from_output")] = _ln_from_output
+BACKWARD[("rms_norm", "from_input")] = _rms_backward("from_input")
+BACKWARD[("rms_norm", "from_output")] = _rms_backward("from_output")
 for _alt in ("from_indices", "from_window", "from_input"):
     BACKWARD[("max_pool2d", _alt)] = _pool_backward(_alt)
 BACKWARD[("adaptive_avg_pool2d", "from_shape")] = _avg_pool_from_shape
 for _alt in ("from_mask", "from_bits", "from_seed"):
     BACKWARD[("dropout", _alt)] = _dropout_backward(_alt)
-BACKWARD[("sdpa", "math")] = _reference_backward("sdpa", "math")
+BACKWARD[("sdpa", "math")] = _sdpa_from_probs
 
 
 def forward_function(kind: str, alt: str) -> Callable | None:

@@ -43,6 +43,7 @@ class PlannedStep:
     release_before: tuple[str, ...] = ()
     release_after: tuple[str, ...] = ()
     keep_existing: tuple[str, ...] = ()  # recomputed outputs already present: the new value is dropped
+    grad_reads: tuple[str, ...] = ()  # backward steps: the gradients among the reads
 
 
 @dataclass
@@ -89,7 +90,8 @@ def plan_steps(network: Network, schedule: Schedule, program: Program) -> StepPl
                 if name not in carried and last_use.get(name, -1) <= pos:
                     after.append(name)
                     present.discard(name)
-            planned.append(PlannedStep(t, kind, step, before if pos == 0 else (), tuple(after), existing))
+            grad_reads = tuple(n for n in step.reads if tensors[n].kind is TensorKind.GRADIENT) if kind == "backward" else ()
+            planned.append(PlannedStep(t, kind, step, before if pos == 0 else (), tuple(after), existing, grad_reads))
         return planned
 
     present: set[str] = set()
@@ -128,14 +130,13 @@ class Executor:
         self.network = network
         self.plan = plan
         self.observe = observe
-        self._fixed_names = {n for n, t in network.tensors.items() if t.is_fixed}
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, fixed: dict) -> StepState:
         state = StepState(fixed=fixed)
         env = state.env
         for planned in self.plan.forward:
-            self._run(planned, env, fixed, None)
+            self._run(planned, env, fixed)
         return state
 
     # -- backward --------------------------------------------------------------------------
@@ -147,49 +148,50 @@ class Executor:
         env.update(seeds)
         readers = Counter()
         for planned in self.plan.backward:
-            if planned.kind == "backward":
-                readers.update(n for n in planned.step.reads if self.network.tensors[n].kind is TensorKind.GRADIENT)
+            readers.update(planned.grad_reads)
         writers_left = Counter(self.plan.writers)
+        param_grads = self.plan.param_grads
         grads = _GradientSink(self.plan, param_of, state.hooks)
+        observe = self.observe
         for planned in self.plan.backward:
             if planned.kind == "recompute":
-                self._run(planned, env, fixed, None)
+                self._run(planned, env, fixed)
                 continue
             for name in planned.release_before:
                 env.pop(name, None)
             step = planned.step
             values = [env[n] if n in env else fixed[n] for n in step.reads]
             results = step.fn(*values)
-            in_ptrs = {_ptr(v) for v in values}
+            in_ptrs = {v.untyped_storage().data_ptr() for v in values}
+            del values
             for name, value in zip(step.writes, results):
                 writers_left[name] -= 1
-                if name in self.plan.param_grads:
-                    grads.write(name, value, last=writers_left[name] == 0)
-                    continue
-                fresh = _ptr(value) not in in_ptrs
-                if name in env:
-                    env[name] = _accumulate(env[name], value, name in exclusive)
+                fresh = value.untyped_storage().data_ptr() not in in_ptrs
+                if name in param_grads:
+                    grads.write(name, value, last=writers_left[name] == 0, fresh=fresh)
+                elif name in env:
+                    env[name] = _accumulate(env[name], value, name in exclusive, fresh)
                     exclusive.add(name)
                 else:
                     env[name] = value
                     if fresh:
                         exclusive.add(name)
-            for name in step.reads:
-                if self.network.tensors[name].kind is TensorKind.GRADIENT:
-                    readers[name] -= 1
-            for name in (*step.writes, *step.reads):
-                if name in env and self.network.tensors[name].kind is TensorKind.GRADIENT and readers[name] <= 0 and writers_left[name] <= 0:
+                value = None  # a loop variable would keep the last output alive past its release
+            del results
+            for name in planned.grad_reads:
+                readers[name] -= 1
+            for name in (*step.writes, *planned.grad_reads):
+                if name in env and readers[name] <= 0 and writers_left[name] <= 0:
                     del env[name]
                     exclusive.discard(name)
             for name in planned.release_after:
                 env.pop(name, None)
-            del values, results
-            if self.observe is not None:
-                self.observe(planned, env)
+            if observe is not None:
+                observe(planned, env)
         env.clear()
 
     # -- one forward or recompute step ------------------------------------------------------
-    def _run(self, planned: PlannedStep, env: dict, fixed: dict, _unused) -> None:
+    def _run(self, planned: PlannedStep, env: dict, fixed: dict) -> None:
         for name in planned.release_before:
             env.pop(name, None)
         step = planned.step
@@ -201,7 +203,7 @@ class Executor:
         for name, value in zip(step.writes, results):
             if name not in planned.keep_existing:
                 env[name] = value
-        del results
+        value = results = None  # no reference may outlive the release below
         for name in planned.release_after:
             env.pop(name, None)
         if self.observe is not None:
@@ -214,11 +216,15 @@ def _ptr(value) -> int:
     return id(value)
 
 
-def _accumulate(existing: torch.Tensor, new: torch.Tensor, owned: bool) -> torch.Tensor:
-    """Add a later writer's gradient into an existing one: in place when the existing
-    tensor is ours alone, else into a new tensor (it may be the caller's, or shared)."""
+def _accumulate(existing: torch.Tensor, new: torch.Tensor, owned: bool, new_fresh: bool) -> torch.Tensor:
+    """Add a later writer's gradient into an existing one, in place, as the memory model
+    has it (the new one is a temporary): into the existing tensor when it is ours alone,
+    else into the new one when that is (addition commutes: the same values), and only
+    when neither is (both shared) into a third tensor."""
     if owned and existing.shape == new.shape and existing.dtype == new.dtype:
         return existing.add_(new)
+    if new_fresh and existing.shape == new.shape and existing.dtype == new.dtype and new._base is None:
+        return new.add_(existing)
     return existing + new
 
 
@@ -235,7 +241,7 @@ class _GradientSink:
         self.param_of = param_of
         self.hooks = hooks
 
-    def write(self, grad: str, value: torch.Tensor, *, last: bool) -> None:
+    def write(self, grad: str, value: torch.Tensor, *, last: bool, fresh: bool) -> None:
         param = self.param_of(self.plan.param_grads[grad])
         if param is None or not param.requires_grad:
             return
@@ -243,7 +249,7 @@ class _GradientSink:
             torch.autograd.backward([param], [value])
             return
         if param.grad is None:
-            if value.stride() == param.stride() and value.dtype == param.dtype and value._base is None:
+            if fresh and value.stride() == param.stride() and value.dtype == param.dtype and value._base is None:
                 param.grad = value
             else:
                 fresh = torch.empty_strided(param.size(), param.stride(), dtype=param.dtype, device=param.device)

@@ -30,6 +30,11 @@ __all__ = [
     "bn_backward_from_output",
     "window_from_indices",
     "indices_from_window",
+    "dropout_seeded",
+    "layer_norm_backward_from_output",
+    "rms_norm_backward",
+    "attention_probs",
+    "attention_backward_from_probs",
     "CUDA_OPS",
 ]
 
@@ -197,6 +202,101 @@ def indices_from_window(window: Tensor, kernel: Sequence[int], stride: Sequence[
 @indices_from_window.register_fake
 def _(window, kernel, stride, padding, dilation, in_shape):
     return window.new_empty(window.shape, dtype=torch.int64)
+
+
+# ------------------------------------------------- composite alternatives (torch on every device)
+@torch.library.custom_op(f"{_NS}::dropout_seeded", mutates_args=())
+def dropout_seeded(x: Tensor, seed: Tensor, p: float) -> Tensor:
+    """Dropout whose keep-mask comes from ``seed`` (``rng_replay``): ``x * mask * scale``.
+    The same call with the same seed gives the same mask, for a recomputation and for the
+    backward alike; the bool mask is a temporary of this op."""
+    from ..catalogue.dropout import mask_from_seed
+
+    mask = mask_from_seed(seed, x.shape, p, x.device)
+    return x.mul(mask).mul_(1.0 / (1.0 - p))
+
+
+@dropout_seeded.register_fake
+def _(x, seed, p):
+    return torch.empty_like(x)
+
+
+def _reference(kind: str, alt: str, grad: Tensor, saved: dict, attrs: dict) -> dict:
+    from ..catalogue import CATALOGUE
+
+    return CATALOGUE[kind].backward("backward", alt, {"y": grad}, saved, attrs)
+
+
+@torch.library.custom_op(f"{_NS}::layer_norm_backward_from_output", mutates_args=())
+def layer_norm_backward_from_output(grad: Tensor, y: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                                    normalized_shape: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Layer-norm backward from its output: x_hat = (y - b) / w (w must have no zero).
+    Returns (grad x, grad w, grad b); the last two are empty without affine parameters."""
+    saved = {"y": y, "rstd": rstd}
+    affine = tuple(r for r, t in (("w", weight), ("b", bias)) if t is not None)
+    if weight is not None:
+        saved["w"] = weight
+    if bias is not None:
+        saved["b"] = bias
+    out = _reference("layer_norm", "from_output", grad, saved, {"normalized_shape": tuple(normalized_shape), "affine": affine})
+    return out["x"], out.get("w", grad.new_empty(0)), out.get("b", grad.new_empty(0))
+
+
+@layer_norm_backward_from_output.register_fake
+def _(grad, y, rstd, weight, bias, normalized_shape):
+    return (torch.empty_like(grad), grad.new_empty(weight.shape if weight is not None else (0,)),
+            grad.new_empty(bias.shape if bias is not None else (0,)))
+
+
+@torch.library.custom_op(f"{_NS}::rms_norm_backward", mutates_args=())
+def rms_norm_backward(grad: Tensor, saved: Tensor, rstd: Tensor, weight: Optional[Tensor], from_output: bool,
+                      normalized_shape: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """RMS-norm backward from its input (``saved`` = x) or from its output (``saved`` = y,
+    w must have no zero). Returns (grad x, grad w) (empty without a weight)."""
+    role = "y" if from_output else "x"
+    values = {role: saved, "rstd": rstd}
+    if weight is not None:
+        values["w"] = weight
+    out = _reference("rms_norm", "from_output" if from_output else "from_input", grad, values,
+                     {"normalized_shape": tuple(normalized_shape)})
+    return out["x"], out.get("w", grad.new_empty(0))
+
+
+@rms_norm_backward.register_fake
+def _(grad, saved, rstd, weight, from_output, normalized_shape):
+    return torch.empty_like(grad), grad.new_empty(weight.shape if weight is not None else (0,))
+
+
+@torch.library.custom_op(f"{_NS}::attention_probs", mutates_args=())
+def attention_probs(q: Tensor, k: Tensor, lse: Tensor, is_causal: bool, scale: Optional[float]) -> Tensor:
+    """The attention probabilities exp(q k^T * scale - lse) the ``math`` alternative keeps."""
+    s = q @ k.transpose(-1, -2)
+    s.mul_(scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+    if is_causal:
+        keep = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).tril()
+        s.masked_fill_(~keep, float("-inf"))
+    return s.sub_(lse.reshape(s.shape[:-1]).unsqueeze(-1)).exp_()
+
+
+@attention_probs.register_fake
+def _(q, k, lse, is_causal, scale):
+    return q.new_empty(tuple(q.shape[:-1]) + (k.shape[-2],))
+
+
+@torch.library.custom_op(f"{_NS}::attention_backward_from_probs", mutates_args=())
+def attention_backward_from_probs(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, probs: Tensor,
+                                  scale: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """Attention backward from the kept probabilities (``math``): (grad q, grad k, grad v)."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    dv = probs.transpose(-1, -2) @ grad
+    ds = grad @ v.transpose(-1, -2)
+    ds.sub_((ds * probs).sum(-1, keepdim=True)).mul_(probs)
+    return (ds @ k).mul_(scale), (ds.transpose(-1, -2) @ q).mul_(scale), dv
+
+
+@attention_backward_from_probs.register_fake
+def _(grad, q, k, v, probs, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 # ---------------------------------------------------------------------------- CUDA (numba)
