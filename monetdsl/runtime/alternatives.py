@@ -197,16 +197,28 @@ def _scale(attrs: dict) -> float:
     return 1.0 / (1.0 - attrs["p"])
 
 
+def _eager_mask(ctx: OpContext) -> dict:
+    """Dropout as eager runs it: on the CPU, a bool tensor filled by ``bernoulli_`` draws
+    exactly the mask (and consumes exactly the RNG) of eager's float mask and of
+    ``native_dropout``, without their float temporary and bool conversion; elsewhere the
+    captured ``native_dropout`` itself."""
+    x = ctx.inputs["x"]
+    if x.device.type != "cpu":
+        return ctx.call()
+    mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - ctx.attrs["p"])
+    return {"y": x.mul(mask).mul_(_scale(ctx.attrs)), "mask": mask}
+
+
 def _dropout_bool(ctx: OpContext, saved):
     if saved is None:
-        return ctx.call()
-    return {"y": aten.native_dropout_backward(ctx.inputs["x"], saved["mask"], _scale(ctx.attrs)), "mask": saved["mask"]}
+        return _eager_mask(ctx)
+    return {"y": ctx.inputs["x"].mul(saved["mask"]).mul_(_scale(ctx.attrs)), "mask": saved["mask"]}
 
 
 def _dropout_bits(ctx: OpContext, saved):
     x = ctx.inputs["x"]
     if saved is None:
-        out = ctx.call()  # eager's mask (the same RNG stream), kept as one bit per element
+        out = _eager_mask(ctx)  # eager's mask (the same RNG stream), kept as one bit per element
         return {"y": out["y"], "bits": mops.pack_bits(out["mask"])}
     return {"y": mops.apply_bits(x, saved["bits"], _scale(ctx.attrs)), "bits": saved["bits"]}
 
@@ -224,7 +236,7 @@ def _dropout_backward(alt: str):
             return {"x": mops.apply_bits(g, saved["bits"], _scale(ctx.attrs))}
         if alt == "from_seed":
             return {"x": mops.dropout_seeded(g, saved["seed"], ctx.attrs["p"])}
-        return {"x": aten.native_dropout_backward(g, saved["mask"], _scale(ctx.attrs))}
+        return {"x": g.mul(saved["mask"]).mul_(_scale(ctx.attrs))}  # native_dropout_backward's formula, one temporary less
 
     return run
 
@@ -261,6 +273,7 @@ FORWARD[("sdpa", "math")] = _sdpa_math
 RECOMPUTE = {("batch_norm", "default"), ("dropout", "bool_mask"), ("dropout", "bit_mask"), ("dropout", "rng_replay")}
 
 #: (kind, backward alternative) -> function(ctx, saved, grads) for alternatives that are not PyTorch's own
+#: (and for PyTorch's own where a leaner equivalent exists: FASTER)
 BACKWARD: dict[tuple[str, str], Callable] = {}
 for _kind in ("relu", "leaky_relu", "hardtanh"):
     for _alt in ("from_input", "from_output", "from_mask"):
@@ -276,13 +289,19 @@ for _alt in ("from_mask", "from_bits", "from_seed"):
     BACKWARD[("dropout", _alt)] = _dropout_backward(_alt)
 BACKWARD[("sdpa", "math")] = _sdpa_from_probs
 
+#: PyTorch's own backward alternatives replaced by an equivalent with the same result bit for bit
+FASTER = {("dropout", "from_mask")}
+
 
 def forward_function(kind: str, alt: str) -> Callable | None:
     """The runtime's function for a forward alternative; ``None``: run the captured call."""
     return FORWARD.get((kind, alt))
 
 
-def backward_function(kind: str, alt: str) -> Callable | None:
+def backward_function(kind: str, alt: str, first: bool = False) -> Callable | None:
     """The runtime's function for a backward alternative; ``None``: no hand-written one
-    (PyTorch's own alternative runs as a local backward graph)."""
+    (PyTorch's own alternative, ``first``, runs as a local backward graph unless a
+    bit-identical leaner one is listed in ``FASTER``)."""
+    if first and (kind, alt) not in FASTER:
+        return None
     return BACKWARD.get((kind, alt))

@@ -378,7 +378,7 @@ class _Adapter:
 
         def vjp(owner_value, *view_grads):
             leaf = owner_value.detach().requires_grad_()
-            outs = [p.materialize(leaf) for p in paths]
+            outs = materialize_shared(leaf, paths)
             return (torch.autograd.grad(outs, [leaf], list(view_grads), allow_unused=True)[0],)
 
         with torch.autograd.set_grad_enabled(True), mode:
@@ -387,6 +387,23 @@ class _Adapter:
         if args_read:
             raise LoweringError("the backward of a view reads the viewed tensor's values")
         return module
+
+
+def materialize_shared(owner: torch.Tensor, paths: Sequence[ArgPath]) -> list[torch.Tensor]:
+    """Views of ``owner`` along several paths, calling each shared prefix once: three
+    ``getitem``s of one ``split`` come from a single split, so autograd's backward of
+    the split is one ``cat`` of their gradients, as in eager autograd."""
+    made: dict = {(): owner}
+    out = []
+    for path in paths:
+        value, prefix = owner, ()
+        for step, key in zip(path.steps, _path_key(path)):
+            prefix = prefix + (key,)
+            if prefix not in made:
+                made[prefix] = ArgPath("", (step,)).materialize(value)
+            value = made[prefix]
+        out.append(value)
+    return out
 
 
 def _path_key(path: ArgPath) -> tuple:

@@ -229,7 +229,7 @@ def _backward_step(low: _OpLowering, bop, impl, *, first: bool) -> StepFn:
     fop = low.network.op(bop.of)
     grad_outs = [k for k, name in enumerate(low.out_names) if grad_name(name) in impl.reads]
     kind = low.kind.name if low.kind is not None else None
-    custom = backward_function(kind, impl.name) if kind is not None and not first else None
+    custom = backward_function(kind, impl.name, first) if kind is not None else None
     tensors = low.network.tensors
     allowed = set(impl.reads)
     if custom is None:
