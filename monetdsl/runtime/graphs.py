@@ -314,20 +314,26 @@ def _is_view_like(node: fx.Node) -> bool:
 
 
 def _stand_in_conv_inputs(graph: fx.Graph, backward: set) -> None:
-    """``convolution_backward`` takes the input even when it computes only the input
-    gradient, which needs just the input's shape: give it a one-element stand-in, so an
-    input-gradient step does not read (and keep alive) the activation."""
+    """``convolution_backward`` takes the input and the weight even when it computes only
+    one gradient, which needs just the other tensor's shape: give it a one-element
+    stand-in, so an input-gradient step does not read (and keep alive) the activation."""
     for node in list(graph.nodes):
         if node not in backward or packet_name(getattr(node, "target", None)) != "convolution_backward":
             continue
-        if node.args[10][1]:
-            continue  # the weight gradient does read the input
-        shape = list(example_of(node.args[1]).shape)
-        with graph.inserting_before(node):
-            tiny = graph.call_function(torch.ops.aten.new_empty.default, (node.args[0], [1]))
-            stand_in = graph.call_function(torch.ops.aten.expand.default, (tiny, shape))
-        node.update_arg(1, stand_in)
-        backward.update({tiny, stand_in})
+        mask = node.args[10]
+        # the input gradient needs the weight and only the input's shape; the weight
+        # gradient needs the input and only the weight's shape (so a weight that is an
+        # activation, a cast under autocast, is not read by the weight-gradient step)
+        for position, needed in ((1, mask[1]), (2, mask[0])):
+            if needed:
+                continue
+            original = node.args[position]
+            val = example_of(original)
+            with graph.inserting_before(node):
+                tiny = graph.call_function(torch.ops.aten.new_empty.default, (node.args[0], [1]), {"dtype": val.dtype})
+                stand_in = graph.call_function(torch.ops.aten.expand.default, (tiny, list(val.shape)))
+            node.update_arg(position, stand_in)
+            backward.update({tiny, stand_in})
 
 
 # ------------------------------------------------------------------------------ owner adapters

@@ -135,8 +135,7 @@ def masked_grad_(grad: Tensor, bits: Tensor, slope: float) -> None:
 def apply_bits(x: Tensor, bits: Tensor, scale: float) -> Tensor:
     """Dropout with a kept 1-bit mask: ``x * mask * scale`` (as ``native_dropout``
     computes it, so a recomputation equals the first forward bit for bit)."""
-    mask = _unpack_cpu(bits, x.numel()).reshape(x.shape)
-    return x.mul(mask).mul_(scale)
+    return _masked_scale(x, _unpack_cpu(bits, x.numel()).reshape(x.shape), scale)
 
 
 @apply_bits.register_fake
@@ -213,7 +212,15 @@ def dropout_seeded(x: Tensor, seed: Tensor, p: float) -> Tensor:
     from ..catalogue.dropout import mask_from_seed
 
     mask = mask_from_seed(seed, x.shape, p, x.device)
-    return x.mul(mask).mul_(1.0 / (1.0 - p))
+    return _masked_scale(x, mask, 1.0 / (1.0 - p))
+
+
+def _masked_scale(x: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """``x * mask * scale`` rounded as eager dropout rounds it (the mask is scaled in x's
+    dtype first; in single and double precision both orders round alike)."""
+    if x.dtype in (torch.float32, torch.float64):
+        return x.mul(mask).mul_(scale)
+    return x * (mask.to(x.dtype) * scale)
 
 
 @dropout_seeded.register_fake
