@@ -55,23 +55,32 @@ def twins(factory, seed: int = 0):
     return model, copy.deepcopy(model)
 
 
-def impl_combinations(network: Network) -> list[dict[str, str]]:
-    """Implementation choices that together use every alternative of every op: choice
-    ``j`` gives each forward op its ``j``-th alternative (cyclically) and each backward op
-    the ``j``-th of the alternatives whose derived reads that forward choice produces."""
+def impl_combinations(network: Network, limit: int = 12) -> list[dict[str, str]]:
+    """Implementation choices that together use every alternative of every op: each
+    choice gives every op the alternative it has used least so far (a backward op among
+    those whose derived reads the chosen forward alternative produces), until all ran."""
     idx = index(network)
-    width = max(len(op.impls) for op in (*network.forward_ops, *network.backward_ops))
+    used: dict[str, dict[str, int]] = {op.name: {i: 0 for i in op.impl_names} for op in (*network.forward_ops, *network.backward_ops)}
     combos = []
-    for j in range(width):
+    for _ in range(limit):
+        if all(min(counts.values()) > 0 for counts in used.values()):
+            break
         impls = {}
         for op in network.forward_ops:
-            impl = op.impls[j % len(op.impls)]
+            def remaining_backward(impl):
+                produced = set(impl.derived)
+                return sum(1 for b in idx.backward_of.get(op.name, ()) for alt in idx.backward_ops[b].impls
+                           if used[b][alt.name] == 0 and all(r not in idx.derived_by or r in produced for r in alt.reads))
+            impl = min(op.impls, key=lambda i: (used[op.name][i.name] > 0, -remaining_backward(i), used[op.name][i.name]))
             impls[op.name] = impl.name
+            used[op.name][impl.name] += 1
             produced = set(impl.derived)
             for bname in idx.backward_of.get(op.name, ()):
                 bop = idx.backward_ops[bname]
                 usable = [b for b in bop.impls if all(r not in idx.derived_by or r in produced for r in b.reads)]
-                impls[bname] = usable[j % len(usable)].name
+                pick = min(usable, key=lambda b: used[bname][b.name])
+                impls[bname] = pick.name
+                used[bname][pick.name] += 1
         combos.append(impls)
     return combos
 
@@ -89,3 +98,19 @@ def patch_dropout(model, impls: dict[str, str]):
             module.forward = forward
         elif isinstance(module, torch.nn.Dropout) and "forward" in module.__dict__:
             del module.forward
+
+
+class Reduced(torch.nn.Module):
+    """``model`` with a fixed linear loss inside, so the whole step is planned (a loss
+    computed outside the model is memory the plan cannot see)."""
+
+    def __init__(self, model: torch.nn.Module, shape):
+        super().__init__()
+        self.model = model
+        numel = 1
+        for d in shape:
+            numel *= d
+        self.register_buffer("weights", torch.linspace(-1, 1, numel).reshape(shape))
+
+    def forward(self, *inputs):
+        return (self.model(*inputs) * self.weights).sum()

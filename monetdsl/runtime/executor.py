@@ -145,7 +145,7 @@ class Executor:
         outputs; ``param_of(name)`` gives the parameter whose ``.grad`` receives a gradient."""
         env, fixed = state.env, state.fixed
         exclusive: set[str] = set()
-        env.update(seeds)
+        env.update(seeds)  # held by the caller until the backward ends, as the memory model says
         readers = Counter()
         for planned in self.plan.backward:
             readers.update(planned.grad_reads)
@@ -181,7 +181,7 @@ class Executor:
             for name in planned.grad_reads:
                 readers[name] -= 1
             for name in (*step.writes, *planned.grad_reads):
-                if name in env and readers[name] <= 0 and writers_left[name] <= 0:
+                if name in env and readers[name] <= 0 and writers_left[name] <= 0 and name not in seeds:
                     del env[name]
                     exclusive.discard(name)
             for name in planned.release_after:

@@ -148,6 +148,7 @@ class OptimizedModule(torch.nn.Module):
             for name, update in plan.buffer_updates:
                 fixed[name].copy_(update(fixed))
         state.hooks = _ddp_active() or _has_grad_hooks(self._orig_mod)
+        self._last_state_hooks = state.hooks
         out = plan.output_path.materialize(state.env[plan.output])
         return state, out.detach()
 

@@ -18,7 +18,8 @@ Execution model, in short:
   outputs are carried to the end.
 * Gradients live from their first writer to their last reader. A second writer of the
   same gradient allocates a temporary that is added into it; gradients of fixed tensors
-  (parameter gradients) are temporaries that go to fixed memory.
+  (parameter gradients) are temporaries that go to fixed memory. The seeds (gradients of
+  the network outputs) are the caller's: allocated when the backward starts, held to its end.
 * An in-place implementation destroys the input it overwrites (and any view of it): the
   input must not be read later in the stage nor be carried.
 
@@ -205,6 +206,7 @@ class _Replay:
         self.lines = schedule.source.splitlines() if schedule.source else []
         self.last_read_stage: dict[str, int] = {}
         self.carried_since: dict[str, int] = {}
+        self.seeds: set[str] = set()
 
     # reporting ---------------------------------------------------------------------
     def _diag(self, message: str, line: int = 0, severity: str = "error") -> Diagnostic:
@@ -262,6 +264,7 @@ class _Replay:
             for name in bop.outputs:
                 self.gradient_writers_left[name] += 1
         self.forward_stage()
+        self.seeds = set(self.idx.seeds())  # the caller holds them (autograd passes them in) until the backward ends
         for seed in self.idx.seeds():
             self.mem.attach(seed, self.mem.new(self.tensors[seed].storage_bytes))
         for t, stage in enumerate(order, start=1):
@@ -446,7 +449,8 @@ class _Replay:
                     self.gradient_readers[name] -= 1
             for name in set(outputs) | set(reads):
                 tensor = self.tensors[name]
-                if tensor.kind is TensorKind.GRADIENT and self.gradient_readers[name] <= 0 and self.gradient_writers_left[name] <= 0:
+                if (tensor.kind is TensorKind.GRADIENT and self.gradient_readers[name] <= 0 and self.gradient_writers_left[name] <= 0
+                        and name not in self.seeds):
                     mem.detach(name)
         for name in set(reads) | set(outputs):
             if name in mem and self.tensors[name].kind is not TensorKind.GRADIENT:
