@@ -107,20 +107,36 @@ def optimize(
     return module
 
 
+def _is_state(node: torch.fx.Node, example) -> bool:
+    """Whether a dynamo graph input is the module's own state (a parameter or buffer that
+    dynamo lifted to an input), not data the caller passes."""
+    if isinstance(example, torch.nn.Parameter):
+        return True
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", "")
+    name = name() if callable(name) else str(name)
+    return name.startswith("L['self']") or name.startswith("G[")
+
+
 class _GraphModel(torch.nn.Module):
-    """A dynamo graph as a model: the parameters it takes as inputs become parameters again."""
+    """A dynamo graph as a model: the parameters and buffers it takes as inputs become the
+    module's parameters and buffers again (the same tensor objects)."""
 
     def __init__(self, gm: torch.fx.GraphModule, example_inputs: list):
         super().__init__()
+        if hasattr(gm, "real_recompile"):
+            gm.real_recompile()  # generated code dynamo can trace again (the lazy stub is on its skip list)
         self.gm = gm
-        self.param_positions = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)]
-        self.params = torch.nn.ParameterList([example_inputs[i] for i in self.param_positions])
+        nodes = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.state = {i: t for i, (n, t) in enumerate(zip(nodes, example_inputs)) if _is_state(n, t)}
+        self.params = torch.nn.ParameterList([t for t in self.state.values() if isinstance(t, torch.nn.Parameter)])
+        for k, (i, t) in enumerate((i, t) for i, t in self.state.items() if not isinstance(t, torch.nn.Parameter)):
+            self.register_buffer(f"buffer{k}", t)
         self.n_inputs = len(example_inputs)
 
     def forward(self, *data):
         it = iter(data)
-        params = dict(zip(self.param_positions, self.params))
-        args = [params[i] if i in params else next(it) for i in range(self.n_inputs)]
+        args = [self.state[i] if i in self.state else next(it) for i in range(self.n_inputs)]
         out = self.gm(*args)
         return out[0] if isinstance(out, (list, tuple)) else out
 
@@ -137,9 +153,10 @@ def backend(*, budget: int | str | None = None, max_overhead: float | str | None
     def compile_graph(gm: torch.fx.GraphModule, example_inputs):
         outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
         n_out = len(outputs) if isinstance(outputs, (list, tuple)) else 1
-        params = [isinstance(t, torch.nn.Parameter) for t in example_inputs]
+        nodes = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        params = [_is_state(n, t) for n, t in zip(nodes, example_inputs)]
         data_need_grad = any(isinstance(t, torch.Tensor) and t.requires_grad and not p for t, p in zip(example_inputs, params))
-        if n_out != 1 or data_need_grad or not any(params):
+        if n_out != 1 or data_need_grad or not any(isinstance(t, torch.nn.Parameter) for t in example_inputs):
             warnings.warn("monetdsl.backend: this graph is not a whole training step (several outputs, an input that"
                           " needs a gradient, or no parameters); it runs unchanged", stacklevel=2)
             return gm.forward
