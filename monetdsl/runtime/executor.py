@@ -43,7 +43,10 @@ class PlannedStep:
     release_before: tuple[str, ...] = ()
     release_after: tuple[str, ...] = ()
     keep_existing: tuple[str, ...] = ()  # recomputed outputs already present: the new value is dropped
-    grad_reads: tuple[str, ...] = ()  # backward steps: the gradients among the reads
+    # backward steps, decided once (the simulator's counters, run ahead of time):
+    accumulate: frozenset = frozenset()  # gradients this step writes that an earlier writer created
+    last_param_writes: frozenset = frozenset()  # parameter gradients this step writes last
+    grad_release: tuple[str, ...] = ()  # gradients whose last reader and writer this step is
 
 
 @dataclass
@@ -90,8 +93,7 @@ def plan_steps(network: Network, schedule: Schedule, program: Program) -> StepPl
                 if name not in carried and last_use.get(name, -1) <= pos:
                     after.append(name)
                     present.discard(name)
-            grad_reads = tuple(n for n in step.reads if tensors[n].kind is TensorKind.GRADIENT) if kind == "backward" else ()
-            planned.append(PlannedStep(t, kind, step, before if pos == 0 else (), tuple(after), existing, grad_reads))
+            planned.append(PlannedStep(t, kind, step, before if pos == 0 else (), tuple(after), existing))
         return planned
 
     present: set[str] = set()
@@ -107,8 +109,41 @@ def plan_steps(network: Network, schedule: Schedule, program: Program) -> StepPl
     for bop in network.backward_ops:
         writers.update(bop.outputs)
     param_grads = {g: t.grad_of for g, t in tensors.items() if t.kind is TensorKind.GRADIENT and t.grad_of and tensors[t.grad_of].is_fixed}
+    backward = _gradient_lifetimes(backward, tensors, writers, param_grads, set(idx.seeds()))
     del impls
     return StepPlan(forward, backward, idx.seeds(), param_grads, writers, tuple(sorted(set(schedule.forward_keep) | outputs)))
+
+
+def _gradient_lifetimes(steps: list[PlannedStep], tensors, writers: Counter, param_grads: dict, seeds: set) -> list[PlannedStep]:
+    """Fill in, for every backward step, which gradients it adds into, which parameter
+    gradients it writes last and which gradients die after it (first writer to last reader)."""
+    readers = Counter()
+    for planned in steps:
+        if planned.kind == "backward":
+            readers.update(n for n in planned.step.reads if tensors[n].kind is TensorKind.GRADIENT)
+    writers_left = Counter(writers)
+    written: set[str] = set()
+    out = []
+    for planned in steps:
+        if planned.kind != "backward":
+            out.append(planned)
+            continue
+        step = planned.step
+        accumulate = frozenset(n for n in step.writes if n in written and n not in param_grads)
+        last = set()
+        for name in step.writes:
+            writers_left[name] -= 1
+            written.add(name)
+            if name in param_grads and writers_left[name] == 0:
+                last.add(name)
+        grad_reads = [n for n in step.reads if tensors[n].kind is TensorKind.GRADIENT]
+        for name in grad_reads:
+            readers[name] -= 1
+        release = tuple(dict.fromkeys(n for n in (*step.writes, *grad_reads)
+                                      if n not in param_grads and n not in seeds and readers[n] <= 0 and writers_left[n] <= 0))
+        out.append(PlannedStep(planned.stage, planned.kind, step, planned.release_before, planned.release_after,
+                               planned.keep_existing, accumulate, frozenset(last), release))
+    return out
 
 
 @dataclass
@@ -117,6 +152,7 @@ class StepState:
 
     env: dict = field(default_factory=dict)
     fixed: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)  # the model's parameters by name, at the forward
     hooks: bool = False
 
 
@@ -144,12 +180,8 @@ class Executor:
         """Run every backward stage. ``seeds``: gradient name -> tensor for the network
         outputs; ``param_of(name)`` gives the parameter whose ``.grad`` receives a gradient."""
         env, fixed = state.env, state.fixed
-        exclusive: set[str] = set()
+        exclusive: set[str] = set()  # gradients whose storage is ours alone (may be added into in place)
         env.update(seeds)  # held by the caller until the backward ends, as the memory model says
-        readers = Counter()
-        for planned in self.plan.backward:
-            readers.update(planned.grad_reads)
-        writers_left = Counter(self.plan.writers)
         param_grads = self.plan.param_grads
         grads = _GradientSink(self.plan, param_of, state.hooks)
         observe = self.observe
@@ -165,11 +197,10 @@ class Executor:
             in_ptrs = {v.untyped_storage().data_ptr() for v in values}
             del values
             for name, value in zip(step.writes, results):
-                writers_left[name] -= 1
                 fresh = value.untyped_storage().data_ptr() not in in_ptrs
                 if name in param_grads:
-                    grads.write(name, value, last=writers_left[name] == 0, fresh=fresh)
-                elif name in env:
+                    grads.write(name, value, last=name in planned.last_param_writes, fresh=fresh)
+                elif name in planned.accumulate:
                     env[name] = _accumulate(env[name], value, name in exclusive, fresh)
                     exclusive.add(name)
                 else:
@@ -178,12 +209,9 @@ class Executor:
                         exclusive.add(name)
                 value = None  # a loop variable would keep the last output alive past its release
             del results
-            for name in planned.grad_reads:
-                readers[name] -= 1
-            for name in (*step.writes, *planned.grad_reads):
-                if name in env and readers[name] <= 0 and writers_left[name] <= 0 and name not in seeds:
-                    del env[name]
-                    exclusive.discard(name)
+            for name in planned.grad_release:
+                env.pop(name, None)
+                exclusive.discard(name)
             for name in planned.release_after:
                 env.pop(name, None)
             if observe is not None:

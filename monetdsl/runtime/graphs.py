@@ -200,11 +200,12 @@ def local_backward(
     outputs: Sequence[fx.Node],
     wanted: Sequence[int],
     grads_given: Sequence[int],
+    resident: Sequence[int] = (),
 ) -> LocalBackward:
     """Trace the backward of ``members`` (calls reading ``arg_nodes``, producing ``outputs``)
     for the gradients of the arguments at positions ``wanted``, given the gradients of the
     outputs at positions ``grads_given``. Cached by the group's signature."""
-    key = (_signature(members, arg_nodes, outputs), tuple(wanted), tuple(grads_given))
+    key = (_signature(members, arg_nodes, outputs), tuple(wanted), tuple(grads_given), tuple(sorted(resident)))
     cached = _CACHE.get(key)
     if cached is not None:
         return cached
@@ -229,13 +230,13 @@ def local_backward(
 
     with torch.autograd.set_grad_enabled(True), mode:
         traced = make_fx(joint, tracing_mode="real")(*arg_examples, *grad_examples)
-    result = _cut_backward(traced, n_args, len(grads_given), len(wanted), len(outputs))
+    result = _cut_backward(traced, n_args, len(grads_given), len(wanted), len(outputs), set(resident))
     local = LocalBackward(result[0], result[1], result[2], tuple(grads_given), wanted)
     _CACHE[key] = local
     return local
 
 
-def _cut_backward(traced: fx.GraphModule, n_args: int, n_grads: int, n_wanted: int, n_outputs: int):
+def _cut_backward(traced: fx.GraphModule, n_args: int, n_grads: int, n_wanted: int, n_outputs: int, resident: set = frozenset()):
     """Keep the part of a traced joint graph that computes the wanted gradients; what it
     reads from the forward part becomes inputs (arguments and outputs of the op)."""
     graph = traced.graph
@@ -253,7 +254,7 @@ def _cut_backward(traced: fx.GraphModule, n_args: int, n_grads: int, n_wanted: i
     for node in nodes:
         if node.op == "call_function" and (position[node] > boundary or any(a in backward for a in node.all_input_nodes)):
             backward.add(node)
-    _stand_in_conv_inputs(graph, backward)
+    _stand_in_conv_inputs(graph, backward, {ph: i for i, ph in enumerate(arg_ph)}, resident)
     output_index = {n: k for k, n in enumerate(fwd_outputs) if isinstance(n, fx.Node)}
     arg_index = {n: i for i, n in enumerate(arg_ph)}
     needed: set = set()
@@ -294,6 +295,13 @@ def _cut_backward(traced: fx.GraphModule, n_args: int, n_grads: int, n_wanted: i
     return fx.GraphModule(torch.nn.Module(), new), args_read, outputs_read
 
 
+def _root_arg(node: fx.Node, arg_of: dict):
+    """The argument position a value is an alias of (``detach(arg)``...), if any."""
+    while node not in arg_of and node.op == "call_function" and _is_view_like(node) and node.args:
+        node = node.args[0]
+    return arg_of.get(node)
+
+
 def _constant(node: fx.Node, arg_index: dict, output_index: dict) -> bool:
     """A value that depends on no argument and no output (``zeros``, ``full``...): the
     backward may compute it itself."""
@@ -313,7 +321,7 @@ def _is_view_like(node: fx.Node) -> bool:
     return node.op == "call_function" and (node.target is operator.getitem or is_alias(node))
 
 
-def _stand_in_conv_inputs(graph: fx.Graph, backward: set) -> None:
+def _stand_in_conv_inputs(graph: fx.Graph, backward: set, arg_of: dict, resident: set) -> None:
     """``convolution_backward`` takes the input and the weight even when it computes only
     one gradient, which needs just the other tensor's shape: give it a one-element
     stand-in, so an input-gradient step does not read (and keep alive) the activation."""
@@ -325,8 +333,8 @@ def _stand_in_conv_inputs(graph: fx.Graph, backward: set) -> None:
         # gradient needs the input and only the weight's shape (so a weight that is an
         # activation, a cast under autocast, is not read by the weight-gradient step)
         for position, needed in ((1, mask[1]), (2, mask[0])):
-            if needed:
-                continue
+            if needed or _root_arg(node.args[position], arg_of) in resident:
+                continue  # a resident tensor (a parameter) costs nothing to pass; a stand-in would be copied
             original = node.args[position]
             val = example_of(original)
             with graph.inserting_before(node):
@@ -361,15 +369,15 @@ class _Adapter:
         self.modules: dict = {}
 
     def __call__(self, *grads):
-        layout = tuple((tuple(g.shape), tuple(g.stride()), g.dtype) for g in grads)
-        module = self.modules.get(layout)
-        if module is None:
-            key = (self.owner_meta, self.path_key, layout)
+        layout = tuple((g.shape, g.stride(), g.dtype) for g in grads)
+        forward = self.modules.get(layout)
+        if forward is None:
+            key = (self.owner_meta, self.path_key, tuple((tuple(g.shape), tuple(g.stride()), g.dtype) for g in grads))
             module = _ADAPTERS.get(key)
             if module is None:
                 module = _ADAPTERS[key] = self._trace(grads)
-            self.modules[layout] = module
-        return module(*grads)[0]
+            forward = self.modules[layout] = module.forward
+        return forward(*grads)[0]
 
     def _trace(self, grads) -> fx.GraphModule:
         from torch._subclasses.fake_tensor import FakeTensorMode

@@ -122,8 +122,7 @@ class OptimizedModule(torch.nn.Module):
         plan = self.plan_for(*inputs)
         return _ScheduledStep.apply(self, plan, self._anchor, *inputs)
 
-    def _fixed(self, plan: RuntimePlan, inputs) -> dict:
-        params = dict(self._orig_mod.named_parameters())
+    def _fixed(self, plan: RuntimePlan, inputs, params: dict) -> dict:
         buffers = dict(self._orig_mod.named_buffers())
         fixed = {}
         for name, (kind, key, position) in plan.fixed_sources.items():
@@ -142,12 +141,14 @@ class OptimizedModule(torch.nn.Module):
 
     def _forward_pass(self, plan: RuntimePlan, inputs):
         executor = Executor(plan.spec.network, plan.steps, self._observe)
+        params = dict(self._orig_mod.named_parameters())
         with torch.no_grad(), _no_autocast():
-            fixed = self._fixed(plan, inputs)
+            fixed = self._fixed(plan, inputs, params)
             state = executor.forward(fixed)
             for name, update in plan.buffer_updates:
                 fixed[name].copy_(update(fixed))
-        state.hooks = _ddp_active() or _has_grad_hooks(self._orig_mod)
+        state.params = params
+        state.hooks = _ddp_active() or _has_grad_hooks(params.values())
         self._last_state_hooks = state.hooks
         out = plan.output_path.materialize(state.env[plan.output])
         return state, out.detach()
@@ -156,7 +157,7 @@ class OptimizedModule(torch.nn.Module):
         executor = Executor(plan.spec.network, plan.steps, self._observe)
         owner = state.env[plan.output]
         seed = _grad_of_owner(plan, owner, grad)
-        params = dict(self._orig_mod.named_parameters())
+        params = state.params
         keys = {name: key for name, (kind, key, _) in plan.fixed_sources.items() if kind == "param"}
 
         def param_of(name: str):
@@ -180,8 +181,8 @@ def _grad_of_owner(plan: RuntimePlan, owner: torch.Tensor, grad: torch.Tensor) -
     return adapter(grad)
 
 
-def _has_grad_hooks(model: torch.nn.Module) -> bool:
-    for p in model.parameters():
+def _has_grad_hooks(params) -> bool:
+    for p in params:
         if getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks", None):
             return True
     return False

@@ -101,6 +101,42 @@ class _OpLowering:
             env[node] = call_node(node, value_of)
         return [value_of(v) for v in self.out_nodes]
 
+    def compiled_call(self) -> Callable[[list], list]:
+        """:meth:`call` without per-call interpretation: the argument template of a single
+        captured call is built once (groups of several calls use :meth:`call`)."""
+        if len(self.members) != 1:
+            return self.call
+        node = self.members[0]
+        position = self.arg_index
+        target = node.target
+
+        def getter(a):
+            if isinstance(a, fx.Node):
+                i = position[a]
+                return lambda args: args[i]
+            if isinstance(a, (list, tuple)) and any(isinstance(b, fx.Node) for b in a):
+                parts = [getter(b) for b in a]
+                kind = type(a)
+                return lambda args: kind(g(args) for g in parts)
+            return lambda args, a=a: a
+
+        arg_getters = [getter(a) for a in node.args]
+        kw_getters = {k: getter(v) for k, v in node.kwargs.items()}
+        picks = []
+        for v in self.out_nodes:
+            if v is node:
+                picks.append(None)
+            elif v.target is operator.getitem and v.args[0] is node:
+                picks.append(v.args[1])
+            else:
+                return self.call
+
+        def run(args):
+            result = target(*[g(args) for g in arg_getters], **{k: g(args) for k, g in kw_getters.items()})
+            return [result if k is None else result[k] for k in picks]
+
+        return run
+
     def role_inputs(self, args: list) -> dict:
         binding = self.record.binding
         return {role: args[self.arg_index[node]] for role, node in binding.inputs.items() if isinstance(node, fx.Node)}
@@ -163,12 +199,13 @@ def _forward_step(low: _OpLowering, op, impl, *, recompute: bool) -> StepFn:
     use_saved = recompute and (kind, impl.name) in RECOMPUTE
 
     if special is None:
-        out_names = low.out_names
+        call = low.compiled_call()
+        getters = _arg_getters(low.paths, reads)
+        picks = [low.out_names.index(w) for w in writes]
 
         def fn(*values):
-            env = dict(zip(reads, values))
-            outs = dict(zip(out_names, low.call(low.materialize(env))))
-            return tuple(outs[w] for w in writes)
+            outs = call([g(values) for g in getters])
+            return tuple(outs[k] for k in picks)
     else:
         def fn(*values):
             env = dict(zip(reads, values))
@@ -180,6 +217,19 @@ def _forward_step(low: _OpLowering, op, impl, *, recompute: bool) -> StepFn:
             return tuple(by_name[w] for w in writes)
 
     return StepFn(op.name, reads, writes, fn, impl.overwrites)
+
+
+def _arg_getters(paths, reads) -> list[Callable]:
+    """For each argument path: a function of the step's read values (in ``reads`` order)
+    that rebuilds the argument from its owner."""
+    getters = []
+    for path in paths:
+        i = reads.index(path.owner)
+        if path.is_identity:
+            getters.append(lambda values, i=i: values[i])
+        else:
+            getters.append(lambda values, i=i, path=path: path.materialize(values[i]))
+    return getters
 
 
 # ----------------------------------------------------------------------------- backward steps
@@ -235,7 +285,8 @@ def _backward_step(low: _OpLowering, bop, impl, *, first: bool) -> StepFn:
     if custom is None:
         if not first:
             raise LoweringError(f"{bop.name}: the runtime has no implementation of backward alternative {impl.name}")
-        local = local_backward(low.members, low.arg_nodes, low.out_nodes, wanted, grad_outs)
+        resident = [i for i, p in enumerate(low.paths) if tensors[p.owner].is_fixed]
+        local = local_backward(low.members, low.arg_nodes, low.out_nodes, wanted, grad_outs, resident)
         arg_reads = [low.paths[i] for i in local.args_read]
         out_reads = [low.out_names[k] for k in local.outputs_read]
         grad_reads = [grad_name(low.out_names[k]) for k in grad_outs]
@@ -245,14 +296,14 @@ def _backward_step(low: _OpLowering, bop, impl, *, first: bool) -> StepFn:
                                     f" implementation does not list")
         position = {w: j for j, w in enumerate(wanted)}
         reads = reads + tuple(sorted({p.owner for p in arg_reads if p.owner not in allowed}))
+        getters = _arg_getters(arg_reads, reads) + [(lambda values, i=reads.index(n): values[i]) for n in (*out_reads, *grad_reads)]
+        forward = local.module.forward
+        plans = [([position[i] for i in positions], adapter) for _, positions, adapter in adapters]
+        shapes = {j: example_of(low.arg_nodes[i]) for i, j in position.items()}
 
         def fn(*values):
-            env = dict(zip(reads, values))
-            inputs = [p.materialize(env[p.owner]) for p in arg_reads]
-            inputs += [env[n] for n in out_reads]
-            inputs += [env[g] for g in grad_reads]
-            arg_grads = local(*inputs)
-            return _to_owners(adapters, lambda i: arg_grads[position[i]], low, wanted)
+            arg_grads = forward(*[g(values) for g in getters])
+            return _owner_grads(plans, arg_grads, shapes)
     else:
         role_of_arg = {low.arg_index[n]: r for r, n in low.record.binding.inputs.items() if isinstance(n, fx.Node)}
         alt = next(a for s in low.kind.backward_steps(low.record.binding) for a in s.alts if a.name == impl.name)
@@ -278,6 +329,16 @@ def _backward_step(low: _OpLowering, bop, impl, *, first: bool) -> StepFn:
             return _to_owners(adapters, lambda i: role_grads.get(role_of_arg[i]), low, wanted)
 
     return StepFn(bop.name, reads, writes, fn)
+
+
+def _owner_grads(plans, arg_grads, shapes) -> tuple:
+    """Gradients of the owners from the gradients of the arguments (``plans``: per owner
+    the argument positions and the adapter; ``None`` gradients become zeros)."""
+    out = []
+    for positions, adapter in plans:
+        grads = [arg_grads[j] if arg_grads[j] is not None else torch.zeros(shapes[j].shape, dtype=shapes[j].dtype, device=shapes[j].device) for j in positions]
+        out.append(grads[0] if adapter is None else adapter(*grads))
+    return tuple(out)
 
 
 def _to_owners(adapters, grad_of_arg, low: _OpLowering, wanted) -> tuple:
