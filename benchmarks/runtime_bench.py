@@ -136,8 +136,15 @@ def monetdsl_schedules(model, inputs):
     add("monetdsl store-all (PyTorch impls)", build_schedule(network, first, forward_keep=keep_all, spec_path="", fingerprint=spec.fingerprint))
     add("monetdsl chen-sqrt", solve(spec, "chen-sqrt").schedule)
     lean = lean_impls(network)
-    add("monetdsl per-block (lean impls)", build_schedule(network, lean, forward_keep=block_outputs(network, model), promote="needed",
+    blocks = block_outputs(network, model)
+    add("monetdsl per-block (PyTorch impls)", build_schedule(network, first, forward_keep=blocks, promote="needed",
+                                                              spec_path="", fingerprint=spec.fingerprint))
+    add("monetdsl per-block (lean impls)", build_schedule(network, lean, forward_keep=blocks, promote="needed",
                                                            spec_path="", fingerprint=spec.fingerprint))
+    expensive = {t for op in network.forward_ops if trace.ops[op.name].kind is not None
+                 and trace.ops[op.name].kind.name in ("conv", "matmul", "sdpa") for t in op.outputs}
+    add("monetdsl selective (keep conv/matmul/attention outputs)",
+        build_schedule(network, first, forward_keep=(keep_all & expensive) | set(blocks), spec_path="", fingerprint=spec.fingerprint))
     peaks = {m: solve(spec, m) for m in ("store-all", "chen-sqrt", "recompute-all")}
     smallest = min(peaks.values(), key=lambda r: (r.simulation.peak_bytes, r.simulation.compute_us))
     add(f"monetdsl minimum peak ({smallest.details.get('chosen', smallest.method)})", smallest.schedule)

@@ -108,10 +108,14 @@ def run(args) -> int:
         from ..grammar import format_schedule, format_spec
         from ..io import atomic_write
 
+        from ..ir import Schedule
+
         out = Path(args.output)
         spec_path = out.with_name(out.name.replace(".monet", "") + ".spec.monet")
         atomic_write(str(spec_path), format_spec(plan.spec))
-        atomic_write(str(out), format_schedule(plan.schedule, plan.spec.network))
+        s = plan.schedule
+        named = Schedule(spec_path.name, s.fingerprint, s.impls, s.forward_keep, s.stages)  # names the spec written beside it
+        atomic_write(str(out), format_schedule(named, plan.spec.network))
         data["output"] = str(out)
         data["spec_output"] = str(spec_path)
     if args.json:
