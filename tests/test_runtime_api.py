@@ -171,3 +171,10 @@ def test_bench_command(tmp_path, capsys):
     assert data["peak_vs_eager"] < 1 and data["time_vs_eager"] > 0
     assert main(["bench", "monetdsl.models:small_cnn", "--input", "4x3x32x32", "--probe", "nose"]) == 1
     assert "--probe nose" in capsys.readouterr().err
+
+
+def test_profiled_costs_choose_this_machines_implementations():
+    optimized = monetdsl.optimize(Tiny(), torch.randn(16, 8), max_overhead=0.1, profile=True)
+    plan = optimized.plans[0]
+    assert plan.trace.cost_model.startswith("measured on cpu")
+    assert plan.simulation.overhead <= 0.1

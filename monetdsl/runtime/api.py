@@ -78,6 +78,7 @@ def optimize(
     method: str = "auto",
     optimizer: str = "adam",
     cache_dir: str | None = None,
+    profile: bool = False,
 ) -> OptimizedModule:
     """A module that trains ``model`` with a schedule and is called like it.
 
@@ -88,14 +89,16 @@ def optimize(
     is traced and solved on first use for each input signature (with ``example_inputs``,
     right away), cached by the graph's fingerprint (and in ``cache_dir`` when given).
     Parameters and buffers are the model's own: an optimizer built on
-    ``model.parameters()`` keeps working.
+    ``model.parameters()`` keeps working. ``profile=True`` times every op and alternative
+    on the inputs' device while tracing (instead of the roofline), so the schedule's
+    implementation choices and overhead are this machine's.
     """
     if not isinstance(model, torch.nn.Module):
         raise _usage(f"optimize takes an nn.Module, not {type(model).__name__}")
     if optimizer not in OPTIMIZERS:
         raise _usage(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
     constraints = _constraints(budget, max_overhead, schedule, method)
-    module = OptimizedModule(model, constraints, optimizer=optimizer, cache_dir=cache_dir)
+    module = OptimizedModule(model, constraints, optimizer=optimizer, cache_dir=cache_dir, profile=profile)
     inputs = _as_inputs(example_inputs)
     if inputs:
         was = model.training

@@ -72,8 +72,9 @@ class OptimizedModule(torch.nn.Module):
     """``model`` trained with schedules; call it like the model."""
 
     def __init__(self, model: torch.nn.Module, constraints: Constraints, *, optimizer: str = "adam",
-                 cache_dir: str | None = None, observe=None):
+                 cache_dir: str | None = None, observe=None, profile: bool = False):
         super().__init__()
+        self._profile = profile
         self._orig_mod = model
         self._constraints = constraints
         self._optimizer = optimizer
@@ -103,7 +104,7 @@ class OptimizedModule(torch.nn.Module):
         plan = self._plans.get(key)
         if plan is None:
             plan = build_plan(self._orig_mod, list(inputs), self._constraints, optimizer=self._optimizer,
-                              cache_dir=self._cache_dir, trace=trace)
+                              cache_dir=self._cache_dir, trace=trace, profile=self._profile)
             self._plans[key] = plan
         return plan
 

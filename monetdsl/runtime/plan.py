@@ -84,17 +84,18 @@ def clear_caches() -> None:
     _SCHEDULES.clear()
 
 
-def trace_for_runtime(model: torch.nn.Module, inputs, *, optimizer: str, device: str | None = None):
-    """Trace ``model`` on ``inputs`` ending at its output; the cost model follows the inputs' device."""
+def trace_for_runtime(model: torch.nn.Module, inputs, *, optimizer: str, device: str | None = None, profile: bool = False):
+    """Trace ``model`` on ``inputs`` ending at its output; the cost model follows the inputs'
+    device (its roofline preset, or with ``profile`` every op and alternative timed on it)."""
     from ..tracing import trace_model
     from ..tracing.capture import CaptureError
 
     on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
     preset = device or ("cuda" if on_cuda else "cpu")
     try:
-        return trace_model(model, list(inputs), loss="output", device=preset, optimizer=optimizer)
+        return trace_model(model, list(inputs), loss="output", device=preset, optimizer=optimizer, profile=profile)
     except CaptureError:
-        if preset != "cuda":
+        if preset != "cuda" or profile:
             raise
         return trace_model(model, list(inputs), loss="output", device="A100", optimizer=optimizer)
 
@@ -168,9 +169,9 @@ def _write_cache(spec: Spec, key, found, cache_dir: str | None) -> None:
 
 
 def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, optimizer: str, cache_dir: str | None = None,
-               trace=None) -> RuntimePlan:
+               trace=None, profile: bool = False) -> RuntimePlan:
     """Trace (unless ``trace`` is given), schedule and lower ``model`` for these inputs."""
-    trace = trace or trace_for_runtime(model, inputs, optimizer=optimizer)
+    trace = trace or trace_for_runtime(model, inputs, optimizer=optimizer, profile=profile)
     spec = trace.spec
     schedule, simulation = schedule_for(spec, constraints, cache_dir)
     network = spec.network
