@@ -2,7 +2,6 @@
 statistics, autocast, optimizer steps, gradient accumulation, eval/no_grad, DDP."""
 from __future__ import annotations
 
-import copy
 import os
 import socket
 import subprocess
@@ -170,3 +169,18 @@ def test_ddp_gloo_two_processes_same_gradients(tmp_path):
     for r, (proc, result) in enumerate(zip(procs, results)):
         assert proc.returncode == 0, outputs[r][-2000:]
         assert result.read_text() == "ok", result.read_text()
+
+
+def test_gradient_hooks_fire_once_with_the_whole_gradient():
+    """Hooks on parameters (gradient clipping, optimizer-in-backward) see what eager shows them."""
+    model, reference = twins(tiny_gpt)  # the token embedding is tied to the output layer: two writers
+    x = torch.randint(0, 512, (2, 16))
+    optimized, _ = _recompute_all(model, x)
+    seen, seen_ref = [], []
+    model.wte.weight.register_hook(lambda g: seen.append(g.clone()))
+    reference.wte.weight.register_hook(lambda g: seen_ref.append(g.clone()))
+    (out1, g1), (out2, g2) = eager_step(optimized, [x], 3), eager_step(reference, [x], 3)
+    assert optimized._last_state_hooks
+    assert len(seen) == len(seen_ref) == 1
+    torch.testing.assert_close(seen[0], seen_ref[0])
+    torch.testing.assert_close(g1["wte.weight"], g2["wte.weight"])

@@ -7,7 +7,7 @@ its last use); ``torch.compile(model, backend=monetdsl.backend(...))`` does the 
 for code already on torch.compile; ``monetdsl.measure`` compares the measured peak
 memory of training steps with the planned one.
 
-Import cost: torch and numba (for the CUDA kernels' registration).
+Import cost: torch (numba is imported when a CUDA kernel first runs).
 """
 from .api import backend, optimize
 from .memory import MeasuredStep, measure

@@ -238,12 +238,6 @@ class Executor:
             self.observe(planned, env)
 
 
-def _ptr(value) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.untyped_storage().data_ptr()
-    return id(value)
-
-
 def _accumulate(existing: torch.Tensor, new: torch.Tensor, owned: bool, new_fresh: bool) -> torch.Tensor:
     """Add a later writer's gradient into an existing one, in place, as the memory model
     has it (the new one is a temporary): into the existing tensor when it is ours alone,
@@ -261,19 +255,28 @@ class _GradientSink:
 
     Without listeners, ``.grad`` is set (taking the tensor, as autograd's accumulation
     does) or added into in place, so the temporary is released at once. When DDP or
-    gradient hooks listen, the last writer's gradient goes through
-    ``torch.autograd.backward`` on the parameter, which runs them as eager training would."""
+    gradient hooks listen, the whole gradient goes through ``torch.autograd.backward`` on
+    the parameter at its last writer, which runs them as eager training would (a shared
+    parameter's partial sum is then held between its writers: memory the plan does not count)."""
 
     def __init__(self, plan: StepPlan, param_of: Callable[[str], torch.Tensor], hooks: bool):
         self.plan = plan
         self.param_of = param_of
         self.hooks = hooks
+        self.pending: dict[str, torch.Tensor] = {}
 
     def write(self, grad: str, value: torch.Tensor, *, last: bool, fresh: bool) -> None:
         param = self.param_of(self.plan.param_grads[grad])
         if param is None or not param.requires_grad:
             return
-        if self.hooks and last:
+        if self.hooks:
+            # listeners (DDP's reducer, gradient hooks) must see the whole gradient once, as
+            # eager autograd shows it: a shared parameter's partial sums wait for its last writer
+            if grad in self.pending:
+                value = self.pending.pop(grad) + value
+            if not last:
+                self.pending[grad] = value if fresh else value.clone()
+                return
             torch.autograd.backward([param], [value])
             return
         if param.grad is None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -51,8 +52,8 @@ class LiveTensorProbe(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         inputs = {_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-                continue
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta" or isinstance(t, FakeTensor):
+                continue  # fake tensors (a graph traced meanwhile) own no memory
             storage = t.untyped_storage()
             key = storage.data_ptr()
             if key == 0 or key in self._tracked or key in inputs:

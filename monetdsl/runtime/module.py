@@ -11,7 +11,6 @@ mode or under ``torch.no_grad()`` the model simply runs eagerly.
 from __future__ import annotations
 
 import operator
-import warnings
 from typing import Any
 
 import torch
@@ -203,7 +202,3 @@ class _no_autocast:
         for c in reversed(self._contexts):
             c.__exit__(*exc)
         return False
-
-
-def _warn_once(message: str) -> None:
-    warnings.warn(message, stacklevel=3)

@@ -68,7 +68,6 @@ class _OpLowering:
         out_map = facts.outputs[record.node]
         self.out_nodes = [v for v in out_map.values() if v in value_names]
         self.out_names = [value_names[v] for v in self.out_nodes]
-        self.out_index_of = dict(zip(self.out_nodes, range(len(self.out_nodes))))
         kind, binding = record.kind, record.binding
         self.kind = kind
         self.attrs = binding.attrs if binding is not None else {}
@@ -313,20 +312,19 @@ def _backward_step(low: _OpLowering, bop, impl, *, first: bool) -> StepFn:
         extra = {low.paths[low.arg_index[n]].owner for n in input_roles.values()} | {low.role_names[r] for r in read_roles if r not in input_roles}
         reads = reads + tuple(sorted(n for n in extra if n not in allowed))
         out_roles = {low.out_role[k]: grad_name(low.out_names[k]) for k in grad_outs if k in low.out_role}
+        saved_getters = {r: (_arg_getters([low.paths[low.arg_index[node]]], reads)[0] if (node := input_roles.get(r)) is not None
+                             else (lambda values, i=reads.index(low.role_names[r]): values[i])) for r in read_roles}
+        grad_getters = {role: (lambda values, i=reads.index(g): values[i]) for role, g in out_roles.items()}
+        wanted_roles = [role_of_arg[i] for i in wanted]
+        plans = [([wanted.index(i) for i in positions], adapter) for _, positions, adapter in adapters]
+        shapes = {j: example_of(low.arg_nodes[i]) for j, i in enumerate(wanted)}
+        ctx = OpContext(kind, ctx_attrs, {}, lambda: {})
 
         def fn(*values):
-            env = dict(zip(reads, values))
-            saved = {}
-            for r in read_roles:
-                node = input_roles.get(r)
-                if node is not None:
-                    saved[r] = low.paths[low.arg_index[node]].materialize(env[low.paths[low.arg_index[node]].owner])
-                else:
-                    saved[r] = env[low.role_names[r]]
-            grads = {role: env[g] for role, g in out_roles.items()}
-            ctx = OpContext(kind, ctx_attrs, {}, lambda: {})
+            saved = {r: g(values) for r, g in saved_getters.items()}
+            grads = {role: g(values) for role, g in grad_getters.items()}
             role_grads = custom(ctx, saved, grads)
-            return _to_owners(adapters, lambda i: role_grads.get(role_of_arg[i]), low, wanted)
+            return _owner_grads(plans, [role_grads.get(r) for r in wanted_roles], shapes)
 
     return StepFn(bop.name, reads, writes, fn)
 
@@ -337,18 +335,5 @@ def _owner_grads(plans, arg_grads, shapes) -> tuple:
     out = []
     for positions, adapter in plans:
         grads = [arg_grads[j] if arg_grads[j] is not None else torch.zeros(shapes[j].shape, dtype=shapes[j].dtype, device=shapes[j].device) for j in positions]
-        out.append(grads[0] if adapter is None else adapter(*grads))
-    return tuple(out)
-
-
-def _to_owners(adapters, grad_of_arg, low: _OpLowering, wanted) -> tuple:
-    out = []
-    for _, positions, adapter in adapters:
-        grads = []
-        for i in positions:
-            g = grad_of_arg(i)
-            if g is None:
-                g = torch.zeros(example_of(low.arg_nodes[i]).shape, dtype=example_of(low.arg_nodes[i]).dtype)
-            grads.append(g)
         out.append(grads[0] if adapter is None else adapter(*grads))
     return tuple(out)
