@@ -33,6 +33,28 @@ def trace(model, example_inputs, **options) -> Spec:
     return _trace(model, example_inputs, **options)
 
 
+def optimize(model, example_inputs=None, **options):
+    """A module that trains ``model`` with a schedule; see :func:`monetdsl.runtime.optimize`
+    (options: ``budget``, ``max_overhead``, ``schedule``, ``method``, ``optimizer``, ``cache_dir``)."""
+    from .runtime import optimize as _optimize
+
+    return _optimize(model, example_inputs, **options)
+
+
+def backend(**options):
+    """A ``torch.compile`` backend that trains with schedules; see :func:`monetdsl.runtime.backend`."""
+    from .runtime import backend as _backend
+
+    return _backend(**options)
+
+
+def measure(step, inputs=None, **options):
+    """Measured peak memory of training steps (vs the plan); see :func:`monetdsl.runtime.measure`."""
+    from .runtime import measure as _measure
+
+    return _measure(step, inputs, **options)
+
+
 __all__ = [
     "__version__",
     "Diagnostic",
@@ -55,4 +77,7 @@ __all__ = [
     "solve",
     "SolveResult",
     "trace",
+    "optimize",
+    "backend",
+    "measure",
 ]

@@ -24,6 +24,7 @@ examples:
   monetdsl check specs/tiny_chain.monet --schedule specs/tiny_chain.schedule.monet
   monetdsl show specs/tiny_chain.schedule.monet
   monetdsl trace monetdsl.models:resnet50 --input 184x3x224x224 -o resnet50.monet
+  monetdsl bench monetdsl.models:small_cnn --input 64x3x32x32 --max-overhead 30%
 
 exit status: 0 ok, 1 invalid input or infeasible, 2 usage error
 """

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESBLOCK = str(ROOT / "specs" / "resblock.monet")
 TRANSFORMER = str(ROOT / "specs" / "transformer_block.monet")
 TINY = str(ROOT / "specs" / "tiny_chain.monet")
-RESBLOCK_MIN = 129632256  # proved by test_milp_specs.py::test_minimum_budget_is_exact
+RESBLOCK_MIN = 155322368  # proved by test_milp_specs.py::test_minimum_budget_is_exact
 
 
 def run_cli(capfd, *argv):
@@ -33,7 +33,7 @@ def test_infeasible_budget_exits_1_with_the_exact_minimum(capfd):
     assert data["status"] == "infeasible"
     assert data["min_feasible_budget"] == RESBLOCK_MIN and data["min_feasible_budget_exact"] is True
     code, out, err = run_cli(capfd, "solve", RESBLOCK, "--budget", "100MiB", "--method", "milp", "--no-write")
-    assert code == 1 and f"exactly 123.63 MiB ({RESBLOCK_MIN} B)" in err and "Traceback" not in err
+    assert code == 1 and f"exactly 148.13 MiB ({RESBLOCK_MIN} B)" in err and "Traceback" not in err
 
 
 def test_min_memory_writes_the_schedule_and_reports_the_exact_budget(capfd, tmp_path):

@@ -82,19 +82,19 @@ def test_tiny_chain_store_all_by_hand(tiny):
         F + 3 * A,
         F + 3 * A + 4,
         F + 4 * A + 8,  # loss.backward: a1, a2, h3, l, seed grad(l), new grad(h3)
-        F + 3 * A + 4 + W,  # fc3.wgrad: the weight gradient is a temporary
-        F + 4 * A + 4,
-        F + 4 * A + 4,
-        F + 2 * A + 4 + W,
-        F + 3 * A + 4,
-        F + 3 * A + 4,
-        F + A + 4 + W,
+        F + 3 * A + 8 + W,  # fc3.wgrad: the weight gradient is a temporary (the seed is held to the end)
+        F + 4 * A + 8,
+        F + 4 * A + 8,
+        F + 2 * A + 8 + W,
+        F + 3 * A + 8,
+        F + 3 * A + 8,
+        F + A + 8 + W,
     ]
     assert [s.peak for s in result.steps] == expected
     assert result.peak_bytes == F + 4 * A + 8
     assert result.peak_step.op == "loss.backward"
     assert result.compute_us == 2500.0 and result.overhead == 0.0
-    assert result.steps[-1].live_after == 4  # only the loss value is left
+    assert result.steps[-1].live_after == 8  # only the loss value and its gradient (the caller's seed) are left
 
 
 def test_tiny_chain_inplace_and_mask_by_hand(tiny):
@@ -130,18 +130,18 @@ def test_tiny_chain_inplace_and_mask_by_hand(tiny):
         F + 2 * A + M,
         F + 2 * A + M + 4,
         F + 3 * A + M + 8,
-        F + 2 * A + M + 4 + W,
-        F + 3 * A + M + 4,
-        F + 3 * A + M + 4,
-        F + 2 * A + M + 4,  # recompute fc1
-        F + 3 * A + 2 * M + 4,  # recompute relu1: the kept mask plus a duplicate mask
-        F + 2 * A + M + 4 + W,
-        F + 2 * A + M + 4,
-        F + 2 * A + M + 4,
-        F + A + 4 + W,
+        F + 2 * A + M + 8 + W,  # from here on the caller's seed grad(l) (4 B) is held too
+        F + 3 * A + M + 8,
+        F + 3 * A + M + 8,
+        F + 2 * A + M + 8,  # recompute fc1
+        F + 3 * A + 2 * M + 8,  # recompute relu1: the kept mask plus a duplicate mask
+        F + 2 * A + M + 8 + W,
+        F + 2 * A + M + 8,
+        F + 2 * A + M + 8,
+        F + A + 8 + W,
     ]
     assert [s.peak for s in result.steps] == expected
-    assert result.peak_bytes == F + 3 * A + 2 * M + 4
+    assert result.peak_bytes == F + 3 * A + 2 * M + 8
     assert result.peak_step.kind == "recompute" and result.peak_step.op == "relu1"
     # forward 954 (mask +4), recompute fc1 + relu1 = 324, backward 1552 (from_mask +2)
     assert result.compute_us == 954 + 324 + 1552
@@ -162,16 +162,17 @@ def test_resblock_store_all_by_hand(resblock):
         f + 5 * a + 2 * s,  # add
         f + 5 * a + 2 * s,  # relu2
         f + 6 * a + 2 * s,  # relu2.backward: + seed grad(y) + grad(s)
-        f + 6 * a + 2 * s,  # add.backward
-        f + 6 * a + 2 * s + 512,  # bn2.backward: grad(c2) + two 256 B parameter-gradient temporaries
-        f + 4 * a + s + c + k,  # conv2.wgrad
-        f + 5 * a + s + k,  # conv2.dgrad
-        f + 5 * a + s,
-        f + 4 * a + s + 512,
-        f + 2 * a + c + k,
+        # from here on the seed grad(y) stays: the caller's autograd holds it until the backward ends
+        f + 7 * a + 2 * s,  # add.backward
+        f + 7 * a + 2 * s + 512,  # bn2.backward: grad(c2) + two 256 B parameter-gradient temporaries
+        f + 5 * a + s + c + k,  # conv2.wgrad
+        f + 6 * a + s + k,  # conv2.dgrad
+        f + 6 * a + s,
+        f + 5 * a + s + 512,
+        f + 3 * a + c + k,
     ]
     assert [st.peak for st in result.steps] == expected
-    assert result.peak_bytes == 181_012_992
+    assert result.peak_bytes == f + 7 * a + 2 * s + 512
 
 
 def test_in_place_destroys_its_input(resblock):
@@ -235,13 +236,13 @@ def test_second_gradient_writer_adds_a_temporary():
     peaks = [s.peak - fixed for s in backward]
     # d.backward: z + grad(z) live, allocates grad(u) and grad(v)
     assert (live[0], peaks[0]) == (2048, 4096)
-    # c.backward: z, grad(u), grad(v); first writer of grad(y)
-    assert (live[1], peaks[1]) == (3072, 4096)
-    # b.backward: z, grad(u), grad(y); its grad(y) is a temporary added into the first
-    assert (live[2], peaks[2]) == (3072, 4096)
-    assert backward[2].live_after == 2048  # the temporary and grad(u) are gone
+    # c.backward: z, the seed grad(z) (held by the caller to the end), grad(u), grad(v); first writer of grad(y)
+    assert (live[1], peaks[1]) == (4096, 5120)
+    # b.backward: z, grad(z), grad(u), grad(y); its grad(y) is a temporary added into the first
+    assert (live[2], peaks[2]) == (4096, 5120)
+    assert backward[2].live_after == 3072  # the temporary and grad(u) are gone
     # the gradient of the input is not read by anything: released at once
-    assert backward[3].live_after == 1024
+    assert backward[3].live_after == 2048
 
 
 def test_reading_a_gradient_before_all_its_writers_is_an_error():

@@ -22,10 +22,11 @@ def draw_seed(device=None) -> torch.Tensor:
 
 
 def mask_from_seed(seed: torch.Tensor, shape, p: float, device) -> torch.Tensor:
-    """The keep-mask (True = kept) that ``seed`` determines."""
+    """The keep-mask (True = kept) that ``seed`` determines, drawn straight into a bool
+    tensor (no float temporary the size of the activation)."""
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed.item()))
-    return torch.rand(tuple(shape), generator=gen, device=device) >= p
+    return torch.empty(tuple(shape), dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=gen)
 
 
 class Dropout(OpKind):

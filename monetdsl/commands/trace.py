@@ -34,8 +34,10 @@ def register(subparsers) -> None:
     parser.add_argument("--profile", action="store_true", help="time every op and implementation on --device")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per op with --profile (median; default 5)")
     parser.add_argument("--optimizer", default="adam", help="optimizer state in fixed memory: adam, adamw, momentum or sgd (default adam)")
-    parser.add_argument("--loss", default="auto", help="auto (cross-entropy for class scores), cross_entropy, mse, sum, or"
-                        " none (the model returns the loss); or package.module:function taking the model's output")
+    parser.add_argument("--loss", default="auto", help="auto (cross-entropy for class scores), cross_entropy, mse, sum,"
+                        " none (the model returns the loss), or output (the training loop computes the loss: the spec"
+                        " ends at the model's output, as monetdsl.optimize traces it); or package.module:function"
+                        " taking the model's output")
     parser.add_argument("--name", help="network name (default: from the model's class)")
     parser.add_argument("-o", "--output", help="where to write the spec (default: stdout)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (summary, or errors)")

@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from ..graph import index
-from ..ir import Network, Schedule, StagePlan, TensorKind
+from ..ir import Network, Schedule, StagePlan
 from .simulator import Simulation, _Memory, _Replay
 
 __all__ = ["ParetoPoint", "exhaustive_front", "best_within"]
@@ -71,6 +71,7 @@ def _clone(replay: _Replay) -> _Replay:
     copy.carried_since = dict(replay.carried_since)
     copy.gradient_readers = Counter(replay.gradient_readers)
     copy.gradient_writers_left = Counter(replay.gradient_writers_left)
+    copy.seeds = set(replay.seeds)
     copy.result = Simulation(replay.net, replay.sched, fixed_bytes=replay.fixed)
     return copy
 
@@ -167,19 +168,11 @@ def _front_for_impls(network, idx, impls, order, outputs, forward_ops, spec_path
             result = Simulation(network, sched, fixed_bytes=network.fixed_bytes)
             replay = _Replay(network, sched, result)
             replay.choose_impls()
-            replay.gradient_readers = Counter()
-            replay.gradient_writers_left = Counter()
-            for bop in network.backward_ops:
-                for name in replay.reads_of_backward(bop):
-                    if network.tensors[name].kind is TensorKind.GRADIENT:
-                        replay.gradient_readers[name] += 1
-                for name in bop.outputs:
-                    replay.gradient_writers_left[name] += 1
+            replay.count_gradient_uses()
             replay.forward_stage()
             if result.errors:
                 continue
-            for seed in idx.seeds():
-                replay.mem.attach(seed, replay.mem.new(network.tensors[seed].storage_bytes))
+            replay.start_backward()
             compute0, peak0 = _cost(result)
             start = _clone(replay)
             for c, p, plans in stage_front(1, start):

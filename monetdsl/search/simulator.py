@@ -18,7 +18,8 @@ Execution model, in short:
   outputs are carried to the end.
 * Gradients live from their first writer to their last reader. A second writer of the
   same gradient allocates a temporary that is added into it; gradients of fixed tensors
-  (parameter gradients) are temporaries that go to fixed memory.
+  (parameter gradients) are temporaries that go to fixed memory. The seeds (gradients of
+  the network outputs) are the caller's: allocated when the backward starts, held to its end.
 * An in-place implementation destroys the input it overwrites (and any view of it): the
   input must not be read later in the stage nor be carried.
 
@@ -205,6 +206,7 @@ class _Replay:
         self.lines = schedule.source.splitlines() if schedule.source else []
         self.last_read_stage: dict[str, int] = {}
         self.carried_since: dict[str, int] = {}
+        self.seeds: set[str] = set()
 
     # reporting ---------------------------------------------------------------------
     def _diag(self, message: str, line: int = 0, severity: str = "error") -> Diagnostic:
@@ -253,6 +255,15 @@ class _Replay:
     def run(self) -> None:
         self.choose_impls()
         order = self.check_stage_list()
+        self.count_gradient_uses()
+        self.forward_stage()
+        self.start_backward()
+        for t, stage in enumerate(order, start=1):
+            self.backward_stage(t, stage)
+        self.report_waste(len(order))
+
+    def count_gradient_uses(self) -> None:
+        """How many backward ops will read, and still have to write, each gradient."""
         self.gradient_readers = Counter()
         self.gradient_writers_left = Counter()
         for bop in self.net.backward_ops:
@@ -261,12 +272,12 @@ class _Replay:
                     self.gradient_readers[name] += 1
             for name in bop.outputs:
                 self.gradient_writers_left[name] += 1
-        self.forward_stage()
-        for seed in self.idx.seeds():
+
+    def start_backward(self) -> None:
+        """Allocate the seeds: the caller holds them (autograd passes them in) until the backward ends."""
+        self.seeds = set(self.idx.seeds())
+        for seed in sorted(self.seeds):
             self.mem.attach(seed, self.mem.new(self.tensors[seed].storage_bytes))
-        for t, stage in enumerate(order, start=1):
-            self.backward_stage(t, stage)
-        self.report_waste(len(order))
 
     def check_stage_list(self):
         seen: dict[str, int] = {}
@@ -448,7 +459,8 @@ class _Replay:
                     self.gradient_readers[name] -= 1
             for name in set(outputs) | set(reads):
                 tensor = self.tensors[name]
-                if tensor.kind is TensorKind.GRADIENT and self.gradient_readers[name] <= 0 and self.gradient_writers_left[name] <= 0:
+                if (tensor.kind is TensorKind.GRADIENT and self.gradient_readers[name] <= 0 and self.gradient_writers_left[name] <= 0
+                        and name not in self.seeds):
                     mem.detach(name)
         for name in set(reads) | set(outputs):
             if name in mem and self.tensors[name].kind is not TensorKind.GRADIENT:

@@ -23,7 +23,7 @@ from .fixed_memory import OPTIMIZERS, fixed_items
 from .joint import analyse
 from .to_ir import BuiltNetwork, build_network
 
-__all__ = ["TraceResult", "trace", "trace_model", "DTYPES"]
+__all__ = ["TraceResult", "trace", "trace_model", "DTYPES", "strip_loss_ops"]
 
 #: --dtype spellings
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64}
@@ -133,6 +133,9 @@ def trace_model(
     facts = analyse(captured)
     net_name = _network_name(model, name)
     built = build_network(facts, net_name, roofline)
+    if loss == "output":
+        built.network = strip_loss_ops(built.network)
+        built.never_recompute = [n for n in built.never_recompute if built.network.has_op(n)]
     network = built.network
     network.fixed = fixed_items(model, optimizer)
     cost_model = roofline.describe()
@@ -156,6 +159,24 @@ def trace_model(
     result = TraceResult(spec, built, cost_model, captured.seconds, time.perf_counter() - start, header)
     spec.source = result.text()
     return result
+
+
+def strip_loss_ops(network: Network) -> Network:
+    """The network without the ``loss.*`` ops the tracer added (``--loss output``): its
+    output is then what the loss read, the model's own output, whose gradient the caller's
+    loss provides when the backward starts."""
+    loss_ops = [op for op in network.forward_ops if op.name.startswith("loss.")]
+    if not loss_ops:
+        return network
+    removed = {op.name for op in loss_ops}
+    produced = {t for op in loss_ops for t in op.outputs} | {d for op in loss_ops for i in op.impls for d in i.derived}
+    model_outputs = [t for op in loss_ops for t in op.inputs if t not in produced]
+    forward_ops = tuple(op for op in network.forward_ops if op.name not in removed)
+    backward_ops = tuple(op for op in network.backward_ops if op.of not in removed)
+    dropped = produced | {f"grad({t})" for t in produced}
+    tensors = {n: t for n, t in network.tensors.items() if n not in dropped}
+    outputs = tuple(dict.fromkeys(t for t in model_outputs if not network.tensors[t].is_fixed))
+    return Network(network.name, tensors, forward_ops, backward_ops, outputs, network.fixed)
 
 
 def _cuda_preset(fallback=None):

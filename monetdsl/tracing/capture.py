@@ -40,6 +40,7 @@ class Placeholder:
     name: str
     kind: str  # "param", "buffer" or "input"
     requires_grad: bool
+    index: int | None = None  # position among the step's inputs (kind "input")
 
 
 @dataclass
@@ -83,6 +84,15 @@ def _none(out):
     return out
 
 
+def _output(out):
+    """``--loss output``: the training loop computes its own loss from the model's output,
+    so the spec ends at that output (the tracer sums it to get a backward, then removes
+    the sum); a model that returns its loss gives the same spec as ``--loss none``."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"--loss output needs a model that returns one tensor; it returned {type(out).__name__}")
+    return out if out.dim() == 0 else out.sum()
+
+
 #: named losses for the CLI; ``auto`` picks cross-entropy for class scores
 LOSSES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "auto": _auto_loss,
@@ -90,6 +100,7 @@ LOSSES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "mse": _mse,
     "sum": _sum,
     "none": _none,
+    "output": _output,
 }
 
 
@@ -115,7 +126,7 @@ class TrainStep(nn.Module):
 
     def forward(self, *inputs):
         out = self.model(*inputs)
-        if self.loss in LOSSES.values():
+        if self.loss in LOSSES.values() and self.loss is not _output:
             out = _first_tensor(out)
         return self.loss(out)
 
@@ -168,6 +179,7 @@ def capture(model: nn.Module, inputs: Sequence[torch.Tensor], loss: Callable | s
     inputs = list(inputs)
     input_names = ["x"] if len(inputs) == 1 else [f"x{i}" for i in range(len(inputs))]
 
+    input_ids = {id(t): i for i, t in enumerate(inputs)}
     recorded: dict[str, Any] = {}
 
     def partition(joint, joint_inputs, **kwargs):
@@ -188,6 +200,8 @@ def capture(model: nn.Module, inputs: Sequence[torch.Tensor], loss: Callable | s
             text = text() if callable(text) else str(text)
             if example is not None and id(example) in names:
                 order.append(names[id(example)])
+            elif example is not None and id(example) in input_ids:
+                order.append(input_ids[id(example)])  # a model input, by its position
             elif "inputs" in text.split("]")[0]:
                 order.append(None)  # a model input, named in order of appearance
             else:  # a tensor attribute that is neither a parameter nor a buffer: resident
@@ -219,12 +233,20 @@ def capture(model: nn.Module, inputs: Sequence[torch.Tensor], loss: Callable | s
         raise CaptureError(f"cannot match the {len(primals)} graph inputs to parameters and inputs ({len(order)} known)")
     placeholders: dict[str, Placeholder] = {}
     next_input = 0
+    taken = {i for i in order if isinstance(i, int)}
     for node, info in zip(primals, order):
-        if info is None:
-            name = input_names[next_input] if next_input < len(input_names) else f"x{next_input}"
-            next_input += 1
+        position = None
+        if isinstance(info, int):
+            position = info
+        elif info is None:
+            while next_input in taken:
+                next_input += 1
+            position = next_input
+            taken.add(position)
+        if position is not None:
+            name = input_names[position] if position < len(input_names) else f"x{position}"
             info = (name, "input", False)
-        placeholders[node.name] = Placeholder(info[0], info[1], info[2])
+        placeholders[node.name] = Placeholder(info[0], info[1], info[2], position)
     leaves = frozenset(name for name, m in model.named_modules() if name and not list(m.children()))
     return Captured(joint, placeholders, seconds, loss_name, leaves)
 

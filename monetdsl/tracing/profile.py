@@ -102,6 +102,8 @@ def profile_network(built: BuiltNetwork, device: str, repeats: int = 5) -> tuple
     new_fwd: dict[str, ForwardOp] = {}
     new_bwd: dict[str, BackwardOp] = {}
     for record in built.records:
+        if record.name not in fops:
+            continue  # a loss op removed by --loss output
         fop = fops[record.name]
         bops = bops_by_op.get(record.name, [])
         try:

@@ -65,6 +65,10 @@ class BuiltNetwork:
     records: list[OpRecord]
     never_recompute: list[str]
     notes: list[str]
+    #: the joint-graph facts and the tensor name of every storage-owning value: what the
+    #: runtime needs to replay the captured calls (views are re-derived from their owners)
+    facts: JointFacts | None = None
+    value_names: dict = field(default_factory=dict)
 
 
 def _val(node: fx.Node):
@@ -158,7 +162,7 @@ class _Builder:
                               + ", ".join(n.name for n in self.facts.unattributed[:5]))
         self.notes.extend(f"{r.name}: {r.note}" for r in self.records if r.note)
         network = Network(self.name, self.tensors, tuple(forward_ops), tuple(backward_ops), (self.name_of(self.facts.loss),), ())
-        return BuiltNetwork(network, self.records, never_recompute, self.notes)
+        return BuiltNetwork(network, self.records, never_recompute, self.notes, self.facts, dict(self.value_name))
 
     # helpers -------------------------------------------------------------------------------
     def name_of(self, node: fx.Node) -> str:

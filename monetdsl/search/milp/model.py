@@ -490,18 +490,16 @@ class _Builder:
                     touch[s] = ONE
                 else:
                     touch[s] = _exclusive_or([self.z[b, impl.name] for impl in self.bimpls[b] if g in impl.reads])
-            first = 1 if seed else min(writers) + 1
+            if seed:  # the caller holds a seed from the start of the backward to its end
+                for t in range(1, self.T + 1):
+                    grad[t] = grad[t] + size
+                continue
+            first = min(writers) + 1
             tau = {self.T + 1: ZERO}
             for s in range(self.T, first - 1, -1):
                 tau[s] = m.either([touch[s], tau[s + 1]], f"tau[{g},{s}]")
-            pi = ZERO
             for t in range(first, self.T + 1):
-                if seed:
-                    alive = ONE - m.and_not(pi, [tau[t]], f"done[{g},{t}]")
-                    pi = m.either([pi, touch[t]], f"pi[{g},{t}]")
-                else:
-                    alive = tau[t]
-                grad[t] = grad[t] + alive * size
+                grad[t] = grad[t] + tau[t] * size
         for t in range(1, self.T + 1):
             if len(grad[t].terms) > 1:
                 grad[t] = m.defined(grad[t], f"G[{t}]")

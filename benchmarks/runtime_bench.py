@@ -1,0 +1,234 @@
+"""Training with schedules on this CPU: measured peak vs planned, and against PyTorch.
+
+Models (``monetdsl.models.bench``, the loss inside so a step's whole memory is planned):
+a GPT-2-like decoder (6 layers, width 384, 6 heads, vocabulary 8192; batch 4 x 256 tokens)
+and a ResNet-18-like CNN (batch 8 x 3 x 64 x 64, 100 classes).
+
+Strategies: eager PyTorch; ``torch.utils.checkpoint`` on every block; ``checkpoint_sequential``
+with 3 segments; monetdsl schedules run by the runtime: store-all with PyTorch's own
+implementations (the runtime's own overhead), Chen's sqrt(n) checkpoints, one segment
+per block (the block outputs kept, each block recomputed once, the leanest
+implementations), and the smallest peak the baseline methods reach.
+
+Memory: peak bytes above the memory at the start of a step (parameters, their
+pre-allocated gradients and the batch), measured with the live-tensor probe (what the
+memory model models) and with the counting CPU allocator (every byte, oneDNN's scratch
+included). Time: all strategies interleaved in one process, ``--rounds`` rounds, medians,
+ratios to eager. Prints markdown tables.
+
+    python benchmarks/runtime_bench.py --rounds 7 [--model gpt|resnet|both]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import monetdsl  # noqa: E402
+from monetdsl.graph import index  # noqa: E402
+from monetdsl.models.bench import GPTLike, ResNet18Like  # noqa: E402
+from monetdsl.runtime.memory import AllocatorProbe, LiveTensorProbe  # noqa: E402
+from monetdsl.runtime.plan import trace_for_runtime  # noqa: E402
+from monetdsl.search import solve  # noqa: E402
+from monetdsl.search.schedule_builder import build_schedule  # noqa: E402
+from monetdsl.search.simulator import simulate  # noqa: E402
+from monetdsl.units import human_bytes  # noqa: E402
+
+
+def make(which: str):
+    torch.manual_seed(0)
+    if which == "gpt":
+        model = GPTLike()
+        inputs = (torch.randint(0, 8192, (4, 256)), torch.randint(0, 8192, (4, 256)))
+    else:
+        model = ResNet18Like()
+        inputs = (torch.randn(8, 3, 64, 64), torch.randint(0, 100, (8,)))
+    return model.train(), inputs
+
+
+class PerBlockCheckpoint(torch.nn.Module):
+    """``torch.utils.checkpoint`` around every block (non-reentrant)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self._forwards = {}
+        for block in model.blocks():
+            original = block.forward
+            block.forward = (lambda f: (lambda *a: checkpoint(f, *a, use_reentrant=False)))(original)
+            self._forwards[block] = original
+
+    def forward(self, *inputs):
+        return self.model(*inputs)
+
+    def restore(self):
+        for block, original in self._forwards.items():
+            block.forward = original
+
+
+class Sequential3(torch.nn.Module):
+    """``checkpoint_sequential`` with 3 segments over the model's children, then the loss."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.seq = model.as_sequential()
+
+    def forward(self, x, target):
+        out = checkpoint_sequential(self.seq, 3, x, use_reentrant=False)
+        out = out.view(-1, out.shape[-1]) if out.dim() == 3 else out
+        return torch.nn.functional.cross_entropy(out, target.view(-1))
+
+
+def lean_impls(network) -> dict[str, str]:
+    """Per forward op the alternative keeping the fewest bytes (out of place), per backward
+    op the one reading the fewest bytes among those its forward choice allows."""
+    idx = index(network)
+    size = lambda names: sum(network.tensors[n].nbytes for n in names)  # noqa: E731
+    impls = {}
+    for op in network.forward_ops:
+        candidates = [i for i in op.impls if i.overwrites is None] or list(op.impls)
+        impl = min(candidates, key=lambda i: (size(i.derived), i.time_us))
+        impls[op.name] = impl.name
+        for b in idx.backward_of.get(op.name, ()):
+            bop = idx.backward_ops[b]
+            usable = [x for x in bop.impls if all(r not in idx.derived_by or r in impl.derived for r in x.reads)]
+            impls[b] = min(usable, key=lambda x: (size(r for r in x.reads if r in idx.derived_by or r not in network.tensors or not network.tensors[r].is_fixed), x.time_us)).name
+    return impls
+
+
+def block_outputs(network, model) -> list[str]:
+    """The tensors the blocks end with: the last forward op whose name is in a block."""
+    prefixes = [f"{name}." for name, module in model.named_modules() if any(module is b for b in model.blocks())]
+    last = {}
+    for op in network.forward_ops:
+        for p in prefixes:
+            if op.name.startswith(p):
+                last[p] = op.outputs[0]
+    return list(last.values())
+
+
+def monetdsl_schedules(model, inputs):
+    trace = trace_for_runtime(model, list(inputs), optimizer="sgd")
+    spec, network = trace.spec, trace.spec.network
+    first = {op.name: op.impls[0].name for op in (*network.forward_ops, *network.backward_ops)}
+    out = {}
+
+    def add(name, schedule):
+        sim = simulate(network, schedule)
+        assert sim.valid, [d.message for d in sim.errors[:3]]
+        out[name] = (schedule, sim)
+
+    idx = index(network)
+    keep_all = set()
+    for bop in network.backward_ops:
+        keep_all |= {r for r in bop.impls[0].reads if idx.is_forward_tensor(r)}
+    add("monetdsl store-all (PyTorch impls)", build_schedule(network, first, forward_keep=keep_all, spec_path="", fingerprint=spec.fingerprint))
+    add("monetdsl chen-sqrt", solve(spec, "chen-sqrt").schedule)
+    lean = lean_impls(network)
+    blocks = block_outputs(network, model)
+    add("monetdsl per-block (PyTorch impls)", build_schedule(network, first, forward_keep=blocks, promote="needed",
+                                                              spec_path="", fingerprint=spec.fingerprint))
+    add("monetdsl per-block (lean impls)", build_schedule(network, lean, forward_keep=blocks, promote="needed",
+                                                           spec_path="", fingerprint=spec.fingerprint))
+    expensive = {t for op in network.forward_ops if trace.ops[op.name].kind is not None
+                 and trace.ops[op.name].kind.name in ("conv", "matmul", "sdpa") for t in op.outputs}
+    add("monetdsl selective (keep conv/matmul/attention outputs)",
+        build_schedule(network, first, forward_keep=(keep_all & expensive) | set(blocks), spec_path="", fingerprint=spec.fingerprint))
+    peaks = {m: solve(spec, m) for m in ("store-all", "chen-sqrt", "recompute-all")}
+    smallest = min(peaks.values(), key=lambda r: (r.simulation.peak_bytes, r.simulation.compute_us))
+    add(f"monetdsl minimum peak ({smallest.details.get('chosen', smallest.method)})", smallest.schedule)
+    return trace, out
+
+
+def step(module, inputs):
+    loss = module(*inputs)
+    loss.backward()
+
+
+def measure_peak(module, inputs, probe_cls):
+    for p in module.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    step(module, inputs)  # warm-up
+    probe = probe_cls().start()
+    step(module, inputs)
+    return probe.stop()
+
+
+def run(which: str, rounds: int) -> tuple[list[str], dict]:
+    model, inputs = make(which)
+    trace, schedules = monetdsl_schedules(model, inputs)
+    strategies = {"eager": model, "checkpoint every block": None, "checkpoint_sequential (3)": Sequential3(model)}
+    for name, (schedule, sim) in schedules.items():
+        opt = monetdsl.optimize(model, schedule=schedule)
+        opt.plan_for(*inputs, trace=trace)
+        strategies[name] = opt
+    memory = {}
+    for name in strategies:
+        if name == "checkpoint every block":
+            wrapped = PerBlockCheckpoint(model)
+            memory[name] = (measure_peak(wrapped, inputs, LiveTensorProbe), measure_peak(wrapped, inputs, AllocatorProbe))
+            wrapped.restore()
+        else:
+            module = strategies[name]
+            memory[name] = (measure_peak(module, inputs, LiveTensorProbe), measure_peak(module, inputs, AllocatorProbe))
+    times = {name: [] for name in strategies}
+    for _ in range(rounds + 1):
+        for name in strategies:
+            wrapped = PerBlockCheckpoint(model) if name == "checkpoint every block" else None
+            module = wrapped or strategies[name]
+            for p in model.parameters():
+                p.grad = None
+            start = time.perf_counter()
+            step(module, inputs)
+            times[name].append(time.perf_counter() - start)
+            if wrapped is not None:
+                wrapped.restore()
+    med = {name: statistics.median(v[1:]) for name, v in times.items()}
+    eager_live, eager_alloc = memory["eager"]
+    rows = ["| strategy | planned peak above fixed | measured (live tensors) | measured / planned | measured (allocator) | peak vs eager (live) | step s | time vs eager |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    summary = {}
+    for name in strategies:
+        live, alloc = memory[name]
+        planned = ""
+        ratio = ""
+        if name in schedules:
+            sim = schedules[name][1]
+            p = sim.peak_bytes - sim.fixed_bytes
+            planned = human_bytes(p)
+            ratio = f"{live / p:.4f}"
+        rows.append(f"| {name} | {planned} | {human_bytes(live)} | {ratio} | {human_bytes(alloc)} | {live / eager_live:.1%} |"
+                    f" {med[name]:.3f} | x{med[name] / med['eager']:.2f} |")
+        summary[name] = (live, med[name] / med["eager"])
+    return rows, summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--model", choices=["gpt", "resnet", "both"], default="both")
+    args = parser.parse_args(argv)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"{datetime.date.today()}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__},"
+          f" {torch.get_num_threads()} threads, load average {load:.1f} at start; {args.rounds} interleaved rounds, medians")
+    for which in (["gpt", "resnet"] if args.model == "both" else [args.model]):
+        rows, _ = run(which, args.rounds)
+        print(f"\n### {'GPT-2-like decoder, 4 x 256 tokens' if which == 'gpt' else 'ResNet-18-like CNN, 8 x 3 x 64 x 64'}\n")
+        print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""``monetdsl.optimize`` and ``monetdsl.backend``: the two ways to train with a schedule.
+
+    >>> import torch, monetdsl
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    >>> x = torch.randn(4, 8)
+    >>> fast = monetdsl.optimize(model, x, max_overhead=0.2)
+    >>> fast(x).sum().backward()          # trains like model(x): gradients land in model's .grad
+    >>> model[0].weight.grad.shape
+    torch.Size([16, 8])
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..errors import Diagnostic, MonetError
+from ..ir import Schedule
+from ..units import UnitError, parse_bytes, parse_fraction
+from ..search.solve import METHODS
+from ..tracing.fixed_memory import OPTIMIZERS
+from .module import OptimizedModule, RuntimeUsageError
+from .plan import Constraints
+
+__all__ = ["optimize", "backend"]
+
+
+def _usage(message: str) -> MonetError:
+    return RuntimeUsageError(Diagnostic(message, "monetdsl.optimize"))
+
+
+def _constraints(budget, max_overhead, schedule, method) -> Constraints:
+    if schedule is not None and (budget is not None or max_overhead is not None):
+        raise _usage("give either a schedule file or a budget / overhead cap, not both (the file already decides)")
+    if isinstance(budget, str):
+        try:
+            budget = parse_bytes(budget)
+        except UnitError as exc:
+            raise _usage(f"budget: {exc}") from None
+    if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0):
+        raise _usage(f"budget must be a positive number of bytes or a size such as '6GiB', not {budget!r}")
+    if isinstance(max_overhead, str):
+        try:
+            max_overhead = parse_fraction(max_overhead)
+        except UnitError as exc:
+            raise _usage(f"max_overhead: {exc}") from None
+    if max_overhead is not None and (not isinstance(max_overhead, (int, float)) or max_overhead < 0):
+        raise _usage(f"max_overhead must be a fraction >= 0 (0.1 = 10 %), not {max_overhead!r}")
+    if schedule is not None and not isinstance(schedule, Schedule):
+        schedule = os.fspath(schedule)
+        if not Path(schedule).is_file():
+            raise _usage(f"schedule file {schedule} does not exist")
+    if method != "auto" and method not in METHODS:
+        raise _usage(f"unknown method {method!r}; choose auto or one of {', '.join(METHODS)}")
+    return Constraints(budget, None if max_overhead is None else float(max_overhead), schedule, method)
+
+
+def _as_inputs(example_inputs) -> tuple:
+    if example_inputs is None:
+        return ()
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    raise _usage("example_inputs must be a tensor or a tuple of tensors (what you would pass to the model)")
+
+
+def optimize(
+    model: torch.nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    budget: int | str | None = None,
+    max_overhead: float | str | None = None,
+    schedule: str | os.PathLike | Schedule | None = None,
+    method: str = "auto",
+    optimizer: str = "adam",
+    cache_dir: str | None = None,
+    profile: bool = False,
+) -> OptimizedModule:
+    """A module that trains ``model`` with a schedule and is called like it.
+
+    ``budget`` is the peak memory of a training step, fixed memory included (parameters,
+    their gradients, ``optimizer`` state, inputs), e.g. ``"6GiB"``; ``max_overhead`` caps
+    the extra compute (0.1 = 10 %); ``schedule`` names a ``.monet`` schedule file made for
+    this model and these input shapes (refused otherwise). Without ``schedule`` the model
+    is traced and solved on first use for each input signature (with ``example_inputs``,
+    right away), cached by the graph's fingerprint (and in ``cache_dir`` when given).
+    Parameters and buffers are the model's own: an optimizer built on
+    ``model.parameters()`` keeps working. ``profile=True`` times every op and alternative
+    on the inputs' device while tracing (instead of the roofline), so the schedule's
+    implementation choices and overhead are this machine's.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise _usage(f"optimize takes an nn.Module, not {type(model).__name__}")
+    if optimizer not in OPTIMIZERS:
+        raise _usage(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+    constraints = _constraints(budget, max_overhead, schedule, method)
+    module = OptimizedModule(model, constraints, optimizer=optimizer, cache_dir=cache_dir, profile=profile)
+    inputs = _as_inputs(example_inputs)
+    if inputs:
+        was = model.training
+        model.train()
+        try:
+            module.plan_for(*inputs)
+        finally:
+            model.train(was)
+    return module
+
+
+def _is_state(node: torch.fx.Node, example) -> bool:
+    """Whether a dynamo graph input is the module's own state (a parameter or buffer that
+    dynamo lifted to an input), not data the caller passes."""
+    if isinstance(example, torch.nn.Parameter):
+        return True
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", "")
+    name = name() if callable(name) else str(name)
+    return name.startswith("L['self']") or name.startswith("G[")
+
+
+class _GraphModel(torch.nn.Module):
+    """A dynamo graph as a model: the parameters and buffers it takes as inputs become the
+    module's parameters and buffers again (the same tensor objects)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, example_inputs: list):
+        super().__init__()
+        if hasattr(gm, "real_recompile"):
+            gm.real_recompile()  # generated code dynamo can trace again (the lazy stub is on its skip list)
+        self.gm = gm
+        nodes = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.state = {i: t for i, (n, t) in enumerate(zip(nodes, example_inputs)) if _is_state(n, t)}
+        self.params = torch.nn.ParameterList([t for t in self.state.values() if isinstance(t, torch.nn.Parameter)])
+        for k, (i, t) in enumerate((i, t) for i, t in self.state.items() if not isinstance(t, torch.nn.Parameter)):
+            self.register_buffer(f"buffer{k}", t)
+        self.n_inputs = len(example_inputs)
+
+    def forward(self, *data):
+        it = iter(data)
+        args = [self.state[i] if i in self.state else next(it) for i in range(self.n_inputs)]
+        out = self.gm(*args)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def backend(*, budget: int | str | None = None, max_overhead: float | str | None = None, schedule=None,
+            method: str = "auto", optimizer: str = "adam", cache_dir: str | None = None):
+    """A ``torch.compile`` backend that trains each captured graph with a schedule:
+    ``torch.compile(model, backend=monetdsl.backend(budget="6GiB"))``.
+
+    A graph monetdsl cannot run as a whole training step (several outputs, inputs that
+    need gradients: a graph break inside the model) runs unchanged, with a warning."""
+    constraints = _constraints(budget, max_overhead, schedule, method)
+
+    def compile_graph(gm: torch.fx.GraphModule, example_inputs):
+        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        n_out = len(outputs) if isinstance(outputs, (list, tuple)) else 1
+        nodes = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        params = [_is_state(n, t) for n, t in zip(nodes, example_inputs)]
+        data_need_grad = any(isinstance(t, torch.Tensor) and t.requires_grad and not p for t, p in zip(example_inputs, params))
+        if n_out != 1 or data_need_grad or not any(isinstance(t, torch.nn.Parameter) for t in example_inputs):
+            warnings.warn("monetdsl.backend: this graph is not a whole training step (several outputs, an input that"
+                          " needs a gradient, or no parameters); it runs unchanged", stacklevel=2)
+            return gm.forward
+        model = _GraphModel(gm, list(example_inputs))
+        module = OptimizedModule(model, constraints, optimizer=optimizer, cache_dir=cache_dir)
+        tuple_out = isinstance(outputs, (list, tuple))
+
+        def run(*args):
+            data = [a for a, p in zip(args, params) if not p]
+            module.train(torch.is_grad_enabled())
+            out = module(*data)
+            return (out,) if tuple_out else out
+
+        return run
+
+    return compile_graph

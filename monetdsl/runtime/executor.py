@@ -1,0 +1,289 @@
+"""The executor: one training step of a schedule, step by step, freeing as it goes.
+
+Like ``torch.fx.Interpreter`` it is one loop over steps with an environment of values,
+but the environment holds IR tensors (storage owners, by name) and the order, the
+recomputations and the release points are the schedule's, decided once by
+:func:`plan_steps` with exactly the simulator's rules (``docs/memory-model.md``):
+
+* stage 0 runs every forward op; stage t recomputes its list, then runs one backward op;
+* after each step a non-gradient tensor is released when no later step of the stage
+  reads it and it is not carried (forward ``keep``, stage ``keep``, network outputs);
+  a tensor a stage ``free``s without reading is released before the stage starts;
+* a gradient lives from its first writer to its last reader; a later writer's result is
+  added into it; a parameter's gradient goes to ``.grad`` (or through autograd, when
+  something listens: DDP, gradient hooks);
+* an in-place implementation's output takes its input's storage, and the input is gone.
+
+So the live IR bytes after every step equal the simulator's (tested), and the real peak
+follows the planned one.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..graph import index
+from ..ir import Network, Schedule, TensorKind
+from ..search.simulator import chosen_impls
+from .program import Program, StepFn
+
+__all__ = ["PlannedStep", "StepPlan", "plan_steps", "Executor", "StepState"]
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """A step of the schedule with what to release around it."""
+
+    stage: int
+    kind: str  # "forward", "recompute" or "backward"
+    step: StepFn
+    release_before: tuple[str, ...] = ()
+    release_after: tuple[str, ...] = ()
+    keep_existing: tuple[str, ...] = ()  # recomputed outputs already present: the new value is dropped
+    # backward steps, decided once (the simulator's counters, run ahead of time):
+    accumulate: frozenset = frozenset()  # gradients this step writes that an earlier writer created
+    last_param_writes: frozenset = frozenset()  # parameter gradients this step writes last
+    grad_release: tuple[str, ...] = ()  # gradients whose last reader and writer this step is
+
+
+@dataclass
+class StepPlan:
+    """Every step of one training step, and facts the executor needs about gradients."""
+
+    forward: list[PlannedStep]
+    backward: list[PlannedStep]
+    seeds: tuple[str, ...]
+    param_grads: dict[str, str]  # gradient name -> fixed tensor it belongs to
+    writers: Counter  # gradient name -> number of backward ops writing it
+    carried_after_forward: tuple[str, ...]
+
+
+def plan_steps(network: Network, schedule: Schedule, program: Program) -> StepPlan:
+    """The executable order of a (valid) schedule with the simulator's release points."""
+    idx = index(network)
+    tensors = network.tensors
+    impls = chosen_impls(network, schedule)
+    outputs = set(network.outputs)
+    carried = set(schedule.forward_keep) | outputs
+
+    def run_stage(t: int, steps: list[tuple[str, StepFn]], carried: set, dropped: set, present: set) -> list[PlannedStep]:
+        reads = [s.reads for _, s in steps]
+        last_use: dict[str, int] = {}
+        for pos, names in enumerate(reads):
+            for name in names:
+                last_use[name] = pos
+        before = tuple(sorted(n for n in dropped if n not in last_use and n in present))
+        present -= set(before)
+        planned = []
+        for pos, (kind, step) in enumerate(steps):
+            existing = ()
+            if kind == "recompute":
+                existing = tuple(w for w in step.writes if w in present)
+            if step.overwrites is not None:
+                present.discard(step.overwrites)
+            present.update(w for w in step.writes if not tensors[w].is_fixed and tensors[w].kind is not TensorKind.GRADIENT)
+            after = []
+            for name in dict.fromkeys((*step.reads, *step.writes)):
+                tensor = tensors[name]
+                if tensor.is_fixed or tensor.kind is TensorKind.GRADIENT or name not in present:
+                    continue
+                if name not in carried and last_use.get(name, -1) <= pos:
+                    after.append(name)
+                    present.discard(name)
+            planned.append(PlannedStep(t, kind, step, before if pos == 0 else (), tuple(after), existing))
+        return planned
+
+    present: set[str] = set()
+    forward = run_stage(0, [("forward", program.forward[n]) for n in idx.forward_order], carried, set(), present)
+    backward: list[PlannedStep] = []
+    for t, stage in enumerate(schedule.stages, start=1):
+        before = set(carried)
+        carried = (before | set(stage.keep)) - set(stage.free)
+        steps = [("recompute", program.recompute[n]) for n in stage.recompute]
+        steps.append(("backward", program.backward[stage.backward]))
+        backward.extend(run_stage(t, steps, carried, before - carried, present))
+    writers = Counter()
+    for bop in network.backward_ops:
+        writers.update(bop.outputs)
+    param_grads = {g: t.grad_of for g, t in tensors.items() if t.kind is TensorKind.GRADIENT and t.grad_of and tensors[t.grad_of].is_fixed}
+    backward = _gradient_lifetimes(backward, tensors, writers, param_grads, set(idx.seeds()))
+    del impls
+    return StepPlan(forward, backward, idx.seeds(), param_grads, writers, tuple(sorted(set(schedule.forward_keep) | outputs)))
+
+
+def _gradient_lifetimes(steps: list[PlannedStep], tensors, writers: Counter, param_grads: dict, seeds: set) -> list[PlannedStep]:
+    """Fill in, for every backward step, which gradients it adds into, which parameter
+    gradients it writes last and which gradients die after it (first writer to last reader)."""
+    readers = Counter()
+    for planned in steps:
+        if planned.kind == "backward":
+            readers.update(n for n in planned.step.reads if tensors[n].kind is TensorKind.GRADIENT)
+    writers_left = Counter(writers)
+    written: set[str] = set()
+    out = []
+    for planned in steps:
+        if planned.kind != "backward":
+            out.append(planned)
+            continue
+        step = planned.step
+        accumulate = frozenset(n for n in step.writes if n in written and n not in param_grads)
+        last = set()
+        for name in step.writes:
+            writers_left[name] -= 1
+            written.add(name)
+            if name in param_grads and writers_left[name] == 0:
+                last.add(name)
+        grad_reads = [n for n in step.reads if tensors[n].kind is TensorKind.GRADIENT]
+        for name in grad_reads:
+            readers[name] -= 1
+        release = tuple(dict.fromkeys(n for n in (*step.writes, *grad_reads)
+                                      if n not in param_grads and n not in seeds and readers[n] <= 0 and writers_left[n] <= 0))
+        out.append(PlannedStep(planned.stage, planned.kind, step, planned.release_before, planned.release_after,
+                               planned.keep_existing, accumulate, frozenset(last), release))
+    return out
+
+
+@dataclass
+class StepState:
+    """What one forward call leaves for its backward: the carried tensors."""
+
+    env: dict = field(default_factory=dict)
+    fixed: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)  # the model's parameters by name, at the forward
+    hooks: bool = False
+
+
+class Executor:
+    """Runs a :class:`StepPlan`. ``fixed`` supplies parameters, buffers and inputs by name.
+
+    ``observe(step, env)``, when given, is called after every step (tests compare the
+    live IR bytes with the simulator's)."""
+
+    def __init__(self, network: Network, plan: StepPlan, observe: Callable | None = None):
+        self.network = network
+        self.plan = plan
+        self.observe = observe
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, fixed: dict) -> StepState:
+        state = StepState(fixed=fixed)
+        env = state.env
+        for planned in self.plan.forward:
+            self._run(planned, env, fixed)
+        return state
+
+    # -- backward --------------------------------------------------------------------------
+    def backward(self, state: StepState, seeds: dict, param_of: Callable[[str], torch.Tensor]) -> None:
+        """Run every backward stage. ``seeds``: gradient name -> tensor for the network
+        outputs; ``param_of(name)`` gives the parameter whose ``.grad`` receives a gradient."""
+        env, fixed = state.env, state.fixed
+        exclusive: set[str] = set()  # gradients whose storage is ours alone (may be added into in place)
+        env.update(seeds)  # held by the caller until the backward ends, as the memory model says
+        param_grads = self.plan.param_grads
+        grads = _GradientSink(self.plan, param_of, state.hooks)
+        observe = self.observe
+        for planned in self.plan.backward:
+            if planned.kind == "recompute":
+                self._run(planned, env, fixed)
+                continue
+            for name in planned.release_before:
+                env.pop(name, None)
+            step = planned.step
+            values = [env[n] if n in env else fixed[n] for n in step.reads]
+            results = step.fn(*values)
+            in_ptrs = {v.untyped_storage().data_ptr() for v in values}
+            del values
+            for name, value in zip(step.writes, results):
+                fresh = value.untyped_storage().data_ptr() not in in_ptrs
+                if name in param_grads:
+                    grads.write(name, value, last=name in planned.last_param_writes, fresh=fresh)
+                elif name in planned.accumulate:
+                    env[name] = _accumulate(env[name], value, name in exclusive, fresh)
+                    exclusive.add(name)
+                else:
+                    env[name] = value
+                    if fresh:
+                        exclusive.add(name)
+                value = None  # a loop variable would keep the last output alive past its release
+            del results
+            for name in planned.grad_release:
+                env.pop(name, None)
+                exclusive.discard(name)
+            for name in planned.release_after:
+                env.pop(name, None)
+            if observe is not None:
+                observe(planned, env)
+        env.clear()
+
+    # -- one forward or recompute step ------------------------------------------------------
+    def _run(self, planned: PlannedStep, env: dict, fixed: dict) -> None:
+        for name in planned.release_before:
+            env.pop(name, None)
+        step = planned.step
+        values = [env[n] if n in env else fixed[n] for n in step.reads]
+        results = step.fn(*values)
+        del values
+        if step.overwrites is not None:
+            env.pop(step.overwrites, None)
+        for name, value in zip(step.writes, results):
+            if name not in planned.keep_existing:
+                env[name] = value
+        value = results = None  # no reference may outlive the release below
+        for name in planned.release_after:
+            env.pop(name, None)
+        if self.observe is not None:
+            self.observe(planned, env)
+
+
+def _accumulate(existing: torch.Tensor, new: torch.Tensor, owned: bool, new_fresh: bool) -> torch.Tensor:
+    """Add a later writer's gradient into an existing one, in place, as the memory model
+    has it (the new one is a temporary): into the existing tensor when it is ours alone,
+    else into the new one when that is (addition commutes: the same values), and only
+    when neither is (both shared) into a third tensor."""
+    if owned and existing.shape == new.shape and existing.dtype == new.dtype:
+        return existing.add_(new)
+    if new_fresh and existing.shape == new.shape and existing.dtype == new.dtype and new._base is None:
+        return new.add_(existing)
+    return existing + new
+
+
+class _GradientSink:
+    """Delivers gradients of parameters (and of any fixed tensor that needs one).
+
+    Without listeners, ``.grad`` is set (taking the tensor, as autograd's accumulation
+    does) or added into in place, so the temporary is released at once. When DDP or
+    gradient hooks listen, the whole gradient goes through ``torch.autograd.backward`` on
+    the parameter at its last writer, which runs them as eager training would (a shared
+    parameter's partial sum is then held between its writers: memory the plan does not count)."""
+
+    def __init__(self, plan: StepPlan, param_of: Callable[[str], torch.Tensor], hooks: bool):
+        self.plan = plan
+        self.param_of = param_of
+        self.hooks = hooks
+        self.pending: dict[str, torch.Tensor] = {}
+
+    def write(self, grad: str, value: torch.Tensor, *, last: bool, fresh: bool) -> None:
+        param = self.param_of(self.plan.param_grads[grad])
+        if param is None or not param.requires_grad:
+            return
+        if self.hooks:
+            # listeners (DDP's reducer, gradient hooks) must see the whole gradient once, as
+            # eager autograd shows it: a shared parameter's partial sums wait for its last writer
+            if grad in self.pending:
+                value = self.pending.pop(grad) + value
+            if not last:
+                self.pending[grad] = value if fresh else value.clone()
+                return
+            torch.autograd.backward([param], [value])
+            return
+        if param.grad is None:
+            if fresh and value.stride() == param.stride() and value.dtype == param.dtype and value._base is None:
+                param.grad = value
+            else:
+                fresh = torch.empty_strided(param.size(), param.stride(), dtype=param.dtype, device=param.device)
+                param.grad = fresh.copy_(value)
+        else:
+            param.grad.add_(value)

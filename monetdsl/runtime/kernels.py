@@ -1,0 +1,290 @@
+"""numba.cuda kernels for the compact forms the catalogue offers, and their launchers.
+
+Every kernel is grid-stride (one loop over the elements however small the grid), so
+the same code runs a full-size grid on a GPU and a one-block grid under numba's CUDA
+simulator (``NUMBA_ENABLE_CUDASIM=1``), where each simulated thread is a Python thread.
+No warp intrinsics are used (the simulator has none).
+
+Bit layout: bit ``j`` of byte ``k`` holds element ``8k + j`` of the flattened tensor
+(``numpy.packbits(bitorder="little")``), as :mod:`monetdsl.catalogue.packing` packs it.
+
+Launchers take arrays numba can index (device arrays from
+``numba.cuda.as_cuda_array(tensor.detach())`` on a GPU, numpy arrays in the simulator)
+and an optional stream; :mod:`monetdsl.runtime.ops` calls them for CUDA tensors.
+"""
+from __future__ import annotations
+
+import math
+
+from numba import cuda
+
+__all__ = [
+    "grid_for",
+    "launch_pack_bits",
+    "launch_region_bits",
+    "launch_unpack_bits",
+    "launch_masked_grad",
+    "launch_masked_grad_inplace",
+    "launch_apply_bits",
+    "launch_bn_backward_from_output",
+    "launch_window_from_indices",
+    "launch_indices_from_window",
+    "KERNELS",
+]
+
+THREADS = 256
+
+
+def grid_for(n: int, threads: int = THREADS) -> tuple[int, int]:
+    """(blocks, threads) for ``n`` work items: enough blocks on a GPU, one tiny block in the
+    simulator (each simulated thread costs a Python thread; grid-stride loops cover the rest)."""
+    if _simulating():
+        return 1, 8
+    blocks = max(1, min(65535, math.ceil(n / threads)))
+    return blocks, threads
+
+
+def _simulating() -> bool:
+    from numba import config
+
+    return bool(config.ENABLE_CUDASIM)
+
+
+# ------------------------------------------------------------------------------ bit masks
+@cuda.jit
+def _pack_bits(flags, out, n):
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for k in range(start, out.shape[0], stride):
+        value = 0
+        base = 8 * k
+        for j in range(8):
+            i = base + j
+            if i < n and flags[i] != 0:
+                value |= 1 << j
+        out[k] = value
+
+
+@cuda.jit
+def _region_bits(x, out, n, low, high):
+    """Bit i set when low < x[i] < high: the linear region of ReLU (0, inf), LeakyReLU
+    (0, inf) and hardtanh (min, max)."""
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for k in range(start, out.shape[0], stride):
+        value = 0
+        base = 8 * k
+        for j in range(8):
+            i = base + j
+            if i < n:
+                v = x[i]
+                if v > low and v < high:
+                    value |= 1 << j
+        out[k] = value
+
+
+@cuda.jit
+def _unpack_bits(bits, out, n):
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for i in range(start, n, stride):
+        out[i] = (bits[i >> 3] >> (i & 7)) & 1
+
+
+@cuda.jit
+def _masked_grad(grad, bits, out, n, slope):
+    """out = grad where the bit is set, grad * slope elsewhere (ReLU: slope 0)."""
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for i in range(start, n, stride):
+        if (bits[i >> 3] >> (i & 7)) & 1:
+            out[i] = grad[i]
+        elif slope == 0.0:
+            out[i] = 0.0
+        else:
+            out[i] = grad[i] * slope
+
+
+@cuda.jit
+def _masked_grad_inplace(grad, bits, n, slope):
+    """The ReLU backward from the mask written into the incoming gradient's storage."""
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for i in range(start, n, stride):
+        if not (bits[i >> 3] >> (i & 7)) & 1:
+            grad[i] = grad[i] * slope if slope != 0.0 else 0.0
+
+
+@cuda.jit
+def _apply_bits(x, bits, out, n, scale):
+    """Dropout from a 1-bit keep-mask: out = x * mask * scale."""
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for i in range(start, n, stride):
+        if (bits[i >> 3] >> (i & 7)) & 1:
+            out[i] = x[i] * scale
+        else:
+            out[i] = x[i] * 0.0
+
+
+# --------------------------------------------------------------- batch norm from its output
+@cuda.jit
+def _bn_channel_sums(grad, y, weight, bias, sums, n_outer, channels, inner, has_weight, has_bias):
+    """Per channel c (one block each, grid-stride over blocks): sum(g) and sum(g * x_hat)
+    with x_hat = (y - beta) / gamma, reduced in shared memory."""
+    acc_g = cuda.shared.array(256, dtype="float64")
+    acc_gx = cuda.shared.array(256, dtype="float64")
+    tid = cuda.threadIdx.x
+    threads = cuda.blockDim.x
+    per_channel = n_outer * inner
+    for c in range(cuda.blockIdx.x, channels, cuda.gridDim.x):
+        w = weight[c] if has_weight else 1.0
+        b = bias[c] if has_bias else 0.0
+        s_g = 0.0
+        s_gx = 0.0
+        for j in range(tid, per_channel, threads):
+            i = (j // inner) * channels * inner + c * inner + (j % inner)
+            g = grad[i]
+            xhat = (y[i] - b) / w
+            s_g += g
+            s_gx += g * xhat
+        acc_g[tid] = s_g
+        acc_gx[tid] = s_gx
+        cuda.syncthreads()
+        step = threads // 2
+        while step > 0:
+            if tid < step:
+                acc_g[tid] += acc_g[tid + step]
+                acc_gx[tid] += acc_gx[tid + step]
+            cuda.syncthreads()
+            step //= 2
+        if tid == 0:
+            sums[0, c] = acc_g[0]
+            sums[1, c] = acc_gx[0]
+        cuda.syncthreads()
+
+
+@cuda.jit
+def _bn_dx(grad, y, weight, bias, invstd, sums, out, n, channels, inner, count, has_weight, has_bias):
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for i in range(start, n, stride):
+        c = (i // inner) % channels
+        w = weight[c] if has_weight else 1.0
+        b = bias[c] if has_bias else 0.0
+        xhat = (y[i] - b) / w
+        out[i] = invstd[c] * w * (grad[i] - sums[0, c] / count - xhat * sums[1, c] / count)
+
+
+# ------------------------------------------------------------------- compact max-pool indices
+@cuda.jit
+def _window_from_indices(indices, out, n, out_h, out_w, width, sh, sw, ph, pw, dh, dw, kw):
+    """int64 flat indices into the input plane -> int8 position inside the window."""
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for i in range(start, n, stride):
+        ow = i % out_w
+        oh = (i // out_w) % out_h
+        idx = indices[i]
+        local_h = (idx // width - (oh * sh - ph)) // dh
+        local_w = (idx % width - (ow * sw - pw)) // dw
+        out[i] = local_h * kw + local_w
+
+
+@cuda.jit
+def _indices_from_window(window, out, n, out_h, out_w, width, sh, sw, ph, pw, dh, dw, kw):
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for i in range(start, n, stride):
+        ow = i % out_w
+        oh = (i // out_w) % out_h
+        local = window[i]
+        h = oh * sh - ph + (local // kw) * dh
+        w = ow * sw - pw + (local % kw) * dw
+        out[i] = h * width + w
+
+
+#: every kernel, for the PTX compilation check
+KERNELS = {
+    "pack_bits": _pack_bits,
+    "region_bits": _region_bits,
+    "unpack_bits": _unpack_bits,
+    "masked_grad": _masked_grad,
+    "masked_grad_inplace": _masked_grad_inplace,
+    "apply_bits": _apply_bits,
+    "bn_channel_sums": _bn_channel_sums,
+    "bn_dx": _bn_dx,
+    "window_from_indices": _window_from_indices,
+    "indices_from_window": _indices_from_window,
+}
+
+
+# ------------------------------------------------------------------------------- launchers
+def _launch(kernel, n: int, stream, *args, threads: int = THREADS):
+    blocks, tpb = grid_for(n, threads)
+    if stream is None:
+        kernel[blocks, tpb](*args)
+    else:
+        kernel[blocks, tpb, stream](*args)
+
+
+def launch_pack_bits(flags, out, n: int, stream=None) -> None:
+    """``flags``: n bytes (0 or not); ``out``: ceil(n/8) bytes."""
+    _launch(_pack_bits, out.shape[0], stream, flags, out, n)
+
+
+def launch_region_bits(x, out, n: int, low: float, high: float, stream=None) -> None:
+    _launch(_region_bits, out.shape[0], stream, x, out, n, low, high)
+
+
+def launch_unpack_bits(bits, out, n: int, stream=None) -> None:
+    _launch(_unpack_bits, n, stream, bits, out, n)
+
+
+def launch_masked_grad(grad, bits, out, n: int, slope: float, stream=None) -> None:
+    _launch(_masked_grad, n, stream, grad, bits, out, n, slope)
+
+
+def launch_masked_grad_inplace(grad, bits, n: int, slope: float, stream=None) -> None:
+    _launch(_masked_grad_inplace, n, stream, grad, bits, n, slope)
+
+
+def launch_apply_bits(x, bits, out, n: int, scale: float, stream=None) -> None:
+    _launch(_apply_bits, n, stream, x, bits, out, n, scale)
+
+
+def launch_bn_backward_from_output(grad, y, weight, bias, invstd, sums, out, shape, stream=None) -> None:
+    """``grad``, ``y``, ``out``: flat (N*C*S); ``sums``: a (2, C) float64 scratch array.
+    ``weight``/``bias`` may be ``None`` (a one-element dummy is passed instead)."""
+    n_outer, channels = int(shape[0]), int(shape[1])
+    inner = 1
+    for d in shape[2:]:
+        inner *= int(d)
+    n = n_outer * channels * inner
+    has_w, has_b = weight is not None, bias is not None
+    w = weight if has_w else invstd
+    b = bias if has_b else invstd
+    if _simulating():
+        blocks, tpb = 1, 8
+    else:
+        blocks, tpb = min(channels, 65535), THREADS
+    if stream is None:
+        _bn_channel_sums[blocks, tpb](grad, y, w, b, sums, n_outer, channels, inner, has_w, has_b)
+    else:
+        _bn_channel_sums[blocks, tpb, stream](grad, y, w, b, sums, n_outer, channels, inner, has_w, has_b)
+    _launch(_bn_dx, n, stream, grad, y, w, b, invstd, sums, out, n, channels, inner, float(n_outer * inner), has_w, has_b)
+
+
+def _pool_args(attrs) -> tuple:
+    out_h, out_w = attrs["out_shape"][-2:]
+    width = attrs["shape"][-1]
+    (sh, sw), (ph, pw), (dh, dw) = attrs["stride"], attrs["padding"], attrs["dilation"]
+    return out_h, out_w, width, sh, sw, ph, pw, dh, dw, attrs["kernel"][1]
+
+
+def launch_window_from_indices(indices, out, n: int, attrs: dict, stream=None) -> None:
+    _launch(_window_from_indices, n, stream, indices, out, n, *_pool_args(attrs))
+
+
+def launch_indices_from_window(window, out, n: int, attrs: dict, stream=None) -> None:
+    _launch(_indices_from_window, n, stream, window, out, n, *_pool_args(attrs))

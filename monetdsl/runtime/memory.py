@@ -1,0 +1,223 @@
+"""Measured memory: peak bytes of a training step, against the plan.
+
+Three probes (``torch-native.md`` §4 compares them):
+
+* ``live``: live tensor bytes, counted by a ``TorchDispatchMode`` that registers every new
+  storage an op returns and forgets it when it is freed (storages the step did not
+  create are not counted). It sees exactly what the memory model models: tensors, not
+  the kernels' private scratch (oneDNN's weight reorders, for instance).
+* ``allocator``: every byte through torch's CPU allocator, counted by a small C++
+  wrapper installed with ``c10::SetCPUAllocator`` (:mod:`monetdsl.runtime.cpu_allocator`,
+  built on first use with gcc). Sees everything the process allocates through torch.
+* ``cuda``: ``torch.cuda.max_memory_allocated`` around the step.
+
+:func:`measure` runs a step under a probe and reports its peak above the memory at its
+start; for an :class:`~monetdsl.runtime.OptimizedModule` it also reports the planned
+peak above fixed memory, which is the same quantity when parameter gradients exist
+before the step (``zero_grad(set_to_none=False)``), as the memory model assumes.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+__all__ = ["LiveTensorProbe", "AllocatorProbe", "CudaProbe", "MeasuredStep", "measure", "probe_for"]
+
+
+class LiveTensorProbe(TorchDispatchMode):
+    """Counts the bytes of storages created inside the ``with`` block while they live."""
+
+    name = "live"
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._tracked: dict[int, int] = {}
+
+    def _forget(self, key: int) -> None:
+        nbytes = self._tracked.pop(key, None)
+        if nbytes is not None:
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta" or isinstance(t, FakeTensor):
+                continue  # fake tensors (a graph traced meanwhile) own no memory
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key == 0 or key in self._tracked or key in inputs:
+                continue
+            nbytes = storage.nbytes()
+            self._tracked[key] = nbytes
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._forget, key)
+        return out
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def start(self):
+        self.__enter__()
+        self.reset_peak()
+        return self
+
+    def stop(self) -> int:
+        self.__exit__(None, None, None)
+        return self.peak
+
+
+def _key(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return -1
+
+
+class AllocatorProbe:
+    """Bytes through torch's CPU allocator (a counting wrapper; see :mod:`.cpu_allocator`)."""
+
+    name = "allocator"
+
+    def __init__(self):
+        from .cpu_allocator import counter
+
+        self._counter = counter()
+        self._base = 0
+
+    def start(self):
+        self._base = self._counter.current()
+        self._counter.reset_peak()
+        return self
+
+    def stop(self) -> int:
+        return self._counter.peak() - self._base
+
+
+class CudaProbe:
+    """``torch.cuda.max_memory_allocated`` above the allocation at the start."""
+
+    name = "cuda"
+
+    def start(self):
+        torch.cuda.synchronize()
+        self._base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def stop(self) -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - self._base
+
+
+def probe_for(kind: str = "auto", device: str = "cpu"):
+    """A probe by name; ``auto``: ``cuda`` on a GPU, ``live`` on the CPU."""
+    if kind == "auto":
+        kind = "cuda" if device.startswith("cuda") else "live"
+    if kind == "live":
+        return LiveTensorProbe()
+    if kind == "allocator":
+        return AllocatorProbe()
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("probe cuda: no CUDA device here")
+        return CudaProbe()
+    raise ValueError(f"unknown probe {kind!r}; use auto, live, allocator or cuda")
+
+
+@dataclass
+class MeasuredStep:
+    """Peak bytes of a training step above the memory at its start, per repetition."""
+
+    probe: str
+    peaks: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    planned: int | None = None  # planned peak above fixed memory, when known
+
+    @property
+    def peak(self) -> int:
+        return max(self.peaks) if self.peaks else 0
+
+    @property
+    def ratio(self) -> float | None:
+        """measured / planned (1.0 = exactly as planned)."""
+        if not self.planned:
+            return None
+        return self.peak / self.planned
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(self.seconds) if self.seconds else 0.0
+
+    def summary(self) -> str:
+        from ..units import human_bytes
+
+        text = f"measured peak {human_bytes(self.peak)} ({self.peak} B, probe {self.probe})"
+        if self.planned:
+            text += f"; planned {human_bytes(self.planned)} ({self.planned} B); measured/planned {self.ratio:.4f}"
+        return text
+
+
+def measure(step, inputs=None, *, loss: Callable | None = None, repeats: int = 1, probe: str = "auto",
+            warmup: int = 1) -> MeasuredStep:
+    """Measure the peak memory of training steps.
+
+    ``step`` is either a zero-argument callable running one training step, or a model
+    (an :class:`~monetdsl.runtime.OptimizedModule` or any module) called on ``inputs``;
+    then a step is ``loss(model(*inputs)).backward()`` (``loss`` defaults to the output
+    itself when it is a scalar, else its sum), with parameter gradients allocated
+    beforehand (they are fixed memory in the plan). For an OptimizedModule the planned
+    peak above fixed memory is filled in.
+    """
+    planned = None
+    if isinstance(step, torch.nn.Module):
+        model = step
+        if inputs is None:
+            raise ValueError("measure(model, inputs): give the inputs")
+        args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        from .module import OptimizedModule
+
+        if isinstance(model, OptimizedModule):
+            model.train()
+            planned = model.plan_for(*args).planned_activation_peak
+        reduce = loss or (lambda out: out if out.dim() == 0 else out.sum())
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def run():
+            out = reduce(model(*args))
+            out.backward()
+            del out
+
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        device = str(args[0].device) if args and isinstance(args[0], torch.Tensor) else "cpu"
+    else:
+        run = step
+        device = "cpu"
+    result = MeasuredStep(probe="", planned=planned)
+    for _ in range(warmup):
+        run()
+    for _ in range(repeats):
+        p = probe_for(probe, device)
+        result.probe = p.name
+        start = time.perf_counter()
+        p.start()
+        try:
+            run()
+        finally:
+            peak = p.stop()
+        result.seconds.append(time.perf_counter() - start)
+        result.peaks.append(peak)
+    return result

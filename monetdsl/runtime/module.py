@@ -1,0 +1,204 @@
+"""The module users train: the original model, run by a schedule.
+
+:class:`OptimizedModule` holds the original model (so ``parameters()``, ``state_dict()``
+and an optimizer built on the model keep working, as with ``torch.compile``) and, per
+input signature (shapes, dtypes, devices, autocast state), a :class:`~monetdsl.runtime.plan.RuntimePlan`.
+A training call runs the schedule's forward pass inside one ``torch.autograd.Function``
+and returns the model's output; the caller's ``loss.backward()`` reaches that function,
+which runs the backward stages and writes every parameter's ``.grad``. In ``eval()``
+mode or under ``torch.no_grad()`` the model simply runs eagerly.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+
+from ..errors import MonetError
+from .executor import Executor, StepState
+from .plan import Constraints, RuntimePlan, build_plan
+
+__all__ = ["OptimizedModule", "RuntimeUsageError"]
+
+
+class RuntimeUsageError(MonetError):
+    """The optimized module was used in a way the runtime does not support."""
+
+
+def _autocast_state() -> tuple:
+    state = [("cpu", torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))]
+    if torch.cuda.is_available():
+        state.append(("cuda", torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")))
+    return tuple(state)
+
+
+def _signature(inputs) -> tuple:
+    return tuple((tuple(t.shape), t.dtype, str(t.device)) if isinstance(t, torch.Tensor) else ("const", repr(t)) for t in inputs)
+
+
+def _ddp_active() -> bool:
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel._get_active_ddp_module() is not None
+    except (ImportError, AttributeError):
+        return False
+
+
+class _ScheduledStep(torch.autograd.Function):
+    """Forward: the schedule's stage 0. Backward: its stages, writing parameter gradients."""
+
+    @staticmethod
+    def forward(ctx, module, plan, anchor, *inputs):
+        state, out = module._forward_pass(plan, inputs)
+        ctx.module, ctx.plan, ctx.state = module, plan, state
+        if not out.is_floating_point():
+            ctx.mark_non_differentiable(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        state, plan, module = ctx.state, ctx.plan, ctx.module
+        ctx.state = None
+        if state is None:
+            raise RuntimeError("monetdsl: backward through the same forward call twice (retain_graph is not supported)")
+        module._backward_pass(plan, state, grad)
+        return (None, None, None) + (None,) * len(plan.input_names)
+
+
+class OptimizedModule(torch.nn.Module):
+    """``model`` trained with schedules; call it like the model."""
+
+    def __init__(self, model: torch.nn.Module, constraints: Constraints, *, optimizer: str = "adam",
+                 cache_dir: str | None = None, observe=None, profile: bool = False):
+        super().__init__()
+        self._profile = profile
+        self._orig_mod = model
+        self._constraints = constraints
+        self._optimizer = optimizer
+        self._cache_dir = cache_dir
+        self._plans: dict = {}
+        self._observe = observe
+        self._anchor = torch.empty(0, requires_grad=True)
+
+    # -- attribute access falls through to the model, as with torch.compile -----------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._orig_mod, name)
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        self._orig_mod.train(mode)
+        return self
+
+    # -- plans ------------------------------------------------------------------------------
+    def plan_for(self, *inputs, trace=None) -> RuntimePlan:
+        """The plan (trace, schedule, lowered steps) for these inputs, made on first use.
+        ``trace``: a :class:`~monetdsl.tracing.TraceResult` of the model on such inputs
+        (``loss="output"``), to skip tracing again."""
+        key = (_signature(inputs), _autocast_state())
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = build_plan(self._orig_mod, list(inputs), self._constraints, optimizer=self._optimizer,
+                              cache_dir=self._cache_dir, trace=trace, profile=self._profile)
+            self._plans[key] = plan
+        return plan
+
+    @property
+    def plans(self) -> list[RuntimePlan]:
+        return list(self._plans.values())
+
+    # -- calls ------------------------------------------------------------------------------
+    def forward(self, *inputs):
+        if not (self.training and torch.is_grad_enabled()):
+            return self._orig_mod(*inputs)
+        for t in inputs:
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                raise RuntimeUsageError("monetdsl trains a whole model: an input that requires grad would need its"
+                                        " gradient, which the runtime does not return; detach it or wrap the larger model")
+        plan = self.plan_for(*inputs)
+        return _ScheduledStep.apply(self, plan, self._anchor, *inputs)
+
+    def _fixed(self, plan: RuntimePlan, inputs, params: dict) -> dict:
+        buffers = dict(self._orig_mod.named_buffers())
+        fixed = {}
+        for name, (kind, key, position) in plan.fixed_sources.items():
+            if kind == "input":
+                fixed[name] = inputs[position]
+            elif kind == "param" and key in params:
+                fixed[name] = params[key].detach()
+            elif key in buffers:
+                fixed[name] = buffers[key]
+            else:
+                try:
+                    fixed[name] = operator.attrgetter(key)(self._orig_mod)
+                except AttributeError:
+                    raise RuntimeUsageError(f"the traced graph reads {key}, which the model no longer has") from None
+        return fixed
+
+    def _forward_pass(self, plan: RuntimePlan, inputs):
+        executor = Executor(plan.spec.network, plan.steps, self._observe)
+        params = dict(self._orig_mod.named_parameters())
+        with torch.no_grad(), _no_autocast():
+            fixed = self._fixed(plan, inputs, params)
+            state = executor.forward(fixed)
+            for name, update in plan.buffer_updates:
+                fixed[name].copy_(update(fixed))
+        state.params = params
+        state.hooks = _ddp_active() or _has_grad_hooks(params.values())
+        self._last_state_hooks = state.hooks
+        out = plan.output_path.materialize(state.env[plan.output])
+        return state, out.detach()
+
+    def _backward_pass(self, plan: RuntimePlan, state: StepState, grad: torch.Tensor) -> None:
+        executor = Executor(plan.spec.network, plan.steps, self._observe)
+        owner = state.env[plan.output]
+        seed = _grad_of_owner(plan, owner, grad)
+        params = state.params
+        keys = {name: key for name, (kind, key, _) in plan.fixed_sources.items() if kind == "param"}
+
+        def param_of(name: str):
+            return params.get(keys.get(name))
+
+        with torch.no_grad(), _no_autocast():
+            executor.backward(state, {f"grad({plan.output})": seed}, param_of)
+
+
+def _grad_of_owner(plan: RuntimePlan, owner: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of the network output's storage owner from the gradient of what the
+    model returned (a view of it)."""
+    if grad is None:
+        return torch.zeros_like(owner)
+    path = plan.output_path
+    if path.is_identity:
+        return grad
+    from .graphs import owner_adapter
+
+    adapter = owner_adapter(owner, [path])
+    return adapter(grad)
+
+
+def _has_grad_hooks(params) -> bool:
+    for p in params:
+        if getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks", None):
+            return True
+    return False
+
+
+class _no_autocast:
+    """The captured graph already holds autocast's casts: replay it with autocast off."""
+
+    def __enter__(self):
+        self._contexts = [torch.autocast("cpu", enabled=False)]
+        if torch.cuda.is_available():
+            self._contexts.append(torch.autocast("cuda", enabled=False))
+        for c in self._contexts:
+            c.__enter__()
+
+    def __exit__(self, *exc):
+        for c in reversed(self._contexts):
+            c.__exit__(*exc)
+        return False

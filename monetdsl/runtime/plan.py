@@ -1,0 +1,256 @@
+"""From a model and example inputs to an executable plan: trace, schedule, lower.
+
+The runtime traces with ``loss="output"``: the spec ends at the model's output (the
+training loop computes its loss), or at the loss itself for a model that returns one.
+A schedule comes from a file (refused, with a clear message, when its fingerprint is not
+this graph's), or from :func:`monetdsl.search.solve.solve` under a budget or an overhead
+cap; solved schedules are cached by the graph's fingerprint and the constraints, in
+memory and, with ``cache_dir``, as ``.monet`` files.
+"""
+from __future__ import annotations
+
+import operator
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from ..errors import Diagnostic, ScheduleError, SolveError
+from ..grammar import format_schedule, load_schedule
+from ..ir import Schedule, Spec
+from ..search.simulator import Simulation, chosen_impls, simulate
+from ..search.solve import solve
+from ..units import human_bytes
+from ..validate import resolve_constraints
+from .executor import StepPlan, plan_steps
+from ..tracing.joint import packet_name
+from .graphs import ArgPath, arg_path, call_node
+from .program import Program, lower
+
+__all__ = ["RuntimePlan", "Constraints", "build_plan", "trace_for_runtime", "schedule_for", "clear_caches"]
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """What the caller asked for: a budget (bytes), an overhead cap, a schedule file, a method."""
+
+    budget: int | None = None
+    max_overhead: float | None = None
+    schedule: str | Schedule | None = None  # a .monet file, or a Schedule object
+    method: str = "auto"
+
+    def describe(self) -> str:
+        parts = []
+        if self.budget is not None:
+            parts.append(f"budget {human_bytes(self.budget)}")
+        if self.max_overhead is not None:
+            parts.append(f"overhead <= {self.max_overhead:.1%}")
+        return ", ".join(parts) or "no constraint"
+
+
+@dataclass
+class RuntimePlan:
+    """Everything one input signature needs to train with a schedule."""
+
+    trace: object  # monetdsl.tracing.TraceResult
+    spec: Spec
+    schedule: Schedule
+    simulation: Simulation
+    program: Program
+    steps: StepPlan
+    output: str  # the network output (storage owner)
+    output_path: ArgPath  # how the model's returned tensor derives from it
+    input_names: tuple[str, ...]
+    fixed_sources: dict  # fixed tensor name -> (kind "param" | "buffer" | "input", model name, input position)
+    buffer_updates: list = field(default_factory=list)  # (buffer, f(fixed) -> new value), after the forward
+
+    @property
+    def planned_peak(self) -> int:
+        return self.simulation.peak_bytes
+
+    @property
+    def planned_activation_peak(self) -> int:
+        """The planned peak above fixed memory (parameters, gradients, optimizer state, inputs)."""
+        return self.simulation.peak_bytes - self.simulation.fixed_bytes
+
+
+_SCHEDULES: dict = {}
+
+
+def clear_caches() -> None:
+    _SCHEDULES.clear()
+
+
+def trace_for_runtime(model: torch.nn.Module, inputs, *, optimizer: str, device: str | None = None, profile: bool = False):
+    """Trace ``model`` on ``inputs`` ending at its output; the cost model follows the inputs'
+    device (its roofline preset, or with ``profile`` every op and alternative timed on it)."""
+    from ..tracing import trace_model
+    from ..tracing.capture import CaptureError
+
+    on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
+    preset = device or ("cuda" if on_cuda else "cpu")
+    try:
+        return trace_model(model, list(inputs), loss="output", device=preset, optimizer=optimizer, profile=profile)
+    except CaptureError:
+        if preset != "cuda" or profile:
+            raise
+        return trace_model(model, list(inputs), loss="output", device="A100", optimizer=optimizer)
+
+
+def schedule_for(spec: Spec, constraints: Constraints, cache_dir: str | None = None) -> tuple[Schedule, Simulation]:
+    """A schedule for ``spec``: the file the caller named, or a solved (cached) one."""
+    if constraints.schedule is not None:
+        return _from_file(spec, constraints.schedule)
+    key = (spec.fingerprint, constraints.budget, constraints.max_overhead, constraints.method)
+    if key in _SCHEDULES:
+        return _SCHEDULES[key]
+    cached = _read_cache(spec, key, cache_dir)
+    if cached is not None:
+        _SCHEDULES[key] = cached
+        return cached
+    result = solve(spec, constraints.method, memory_budget=constraints.budget, max_overhead=constraints.max_overhead)
+    if not result.success:
+        raise SolveError(f"{spec.network.name}: {result.message}", min_feasible_budget=result.min_feasible_budget)
+    found = (result.schedule, result.simulation)
+    _SCHEDULES[key] = found
+    _write_cache(spec, key, found, cache_dir)
+    return found
+
+
+def _from_file(spec: Spec, source) -> tuple[Schedule, Simulation]:
+    schedule = source if isinstance(source, Schedule) else load_schedule(source)
+    path = schedule.path
+    if schedule.fingerprint != spec.fingerprint:
+        raise ScheduleError(Diagnostic(
+            f"this schedule was made for another graph (fingerprint {schedule.fingerprint}); the model traces to"
+            f" {spec.fingerprint}. Solve again for this model and these inputs (monetdsl.optimize with a budget,"
+            f" or monetdsl solve on its spec)", path, schedule.line))
+    return schedule, _checked(spec, schedule)
+
+
+def _checked(spec: Spec, schedule: Schedule) -> Simulation:
+    constraints = resolve_constraints(spec.network, spec.constraints, path=spec.path, source=spec.source)
+    simulation = simulate(spec.network, schedule, constraints=constraints, fingerprint=spec.fingerprint)
+    if not simulation.valid:
+        raise ScheduleError(simulation.errors)
+    return simulation
+
+
+def _cache_path(cache_dir: str, key) -> Path:
+    fingerprint, budget, overhead, method = key
+    tag = f"{fingerprint}-b{budget if budget is not None else 'none'}-o{overhead if overhead is not None else 'none'}-{method}"
+    return Path(cache_dir) / f"{tag}.schedule.monet"
+
+
+def _read_cache(spec: Spec, key, cache_dir: str | None):
+    if cache_dir is None:
+        return None
+    path = _cache_path(cache_dir, key)
+    if not path.exists():
+        return None
+    try:
+        schedule = load_schedule(str(path))
+        return schedule, _checked(spec, schedule)
+    except Exception:  # noqa: BLE001 - a damaged cache entry is solved again
+        return None
+
+
+def _write_cache(spec: Spec, key, found, cache_dir: str | None) -> None:
+    if cache_dir is None:
+        return
+    path = _cache_path(cache_dir, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(format_schedule(found[0], spec.network))
+    os.replace(tmp, path)
+
+
+def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, optimizer: str, cache_dir: str | None = None,
+               trace=None, profile: bool = False) -> RuntimePlan:
+    """Trace (unless ``trace`` is given), schedule and lower ``model`` for these inputs."""
+    trace = trace or trace_for_runtime(model, inputs, optimizer=optimizer, profile=profile)
+    spec = trace.spec
+    schedule, simulation = schedule_for(spec, constraints, cache_dir)
+    network = spec.network
+    program = lower(trace, network, chosen_impls(network, schedule))
+    steps = plan_steps(network, schedule, program)
+    output, output_path = _output_of(trace, network)
+    facts, names = trace.built.facts, trace.built.value_names
+    sources = {}
+    for node in facts.graph.nodes:
+        if node.op == "placeholder" and node in names:
+            ph = facts.captured.placeholders[node.name]
+            sources[names[node]] = (ph.kind, ph.name, ph.index)
+    input_names = tuple(n for n, (kind, _, _) in sources.items() if kind == "input")
+    updates = buffer_updates(trace)
+    return RuntimePlan(trace, spec, schedule, simulation, program, steps, output, output_path, input_names, sources, updates)
+
+
+def buffer_updates(trace) -> list[tuple[str, Callable]]:
+    """Buffers the step writes besides batch norm's running statistics (which the batch
+    norm forward updates in place), e.g. ``num_batches_tracked += 1``: ``(buffer, f(fixed))``
+    pairs, applied once after the forward pass."""
+    facts, names = trace.built.facts, trace.built.value_names
+    graph = facts.graph
+    primals = [n for n in graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
+    outputs = list(next(n for n in graph.nodes if n.op == "output").args[0])
+    n_forward = len(outputs) - len(primals)
+    updates = []
+    for value in outputs[: max(n_forward - 1, 0)]:
+        if not isinstance(value, fx.Node):
+            continue
+        if value.target is operator.getitem and packet_name(value.args[0].target) == "_native_batch_norm_legit_functional":
+            continue  # running statistics: the batch norm forward updates them
+        sources = {a for a in _ancestors(value) if a.op == "placeholder"}
+        computed = [a for a in _ancestors(value) if a.op == "call_function"]
+        buffers = [a for a in sources if facts.captured.placeholders[a.name].kind == "buffer"]
+        if len(buffers) != 1 or any(facts.captured.placeholders[a.name].kind != "buffer" for a in sources):
+            raise ScheduleError(f"the model updates a buffer from {value.name} ({len(sources)} graph inputs); the runtime"
+                                " supports buffer updates computed from the buffer alone")
+        updates.append((names[buffers[0]], _evaluator(list(graph.nodes), computed, value, names)))
+    return updates
+
+
+def _ancestors(node: fx.Node) -> set:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _evaluator(order: list, computed: list, value: fx.Node, names: dict) -> Callable:
+    members = [n for n in order if n in set(computed)]
+
+    def run(fixed: dict) -> torch.Tensor:
+        env = {}
+
+        def value_of(n):
+            return env[n] if n in env else fixed[names[n]]
+
+        for node in members:
+            env[node] = call_node(node, value_of)
+        return env[value]
+
+    return run
+
+
+def _output_of(trace, network) -> tuple[str, ArgPath]:
+    """The network output and the view chain from it to the tensor the model returns."""
+    facts, names = trace.built.facts, trace.built.value_names
+    (output,) = network.outputs
+    loss_records = [r for r in trace.built.records if r.name.startswith("loss.")]
+    if loss_records:
+        returned = loss_records[0].node.args[0]
+    else:
+        returned = facts.loss
+    path = arg_path(facts, names, returned)
+    if path.owner != output:
+        raise ScheduleError(f"the model's output {path.owner} is not the network output {output}")
+    return output, path

@@ -1,0 +1,339 @@
+"""Lowering: every op of a traced spec, with its chosen implementation, as a callable step.
+
+A :class:`StepFn` reads IR tensors (by name, in ``reads`` order) and returns the IR
+tensors it writes (in ``writes`` order); the executor only moves names and values.
+Forward ops get two steps, the first forward and the recomputation (which reads the
+implementation's ``recompute reads`` and reproduces the first forward exactly); every
+backward op gets one.
+
+Arguments are rebuilt from their storage owners (:class:`~monetdsl.runtime.graphs.ArgPath`),
+so only owners are ever held. Gradients come out per owner: a step computes gradients of
+its arguments, then the backward of the alias calls turns them into the owners'.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from ..ir import Network, grad_name
+from ..tracing.joint import tensor_args
+from ..tracing.to_ir import OpRecord
+from .alternatives import RECOMPUTE, OpContext, backward_function, forward_function
+from .graphs import ArgPath, LoweringError, arg_path, call_node, example_of, local_backward, owner_adapter
+
+__all__ = ["StepFn", "Program", "lower"]
+
+
+@dataclass
+class StepFn:
+    """One executable step: ``fn(*values of reads) -> tuple of values of writes``.
+
+    ``overwrites`` names the input a forward step writes its first output into (in place).
+    """
+
+    op: str
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    fn: Callable
+    overwrites: str | None = None
+
+
+@dataclass
+class Program:
+    """The lowered network: first-forward, recompute and backward steps by op name."""
+
+    network: Network
+    forward: dict[str, StepFn] = field(default_factory=dict)
+    recompute: dict[str, StepFn] = field(default_factory=dict)
+    backward: dict[str, StepFn] = field(default_factory=dict)
+    output_paths: dict[str, ArgPath] = field(default_factory=dict)
+
+
+class _OpLowering:
+    """Shared facts about one traced op: its calls, argument paths and output names."""
+
+    def __init__(self, record: OpRecord, facts, value_names: dict, network: Network):
+        self.record = record
+        self.facts = facts
+        self.network = network
+        group = facts.fused.get(record.node)
+        self.members = list(group.members) if group is not None else [record.node]
+        self.arg_nodes = _distinct(facts.inputs_of(record.node) if group is not None else tensor_args(record.node))
+        self.paths = [arg_path(facts, value_names, n) for n in self.arg_nodes]
+        self.arg_index = {n: i for i, n in enumerate(self.arg_nodes)}
+        out_map = facts.outputs[record.node]
+        self.out_nodes = [v for v in out_map.values() if v in value_names]
+        self.out_names = [value_names[v] for v in self.out_nodes]
+        kind, binding = record.kind, record.binding
+        self.kind = kind
+        self.attrs = binding.attrs if binding is not None else {}
+        # role -> name and output roles of catalogue ops
+        self.role_names = dict(record.role_names)
+        self.out_role: dict[int, str] = {}
+        if kind is not None:
+            by_index = {idx: role for role, idx in binding.outputs.items()}
+            for k, (idx, v) in enumerate((i, v) for i, v in out_map.items() if v in value_names):
+                role = by_index.get(idx, "y" if idx is None else None)
+                if role is not None:
+                    self.out_role[k] = role
+
+    # -- forward --------------------------------------------------------------------------
+    def materialize(self, values: dict) -> list[torch.Tensor]:
+        return [p.materialize(values[p.owner]) for p in self.paths]
+
+    def call(self, args: list) -> list:
+        """Run the captured call(s) on argument values; returns the named outputs in order."""
+        env = dict(zip(self.arg_nodes, args))
+
+        def value_of(n):
+            if n in env:
+                return env[n]
+            if n.target is operator.getitem and n.args[0] in env:
+                return env[n.args[0]][n.args[1]]
+            raise LoweringError(f"{self.record.name}: {n.name} is not available")
+
+        for node in self.members:
+            env[node] = call_node(node, value_of)
+        return [value_of(v) for v in self.out_nodes]
+
+    def compiled_call(self) -> Callable[[list], list]:
+        """:meth:`call` without per-call interpretation: the argument template of a single
+        captured call is built once (groups of several calls use :meth:`call`)."""
+        if len(self.members) != 1:
+            return self.call
+        node = self.members[0]
+        position = self.arg_index
+        target = node.target
+
+        def getter(a):
+            if isinstance(a, fx.Node):
+                i = position[a]
+                return lambda args: args[i]
+            if isinstance(a, (list, tuple)) and any(isinstance(b, fx.Node) for b in a):
+                parts = [getter(b) for b in a]
+                kind = type(a)
+                return lambda args: kind(g(args) for g in parts)
+            return lambda args, a=a: a
+
+        arg_getters = [getter(a) for a in node.args]
+        kw_getters = {k: getter(v) for k, v in node.kwargs.items()}
+        picks = []
+        for v in self.out_nodes:
+            if v is node:
+                picks.append(None)
+            elif v.target is operator.getitem and v.args[0] is node:
+                picks.append(v.args[1])
+            else:
+                return self.call
+
+        def run(args):
+            result = target(*[g(args) for g in arg_getters], **{k: g(args) for k, g in kw_getters.items()})
+            return [result if k is None else result[k] for k in picks]
+
+        return run
+
+    def role_inputs(self, args: list) -> dict:
+        binding = self.record.binding
+        return {role: args[self.arg_index[node]] for role, node in binding.inputs.items() if isinstance(node, fx.Node)}
+
+    def outputs_by_role(self, outs: list) -> dict:
+        return {self.out_role[k]: v for k, v in enumerate(outs) if k in self.out_role}
+
+
+def _distinct(nodes) -> list:
+    seen, out = set(), []
+    for n in nodes:
+        if n not in seen:
+            seen.add(n)
+            out.append(n)
+    return out
+
+
+def lower(trace, network: Network, impls: dict[str, str]) -> Program:
+    """Lower every op of ``trace`` (a :class:`~monetdsl.tracing.TraceResult` whose network
+    is ``network``, possibly with the loss stripped) with implementations ``impls``."""
+    facts, value_names = trace.built.facts, trace.built.value_names
+    if facts is None:
+        raise LoweringError("this trace does not carry its joint graph; trace the model again")
+    program = Program(network)
+    lowerings = {}
+    for record in trace.built.records:
+        if not network.has_op(record.name):
+            continue  # the loss, when the caller computes its own
+        op = network.op(record.name)
+        low = _OpLowering(record, facts, value_names, network)
+        lowerings[record.name] = low
+        impl = op.impl(impls.get(op.name, op.impls[0].name))
+        program.forward[op.name] = _forward_step(low, op, impl, recompute=False)
+        program.recompute[op.name] = _forward_step(low, op, impl, recompute=True)
+    for bop in network.backward_ops:
+        low = lowerings[bop.of]
+        impl = bop.impl(impls.get(bop.name, bop.impls[0].name))
+        try:
+            program.backward[bop.name] = _backward_step(low, bop, impl, first=impl.name == bop.impls[0].name)
+        except LoweringError as exc:
+            if str(exc).startswith(bop.name):
+                raise
+            raise LoweringError(f"{bop.name} ({impl.name}): {exc}") from None
+    return program
+
+
+# ------------------------------------------------------------------------------ forward steps
+def _forward_step(low: _OpLowering, op, impl, *, recompute: bool) -> StepFn:
+    writes = tuple(op.outputs) + tuple(impl.derived)
+    reads = tuple(op.inputs) + (tuple(sorted(impl.recompute_reads)) if recompute else ())
+    kind = low.kind.name if low.kind is not None else None
+    special = forward_function(kind, impl.name) if kind else None
+    names_by_role = low.role_names
+    if special is None and kind is not None and impl.name != op.impls[0].name and impl.derived:
+        raise LoweringError(f"{op.name}: the runtime has no implementation of {kind} alternative {impl.name}")
+    saved_roles = {}
+    if recompute and kind is not None:
+        role_of = {n: r for r, n in names_by_role.items()}
+        saved_roles = {role_of[n]: n for n in impl.recompute_reads if n in role_of}
+    use_saved = recompute and (kind, impl.name) in RECOMPUTE
+
+    if special is None:
+        call = low.compiled_call()
+        getters = _arg_getters(low.paths, reads)
+        picks = [low.out_names.index(w) for w in writes]
+
+        def fn(*values):
+            outs = call([g(values) for g in getters])
+            return tuple(outs[k] for k in picks)
+    else:
+        def fn(*values):
+            env = dict(zip(reads, values))
+            args = low.materialize(env)
+            ctx = OpContext(kind, low.attrs, low.role_inputs(args), lambda: low.outputs_by_role(low.call(args)))
+            saved = {role: env[name] for role, name in saved_roles.items()} if use_saved else None
+            outs = special(ctx, saved)
+            by_name = {names_by_role[role]: value for role, value in outs.items() if role in names_by_role}
+            return tuple(by_name[w] for w in writes)
+
+    return StepFn(op.name, reads, writes, fn, impl.overwrites)
+
+
+def _arg_getters(paths, reads) -> list[Callable]:
+    """For each argument path: a function of the step's read values (in ``reads`` order)
+    that rebuilds the argument from its owner."""
+    getters = []
+    for path in paths:
+        i = reads.index(path.owner)
+        if path.is_identity:
+            getters.append(lambda values, i=i: values[i])
+        else:
+            getters.append(lambda values, i=i, path=path: path.materialize(values[i]))
+    return getters
+
+
+# ----------------------------------------------------------------------------- backward steps
+def _wanted_args(low: _OpLowering, bop) -> list[int]:
+    """Argument positions whose gradient this backward op computes."""
+    outputs = set(bop.outputs)
+    if low.kind is None:
+        return [i for i, p in enumerate(low.paths) if grad_name(p.owner) in outputs]
+    step_name = bop.local_name
+    steps = {s.name: s for s in low.kind.backward_steps(low.record.binding)}
+    if step_name not in steps:
+        raise LoweringError(f"{bop.name}: {low.kind.name} has no backward step {step_name}")
+    nodes = [low.record.binding.inputs[r] for r in steps[step_name].grads if isinstance(low.record.binding.inputs.get(r), fx.Node)]
+    wanted = _distinct(i for i in (low.arg_index[n] for n in nodes) if grad_name(low.paths[i].owner) in outputs)
+    for other in steps.values():
+        if other.name == step_name:
+            continue
+        shared = {low.arg_index[low.record.binding.inputs[r]] for r in other.grads if isinstance(low.record.binding.inputs.get(r), fx.Node)}
+        if shared & set(wanted):
+            raise LoweringError(f"{bop.name}: one tensor feeds operands whose gradients are separate backward steps")
+    return wanted
+
+
+def _adapters(low: _OpLowering, bop, wanted: list[int]) -> list[tuple[str, list[int], Callable | None]]:
+    """For each gradient the op writes: the wanted argument positions of that owner and
+    the adapter from their gradients to the owner's."""
+    result = []
+    for g in bop.outputs:
+        positions = [i for i in wanted if grad_name(low.paths[i].owner) == g]
+        if not positions:
+            raise LoweringError(f"{bop.name} writes {g}, but none of its arguments is that tensor or a view of it")
+        owner_node = _owner_node(low, positions[0])
+        adapter = owner_adapter(example_of(owner_node), [low.paths[i] for i in positions])
+        result.append((g, positions, adapter))
+    return result
+
+
+def _owner_node(low: _OpLowering, position: int) -> fx.Node:
+    return low.facts.owner(low.arg_nodes[position])
+
+
+def _backward_step(low: _OpLowering, bop, impl, *, first: bool) -> StepFn:
+    reads = tuple(sorted(impl.reads))
+    writes = tuple(bop.outputs)
+    wanted = _wanted_args(low, bop)
+    adapters = _adapters(low, bop, wanted)
+    fop = low.network.op(bop.of)
+    grad_outs = [k for k, name in enumerate(low.out_names) if grad_name(name) in impl.reads]
+    kind = low.kind.name if low.kind is not None else None
+    custom = backward_function(kind, impl.name, first) if kind is not None else None
+    tensors = low.network.tensors
+    allowed = set(impl.reads)
+    if custom is None:
+        if not first:
+            raise LoweringError(f"{bop.name}: the runtime has no implementation of backward alternative {impl.name}")
+        resident = [i for i, p in enumerate(low.paths) if tensors[p.owner].is_fixed]
+        local = local_backward(low.members, low.arg_nodes, low.out_nodes, wanted, grad_outs, resident)
+        arg_reads = [low.paths[i] for i in local.args_read]
+        out_reads = [low.out_names[k] for k in local.outputs_read]
+        grad_reads = [grad_name(low.out_names[k]) for k in grad_outs]
+        for name in [p.owner for p in arg_reads] + out_reads:
+            if name not in allowed and not tensors[name].is_fixed:
+                raise LoweringError(f"{bop.name} ({impl.name}): PyTorch's backward reads {name}, which the spec's"
+                                    f" implementation does not list")
+        position = {w: j for j, w in enumerate(wanted)}
+        reads = reads + tuple(sorted({p.owner for p in arg_reads if p.owner not in allowed}))
+        getters = _arg_getters(arg_reads, reads) + [(lambda values, i=reads.index(n): values[i]) for n in (*out_reads, *grad_reads)]
+        forward = local.module.forward
+        plans = [([position[i] for i in positions], adapter) for _, positions, adapter in adapters]
+        shapes = {j: example_of(low.arg_nodes[i]) for i, j in position.items()}
+
+        def fn(*values):
+            arg_grads = forward(*[g(values) for g in getters])
+            return _owner_grads(plans, arg_grads, shapes)
+    else:
+        role_of_arg = {low.arg_index[n]: r for r, n in low.record.binding.inputs.items() if isinstance(n, fx.Node)}
+        alt = next(a for s in low.kind.backward_steps(low.record.binding) for a in s.alts if a.name == impl.name)
+        read_roles = [r for r in alt.reads if r in low.role_names]
+        input_roles = {r: low.record.binding.inputs[r] for r in read_roles if isinstance(low.record.binding.inputs.get(r), fx.Node)}
+        ctx_attrs = low.attrs
+        extra = {low.paths[low.arg_index[n]].owner for n in input_roles.values()} | {low.role_names[r] for r in read_roles if r not in input_roles}
+        reads = reads + tuple(sorted(n for n in extra if n not in allowed))
+        out_roles = {low.out_role[k]: grad_name(low.out_names[k]) for k in grad_outs if k in low.out_role}
+        saved_getters = {r: (_arg_getters([low.paths[low.arg_index[node]]], reads)[0] if (node := input_roles.get(r)) is not None
+                             else (lambda values, i=reads.index(low.role_names[r]): values[i])) for r in read_roles}
+        grad_getters = {role: (lambda values, i=reads.index(g): values[i]) for role, g in out_roles.items()}
+        wanted_roles = [role_of_arg[i] for i in wanted]
+        plans = [([wanted.index(i) for i in positions], adapter) for _, positions, adapter in adapters]
+        shapes = {j: example_of(low.arg_nodes[i]) for j, i in enumerate(wanted)}
+        ctx = OpContext(kind, ctx_attrs, {}, lambda: {})
+
+        def fn(*values):
+            saved = {r: g(values) for r, g in saved_getters.items()}
+            grads = {role: g(values) for role, g in grad_getters.items()}
+            role_grads = custom(ctx, saved, grads)
+            return _owner_grads(plans, [role_grads.get(r) for r in wanted_roles], shapes)
+
+    return StepFn(bop.name, reads, writes, fn)
+
+
+def _owner_grads(plans, arg_grads, shapes) -> tuple:
+    """Gradients of the owners from the gradients of the arguments (``plans``: per owner
+    the argument positions and the adapter; ``None`` gradients become zeros)."""
+    out = []
+    for positions, adapter in plans:
+        grads = [arg_grads[j] if arg_grads[j] is not None else torch.zeros(shapes[j].shape, dtype=shapes[j].dtype, device=shapes[j].device) for j in positions]
+        out.append(grads[0] if adapter is None else adapter(*grads))
+    return tuple(out)

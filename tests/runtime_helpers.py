@@ -1,0 +1,116 @@
+"""Helpers for the runtime tests: schedules with chosen implementations, eager references."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from monetdsl.graph import index
+from monetdsl.ir import Network, Schedule
+from monetdsl.search.schedule_builder import build_schedule
+from monetdsl.search.simulator import simulate
+
+
+def first_impls(network: Network) -> dict[str, str]:
+    """PyTorch's own implementation of every op (the first alternatives)."""
+    return {op.name: op.impls[0].name for op in (*network.forward_ops, *network.backward_ops)}
+
+
+def schedule_with(spec, impls: dict[str, str], keep: str | set = "all", promote: str = "none") -> Schedule:
+    """A valid schedule over ``impls``: keep everything the backward reads, nothing, or a set."""
+    network = spec.network
+    idx = index(network)
+    if keep == "all":
+        wanted = set()
+        for bop in network.backward_ops:
+            wanted |= {r for r in bop.impl(impls.get(bop.name, bop.impls[0].name)).reads if idx.is_forward_tensor(r)}
+    elif keep == "none":
+        wanted = set()
+    else:
+        wanted = set(keep)
+    never = {n for p in spec.constraints.never_recompute for n in [p.text]}
+    schedule = build_schedule(network, impls, forward_keep=wanted, promote=promote, never_recompute=never,
+                              spec_path="<test>", fingerprint=spec.fingerprint)
+    sim = simulate(network, schedule)
+    assert sim.valid, [d.message for d in sim.errors]
+    return schedule
+
+
+def eager_step(model, inputs, seed: int, loss=None):
+    """Output and parameter gradients of one eager training step from RNG state ``seed``."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(*inputs)
+    (loss or _reduce)(out).backward()
+    return out.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _reduce(out):
+    return out if out.dim() == 0 else (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum()
+
+
+def twins(factory, seed: int = 0):
+    torch.manual_seed(seed)
+    model = factory()
+    return model, copy.deepcopy(model)
+
+
+def impl_combinations(network: Network, limit: int = 12) -> list[dict[str, str]]:
+    """Implementation choices that together use every alternative of every op: each
+    choice gives every op the alternative it has used least so far (a backward op among
+    those whose derived reads the chosen forward alternative produces), until all ran."""
+    idx = index(network)
+    used: dict[str, dict[str, int]] = {op.name: {i: 0 for i in op.impl_names} for op in (*network.forward_ops, *network.backward_ops)}
+    combos = []
+    for _ in range(limit):
+        if all(min(counts.values()) > 0 for counts in used.values()):
+            break
+        impls = {}
+        for op in network.forward_ops:
+            def remaining_backward(impl):
+                produced = set(impl.derived)
+                return sum(1 for b in idx.backward_of.get(op.name, ()) for alt in idx.backward_ops[b].impls
+                           if used[b][alt.name] == 0 and all(r not in idx.derived_by or r in produced for r in alt.reads))
+            impl = min(op.impls, key=lambda i: (used[op.name][i.name] > 0, -remaining_backward(i), used[op.name][i.name]))
+            impls[op.name] = impl.name
+            used[op.name][impl.name] += 1
+            produced = set(impl.derived)
+            for bname in idx.backward_of.get(op.name, ()):
+                bop = idx.backward_ops[bname]
+                usable = [b for b in bop.impls if all(r not in idx.derived_by or r in produced for r in b.reads)]
+                pick = min(usable, key=lambda b: used[bname][b.name])
+                impls[bname] = pick.name
+                used[bname][pick.name] += 1
+        combos.append(impls)
+    return combos
+
+
+def patch_dropout(model, impls: dict[str, str]):
+    """Make the eager twin's dropout modules draw their masks as the chosen alternatives
+    do: ``rng_replay`` from a seed drawn from the global RNG, the others as eager does."""
+    from monetdsl.catalogue.dropout import draw_seed, mask_from_seed
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and impls.get(name) == "rng_replay":
+            def forward(x, p=module.p):
+                mask = mask_from_seed(draw_seed(), x.shape, p, x.device)
+                return x * mask * (1.0 / (1.0 - p))
+            module.forward = forward
+        elif isinstance(module, torch.nn.Dropout) and "forward" in module.__dict__:
+            del module.forward
+
+
+class Reduced(torch.nn.Module):
+    """``model`` with a fixed linear loss inside, so the whole step is planned (a loss
+    computed outside the model is memory the plan cannot see)."""
+
+    def __init__(self, model: torch.nn.Module, shape):
+        super().__init__()
+        self.model = model
+        numel = 1
+        for d in shape:
+            numel *= d
+        self.register_buffer("weights", torch.linspace(-1, 1, numel).reshape(shape))
+
+    def forward(self, *inputs):
+        return (self.model(*inputs) * self.weights).sum()

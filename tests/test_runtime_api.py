@@ -1,0 +1,180 @@
+"""monetdsl.optimize / monetdsl.backend / monetdsl.measure / monetdsl bench: usage and errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import monetdsl
+from monetdsl.cli import main
+from monetdsl.grammar import format_schedule
+from monetdsl.models import SmallCNN
+from monetdsl.runtime import plan as plan_module
+from .runtime_helpers import patch_dropout, twins
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(8, 16)
+        self.fc2 = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_optimize_shares_parameters_and_trains_like_the_model():
+    model, reference = twins(Tiny)
+    x = torch.randn(5, 8)
+    optimized = monetdsl.optimize(model, x, max_overhead=0.5)
+    assert [p is q for p, q in zip(optimized.parameters(), model.parameters())] == [True] * 4
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)  # built on the model, not the wrapper
+    sgd_ref = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for _ in range(2):
+        for module, opt in ((optimized, sgd), (reference, sgd_ref)):
+            opt.zero_grad()
+            module(x).square().sum().backward()
+            opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+    assert optimized.fc1 is model.fc1  # attributes fall through to the model
+    assert optimized.plans[0].simulation.overhead <= 0.5
+
+
+def test_budget_strings_and_infeasible_budgets():
+    model = Tiny()
+    x = torch.randn(5, 8)
+    optimized = monetdsl.optimize(model, x, budget="1GiB")
+    assert optimized.plans[0].simulation.peak_bytes <= 2**30
+    with pytest.raises(monetdsl.SolveError, match="smallest budget"):
+        monetdsl.optimize(model, x, budget=100)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"budget": "6 parsecs"}, "budget"),
+    ({"budget": -3}, "positive"),
+    ({"max_overhead": -0.1}, "max_overhead"),
+    ({"schedule": "/nonexistent/plan.monet"}, "does not exist"),
+    ({"schedule": "x.monet", "budget": "1GiB"}, "not both"),
+    ({"method": "magic"}, "unknown method"),
+    ({"optimizer": "lion"}, "unknown optimizer"),
+])
+def test_bad_options_are_clear_errors(options, message):
+    with pytest.raises(monetdsl.MonetError, match=message):
+        monetdsl.optimize(Tiny(), **options)
+
+
+def test_bad_models_and_inputs_are_clear_errors():
+    with pytest.raises(monetdsl.MonetError, match="nn.Module"):
+        monetdsl.optimize(lambda x: x)
+    with pytest.raises(monetdsl.MonetError, match="tensor or a tuple"):
+        monetdsl.optimize(Tiny(), [[1, 2]])
+    optimized = monetdsl.optimize(Tiny())
+    with pytest.raises(monetdsl.MonetError, match="requires grad"):
+        optimized(torch.randn(2, 8, requires_grad=True))
+
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x), x
+
+    with pytest.raises(monetdsl.MonetError, match="returns one tensor"):
+        monetdsl.optimize(Pair(), torch.randn(2, 4))
+
+
+def test_a_schedule_for_another_graph_is_refused(tmp_path):
+    model = Tiny()
+    optimized = monetdsl.optimize(model, torch.randn(5, 8), method="store-all")
+    plan = optimized.plans[0]
+    path = tmp_path / "tiny.schedule.monet"
+    path.write_text(format_schedule(plan.schedule, plan.spec.network))
+    same = monetdsl.optimize(model, torch.randn(5, 8), schedule=path)  # the same graph: accepted
+    assert same.plans[0].schedule.fingerprint == plan.spec.fingerprint
+    with pytest.raises(monetdsl.ScheduleError, match=f"made for another graph.*fingerprint {plan.spec.fingerprint}"):
+        monetdsl.optimize(model, torch.randn(6, 8), schedule=path)  # another batch size: another graph
+
+
+def test_solved_schedules_are_cached_by_fingerprint(tmp_path, monkeypatch):
+    calls = []
+    real = plan_module.solve
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].fingerprint)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plan_module, "solve", counting)
+    plan_module.clear_caches()
+    x = torch.randn(3, 8)
+    a = monetdsl.optimize(Tiny(), x, max_overhead=0.25, cache_dir=str(tmp_path))
+    b = monetdsl.optimize(Tiny(), x, max_overhead=0.25)  # another instance, the same graph
+    assert len(calls) == 1 and a.plans[0].schedule is b.plans[0].schedule
+    assert list(tmp_path.glob(f"{calls[0]}-*.schedule.monet"))
+    plan_module.clear_caches()
+    monetdsl.optimize(Tiny(), x, max_overhead=0.25, cache_dir=str(tmp_path))  # read back from the directory
+    assert len(calls) == 1
+    monetdsl.optimize(Tiny(), torch.randn(4, 8), max_overhead=0.25)  # new shapes: a new graph, solved
+    assert len(calls) == 2
+
+
+def test_torch_compile_backend_trains_like_eager():
+    model, reference = twins(SmallCNN)
+    x = torch.randn(4, 3, 32, 32)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=monetdsl.backend(method="recompute-all"))
+    try:
+        torch.manual_seed(3)
+        out = compiled(x)
+        out.square().mean().backward()
+    finally:
+        torch._dynamo.reset()
+    # the plan's dropout (the cheapest alternative) draws its mask from a seed: draw the reference's alike
+    patch_dropout(reference, {"drop": "rng_replay"})
+    torch.manual_seed(3)
+    ref = reference(x)
+    ref.square().mean().backward()
+    torch.testing.assert_close(out, ref)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_measure_reports_planned_and_measured():
+    model = Tiny()
+    x = torch.randn(64, 8)
+    optimized = monetdsl.optimize(model, x, method="store-all")
+    result = monetdsl.measure(optimized, x, probe="live", repeats=2)
+    assert result.planned == optimized.plans[0].planned_activation_peak
+    assert len(result.peaks) == 2 and result.peak > 0 and "measured/planned" in result.summary()
+    with pytest.raises(ValueError, match="unknown probe"):
+        monetdsl.measure(optimized, x, probe="psychic")
+
+
+def test_allocator_probe_counts_every_byte():
+    from monetdsl.runtime.cpu_allocator import BuildError
+
+    try:
+        result = monetdsl.measure(lambda: torch.empty(1 << 20, dtype=torch.uint8).fill_(1), probe="allocator", warmup=0)
+    except BuildError as exc:  # pragma: no cover - no g++ here
+        pytest.skip(str(exc))
+    assert result.peak == 1 << 20
+
+
+def test_bench_command(tmp_path, capsys):
+    out = tmp_path / "tiny.schedule.monet"
+    status = main(["bench", "monetdsl.models:small_cnn", "--input", "4x3x32x32", "--method", "recompute-all", "--repeats", "1",
+                   "--json", "-o", str(out)])
+    data = json.loads(capsys.readouterr().out)
+    assert status == 0 and out.exists() and (tmp_path / "tiny.schedule.spec.monet").exists()
+    assert abs(data["measured_over_planned"] - 1) < 0.02
+    assert data["peak_vs_eager"] < 1 and data["time_vs_eager"] > 0
+    assert main(["bench", "monetdsl.models:small_cnn", "--input", "4x3x32x32", "--probe", "nose"]) == 1
+    assert "--probe nose" in capsys.readouterr().err
+
+
+def test_profiled_costs_choose_this_machines_implementations():
+    optimized = monetdsl.optimize(Tiny(), torch.randn(16, 8), max_overhead=0.1, profile=True)
+    plan = optimized.plans[0]
+    assert plan.trace.cost_model.startswith("measured on cpu")
+    assert plan.simulation.overhead <= 0.1
