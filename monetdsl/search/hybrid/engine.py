@@ -367,6 +367,8 @@ def _finish(network, constraints, ctx, run, candidates, details, deadline, begin
         lower = max(lower, refined["bound"])
         if refined.get("status") == "optimal":
             status = "optimal"
+    if run is None:  # the refinement ran but found nothing either
+        return _no_schedule(network, constraints, ctx, candidates, details, deadline, lower)
     origin, schedule, sim = run
     value = _value(sim, objective)
     gap = max(0.0, value - lower) / max(value, 1e-12)
