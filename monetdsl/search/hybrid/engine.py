@@ -239,7 +239,7 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     report("decomposed")
     # 2. menus ----------------------------------------------------------------------------
     cache = cache if cache is not None else DEFAULT_CACHE
-    workers = int(options.get("workers", min(2, os.cpu_count() or 1)))
+    workers = int(options.get("workers", 1))  # >1: spawned processes (the caller needs a __main__ guard)
     menu_budget = float(options.get("menu_seconds", limit * MENU_SHARE))
     t = time.perf_counter()
     builds_before = cache.builds

@@ -49,6 +49,8 @@ from .subnet import SINK, SOURCE, SOURCE_VIEWS, BlockNet
 
 __all__ = ["Option", "BlockMenu", "MenuCache", "build_menu", "build_menus", "extend_menu", "extend_menus", "evaluate_option", "option_schedule", "pareto"]
 
+#: keep caps (fractions of what the block's fastest option keeps) of the menu grid
+SAVED_FRACTIONS = (0.75, 0.5, 0.35, 0.2, 0.1)
 #: relative gap of the menu MILPs: an option 0.1 % slower than optimal is as good
 MENU_GAP = 1e-3
 
@@ -323,8 +325,12 @@ def build_menu(bn: BlockNet, *, time_budget: float = 10.0, per_solve: float = 4.
         hi_peak = fixed + max(fastest.fwd_peak, fastest.bwd_peak)
         plans.insert(0, ("milp fastest at min peak", lo_peak, None, False))
         plans += [(f"milp peak<={b}", b, None, False) for b in _between(lo_peak, hi_peak, grid)]
-        half = max(fastest.saved, 1) // 2
-        plans.append((f"milp saved<={half}", hi_peak, half, False))
+        # options that keep less across the block than its fastest one: the chain DP
+        # trades what a block holds during the inner calls against re-running it, and
+        # selective keeps (a convolution's output, not the cheap ops after it) live here
+        for frac in SAVED_FRACTIONS:
+            cap = int(max(fastest.saved, 1) * frac)
+            plans.append((f"milp saved<={cap}", hi_peak, cap, False))
     for origin, budget, cap, fresh in plans:
         if solver.time_left() <= 0.05:
             notes.append("time budget spent before every grid point was solved")
@@ -390,8 +396,10 @@ def _extend_one(args) -> BlockMenu:
 
 
 def _pool_map(function, jobs, workers: int):
+    """``map`` over worker processes. Spawned, not forked: HiGHS and numba run threads in
+    this process, and a child forked while one of them holds a lock deadlocks."""
     if workers > 1 and len(jobs) > 1:
-        ctx = multiprocessing.get_context("fork")
+        ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
             return list(pool.map(function, jobs))
     return [function(job) for job in jobs]
