@@ -52,6 +52,8 @@ __all__ = ["hybrid", "HybridRun", "run_hybrid", "REFINE_MAX_FORWARD_OPS"]
 #: the refinement runs the whole network's MILP only up to this many forward ops (above,
 #: building the model alone takes longer than the search is worth; see docs/milp.md §11)
 REFINE_MAX_FORWARD_OPS = 40
+#: the slow heuristics (Chen greedy, revolve) join the comparison up to this many forward ops
+HEURISTICS_MAX_FORWARD_OPS = 250
 #: share of the time limit spent on the first block menus (targeted solves and the
 #: refinement share the rest)
 MENU_SHARE = 0.35
@@ -213,7 +215,7 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     """The whole pipeline (see the module docstring); :func:`hybrid` wraps it as a method."""
     begin = time.perf_counter()
     limit = ctx.time_limit or 60.0
-    deadline = begin + limit
+    deadline = begin + 0.97 * limit  # the composition and the replay after the deadline fit in the rest
     options = ctx.options
     details: dict = {}
     objective = ctx.objective
@@ -251,7 +253,7 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
         raise SpecError(f"the hybrid engine found no way to run block {empty[0]} on its own; use --method milp or a heuristic")
     report("menus built")
     # 3-4. chain DP and composition, then targeted block solves and again ---------------
-    heuristics = _heuristics(network, constraints, ctx, None)
+    heuristics = _heuristics(network, constraints, ctx, None, _heuristic_names(network))
     details["heuristics"] = {name: {"peak": sim.peak_bytes, "compute": sim.compute_us} for name, _, sim in heuristics}
     store_peak = max((sim.peak_bytes for _, _, sim in heuristics), default=network.fixed_bytes)
     fixed = network.fixed_bytes
@@ -322,6 +324,15 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     result = _finish(network, constraints, ctx, run, candidates, details, deadline, begin)
     details["seconds"] = round(time.perf_counter() - begin, 3)
     return result
+
+
+def _heuristic_names(network: Network) -> list[str]:
+    """The heuristics the engine compares with: Chen's greedy search and revolve simulate
+    many candidate schedules, each a quadratic replay, which takes minutes on 1,000 ops."""
+    names = ["store-all", "chen-sqrt", "recompute-all"]
+    if len(network.forward_ops) <= HEURISTICS_MAX_FORWARD_OPS:
+        names[2:2] = ["chen-greedy", "revolve"]
+    return names
 
 
 def _value(sim: Simulation, objective: str) -> float:
