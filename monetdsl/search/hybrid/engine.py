@@ -33,7 +33,7 @@ from ...errors import SpecError
 from ...ir import Network, Schedule
 from ...units import human_bytes
 from ...validate import ResolvedConstraints
-from ..milp.engine import _heuristics, _start_for, minimum_budget
+from ..milp.engine import _heuristics, _start_for, minimum_budget, solve_joint
 from ..milp.codec import decisions_from_solution, decode
 from ..milp.highs import run_highs
 from ..milp.model import MIB, build_model
@@ -473,6 +473,12 @@ def _no_schedule(network, constraints, ctx, candidates, details, deadline, lower
 
 def hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchContext) -> MethodOutcome:
     """The hybrid engine as a searching method (``--method hybrid``)."""
+    target = int(ctx.options.get("target_ops", DEFAULT_TARGET_OPS))
+    if len(decompose(network, target_ops=target).blocks) == 1:
+        # nothing to join: the one block is the whole network, which the MILP solves exactly
+        outcome = solve_joint(network, constraints, ctx, label="hybrid")
+        outcome.details = {**outcome.details, "blocks": 1, "block_kinds": 1, "origin": "milp (the network is one block)"}
+        return outcome
     hr = run_hybrid(network, constraints, ctx)
     details = dict(hr.details)
     if hr.schedule is None:
