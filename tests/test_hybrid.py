@@ -18,6 +18,8 @@ from monetdsl.search.hybrid.decompose import decompose
 from monetdsl.search.hybrid.engine import run_hybrid
 from monetdsl.search.hybrid.menus import MenuCache
 from monetdsl.search.impl_choice import cheapest_impls, no_recompute_compute_us
+from monetdsl.search.local_search import improve
+from monetdsl.search.simulator import simulate
 from monetdsl.search.outcome import SearchContext
 from monetdsl.search.solve import HEURISTICS, solve
 from monetdsl.synth import random_spec, resnet_stack, transformer_stack
@@ -185,13 +187,31 @@ def test_identical_blocks_are_solved_once_and_menus_are_cached():
 
 
 def test_hybrid_on_a_small_network_is_within_two_percent_of_the_exact_optimum():
-    spec = _stack("resnet", 2)
-    budget = _budget(spec, 0.3)
+    spec = _stack("resnet", 3)  # three blocks of seven ops
+    budget = 326_210_304  # 311.10 MiB, about half way between the exact minimum and the store-all peak
     exact = solve(spec, "milp", memory_budget=budget, time_limit=60)
     assert exact.status == "optimal"
-    hybrid = solve(spec, "hybrid", memory_budget=budget, time_limit=20, options={"target_ops": 7, "refine": False})
+    # a generous limit: the block menus are complete long before it, even on a loaded machine
+    hybrid = solve(spec, "hybrid", memory_budget=budget, time_limit=90, options={"target_ops": 7, "refine": False})
+    assert hybrid.details["blocks"] == 3
     assert exact.simulation.compute_us <= hybrid.simulation.compute_us + 1e-6
     assert hybrid.simulation.compute_us <= 1.02 * exact.simulation.compute_us
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_local_search_never_returns_a_worse_or_invalid_schedule(seed):
+    spec = random_spec(seed, forward_ops=6)
+    network = spec.network
+    high = solve(spec, "store-all").simulation.peak_bytes
+    constraints = resolve_constraints(network, spec.constraints, memory_budget=high)
+    baseline = no_recompute_compute_us(network, cheapest_impls(network))
+    start = solve(spec, "recompute-all", memory_budget=high)
+    if not start.success:
+        return
+    found = improve(network, start.schedule, constraints, baseline_us=baseline, time_limit=5.0)
+    again = simulate(network, found.schedule, constraints=constraints, baseline_us=baseline)
+    assert again.ok and again.peak_bytes == found.simulation.peak_bytes
+    assert again.compute_us <= start.simulation.compute_us + 1e-9
 
 
 def test_refinement_proves_the_optimum_on_a_small_network():

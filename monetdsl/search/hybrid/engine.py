@@ -12,7 +12,10 @@
    the fastest plan whose *replayed* peak fits the budget. A plan whose replay exceeds the
    budget is never returned as feasible.
 5. Compare with the cheap heuristics (store-all, Chen, revolve, recompute-all) and keep
-   the best, so the result is never worse than any of them.
+   the best, so the result is never worse than any of them; then improve it by local
+   search on its carry plan (:mod:`..local_search`): moves across block boundaries that
+   the chain DP cannot express (a residual block keeping its batch-norm output instead of
+   its output, re-derived by a cheap add and ReLU).
 6. **Refine**: when the whole network's MILP is small enough, warm-start it from the best
    schedule (a highspy MIP start) and let HiGHS improve it in the remaining time; its dual
    bound is reported. Otherwise the bound is :mod:`.bounds`' (every op once, fastest
@@ -37,6 +40,7 @@ from ..milp.engine import _heuristics, _start_for, minimum_budget, solve_joint
 from ..milp.codec import decisions_from_solution, decode
 from ..milp.highs import run_highs
 from ..milp.model import MIB, build_model
+from ..local_search import improve
 from ..outcome import MethodOutcome, SearchContext
 from ..progress import ProgressInfo
 from ..simulator import Simulation, simulate
@@ -57,6 +61,10 @@ HEURISTICS_MAX_FORWARD_OPS = 250
 #: share of the time limit spent on the first block menus (targeted solves and the
 #: refinement share the rest)
 MENU_SHARE = 0.35
+#: share of the remaining time the local search gets when the refinement MILP follows
+POLISH_SHARE = 0.3
+#: schedules the local search starts from (the best distinct ones found)
+POLISH_STARTS = 3
 #: bytes of DP table the engine allows itself (L x L x slots float64)
 TABLE_BYTES = 160 * 2**20
 
@@ -320,6 +328,21 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     candidates = [("hybrid", s, sim) for s, sim in found] + [(name, s, sim) for name, s, sim in heuristics]
     run = _pick(candidates, objective, budget, cap_us)
     report("composed", None if run is None else _value(run[2], objective))
+    # 5. local search on the carry plan (moves across block boundaries the DP cannot make)
+    if run is not None and options.get("polish", True):
+        starts = _starts(candidates, objective, budget, cap_us, POLISH_STARTS)
+        details["local_search"] = []
+        for k, start in enumerate(starts):
+            share = (deadline - time.perf_counter()) * (POLISH_SHARE if _fits_refinement(network, options) else 1.0) / (len(starts) - k)
+            if share <= 0.2:
+                break
+            polished = improve(network, start[1], constraints, baseline_us=ctx.baseline_us, time_limit=share, objective=objective)
+            details["local_search"].append({"start": start[0], "from": _value(start[2], objective), "to": _value(polished.simulation, objective),
+                                            "moves": len(polished.moves), "evaluations": polished.evaluations, "seconds": round(polished.seconds, 3)})
+            if _value(polished.simulation, objective) < _value(run[2], objective) - 1e-9:
+                run = (start[0] + "+local", polished.schedule, polished.simulation)
+                candidates.append(run)
+        report("local search", _value(run[2], objective))
     # 5-6. refinement, bounds --------------------------------------------------------------
     result = _finish(network, constraints, ctx, run, candidates, details, deadline, begin)
     details["seconds"] = round(time.perf_counter() - begin, 3)
@@ -347,6 +370,21 @@ def _pick(candidates, objective: str, budget: int | None, cap_us: float | None):
     if objective == "memory":
         return min(ok, key=lambda c: (c[2].peak_bytes, c[2].compute_us, c[0] != "hybrid"))
     return min(ok, key=lambda c: (c[2].compute_us, c[2].peak_bytes, c[0] != "hybrid"))
+
+
+def _starts(candidates, objective: str, budget, cap_us, count: int):
+    """The best ``count`` fitting candidates with distinct values (the local search's starts)."""
+    ok = [c for c in candidates if c[2].ok]
+    ok.sort(key=lambda c: (_value(c[2], objective), c[0] != "hybrid"))
+    starts, seen = [], set()
+    for c in ok:
+        v = round(_value(c[2], objective), 6)
+        if v not in seen:
+            seen.add(v)
+            starts.append(c)
+        if len(starts) == count:
+            break
+    return starts
 
 
 def _fits_refinement(network: Network, options: dict) -> bool:
