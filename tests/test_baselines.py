@@ -10,6 +10,7 @@ from monetdsl.grammar import format_network, load_spec, parse_spec
 from monetdsl.graph import checkpoint_candidates, index
 from monetdsl.search import chen_sqrt, recompute_all, simulate, solve, store_all
 from monetdsl.search.baselines import chen_sqrt_checkpoints
+from monetdsl.search.solve import HEURISTICS
 from monetdsl.validate import resolve_constraints, validate_network
 
 from .strategies import networks
@@ -86,28 +87,38 @@ def test_pins_are_honoured_by_every_baseline():
         assert all("fc2" not in stage.recompute for stage in sim.schedule.stages)
 
 
-def test_auto_picks_the_fastest_schedule_within_the_budget():
+def test_auto_runs_the_exact_milp_on_a_small_network_and_beats_every_heuristic():
     spec = load_spec(Path(__file__).resolve().parent.parent / "specs" / "tiny_chain.monet")
     result = solve(spec)  # the spec asks for 21 MiB: store-all needs 22
-    runs = {name: solve(spec, name, memory_budget=1 << 30).simulation for name in METHODS}
+    assert result.details["chosen"] == "milp" and "forward ops" in result.details["reason"]
+    assert result.status == "optimal" and result.simulation.peak_bytes <= 21 * 2**20
+    runs = {name: solve(spec, name, memory_budget=1 << 30).simulation for name in HEURISTICS}
     fitting = {name: sim.compute_us for name, sim in runs.items() if sim.peak_bytes <= 21 * 2**20}
     assert "store-all" not in fitting and fitting
-    assert result.status == "feasible" and result.details["chosen"] == min(fitting, key=fitting.get)
-    assert result.simulation.peak_bytes <= 21 * 2**20
-    roomy = solve(spec, memory_budget=1 << 30)
-    assert roomy.details["chosen"] == "store-all"
+    assert result.simulation.compute_us <= min(fitting.values()) + 1e-9
 
 
-def test_infeasible_budget_reports_the_smallest_budget_tried():
+def test_auto_without_constraints_keeps_everything():
+    text = (Path(__file__).resolve().parent.parent / "specs" / "tiny_chain.monet").read_text()
+    unconstrained = text[: text.index("constraints")]
+    spec = parse_spec(unconstrained)
+    result = solve(spec)
+    assert result.details["chosen"] == "store-all" and result.status == "optimal"
+    assert result.simulation.overhead == 0
+
+
+def test_infeasible_budget_reports_the_exact_minimum_budget():
     spec = load_spec(Path(__file__).resolve().parent.parent / "specs" / "tiny_chain.monet")
     result = solve(spec, memory_budget=16 << 20)
     assert result.status == "infeasible" and not result.success
-    smallest = min(solve(spec, m, memory_budget=1 << 30).simulation.peak_bytes for m in METHODS)
-    assert result.min_feasible_budget == smallest
-    assert result.as_json()["min_feasible_budget"] == smallest
+    exact = solve(spec, "milp", objective="memory").simulation.peak_bytes
+    assert result.min_feasible_budget == exact and result.min_feasible_budget_exact
+    assert result.as_json()["min_feasible_budget"] == exact
+    assert exact <= min(solve(spec, m, memory_budget=1 << 30).simulation.peak_bytes for m in HEURISTICS)
+    assert solve(spec, memory_budget=exact).success
     unconstrained = parse_spec(spec.source.replace("  memory <= 21MiB\n", "").replace("constraints\n", ""), "free.monet")
     cap = solve(unconstrained, max_overhead=0.0)
-    assert cap.status == "feasible" and cap.details["chosen"] == "store-all"
+    assert cap.status == "optimal" and cap.details["chosen"] == "milp" and cap.simulation.overhead <= 1e-12
 
 
 def test_canonical_backward_order_respects_gradients():

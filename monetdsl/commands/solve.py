@@ -29,7 +29,8 @@ def register(subparsers) -> None:
         " was found, 1 when none fits.",
         examples=[
             "monetdsl solve specs/resblock.monet --budget 150MiB",
-            "monetdsl solve specs/resblock.monet --budget 130MiB --method milp --time-limit 30",
+            "monetdsl solve specs/resblock.monet --budget 160MiB --method milp --time-limit 30",
+            "monetdsl solve specs/resnet50.monet --budget 8GiB --method hybrid --time-limit 60",
             "monetdsl solve specs/transformer_block.monet --min-memory --max-overhead 10%",
             "monetdsl solve specs/resblock.monet --max-overhead 10% --method chen-sqrt -o plan.monet --json",
         ],
@@ -37,7 +38,7 @@ def register(subparsers) -> None:
     parser.add_argument("spec", help="the .monet spec file")
     parser.add_argument("--budget", help="memory budget, e.g. 6GiB (overrides the spec's `memory <=`)")
     parser.add_argument("--max-overhead", help="compute overhead cap, e.g. 10%% (overrides the spec's `overhead <=`)")
-    parser.add_argument("--method", default="auto", help=f"search method: auto (default) or one of {', '.join(METHODS)}")
+    parser.add_argument("--method", default="auto", help=f"search method: auto (default: milp up to 16 forward ops, hybrid above) or one of {', '.join(METHODS)}")
     parser.add_argument(
         "--time-limit", type=float,
         help=f"seconds a searching method ({', '.join(sorted(SEARCHERS))}) may take (default {DEFAULT_TIME_LIMIT:g})",

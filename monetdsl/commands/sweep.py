@@ -22,7 +22,7 @@ from .common import add_parser, parse_overhead, usage_error
 __all__ = ["register", "run", "parse_budgets", "plot_pareto", "format_table"]
 
 #: the order methods are listed in (and drawn in) when --methods is not given
-DEFAULT_METHODS = ["milp", "checkmate", "checkmate-lp", "chen-sqrt", "chen-greedy", "revolve", "store-all", "recompute-all"]
+DEFAULT_METHODS = ["milp", "hybrid", "checkmate", "checkmate-lp", "chen-sqrt", "chen-greedy", "revolve", "store-all", "recompute-all"]
 #: budgets one sweep may have (a guard against a mistyped step)
 MAX_BUDGETS = 200
 

@@ -15,7 +15,7 @@ of ``scipy.optimize.milp``.
     ... ''')
     >>> result = solve(spec, method="store-all")
     >>> result.status, result.simulation.peak_bytes
-    ('feasible', 4096)
+    ('optimal', 4096)
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from ..validate import ResolvedConstraints, resolve_constraints
 from .baselines import chen_sqrt, recompute_all, store_all
 from .checkmate import checkmate, checkmate_lp
 from .chen import chen_greedy
+from .hybrid.engine import hybrid
 from .impl_choice import cheapest_impls, no_recompute_compute_us
 from .milp.engine import DEFAULT_TIME_LIMIT, minimum_budget, solve_joint
 from .outcome import OBJECTIVES, MethodOutcome, SearchContext
@@ -46,6 +47,7 @@ Method = Callable[..., Schedule]
 #: SearchContext) -> MethodOutcome``.
 METHODS: dict[str, Method] = {
     "milp": solve_joint,
+    "hybrid": hybrid,
     "checkmate": checkmate,
     "checkmate-lp": checkmate_lp,
     "chen-sqrt": chen_sqrt,
@@ -55,14 +57,27 @@ METHODS: dict[str, Method] = {
     "recompute-all": recompute_all,
 }
 #: methods that search (time limit, objective, bound, gap): see :mod:`.outcome`
-SEARCHERS = {"milp", "checkmate", "checkmate-lp"}
+SEARCHERS = {"milp", "hybrid", "checkmate", "checkmate-lp"}
 #: cheap plain methods, whose best schedule is the MILP's MIP start
 HEURISTICS = ["store-all", "chen-sqrt", "chen-greedy", "revolve", "recompute-all"]
-#: methods ``auto`` tries, fastest schedules first
-AUTO_CANDIDATES = ["store-all", "chen-sqrt", "recompute-all"]
+#: ``auto`` runs the exact MILP up to this many forward ops, the hybrid engine above: the
+#: joint MILP proves optimality within a minute up to about 14 forward ops on this
+#: machine's 2 cores (benchmarks/results/scaling_60s.md), and a block of the hybrid
+#: engine is that size anyway
+AUTO_EXACT_MAX_OPS = 16
 
 
-def register_method(name: str, function: Method, *, auto: bool = False, searches: bool = False) -> None:
+def choose_method(network, constraints: ResolvedConstraints, objective: str | None) -> tuple[str, str]:
+    """The method ``auto`` runs, and why (the reason appears in the JSON output)."""
+    n = len(network.forward_ops)
+    if objective != "memory" and constraints.memory_budget is None and constraints.max_overhead is None:
+        return "store-all", "no memory budget or overhead cap: keeping every tensor is the fastest schedule"
+    if n <= AUTO_EXACT_MAX_OPS:
+        return "milp", f"{n} forward ops (at most {AUTO_EXACT_MAX_OPS}): the exact joint MILP proves optimality quickly"
+    return "hybrid", f"{n} forward ops (more than {AUTO_EXACT_MAX_OPS}): blocks solved exactly, joined by the chain DP"
+
+
+def register_method(name: str, function: Method, *, searches: bool = False) -> None:
     """Make a search method available to :func:`solve` and the CLI (``--method name``).
 
     ``searches``: the function takes a :class:`~.outcome.SearchContext` and returns a
@@ -71,8 +86,6 @@ def register_method(name: str, function: Method, *, auto: bool = False, searches
     METHODS[name] = function
     if searches:
         SEARCHERS.add(name)
-    if auto and name not in AUTO_CANDIDATES:
-        AUTO_CANDIDATES.append(name)
 
 
 @dataclass
@@ -152,14 +165,15 @@ def solve(
     """Find a schedule for ``spec`` with ``method`` under its constraints.
 
     ``memory_budget`` (bytes) and ``max_overhead`` (a fraction) override the spec's
-    constraints. ``auto`` runs the built-in heuristics and returns the fastest schedule
-    within the budget and the overhead cap (with only a cap: the one with the lowest peak).
+    constraints. ``auto`` picks a method (:func:`choose_method`): ``store-all`` without any
+    constraint, the exact ``milp`` on small networks, ``hybrid`` on larger ones;
+    ``details["chosen"]`` and ``details["reason"]`` say which and why.
 
-    Searching methods (``milp``, ``checkmate``, ``checkmate-lp``) take ``time_limit``
+    Searching methods (``milp``, ``hybrid``, ``checkmate``, ``checkmate-lp``) take ``time_limit``
     (seconds, default 60), ``objective`` (``"compute"``: fastest within the budget;
     ``"memory"``: lowest peak within the cap, the default when only a cap is given),
     ``options`` (``gap``: relative gap, ``backend``: ``"highspy"`` or ``"scipy"``) and a
-    ``progress`` callback. With ``objective="memory"``, ``auto`` means ``milp``.
+    ``progress`` callback.
 
     When no schedule fits the budget, ``min_feasible_budget`` says how much would:
     the method's own exact minimum for the MILPs, and for other methods the exact minimum
@@ -184,8 +198,10 @@ def solve(
         source=spec.source,
     )
     baseline_us = no_recompute_compute_us(spec.network, cheapest_impls(spec.network))
-    if objective == "memory" and method == "auto":
-        method = "milp"
+    auto = None
+    if method == "auto":
+        method, reason = choose_method(spec.network, constraints, objective)
+        auto = {"chosen": method, "reason": reason}
     if objective == "memory" and method not in SEARCHERS:
         raise SpecError(f"--min-memory needs a method that searches ({', '.join(sorted(SEARCHERS))}), not {method}")
     if method in SEARCHERS:
@@ -193,30 +209,31 @@ def solve(
             only_cap = constraints.memory_budget is None and constraints.max_overhead is not None
             objective = "memory" if only_cap else "compute"
         ctx = SearchContext(spec.path, spec.fingerprint, baseline_us, objective, time_limit, dict(options or {}), progress)
-        return _solve_searching(spec, method, constraints, ctx, exact_min_budget)
-    start = time.perf_counter()
-    names = AUTO_CANDIDATES if method == "auto" else [method]
-    runs = [(name, *_run_method(name, spec, constraints, baseline_us)) for name in names]
-    elapsed = time.perf_counter() - start
-    fitting = [run for run in runs if run[2].ok]
-    only_cap = constraints.memory_budget is None and constraints.max_overhead is not None
-    if fitting:
-        key = (lambda r: (r[2].peak_bytes, r[2].compute_us)) if only_cap else (lambda r: (r[2].compute_us, r[2].peak_bytes))
-        name, schedule, simulation = min(fitting, key=key)
-        result = SolveResult("feasible", f"{name}: {simulation.summary()}", method, schedule, simulation, elapsed)
-        if method == "auto":
-            result.details = {"chosen": name, "reason": _reason(constraints, only_cap)}
+        result = _solve_searching(spec, method, constraints, ctx, exact_min_budget)
+        if auto is not None:
+            result.details.update(auto)
         return result
-    name, schedule, simulation = min(runs, key=lambda r: (r[2].peak_bytes, r[2].compute_us))
-    within_cap = [r for r in runs if constraints.max_overhead is None or r[2].overhead <= constraints.max_overhead + 1e-12]
-    smallest = min((r[2].peak_bytes for r in within_cap), default=None)
+    result = _solve_plain(spec, method, constraints, baseline_us, time_limit, progress, exact_min_budget)
+    if auto is not None:
+        result.details.update(auto)
+    return result
+
+
+def _solve_plain(spec, method, constraints, baseline_us, time_limit, progress, exact_min_budget) -> SolveResult:
+    start = time.perf_counter()
+    schedule, simulation = _run_method(method, spec, constraints, baseline_us)
+    elapsed = time.perf_counter() - start
+    if simulation.ok:
+        # no constraint and no recompute at the cheapest implementations: nothing is faster
+        status = "optimal" if constraints.memory_budget is None and constraints.max_overhead is None and simulation.overhead <= 1e-12 else "feasible"
+        return SolveResult(status, f"{method}: {simulation.summary()}", method, schedule, simulation, elapsed)
     reasons = "; ".join(d.message for d in simulation.violations)
     message = f"no schedule satisfies the constraints ({reasons})"
+    within_cap = constraints.max_overhead is None or simulation.overhead <= constraints.max_overhead + 1e-12
+    smallest = simulation.peak_bytes if within_cap else None
     if smallest is not None and constraints.memory_budget is not None:
-        message += f"; the smallest budget the {'methods' if method == 'auto' else 'method'} tried can meet is {human_bytes(smallest)} ({smallest} B)"
+        message += f"; the smallest budget {method} can meet is {human_bytes(smallest)} ({smallest} B)"
     result = SolveResult("infeasible", message, method, schedule, simulation, elapsed, min_feasible_budget=smallest)
-    if method == "auto":
-        result.details = {"tried": [r[0] for r in runs]}
     if exact_min_budget and constraints.memory_budget is not None:
         _add_exact_minimum(spec, constraints, baseline_us, time_limit, progress, result)
     return result
@@ -292,11 +309,3 @@ def _solve_searching(spec: Spec, method: str, constraints: ResolvedConstraints, 
     if exact_min_budget and constraints.memory_budget is not None:
         _add_exact_minimum(spec, constraints, ctx.baseline_us, ctx.time_limit, ctx.progress, result)
     return result
-
-
-def _reason(constraints: ResolvedConstraints, only_cap: bool) -> str:
-    if only_cap:
-        return "lowest peak within the overhead cap among the built-in methods"
-    if constraints.memory_budget is not None:
-        return "fastest schedule within the memory budget among the built-in methods"
-    return "fastest schedule among the built-in methods (no budget given)"

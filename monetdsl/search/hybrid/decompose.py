@@ -1,44 +1,63 @@
-"""Cut a network into a chain of blocks, and find blocks that are the same.
+"""Cut a network into a chain of blocks at cheap cuts.
 
-The hybrid engine solves each *kind* of block once with the exact MILP and joins the
-blocks with a dynamic program, so the cuts decide both how small the sub-problems are and
-how much memory crosses between them. A cut after forward position ``k`` is crossed by
-every forward tensor produced at or before ``k`` that a later step reads: a later forward
-op, or a backward op attached to a later forward op. A chain cuts at a single tensor; a
-residual block at its sum; a UNet's long skips cross many cuts, and those cuts simply
-carry several tensors.
+The hybrid engine solves each block (each *kind* of block, see :mod:`.subnet`) with the
+exact MILP and joins the blocks with a dynamic program over the chain
+(:mod:`.chain_dp`), so the cuts decide both how small the sub-problems are and how much
+memory a checkpoint between two blocks costs.
 
-Blocks are contiguous ranges of the forward order, built front to back: each block ends at
-the cut, among those that leave it between ``min_ops`` and ``max_ops`` forward ops, that
-carries the fewest bytes (then the fewest tensors, then the one nearest ``target_ops``).
-Repeated structure (transformer layers, residual stages) has equally cheap cuts at the
-same places, so repeated blocks come out identical and are solved once.
+**Cuts.** The cut after forward position ``k`` is crossed by every forward tensor
+produced at or before ``k`` that a later step reads: a later forward op (as an input or a
+recompute read), or a backward op that belongs to a later block (a backward op belongs to
+the forward op it differentiates; a plain-DAG backward op to the latest forward op whose
+output it reads). A chain is cut at a single tensor, a residual network at the sum of a
+residual block; a UNet's long skips cross many positions, and there the cheapest cuts
+simply carry several tensors: a checkpoint of such a cut holds all of them.
+
+**Blocks.** A segmentation of the forward order into contiguous blocks is chosen by a
+dynamic program over cut positions that minimises the bytes crossing the chosen cuts
+(relative to the median cut) plus a penalty on blocks far from ``target_ops``; blocks
+keep between ``min_ops`` and ``max_ops`` forward ops. Repeated structure (transformer
+layers, residual stages) has equally cheap cuts at the same places, so repeated blocks
+come out identical and are solved once.
+
+Two properties every block must have, enforced by merging neighbours when needed:
+
+* its backward ops form one contiguous run of the canonical backward order, later blocks
+  first (the chain DP processes blocks in that order);
+* no op may be forced to overwrite a tensor of an earlier block in place (a block's
+  inputs are checkpoints, which must survive; in-place implementations over them are
+  excluded, and a cut that would leave an op only such implementations is not used).
 
     >>> from monetdsl.grammar import load_spec
     >>> import pathlib
     >>> spec = load_spec(pathlib.Path(__file__).parents[3] / "specs" / "tiny_gpt.monet")
     >>> parts = decompose(spec.network, target_ops=8)
-    >>> sum(len(b.forward_ops) for b in parts.blocks) == len(spec.network.forward_ops)
+    >>> sorted(op for b in parts.blocks for op in b.forward_ops) == sorted(o.name for o in spec.network.forward_ops)
     True
 """
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 
-from ...graph import index
+from ...graph import index, storage_root
 from ...ir import Network
 
-__all__ = ["Block", "Decomposition", "decompose", "crossing_tensors"]
+__all__ = ["Block", "Decomposition", "decompose", "decompose_at", "CutInfo", "cut_info", "DEFAULT_TARGET_OPS"]
+
+#: forward ops per block the segmentation aims at: small enough for the joint MILP to
+#: solve a block in well under a second, large enough to leave it real choices
+DEFAULT_TARGET_OPS = 10
 
 
 @dataclass(frozen=True)
 class Block:
-    """A contiguous range of forward ops with their backward ops.
+    """A contiguous range of forward ops with the backward ops that belong to them.
 
-    ``inputs`` are forward tensors produced before the block that the block reads;
-    ``outputs`` are tensors the block produces that later blocks read; ``crossing`` are all
-    tensors alive across the cut after the block (its outputs and older ones passing by).
+    ``inputs``: forward tensors produced by earlier blocks that the block reads (forward
+    inputs, recompute reads, backward reads of any implementation). ``outputs``: tensors
+    the block produces that later blocks read. ``crossing``: every forward tensor crossing
+    the cut after the block (its outputs and older tensors passing by), in forward order.
     """
 
     index: int
@@ -47,15 +66,17 @@ class Block:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     crossing: tuple[str, ...]
-    signature: str = field(compare=False, default="")
+
+    @property
+    def size(self) -> int:
+        return len(self.forward_ops)
 
 
 @dataclass(frozen=True)
 class Decomposition:
-    """Blocks in forward order, and which blocks are identical (same ``kind``)."""
+    """Blocks in forward order (block ``i`` has ``index == i``)."""
 
     blocks: tuple[Block, ...]
-    kinds: tuple[int, ...]  # kinds[i] = index of the first block identical to block i
 
     def block_of(self, op: str) -> int:
         for block in self.blocks:
@@ -63,172 +84,246 @@ class Decomposition:
                 return block.index
         raise KeyError(op)
 
-    @property
-    def distinct(self) -> tuple[int, ...]:
-        return tuple(sorted(set(self.kinds)))
+    def __len__(self) -> int:
+        return len(self.blocks)
 
 
-def _users(network: Network) -> dict[str, int]:
-    """For each forward tensor, the last forward position that needs it (forward or backward)."""
+@dataclass
+class CutInfo:
+    """Per forward tensor: producer position and last position that needs it; per cut
+    position ``k`` (after forward op ``k``): the crossing tensors and their storage bytes."""
+
+    first: dict[str, int]
+    last: dict[str, int]
+    anchor: dict[str, int]  # backward op -> forward position it belongs to
+    crossing: list[list[str]]
+    width: list[int]
+    forced_overwrite: list[bool]  # cut k would force an in-place write over an earlier block
+
+
+def _backward_anchor(network: Network, idx, bop) -> int:
+    if bop.of is not None and bop.of in idx.position:
+        return idx.position[bop.of]
+    reads = set().union(*(impl.reads for impl in bop.impls)) if bop.impls else set()
+    positions = [idx.position[idx.producing_op(r)] for r in reads if idx.producing_op(r) in idx.position]
+    return max(positions) if positions else len(idx.forward_order) - 1
+
+
+def cut_info(network: Network) -> CutInfo:
+    """Crossing sets and widths of every cut position (see the module docstring)."""
     idx = index(network)
+    n = len(idx.forward_order)
+    tensors = network.tensors
+    first: dict[str, int] = {}
     last: dict[str, int] = {}
+    for name in network.tensors:
+        producer = idx.producing_op(name)
+        if producer is not None and producer in idx.position:
+            first[name] = idx.position[producer]
+            last[name] = first[name]
     for name in idx.forward_order:
         op = idx.forward_ops[name]
         pos = idx.position[name]
-        for tensor in op.inputs:
-            last[tensor] = max(last.get(tensor, -1), pos)
-        for impl in op.impls:
-            for tensor in impl.recompute_reads:
-                last[tensor] = max(last.get(tensor, -1), pos)
+        for impl_reads in (op.inputs, *(impl.recompute_reads for impl in op.impls)):
+            for t in impl_reads:
+                if t in first:
+                    last[t] = max(last[t], pos)
+    anchor = {}
     for bop in network.backward_ops:
-        anchor = idx.position.get(bop.of, -1) if bop.of is not None else -1
-        reads = set().union(*(impl.reads for impl in bop.impls))
-        if anchor < 0:  # a plain-DAG backward op belongs where its latest forward read is produced
-            anchor = max((idx.position[idx.producing_op(r)] for r in reads if idx.producing_op(r) in idx.position), default=-1)
-        for tensor in reads:
-            last[tensor] = max(last.get(tensor, -1), anchor)
-    return last
+        a = _backward_anchor(network, idx, bop)
+        anchor[bop.name] = a
+        for impl in bop.impls:
+            for t in impl.reads:
+                if t in first:
+                    last[t] = max(last[t], a)
+    # a view keeps its base's storage: the base is needed as long as any view is
+    for name in list(first):
+        root = storage_root(network, name)
+        if root != name and root in last:
+            last[root] = max(last[root], last[name])
+    starts: list[list[str]] = [[] for _ in range(max(n - 1, 0))]
+    for t in sorted(first, key=lambda x: (first[x], x)):
+        for k in range(first[t], min(last[t], n - 1)):
+            starts[k].append(t)
+    width = []
+    for names in starts:
+        roots = {storage_root(network, t) for t in names}
+        width.append(sum(tensors[r].storage_bytes for r in roots if not tensors[r].is_fixed))
+    forced = [False] * max(n - 1, 0)
+    for name in idx.forward_order:
+        op = idx.forward_ops[name]
+        pos = idx.position[name]
+        targets = {impl.overwrites for impl in op.impls}
+        if None in targets or not targets:
+            continue  # an out-of-place implementation exists
+        for target in targets:
+            if target in first:
+                for k in range(first[target], pos):
+                    forced[k] = True
+    return CutInfo(first, last, anchor, starts, width, forced)
 
 
-def crossing_tensors(network: Network) -> list[list[str]]:
-    """``result[k]``: forward tensors alive across the cut after forward position ``k``."""
-    idx = index(network)
-    last = _users(network)
-    n = len(idx.forward_order)
-    starts: list[list[str]] = [[] for _ in range(n)]
-    for tensor, end in last.items():
-        producer = idx.producing_op(tensor)
-        if producer is None:
-            continue
-        begin = idx.position[producer]
-        for k in range(begin, min(end, n)):
-            starts[k].append(tensor)
-    return starts
+def _cut_costs(network: Network, idx, info: CutInfo, target: int) -> list[float]:
+    """Relative cost of each cut: bytes over the cheapest cut within ``target`` positions
+    (0 for a locally cheapest cut), plus a little for every in-place implementation the
+    cut rules out (a block may not overwrite its inputs)."""
+    n1 = len(info.width)
+    disables = [0] * n1
+    for name in idx.forward_order:
+        pos = idx.position[name]
+        for impl in idx.forward_ops[name].impls:
+            target_t = impl.overwrites
+            if target_t is not None and target_t in info.first:
+                for k in range(info.first[target_t], pos):
+                    disables[k] += 1
+    costs = []
+    for k in range(n1):
+        window = [w for w in info.width[max(0, k - target): k + target + 1] if w > 0]
+        local = min(window) if window else 0
+        if info.width[k] == 0:
+            rel = 0.0
+        else:
+            rel = info.width[k] / local - 1.0 if local > 0 else 1.0
+        costs.append(rel + 0.05 * disables[k])
+    return costs
 
 
-def _cut_bytes(network: Network, crossing: list[list[str]]) -> list[int]:
-    tensors = network.tensors
-    result = []
-    for names in crossing:
-        roots = set()
-        total = 0
-        for name in names:
-            root = name
-            while tensors[root].view_of is not None and not tensors[tensors[root].view_of].is_fixed:
-                root = tensors[root].view_of
-            if root not in roots and not tensors[root].is_fixed:
-                roots.add(root)
-                total += tensors[root].storage_bytes
-        result.append(total)
-    return result
+def _segment(n: int, info: CutInfo, costs: list[float], target: int, low: int, high: int) -> list[int]:
+    """Block end positions (exclusive) chosen by a DP over cut positions."""
+    inf = math.inf
+    best = [inf] * (n + 1)
+    back = [0] * (n + 1)
+    best[0] = 0.0
+    for k in range(1, n + 1):
+        for j in range(max(0, k - high), k - low + 1 if k < n else k):
+            if best[j] == inf:
+                continue
+            size = k - j
+            if size < 1:
+                continue
+            if j > 0:
+                if info.forced_overwrite[j - 1]:
+                    continue
+                cut = costs[j - 1]
+            else:
+                cut = 0.0
+            cost = best[j] + cut + ((size - target) / target) ** 2
+            if cost < best[k] - 1e-12:
+                best[k], back[k] = cost, j
+    if best[n] == inf:  # no valid segmentation (e.g. forced in-place everywhere): one block
+        return [n]
+    ends = []
+    k = n
+    while k > 0:
+        ends.append(k)
+        k = back[k]
+    return sorted(ends)
 
 
-def decompose(network: Network, *, target_ops: int = 24, min_ops: int | None = None, max_ops: int | None = None) -> Decomposition:
-    """Partition the forward order into blocks of about ``target_ops`` forward ops.
+def _interleaved(idx, info: CutInfo, ends: list[int]) -> tuple[int, int] | None:
+    """Blocks ``(lo, hi)`` whose backward ops interleave in the canonical order, or None.
 
-    Every block but the last has between ``min_ops`` (default ``target_ops // 2``) and
-    ``max_ops`` (default ``2 * target_ops``) forward ops and ends at the cheapest cut in
-    that range (fewest bytes, then fewest tensors, then nearest the target size).
+    The order must visit blocks from last to first, each in one run: the sequence of
+    block numbers along the backward order never increases.
     """
+    block_of_pos = []
+    start = 0
+    for b, end in enumerate(ends):
+        block_of_pos.extend([b] * (end - start))
+        start = end
+    seq = [block_of_pos[info.anchor[name]] for name in idx.backward_order]
+    low = math.inf
+    for b in seq:
+        if b > low:
+            return int(low), b
+        low = min(low, b)
+    return None
+
+
+def decompose(
+    network: Network,
+    *,
+    target_ops: int = DEFAULT_TARGET_OPS,
+    min_ops: int | None = None,
+    max_ops: int | None = None,
+) -> Decomposition:
+    """Partition the forward order into a chain of blocks of about ``target_ops`` ops."""
     idx = index(network)
     order = idx.forward_order
     n = len(order)
     if n == 0:
-        return Decomposition((), ())
-    low = max(1, min_ops if min_ops is not None else target_ops // 2)
-    high = max(low, max_ops if max_ops is not None else 2 * target_ops)
-    crossing = crossing_tensors(network)
-    widths = _cut_bytes(network, crossing)
-    cuts: list[int] = []
-    start = 0
-    while n - start > high:
-        # the cheapest cut within reach: fewest bytes, then fewest tensors, then nearest the target
-        window = range(start + low, min(start + high, n - low) + 1)
-        if not window:
-            window = range(start + low, start + high + 1)
-        cut = min(window, key=lambda k: (widths[k - 1], len(crossing[k - 1]), abs(k - start - target_ops), k))
-        cuts.append(cut)
-        start = cut
-    bounds = [0, *cuts, n]
+        return Decomposition(())
+    target = max(1, target_ops)
+    low = max(1, min_ops if min_ops is not None else max(1, target // 2))
+    high = max(low, max_ops if max_ops is not None else 2 * target)
+    info = cut_info(network)
+    ends = _segment(n, info, _cut_costs(network, idx, info, target), target, low, high) if n > high else [n]
+    return decompose_at(network, ends, info=info)
+
+
+def decompose_at(network: Network, ends: list[int], *, info: CutInfo | None = None) -> Decomposition:
+    """Blocks ending at the forward positions ``ends`` (exclusive; the last is the op count),
+    after merging blocks whose backward ops interleave in the canonical order and blocks
+    without backward ops (the chain DP runs each block's recomputations in the stage of its
+    first backward op)."""
+    idx = index(network)
+    info = info if info is not None else cut_info(network)
+    ends = sorted(set(ends))
+    while len(ends) > 1:
+        bad = _interleaved(idx, info, ends)
+        if bad is None:
+            bare = _without_backward(info, ends)
+            if bare is None:
+                break
+            del ends[bare if bare < len(ends) - 1 else bare - 1]
+            continue
+        lo, hi = bad
+        del ends[lo:hi]  # blocks lo..hi become one
+    return Decomposition(tuple(_blocks(network, idx, info, ends)))
+
+
+def _without_backward(info: CutInfo, ends: list[int]) -> int | None:
+    """The first block that no backward op belongs to, or None."""
+    has = [False] * len(ends)
+    for pos in info.anchor.values():
+        for b, end in enumerate(ends):
+            if pos < end:
+                has[b] = True
+                break
+    for b, ok in enumerate(has):
+        if not ok:
+            return b
+    return None
+
+
+def _blocks(network: Network, idx, info: CutInfo, ends: list[int]) -> list[Block]:
+    n = len(idx.forward_order)
+    bounds = [0, *ends]
     block_of_pos = {}
     for b, (start, stop) in enumerate(zip(bounds, bounds[1:])):
         for pos in range(start, stop):
             block_of_pos[pos] = b
-    backward_by_block: dict[int, list[str]] = {}
-    last = _users(network)
-    for bop in network.backward_ops:
-        if bop.of is not None:
-            pos = idx.position[bop.of]
-        else:
-            reads = set().union(*(impl.reads for impl in bop.impls))
-            pos = max((idx.position[idx.producing_op(r)] for r in reads if idx.producing_op(r) in idx.position), default=0)
-        backward_by_block.setdefault(block_of_pos[pos], []).append(bop.name)
+    backward: dict[int, list[str]] = {}
+    for name in idx.backward_order:
+        backward.setdefault(block_of_pos[info.anchor[name]], []).append(name)
     blocks = []
     for b, (start, stop) in enumerate(zip(bounds, bounds[1:])):
-        ops = order[start:stop]
-        inside = set()
+        ops = idx.forward_order[start:stop]
+        inside: set[str] = set()
+        reads: list[str] = []
         for name in ops:
             op = idx.forward_ops[name]
             inside.update(op.outputs)
             for impl in op.impls:
                 inside.update(impl.derived)
-        reads: list[str] = []
-        for name in ops:
-            op = idx.forward_ops[name]
             reads.extend(op.inputs)
             for impl in op.impls:
                 reads.extend(sorted(impl.recompute_reads))
-        for bname in backward_by_block.get(b, ()):
+        for bname in backward.get(b, ()):
             for impl in idx.backward_ops[bname].impls:
                 reads.extend(sorted(impl.reads))
-        inputs = tuple(dict.fromkeys(r for r in reads if idx.is_forward_tensor(r) and r not in inside))
-        after = crossing[stop - 1] if stop - 1 < n - 1 else []
-        outputs = tuple(t for t in after if t in inside) + tuple(o for o in network.outputs if o in inside and o not in after)
-        blocks.append(
-            Block(b, tuple(ops), tuple(backward_by_block.get(b, ())), inputs, outputs, tuple(after))
-        )
-    del last
-    signed = [_with_signature(network, block) for block in blocks]
-    first: dict[str, int] = {}
-    kinds = tuple(first.setdefault(block.signature, block.index) for block in signed)
-    return Decomposition(tuple(signed), kinds)
-
-
-def _with_signature(network: Network, block: Block) -> Block:
-    """A block with a hash of its structure, sizes and costs, with every name abstracted."""
-    local: dict[str, str] = {}
-
-    def name(tensor: str) -> str:
-        if tensor in local:
-            return local[tensor]
-        t = network.tensors[tensor]
-        if t.is_fixed:
-            label = f"fixed:{t.kind.value}:{t.dtype}:{t.shape}:{t.nbytes}"
-        elif tensor in block.inputs:
-            label = f"in{block.inputs.index(tensor)}:{t.dtype}:{t.shape}:{t.nbytes}"
-        elif t.grad_of is not None:
-            return f"grad({name(t.grad_of)})"
-        else:
-            label = f"t{len(local)}:{t.kind.value}:{t.dtype}:{t.shape}:{t.nbytes}:{t.view_of is not None}"
-        local[tensor] = label
-        return label
-
-    parts: list[str] = []
-    for op_name in block.forward_ops:
-        op = network.op(op_name)
-        parts.append("op(" + ",".join(name(i) for i in op.inputs) + ")->" + ",".join(name(o) for o in op.outputs))
-        for impl in op.impls:
-            parts.append(
-                f" impl {impl.name} {impl.time_us!r} {impl.workspace} {name(impl.overwrites) if impl.overwrites else '-'}"
-                f" {','.join(name(d) for d in impl.derived)} {impl.recompute_time_us!r}"
-                f" {','.join(sorted(name(r) for r in impl.recompute_reads))}"
-            )
-    for op_name in block.backward_ops:
-        bop = network.op(op_name)
-        local_name = bop.local_name if bop.of is not None else "-"
-        parts.append(f"bwd {local_name} ->" + ",".join(name(o) for o in bop.outputs))
-        for impl in bop.impls:
-            parts.append(f" impl {impl.name} {impl.time_us!r} {impl.workspace} {','.join(sorted(name(r) for r in impl.reads))}")
-    parts.append("out:" + ",".join(name(o) for o in block.outputs))
-    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-    return Block(block.index, block.forward_ops, block.backward_ops, block.inputs, block.outputs, block.crossing, digest)
+        inputs = tuple(dict.fromkeys(r for r in reads if r in info.first and r not in inside))
+        after = info.crossing[stop - 1] if stop - 1 < n - 1 else []
+        outputs = tuple(t for t in after if t in inside)
+        blocks.append(Block(b, tuple(ops), tuple(backward.get(b, ())), inputs, outputs, tuple(after)))
+    return blocks

@@ -55,8 +55,8 @@ class MinimumBudget:
     details: dict = field(default_factory=dict)
 
 
-def _heuristics(network: Network, constraints: ResolvedConstraints, ctx: SearchContext, pins) -> list[tuple[str, Schedule, Simulation]]:
-    """Every cheap method's schedule with its simulation (valid ones only)."""
+def _heuristics(network: Network, constraints: ResolvedConstraints, ctx: SearchContext, pins, names=None) -> list[tuple[str, Schedule, Simulation]]:
+    """Every cheap method's schedule (or those in ``names``) with its simulation (valid ones only)."""
     from ..solve import HEURISTICS, METHODS
 
     pinned = constraints
@@ -67,7 +67,7 @@ def _heuristics(network: Network, constraints: ResolvedConstraints, ctx: SearchC
             constraints.memory_budget, constraints.max_overhead, constraints.keep, constraints.never_recompute, allowed
         )
     found = []
-    for name in HEURISTICS:
+    for name in HEURISTICS if names is None else names:
         try:
             schedule = METHODS[name](network, pinned, spec_path=ctx.spec_path, fingerprint=ctx.fingerprint)
         except Exception:  # noqa: BLE001 - a heuristic's failure must not stop the MILP

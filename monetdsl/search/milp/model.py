@@ -105,8 +105,14 @@ class _Builder:
         memory_budget: int | None,
         max_overhead: float | None,
         baseline_us: float | None,
+        no_recompute_stages: frozenset[int] = frozenset(),
+        forward_keep_cap: int | None = None,
+        forward_keep_exempt: frozenset[str] = frozenset(),
     ):
         self.net = network
+        self.no_recompute_stages = frozenset(no_recompute_stages)
+        self.forward_keep_cap = forward_keep_cap
+        self.forward_keep_exempt = frozenset(forward_keep_exempt)
         self.idx = index(network)
         self.tensors = network.tensors
         self.m = ModelBuilder()
@@ -217,6 +223,8 @@ class _Builder:
         kept_producers = {self.producer[t] for t in self.keep if t in self.producer}
         self.R: dict[tuple[int, str], Expr] = {}
         for t in range(1, self.T + 1):
+            if t in self.no_recompute_stages:
+                continue
             for name in self.order:
                 if name in self.never or name in kept_producers:
                     continue
@@ -554,6 +562,15 @@ class _Builder:
         if self.max_overhead is not None and self.baseline_us is not None:
             limit = (1.0 + self.max_overhead + 1e-12) * self.baseline_us
             m.le(compute, limit, "overhead")
+        if self.forward_keep_cap is not None:
+            kept = total(
+                self.size[r] * self.C[0, r]
+                for r in self.members
+                if r not in self.forward_keep_exempt and (0, r) in self.C and not self.C[0, r].is_const()
+            )
+            cap = self.forward_keep_cap / MIB
+            if not kept.is_const():
+                m.le(kept, cap, "forward keep cap")
         m.minimise(self.peak if self.peak is not None else compute)
 
 
@@ -580,16 +597,29 @@ def build_model(
     memory_budget: int | None = None,
     max_overhead: float | None = None,
     baseline_us: float | None = None,
+    no_recompute_stages: frozenset[int] | set[int] = frozenset(),
+    forward_keep_cap: int | None = None,
+    forward_keep_exempt: frozenset[str] | set[str] = frozenset(),
 ) -> JointModel:
     """Build the joint MILP of ``network``.
 
     ``pins`` restricts implementations further (the Checkmate baseline pins every op to
     one); ``objective`` is ``"compute"`` (minimise compute; ``memory_budget`` bounds every
     step) or ``"memory"`` (minimise the peak; ``max_overhead`` bounds compute).
+
+    Two restrictions serve the hybrid engine's block menus (``monetdsl.search.hybrid``):
+    ``no_recompute_stages`` lists stages (1-based, in the canonical backward order) that may
+    not recompute anything, and ``forward_keep_cap`` bounds the bytes of the storages the
+    forward pass keeps (``forward_keep_exempt`` storages not counted), which trades what a
+    block holds between its forward and its backward against its recomputation.
     """
     if objective not in ("compute", "memory"):
         raise ValueError(f"unknown objective {objective!r}")
-    b = _Builder(network, constraints, pins, objective, memory_budget, max_overhead, baseline_us)
+    b = _Builder(
+        network, constraints, pins, objective, memory_budget, max_overhead, baseline_us,
+        no_recompute_stages=frozenset(no_recompute_stages), forward_keep_cap=forward_keep_cap,
+        forward_keep_exempt=frozenset(forward_keep_exempt),
+    )
     b.prepare()
     b.decisions()
     b.events_by_stage = {}

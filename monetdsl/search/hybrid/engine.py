@@ -1,0 +1,531 @@
+"""``--method hybrid``: decomposition, block menus, chain DP, composition, refinement.
+
+1. **Decompose** the network into a chain of blocks at cheap cuts (:mod:`.decompose`) and
+   cut out each block's sub-network (:mod:`.subnet`); identical blocks share a fingerprint.
+2. **Menus**: each distinct block is solved by the exact joint MILP at a grid of budgets
+   (:mod:`.menus`), within a share of the time limit, in parallel processes.
+3. **Chain DP** (:mod:`.chain_dp`) over the blocks, with memory in whole units.
+4. **Compose** the DP's plan into a schedule of the whole network (:mod:`.chain`,
+   :mod:`.compose`) and replay it in the simulator. The DP's accounting is an upper bound
+   up to rounding, so the plan usually fits with room to spare: the engine searches the
+   DP's internal budget (a bisection on the memory axis of the one table it filled) for
+   the fastest plan whose *replayed* peak fits the budget. A plan whose replay exceeds the
+   budget is never returned as feasible.
+5. Compare with the cheap heuristics (store-all, Chen, revolve, recompute-all) and keep
+   the best, so the result is never worse than any of them; then improve it by local
+   search on its carry plan (:mod:`..local_search`): moves across block boundaries that
+   the chain DP cannot express (a residual block keeping its batch-norm output instead of
+   its output, re-derived by a cheap add and ReLU).
+6. **Refine**: when the whole network's MILP is small enough, warm-start it from the best
+   schedule (a highspy MIP start) and let HiGHS improve it in the remaining time; its dual
+   bound is reported. Otherwise the bound is :mod:`.bounds`' (every op once, fastest
+   implementation).
+
+With the memory objective (``--min-memory``) the engine looks for the smallest internal
+budget whose plan replays within the overhead cap, and reports the best peak found and a
+lower bound; it is exact only when the refinement MILP proves it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+from ...errors import SpecError
+from ...ir import Network, Schedule
+from ...units import human_bytes
+from ...validate import ResolvedConstraints
+from ..milp.engine import _heuristics, _start_for, minimum_budget, solve_joint
+from ..milp.codec import decisions_from_solution, decode
+from ..milp.highs import run_highs
+from ..milp.model import MIB, build_model
+from ..local_search import improve
+from ..outcome import MethodOutcome, SearchContext
+from ..progress import ProgressInfo
+from ..simulator import Simulation, simulate
+from .bounds import compute_lower_bound, peak_lower_bound
+from .chain import ChainModel
+from .chain_dp import evaluate_plan, reconstruct, solve_chain
+from .decompose import DEFAULT_TARGET_OPS, Decomposition, decompose, decompose_at
+from .menus import DEFAULT_CACHE, MenuCache, build_menus, extend_menus
+from .subnet import BlockNet, SubnetError, block_network
+
+__all__ = ["hybrid", "HybridRun", "run_hybrid", "REFINE_MAX_FORWARD_OPS"]
+
+#: the refinement runs the whole network's MILP only up to this many forward ops (above,
+#: building the model alone takes longer than the search is worth; see docs/milp.md §11)
+REFINE_MAX_FORWARD_OPS = 40
+#: the slow heuristics (Chen greedy, revolve) join the comparison up to this many forward ops
+HEURISTICS_MAX_FORWARD_OPS = 250
+#: share of the time limit spent on the first block menus (targeted solves and the
+#: refinement share the rest)
+MENU_SHARE = 0.35
+#: share of the remaining time the local search gets when the refinement MILP follows
+POLISH_SHARE = 0.3
+#: schedules the local search starts from (the best distinct ones found)
+POLISH_STARTS = 3
+#: bytes of DP table the engine allows itself (L x L x slots float64)
+TABLE_BYTES = 160 * 2**20
+
+
+@dataclass
+class HybridRun:
+    """Everything one hybrid solve found (what :func:`hybrid` reports, and more)."""
+
+    schedule: Schedule | None
+    simulation: Simulation | None
+    origin: str
+    details: dict = field(default_factory=dict)
+    lower_bound: float | None = None
+    gap: float | None = None
+    status: str = "feasible"
+    message: str = ""
+    min_feasible_budget: int | None = None
+    min_feasible_budget_exact: bool = False
+    min_budget_schedule: Schedule | None = None
+
+
+def _block_nets(network: Network, constraints: ResolvedConstraints, parts: Decomposition) -> tuple[Decomposition, list[BlockNet]]:
+    """Sub-networks of every block; a block that cannot stand alone is merged with a neighbour."""
+    ends = [parts.blocks[0].size]
+    for b in parts.blocks[1:]:
+        ends.append(ends[-1] + b.size)
+    while True:
+        nets = []
+        failed = None
+        for block in parts.blocks:
+            try:
+                nets.append(block_network(network, block, constraints))
+            except SubnetError:
+                failed = block.index
+                break
+        if failed is None:
+            return parts, nets
+        if len(ends) == 1:
+            raise SpecError("the hybrid engine cannot cut this network into blocks; use --method milp or a heuristic")
+        drop = failed if failed < len(ends) - 1 else failed - 1
+        del ends[drop]
+        parts = decompose_at(network, ends)
+
+
+def _slots(L: int) -> int:
+    return int(max(256, min(2048, TABLE_BYTES // (8 * max(L, 1) ** 2))))
+
+
+class _Search:
+    """The calibrated search over the DP's memory axis."""
+
+    def __init__(self, network, chain: ChainModel, ctx: SearchContext, constraints: ResolvedConstraints, span: int):
+        self.network = network
+        self.chain = chain
+        self.ctx = ctx
+        self.constraints = constraints
+        self.slots = _slots(chain.L)
+        self.unit = ChainModel.unit_for(span, self.slots)
+        self.problem = chain.problem(self.unit, self.slots)
+        t = time.perf_counter()
+        self.table = solve_chain(self.problem, ctx.options.get("dp_backend", "numba"))
+        self.dp_seconds = time.perf_counter() - t
+        self.probes: dict[int, tuple[Schedule, Simulation, float, int] | None] = {}
+
+    def probe(self, m: int):
+        """(schedule, simulation, DP compute, DP memory units) of the plan at ``m``, or None."""
+        m = max(0, min(m, self.slots))
+        if m in self.probes:
+            return self.probes[m]
+        plan = reconstruct(self.problem, self.table, m)
+        if plan is None:
+            self.probes[m] = None
+            return None
+        cost, need = evaluate_plan(self.problem, plan)
+        schedule = self.chain.schedule(plan, spec_path=self.ctx.spec_path, fingerprint=self.ctx.fingerprint)
+        sim = simulate(self.network, schedule, constraints=self.constraints, baseline_us=self.ctx.baseline_us)
+        if not sim.valid:
+            problems = "; ".join(d.message for d in sim.errors[:3])
+            raise AssertionError(f"the hybrid engine composed an invalid schedule: {problems}")
+        self.probes[m] = (schedule, sim, cost, need)
+        return self.probes[m]
+
+    def best_fitting(self, budget: int, cap_us: float | None) -> int | None:
+        """The probed ``m`` whose replay fits ``budget`` (and the cap) with the least compute;
+        among equals the largest (its plan leaves the blocks the most room)."""
+        fitting = [
+            (r[1].compute_us, -m) for m, r in self.probes.items()
+            if r is not None and r[1].peak_bytes <= budget and (cap_us is None or r[1].compute_us <= cap_us)
+        ]
+        return -min(fitting)[1] if fitting else None
+
+    def smallest_feasible(self) -> int | None:
+        """The least ``m`` at which the DP has a plan."""
+        row = self.table[0, self.chain.L - 1]
+        finite = [m for m in range(self.slots + 1) if math.isfinite(row[m])]
+        return finite[0] if finite else None
+
+    def internal_budget(self, budget: int) -> int:
+        return (budget - self.chain.fixed - self.chain.reserve) // self.unit
+
+    def fastest_within(self, budget: int, deadline: float) -> list[tuple[Schedule, Simulation]]:
+        """Probe the memory axis for plans whose replay fits ``budget``; every fitting one."""
+        lo_ok = None
+        start = max(0, min(self.internal_budget(budget), self.slots))
+        first = self.probe(start)
+        fits = lambda r: r is not None and r[1].peak_bytes <= budget  # noqa: E731
+        hi_bad = None
+        if fits(first):
+            lo_ok = start
+            hi_bad = self.slots + 1
+        else:
+            hi_bad = start
+            lo = self.smallest_feasible()
+            if lo is None or lo >= start:
+                return [(r[0], r[1]) for r in self.probes.values() if fits(r)]
+            lo_ok = None
+            # step down until a plan fits
+            step = max(1, (start - lo) // 8)
+            m = start - step
+            while m >= lo and time.perf_counter() < deadline:
+                r = self.probe(m)
+                if fits(r):
+                    lo_ok = m
+                    break
+                hi_bad = m
+                m -= step
+            if lo_ok is None:
+                r = self.probe(lo)
+                if fits(r):
+                    lo_ok = lo
+        if lo_ok is not None:
+            # bisection for the largest fitting m (more memory: a faster plan)
+            while hi_bad - lo_ok > 1 and time.perf_counter() < deadline:
+                mid = (lo_ok + hi_bad) // 2
+                if fits(self.probe(mid)):
+                    lo_ok = mid
+                else:
+                    hi_bad = mid
+        return [(r[0], r[1]) for r in self.probes.values() if fits(r)]
+
+    def least_peak(self, cap_us: float | None, deadline: float) -> list[tuple[Schedule, Simulation]]:
+        """Plans near the DP's minimum memory (within the compute cap), replayed."""
+        row = self.table[0, self.chain.L - 1]
+        ok = [m for m in range(self.slots + 1) if math.isfinite(row[m]) and (cap_us is None or row[m] <= cap_us + 1e-9)]
+        if not ok:
+            return []
+        lo = ok[0]
+        for m in sorted(set([lo, lo + 1, lo + 2, lo + 4, lo + 8, lo + 16])):
+            if time.perf_counter() > deadline:
+                break
+            self.probe(m)
+        return [(r[0], r[1]) for r in self.probes.values() if r is not None]
+
+
+def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchContext, *, cache: MenuCache | None = None) -> HybridRun:
+    """The whole pipeline (see the module docstring); :func:`hybrid` wraps it as a method."""
+    begin = time.perf_counter()
+    limit = ctx.time_limit or 60.0
+    deadline = begin + 0.97 * limit  # the composition and the replay after the deadline fit in the rest
+    options = ctx.options
+    details: dict = {}
+    objective = ctx.objective
+    budget = constraints.memory_budget
+    cap_us = None if constraints.max_overhead is None else (1 + constraints.max_overhead + 1e-12) * ctx.baseline_us
+
+    def report(phase: str, best: float | None = None, bound: float | None = None):
+        if ctx.progress is not None:
+            unit = "bytes" if objective == "memory" else "us"
+            gap = None if best is None or bound is None else max(0.0, best - bound) / max(best, 1e-12)
+            ctx.progress(ProgressInfo("hybrid", phase, time.perf_counter() - begin, best, bound, gap, unit))
+
+    # 1. blocks ---------------------------------------------------------------------------
+    target = int(options.get("target_ops", DEFAULT_TARGET_OPS))
+    parts = decompose(network, target_ops=target)
+    parts, nets = _block_nets(network, constraints, parts)
+    kinds: dict[str, BlockNet] = {}
+    for bn in nets:
+        kinds.setdefault(bn.fingerprint, bn)
+    details["blocks"] = len(parts.blocks)
+    details["block_kinds"] = len(kinds)
+    details["block_sizes"] = [b.size for b in parts.blocks]
+    report("decomposed")
+    # 2. menus ----------------------------------------------------------------------------
+    cache = cache if cache is not None else DEFAULT_CACHE
+    workers = int(options.get("workers", 1))  # >1: spawned processes (the caller needs a __main__ guard)
+    menu_budget = float(options.get("menu_seconds", limit * MENU_SHARE))
+    t = time.perf_counter()
+    builds_before = cache.builds
+    menus = build_menus(list(kinds.values()), time_budget=menu_budget, cache=cache, workers=workers, grid=int(options.get("grid", 2)))
+    details["menu_seconds"] = round(time.perf_counter() - t, 3)
+    details["menus_built"] = cache.builds - builds_before
+    empty = [bn.block.index for bn in nets if not menus[bn.fingerprint].options]
+    if empty:
+        raise SpecError(f"the hybrid engine found no way to run block {empty[0]} on its own; use --method milp or a heuristic")
+    report("menus built")
+    # 3-4. chain DP and composition, then targeted block solves and again ---------------
+    heuristics = _heuristics(network, constraints, ctx, None, _heuristic_names(network))
+    details["heuristics"] = {name: {"peak": sim.peak_bytes, "compute": sim.compute_us} for name, _, sim in heuristics}
+    store_peak = max((sim.peak_bytes for _, _, sim in heuristics), default=network.fixed_bytes)
+    fixed = network.fixed_bytes
+    if objective == "memory" or budget is None:
+        span = max(1, store_peak - fixed)
+    else:
+        span = max(1, min(int((budget - fixed) * 1.5), store_peak - fixed + (budget - fixed)))
+    refine_reserve = 0.3 if _fits_refinement(network, options) else 0.0
+    found: list[tuple[Schedule, Simulation]] = []
+    rounds: list[dict] = []
+    asked: set = set()
+    max_rounds = int(options.get("rounds", 3))
+    while True:
+        chain = ChainModel(network, parts, nets, menus)
+        search = _Search(network, chain, ctx, constraints, span)
+        remaining = deadline - time.perf_counter()
+        dp_deadline = time.perf_counter() + max(1.0, 0.5 * remaining * (1 - refine_reserve))
+        if objective == "memory":
+            new = search.least_peak(cap_us, dp_deadline)
+        elif budget is not None:
+            new = search.fastest_within(budget, dp_deadline)
+        else:
+            new = [(r[0], r[1]) for r in [search.probe(search.slots)] if r is not None]
+        found += new
+        best_m = search.best_fitting(budget, cap_us) if objective == "compute" and budget is not None else None
+        rounds.append({
+            "options": sum(len(o) for o in chain.options), "dp_seconds": round(search.dp_seconds, 3),
+            "slots": search.slots, "unit_bytes": search.unit, "probes": len(search.probes),
+            "best": None if best_m is None else search.probes[best_m][1].compute_us,
+        })
+        report("chain DP", None if best_m is None else search.probes[best_m][1].compute_us)
+        if best_m is None or len(rounds) > max_rounds:
+            break
+        remaining = deadline - time.perf_counter()
+        if remaining * (1 - refine_reserve) < 1.0:
+            break
+        plan = reconstruct(search.problem, search.table, best_m)
+        # the plan's room at the real budget (the DP's accounting is an upper bound, so
+        # these fit), and at the calibrated m (which may fit too, and is faster)
+        m_real = max(0, search.internal_budget(budget))
+        requests = chain.targets(search.problem, plan, best_m, search.unit)
+        if m_real < best_m:
+            for fp, (bn, items) in chain.targets(search.problem, plan, m_real, search.unit).items():
+                entry = requests.setdefault(fp, (bn, []))
+                entry[1][:0] = [i for i in items if i not in entry[1]]
+        fresh_requests = {}
+        for fp, (bn, items) in requests.items():
+            todo = [i for i in items if (fp, i) not in asked]
+            asked.update((fp, i) for i in todo)
+            if todo:
+                fresh_requests[fp] = (bn, todo)
+        rounds[-1]["requests"] = {fp[:8]: [list(i) for i in items] for fp, (_, items) in fresh_requests.items()}
+        if not fresh_requests:
+            break
+        menus = extend_menus(fresh_requests, menus, time_budget=0.5 * remaining * (1 - refine_reserve), cache=cache, workers=workers)
+    details["dp"] = {"backend": options.get("dp_backend", "numba"), "rounds": rounds}
+    details["menu_milp_solves"] = sum(menus[f].milp_solves for f in kinds)
+    details["menu_options"] = sum(len(menus[f].options) for f in kinds)
+    details["dp"]["last_probes"] = [
+        {"m": m, "dp_compute": r[2], "dp_peak": chain.predicted_peak(r[3], search.unit), "peak": r[1].peak_bytes, "compute": r[1].compute_us}
+        for m, r in sorted(search.probes.items()) if r is not None
+    ]
+    details["reserve_bytes"] = chain.reserve
+    candidates = [("hybrid", s, sim) for s, sim in found] + [(name, s, sim) for name, s, sim in heuristics]
+    run = _pick(candidates, objective, budget, cap_us)
+    report("composed", None if run is None else _value(run[2], objective))
+    # 5. local search on the carry plan (moves across block boundaries the DP cannot make)
+    if run is not None and options.get("polish", True):
+        starts = _starts(candidates, objective, budget, cap_us, POLISH_STARTS)
+        details["local_search"] = []
+        for k, start in enumerate(starts):
+            share = (deadline - time.perf_counter()) * (POLISH_SHARE if _fits_refinement(network, options) else 1.0) / (len(starts) - k)
+            if share <= 0.2:
+                break
+            polished = improve(network, start[1], constraints, baseline_us=ctx.baseline_us, time_limit=share, objective=objective)
+            details["local_search"].append({"start": start[0], "from": _value(start[2], objective), "to": _value(polished.simulation, objective),
+                                            "moves": len(polished.moves), "evaluations": polished.evaluations, "seconds": round(polished.seconds, 3)})
+            if _value(polished.simulation, objective) < _value(run[2], objective) - 1e-9:
+                run = (start[0] + "+local", polished.schedule, polished.simulation)
+                candidates.append(run)
+        report("local search", _value(run[2], objective))
+    # 5-6. refinement, bounds --------------------------------------------------------------
+    result = _finish(network, constraints, ctx, run, candidates, details, deadline, begin)
+    details["seconds"] = round(time.perf_counter() - begin, 3)
+    return result
+
+
+def _heuristic_names(network: Network) -> list[str]:
+    """The heuristics the engine compares with: Chen's greedy search and revolve simulate
+    many candidate schedules, each a quadratic replay, which takes minutes on 1,000 ops."""
+    names = ["store-all", "chen-sqrt", "recompute-all"]
+    if len(network.forward_ops) <= HEURISTICS_MAX_FORWARD_OPS:
+        names[2:2] = ["chen-greedy", "revolve"]
+    return names
+
+
+def _value(sim: Simulation, objective: str) -> float:
+    return float(sim.peak_bytes) if objective == "memory" else sim.compute_us
+
+
+def _pick(candidates, objective: str, budget: int | None, cap_us: float | None):
+    """The best candidate within the constraints, or None."""
+    ok = [c for c in candidates if c[2].ok]
+    if not ok:
+        return None
+    if objective == "memory":
+        return min(ok, key=lambda c: (c[2].peak_bytes, c[2].compute_us, c[0] != "hybrid"))
+    return min(ok, key=lambda c: (c[2].compute_us, c[2].peak_bytes, c[0] != "hybrid"))
+
+
+def _starts(candidates, objective: str, budget, cap_us, count: int):
+    """The best ``count`` fitting candidates with distinct values (the local search's starts)."""
+    ok = [c for c in candidates if c[2].ok]
+    ok.sort(key=lambda c: (_value(c[2], objective), c[0] != "hybrid"))
+    starts, seen = [], set()
+    for c in ok:
+        v = round(_value(c[2], objective), 6)
+        if v not in seen:
+            seen.add(v)
+            starts.append(c)
+        if len(starts) == count:
+            break
+    return starts
+
+
+def _fits_refinement(network: Network, options: dict) -> bool:
+    if not options.get("refine", True):
+        return False
+    return len(network.forward_ops) <= int(options.get("refine_max_ops", REFINE_MAX_FORWARD_OPS))
+
+
+def _finish(network, constraints, ctx, run, candidates, details, deadline, begin) -> HybridRun:
+    objective = ctx.objective
+    budget = constraints.memory_budget
+    allowed = constraints.allowed_impls
+    if objective == "memory":
+        lower = float(peak_lower_bound(network, allowed))
+    else:
+        lower = compute_lower_bound(network, allowed)
+    details["simple_lower_bound"] = lower
+    refined = None
+    if _fits_refinement(network, ctx.options) and deadline - time.perf_counter() > 0.5:
+        refined = _refine(network, constraints, ctx, run, deadline, details)
+    if run is None and refined is None:
+        return _no_schedule(network, constraints, ctx, candidates, details, deadline, lower)
+    status = "feasible"
+    if refined is not None and refined.get("schedule") is not None:
+        sim = simulate(network, refined["schedule"], constraints=constraints, baseline_us=ctx.baseline_us)
+        if sim.ok and (run is None or _value(sim, objective) < _value(run[2], objective) - 1e-9):
+            run = ("hybrid+milp", refined["schedule"], sim)
+    if refined is not None and refined.get("bound") is not None:
+        lower = max(lower, refined["bound"])
+        if refined.get("status") == "optimal":
+            status = "optimal"
+    if run is None:  # the refinement ran but found nothing either
+        return _no_schedule(network, constraints, ctx, candidates, details, deadline, lower)
+    origin, schedule, sim = run
+    value = _value(sim, objective)
+    gap = max(0.0, value - lower) / max(value, 1e-12)
+    if status == "optimal":
+        gap = min(gap, details.get("refine", {}).get("gap", gap) or 0.0)
+    details["origin"] = origin
+    message = f"best schedule from {origin}"
+    hr = HybridRun(schedule, sim, origin, details, lower, gap, status, message)
+    if objective == "memory":
+        exact = status == "optimal"
+        hr.min_feasible_budget = sim.peak_bytes
+        hr.min_feasible_budget_exact = exact
+        if not exact:
+            hr.message += f"; not proved minimal (every schedule needs at least {human_bytes(int(lower))})"
+    return hr
+
+
+def _refine(network, constraints, ctx, run, deadline, details) -> dict | None:
+    """The whole network's MILP, warm-started from the best schedule so far."""
+    objective = ctx.objective
+    budget = constraints.memory_budget
+    t = time.perf_counter()
+    model = build_model(
+        network, constraints, objective=objective, memory_budget=budget if objective == "compute" else None,
+        max_overhead=constraints.max_overhead, baseline_us=ctx.baseline_us,
+    )
+    info: dict = {"model": model.stats}
+    details["refine"] = info
+    if model.builder.conflicts:
+        info["status"] = "infeasible"
+        return None
+    start = _start_for(model, [run]) if run is not None else None
+    left = deadline - time.perf_counter()
+    if left <= 0.2:
+        info["status"] = "no time"
+        return None
+    gap = 0.0 if objective == "memory" else ctx.options.get("gap", 1e-4)
+    milp = run_highs(
+        model.builder, time_limit=left, rel_gap=gap, abs_gap=0.25 / MIB if objective == "memory" else 1e-6,
+        start=None if start is None else start[1], backend="highspy",
+    )
+    info.update(status=milp.status, seconds=round(time.perf_counter() - t, 3), warm_start=start is not None, nodes=milp.nodes)
+    bound = milp.bound
+    if bound is not None and objective == "memory":
+        bound = model.fixed_bytes + bound * MIB
+    result = {"status": milp.status, "bound": bound}
+    if milp.x is not None:
+        decisions = decisions_from_solution(model, milp.x)
+        result["schedule"] = decode(model, decisions, spec_path=ctx.spec_path, fingerprint=ctx.fingerprint)
+    if milp.gap is not None:
+        info["gap"] = milp.gap
+    if milp.status == "optimal":
+        info["gap"] = 0.0
+    return result
+
+
+def _no_schedule(network, constraints, ctx, candidates, details, deadline, lower) -> HybridRun:
+    """Nothing fits: say how much memory would, honestly."""
+    budget = constraints.memory_budget
+    cap = constraints.max_overhead
+    within_cap = [c for c in candidates if cap is None or c[2].overhead <= cap + 1e-12]
+    best = min(within_cap, key=lambda c: (c[2].peak_bytes, c[2].compute_us), default=None)
+    peak_lb = peak_lower_bound(network, constraints.allowed_impls)
+    hr = HybridRun(None, None, "none", details, None, None, "infeasible")
+    exact = False
+    known = best[2].peak_bytes if best is not None else None
+    known_schedule = best[1] if best is not None else None
+    if _fits_refinement(network, ctx.options) and deadline - time.perf_counter() > 0.5:
+        cons = ResolvedConstraints(None, cap, constraints.keep, constraints.never_recompute, constraints.allowed_impls)
+        found = minimum_budget(network, cons, ctx, time_limit=max(0.5, deadline - time.perf_counter()), label="hybrid")
+        if found.bytes is not None and (known is None or found.bytes <= known):
+            known, exact, known_schedule = found.bytes, found.exact, found.schedule
+        if found.lower_bound is not None:
+            peak_lb = max(peak_lb, found.lower_bound)
+    proved = budget is not None and budget < peak_lb
+    what = f"no schedule fits the budget {human_bytes(budget)} ({budget} B)" if budget is not None else "no schedule fits"
+    if cap is not None:
+        what += f" within the overhead cap {cap:.2%}"
+    if proved:
+        what += f" (proved: every schedule needs at least {human_bytes(peak_lb)})"
+    if known is not None:
+        how = "exactly" if exact else f"at most (best found; every schedule needs at least {human_bytes(peak_lb)} ({peak_lb} B))"
+        what += f"; the minimum feasible budget is {how} {human_bytes(known)} ({known} B)"
+    hr.message = what
+    hr.min_feasible_budget = known
+    hr.min_feasible_budget_exact = exact
+    hr.min_budget_schedule = known_schedule
+    details["min_budget_lower_bound"] = peak_lb
+    return hr
+
+
+def hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchContext) -> MethodOutcome:
+    """The hybrid engine as a searching method (``--method hybrid``)."""
+    target = int(ctx.options.get("target_ops", DEFAULT_TARGET_OPS))
+    if len(decompose(network, target_ops=target).blocks) == 1:
+        # nothing to join: the one block is the whole network, which the MILP solves exactly
+        outcome = solve_joint(network, constraints, ctx, label="hybrid")
+        outcome.details = {**outcome.details, "blocks": 1, "block_kinds": 1, "origin": "milp (the network is one block)"}
+        return outcome
+    hr = run_hybrid(network, constraints, ctx)
+    details = dict(hr.details)
+    if hr.schedule is None:
+        outcome = MethodOutcome(None, hr.status, hr.message, details=details)
+        outcome.min_feasible_budget = hr.min_feasible_budget
+        outcome.min_feasible_budget_exact = hr.min_feasible_budget_exact
+        outcome.min_budget_schedule = hr.min_budget_schedule
+        return outcome
+    outcome = MethodOutcome(hr.schedule, hr.status, hr.message, hr.lower_bound, hr.gap, details=details)
+    outcome.min_feasible_budget = hr.min_feasible_budget
+    outcome.min_feasible_budget_exact = hr.min_feasible_budget_exact
+    return outcome

@@ -1,0 +1,269 @@
+"""Improve a schedule by small moves on its carry plan, each checked by the simulator.
+
+A schedule is, up to closed-form details, its *carry plan*: which forward tensors are
+held after the forward pass and after every backward stage (what
+:func:`~monetdsl.search.carry_plan.schedule_from_carry` turns back into recomputations and
+frees), plus the implementation of every operator. The hybrid engine's chain DP decides
+the plan block by block and holds every cut tensor it checkpoints; some good schedules are
+outside that space. The classic one is a residual network: the exact optimum keeps each
+block's batch-norm output (which the batch-norm backward reads when it runs "from its
+output") instead of the block's output, and re-derives the block output with a cheap add
+and ReLU when a later stage needs it, so no convolution is ever re-run. Three moves reach
+such schedules from the DP's:
+
+* **carry on**: a tensor recomputed in two stages is carried from the first to the second;
+* **hold longer**: a tensor some stage recomputes is held from the forward pass until that
+  stage instead (uses memory the DP's conservative accounting left free);
+* **swap**: a held tensor is replaced, in every set that holds it, by one of its nearby
+  producers' inputs or outputs of at most the same size, followed by re-picking the
+  backward implementations that could read the new one;
+* **re-pick**: one operator's implementation changes.
+
+Every candidate is rebuilt with :func:`schedule_from_carry` and replayed by the simulator;
+a move is taken only when the replay is valid, within the constraints, and better
+(compute then peak, or peak then compute with the memory objective). The search is
+first-improvement hill climbing within a deadline.
+
+    >>> from monetdsl.grammar.parser import parse_spec
+    >>> from monetdsl.search.baselines import recompute_all
+    >>> from monetdsl.validate import resolve_constraints
+    >>> spec = parse_spec('''
+    ... network n
+    ...   tensor x f32[256] input
+    ...   op a (x) -> y f32[256] time 5us
+    ...     backward reads (grad(y), x) -> grad(x) time 1us
+    ...   op b (y) -> z f32[256] time 5us
+    ...     backward reads (grad(z), y) -> grad(y) time 1us
+    ...   output z
+    ... ''')
+    >>> cons = resolve_constraints(spec.network, spec.constraints)
+    >>> start = recompute_all(spec.network, cons, spec_path="n", fingerprint="0")
+    >>> better = improve(spec.network, start, cons, baseline_us=12.0, time_limit=5.0)
+    >>> better.simulation.compute_us < 22.0    # recompute-all re-runs a: holding y is free here
+    True
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from ..graph import index, storage_root
+from ..ir import Network, Schedule
+from ..validate import ResolvedConstraints
+from .carry_plan import schedule_from_carry
+from .schedule_builder import backward_reads
+from .simulator import Simulation, simulate
+
+__all__ = ["improve", "LocalSearchResult", "carry_of"]
+
+#: how many producer steps back a swap looks for a replacement tensor
+SWAP_DEPTH = 3
+
+
+@dataclass
+class LocalSearchResult:
+    """The best schedule found, its replay, and what the search did."""
+
+    schedule: Schedule
+    simulation: Simulation
+    moves: list[str] = field(default_factory=list)
+    evaluations: int = 0
+    seconds: float = 0.0
+
+
+def carry_of(network: Network, schedule: Schedule) -> list[set[str]]:
+    """The schedule's carry plan: what is held after the forward pass and after each stage."""
+    idx = index(network)
+    held = {x for x in schedule.forward_keep if idx.is_forward_tensor(x)}
+    plan = [set(held)]
+    for stage in schedule.stages:
+        held = (held | {x for x in stage.keep if idx.is_forward_tensor(x)}) - set(stage.free)
+        plan.append(set(held))
+    return plan
+
+
+class _Search:
+    def __init__(self, network, constraints, baseline_us, objective, deadline, spec_path, fingerprint):
+        self.network = network
+        self.idx = index(network)
+        self.constraints = constraints
+        self.baseline_us = baseline_us
+        self.objective = objective
+        self.deadline = deadline
+        self.spec_path = spec_path
+        self.fingerprint = fingerprint
+        self.never = set(constraints.never_recompute)
+        self.evaluations = 0
+
+    def key(self, sim: Simulation) -> tuple:
+        if self.objective == "memory":
+            return (sim.peak_bytes, round(sim.compute_us, 6))
+        return (round(sim.compute_us, 6), sim.peak_bytes)
+
+    def build(self, impls: dict[str, str], plan: list[set[str]]) -> tuple[Schedule, Simulation] | None:
+        self.evaluations += 1
+        try:
+            schedule = schedule_from_carry(
+                self.network, impls, plan, never_recompute=self.never, spec_path=self.spec_path, fingerprint=self.fingerprint,
+            )
+        except (KeyError, ValueError):
+            return None
+        sim = simulate(self.network, schedule, constraints=self.constraints, baseline_us=self.baseline_us)
+        if not sim.ok:
+            return None
+        return schedule, sim
+
+    def allowed(self, op) -> tuple[str, ...]:
+        return self.constraints.impls_for(op)
+
+    # ------------------------------------------------------------------ moves
+    def hold_longer(self, schedule: Schedule, plan):
+        """(description, impls, plan) for each recomputed tensor held from the forward pass."""
+        idx = self.idx
+        recomputed: dict[str, int] = {}
+        for t, stage in enumerate(schedule.stages, start=1):
+            for op_name in stage.recompute:
+                for x in idx.forward_ops[op_name].outputs:
+                    recomputed[x] = t  # the last stage that recomputes it
+        for x, last in sorted(recomputed.items(), key=lambda item: -self._producer_time(item[0])):
+            new = [set(c) for c in plan]
+            for t in range(last):
+                new[t].add(x)
+            yield f"hold {x} until stage {last}", None, new
+
+    def carry_on(self, schedule: Schedule, plan):
+        """(description, impls, plan) for each tensor recomputed twice: carried between."""
+        idx = self.idx
+        stages_of: dict[str, list[int]] = {}
+        for t, stage in enumerate(schedule.stages, start=1):
+            for op_name in stage.recompute:
+                for x in idx.forward_ops[op_name].outputs:
+                    stages_of.setdefault(x, []).append(t)
+        for x, ts in sorted(stages_of.items()):
+            if len(ts) < 2:
+                continue
+            new = [set(c) for c in plan]
+            for t in range(ts[0], ts[-1]):
+                new[t].add(x)
+            yield f"carry {x} from stage {ts[0]} to {ts[-1]}", None, new
+
+    def _producer_time(self, x: str) -> float:
+        producer = self.idx.producing_op(x)
+        if producer is None or producer not in self.idx.forward_ops:
+            return 0.0
+        return max(impl.time_us for impl in self.idx.forward_ops[producer].impls)
+
+    def swaps(self, schedule: Schedule, plan, impls):
+        idx, tensors = self.idx, self.network.tensors
+        held = set().union(*plan) - set(self.network.outputs) - set(self.constraints.keep)
+        for y in sorted(held):
+            size = tensors[storage_root(self.network, y)].storage_bytes
+            for u in self._nearby(y):
+                if u in held or tensors[u].is_fixed or tensors[storage_root(self.network, u)].storage_bytes > size:
+                    continue
+                new_impls = self._readers_of(u, impls)
+                new = [(c - {y}) | {u} if y in c else set(c) for c in plan]
+                # hold u up to the last stage that reads it (the new readers may come later)
+                last = max((t for t, r in enumerate(backward_reads(self.network, new_impls, idx.backward_order), start=1) if u in r), default=0)
+                first = min((t for t, c in enumerate(new) if u in c), default=0)
+                for t in range(first, last):
+                    new[t].add(u)
+                yield f"swap {y} -> {u}", new_impls, new
+
+    def _nearby(self, y: str) -> list[str]:
+        """Forward tensors up to :data:`SWAP_DEPTH` producer steps before ``y``."""
+        idx = self.idx
+        found: list[str] = []
+        frontier = [y]
+        for _ in range(SWAP_DEPTH):
+            nxt = []
+            for x in frontier:
+                producer = idx.producing_op(x)
+                if producer is None or producer not in idx.forward_ops:
+                    continue
+                for inp in idx.forward_ops[producer].inputs:
+                    if idx.is_forward_tensor(inp) and inp not in found and inp != y:
+                        found.append(inp)
+                        nxt.append(inp)
+            frontier = nxt
+        return found
+
+    def _readers_of(self, u: str, impls: dict[str, str]) -> dict[str, str]:
+        """Implementations switched to ones that read ``u`` where an allowed one does."""
+        switched = dict(impls)
+        for bop in self.network.backward_ops:
+            if len(bop.impls) < 2:
+                continue
+            allowed = self.allowed(bop)
+            current = bop.impl(impls.get(bop.name, bop.impls[0].name))
+            if u in current.reads:
+                continue
+            options = [impl for impl in bop.impls if impl.name in allowed and u in impl.reads]
+            if options:
+                switched[bop.name] = min(options, key=lambda impl: impl.time_us).name
+        return switched
+
+    def repicks(self, impls: dict[str, str], plan):
+        for op in (*self.network.forward_ops, *self.network.backward_ops):
+            if len(op.impls) < 2:
+                continue
+            for name in self.allowed(op):
+                if name != impls.get(op.name):
+                    new_impls = dict(impls)
+                    new_impls[op.name] = name
+                    yield f"impl {op.name} = {name}", new_impls, plan
+
+
+def improve(
+    network: Network,
+    schedule: Schedule,
+    constraints: ResolvedConstraints,
+    *,
+    baseline_us: float,
+    time_limit: float,
+    objective: str = "compute",
+) -> LocalSearchResult:
+    """The best schedule the moves reach from ``schedule`` within ``time_limit`` seconds.
+
+    ``schedule`` must replay validly; the result is never worse than it (it is returned
+    unchanged when no move helps).
+    """
+    begin = time.perf_counter()
+    search = _Search(network, constraints, baseline_us, objective, begin + time_limit, schedule.spec_path, schedule.fingerprint)
+    impls = {op.name: schedule.impls.get(op.name, op.impls[0].name) for op in (*network.forward_ops, *network.backward_ops)}
+    current_sim = simulate(network, schedule, constraints=constraints, baseline_us=baseline_us)
+    best = (schedule, current_sim)
+    plan = carry_of(network, schedule)
+    rebuilt = search.build(impls, plan)
+    if rebuilt is not None and search.key(rebuilt[1]) <= search.key(current_sim):
+        best = rebuilt
+    result = LocalSearchResult(best[0], best[1])
+    if not current_sim.ok:
+        result.seconds = time.perf_counter() - begin
+        return result
+    improved = True
+    while improved and time.perf_counter() < search.deadline:
+        improved = False
+        schedule_now = best[0]
+        plan = carry_of(network, schedule_now)
+        impls = {op.name: schedule_now.impls.get(op.name, op.impls[0].name) for op in (*network.forward_ops, *network.backward_ops)}
+        moves = itertools.chain(  # lazily: on 1,000 ops a pass may not finish before the deadline
+            search.carry_on(schedule_now, plan),
+            search.hold_longer(schedule_now, plan),
+            search.swaps(schedule_now, plan, impls),
+            search.repicks(impls, plan),
+        )
+        for description, new_impls, new_plan in moves:
+            if time.perf_counter() >= search.deadline:
+                break
+            found = search.build(new_impls if new_impls is not None else impls, new_plan)
+            if found is not None and search.key(found[1]) < search.key(best[1]):
+                best = found
+                result.moves.append(description)
+                improved = True
+                break
+    result.schedule, result.simulation = best
+    result.evaluations = search.evaluations
+    result.seconds = time.perf_counter() - begin
+    return result
