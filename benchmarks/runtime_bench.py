@@ -8,7 +8,7 @@ Strategies: eager PyTorch; ``torch.utils.checkpoint`` on every block; ``checkpoi
 with 3 segments; monetdsl schedules run by the runtime: store-all with PyTorch's own
 implementations (the runtime's own overhead), Chen's sqrt(n) checkpoints, one segment
 per block (the block outputs kept, each block recomputed once, the leanest
-implementations), and the smallest peak the baseline methods reach; and schedules from the
+implementations; on the GPT also with the attention outputs kept), and the smallest peak the baseline methods reach; and schedules from the
 search engine on the same spec: the joint MILP (``milp``, implementation choice) for the
 lowest peak within a 10 % planned overhead, ``milp`` and ``checkmate`` for the fastest
 schedule within the per-block peak, each with ``--solver-seconds`` (default 60; the best
@@ -148,8 +148,18 @@ def monetdsl_schedules(model, inputs, solver_seconds: float = 60.0):
     blocks = block_outputs(network, model)
     add("monetdsl per-block (PyTorch impls)", build_schedule(network, first, forward_keep=blocks, promote="needed",
                                                               spec_path="", fingerprint=spec.fingerprint))
+    ce_backward = {op.name: "from_output" for op in network.backward_ops if "from_output" in op.impl_names and op.of
+                   and trace.ops[op.of].kind is not None and trace.ops[op.of].kind.name == "cross_entropy"}
+    if ce_backward:
+        add("monetdsl per-block (PyTorch impls, cross-entropy from_output)", build_schedule(
+            network, {**first, **ce_backward}, forward_keep=blocks, promote="needed", spec_path="", fingerprint=spec.fingerprint))
     add("monetdsl per-block (lean impls)", build_schedule(network, lean, forward_keep=blocks, promote="needed",
                                                            spec_path="", fingerprint=spec.fingerprint))
+    attention = {t for op in network.forward_ops if trace.ops[op.name].kind is not None and trace.ops[op.name].kind.name == "sdpa"
+                 for t in op.outputs if t in keep_all}
+    if attention:
+        add("monetdsl per-block + attention outputs kept (lean impls)",
+            build_schedule(network, lean, forward_keep=set(blocks) | attention, promote="needed", spec_path="", fingerprint=spec.fingerprint))
     expensive = {t for op in network.forward_ops if trace.ops[op.name].kind is not None
                  and trace.ops[op.name].kind.name in ("conv", "matmul", "sdpa") for t in op.outputs}
     add("monetdsl selective (keep conv/matmul/attention outputs)",
