@@ -8,7 +8,15 @@ Strategies: eager PyTorch; ``torch.utils.checkpoint`` on every block; ``checkpoi
 with 3 segments; monetdsl schedules run by the runtime: store-all with PyTorch's own
 implementations (the runtime's own overhead), Chen's sqrt(n) checkpoints, one segment
 per block (the block outputs kept, each block recomputed once, the leanest
-implementations), and the smallest peak the baseline methods reach.
+implementations; on the GPT also with the attention outputs kept), and the smallest peak the baseline methods reach; and schedules from the
+search engine on the same spec: the joint MILP (``milp``, implementation choice) for the
+lowest peak within a 10 % planned overhead, ``milp`` and ``checkmate`` for the fastest
+schedule within the per-block peak, each with ``--solver-seconds`` (default 60; the best
+incumbent when the limit is reached).
+
+"planned overhead" is the simulator's compute over the no-recompute baseline on the spec's
+costs (the CPU roofline preset; with ``--profile``, also on costs timed on this machine),
+to compare with the measured step-time ratio.
 
 Memory: peak bytes above the memory at the start of a step (parameters, their
 pre-allocated gradients and the batch), measured with the live-tensor probe (what the
@@ -16,7 +24,7 @@ memory model models) and with the counting CPU allocator (every byte, oneDNN's s
 included). Time: all strategies interleaved in one process, ``--rounds`` rounds, medians,
 ratios to eager. Prints markdown tables.
 
-    python benchmarks/runtime_bench.py --rounds 7 [--model gpt|resnet|both]
+    python benchmarks/runtime_bench.py --rounds 7 [--model gpt|resnet|both] [--solver-seconds 60] [--profile]
 """
 from __future__ import annotations
 
@@ -118,11 +126,12 @@ def block_outputs(network, model) -> list[str]:
     return list(last.values())
 
 
-def monetdsl_schedules(model, inputs):
+def monetdsl_schedules(model, inputs, solver_seconds: float = 60.0):
     trace = trace_for_runtime(model, list(inputs), optimizer="sgd")
     spec, network = trace.spec, trace.spec.network
     first = {op.name: op.impls[0].name for op in (*network.forward_ops, *network.backward_ops)}
     out = {}
+    notes: list[str] = []
 
     def add(name, schedule):
         sim = simulate(network, schedule)
@@ -139,8 +148,18 @@ def monetdsl_schedules(model, inputs):
     blocks = block_outputs(network, model)
     add("monetdsl per-block (PyTorch impls)", build_schedule(network, first, forward_keep=blocks, promote="needed",
                                                               spec_path="", fingerprint=spec.fingerprint))
+    ce_backward = {op.name: "from_output" for op in network.backward_ops if "from_output" in op.impl_names and op.of
+                   and trace.ops[op.of].kind is not None and trace.ops[op.of].kind.name == "cross_entropy"}
+    if ce_backward:
+        add("monetdsl per-block (PyTorch impls, cross-entropy from_output)", build_schedule(
+            network, {**first, **ce_backward}, forward_keep=blocks, promote="needed", spec_path="", fingerprint=spec.fingerprint))
     add("monetdsl per-block (lean impls)", build_schedule(network, lean, forward_keep=blocks, promote="needed",
                                                            spec_path="", fingerprint=spec.fingerprint))
+    attention = {t for op in network.forward_ops if trace.ops[op.name].kind is not None and trace.ops[op.name].kind.name == "sdpa"
+                 for t in op.outputs if t in keep_all}
+    if attention:
+        add("monetdsl per-block + attention outputs kept (lean impls)",
+            build_schedule(network, lean, forward_keep=set(blocks) | attention, promote="needed", spec_path="", fingerprint=spec.fingerprint))
     expensive = {t for op in network.forward_ops if trace.ops[op.name].kind is not None
                  and trace.ops[op.name].kind.name in ("conv", "matmul", "sdpa") for t in op.outputs}
     add("monetdsl selective (keep conv/matmul/attention outputs)",
@@ -148,7 +167,24 @@ def monetdsl_schedules(model, inputs):
     peaks = {m: solve(spec, m) for m in ("store-all", "chen-sqrt", "recompute-all")}
     smallest = min(peaks.values(), key=lambda r: (r.simulation.peak_bytes, r.simulation.compute_us))
     add(f"monetdsl minimum peak ({smallest.details.get('chosen', smallest.method)})", smallest.schedule)
-    return trace, out
+    if solver_seconds > 0:
+        solved = [("milp: lowest peak, planned overhead <= 10 %", "milp", dict(max_overhead=0.10, objective="memory"))]
+        per_block = out["monetdsl per-block (lean impls)"][1].peak_bytes
+        for method in ("milp", "checkmate"):
+            solved.append((f"{method}: fastest within the per-block (lean) peak", method, dict(memory_budget=per_block)))
+        for label, method, kwargs in solved:
+            result = solve(spec, method, time_limit=solver_seconds, exact_min_budget=False, **kwargs)
+            if not (result.success and result.simulation.ok):
+                notes.append(f"{method} ({label}): no schedule: {result.message}")
+                continue
+            sim = result.simulation
+            same = next((n for n, (_, s) in out.items() if (s.peak_bytes, s.compute_us) == (sim.peak_bytes, sim.compute_us)), None)
+            if same is not None:  # measured already: say so instead of a duplicate row
+                notes.append(f"{method} ({label}), {result.status} after {result.solve_seconds:.0f} s: the schedule of the"
+                             f" '{same}' row (same planned peak and compute)")
+            else:
+                add(f"monetdsl {label} [{result.status}, {result.solve_seconds:.0f} s]", result.schedule)
+    return trace, out, notes
 
 
 def step(module, inputs):
@@ -166,9 +202,20 @@ def measure_peak(module, inputs, probe_cls):
     return probe.stop()
 
 
-def run(which: str, rounds: int) -> tuple[list[str], dict]:
+def planned_ratios(network, schedules) -> dict[str, float]:
+    """Planned compute of each schedule on ``network``'s costs, over the store-all schedule's
+    (PyTorch's implementations): the simulator's prediction of the measured time ratio."""
+    base = simulate(network, schedules["monetdsl store-all (PyTorch impls)"][0]).compute_us
+    return {name: simulate(network, schedule).compute_us / base for name, (schedule, _) in schedules.items()}
+
+
+def run(which: str, rounds: int, solver_seconds: float = 60.0, profile: bool = False) -> tuple[list[str], dict]:
     model, inputs = make(which)
-    trace, schedules = monetdsl_schedules(model, inputs)
+    trace, schedules, notes = monetdsl_schedules(model, inputs, solver_seconds)
+    planned = {"roofline": planned_ratios(trace.spec.network, schedules)}
+    if profile:
+        profiled = trace_for_runtime(model, list(inputs), optimizer="sgd", profile=True)
+        planned["profiled"] = planned_ratios(profiled.spec.network, schedules)
     strategies = {"eager": model, "checkpoint every block": None, "checkpoint_sequential (3)": Sequential3(model)}
     for name, (schedule, sim) in schedules.items():
         opt = monetdsl.optimize(model, schedule=schedule)
@@ -197,21 +244,25 @@ def run(which: str, rounds: int) -> tuple[list[str], dict]:
                 wrapped.restore()
     med = {name: statistics.median(v[1:]) for name, v in times.items()}
     eager_live, eager_alloc = memory["eager"]
-    rows = ["| strategy | planned peak above fixed | measured (live tensors) | measured / planned | measured (allocator) | peak vs eager (live) | step s | time vs eager |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    costs = list(planned)
+    rows = ["| strategy | planned peak above fixed | measured (live tensors) | measured / planned | measured (allocator) | peak vs eager (live) | step s | time vs eager | "
+            + " | ".join(f"planned time ({c})" for c in costs) + " |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(costs)]
     summary = {}
     for name in strategies:
         live, alloc = memory[name]
-        planned = ""
+        peak = ""
         ratio = ""
         if name in schedules:
             sim = schedules[name][1]
             p = sim.peak_bytes - sim.fixed_bytes
-            planned = human_bytes(p)
+            peak = human_bytes(p)
             ratio = f"{live / p:.4f}"
-        rows.append(f"| {name} | {planned} | {human_bytes(live)} | {ratio} | {human_bytes(alloc)} | {live / eager_live:.1%} |"
-                    f" {med[name]:.3f} | x{med[name] / med['eager']:.2f} |")
+        times_planned = " | ".join(f"x{planned[c][name]:.2f}" if name in schedules else "" for c in costs)
+        rows.append(f"| {name} | {peak} | {human_bytes(live)} | {ratio} | {human_bytes(alloc)} | {live / eager_live:.1%} |"
+                    f" {med[name]:.3f} | x{med[name] / med['eager']:.2f} | {times_planned} |")
         summary[name] = (live, med[name] / med["eager"])
+    rows.extend(["", *(f"* {n}" for n in notes)] if notes else [])
     return rows, summary
 
 
@@ -219,12 +270,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--model", choices=["gpt", "resnet", "both"], default="both")
+    parser.add_argument("--solver-seconds", type=float, default=60.0, help="time limit of each solver row (0: no solver rows)")
+    parser.add_argument("--profile", action="store_true", help="also give the planned time on costs timed on this machine")
     args = parser.parse_args(argv)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{datetime.date.today()}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__},"
           f" {torch.get_num_threads()} threads, load average {load:.1f} at start; {args.rounds} interleaved rounds, medians")
     for which in (["gpt", "resnet"] if args.model == "both" else [args.model]):
-        rows, _ = run(which, args.rounds)
+        rows, _ = run(which, args.rounds, args.solver_seconds, args.profile)
         print(f"\n### {'GPT-2-like decoder, 4 x 256 tokens' if which == 'gpt' else 'ResNet-18-like CNN, 8 x 3 x 64 x 64'}\n")
         print("\n".join(rows))
     return 0

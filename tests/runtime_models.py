@@ -61,3 +61,24 @@ class KindsTransformer(nn.Module):
         x = x + scores @ x
         x = x + F.log_softmax(self.mix(x) * 2.0, dim=-1)
         return F.log_softmax(self.head(x), dim=-1)
+
+
+class KindsLoss(nn.Module):
+    """cross-entropy (log-softmax + NLL, folded into one op) with its loss inside: over a
+    ``[B*T, V]`` view of the logits with ignored targets and the mean (as a GPT's loss), or
+    directly on ``[N, V]`` logits with another ``ignore_index`` and per-row losses."""
+
+    def __init__(self, reduction: str = "mean", width: int = 16, vocab: int = 7):
+        super().__init__()
+        self.reduction = reduction
+        self.fc = nn.Linear(width, vocab)
+        target = torch.arange(16) % vocab
+        target[3] = -100 if reduction == "mean" else 2
+        target[5] = 2
+        self.register_buffer("target", target)
+
+    def forward(self, x):
+        logits = self.fc(torch.tanh(x))
+        if self.reduction == "mean":
+            return F.cross_entropy(logits.view(-1, logits.shape[-1]), self.target)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).contiguous() * 1.5, self.target, reduction="none", ignore_index=2)

@@ -17,6 +17,7 @@ from .base import BackwardAlt, BackwardStep, Binding, ForwardAlt, OpKind
 from .dropout import Dropout
 from .elementwise import Add
 from .linear import Convolution, MatMul
+from .loss import CrossEntropy
 from .norms import BatchNorm, GammaHasZeros, LayerNorm, RMSNorm
 from .packing import pack_bits, unpack_bits
 from .pooling import AdaptiveAvgPool2d, MaxPool2d
@@ -54,6 +55,7 @@ _KINDS: list[OpKind] = [
     MatMul(),
     ScaledDotProductAttention(),
     Add(),
+    CrossEntropy(),
 ]
 
 #: catalogue name -> entry

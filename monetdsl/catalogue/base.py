@@ -116,6 +116,11 @@ class OpKind:
     def backward_steps(self, binding: Binding) -> tuple[BackwardStep, ...]:
         raise NotImplementedError
 
+    def workspace_roles(self, alt: str) -> tuple[str, ...]:
+        """Roles whose size backward alternative ``alt`` allocates as a temporary, besides
+        its outputs (an intermediate gradient autograd forms and drops within the step)."""
+        return ()
+
     def derived_type(self, role: str, binding: Binding, y_dtype: torch.dtype, y_shape: tuple[int, ...]) -> DerivedType:
         """dtype and shape of a derived tensor. ``u1`` means one bit per element."""
         raise KeyError(role)

@@ -159,6 +159,11 @@ def _sdpa_from_probs(ctx: OpContext, saved: dict, grads: dict) -> dict:
     return {"q": dq, "k": dk, "v": dv}
 
 
+def _cross_entropy_from_output(ctx: OpContext, saved: dict, grads: dict) -> dict:
+    return {"x": mops.cross_entropy_backward_from_log_probs(grads["y"], saved["lsm"], saved["target"], saved["total_weight"],
+                                                             ctx.attrs["reduction"], ctx.attrs["ignore_index"])}
+
+
 # ------------------------------------------------------------------------------- max pooling
 def _pool_args(attrs: dict) -> tuple:
     return list(attrs["kernel"]), list(attrs["stride"]), list(attrs["padding"]), list(attrs["dilation"]), attrs["ceil_mode"]
@@ -300,6 +305,7 @@ BACKWARD[("adaptive_avg_pool2d", "from_shape")] = _avg_pool_from_shape
 for _alt in ("from_mask", "from_bits", "from_seed"):
     BACKWARD[("dropout", _alt)] = _dropout_backward(_alt)
 BACKWARD[("sdpa", "math")] = _sdpa_from_probs
+BACKWARD[("cross_entropy", "from_output")] = _cross_entropy_from_output
 
 #: PyTorch's own backward alternatives replaced by an equivalent with the same result bit for bit
 FASTER = {("dropout", "from_mask")}

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..catalogue.loss import cross_entropy_grad_from_log_probs
 from ..catalogue.packing import pack_bits as _reference_pack, unpack_bits as _reference_unpack
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "rms_norm_backward",
     "attention_probs",
     "attention_backward_from_probs",
+    "cross_entropy_backward_from_log_probs",
     "CUDA_OPS",
 ]
 
@@ -272,6 +274,19 @@ def rms_norm_backward(grad: Tensor, saved: Tensor, rstd: Tensor, weight: Optiona
 @rms_norm_backward.register_fake
 def _(grad, saved, rstd, weight, from_output, normalized_shape):
     return torch.empty_like(grad), grad.new_empty(weight.shape if weight is not None else (0,))
+
+
+@torch.library.custom_op(f"{_NS}::cross_entropy_backward_from_log_probs", mutates_args=())
+def cross_entropy_backward_from_log_probs(grad: Tensor, lsm: Tensor, target: Tensor, total_weight: Tensor, reduction: int,
+                                          ignore_index: int) -> Tensor:
+    """The logits' gradient of log-softmax + NLL loss from the kept log-probabilities, in one
+    new tensor: ``scale * (exp(lsm) - onehot(target))`` per row (every device: torch)."""
+    return cross_entropy_grad_from_log_probs(grad, lsm, target, total_weight, reduction, ignore_index)
+
+
+@cross_entropy_backward_from_log_probs.register_fake
+def _(grad, lsm, target, total_weight, reduction, ignore_index):
+    return torch.empty_like(lsm)
 
 
 @torch.library.custom_op(f"{_NS}::attention_probs", mutates_args=())

@@ -89,7 +89,20 @@ def autograd_saved(model: nn.Module, inputs, loss="auto") -> SavedBytes:
         if keys:
             per_op.append((type(node).__name__, sum(keys.values())))
             per_op_storages.append(keys)
+    _fold_cross_entropy(per_op, per_op_storages)
     return SavedBytes(sum(storages.values()), per_op, per_op_storages)
+
+
+def _fold_cross_entropy(per_op: list, per_op_storages: list) -> None:
+    """Count a log-softmax node followed by an NLL-loss node as one op, as the tracer folds
+    the pair (``cross_entropy``): the storages they keep, once (both keep the log-probabilities)."""
+    i = 0
+    while i + 1 < len(per_op):
+        if (per_op[i][0], per_op[i + 1][0]) == ("LogSoftmaxBackward0", "NllLossBackward0"):
+            keys = {**per_op_storages[i], **per_op_storages[i + 1]}
+            per_op[i : i + 2] = [("CrossEntropy", sum(keys.values()))]
+            per_op_storages[i : i + 2] = [keys]
+        i += 1
 
 
 def spec_saved(network: Network) -> SavedBytes:

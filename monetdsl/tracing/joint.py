@@ -9,6 +9,8 @@
   trainable parameter or an input that requires grad).
 * **Backward groups**: backward nodes grouped by the sequence number of the forward op
   they differentiate, and the forward values each group reads.
+* **Folded groups**: a decomposed ``nn.RMSNorm`` (pow, mean, add, rsqrt, mul) and a
+  cross-entropy (``_log_softmax`` feeding only ``nll_loss_forward``) become one op each.
 """
 from __future__ import annotations
 
@@ -73,13 +75,13 @@ class JointFacts:
     outputs: dict = field(default_factory=dict)  # compute node -> {index or None: value node}
     unattributed: list = field(default_factory=list)
     saved_clones: set = field(default_factory=set)  # forward clones only the backward reads
-    fused: dict = field(default_factory=dict)  # leader node -> FusedRMSNorm (decomposed RMS norms)
+    fused: dict = field(default_factory=dict)  # leader node -> FusedRMSNorm | FusedCrossEntropy
 
     def inputs_of(self, comp: fx.Node) -> list[fx.Node]:
         """The tensors an op reads: its arguments, or a fused group's external inputs."""
         group = self.fused.get(comp)
         if group is not None:
-            return [n for n in (group.x, group.w) if n is not None]
+            return [n for n in group.inputs if n is not None]
         return tensor_args(comp)
 
     def owner(self, node: fx.Node) -> fx.Node:
@@ -172,11 +174,12 @@ def analyse(captured: Captured) -> JointFacts:
     facts.compute = [n for n in nodes if n in facts.forward and n in needed and n.target is not operator.getitem
                      and not is_alias(n) and n not in facts.saved_clones]
     member_of = _fuse_rms_norms(facts)
+    member_of.update(_fuse_cross_entropies(facts))
     for comp in facts.compute:
         outs: dict = {}
         group = facts.fused.get(comp)
         if group is not None:
-            facts.outputs[comp] = {0: comp, 1: group.rstd, 2: group.xhat} if group.w is not None else {0: comp, 1: group.rstd}
+            facts.outputs[comp] = group.outputs(comp)
             continue
         val = comp.meta.get("val")
         if isinstance(val, torch.Tensor):
@@ -228,6 +231,35 @@ class FusedRMSNorm:
     xhat: fx.Node
     eps: float
     dims: tuple
+
+    @property
+    def inputs(self) -> tuple:
+        return (self.x, self.w)
+
+    def outputs(self, leader: fx.Node) -> dict:
+        return {0: leader, 1: self.rstd, 2: self.xhat} if self.w is not None else {0: leader, 1: self.rstd}
+
+
+@dataclass
+class FusedCrossEntropy:
+    """``_log_softmax`` over dim 1 of a 2-d tensor feeding only ``nll_loss_forward`` (no
+    class weights) in the forward pass: ``F.cross_entropy`` as autograd sees it."""
+
+    members: list  # [log_softmax, nll_loss_forward]
+    x: fx.Node
+    target: fx.Node
+    lsm: fx.Node
+    loss: fx.Node  # getitem 0 of nll_loss_forward
+    total_weight: fx.Node  # getitem 1
+    reduction: int
+    ignore_index: int
+
+    @property
+    def inputs(self) -> tuple:
+        return (self.x, self.target)
+
+    def outputs(self, leader: fx.Node) -> dict:
+        return {0: self.lsm, 1: self.loss, 2: self.total_weight}
 
 
 def _module_class(node: fx.Node):
@@ -284,6 +316,41 @@ def _fuse_rms_norms(facts: JointFacts) -> dict:
             member_of[member] = leader
     members = {m for m, leader in member_of.items() if m is not leader}
     facts.compute = [n for n in facts.compute if n not in members]
+    return member_of
+
+
+def _only_backward_users(node: fx.Node, backward: set) -> bool:
+    """Whether every use of ``node`` is in the backward (directly or through aliases)."""
+    return all(u in backward or (is_alias(u) and _only_backward_users(u, backward)) for u in node.users)
+
+
+def _fuse_cross_entropies(facts: JointFacts) -> dict:
+    """Fold each ``_log_softmax`` + ``nll_loss_forward`` pair into one op (the loss call
+    leads it). Only the plain form is folded: a 2-d input, dimension 1, no dtype change,
+    no class weights, the log-probabilities read by nothing else in the forward pass (the
+    backward may read them) and both results of the loss named. Returns member -> leader."""
+    backward = set(facts.backward)
+    compute = set(facts.compute)
+    member_of: dict = {}
+    for comp in facts.compute:
+        if packet_name(comp.target) != "nll_loss_forward" or len(comp.args) < 5:
+            continue
+        lsm, target, weight, reduction, ignore_index = comp.args[:5]
+        if weight is not None or not isinstance(lsm, fx.Node) or lsm not in compute or packet_name(lsm.target) != "_log_softmax":
+            continue
+        x, dim, half_to_float = lsm.args[:3]
+        val = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if not isinstance(val, torch.Tensor) or val.dim() != 2 or dim not in (1, -1) or half_to_float:
+            continue
+        if any(u is not comp and not (u in backward or (is_alias(u) and _only_backward_users(u, backward))) for u in lsm.users):
+            continue
+        items = {u.args[1]: u for u in comp.users if u.target is operator.getitem}
+        if set(items) != {0, 1} or not isinstance(target, fx.Node):
+            continue
+        facts.fused[comp] = FusedCrossEntropy([lsm, comp], x, target, lsm, items[0], items[1], int(reduction), int(ignore_index))
+        member_of[lsm] = comp
+        member_of[comp] = comp
+    facts.compute = [n for n in facts.compute if member_of.get(n, n) is n]
     return member_of
 
 

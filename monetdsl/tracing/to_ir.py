@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ..catalogue import kind_for
+from ..catalogue import CATALOGUE, kind_for
 from ..catalogue.base import Binding, OpKind
 from ..ir import BackwardImpl, BackwardOp, ForwardImpl, ForwardOp, Network, Tensor, TensorKind, grad_name, shape_bytes
 from .costs import MATMUL_KINDS, Roofline, node_flops
-from .joint import JointFacts, tensor_args, is_alias, packet_name
+from .joint import FusedCrossEntropy, JointFacts, tensor_args, is_alias, packet_name
 from .naming import NameAllocator, module_path, op_names
 
 __all__ = ["BuiltNetwork", "OpRecord", "build_network", "ir_dtype"]
@@ -207,6 +207,8 @@ class _Builder:
 
     def _bind(self, comp: fx.Node):
         group = self.facts.fused.get(comp)
+        if isinstance(group, FusedCrossEntropy):
+            return _cross_entropy_binding(group)
         if group is not None:
             return _rms_norm_binding(group)
         kind = kind_for(packet_name(comp.target))
@@ -369,7 +371,10 @@ class _Builder:
                 else:
                     flops = 2 * flops_fwd + (flops_fwd if alt.name == "from_input" and kind.name == "max_pool2d" else 0)
                 time_us = self.roofline.time_us(flops, read_bytes + grad_bytes + out_bytes, dtype, matmul)
-                impls.append(BackwardImpl(alt.name, frozenset(reads + grad_reads), time_us))
+                workspace = sum(tensors[record.role_names[r]].nbytes for r in kind.workspace_roles(alt.name))
+                if workspace:  # written once and read once more
+                    time_us = self.roofline.time_us(flops, read_bytes + grad_bytes + out_bytes + 2 * workspace, dtype, matmul)
+                impls.append(BackwardImpl(alt.name, frozenset(reads + grad_reads), time_us, workspace))
             bops.append(BackwardOp(f"{record.name}.{step.name}", tuple(outs), tuple(impls), record.name))
         return bops
 
@@ -391,6 +396,12 @@ def _rms_norm_binding(group):
     return kind_for("_fused_rms_norm"), Binding(inputs, outputs, attrs)
 
 
+def _cross_entropy_binding(group: FusedCrossEntropy):
+    """A folded ``_log_softmax`` + ``nll_loss_forward`` as the catalogue's ``cross_entropy``."""
+    kind = CATALOGUE["cross_entropy"]
+    return kind, kind.binding(group.x, group.target, 0, 1, 2, group.reduction, group.ignore_index, tuple(group.x.meta["val"].shape))
+
+
 def _short_kind(packet: str) -> str:
     """``nll_loss_forward`` -> ``nll_loss``, ``_unsafe_index`` -> ``unsafe_index``."""
     name = packet.lstrip("_")
@@ -408,6 +419,8 @@ def _flops(record: OpRecord) -> float:
     flops = node_flops(comp.target, args, kwargs, val)
     y = val if isinstance(val, torch.Tensor) else next(v for v in val if isinstance(v, torch.Tensor))
     fpe = record.kind.flops_per_element if record.kind is not None else 1.0
+    if record.kind is not None and record.kind.name == "cross_entropy":  # per element of the logits
+        return record.binding.inputs["x"].meta["val"].numel() * record.kind.flops_per_element
     if record.kind is not None and record.kind.name == "sdpa":
         q, k = args[0], args[1]
         flops = 4.0 * q.numel() * k.shape[-2]
