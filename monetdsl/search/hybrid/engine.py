@@ -61,6 +61,10 @@ HEURISTICS_MAX_FORWARD_OPS = 250
 #: share of the time limit spent on the first block menus (targeted solves and the
 #: refinement share the rest)
 MENU_SHARE = 0.35
+#: the chain DP's kernel: numpy (vectorised over memory) fills the same table as the numba
+#: loops 1.3-1.4x faster on 70-90 blocks and as fast on 7-16 (benchmarks/results/hybrid_dp.md);
+#: ``options={"dp_backend": "numba"}`` selects the compiled loops
+DP_BACKEND = "numpy"
 #: share of the remaining time the local search gets when the refinement MILP follows
 POLISH_SHARE = 0.3
 #: schedules the local search starts from (the best distinct ones found)
@@ -125,7 +129,7 @@ class _Search:
         self.unit = ChainModel.unit_for(span, self.slots)
         self.problem = chain.problem(self.unit, self.slots)
         t = time.perf_counter()
-        self.table = solve_chain(self.problem, ctx.options.get("dp_backend", "numba"))
+        self.table = solve_chain(self.problem, ctx.options.get("dp_backend", DP_BACKEND))
         self.dp_seconds = time.perf_counter() - t
         self.probes: dict[int, tuple[Schedule, Simulation, float, int] | None] = {}
 
@@ -317,7 +321,7 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
         if not fresh_requests:
             break
         menus = extend_menus(fresh_requests, menus, time_budget=0.5 * remaining * (1 - refine_reserve), cache=cache, workers=workers)
-    details["dp"] = {"backend": options.get("dp_backend", "numba"), "rounds": rounds}
+    details["dp"] = {"backend": options.get("dp_backend", DP_BACKEND), "rounds": rounds}
     details["menu_milp_solves"] = sum(menus[f].milp_solves for f in kinds)
     details["menu_options"] = sum(len(menus[f].options) for f in kinds)
     details["dp"]["last_probes"] = [
