@@ -159,7 +159,7 @@ def _budget(spec, fraction: float) -> int:
 def test_hybrid_schedules_replay_within_the_budget_and_beat_the_heuristics(which):
     spec = _stack(*which)
     budget = _budget(spec, 0.35)
-    result = solve(spec, "hybrid", memory_budget=budget, time_limit=20, options={"target_ops": 7, "refine": False})
+    result = solve(spec, "hybrid", memory_budget=budget, time_limit=8, options={"target_ops": 7, "refine": False})
     assert result.success and result.simulation.ok  # solve() replayed it in the simulator
     assert result.simulation.peak_bytes <= budget
     assert result.details["blocks"] > 1
@@ -176,7 +176,7 @@ def test_identical_blocks_are_solved_once_and_menus_are_cached():
     network = spec.network
     constraints = resolve_constraints(network, spec.constraints, memory_budget=_budget(spec, 0.4))
     baseline = no_recompute_compute_us(network, cheapest_impls(network))
-    ctx = SearchContext("r6.monet", spec.fingerprint, baseline, "compute", 20.0, {"target_ops": 7, "refine": False, "rounds": 0})
+    ctx = SearchContext("r6.monet", spec.fingerprint, baseline, "compute", 20.0, {"target_ops": 7, "refine": False, "rounds": 0, "polish": False})
     cache = MenuCache()
     first = run_hybrid(network, constraints, ctx, cache=cache)
     assert first.details["blocks"] == 6 and first.details["block_kinds"] < 6
@@ -192,7 +192,7 @@ def test_hybrid_on_a_small_network_is_within_two_percent_of_the_exact_optimum():
     exact = solve(spec, "milp", memory_budget=budget, time_limit=60)
     assert exact.status == "optimal"
     # a generous limit: the block menus are complete long before it, even on a loaded machine
-    hybrid = solve(spec, "hybrid", memory_budget=budget, time_limit=90, options={"target_ops": 7, "refine": False})
+    hybrid = solve(spec, "hybrid", memory_budget=budget, time_limit=90, options={"target_ops": 7, "refine": False, "kicks": 5})
     assert hybrid.details["blocks"] == 3
     assert exact.simulation.compute_us <= hybrid.simulation.compute_us + 1e-6
     assert hybrid.simulation.compute_us <= 1.02 * exact.simulation.compute_us
@@ -226,15 +226,15 @@ def test_refinement_proves_the_optimum_on_a_small_network():
 def test_hybrid_infeasible_budget_reports_a_feasible_one():
     spec = _stack("resnet", 3)
     low = solve(spec, "recompute-all").simulation.peak_bytes
-    result = solve(spec, "hybrid", memory_budget=low // 3, time_limit=20, options={"refine": False})
+    result = solve(spec, "hybrid", memory_budget=low // 3, time_limit=8, options={"refine": False})
     assert result.status == "infeasible" and not result.success
     assert result.min_feasible_budget is not None and result.min_feasible_budget > low // 3
-    assert solve(spec, "hybrid", memory_budget=result.min_feasible_budget, time_limit=20, options={"refine": False}).success
+    assert solve(spec, "hybrid", memory_budget=result.min_feasible_budget, time_limit=8, options={"refine": False}).success
 
 
 def test_hybrid_minimum_memory_under_an_overhead_cap():
     spec = _stack("resnet", 3)
-    result = solve(spec, "hybrid", max_overhead=0.3, time_limit=20, options={"refine": False})
+    result = solve(spec, "hybrid", max_overhead=0.3, time_limit=8, options={"refine": False})
     assert result.success and result.simulation.overhead <= 0.3 + 1e-9
     assert result.simulation.peak_bytes < solve(spec, "store-all").simulation.peak_bytes
     assert result.lower_bound <= result.simulation.peak_bytes

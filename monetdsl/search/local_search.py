@@ -22,7 +22,8 @@ such schedules from the DP's:
 Every candidate is rebuilt with :func:`schedule_from_carry` and replayed by the simulator;
 a move is taken only when the replay is valid, within the constraints, and better
 (compute then peak, or peak then compute with the memory objective). The search is
-first-improvement hill climbing within a deadline.
+first-improvement hill climbing, then iterated: random kicks of a few moves followed by
+climbing again, until the deadline (seeded, so a run is repeatable on an idle machine).
 
     >>> from monetdsl.grammar.parser import parse_spec
     >>> from monetdsl.search.baselines import recompute_all
@@ -45,6 +46,7 @@ first-improvement hill climbing within a deadline.
 from __future__ import annotations
 
 import itertools
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -59,6 +61,13 @@ __all__ = ["improve", "LocalSearchResult", "carry_of"]
 
 #: how many producer steps back a swap looks for a replacement tensor
 SWAP_DEPTH = 3
+#: random moves in one kick of the iterated local search
+KICK_MOVES = 2
+#: moves a kick draws from (the first ones generated) and tries at most
+KICK_POOL = 2000
+KICK_TRIES = 40
+#: the iterated search stops after this many kicks in a row that found nothing better
+STALE_KICKS = 40
 
 
 @dataclass
@@ -69,6 +78,7 @@ class LocalSearchResult:
     simulation: Simulation
     moves: list[str] = field(default_factory=list)
     evaluations: int = 0
+    kicks: int = 0
     seconds: float = 0.0
 
 
@@ -215,6 +225,59 @@ class _Search:
                     yield f"impl {op.name} = {name}", new_impls, plan
 
 
+def kicks_left(done: int, limit: int | None) -> bool:
+    return limit is None or done < limit
+
+
+def _moves(search: _Search, schedule: Schedule):
+    """Every move from ``schedule``, lazily, cheapest kinds first."""
+    network = search.network
+    plan = carry_of(network, schedule)
+    impls = {op.name: schedule.impls.get(op.name, op.impls[0].name) for op in (*network.forward_ops, *network.backward_ops)}
+    return impls, itertools.chain(  # lazily: on 1,000 ops a pass may not finish before the deadline
+        search.carry_on(schedule, plan),
+        search.hold_longer(schedule, plan),
+        search.swaps(schedule, plan, impls),
+        search.repicks(impls, plan),
+    )
+
+
+def _climb(search: _Search, best: tuple[Schedule, Simulation], moves_taken: list[str]) -> tuple[Schedule, Simulation]:
+    """First-improvement hill climbing from ``best`` until no move helps or time is up."""
+    improved = True
+    while improved and time.perf_counter() < search.deadline:
+        improved = False
+        impls, moves = _moves(search, best[0])
+        for description, new_impls, new_plan in moves:
+            if time.perf_counter() >= search.deadline:
+                break
+            found = search.build(new_impls if new_impls is not None else impls, new_plan)
+            if found is not None and search.key(found[1]) < search.key(best[1]):
+                best = found
+                moves_taken.append(description)
+                improved = True
+                break
+    return best
+
+
+def _kick(search: _Search, start: tuple[Schedule, Simulation], rng: random.Random, count: int):
+    """``start`` after ``count`` random valid moves (better or not), or None if none is valid."""
+    current, taken = start, []
+    for _ in range(count):
+        impls, moves = _moves(search, current[0])
+        pool = list(itertools.islice(moves, KICK_POOL))
+        rng.shuffle(pool)
+        for description, new_impls, new_plan in pool[:KICK_TRIES]:
+            found = search.build(new_impls if new_impls is not None else impls, new_plan)
+            if found is not None and search.key(found[1]) != search.key(current[1]):
+                current = found
+                taken.append(description)
+                break
+        if time.perf_counter() >= search.deadline:
+            break
+    return (current, taken) if taken else (None, taken)
+
+
 def improve(
     network: Network,
     schedule: Schedule,
@@ -223,8 +286,14 @@ def improve(
     baseline_us: float,
     time_limit: float,
     objective: str = "compute",
+    seed: int = 0,
+    max_kicks: int | None = None,
 ) -> LocalSearchResult:
     """The best schedule the moves reach from ``schedule`` within ``time_limit`` seconds.
+
+    Hill climbing first; then, while time remains (at most ``max_kicks`` times, and until
+    :data:`STALE_KICKS` kicks in a row found nothing better), the best schedule is kicked
+    by :data:`KICK_MOVES` random valid moves and climbed again.
 
     ``schedule`` must replay validly; the result is never worse than it (it is returned
     unchanged when no move helps).
@@ -242,27 +311,24 @@ def improve(
     if not current_sim.ok:
         result.seconds = time.perf_counter() - begin
         return result
-    improved = True
-    while improved and time.perf_counter() < search.deadline:
-        improved = False
-        schedule_now = best[0]
-        plan = carry_of(network, schedule_now)
-        impls = {op.name: schedule_now.impls.get(op.name, op.impls[0].name) for op in (*network.forward_ops, *network.backward_ops)}
-        moves = itertools.chain(  # lazily: on 1,000 ops a pass may not finish before the deadline
-            search.carry_on(schedule_now, plan),
-            search.hold_longer(schedule_now, plan),
-            search.swaps(schedule_now, plan, impls),
-            search.repicks(impls, plan),
-        )
-        for description, new_impls, new_plan in moves:
-            if time.perf_counter() >= search.deadline:
-                break
-            found = search.build(new_impls if new_impls is not None else impls, new_plan)
-            if found is not None and search.key(found[1]) < search.key(best[1]):
-                best = found
-                result.moves.append(description)
-                improved = True
-                break
+    best = _climb(search, best, result.moves)
+    # iterated local search: kick the best schedule with a few random valid moves (worse
+    # ones too), climb again, keep the result when it is better; seeded, so repeatable
+    rng = random.Random(seed)
+    kicks = since_better = 0
+    while kicks_left(kicks, max_kicks) and since_better < STALE_KICKS and time.perf_counter() < search.deadline:
+        kicks += 1
+        since_better += 1
+        kicked, taken = _kick(search, best, rng, KICK_MOVES)
+        if kicked is None:
+            break
+        trail: list[str] = []
+        found = _climb(search, kicked, trail)
+        if search.key(found[1]) < search.key(best[1]):
+            best = found
+            since_better = 0
+            result.moves += [f"kick: {m}" for m in taken] + trail
+    result.kicks = kicks
     result.schedule, result.simulation = best
     result.evaluations = search.evaluations
     result.seconds = time.perf_counter() - begin

@@ -340,7 +340,8 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
             share = (deadline - time.perf_counter()) * (POLISH_SHARE if _fits_refinement(network, options) else 1.0) / (len(starts) - k)
             if share <= 0.2:
                 break
-            polished = improve(network, start[1], constraints, baseline_us=ctx.baseline_us, time_limit=share, objective=objective)
+            polished = improve(network, start[1], constraints, baseline_us=ctx.baseline_us, time_limit=share, objective=objective,
+                               max_kicks=options.get("kicks"))
             details["local_search"].append({"start": start[0], "from": _value(start[2], objective), "to": _value(polished.simulation, objective),
                                             "moves": len(polished.moves), "evaluations": polished.evaluations, "seconds": round(polished.seconds, 3)})
             if _value(polished.simulation, objective) < _value(run[2], objective) - 1e-9:
