@@ -74,7 +74,7 @@ def test_solved_schedules_down_to_the_minimum_budget(zoo):
     name, model, reference, x, trace = zoo
     network = trace.spec.network
     for budget in _budgets(trace.spec):
-        result = solve(trace.spec, memory_budget=budget, time_limit=10)
+        result = solve(trace.spec, memory_budget=budget, time_limit=10, options={"kicks": 3})
         assert result.success, result.message
         simulation = result.simulation
         live = []
@@ -101,7 +101,7 @@ def test_measured_peak_is_the_planned_peak(zoo):
     reduced = Reduced(model, shape)
     trace = trace_for_runtime(reduced, [x], optimizer="adam")
     for budget in _budgets(trace.spec):
-        result = solve(trace.spec, memory_budget=budget, time_limit=10)
+        result = solve(trace.spec, memory_budget=budget, time_limit=10, options={"kicks": 3})
         optimized = monetdsl.optimize(reduced, schedule=result.schedule)
         optimized.plan_for(x, trace=trace)
         measured = monetdsl.measure(optimized, x, probe="live", warmup=0)
