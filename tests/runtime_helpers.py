@@ -114,3 +114,50 @@ class Reduced(torch.nn.Module):
 
     def forward(self, *inputs):
         return (self.model(*inputs) * self.weights).sum()
+
+
+class StepPeaks:
+    """An executor observer that measures every step's own peak of live tensor bytes: a
+    :class:`~monetdsl.runtime.memory.LiveTensorProbe` active through the whole training
+    step, read right before each step (``live_before``) and after it (``peaks``, the peak
+    since the step began)."""
+
+    def __init__(self, network: Network):
+        from monetdsl.runtime.memory import LiveTensorProbe
+
+        self.network = network
+        self.probe = LiveTensorProbe()
+        self.live_before: list[int] = []
+        self.peaks: list[int] = []
+        self.steps: list = []
+
+    def before_step(self, planned, env) -> None:
+        self.probe.reset_peak()
+        self.live_before.append(self.probe.live)
+
+    def __call__(self, planned, env) -> None:
+        self.peaks.append(self.probe.peak)
+        self.steps.append(planned)
+
+    @property
+    def increments(self) -> list[int]:
+        """Each step's peak above the live bytes at its start."""
+        return [p - b for p, b in zip(self.peaks, self.live_before)]
+
+
+def measured_step_peaks(optimized, x, network: Network) -> StepPeaks:
+    """Run one training step of ``optimized`` (whose output is a scalar loss) on ``x``, with
+    parameter gradients allocated beforehand (fixed memory in the plan), observing every
+    step's peak of live tensor bytes (above the memory at the start of the training step)."""
+    observer = StepPeaks(network)
+    optimized._observe = observer
+    for p in optimized.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    observer.probe.start()
+    try:
+        optimized(x).backward()
+    finally:
+        observer.probe.stop()
+        optimized._observe = None
+    return observer

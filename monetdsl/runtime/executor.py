@@ -160,12 +160,15 @@ class Executor:
     """Runs a :class:`StepPlan`. ``fixed`` supplies parameters, buffers and inputs by name.
 
     ``observe(step, env)``, when given, is called after every step (tests compare the
-    live IR bytes with the simulator's)."""
+    live IR bytes with the simulator's); when it has a ``before_step`` method, that is
+    called with the same arguments right before the step runs, after the releases that
+    precede it (tests measure each step's own peak between the two calls)."""
 
     def __init__(self, network: Network, plan: StepPlan, observe: Callable | None = None):
         self.network = network
         self.plan = plan
         self.observe = observe
+        self.before = getattr(observe, "before_step", None)
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, fixed: dict) -> StepState:
@@ -191,6 +194,8 @@ class Executor:
                 continue
             for name in planned.release_before:
                 env.pop(name, None)
+            if self.before is not None:
+                self.before(planned, env)
             step = planned.step
             values = [env[n] if n in env else fixed[n] for n in step.reads]
             results = step.fn(*values)
@@ -222,6 +227,8 @@ class Executor:
     def _run(self, planned: PlannedStep, env: dict, fixed: dict) -> None:
         for name in planned.release_before:
             env.pop(name, None)
+        if self.before is not None:
+            self.before(planned, env)
         step = planned.step
         values = [env[n] if n in env else fixed[n] for n in step.reads]
         results = step.fn(*values)

@@ -318,7 +318,9 @@ def attention_backward_from_probs(grad: Tensor, q: Tensor, k: Tensor, v: Tensor,
 
 @attention_backward_from_probs.register_fake
 def _(grad, q, k, v, probs, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # matrix products: contiguous results, whatever the layout of q, k and v (the layout
+    # matters to what follows: the gradient adapter of a q/k/v split copies a transposed one)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 # ---------------------------------------------------------------------------- CUDA (numba)

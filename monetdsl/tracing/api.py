@@ -136,8 +136,9 @@ def trace_model(
     if loss == "output":
         built.network = strip_loss_ops(built.network)
         built.never_recompute = [n for n in built.never_recompute if built.network.has_op(n)]
+    built.network.fixed = fixed_items(model, optimizer)
+    built.network = _with_workspaces(built)
     network = built.network
-    network.fixed = fixed_items(model, optimizer)
     cost_model = roofline.describe()
     if profile:
         from .profile import profile_network
@@ -159,6 +160,18 @@ def trace_model(
     result = TraceResult(spec, built, cost_model, captured.seconds, time.perf_counter() - start, header)
     spec.source = result.text()
     return result
+
+
+def _with_workspaces(built: BuiltNetwork) -> Network:
+    """The network with every implementation's workspace: the temporaries its runtime step
+    allocates, measured on FakeTensors (:mod:`monetdsl.runtime.workspace`); a step that
+    cannot run on FakeTensors keeps workspace 0 and a note says so."""
+    from ..runtime.workspace import measure_workspaces
+
+    report = measure_workspaces(built)
+    built.notes.extend(report.notes)
+    built.workspace = report
+    return report.network
 
 
 def strip_loss_ops(network: Network) -> Network:

@@ -69,6 +69,8 @@ class BuiltNetwork:
     #: runtime needs to replay the captured calls (views are re-derived from their owners)
     facts: JointFacts | None = None
     value_names: dict = field(default_factory=dict)
+    #: what measuring every implementation's workspace found (monetdsl.runtime.workspace)
+    workspace: object | None = None
 
 
 def _val(node: fx.Node):
