@@ -75,7 +75,7 @@ def test_solved_schedules_down_to_the_minimum_budget(zoo):
     name, model, reference, x, trace = zoo
     network = trace.spec.network
     for budget in _budgets(trace.spec):
-        result = solve(trace.spec, memory_budget=budget, time_limit=10, options={"kicks": 3})
+        result = solve(trace.spec, memory_budget=budget, time_limit=4, options={"kicks": 3, "refine": False})
         assert result.success, result.message
         simulation = result.simulation
         live = []
@@ -113,7 +113,7 @@ def test_measured_peak_is_the_planned_peak(zoo):
     name, model, reference, x, _ = zoo
     reduced, trace = _reduced(zoo)
     for budget in _budgets(trace.spec):
-        result = solve(trace.spec, memory_budget=budget, time_limit=10, options={"kicks": 3})
+        result = solve(trace.spec, memory_budget=budget, time_limit=4, options={"kicks": 3, "refine": False})
         optimized = monetdsl.optimize(reduced, schedule=result.schedule)
         optimized.plan_for(x, trace=trace)
         measured = monetdsl.measure(optimized, x, probe="live", warmup=0)
@@ -135,7 +135,7 @@ def test_every_step_peaks_as_planned(zoo):
     smallest = min(solve(spec, m).simulation.peak_bytes for m in ("recompute-all", "chen-sqrt"))
     schedules = [schedule_with(spec, first_impls(network), keep=keep) for keep in ("all", "none")]
     for budget in (smallest, smallest + (smallest - network.fixed_bytes) // 10):
-        result = solve(spec, "hybrid", memory_budget=budget)
+        result = solve(spec, "hybrid", memory_budget=budget, time_limit=4, options={"kicks": 3, "refine": False})
         if result.success:
             schedules.append(result.schedule)
     assert len(schedules) >= 3, name
