@@ -29,52 +29,21 @@ sees them: their outputs only.
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from ..ir import ForwardOp, Network
+from .memory import StorageCounter
 from .program import _backward_step, _forward_step, _OpLowering
 
 __all__ = ["StorageTracker", "WorkspaceReport", "measure_workspaces", "step_workspace"]
 
 
-class StorageTracker(TorchDispatchMode):
-    """Counts the bytes of storages created inside the ``with`` block while they live
-    (real or fake tensors; a storage an op returns that one of its inputs already had is
-    not new: in-place ops and views allocate nothing)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._tracked: dict[int, int] = {}
-
-    def _forget(self, key: int) -> None:
-        nbytes = self._tracked.pop(key, None)
-        if nbytes is not None:
-            self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key = storage._cdata
-            if key in self._tracked or key in inputs:
-                continue
-            nbytes = storage.nbytes()
-            self._tracked[key] = nbytes
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._forget, key)
-        return out
+class StorageTracker(StorageCounter):
+    """Counts new storages while they live, fake ones included (keyed by the storage
+    object, since fake storages have no data pointer)."""
 
 
 def step_workspace(fn, make_values, planned_bytes: int) -> tuple[int, tuple, int]:
