@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import monetdsl  # noqa: E402
 from monetdsl.graph import index  # noqa: E402
 from monetdsl.models.bench import GPTLike, ResNet18Like  # noqa: E402
-from monetdsl.runtime.memory import AllocatorProbe, LiveTensorProbe  # noqa: E402
+from monetdsl.runtime.memory import AllocatorProbe, CudaProbe, LiveTensorProbe  # noqa: E402
 from monetdsl.runtime.plan import trace_for_runtime  # noqa: E402
 from monetdsl.search import solve  # noqa: E402
 from monetdsl.search.schedule_builder import build_schedule  # noqa: E402
@@ -53,15 +53,21 @@ from monetdsl.search.simulator import simulate  # noqa: E402
 from monetdsl.units import human_bytes  # noqa: E402
 
 
-def make(which: str):
+def make(which: str, device: str = "cpu", batch: int | None = None):
+    """The model and a batch on ``device``; batch 4 (GPT) / 8 (ResNet) unless given."""
     torch.manual_seed(0)
     if which == "gpt":
-        model = GPTLike()
-        inputs = (torch.randint(0, 8192, (4, 256)), torch.randint(0, 8192, (4, 256)))
+        model, b = GPTLike(), batch or 4
+        inputs = (torch.randint(0, 8192, (b, 256)), torch.randint(0, 8192, (b, 256)))
     else:
-        model = ResNet18Like()
-        inputs = (torch.randn(8, 3, 64, 64), torch.randint(0, 100, (8,)))
-    return model.train(), inputs
+        model, b = ResNet18Like(), batch or 8
+        inputs = (torch.randn(b, 3, 64, 64), torch.randint(0, 100, (b,)))
+    return model.train().to(device), tuple(t.to(device) for t in inputs)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 class PerBlockCheckpoint(torch.nn.Module):
@@ -202,6 +208,12 @@ def measure_peak(module, inputs, probe_cls):
     return probe.stop()
 
 
+def probes_for(device: str):
+    """Live tensor bytes (what the memory model models), then every byte: the counting CPU
+    allocator, or ``torch.cuda.max_memory_allocated`` on a GPU."""
+    return (LiveTensorProbe, CudaProbe if device.startswith("cuda") else AllocatorProbe)
+
+
 def planned_ratios(network, schedules) -> dict[str, float]:
     """Planned compute of each schedule on ``network``'s costs, over the store-all schedule's
     (PyTorch's implementations): the simulator's prediction of the measured time ratio."""
@@ -209,8 +221,10 @@ def planned_ratios(network, schedules) -> dict[str, float]:
     return {name: simulate(network, schedule).compute_us / base for name, (schedule, _) in schedules.items()}
 
 
-def run(which: str, rounds: int, solver_seconds: float = 60.0, profile: bool = False) -> tuple[list[str], dict]:
-    model, inputs = make(which)
+def run(which: str, rounds: int, solver_seconds: float = 60.0, profile: bool = False, device: str = "cpu",
+        batch: int | None = None) -> tuple[list[str], dict]:
+    model, inputs = make(which, device, batch)
+    live_probe, all_probe = probes_for(device)
     trace, schedules, notes = monetdsl_schedules(model, inputs, solver_seconds)
     planned = {"roofline": planned_ratios(trace.spec.network, schedules)}
     if profile:
@@ -225,11 +239,11 @@ def run(which: str, rounds: int, solver_seconds: float = 60.0, profile: bool = F
     for name in strategies:
         if name == "checkpoint every block":
             wrapped = PerBlockCheckpoint(model)
-            memory[name] = (measure_peak(wrapped, inputs, LiveTensorProbe), measure_peak(wrapped, inputs, AllocatorProbe))
+            memory[name] = (measure_peak(wrapped, inputs, live_probe), measure_peak(wrapped, inputs, all_probe))
             wrapped.restore()
         else:
             module = strategies[name]
-            memory[name] = (measure_peak(module, inputs, LiveTensorProbe), measure_peak(module, inputs, AllocatorProbe))
+            memory[name] = (measure_peak(module, inputs, live_probe), measure_peak(module, inputs, all_probe))
     times = {name: [] for name in strategies}
     for _ in range(rounds + 1):
         for name in strategies:
@@ -237,29 +251,31 @@ def run(which: str, rounds: int, solver_seconds: float = 60.0, profile: bool = F
             module = wrapped or strategies[name]
             for p in model.parameters():
                 p.grad = None
+            synchronize(device)
             start = time.perf_counter()
             step(module, inputs)
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
             if wrapped is not None:
                 wrapped.restore()
     med = {name: statistics.median(v[1:]) for name, v in times.items()}
     eager_live, eager_alloc = memory["eager"]
     costs = list(planned)
-    rows = ["| strategy | planned peak above fixed | measured (live tensors) | measured / planned | measured (allocator) | peak vs eager (live) | step s | time vs eager | "
+    every = "max_memory_allocated" if device.startswith("cuda") else "allocator"
+    rows = [f"| strategy | planned peak above fixed | measured (live tensors) | measured / planned | measured ({every}) | {every} / planned | peak vs eager (live) | step s | time vs eager | "
             + " | ".join(f"planned time ({c})" for c in costs) + " |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(costs)]
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(costs)]
     summary = {}
     for name in strategies:
         live, alloc = memory[name]
-        peak = ""
-        ratio = ""
+        peak = ratio = ratio_all = ""
         if name in schedules:
             sim = schedules[name][1]
             p = sim.peak_bytes - sim.fixed_bytes
             peak = human_bytes(p)
-            ratio = f"{live / p:.4f}"
+            ratio, ratio_all = f"{live / p:.4f}", f"{alloc / p:.4f}"
         times_planned = " | ".join(f"x{planned[c][name]:.2f}" if name in schedules else "" for c in costs)
-        rows.append(f"| {name} | {peak} | {human_bytes(live)} | {ratio} | {human_bytes(alloc)} | {live / eager_live:.1%} |"
+        rows.append(f"| {name} | {peak} | {human_bytes(live)} | {ratio} | {human_bytes(alloc)} | {ratio_all} | {live / eager_live:.1%} |"
                     f" {med[name]:.3f} | x{med[name] / med['eager']:.2f} | {times_planned} |")
         summary[name] = (live, med[name] / med["eager"])
     rows.extend(["", *(f"* {n}" for n in notes)] if notes else [])
@@ -272,13 +288,19 @@ def main(argv=None) -> int:
     parser.add_argument("--model", choices=["gpt", "resnet", "both"], default="both")
     parser.add_argument("--solver-seconds", type=float, default=60.0, help="time limit of each solver row (0: no solver rows)")
     parser.add_argument("--profile", action="store_true", help="also give the planned time on costs timed on this machine")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the cost model follows: CPU roofline or the GPU's preset)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: 4 sequences for the GPT, 8 images for the ResNet)")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda"):
+        print(f"GPU: {torch.cuda.get_device_name()}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{datetime.date.today()}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__},"
           f" {torch.get_num_threads()} threads, load average {load:.1f} at start; {args.rounds} interleaved rounds, medians")
     for which in (["gpt", "resnet"] if args.model == "both" else [args.model]):
-        rows, _ = run(which, args.rounds, args.solver_seconds, args.profile)
-        print(f"\n### {'GPT-2-like decoder, 4 x 256 tokens' if which == 'gpt' else 'ResNet-18-like CNN, 8 x 3 x 64 x 64'}\n")
+        rows, _ = run(which, args.rounds, args.solver_seconds, args.profile, args.device, args.batch)
+        batch = args.batch or (4 if which == "gpt" else 8)
+        title = f"GPT-2-like decoder, {batch} x 256 tokens" if which == "gpt" else f"ResNet-18-like CNN, {batch} x 3 x 64 x 64"
+        print(f"\n### {title} ({args.device})\n")
         print("\n".join(rows))
     return 0
 

@@ -1,11 +1,16 @@
 """Shared test set-up.
 
-``NUMBA_ENABLE_CUDASIM`` must be set before numba is imported anywhere, so that the CUDA
-kernels run on numba's simulator on machines without a GPU.
+``NUMBA_ENABLE_CUDASIM`` must be set before numba is imported anywhere: on a machine
+without a GPU the CUDA kernels run on numba's simulator (tests/test_runtime_kernels.py);
+on one with a GPU they run for real (tests/test_runtime_cuda.py). Set the variable
+yourself to choose.
 """
 import os
 
-os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+if "NUMBA_ENABLE_CUDASIM" not in os.environ:
+    import torch
+
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "0" if torch.cuda.is_available() else "1"
 
 from pathlib import Path  # noqa: E402
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from numba import cuda
+from numba import cuda, uint8
 
 __all__ = [
     "grid_for",
@@ -52,35 +52,36 @@ def _simulating() -> bool:
 
 # ------------------------------------------------------------------------------ bit masks
 @cuda.jit
-def _pack_bits(flags, out, n):
-    start = cuda.grid(1)
-    stride = cuda.gridsize(1)
-    for k in range(start, out.shape[0], stride):
-        value = 0
-        base = 8 * k
-        for j in range(8):
-            i = base + j
-            if i < n and flags[i] != 0:
-                value |= 1 << j
-        out[k] = value
-
-
-@cuda.jit
 def _region_bits(x, out, n, low, high):
     """Bit i set when low < x[i] < high: the linear region of ReLU (0, inf), LeakyReLU
-    (0, inf) and hardtanh (min, max)."""
-    start = cuda.grid(1)
-    stride = cuda.gridsize(1)
-    for k in range(start, out.shape[0], stride):
-        value = 0
-        base = 8 * k
-        for j in range(8):
-            i = base + j
-            if i < n:
-                v = x[i]
-                if v > low and v < high:
-                    value |= 1 << j
-        out[k] = value
+    (0, inf) and hardtanh (min, max); on 0/1 bytes with (0, inf), the packing of a mask.
+
+    A block takes a tile of ``blockDim`` consecutive elements per turn: every thread reads
+    one element (coalesced loads; a thread reading eight neighbours would stride the
+    warp's loads by eight) and marks it in shared memory, then the first eighth of the
+    threads each write one byte of eight marks. The loop's trip count is the same for
+    every thread of a block, so the barriers inside it are safe. ``blockDim`` must be a
+    multiple of 8 and at most :data:`THREADS`.
+    """
+    marks = cuda.shared.array(THREADS, dtype=uint8)
+    tid = cuda.threadIdx.x
+    tile = cuda.blockDim.x
+    for base in range(cuda.blockIdx.x * tile, n, cuda.gridDim.x * tile):
+        i = base + tid
+        mark = 0
+        if i < n:
+            v = x[i]
+            if v > low and v < high:
+                mark = 1
+        marks[tid] = mark
+        cuda.syncthreads()
+        k = base // 8 + tid
+        if tid < tile // 8 and k < out.shape[0]:
+            value = 0
+            for j in range(8):
+                value |= marks[8 * tid + j] << j
+            out[k] = value
+        cuda.syncthreads()
 
 
 @cuda.jit
@@ -206,7 +207,6 @@ def _indices_from_window(window, out, n, out_h, out_w, width, sh, sw, ph, pw, dh
 
 #: every kernel, for the PTX compilation check
 KERNELS = {
-    "pack_bits": _pack_bits,
     "region_bits": _region_bits,
     "unpack_bits": _unpack_bits,
     "masked_grad": _masked_grad,
@@ -230,11 +230,12 @@ def _launch(kernel, n: int, stream, *args, threads: int = THREADS):
 
 def launch_pack_bits(flags, out, n: int, stream=None) -> None:
     """``flags``: n bytes (0 or not); ``out``: ceil(n/8) bytes."""
-    _launch(_pack_bits, out.shape[0], stream, flags, out, n)
+    launch_region_bits(flags, out, n, 0.0, math.inf, stream)
 
 
 def launch_region_bits(x, out, n: int, low: float, high: float, stream=None) -> None:
-    _launch(_region_bits, out.shape[0], stream, x, out, n, low, high)
+    """``x``: n elements; ``out``: ceil(n/8) bytes."""
+    _launch(_region_bits, n, stream, x, out, n, low, high)
 
 
 def launch_unpack_bits(bits, out, n: int, stream=None) -> None:

@@ -93,14 +93,19 @@ def _(bits, shape):
     return bits.new_empty(tuple(shape), dtype=torch.bool)
 
 
-@torch.library.custom_op(f"{_NS}::region_bits", mutates_args=())
-def region_bits(x: Tensor, low: float, high: float) -> Tensor:
-    """1-bit mask of ``low < x < high``: where a ReLU (``0, inf``), a LeakyReLU or a
-    hardtanh (``min, max``) is in its linear region."""
+def _region_bits_torch(x: Tensor, low: float, high: float) -> Tensor:
+    """The torch formula of :func:`region_bits`: the CPU implementation, and the GPU one for dtypes numba cannot index."""
     region = x > low
     if not math.isinf(high):
         region &= x < high
     return _pack_cpu(region)
+
+
+@torch.library.custom_op(f"{_NS}::region_bits", mutates_args=())
+def region_bits(x: Tensor, low: float, high: float) -> Tensor:
+    """1-bit mask of ``low < x < high``: where a ReLU (``0, inf``), a LeakyReLU or a
+    hardtanh (``min, max``) is in its linear region."""
+    return _region_bits_torch(x, low, high)
 
 
 @region_bits.register_fake
@@ -108,14 +113,19 @@ def _(x, low, high):
     return x.new_empty((x.numel() + 7) // 8, dtype=torch.uint8)
 
 
-@torch.library.custom_op(f"{_NS}::masked_grad", mutates_args=())
-def masked_grad(grad: Tensor, bits: Tensor, slope: float) -> Tensor:
-    """The ReLU-family backward from a 1-bit mask: ``grad`` where the bit is set,
-    ``grad * slope`` (0 for ReLU and hardtanh) elsewhere."""
+def _masked_grad_torch(grad: Tensor, bits: Tensor, slope: float) -> Tensor:
+    """The torch formula of :func:`masked_grad`: the CPU implementation, and the GPU one for dtypes numba cannot index."""
     region = _unpack_cpu(bits, grad.numel()).reshape(grad.shape)
     if slope == 0.0:
         return torch.where(region, grad, 0.0)
     return torch.where(region, grad, grad * slope)
+
+
+@torch.library.custom_op(f"{_NS}::masked_grad", mutates_args=())
+def masked_grad(grad: Tensor, bits: Tensor, slope: float) -> Tensor:
+    """The ReLU-family backward from a 1-bit mask: ``grad`` where the bit is set,
+    ``grad * slope`` (0 for ReLU and hardtanh) elsewhere."""
+    return _masked_grad_torch(grad, bits, slope)
 
 
 @masked_grad.register_fake
@@ -123,9 +133,8 @@ def _(grad, bits, slope):
     return torch.empty_like(grad)
 
 
-@torch.library.custom_op(f"{_NS}::masked_grad_", mutates_args=("grad",))
-def masked_grad_(grad: Tensor, bits: Tensor, slope: float) -> None:
-    """:func:`masked_grad` written into ``grad`` (when the incoming gradient dies here)."""
+def _masked_grad_inplace_torch(grad: Tensor, bits: Tensor, slope: float) -> None:
+    """The torch formula of :func:`masked_grad_`: the CPU implementation, and the GPU one for dtypes numba cannot index."""
     outside = ~_unpack_cpu(bits, grad.numel()).reshape(grad.shape)
     if slope == 0.0:
         grad.masked_fill_(outside, 0.0)
@@ -133,11 +142,22 @@ def masked_grad_(grad: Tensor, bits: Tensor, slope: float) -> None:
         grad.copy_(torch.where(outside, grad * slope, grad))
 
 
+@torch.library.custom_op(f"{_NS}::masked_grad_", mutates_args=("grad",))
+def masked_grad_(grad: Tensor, bits: Tensor, slope: float) -> None:
+    """:func:`masked_grad` written into ``grad`` (when the incoming gradient dies here)."""
+    _masked_grad_inplace_torch(grad, bits, slope)
+
+
+def _apply_bits_torch(x: Tensor, bits: Tensor, scale: float) -> Tensor:
+    """The torch formula of :func:`apply_bits`: the CPU implementation, and the GPU one for dtypes numba cannot index."""
+    return _masked_scale(x, _unpack_cpu(bits, x.numel()).reshape(x.shape), scale)
+
+
 @torch.library.custom_op(f"{_NS}::apply_bits", mutates_args=())
 def apply_bits(x: Tensor, bits: Tensor, scale: float) -> Tensor:
     """Dropout with a kept 1-bit mask: ``x * mask * scale`` (as ``native_dropout``
     computes it, so a recomputation equals the first forward bit for bit)."""
-    return _masked_scale(x, _unpack_cpu(bits, x.numel()).reshape(x.shape), scale)
+    return _apply_bits_torch(x, bits, scale)
 
 
 @apply_bits.register_fake
@@ -145,11 +165,9 @@ def _(x, bits, scale):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op(f"{_NS}::bn_backward_from_output", mutates_args=())
-def bn_backward_from_output(grad: Tensor, y: Tensor, invstd: Tensor, weight: Optional[Tensor],
-                            bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Batch-norm backward from its output (In-Place ABN): x_hat = (y - beta) / gamma.
-    Returns (grad x, grad gamma, grad beta); gamma must have no zero."""
+def _bn_backward_from_output_torch(grad: Tensor, y: Tensor, invstd: Tensor, weight: Optional[Tensor],
+                                   bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """The torch formula of :func:`bn_backward_from_output`: the CPU implementation, and the GPU one for dtypes numba cannot index."""
     shape = [1, grad.shape[1]] + [1] * (grad.dim() - 2)
     dims = [0] + list(range(2, grad.dim()))
     xhat = y if bias is None else y - bias.reshape(shape)
@@ -161,6 +179,14 @@ def bn_backward_from_output(grad: Tensor, y: Tensor, invstd: Tensor, weight: Opt
     scale = invstd if weight is None else invstd * weight
     dx = scale.reshape(shape) * (grad - sum_g.reshape(shape) / count - xhat * sum_gx.reshape(shape) / count)
     return dx, sum_gx, sum_g
+
+
+@torch.library.custom_op(f"{_NS}::bn_backward_from_output", mutates_args=())
+def bn_backward_from_output(grad: Tensor, y: Tensor, invstd: Tensor, weight: Optional[Tensor],
+                            bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Batch-norm backward from its output (In-Place ABN): x_hat = (y - beta) / gamma.
+    Returns (grad x, grad gamma, grad beta); gamma must have no zero."""
+    return _bn_backward_from_output_torch(grad, y, invstd, weight, bias)
 
 
 @bn_backward_from_output.register_fake
@@ -336,6 +362,14 @@ def _stream(t: Tensor):
     return cuda.external_stream(torch.cuda.current_stream(t.device).cuda_stream)
 
 
+#: dtypes numba.cuda can index through ``__cuda_array_interface__`` (not bfloat16)
+_NUMBA_DTYPES = {torch.float16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int64, torch.bool}
+
+
+def _numba_can_run(*tensors) -> bool:
+    return all(t is None or t.dtype in _NUMBA_DTYPES for t in tensors)
+
+
 def _flat_bytes(t: Tensor) -> Tensor:
     flat = t.detach().contiguous().reshape(-1)
     return flat.view(torch.uint8) if flat.dtype == torch.bool else flat
@@ -365,26 +399,37 @@ def _(bits, shape):
 def _(x, low, high):
     from . import kernels
 
+    if not _numba_can_run(x):
+        return _region_bits_torch(x, low, high)
     flat = x.detach().contiguous().reshape(-1)
     out = torch.empty((flat.numel() + 7) // 8, dtype=torch.uint8, device=x.device)
     kernels.launch_region_bits(_device_array(flat), _device_array(out), flat.numel(), float(low), float(high), _stream(out))
     return out
 
 
+def _elementwise_with_bits(launch, x: Tensor, bits: Tensor, scalar: float) -> Tensor:
+    """The body both "an element and its bit" ops share: a fresh output shaped like ``x``."""
+    flat = x.detach().contiguous().reshape(-1)
+    out = torch.empty_like(flat)
+    launch(_device_array(flat), _device_array(bits.contiguous()), _device_array(out), flat.numel(), float(scalar), _stream(out))
+    return out.reshape(x.shape)
+
+
 @masked_grad.register_kernel("cuda")
 def _(grad, bits, slope):
     from . import kernels
 
-    flat = grad.detach().contiguous().reshape(-1)
-    out = torch.empty_like(flat)
-    kernels.launch_masked_grad(_device_array(flat), _device_array(bits), _device_array(out), flat.numel(), float(slope), _stream(out))
-    return out.reshape(grad.shape)
+    if not _numba_can_run(grad):
+        return _masked_grad_torch(grad, bits, slope)
+    return _elementwise_with_bits(kernels.launch_masked_grad, grad, bits, slope)
 
 
 @masked_grad_.register_kernel("cuda")
 def _(grad, bits, slope):
     from . import kernels
 
+    if not _numba_can_run(grad):
+        return _masked_grad_inplace_torch(grad, bits, slope)
     if not grad.is_contiguous():
         raise ValueError("masked_grad_ needs a contiguous gradient")
     kernels.launch_masked_grad_inplace(_device_array(grad.reshape(-1)), _device_array(bits), grad.numel(), float(slope), _stream(grad))
@@ -394,16 +439,17 @@ def _(grad, bits, slope):
 def _(x, bits, scale):
     from . import kernels
 
-    flat = x.detach().contiguous().reshape(-1)
-    out = torch.empty_like(flat)
-    kernels.launch_apply_bits(_device_array(flat), _device_array(bits), _device_array(out), flat.numel(), float(scale), _stream(out))
-    return out.reshape(x.shape)
+    if not _numba_can_run(x):
+        return _apply_bits_torch(x, bits, scale)
+    return _elementwise_with_bits(kernels.launch_apply_bits, x, bits, scale)
 
 
 @bn_backward_from_output.register_kernel("cuda")
 def _(grad, y, invstd, weight, bias):
     from . import kernels
 
+    if not _numba_can_run(grad, y, invstd, weight, bias):
+        return _bn_backward_from_output_torch(grad, y, invstd, weight, bias)
     g = grad.detach().contiguous()
     yy = y.detach().contiguous()
     c = g.shape[1]
@@ -417,31 +463,32 @@ def _(grad, y, invstd, weight, bias):
     return out, sums[1].to(g.dtype), sums[0].to(g.dtype)
 
 
+def _convert_pool_positions(launch, t: Tensor, dtype: torch.dtype, kernel, stride, padding, dilation, in_shape) -> Tensor:
+    """The body both max-pool index conversions share: ``t`` re-encoded as ``dtype``."""
+    flat = t.detach().contiguous().reshape(-1)
+    out = torch.empty(flat.numel(), dtype=dtype, device=t.device)
+    attrs = _pool_attrs(kernel, stride, padding, dilation, in_shape, t.shape)
+    launch(_device_array(flat), _device_array(out), flat.numel(), attrs, _stream(out))
+    return out.reshape(t.shape)
+
+
 @window_from_indices.register_kernel("cuda")
 def _(indices, kernel, stride, padding, dilation, in_shape):
     from . import kernels
 
-    flat = indices.detach().contiguous().reshape(-1)
-    out = torch.empty(flat.numel(), dtype=torch.int8, device=indices.device)
-    attrs = _pool_attrs(kernel, stride, padding, dilation, in_shape, indices.shape)
-    kernels.launch_window_from_indices(_device_array(flat), _device_array(out), flat.numel(), attrs, _stream(out))
-    return out.reshape(indices.shape)
+    return _convert_pool_positions(kernels.launch_window_from_indices, indices, torch.int8, kernel, stride, padding, dilation, in_shape)
 
 
 @indices_from_window.register_kernel("cuda")
 def _(window, kernel, stride, padding, dilation, in_shape):
     from . import kernels
 
-    flat = window.detach().contiguous().reshape(-1)
-    out = torch.empty(flat.numel(), dtype=torch.int64, device=window.device)
-    attrs = _pool_attrs(kernel, stride, padding, dilation, in_shape, window.shape)
-    kernels.launch_indices_from_window(_device_array(flat), _device_array(out), flat.numel(), attrs, _stream(out))
-    return out.reshape(window.shape)
+    return _convert_pool_positions(kernels.launch_indices_from_window, window, torch.int64, kernel, stride, padding, dilation, in_shape)
 
 
 #: op name -> kernels it launches on CUDA
 CUDA_OPS = {
-    "pack_bits": ("pack_bits",),
+    "pack_bits": ("region_bits",),
     "unpack_bits": ("unpack_bits",),
     "region_bits": ("region_bits",),
     "masked_grad": ("masked_grad",),
