@@ -133,15 +133,15 @@ from numba import cuda, types
 from monetdsl.runtime import kernels
 u8, i8, i64, f32, f64 = types.uint8[:], types.int8[:], types.int64[:], types.float32[:], types.float64[:]
 sigs = {
-    "region_bits": (f32, u8, types.int64, types.float64, types.float64),
-    "unpack_bits": (u8, u8, types.int64), "masked_grad": (f32, u8, f32, types.int64, types.float64),
-    "masked_grad_inplace": (f32, u8, types.int64, types.float64), "apply_bits": (f32, u8, f32, types.int64, types.float64),
+    "region_bits": (f32, u8, types.int64, types.float32, types.float32),
+    "unpack_bits": (u8, u8, types.int64), "masked_grad": (f32, u8, f32, types.int64, types.float32),
+    "masked_grad_inplace": (f32, u8, types.int64, types.float32), "apply_bits": (f32, u8, f32, types.int64, types.float32),
     "bn_channel_sums": (f32, f32, f32, f32, types.float64[:, :], types.int64, types.int64, types.int64, types.boolean, types.boolean),
     "bn_dx": (f32, f32, f32, f32, f32, types.float64[:, :], f32, types.int64, types.int64, types.int64, types.float64, types.boolean, types.boolean),
     "window_from_indices": (i64, i8) + (types.int64,) * 11, "indices_from_window": (i8, i64) + (types.int64,) * 11,
 }
 assert set(sigs) == set(kernels.KERNELS), set(kernels.KERNELS) ^ set(sigs)
-sigs["region_bits (packing 0/1 bytes)"] = (u8, u8, types.int64, types.float64, types.float64)
+sigs["region_bits (packing 0/1 bytes)"] = (u8, u8, types.int64, types.float32, types.float32)
 for name, sig in sigs.items():
     ptx, _ = cuda.compile_ptx(kernels.KERNELS[name.split(" ")[0]].py_func, sig, cc=(9, 0))
     assert ".target sm_90" in ptx, name

@@ -8,6 +8,10 @@ No warp intrinsics are used (the simulator has none).
 Bit layout: bit ``j`` of byte ``k`` holds element ``8k + j`` of the flattened tensor
 (``numpy.packbits(bitorder="little")``), as :mod:`monetdsl.catalogue.packing` packs it.
 
+Scalars (slopes, scales, region bounds) are passed as float32, as eager PyTorch's CUDA
+kernels hold them (``opmath``), so a recomputed dropout or a LeakyReLU backward rounds
+exactly as eager's.
+
 Launchers take arrays numba can index (device arrays from
 ``numba.cuda.as_cuda_array(tensor.detach())`` on a GPU, numpy arrays in the simulator)
 and an optional stream; :mod:`monetdsl.runtime.ops` calls them for CUDA tensors.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from numba import cuda, uint8
 
 __all__ = [
@@ -235,7 +240,7 @@ def launch_pack_bits(flags, out, n: int, stream=None) -> None:
 
 def launch_region_bits(x, out, n: int, low: float, high: float, stream=None) -> None:
     """``x``: n elements; ``out``: ceil(n/8) bytes."""
-    _launch(_region_bits, n, stream, x, out, n, low, high)
+    _launch(_region_bits, n, stream, x, out, n, np.float32(low), np.float32(high))
 
 
 def launch_unpack_bits(bits, out, n: int, stream=None) -> None:
@@ -243,15 +248,15 @@ def launch_unpack_bits(bits, out, n: int, stream=None) -> None:
 
 
 def launch_masked_grad(grad, bits, out, n: int, slope: float, stream=None) -> None:
-    _launch(_masked_grad, n, stream, grad, bits, out, n, slope)
+    _launch(_masked_grad, n, stream, grad, bits, out, n, np.float32(slope))
 
 
 def launch_masked_grad_inplace(grad, bits, n: int, slope: float, stream=None) -> None:
-    _launch(_masked_grad_inplace, n, stream, grad, bits, n, slope)
+    _launch(_masked_grad_inplace, n, stream, grad, bits, n, np.float32(slope))
 
 
 def launch_apply_bits(x, bits, out, n: int, scale: float, stream=None) -> None:
-    _launch(_apply_bits, n, stream, x, bits, out, n, scale)
+    _launch(_apply_bits, n, stream, x, bits, out, n, np.float32(scale))
 
 
 def launch_bn_backward_from_output(grad, y, weight, bias, invstd, sums, out, shape, stream=None) -> None:
