@@ -18,6 +18,7 @@ included). Medians of ``--repeats``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -84,15 +85,17 @@ def cases(n: int):
     out_u8 = torch.empty(n, dtype=torch.uint8, device="cuda")
     stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
     arr = cuda.as_cuda_array
-    xa, ga, ma, ba = arr(x), arr(g), arr(mask.view(torch.uint8)), arr(bits)
-    oba, ofa, oua = arr(out_bits), arr(out_f), arr(out_u8)
+    xa, ga, ba = arr(x), arr(g), arr(bits)
+    oba, ofa = arr(out_bits), arr(out_f)
     scale = 1 / 0.7
     y = torch.relu(x)
-    yield ("pack_bits (bool mask -> bits)", n + nb, lambda: kernels.launch_pack_bits(ma, oba, n, stream),
+    words = arr(mask.view(torch.uint8).view(torch.int64))
+    yield ("pack_bits (bool mask -> bits)", n + nb, lambda: kernels.launch_pack_words(words, oba, stream),
            lambda: mops.pack_bits(mask), None)
     yield ("region_bits (ReLU mask of float32 x)", 4 * n + nb, lambda: kernels.launch_region_bits(xa, oba, n, 0.0, float("inf"), stream),
            lambda: mops.region_bits(x, 0.0, float("inf")), ("x > 0 (bool mask)", 4 * n + n, lambda: torch.gt(x, 0)))
-    yield ("unpack_bits", nb + n, lambda: kernels.launch_unpack_bits(ba, oua, n, stream),
+    out_words = arr(out_u8.view(torch.int64))
+    yield ("unpack_bits", nb + n, lambda: kernels.launch_unpack_words(ba, out_words, stream),
            lambda: mops.unpack_bits(bits, [n]), None)
     yield ("masked_grad (ReLU backward from bits)", 4 * n + nb + 4 * n, lambda: kernels.launch_masked_grad(ga, ba, ofa, n, 0.0, stream),
            lambda: mops.masked_grad(g, bits, 0.0), ("threshold_backward (from the output)", 12 * n, lambda: torch.ops.aten.threshold_backward(g, y, 0)))
@@ -116,13 +119,27 @@ def cases(n: int):
            lambda: mops.bn_backward_from_output(gb, yb, invstd, w, b),
            ("native_batch_norm_backward (from the input)", 12 * m, lambda: torch.ops.aten.native_batch_norm_backward(
                gb, xin, w, None, None, mean, invstd, True, 1e-5, [True, True, True])))
-    pooled = torch.randn(16, 64, 112, 112, device="cuda")
+
+
+def pool_cases():
+    """The max-pool index conversions on a 64 x 128 x 112 x 112 input (3 x 3, stride 2)."""
+    from numba import cuda
+
+    arr = cuda.as_cuda_array
+    stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
+    pooled = torch.randn(64, 128, 112, 112, device="cuda")
     _, indices = torch.ops.aten.max_pool2d_with_indices(pooled, [3, 3], [2, 2], [1, 1], [1, 1])
-    args = ([3, 3], [2, 2], [1, 1], [1, 1], list(pooled.shape))
+    del pooled
+    args = ([3, 3], [2, 2], [1, 1], [1, 1], [64, 128, 112, 112])
+    attrs = ops._pool_attrs(*args[:4], args[4], indices.shape)
     k = indices.numel()
     window = mops.window_from_indices(indices, *args)
-    yield (f"window_from_indices (int64 -> int8, {k / 1e6:.0f}M)", 9 * k, None, lambda: mops.window_from_indices(indices, *args), None)
-    yield (f"indices_from_window (int8 -> int64, {k / 1e6:.0f}M)", 9 * k, None, lambda: mops.indices_from_window(window, *args), None)
+    back = torch.empty_like(indices)
+    ia, wa, bka = arr(indices.view(-1)), arr(window.view(-1)), arr(back.view(-1))
+    yield (f"window_from_indices (int64 -> int8, {k / 1e6:.0f}M)", 9 * k, lambda: kernels.launch_window_from_indices(ia, wa, k, attrs, stream),
+           lambda: mops.window_from_indices(indices, *args), None)
+    yield (f"indices_from_window (int8 -> int64, {k / 1e6:.0f}M)", 9 * k, lambda: kernels.launch_indices_from_window(wa, bka, k, attrs, stream),
+           lambda: mops.indices_from_window(window, *args), None)
 
 
 def main(argv=None) -> int:
@@ -147,7 +164,7 @@ def main(argv=None) -> int:
              + (f" = {copy / sheet:.0%} of the datasheet's {sheet / 1e9:,.0f} GB/s" if sheet else ""), "",
              "| kernel | bytes moved | kernel GB/s | of copy | of datasheet | op (one call) GB/s | torch equivalent | its GB/s | kernel vs torch time |",
              "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
-    for label, moved, kernel, op, torch_eq in cases(n):
+    for label, moved, kernel, op, torch_eq in itertools.chain(cases(n), pool_cases()):
         t_op = gpu_seconds(op, args.repeats)
         t_kernel = gpu_seconds(kernel, args.repeats, args.launches) if kernel else None
         rate = moved / (t_kernel or t_op)

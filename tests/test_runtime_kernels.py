@@ -38,6 +38,19 @@ def test_pack_and_unpack_bits(n):
     assert torch.equal(torch.from_numpy(back).bool(), mask)
 
 
+@pytest.mark.parametrize("n", [8, 64, 136])
+def test_pack_and_unpack_as_words(n):
+    """Masks whose length is a multiple of 8: eight flags per int64 word."""
+    torch.manual_seed(n)
+    mask = torch.rand(n) > 0.4
+    out = np.zeros(n // 8, dtype=np.uint8)
+    kernels.launch_pack_words(_np(mask.to(torch.uint8)).view(np.int64), out)
+    assert torch.equal(torch.from_numpy(out), mops.pack_bits(mask))
+    words = np.zeros(n // 8, dtype=np.int64)
+    kernels.launch_unpack_words(out, words)
+    assert torch.equal(torch.from_numpy(words.view(np.uint8)).bool(), mask)
+
+
 @pytest.mark.parametrize("low, high", [(0.0, float("inf")), (0.0, 6.0), (-1.0, 1.0)])
 def test_region_bits_is_the_relu_family_mask(low, high):
     x = torch.randn(53) * 4
@@ -133,7 +146,7 @@ from numba import cuda, types
 from monetdsl.runtime import kernels
 u8, i8, i64, f32, f64 = types.uint8[:], types.int8[:], types.int64[:], types.float32[:], types.float64[:]
 sigs = {
-    "region_bits": (f32, u8, types.int64, types.float32, types.float32),
+    "region_bits": (f32, u8, types.int64, types.float32, types.float32), "pack_words": (i64, u8), "unpack_words": (u8, i64),
     "unpack_bits": (u8, u8, types.int64), "masked_grad": (f32, u8, f32, types.int64, types.float32),
     "masked_grad_inplace": (f32, u8, types.int64, types.float32), "apply_bits": (f32, u8, f32, types.int64, types.float32),
     "bn_channel_sums": (f32, f32, f32, f32, types.float64[:, :], types.int64, types.int64, types.int64, types.boolean, types.boolean),

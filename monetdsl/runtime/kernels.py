@@ -38,6 +38,8 @@ __all__ = [
 ]
 
 THREADS = 256
+#: shared-memory marks of one tile of :func:`_region_bits` (a constant numba can size by)
+TILE_MARKS = 8 * THREADS
 
 
 def grid_for(n: int, threads: int = THREADS) -> tuple[int, int]:
@@ -61,32 +63,63 @@ def _region_bits(x, out, n, low, high):
     """Bit i set when low < x[i] < high: the linear region of ReLU (0, inf), LeakyReLU
     (0, inf) and hardtanh (min, max); on 0/1 bytes with (0, inf), the packing of a mask.
 
-    A block takes a tile of ``blockDim`` consecutive elements per turn: every thread reads
-    one element (coalesced loads; a thread reading eight neighbours would stride the
-    warp's loads by eight) and marks it in shared memory, then the first eighth of the
-    threads each write one byte of eight marks. The loop's trip count is the same for
-    every thread of a block, so the barriers inside it are safe. ``blockDim`` must be a
-    multiple of 8 and at most :data:`THREADS`.
+    A block takes a tile of ``8 * blockDim`` consecutive elements per turn: each thread
+    reads eight elements ``blockDim`` apart (every load coalesced; a thread reading eight
+    neighbours would stride the warp's loads by eight) and marks them in shared memory,
+    then each thread writes one byte of eight neighbouring marks. The loop's trip count
+    is the same for every thread of a block, so the barriers inside it are safe.
+    ``blockDim`` must be at most :data:`THREADS`.
     """
-    marks = cuda.shared.array(THREADS, dtype=uint8)
+    marks = cuda.shared.array(TILE_MARKS, dtype=uint8)
     tid = cuda.threadIdx.x
-    tile = cuda.blockDim.x
+    threads = cuda.blockDim.x
+    tile = 8 * threads
     for base in range(cuda.blockIdx.x * tile, n, cuda.gridDim.x * tile):
-        i = base + tid
-        mark = 0
-        if i < n:
-            v = x[i]
-            if v > low and v < high:
-                mark = 1
-        marks[tid] = mark
+        for j in range(8):
+            local = j * threads + tid
+            i = base + local
+            mark = 0
+            if i < n:
+                v = x[i]
+                if v > low and v < high:
+                    mark = 1
+            marks[local] = mark
         cuda.syncthreads()
         k = base // 8 + tid
-        if tid < tile // 8 and k < out.shape[0]:
+        if k < out.shape[0]:
             value = 0
             for j in range(8):
                 value |= marks[8 * tid + j] << j
             out[k] = value
         cuda.syncthreads()
+
+
+@cuda.jit
+def _pack_words(words, out):
+    """A 0/1 byte mask read as int64 words, eight flags each: byte k of the packed mask
+    from word k (one 8-byte load and one byte store per thread)."""
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for k in range(start, out.shape[0], stride):
+        w = words[k]
+        value = 0
+        for j in range(8):
+            if (w >> (8 * j)) & 0xFF:
+                value |= 1 << j
+        out[k] = value
+
+
+@cuda.jit
+def _unpack_words(bits, words):
+    """The inverse of :func:`_pack_words`: word k holds the eight 0/1 bytes of byte k."""
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for k in range(start, words.shape[0], stride):
+        b = int(bits[k])  # widened before shifting into the upper bytes
+        value = 0
+        for j in range(8):
+            value |= ((b >> j) & 1) << (8 * j)
+        words[k] = value
 
 
 @cuda.jit
@@ -136,50 +169,61 @@ def _apply_bits(x, bits, out, n, scale):
 # --------------------------------------------------------------- batch norm from its output
 @cuda.jit
 def _bn_channel_sums(grad, y, weight, bias, sums, n_outer, channels, inner, has_weight, has_bias):
-    """Per channel c (one block each, grid-stride over blocks): sum(g) and sum(g * x_hat)
-    with x_hat = (y - beta) / gamma, reduced in shared memory."""
-    acc_g = cuda.shared.array(256, dtype="float64")
-    acc_gx = cuda.shared.array(256, dtype="float64")
+    """Per channel c: sum(g) and sum(g * x_hat) with x_hat = (y - beta) / gamma, added
+    into ``sums`` (zero on entry). The grid is ``channels * parts`` blocks: block b sums
+    channel ``b % channels`` over every ``parts``-th batch slice from ``b // channels``
+    (rows of ``inner`` contiguous elements: no index division), reduces in shared memory
+    and adds its two totals atomically; several blocks per channel keep the GPU busy
+    when the channels are few."""
+    acc_g = cuda.shared.array(THREADS, dtype="float64")
+    acc_gx = cuda.shared.array(THREADS, dtype="float64")
     tid = cuda.threadIdx.x
     threads = cuda.blockDim.x
-    per_channel = n_outer * inner
-    for c in range(cuda.blockIdx.x, channels, cuda.gridDim.x):
-        w = weight[c] if has_weight else 1.0
-        b = bias[c] if has_bias else 0.0
-        s_g = 0.0
-        s_gx = 0.0
-        for j in range(tid, per_channel, threads):
-            i = (j // inner) * channels * inner + c * inner + (j % inner)
-            g = grad[i]
-            xhat = (y[i] - b) / w
+    parts = cuda.gridDim.x // channels
+    c = cuda.blockIdx.x % channels
+    part = cuda.blockIdx.x // channels
+    w = weight[c] if has_weight else 1.0
+    b = bias[c] if has_bias else 0.0
+    s_g = 0.0
+    s_gx = 0.0
+    for nn in range(part, n_outer, parts):
+        row = (nn * channels + c) * inner
+        for j in range(tid, inner, threads):
+            g = grad[row + j]
             s_g += g
-            s_gx += g * xhat
-        acc_g[tid] = s_g
-        acc_gx[tid] = s_gx
+            s_gx += g * ((y[row + j] - b) / w)
+    acc_g[tid] = s_g
+    acc_gx[tid] = s_gx
+    cuda.syncthreads()
+    step = threads // 2
+    while step > 0:
+        if tid < step:
+            acc_g[tid] += acc_g[tid + step]
+            acc_gx[tid] += acc_gx[tid + step]
         cuda.syncthreads()
-        step = threads // 2
-        while step > 0:
-            if tid < step:
-                acc_g[tid] += acc_g[tid + step]
-                acc_gx[tid] += acc_gx[tid + step]
-            cuda.syncthreads()
-            step //= 2
-        if tid == 0:
-            sums[0, c] = acc_g[0]
-            sums[1, c] = acc_gx[0]
-        cuda.syncthreads()
+        step //= 2
+    if tid == 0:
+        cuda.atomic.add(sums, (0, c), acc_g[0])
+        cuda.atomic.add(sums, (1, c), acc_gx[0])
 
 
 @cuda.jit
-def _bn_dx(grad, y, weight, bias, invstd, sums, out, n, channels, inner, count, has_weight, has_bias):
-    start = cuda.grid(1)
-    stride = cuda.gridsize(1)
-    for i in range(start, n, stride):
-        c = (i // inner) % channels
+def _bn_dx(grad, y, weight, bias, invstd, sums, out, rows, channels, inner, count, has_weight, has_bias):
+    """One (batch, channel) row of ``inner`` contiguous elements per block turn: the
+    channel's constants once per row, no index division per element."""
+    tid = cuda.threadIdx.x
+    threads = cuda.blockDim.x
+    for row in range(cuda.blockIdx.x, rows, cuda.gridDim.x):
+        c = row % channels
         w = weight[c] if has_weight else 1.0
         b = bias[c] if has_bias else 0.0
-        xhat = (y[i] - b) / w
-        out[i] = invstd[c] * w * (grad[i] - sums[0, c] / count - xhat * sums[1, c] / count)
+        scale = invstd[c] * w
+        mean_g = sums[0, c] / count
+        mean_gx = sums[1, c] / count
+        base = row * inner
+        for j in range(tid, inner, threads):
+            i = base + j
+            out[i] = scale * (grad[i] - mean_g - ((y[i] - b) / w) * mean_gx)
 
 
 # ------------------------------------------------------------------- compact max-pool indices
@@ -212,6 +256,8 @@ def _indices_from_window(window, out, n, out_h, out_w, width, sh, sw, ph, pw, dh
 
 #: every kernel, for the PTX compilation check
 KERNELS = {
+    "pack_words": _pack_words,
+    "unpack_words": _unpack_words,
     "region_bits": _region_bits,
     "unpack_bits": _unpack_bits,
     "masked_grad": _masked_grad,
@@ -238,13 +284,23 @@ def launch_pack_bits(flags, out, n: int, stream=None) -> None:
     launch_region_bits(flags, out, n, 0.0, math.inf, stream)
 
 
+def launch_pack_words(words, out, stream=None) -> None:
+    """``words``: a 0/1 byte mask of 8 * len(out) bytes viewed as int64; ``out``: its bits."""
+    _launch(_pack_words, out.shape[0], stream, words, out)
+
+
 def launch_region_bits(x, out, n: int, low: float, high: float, stream=None) -> None:
     """``x``: n elements; ``out``: ceil(n/8) bytes."""
-    _launch(_region_bits, n, stream, x, out, n, np.float32(low), np.float32(high))
+    _launch(_region_bits, (n + 7) // 8, stream, x, out, n, np.float32(low), np.float32(high))
 
 
 def launch_unpack_bits(bits, out, n: int, stream=None) -> None:
     _launch(_unpack_bits, n, stream, bits, out, n)
+
+
+def launch_unpack_words(bits, words, stream=None) -> None:
+    """``words``: the 0/1 byte mask of 8 * len(bits) bytes, viewed as int64."""
+    _launch(_unpack_words, words.shape[0], stream, bits, words)
 
 
 def launch_masked_grad(grad, bits, out, n: int, slope: float, stream=None) -> None:
@@ -260,25 +316,26 @@ def launch_apply_bits(x, bits, out, n: int, scale: float, stream=None) -> None:
 
 
 def launch_bn_backward_from_output(grad, y, weight, bias, invstd, sums, out, shape, stream=None) -> None:
-    """``grad``, ``y``, ``out``: flat (N*C*S); ``sums``: a (2, C) float64 scratch array.
+    """``grad``, ``y``, ``out``: flat (N*C*S); ``sums``: a (2, C) float64 scratch array of zeros.
     ``weight``/``bias`` may be ``None`` (a one-element dummy is passed instead)."""
     n_outer, channels = int(shape[0]), int(shape[1])
     inner = 1
     for d in shape[2:]:
         inner *= int(d)
-    n = n_outer * channels * inner
     has_w, has_b = weight is not None, bias is not None
     w = weight if has_w else invstd
     b = bias if has_b else invstd
+    rows = n_outer * channels
     if _simulating():
-        blocks, tpb = 1, 8
-    else:
-        blocks, tpb = min(channels, 65535), THREADS
-    if stream is None:
-        _bn_channel_sums[blocks, tpb](grad, y, w, b, sums, n_outer, channels, inner, has_w, has_b)
-    else:
-        _bn_channel_sums[blocks, tpb, stream](grad, y, w, b, sums, n_outer, channels, inner, has_w, has_b)
-    _launch(_bn_dx, n, stream, grad, y, w, b, invstd, sums, out, n, channels, inner, float(n_outer * inner), has_w, has_b)
+        parts, tpb, row_blocks = min(n_outer, 2), 8, 1
+    else:  # about 2048 blocks for the sums; rows of threads sized to the rows' length
+        parts, tpb, row_blocks = max(1, min(n_outer, 2048 // channels)), min(THREADS, 32 * -(-inner // 32)), min(rows, 1 << 20)
+    for kernel, blocks, args in ((_bn_channel_sums, channels * parts, (grad, y, w, b, sums, n_outer, channels, inner, has_w, has_b)),
+                                 (_bn_dx, row_blocks, (grad, y, w, b, invstd, sums, out, rows, channels, inner, float(n_outer * inner), has_w, has_b))):
+        if stream is None:
+            kernel[blocks, tpb](*args)
+        else:
+            kernel[blocks, tpb, stream](*args)
 
 
 def _pool_args(attrs) -> tuple:

@@ -244,10 +244,13 @@ def dropout_seeded(x: Tensor, seed: Tensor, p: float) -> Tensor:
 
 
 def _masked_scale(x: Tensor, mask: Tensor, scale: float) -> Tensor:
-    """``x * mask * scale`` rounded as eager dropout rounds it (the mask is scaled in x's
-    dtype first; in single and double precision both orders round alike)."""
+    """``x * mask * scale`` rounded as eager dropout rounds it: on the CPU the mask is
+    scaled in x's dtype first (in single and double precision both orders round alike);
+    on a GPU half-precision inputs are computed in float32 and rounded once."""
     if x.dtype in (torch.float32, torch.float64):
         return x.mul(mask).mul_(scale)
+    if x.is_cuda:
+        return x.float().mul_(mask).mul_(scale).to(x.dtype)
     return x * (mask.to(x.dtype) * scale)
 
 
@@ -370,6 +373,13 @@ def _numba_can_run(*tensors) -> bool:
     return all(t is None or t.dtype in _NUMBA_DTYPES for t in tensors)
 
 
+def _as_words(flat: Tensor) -> Optional[Tensor]:
+    """A flat byte tensor as int64 words, when its length and address allow."""
+    if flat.numel() % 8 or flat.data_ptr() % 8:
+        return None
+    return flat.view(torch.int64)
+
+
 def _flat_bytes(t: Tensor) -> Tensor:
     flat = t.detach().contiguous().reshape(-1)
     return flat.view(torch.uint8) if flat.dtype == torch.bool else flat
@@ -381,7 +391,10 @@ def _(mask):
 
     flags = _flat_bytes(mask if mask.dtype in (torch.bool, torch.uint8) else mask != 0)
     out = torch.empty((flags.numel() + 7) // 8, dtype=torch.uint8, device=mask.device)
-    kernels.launch_pack_bits(_device_array(flags), _device_array(out), flags.numel(), _stream(out))
+    if _as_words(flags) is not None:  # eight flags per 8-byte load
+        kernels.launch_pack_words(_device_array(_as_words(flags)), _device_array(out), _stream(out))
+    else:
+        kernels.launch_pack_bits(_device_array(flags), _device_array(out), flags.numel(), _stream(out))
     return out
 
 
@@ -391,7 +404,10 @@ def _(bits, shape):
 
     n = _numel(shape)
     out = torch.empty(n, dtype=torch.uint8, device=bits.device)
-    kernels.launch_unpack_bits(_device_array(bits.contiguous()), _device_array(out), n, _stream(out))
+    if n % 8 == 0:  # eight flags per 8-byte store
+        kernels.launch_unpack_words(_device_array(bits.contiguous()), _device_array(out.view(torch.int64)), _stream(out))
+    else:
+        kernels.launch_unpack_bits(_device_array(bits.contiguous()), _device_array(out), n, _stream(out))
     return out.view(torch.bool).reshape(tuple(shape))
 
 
@@ -453,7 +469,7 @@ def _(grad, y, invstd, weight, bias):
     g = grad.detach().contiguous()
     yy = y.detach().contiguous()
     c = g.shape[1]
-    sums = torch.empty(2, c, dtype=torch.float64, device=g.device)
+    sums = torch.zeros(2, c, dtype=torch.float64, device=g.device)
     out = torch.empty_like(g)
     w = _device_array(weight.detach().contiguous()) if weight is not None else None
     b = _device_array(bias.detach().contiguous()) if bias is not None else None
@@ -488,8 +504,8 @@ def _(window, kernel, stride, padding, dilation, in_shape):
 
 #: op name -> kernels it launches on CUDA
 CUDA_OPS = {
-    "pack_bits": ("region_bits",),
-    "unpack_bits": ("unpack_bits",),
+    "pack_bits": ("pack_words", "region_bits"),
+    "unpack_bits": ("unpack_words", "unpack_bits"),
     "region_bits": ("region_bits",),
     "masked_grad": ("masked_grad",),
     "masked_grad_": ("masked_grad_inplace",),
