@@ -97,7 +97,7 @@ def test_dropout_from_bits_is_eager_dropout_on_the_gpu(n, dtype):
     assert torch.equal(mops.apply_bits(x, bits, 1 / 0.7), torch.ops.aten.native_dropout_backward(x, mask, 1 / 0.7))
 
 
-@pytest.mark.parametrize("shape", [(16, 64, 28, 28), (32, 512, 7, 7)])
+@pytest.mark.parametrize("shape", [(16, 64, 28, 28), (32, 512, 7, 7), (8, 96, 10, 15)])  # rows of 784, 49, 150
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("affine", [True, False])
 def test_batch_norm_backward_from_output_on_the_gpu(affine, dtype, shape):

@@ -328,8 +328,9 @@ def launch_bn_backward_from_output(grad, y, weight, bias, invstd, sums, out, sha
     rows = n_outer * channels
     if _simulating():
         parts, tpb, row_blocks = min(n_outer, 2), 8, 1
-    else:  # about 2048 blocks for the sums; rows of threads sized to the rows' length
-        parts, tpb, row_blocks = max(1, min(n_outer, 2048 // channels)), min(THREADS, 32 * -(-inner // 32)), min(rows, 1 << 20)
+    else:  # about 2048 blocks for the sums; blocks of threads sized to the rows' length, a
+        # power of two (the sums' tree reduction halves the block)
+        parts, tpb, row_blocks = max(1, min(n_outer, 2048 // channels)), min(THREADS, max(32, 1 << (inner - 1).bit_length())), min(rows, 1 << 20)
     for kernel, blocks, args in ((_bn_channel_sums, channels * parts, (grad, y, w, b, sums, n_outer, channels, inner, has_w, has_b)),
                                  (_bn_dx, row_blocks, (grad, y, w, b, invstd, sums, out, rows, channels, inner, float(n_outer * inner), has_w, has_b))):
         if stream is None:
