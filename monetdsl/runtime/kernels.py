@@ -1,8 +1,9 @@
 """numba.cuda kernels for the compact forms the catalogue offers, and their launchers.
 
-Every kernel is grid-stride (one loop over the elements however small the grid), so
-the same code runs a full-size grid on a GPU and a one-block grid under numba's CUDA
-simulator (``NUMBA_ENABLE_CUDASIM=1``), where each simulated thread is a Python thread.
+Every kernel loops grid-stride (over elements, tiles or rows, however small the grid), so
+the same code runs a full-size grid on a GPU and a tiny grid under numba's CUDA simulator
+(``NUMBA_ENABLE_CUDASIM=1``), where each simulated thread is a Python thread; the
+batch-norm sums take one block per channel and part, as their launcher sizes the grid.
 No warp intrinsics are used (the simulator has none).
 
 Bit layout: bit ``j`` of byte ``k`` holds element ``8k + j`` of the flattened tensor
@@ -26,8 +27,10 @@ from numba import cuda, uint8
 __all__ = [
     "grid_for",
     "launch_pack_bits",
+    "launch_pack_words",
     "launch_region_bits",
     "launch_unpack_bits",
+    "launch_unpack_words",
     "launch_masked_grad",
     "launch_masked_grad_inplace",
     "launch_apply_bits",
