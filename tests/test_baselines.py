@@ -131,3 +131,14 @@ def test_canonical_backward_order_respects_gradients():
                 for writer in index(spec.network).gradient_writers.get(read, ()):
                     assert position[writer] < position[bop.name]
     assert order[0] == "res2.backward" and order[-1] == "ln1.backward"
+
+
+def test_a_tensor_an_in_place_recomputation_destroys_is_not_promoted():
+    """Found by the random-network test: Chen's segments promoted ``t6`` from one stage to
+    a later one, but a stage in between recomputes ``op13``, whose chosen implementation
+    overwrites ``t6`` in place. Such a tensor is recomputed where it is read instead."""
+    path = Path(__file__).resolve().parent / "data" / "inplace_recompute_promotion.monet"
+    net = parse_spec(path.read_text(), str(path)).network
+    for name, method in METHODS.items():
+        sim = simulate(net, method(net, None, spec_path="x", fingerprint="0"))
+        assert sim.valid, (name, [e.message for e in sim.errors])

@@ -98,6 +98,9 @@ def _plan(network, impls, keep, promote, never, order):
         for name in reads_t:
             later_readers[name] = later_readers.get(name, 0) + 1
     carried = set(keep) | set(network.outputs)
+    # an in-place recomputation in a later stage would destroy a carried input: such
+    # tensors are recomputed where they are read instead of being promoted
+    overwritten = {op.impl(impls[op.name]).overwrites for op in network.forward_ops} - {None}
     must_keep: set[str] = set()
     stages = []
     for t, name in enumerate(order):
@@ -137,7 +140,7 @@ def _plan(network, impls, keep, promote, never, order):
             later_readers[reads_t_name] -= 1
         promoted: list[str] = []
         if promote != "none":
-            candidates = set(produced_here)
+            candidates = set(produced_here) - overwritten
             for tensor in sorted(candidates, key=lambda x: _tensor_position(idx, x)):
                 if tensors[tensor].kind is TensorKind.GRADIENT or tensor in carried:
                     continue
