@@ -59,3 +59,7 @@ def main(rank: int, world: int, port: str, result: str) -> None:
 
 if __name__ == "__main__":
     main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    # the verdict is in the result file; skip the interpreter's teardown, where gloo's
+    # background threads abort now and then after a finished run (about 1 run in 4 here)
+    sys.stdout.flush()
+    os._exit(0)
