@@ -36,6 +36,14 @@ def schedule_with(spec, impls: dict[str, str], keep: str | set = "all", promote:
     return schedule
 
 
+def budget_ladder(spec) -> list[int]:
+    """The store-all peak, the smallest peak the baseline methods reach, and halfway."""
+    from monetdsl.search import solve
+
+    peaks = sorted({solve(spec, m).simulation.peak_bytes for m in ("store-all", "chen-sqrt", "recompute-all")})
+    return [peaks[-1], (peaks[0] + peaks[-1]) // 2, peaks[0]]
+
+
 def eager_step(model, inputs, seed: int, loss=None):
     """Output and parameter gradients of one eager training step from RNG state ``seed``."""
     model.zero_grad(set_to_none=True)

@@ -28,7 +28,7 @@ from monetdsl.models import SmallCNN, TinyResNet, TinyUNet, tiny_gpt
 from monetdsl.runtime.ops import CUDA_OPS
 from monetdsl.runtime.plan import trace_for_runtime
 from monetdsl.search import solve
-from .runtime_helpers import Reduced, first_impls, patch_dropout, schedule_with, twins
+from .runtime_helpers import budget_ladder, Reduced, first_impls, patch_dropout, schedule_with, twins
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("NUMBA_ENABLE_CUDASIM") == "1",
                                 reason="needs a CUDA device (and numba running for real)")
@@ -155,11 +155,6 @@ def _step(model, x, seed):
     return out.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _budgets(spec) -> list[int]:
-    peaks = sorted({solve(spec, m).simulation.peak_bytes for m in ("store-all", "chen-sqrt", "recompute-all")})
-    return [peaks[-1], (peaks[0] + peaks[-1]) // 2, peaks[0]]
-
-
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_zoo_trains_on_the_gpu_as_eager(name):
     """PyTorch's implementations with nothing kept and solved schedules down to the
@@ -172,7 +167,7 @@ def test_zoo_trains_on_the_gpu_as_eager(name):
     trace = trace_for_runtime(model, [x], optimizer="adam")
     network = trace.spec.network
     schedules = [schedule_with(trace.spec, first_impls(network), keep="none")]
-    for budget in _budgets(trace.spec):
+    for budget in budget_ladder(trace.spec):
         result = solve(trace.spec, memory_budget=budget, time_limit=2, options={"kicks": 2, "refine": False})
         assert result.success, result.message
         schedules.append(result.schedule)
@@ -202,7 +197,7 @@ def test_zoo_peak_on_the_gpu_is_the_planned_peak(name, record_property):
     reduced = Reduced(model, shape).cuda()
     trace = trace_for_runtime(reduced, [x], optimizer="adam")
     network = trace.spec.network
-    for budget in _budgets(trace.spec):
+    for budget in budget_ladder(trace.spec):
         result = solve(trace.spec, memory_budget=budget, time_limit=2, options={"kicks": 2, "refine": False})
         optimized = monetdsl.optimize(reduced, schedule=result.schedule)
         optimized.plan_for(x, trace=trace)

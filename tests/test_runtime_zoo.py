@@ -18,7 +18,7 @@ from monetdsl.runtime.plan import trace_for_runtime
 from monetdsl.search import solve
 from monetdsl.search.simulator import simulate
 from monetdsl.search.baselines import chen_sqrt_checkpoints
-from .runtime_helpers import Reduced, eager_step, first_impls, measured_step_peaks, patch_dropout, schedule_with, twins
+from .runtime_helpers import budget_ladder, Reduced, eager_step, first_impls, measured_step_peaks, patch_dropout, schedule_with, twins
 
 ZOO = {
     "cnn": (SmallCNN, lambda: torch.randn(8, 3, 32, 32)),
@@ -64,17 +64,12 @@ def test_pytorch_implementations_are_exact(zoo, keep):
         assert n1 == n2 and torch.equal(b1, b2), n1  # running statistics updated exactly once
 
 
-def _budgets(spec) -> list[int]:
-    peaks = sorted({solve(spec, m).simulation.peak_bytes for m in ("store-all", "chen-sqrt", "recompute-all")})
-    return [peaks[-1], (peaks[0] + peaks[-1]) // 2, peaks[0]]
-
-
 def test_solved_schedules_down_to_the_minimum_budget(zoo):
     """Each schedule: gradients as eager's, the executor's live tensors after every step
     exactly the simulator's, and the measured peak (live tensor bytes) as planned."""
     name, model, reference, x, trace = zoo
     network = trace.spec.network
-    for budget in _budgets(trace.spec):
+    for budget in budget_ladder(trace.spec):
         result = solve(trace.spec, memory_budget=budget, time_limit=4, options={"kicks": 3, "refine": False})
         assert result.success, result.message
         simulation = result.simulation
@@ -112,7 +107,7 @@ def test_measured_peak_is_the_planned_peak(zoo):
     live tensor bytes is within 2 % of the simulator's, from store-all to the minimum."""
     name, model, reference, x, _ = zoo
     reduced, trace = _reduced(zoo)
-    for budget in _budgets(trace.spec):
+    for budget in budget_ladder(trace.spec):
         result = solve(trace.spec, memory_budget=budget, time_limit=4, options={"kicks": 3, "refine": False})
         optimized = monetdsl.optimize(reduced, schedule=result.schedule)
         optimized.plan_for(x, trace=trace)

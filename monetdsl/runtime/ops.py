@@ -391,8 +391,9 @@ def _(mask):
 
     flags = _flat_bytes(mask if mask.dtype in (torch.bool, torch.uint8) else mask != 0)
     out = torch.empty((flags.numel() + 7) // 8, dtype=torch.uint8, device=mask.device)
-    if _as_words(flags) is not None:  # eight flags per 8-byte load
-        kernels.launch_pack_words(_device_array(_as_words(flags)), _device_array(out), _stream(out))
+    words = _as_words(flags)
+    if words is not None:  # eight flags per 8-byte load
+        kernels.launch_pack_words(_device_array(words), _device_array(out), _stream(out))
     else:
         kernels.launch_pack_bits(_device_array(flags), _device_array(out), flags.numel(), _stream(out))
     return out
