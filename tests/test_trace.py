@@ -245,6 +245,31 @@ def test_profile_measures_every_implementation():
     assert all(i.time_us > 0 for op in measured.backward_ops for i in op.impls)
 
 
+
+def test_profile_times_the_steps_the_runtime_runs(monkeypatch):
+    """--profile times the runtime's step functions, not the catalogue's reference formulas:
+    an alternative made 20 ms slower in the runtime is 20 ms slower in the spec."""
+    import time
+
+    from monetdsl.runtime import alternatives
+
+    original = alternatives.BACKWARD[("layer_norm", "from_output")]
+
+    def slow(ctx, saved, grads):
+        time.sleep(0.02)
+        return original(ctx, saved, grads)
+
+    monkeypatch.setitem(alternatives.BACKWARD, ("layer_norm", "from_output"), slow)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Dropout(0.1), nn.Linear(16, 4))
+    result = trace_model(model, [(4, 8)], device="cpu", profile=True, repeats=1)
+    assert not [n for n in result.built.notes if "not profiled" in n]
+    ln = next(op for op in result.network.backward_ops if op.impl_names == ("from_input", "from_output"))
+    times = {i.name: i.time_us for i in ln.impls}
+    assert times["from_output"] >= 20_000 > times["from_input"]
+    # a recomputation that reads saved tensors (the dropout mask, the seed) is timed on its own
+    drop = next(op for op in result.network.forward_ops if "bool_mask" in op.impl_names)
+    assert all((i.recompute_time_us is not None) == bool(i.recompute_reads) for i in drop.impls)
+
 class _DataDependent(nn.Module):
     def __init__(self):
         super().__init__()

@@ -31,12 +31,18 @@ def cross_entropy_grad_from_log_probs(grad: torch.Tensor, lsm: torch.Tensor, tar
                                       reduction: int, ignore_index: int) -> torch.Tensor:
     """The logits' gradient of ``nll_loss(lsm, target)`` with ``lsm = log_softmax(logits, 1)``,
     written into one new tensor (``exp(lsm)``, then the targets' ones subtracted and every
-    row scaled in place)."""
+    row scaled in place).
+
+    On the CPU ``exp(lsm)`` is taken as ``softmax(lsm)`` (the same values, to an ulp: the
+    rows of ``exp(lsm)`` already sum to one): ``torch.exp`` of log-probabilities whose results
+    fall near the float underflow, which an untrained model's logits produce by the
+    thousand, takes a slow path 6-8x slower than the whole softmax (95 ms against 13 ms for
+    1024 x 8192 on this project's CPU); softmax's own vectorized exp does not."""
     valid = target != ignore_index
     rows = torch.arange(lsm.shape[0], device=lsm.device)
     scale = grad if reduction == 0 else (grad / total_weight if reduction == 1 else grad).expand(lsm.shape[0])
     scale = torch.where(valid, scale, torch.zeros((), dtype=scale.dtype, device=scale.device))
-    out = torch.exp(lsm)
+    out = torch.softmax(lsm, 1) if lsm.device.type == "cpu" else torch.exp(lsm)
     out.index_put_((rows, torch.where(valid, target, torch.zeros_like(target))), -valid.to(out.dtype), accumulate=True)
     return out.mul_(scale.unsqueeze(1))
 
