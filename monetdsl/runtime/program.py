@@ -275,7 +275,6 @@ def _backward_step(low: _OpLowering, bop, impl, *, first: bool) -> StepFn:
     writes = tuple(bop.outputs)
     wanted = _wanted_args(low, bop)
     adapters = _adapters(low, bop, wanted)
-    fop = low.network.op(bop.of)
     grad_outs = [k for k, name in enumerate(low.out_names) if grad_name(name) in impl.reads]
     kind = low.kind.name if low.kind is not None else None
     custom = backward_function(kind, impl.name, first) if kind is not None else None

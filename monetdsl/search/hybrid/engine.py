@@ -28,7 +28,6 @@ lower bound; it is exact only when the refinement MILP proves it.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -400,7 +399,6 @@ def _fits_refinement(network: Network, options: dict) -> bool:
 
 def _finish(network, constraints, ctx, run, candidates, details, deadline, begin) -> HybridRun:
     objective = ctx.objective
-    budget = constraints.memory_budget
     allowed = constraints.allowed_impls
     if objective == "memory":
         lower = float(peak_lower_bound(network, allowed))
@@ -503,9 +501,11 @@ def _no_schedule(network, constraints, ctx, candidates, details, deadline, lower
         what += f" within the overhead cap {cap:.2%}"
     if proved:
         what += f" (proved: every schedule needs at least {human_bytes(peak_lb)})"
-    if known is not None:
-        how = "exactly" if exact else f"at most (best found; every schedule needs at least {human_bytes(peak_lb)} ({peak_lb} B))"
-        what += f"; the minimum feasible budget is {how} {human_bytes(known)} ({known} B)"
+    if known is not None and exact:
+        what += f"; the minimum feasible budget is exactly {human_bytes(known)} ({known} B)"
+    elif known is not None:
+        what += (f"; the minimum feasible budget is between {human_bytes(peak_lb)} ({peak_lb} B, proved) and"
+                 f" {human_bytes(known)} ({known} B, the best schedule found)")
     hr.message = what
     hr.min_feasible_budget = known
     hr.min_feasible_budget_exact = exact

@@ -348,14 +348,18 @@ def _infeasible(network, constraints, ctx, pins, label, begin, details, candidat
         if constraints.max_overhead is not None:
             message += f" within the overhead cap {constraints.max_overhead:.2%}"
         return MethodOutcome(None, "infeasible", message, details=details)
-    what = "exactly" if found.exact else f"at most (the MILP proved at least {human_bytes(found.lower_bound or 0)})"
     budget = constraints.memory_budget
     message = (
         f"no schedule fits the budget {human_bytes(budget)} ({budget} B)" if budget is not None else "no schedule fits"
     )
     if constraints.max_overhead is not None:
         message += f" within the overhead cap {constraints.max_overhead:.2%}"
-    message += f"; the minimum feasible budget is {what} {human_bytes(found.bytes)} ({found.bytes} B)"
+    if found.exact:
+        message += f"; the minimum feasible budget is exactly {human_bytes(found.bytes)} ({found.bytes} B)"
+    else:
+        lower = found.lower_bound or 0
+        message += (f"; the minimum feasible budget is between {human_bytes(lower)} ({lower} B, proved) and"
+                    f" {human_bytes(found.bytes)} ({found.bytes} B, the best schedule found)")
     outcome = MethodOutcome(None, "infeasible", message, details=details)
     outcome.min_feasible_budget = found.bytes
     outcome.min_feasible_budget_exact = found.exact
