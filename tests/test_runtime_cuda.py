@@ -234,3 +234,14 @@ def test_autocast_bf16_on_the_gpu(factory, make_input):
     assert out1.dtype == torch.bfloat16 and torch.equal(out1, out2)
     for n in g2:  # bfloat16 gradients: GPU reductions round in their own order
         torch.testing.assert_close(g1[n], g2[n], rtol=2e-2, atol=2e-2 * g2[n].abs().max().item(), msg=n)
+
+
+def test_profile_times_every_step_on_the_gpu():
+    """``--profile`` on CUDA runs every implementation's runtime step (numba kernels
+    included) on the device: no step falls back to its roofline time."""
+    from monetdsl.tracing import trace_model
+
+    result = trace_model(SmallCNN(), [(4, 3, 32, 32)], device="cuda", profile=True, repeats=1)
+    assert result.cost_model.startswith("measured on")
+    assert not [n for n in result.built.notes if "not profiled" in n]
+    assert all(i.time_us > 0 for op in (*result.network.forward_ops, *result.network.backward_ops) for i in op.impls)
