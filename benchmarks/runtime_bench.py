@@ -203,9 +203,9 @@ def timed_cost_schedules(profiled, network, solver_seconds: float, notes: list[s
                          peak_label: str = ""):
     """The hybrid engine on the spec whose costs were timed on this machine (``--profile``):
     the lowest peak within a planned 10 % and 15 % overhead, and (``peak_budget``, bytes
-    including fixed memory) the fastest schedule within the aim's peak. The schedules
-    differ from the roofline spec's only in their fingerprint, so they are replayed on
-    ``network`` (the same tensors) for the table and run with the profiled trace."""
+    including fixed memory) the fastest schedule within the aim's peak. Both specs describe
+    one graph (one fingerprint), so the schedules are replayed on the roofline ``network``
+    for the table's memory and run with the profiled trace."""
     if solver_seconds <= 0:
         return
     runs = [(f"lowest peak, planned overhead <= {cap:.0%}", dict(max_overhead=cap, objective="memory")) for cap in (0.10, 0.15)]

@@ -323,11 +323,25 @@ class Spec:
 
     @property
     def fingerprint(self) -> str:
-        """Hash of the canonical network text; schedules name it to refuse a wrong spec."""
+        """Hash of the canonical network text without its times; schedules name it to refuse
+        a spec of another graph. Times are left out because a schedule is valid for its
+        graph under any costs (the roofline's, or ones timed on this machine, which differ
+        from run to run); the simulator re-derives compute from the spec it checks against.
+        Everything that decides validity or memory (tensors, sizes, reads, implementations,
+        workspaces) is in."""
         from .grammar.printer import format_network  # local: the printer imports the IR
 
-        text = format_network(self.network)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return hashlib.sha256(format_network(_untimed(self.network)).encode()).hexdigest()[:16]
+
+
+def _untimed(network: Network) -> Network:
+    """``network`` with every implementation's time set to zero (and no recompute time)."""
+    from dataclasses import replace
+
+    forward = tuple(replace(op, impls=tuple(replace(i, time_us=0.0, recompute_time_us=None) for i in op.impls))
+                    for op in network.forward_ops)
+    backward = tuple(replace(op, impls=tuple(replace(i, time_us=0.0) for i in op.impls)) for op in network.backward_ops)
+    return Network(network.name, network.tensors, forward, backward, network.outputs, network.fixed)
 
 
 @dataclass(frozen=True)

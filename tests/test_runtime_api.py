@@ -119,6 +119,33 @@ def test_solved_schedules_are_cached_by_fingerprint(tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
+
+def test_timed_cost_schedules_are_cached_apart_and_run_on_the_same_graph(tmp_path, monkeypatch):
+    """The fingerprint names the graph, not its costs: a schedule solved on this machine's
+    timings is reused by the next run (whose timings differ by noise) and runs a model traced
+    on the roofline; the cache keeps the two cost models apart."""
+    calls = []
+    real = plan_module.solve
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].fingerprint)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plan_module, "solve", counting)
+    plan_module.clear_caches()
+    x = torch.randn(16, 8)
+    monetdsl.optimize(Tiny(), x, max_overhead=0.1, cache_dir=str(tmp_path))
+    timed = monetdsl.optimize(Tiny(), x, max_overhead=0.1, profile=True, cache_dir=str(tmp_path)).plans[0]
+    assert len(calls) == 2 and calls[0] == calls[1]  # one graph, two cost models: two solves
+    plan_module.clear_caches()
+    again = monetdsl.optimize(Tiny(), x, max_overhead=0.1, profile=True, cache_dir=str(tmp_path)).plans[0]
+    assert len(calls) == 2  # read back from the directory although the new timings differ
+    assert (again.schedule.impls, again.schedule.stages) == (timed.schedule.impls, timed.schedule.stages)
+    path = tmp_path / "timed.schedule.monet"
+    path.write_text(format_schedule(timed.schedule, timed.spec.network))
+    reused = monetdsl.optimize(Tiny(), x, schedule=str(path)).plans[0]  # traced on the roofline
+    assert (reused.schedule.impls, reused.schedule.forward_keep) == (timed.schedule.impls, timed.schedule.forward_keep)
+
 def test_torch_compile_backend_trains_like_eager():
     model, reference = twins(SmallCNN)
     x = torch.randn(4, 3, 32, 32)

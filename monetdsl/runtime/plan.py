@@ -9,6 +9,7 @@ memory and, with ``cache_dir``, as ``.monet`` files.
 """
 from __future__ import annotations
 
+import hashlib
 import operator
 import os
 from dataclasses import dataclass, field
@@ -100,11 +101,17 @@ def trace_for_runtime(model: torch.nn.Module, inputs, *, optimizer: str, device:
         return trace_model(model, list(inputs), loss="output", device="A100", optimizer=optimizer)
 
 
-def schedule_for(spec: Spec, constraints: Constraints, cache_dir: str | None = None) -> tuple[Schedule, Simulation]:
-    """A schedule for ``spec``: the file the caller named, or a solved (cached) one."""
+def schedule_for(spec: Spec, constraints: Constraints, cache_dir: str | None = None, costs: str = "") -> tuple[Schedule, Simulation]:
+    """A schedule for ``spec``: the file the caller named, or a solved (cached) one.
+
+    Solved schedules are cached by the graph's fingerprint, the constraints and ``costs``
+    (the cost model's description): a schedule solved on the roofline is not reused when
+    the caller asked for timed costs, while one solved on this machine's timings is reused
+    by the next run on this machine, whose timings differ by noise only."""
     if constraints.schedule is not None:
         return _from_file(spec, constraints.schedule)
-    key = (spec.fingerprint, constraints.budget, constraints.max_overhead, constraints.method)
+    key = (spec.fingerprint, hashlib.sha256(costs.encode()).hexdigest()[:8], constraints.budget, constraints.max_overhead,
+           constraints.method)
     if key in _SCHEDULES:
         return _SCHEDULES[key]
     cached = _read_cache(spec, key, cache_dir)
@@ -140,8 +147,8 @@ def _checked(spec: Spec, schedule: Schedule) -> Simulation:
 
 
 def _cache_path(cache_dir: str, key) -> Path:
-    fingerprint, budget, overhead, method = key
-    tag = f"{fingerprint}-b{budget if budget is not None else 'none'}-o{overhead if overhead is not None else 'none'}-{method}"
+    fingerprint, costs, budget, overhead, method = key
+    tag = f"{fingerprint}-c{costs}-b{budget if budget is not None else 'none'}-o{overhead if overhead is not None else 'none'}-{method}"
     return Path(cache_dir) / f"{tag}.schedule.monet"
 
 
@@ -173,7 +180,7 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
     """Trace (unless ``trace`` is given), schedule and lower ``model`` for these inputs."""
     trace = trace or trace_for_runtime(model, inputs, optimizer=optimizer, profile=profile)
     spec = trace.spec
-    schedule, simulation = schedule_for(spec, constraints, cache_dir)
+    schedule, simulation = schedule_for(spec, constraints, cache_dir, costs=trace.cost_model)
     network = spec.network
     program = lower(trace, network, chosen_impls(network, schedule))
     steps = plan_steps(network, schedule, program)
