@@ -254,6 +254,18 @@ class Network:
     def has_op(self, name: str) -> bool:
         return name in self._op_index()
 
+    def with_impls(self, forward=None, backward=None) -> "Network":
+        """A copy whose implementations are ``forward(op, impl)`` / ``backward(op, impl)``
+        (unchanged where a function is not given): how measured times and workspaces, or
+        none, are put into a network without touching its graph."""
+        from dataclasses import replace
+
+        def mapped(ops, fn):
+            return ops if fn is None else tuple(replace(op, impls=tuple(fn(op, i) for i in op.impls)) for op in ops)
+
+        return Network(self.name, self.tensors, mapped(self.forward_ops, forward), mapped(self.backward_ops, backward),
+                       self.outputs, self.fixed)
+
     @property
     def fixed_bytes(self) -> int:
         """Memory resident throughout a training step: inputs, params, buffers, fixed items."""
@@ -338,10 +350,8 @@ def _untimed(network: Network) -> Network:
     """``network`` with every implementation's time set to zero (and no recompute time)."""
     from dataclasses import replace
 
-    forward = tuple(replace(op, impls=tuple(replace(i, time_us=0.0, recompute_time_us=None) for i in op.impls))
-                    for op in network.forward_ops)
-    backward = tuple(replace(op, impls=tuple(replace(i, time_us=0.0) for i in op.impls)) for op in network.backward_ops)
-    return Network(network.name, network.tensors, forward, backward, network.outputs, network.fixed)
+    return network.with_impls(lambda op, i: replace(i, time_us=0.0, recompute_time_us=None),
+                              lambda op, i: replace(i, time_us=0.0))
 
 
 @dataclass(frozen=True)

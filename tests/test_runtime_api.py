@@ -97,7 +97,9 @@ def test_a_schedule_for_another_graph_is_refused(tmp_path):
         monetdsl.optimize(model, torch.randn(6, 8), schedule=path)  # another batch size: another graph
 
 
-def test_solved_schedules_are_cached_by_fingerprint(tmp_path, monkeypatch):
+@pytest.fixture
+def solve_calls(monkeypatch) -> list:
+    """The fingerprints of the specs the runtime solves from now on (caches emptied first)."""
     calls = []
     real = plan_module.solve
 
@@ -107,6 +109,11 @@ def test_solved_schedules_are_cached_by_fingerprint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(plan_module, "solve", counting)
     plan_module.clear_caches()
+    return calls
+
+
+def test_solved_schedules_are_cached_by_fingerprint(tmp_path, solve_calls):
+    calls = solve_calls
     x = torch.randn(3, 8)
     a = monetdsl.optimize(Tiny(), x, max_overhead=0.25, cache_dir=str(tmp_path))
     b = monetdsl.optimize(Tiny(), x, max_overhead=0.25)  # another instance, the same graph
@@ -119,20 +126,11 @@ def test_solved_schedules_are_cached_by_fingerprint(tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
-
-def test_timed_cost_schedules_are_cached_apart_and_run_on_the_same_graph(tmp_path, monkeypatch):
+def test_timed_cost_schedules_are_cached_apart_and_run_on_the_same_graph(tmp_path, solve_calls):
     """The fingerprint names the graph, not its costs: a schedule solved on this machine's
     timings is reused by the next run (whose timings differ by noise) and runs a model traced
     on the roofline; the cache keeps the two cost models apart."""
-    calls = []
-    real = plan_module.solve
-
-    def counting(*args, **kwargs):
-        calls.append(args[0].fingerprint)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(plan_module, "solve", counting)
-    plan_module.clear_caches()
+    calls = solve_calls
     x = torch.randn(16, 8)
     monetdsl.optimize(Tiny(), x, max_overhead=0.1, cache_dir=str(tmp_path))
     timed = monetdsl.optimize(Tiny(), x, max_overhead=0.1, profile=True, cache_dir=str(tmp_path)).plans[0]
@@ -145,6 +143,7 @@ def test_timed_cost_schedules_are_cached_apart_and_run_on_the_same_graph(tmp_pat
     path.write_text(format_schedule(timed.schedule, timed.spec.network))
     reused = monetdsl.optimize(Tiny(), x, schedule=str(path)).plans[0]  # traced on the roofline
     assert (reused.schedule.impls, reused.schedule.forward_keep) == (timed.schedule.impls, timed.schedule.forward_keep)
+
 
 def test_torch_compile_backend_trains_like_eager():
     model, reference = twins(SmallCNN)

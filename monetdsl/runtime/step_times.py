@@ -109,11 +109,8 @@ def time_steps(built, device: str, repeats: int = 5) -> StepTimes:
         first, again = forward_times[(op.name, impl.name)]
         return replace(impl, time_us=first, recompute_time_us=again)
 
-    forward_ops = tuple(replace(op, impls=tuple(timed_forward(op, i) for i in op.impls)) for op in network.forward_ops)
-    backward_ops = tuple(
-        replace(op, impls=tuple(replace(i, time_us=backward_times.get((op.name, i.name), i.time_us)) for i in op.impls))
-        for op in network.backward_ops)
-    report.network = Network(network.name, network.tensors, forward_ops, backward_ops, network.outputs, network.fixed)
+    report.network = network.with_impls(
+        timed_forward, lambda op, i: replace(i, time_us=backward_times.get((op.name, i.name), i.time_us)))
     return report
 
 

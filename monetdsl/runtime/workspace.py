@@ -133,13 +133,9 @@ def measure_workspaces(built) -> WorkspaceReport:
                 except Exception as exc:  # noqa: BLE001 - reported, never hidden
                     report.notes.append(f"{bop.name} impl {impl.name}: workspace not measured ({type(exc).__name__}: {exc})")
     report.measured = {**forward_ws, **backward_ws}
-    forward_ops = tuple(
-        replace(op, impls=tuple(replace(i, workspace=forward_ws.get((op.name, i.name), i.workspace)) for i in op.impls))
-        for op in network.forward_ops)
-    backward_ops = tuple(
-        replace(op, impls=tuple(replace(i, workspace=backward_ws.get((op.name, i.name), i.workspace)) for i in op.impls))
-        for op in network.backward_ops)
-    report.network = Network(network.name, network.tensors, forward_ops, backward_ops, network.outputs, network.fixed)
+    report.network = network.with_impls(
+        lambda op, i: replace(i, workspace=forward_ws.get((op.name, i.name), i.workspace)),
+        lambda op, i: replace(i, workspace=backward_ws.get((op.name, i.name), i.workspace)))
     return report
 
 
