@@ -11,6 +11,7 @@ from monetdsl.cli import main
 from monetdsl.grammar import format_schedule
 from monetdsl.models import SmallCNN
 from monetdsl.runtime import plan as plan_module
+from monetdsl.runtime import step_times
 from .runtime_helpers import patch_dropout, twins
 
 
@@ -126,18 +127,24 @@ def test_solved_schedules_are_cached_by_fingerprint(tmp_path, solve_calls):
     assert len(calls) == 2
 
 
-def test_timed_cost_schedules_are_cached_apart_and_run_on_the_same_graph(tmp_path, solve_calls):
+def test_timed_cost_schedules_are_cached_apart_and_run_on_the_same_graph(tmp_path, solve_calls, monkeypatch):
     """The fingerprint names the graph, not its costs: a schedule solved on this machine's
-    timings is reused by the next run (whose timings differ by noise) and runs a model traced
-    on the roofline; the cache keeps the two cost models apart."""
+    timings is reused by the next run, which takes the timings from the directory instead of
+    profiling again, and runs a model traced on the roofline; the cache keeps the two cost
+    models apart."""
     calls = solve_calls
+    profiled = []
+    real_time_steps = step_times.time_steps
+    monkeypatch.setattr(step_times, "time_steps", lambda *a, **k: profiled.append(1) or real_time_steps(*a, **k))
     x = torch.randn(16, 8)
     monetdsl.optimize(Tiny(), x, max_overhead=0.1, cache_dir=str(tmp_path))
     timed = monetdsl.optimize(Tiny(), x, max_overhead=0.1, profile=True, cache_dir=str(tmp_path)).plans[0]
     assert len(calls) == 2 and calls[0] == calls[1]  # one graph, two cost models: two solves
+    assert len(profiled) == 1 and timed.trace.cost_model.startswith("measured on cpu")
     plan_module.clear_caches()
     again = monetdsl.optimize(Tiny(), x, max_overhead=0.1, profile=True, cache_dir=str(tmp_path)).plans[0]
-    assert len(calls) == 2  # read back from the directory although the new timings differ
+    assert len(calls) == 2 and len(profiled) == 1  # timings and schedule read back from the directory
+    assert again.trace.cost_model == timed.trace.cost_model and again.simulation.compute_us == timed.simulation.compute_us
     assert (again.schedule.impls, again.schedule.stages) == (timed.schedule.impls, timed.schedule.stages)
     path = tmp_path / "timed.schedule.monet"
     path.write_text(format_schedule(timed.schedule, timed.spec.network))

@@ -91,7 +91,8 @@ def optimize(
     Parameters and buffers are the model's own: an optimizer built on
     ``model.parameters()`` keeps working. ``profile=True`` times every op and alternative
     on the inputs' device while tracing (instead of the roofline), so the schedule's
-    implementation choices and overhead are this machine's.
+    implementation choices and overhead are this machine's; the timings are kept (in
+    memory, and in ``cache_dir``) and reused by later calls for the same graph.
     """
     if not isinstance(model, torch.nn.Module):
         raise _usage(f"optimize takes an nn.Module, not {type(model).__name__}")

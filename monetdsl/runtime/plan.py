@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +19,8 @@ import torch
 import torch.fx as fx
 
 from ..errors import Diagnostic, ScheduleError, SolveError
-from ..grammar import format_schedule, load_schedule
+from ..grammar import format_schedule, load_schedule, parse_spec
+from ..io import atomic_write
 from ..ir import Schedule, Spec
 from ..search.simulator import Simulation, chosen_impls, simulate
 from ..search.solve import solve
@@ -79,10 +79,16 @@ class RuntimePlan:
 
 
 _SCHEDULES: dict = {}
+_TIMINGS: dict = {}  # (graph fingerprint, cost-model hash) -> the timed spec's text
 
 
 def clear_caches() -> None:
     _SCHEDULES.clear()
+    _TIMINGS.clear()
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def trace_for_runtime(model: torch.nn.Module, inputs, *, optimizer: str, device: str | None = None, profile: bool = False):
@@ -101,6 +107,41 @@ def trace_for_runtime(model: torch.nn.Module, inputs, *, optimizer: str, device:
         return trace_model(model, list(inputs), loss="output", device="A100", optimizer=optimizer)
 
 
+def timed_trace(model: torch.nn.Module, inputs, *, optimizer: str, cache_dir: str | None = None):
+    """``model`` traced with every op and implementation timed on its inputs' device,
+    profiling only when neither this process nor ``cache_dir`` holds the timings of this
+    graph on this machine. The graph is traced on the roofline first (seconds); the timed
+    spec of an earlier run, checked by its fingerprint (the graph's), supplies the times;
+    otherwise the trace is profiled (tens of seconds for a GPT on a CPU) and its timed
+    spec kept, in memory and as ``{fingerprint}-c{hash}.timed.monet`` in ``cache_dir``."""
+    from ..tracing import profile_trace
+    from ..tracing.profile import profiled_cost_model
+
+    plain = trace_for_runtime(model, inputs, optimizer=optimizer)
+    device = "cuda" if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else "cpu"
+    costs = profiled_cost_model(device)
+    key = (plain.spec.fingerprint, _short_hash(costs))
+    path = Path(cache_dir) / f"{key[0]}-c{key[1]}.timed.monet" if cache_dir is not None else None
+    text = _TIMINGS.get(key)
+    if text is None and path is not None and path.exists():
+        text = path.read_text()
+    if text is not None:
+        try:
+            spec = parse_spec(text, str(path or "<timings>"))
+        except Exception:  # noqa: BLE001 - a damaged cache entry is profiled again
+            spec = None
+        if spec is not None and spec.fingerprint == plain.spec.fingerprint:
+            _TIMINGS[key] = text
+            header = [f"costs: {costs}" if line.startswith("costs: ") else line for line in plain.header]
+            return replace(plain, spec=spec, built=replace(plain.built, network=spec.network), cost_model=costs, header=header)
+    timed = profile_trace(plain, device)
+    _TIMINGS[key] = text = timed.text()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, text)
+    return timed
+
+
 def schedule_for(spec: Spec, constraints: Constraints, cache_dir: str | None = None, costs: str = "") -> tuple[Schedule, Simulation]:
     """A schedule for ``spec``: the file the caller named, or a solved (cached) one.
 
@@ -110,8 +151,7 @@ def schedule_for(spec: Spec, constraints: Constraints, cache_dir: str | None = N
     by the next run on this machine, whose timings differ by noise only."""
     if constraints.schedule is not None:
         return _from_file(spec, constraints.schedule)
-    key = (spec.fingerprint, hashlib.sha256(costs.encode()).hexdigest()[:8], constraints.budget, constraints.max_overhead,
-           constraints.method)
+    key = (spec.fingerprint, _short_hash(costs), constraints.budget, constraints.max_overhead, constraints.method)
     if key in _SCHEDULES:
         return _SCHEDULES[key]
     cached = _read_cache(spec, key, cache_dir)
@@ -170,15 +210,15 @@ def _write_cache(spec: Spec, key, found, cache_dir: str | None) -> None:
         return
     path = _cache_path(cache_dir, key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(format_schedule(found[0], spec.network))
-    os.replace(tmp, path)
+    atomic_write(path, format_schedule(found[0], spec.network))
 
 
 def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, optimizer: str, cache_dir: str | None = None,
                trace=None, profile: bool = False) -> RuntimePlan:
     """Trace (unless ``trace`` is given), schedule and lower ``model`` for these inputs."""
-    trace = trace or trace_for_runtime(model, inputs, optimizer=optimizer, profile=profile)
+    if trace is None:
+        trace = (timed_trace(model, inputs, optimizer=optimizer, cache_dir=cache_dir) if profile
+                 else trace_for_runtime(model, inputs, optimizer=optimizer))
     spec = trace.spec
     schedule, simulation = schedule_for(spec, constraints, cache_dir, costs=trace.cost_model)
     network = spec.network

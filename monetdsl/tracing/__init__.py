@@ -2,8 +2,8 @@
 
 Import cost: this package imports torch; the rest of monetdsl does not need it.
 """
-from .api import DTYPES, TraceResult, trace, trace_model
+from .api import DTYPES, TraceResult, profile_trace, trace, trace_model
 from .capture import CaptureError
 from .costs import PRESETS, DevicePreset, Roofline
 
-__all__ = ["trace", "trace_model", "TraceResult", "CaptureError", "PRESETS", "DevicePreset", "Roofline", "DTYPES"]
+__all__ = ["trace", "trace_model", "profile_trace", "TraceResult", "CaptureError", "PRESETS", "DevicePreset", "Roofline", "DTYPES"]

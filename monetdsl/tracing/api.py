@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -23,7 +23,7 @@ from .fixed_memory import OPTIMIZERS, fixed_items
 from .joint import analyse
 from .to_ir import BuiltNetwork, build_network
 
-__all__ = ["TraceResult", "trace", "trace_model", "DTYPES", "strip_loss_ops"]
+__all__ = ["TraceResult", "trace", "trace_model", "profile_trace", "DTYPES", "strip_loss_ops"]
 
 #: --dtype spellings
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64}
@@ -138,16 +138,9 @@ def trace_model(
         built.never_recompute = [n for n in built.never_recompute if built.network.has_op(n)]
     built.network.fixed = fixed_items(model, optimizer)
     built.network = _with_workspaces(built)
-    network = built.network
     cost_model = roofline.describe()
-    if profile:
-        from .profile import profile_network
-
-        network, measured = profile_network(built, device, repeats=repeats)
-        built.network = network
-        cost_model = f"measured on {measured} (median of {repeats} runs after 2 warm-up runs, per op and implementation)"
     constraints = Constraints(never_recompute=tuple(Pattern(n) for n in built.never_recompute))
-    spec = Spec(network, constraints, path=f"<trace {net_name}>")
+    spec = Spec(built.network, constraints, path=f"<trace {net_name}>")
     shapes = ", ".join("x".join(str(d) for d in f.shape) + f" {str(f.dtype).replace('torch.', '')}" for f in fake)
     header = [
         f"{net_name}: one training step traced by monetdsl trace (torch {torch.__version__})",
@@ -158,6 +151,28 @@ def trace_model(
     for note in built.notes:
         header.append(f"note: {note}")
     result = TraceResult(spec, built, cost_model, captured.seconds, time.perf_counter() - start, header)
+    spec.source = result.text()
+    return profile_trace(result, device, repeats) if profile else result
+
+
+def profile_trace(trace: TraceResult, device: str, repeats: int = 5) -> TraceResult:
+    """``trace`` with every op and implementation timed on ``device`` (``cpu`` or
+    ``cuda``): what ``trace_model(..., profile=True)`` returns, from a trace already made
+    (the runtime traces on the roofline first and profiles only when no cached schedule
+    or timing fits). ``trace`` is untouched; times that cannot be measured stay the
+    roofline's, with a note."""
+    from .profile import profile_network, profiled_cost_model
+
+    start = time.perf_counter()
+    built = replace(trace.built, notes=list(trace.built.notes))
+    network, _ = profile_network(built, device, repeats=repeats)
+    built.network = network
+    cost_model = profiled_cost_model(device, repeats)
+    spec = Spec(network, trace.spec.constraints, path=trace.spec.path)
+    header = [f"costs: {cost_model}" if line.startswith("costs: ") else line for line in trace.header]
+    header += [f"note: {note}" for note in built.notes[len(trace.built.notes):]]
+    result = TraceResult(spec, built, cost_model, trace.capture_seconds,
+                         trace.total_seconds + time.perf_counter() - start, header)
     spec.source = result.text()
     return result
 

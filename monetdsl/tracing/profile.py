@@ -16,7 +16,7 @@ import torch
 from ..ir import Network
 from .to_ir import BuiltNetwork
 
-__all__ = ["profile_network", "time_call"]
+__all__ = ["profile_network", "profiled_cost_model", "device_description", "time_call"]
 
 
 def _sync(device: str) -> None:
@@ -42,12 +42,22 @@ def time_call(fn, device: str, repeats: int = 5, setup=None) -> float:
     return round(statistics.median(samples), 3)
 
 
+def device_description(device: str) -> str:
+    """The device times are measured on, as specs and caches name it."""
+    return torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def profiled_cost_model(device: str, repeats: int = 5) -> str:
+    """The cost-model line of a spec timed on ``device`` (the same on every run of one
+    machine: the runtime keys its caches on it)."""
+    return f"measured on {device_description(device)} (median of {repeats} runs after 2 warm-up runs, per op and implementation)"
+
+
 def profile_network(built: BuiltNetwork, device: str, repeats: int = 5) -> tuple[Network, str]:
     """A copy of the built network with measured times; and the device's description.
     Implementations that cannot be timed keep their roofline time; ``built.notes`` says so."""
     from ..runtime.step_times import time_steps
 
-    name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     report = time_steps(built, device, repeats)
     built.notes.extend(report.notes)
-    return report.network, name
+    return report.network, device_description(device)
