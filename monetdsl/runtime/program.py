@@ -153,6 +153,15 @@ def _distinct(nodes) -> list:
     return out
 
 
+def value_nodes(built) -> dict | None:
+    """IR tensor name -> the joint-graph node holding its value, for a
+    :class:`~monetdsl.tracing.to_ir.BuiltNetwork`; ``None`` when the trace carries no joint
+    graph (nothing can be run then)."""
+    if built.facts is None:
+        return None
+    return {name: node for node, name in built.value_names.items()}
+
+
 def lower(trace, network: Network, impls: dict[str, str]) -> Program:
     """Lower every op of ``trace`` (a :class:`~monetdsl.tracing.TraceResult` whose network
     is ``network``, possibly with the loss stripped) with implementations ``impls``."""

@@ -21,7 +21,7 @@ import torch
 
 from ..ir import Network
 from ..tracing.profile import time_call
-from .program import _backward_step, _forward_step, _OpLowering
+from .program import _backward_step, _forward_step, _OpLowering, value_nodes
 
 __all__ = ["StepTimes", "time_steps"]
 
@@ -70,12 +70,10 @@ def time_steps(built, device: str, repeats: int = 5) -> StepTimes:
     ``device``: first forward, recomputation (kept as ``recompute_time_us`` for
     alternatives whose recomputation reads saved tensors) and backward steps.
     Returns a new network; ``built`` is untouched."""
-    network, facts, value_names = built.network, built.facts, built.value_names
-    report = StepTimes(network)
-    if facts is None:
+    network, report, node_of = built.network, StepTimes(built.network), value_nodes(built)
+    if node_of is None:
         report.notes.append("not profiled: the trace carries no joint graph; roofline times kept")
         return report
-    node_of = {name: node for node, name in value_names.items()}
     backward_of: dict[str, list] = {}
     for bop in network.backward_ops:
         backward_of.setdefault(bop.of, []).append(bop)
@@ -86,7 +84,7 @@ def time_steps(built, device: str, repeats: int = 5) -> StepTimes:
             if not network.has_op(record.name):
                 continue
             op = network.op(record.name)
-            low = _OpLowering(record, facts, value_names, network)
+            low = _OpLowering(record, built.facts, built.value_names, network)
             values = _OpValues(node_of, device, {n: r for r, n in low.role_names.items()})
             for impl in op.impls:
                 try:

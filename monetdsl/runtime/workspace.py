@@ -36,7 +36,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..ir import ForwardOp, Network
 from .memory import StorageCounter
-from .program import _backward_step, _forward_step, _OpLowering
+from .program import _backward_step, _forward_step, _OpLowering, value_nodes
 
 __all__ = ["StorageTracker", "WorkspaceReport", "measure_workspaces", "step_workspace"]
 
@@ -83,12 +83,11 @@ def measure_workspaces(built) -> WorkspaceReport:
     """The workspace of every implementation of every op of ``built`` (a
     :class:`~monetdsl.tracing.to_ir.BuiltNetwork` whose network may lack the loss ops),
     measured on its runtime step function. Returns a new network; ``built`` is untouched."""
-    network, facts, value_names = built.network, built.facts, built.value_names
-    report = WorkspaceReport(network)
-    if facts is None:
+    network, report, node_of = built.network, WorkspaceReport(built.network), value_nodes(built)
+    if node_of is None:
         report.notes.append("workspace not measured: the trace carries no joint graph")
         return report
-    node_of = {name: node for node, name in value_names.items()}
+    facts, value_names = built.facts, built.value_names
     tensors = network.tensors
     forward_ws: dict[tuple[str, str], int] = {}
     backward_ws: dict[tuple[str, str], int] = {}
