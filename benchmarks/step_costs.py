@@ -1,0 +1,124 @@
+"""Planned vs measured time of every step of a schedule, grouped by op kind and implementation.
+
+The runtime benchmark compares whole steps; this one says where a gap between planned and
+measured time comes from. It traces a benchmark model (``--profile``: costs timed on this
+machine, else the CPU roofline), solves it with the hybrid engine (lowest peak within
+``--overhead``, or the fastest schedule within ``--peak`` of eager's activation peak),
+trains ``--rounds`` steps with an executor observer that times every step, and prints per
+(phase, kind, implementation) the steps per training step, the measured and the planned
+milliseconds and their ratio; then the step's wall time against the sum of its steps.
+(This table is how the profiler's reference-formula timings were caught: layer norm
+planned at 15x its kernel's time.)
+
+    python benchmarks/step_costs.py [--model gpt|resnet] [--profile] [--overhead 0.10 | --peak 0.35] [--rounds 5]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from runtime_bench import make, measure_peak, step  # noqa: E402
+
+from monetdsl.runtime.api import _constraints  # noqa: E402
+from monetdsl.runtime.memory import LiveTensorProbe  # noqa: E402
+from monetdsl.runtime.module import OptimizedModule  # noqa: E402
+from monetdsl.runtime.plan import trace_for_runtime  # noqa: E402
+from monetdsl.search import solve  # noqa: E402
+from monetdsl.search.simulator import chosen_impls  # noqa: E402
+
+
+class StepTimer:
+    """Executor observer: the wall time of every step, keyed by (phase, op name)."""
+
+    def __init__(self):
+        self.samples = collections.defaultdict(list)
+        self._start = 0.0
+
+    def before_step(self, planned, env):
+        self._start = time.perf_counter()
+
+    def __call__(self, planned, env):
+        self.samples[(planned.kind, planned.step.op)].append((time.perf_counter() - self._start) * 1e6)
+
+
+def solve_schedule(trace, model, inputs, overhead: float | None, peak: float | None, seconds: float):
+    if peak is None:
+        return solve(trace.spec, "hybrid", max_overhead=overhead, objective="memory", time_limit=seconds, exact_min_budget=False)
+    fixed = solve(trace.spec, "store-all").simulation.fixed_bytes
+    budget = fixed + int(peak * measure_peak(model, inputs, LiveTensorProbe))
+    return solve(trace.spec, "hybrid", memory_budget=budget, time_limit=seconds, exact_min_budget=False)
+
+
+def table(trace, schedule, timer: StepTimer, rounds: int) -> list[str]:
+    network = trace.spec.network
+    impls = chosen_impls(network, schedule)
+    kind_of = {name: (record.kind.name if record.kind is not None else "other") for name, record in trace.ops.items()}
+    rows = collections.defaultdict(lambda: [0, 0.0, 0.0])
+    for (phase, name), samples in timer.samples.items():
+        op = network.op(name)
+        impl = op.impl(impls.get(name, op.impls[0].name))
+        planned = impl.time_us if phase != "recompute" else impl.effective_recompute_time_us
+        kind = kind_of.get(name, kind_of.get(getattr(op, "of", None), "other"))
+        row = rows[(phase, kind, impl.name)]
+        row[0] += len(samples) // rounds
+        row[1] += sum(samples) / rounds
+        row[2] += planned * len(samples) / rounds
+    lines = ["| phase | kind | implementation | steps | measured ms | planned ms | measured / planned |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for (phase, kind, impl), (count, measured, planned) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
+        ratio = f"{measured / planned:.2f}" if planned > 0 else ""
+        lines.append(f"| {phase} | {kind} | {impl} | {count} | {measured / 1e3:.2f} | {planned / 1e3:.2f} | {ratio} |")
+    measured = sum(r[1] for r in rows.values())
+    planned = sum(r[2] for r in rows.values())
+    lines.append(f"| all | | | {sum(r[0] for r in rows.values())} | {measured / 1e3:.2f} | {planned / 1e3:.2f} | {measured / planned:.2f} |")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["gpt", "resnet"], default="gpt")
+    parser.add_argument("--profile", action="store_true", help="costs timed on this machine (else the CPU roofline)")
+    parser.add_argument("--overhead", type=float, default=0.10, help="lowest peak within this planned overhead")
+    parser.add_argument("--peak", type=float, default=None, help="instead: fastest within this fraction of eager's peak")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--solver-seconds", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    model, inputs = make(args.model)
+    trace = trace_for_runtime(model, list(inputs), optimizer="sgd", profile=args.profile)
+    result = solve_schedule(trace, model, inputs, args.overhead, args.peak, args.solver_seconds)
+    if not result.success:
+        print(f"no schedule: {result.message}")
+        return 1
+    timer = StepTimer()
+    module = OptimizedModule(model, _constraints(None, None, result.schedule, "auto"), optimizer="sgd", observe=timer)
+    module.plan_for(*inputs, trace=trace)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    for _ in range(2):
+        step(module, inputs)  # warm-up
+    timer.samples.clear()
+    walls = []
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        step(module, inputs)
+        walls.append(time.perf_counter() - start)
+    sim = result.simulation
+    print(f"{args.model}, costs: {trace.cost_model}; schedule: {result.method} {result.status}, planned overhead"
+          f" {sim.overhead:+.1%}, peak {(sim.peak_bytes - sim.fixed_bytes) / 2**20:.2f} MiB above fixed\n")
+    print("\n".join(table(trace, result.schedule, timer, args.rounds)))
+    inside = sum(sum(s) for s in timer.samples.values()) / args.rounds / 1e6
+    print(f"\nstep wall time (median of {args.rounds}): {statistics.median(walls) * 1e3:.1f} ms; inside the steps: {inside * 1e3:.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
