@@ -204,6 +204,11 @@ def test_bench_command(tmp_path, capsys):
     assert data["peak_vs_eager"] < 1 and data["time_vs_eager"] > 0
     assert main(["bench", "monetdsl.models:small_cnn", "--input", "4x3x32x32", "--probe", "nose"]) == 1
     assert "--probe nose" in capsys.readouterr().err
+    assert main(["bench", "monetdsl.models:small_cnn", "--input", "4x3x32x32", "--max-overhead", "10%", "--profile",
+                 "--cache-dir", str(tmp_path / "cache"), "--repeats", "1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["costs"].startswith("measured on cpu") and data["planned_overhead"] <= 0.1
+    assert list((tmp_path / "cache").glob("*.timed.monet")) and list((tmp_path / "cache").glob("*.schedule.monet"))
 
 
 def test_profiled_costs_choose_this_machines_implementations():

@@ -39,6 +39,9 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--probe", default="auto", help="memory probe: auto (cuda on a GPU, live tensor bytes on the CPU),"
                         " live, allocator (every byte through torch's CPU allocator) or cuda")
+    parser.add_argument("--profile", action="store_true",
+                        help="solve on costs timed on this device (every op and implementation, once per graph) instead of the roofline")
+    parser.add_argument("--cache-dir", help="keep solved schedules (and --profile timings) here for later runs")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps of each (default 5)")
     parser.add_argument("-o", "--output", help="write the schedule used (and its spec, NAME.spec.monet) here")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -77,7 +80,8 @@ def run(args) -> int:
         raise usage_error(f"--probe {args.probe}: use auto, live, allocator or cuda")
     model, inputs = _build(args)
     optimized = optimize(model, inputs, budget=parse_budget(args.budget), max_overhead=parse_overhead(args.max_overhead),
-                         schedule=args.schedule, method=args.method, optimizer=args.optimizer)
+                         schedule=args.schedule, method=args.method, optimizer=args.optimizer, profile=args.profile,
+                         cache_dir=args.cache_dir)
     plan = optimized.plan_for(*inputs)
     sim = plan.simulation
     probe = "cuda" if args.probe == "auto" and args.device == "cuda" else ("live" if args.probe == "auto" else args.probe)
@@ -91,6 +95,7 @@ def run(args) -> int:
     data = {
         "network": plan.spec.network.name,
         "fingerprint": plan.spec.fingerprint,
+        "costs": plan.trace.cost_model,
         "planned_peak_bytes": sim.peak_bytes,
         "planned_overhead": sim.overhead,
         "fixed_bytes": sim.fixed_bytes,
@@ -121,7 +126,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(data))
     else:
-        print(f"{data['network']} (fingerprint {data['fingerprint']}), probe {ours.probe}")
+        print(f"{data['network']} (fingerprint {data['fingerprint']}), probe {ours.probe}; costs: {data['costs']}")
         print(f"  planned peak {human_bytes(sim.peak_bytes)} = fixed {human_bytes(sim.fixed_bytes)} + {human_bytes(ours.planned)};"
               f" planned compute x{1 + sim.overhead:.3f}")
         print(f"  measured peak above fixed: {human_bytes(ours.peak)} (measured/planned {ours.ratio:.4f}); eager"
