@@ -116,15 +116,16 @@ def _time_forward(low, op, impl, values: _OpValues, device: str, repeats: int) -
     """The first forward's time and, when the recomputation reads saved tensors, the
     recomputation's (on what this alternative's first forward derived). An in-place
     alternative gets a fresh copy of the input it overwrites before every run."""
+    def arguments(step, own: dict) -> list:
+        found = [own[n] if n in own else values[n] for n in step.reads]
+        return [v.clone() if n == impl.overwrites else v for n, v in zip(step.reads, found)]
+
     def timed(step, own: dict) -> float:
-        def fresh():
-            return [(own[n] if n in own else values[n]).clone() if n == impl.overwrites else (own[n] if n in own else values[n])
-                    for n in step.reads]
-        return time_call(lambda args: step.fn(*args), device, repeats, setup=fresh)
+        return time_call(lambda args: step.fn(*args), device, repeats, setup=lambda: arguments(step, own))
 
     first = _forward_step(low, op, impl, recompute=False)
     first_time = timed(first, {})
-    results = first.fn(*[values[n].clone() if n == impl.overwrites else values[n] for n in first.reads])
+    results = first.fn(*arguments(first, {}))
     own = dict(zip(first.writes, results))
     for name, value in own.items():
         values.setdefault(name, value)  # what a backward alternative reads: the first alternative deriving it
