@@ -26,7 +26,7 @@ is the special case with one implementation per op and top-level backward ops.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Iterable
 
@@ -258,8 +258,6 @@ class Network:
         """A copy whose implementations are ``forward(op, impl)`` / ``backward(op, impl)``
         (unchanged where a function is not given): how measured times and workspaces, or
         none, are put into a network without touching its graph."""
-        from dataclasses import replace
-
         def mapped(ops, fn):
             return ops if fn is None else tuple(replace(op, impls=tuple(fn(op, i) for i in op.impls)) for op in ops)
 
@@ -348,8 +346,6 @@ class Spec:
 
 def _untimed(network: Network) -> Network:
     """``network`` with every implementation's time set to zero (and no recompute time)."""
-    from dataclasses import replace
-
     return network.with_impls(lambda op, i: replace(i, time_us=0.0, recompute_time_us=None),
                               lambda op, i: replace(i, time_us=0.0))
 

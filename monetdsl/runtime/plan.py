@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -114,7 +114,7 @@ def timed_trace(model: torch.nn.Module, inputs, *, optimizer: str, cache_dir: st
     spec of an earlier run, checked by its fingerprint (the graph's), supplies the times;
     otherwise the trace is profiled (tens of seconds for a GPT on a CPU) and its timed
     spec kept, in memory and as ``{fingerprint}-c{hash}.timed.monet`` in ``cache_dir``."""
-    from ..tracing import profile_trace
+    from ..tracing.api import profile_trace, with_costs
     from ..tracing.profile import profiled_cost_model
 
     plain = trace_for_runtime(model, inputs, optimizer=optimizer)
@@ -132,8 +132,7 @@ def timed_trace(model: torch.nn.Module, inputs, *, optimizer: str, cache_dir: st
             spec = None
         if spec is not None and spec.fingerprint == plain.spec.fingerprint:
             _TIMINGS[key] = text
-            header = [f"costs: {costs}" if line.startswith("costs: ") else line for line in plain.header]
-            return replace(plain, spec=spec, built=replace(plain.built, network=spec.network), cost_model=costs, header=header)
+            return with_costs(plain, spec.network, costs)
     timed = profile_trace(plain, device)
     _TIMINGS[key] = text = timed.text()
     if path is not None:

@@ -23,7 +23,7 @@ from .fixed_memory import OPTIMIZERS, fixed_items
 from .joint import analyse
 from .to_ir import BuiltNetwork, build_network
 
-__all__ = ["TraceResult", "trace", "trace_model", "profile_trace", "DTYPES", "strip_loss_ops"]
+__all__ = ["TraceResult", "trace", "trace_model", "profile_trace", "with_costs", "DTYPES", "strip_loss_ops"]
 
 #: --dtype spellings
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64}
@@ -158,21 +158,27 @@ def trace_model(
 def profile_trace(trace: TraceResult, device: str, repeats: int = 5) -> TraceResult:
     """``trace`` with every op and implementation timed on ``device`` (``cpu`` or
     ``cuda``): what ``trace_model(..., profile=True)`` returns, from a trace already made
-    (the runtime traces on the roofline first and profiles only when no cached schedule
-    or timing fits). ``trace`` is untouched; times that cannot be measured stay the
+    (the runtime traces on the roofline first and profiles only when no timing of the
+    graph is kept). ``trace`` is untouched; times that cannot be measured stay the
     roofline's, with a note."""
     from .profile import profile_network, profiled_cost_model
 
     start = time.perf_counter()
     built = replace(trace.built, notes=list(trace.built.notes))
-    network, _ = profile_network(built, device, repeats=repeats)
-    built.network = network
-    cost_model = profiled_cost_model(device, repeats)
+    network = profile_network(built, device, repeats=repeats)
+    result = with_costs(trace, network, profiled_cost_model(device, repeats), built.notes[len(trace.built.notes):])
+    result.total_seconds += time.perf_counter() - start
+    return result
+
+
+def with_costs(trace: TraceResult, network: Network, cost_model: str, notes: Sequence[str] = ()) -> TraceResult:
+    """``trace`` with ``network`` (the same graph, other times) and the cost-model line
+    ``cost_model`` in its header, plus ``notes``; ``trace`` is untouched."""
+    built = replace(trace.built, network=network, notes=[*trace.built.notes, *notes])
     spec = Spec(network, trace.spec.constraints, path=trace.spec.path)
     header = [f"costs: {cost_model}" if line.startswith("costs: ") else line for line in trace.header]
-    header += [f"note: {note}" for note in built.notes[len(trace.built.notes):]]
-    result = TraceResult(spec, built, cost_model, trace.capture_seconds,
-                         trace.total_seconds + time.perf_counter() - start, header)
+    header += [f"note: {note}" for note in notes]
+    result = TraceResult(spec, built, cost_model, trace.capture_seconds, trace.total_seconds, header)
     spec.source = result.text()
     return result
 

@@ -53,11 +53,11 @@ def profiled_cost_model(device: str, repeats: int = 5) -> str:
     return f"measured on {device_description(device)} (median of {repeats} runs after 2 warm-up runs, per op and implementation)"
 
 
-def profile_network(built: BuiltNetwork, device: str, repeats: int = 5) -> tuple[Network, str]:
-    """A copy of the built network with measured times; and the device's description.
-    Implementations that cannot be timed keep their roofline time; ``built.notes`` says so."""
+def profile_network(built: BuiltNetwork, device: str, repeats: int = 5) -> Network:
+    """A copy of the built network with measured times. Implementations that cannot be
+    timed keep their roofline time; ``built.notes`` says so."""
     from ..runtime.step_times import time_steps
 
     report = time_steps(built, device, repeats)
     built.notes.extend(report.notes)
-    return report.network, device_description(device)
+    return report.network
