@@ -66,12 +66,14 @@ class KindsTransformer(nn.Module):
 class KindsLoss(nn.Module):
     """cross-entropy (log-softmax + NLL, folded into one op) with its loss inside: over a
     ``[B*T, V]`` view of the logits with ignored targets and the mean (as a GPT's loss), or
-    directly on ``[N, V]`` logits with another ``ignore_index`` and per-row losses."""
+    directly on ``[N, V]`` logits with another ``ignore_index`` and per-row losses. Without
+    the output layer's bias (``bias=False``) the layer is folded in as well
+    (``linear_cross_entropy``), also with the sum and per-row losses over the logits' view."""
 
-    def __init__(self, reduction: str = "mean", width: int = 16, vocab: int = 7):
+    def __init__(self, reduction: str = "mean", width: int = 16, vocab: int = 7, bias: bool = True):
         super().__init__()
         self.reduction = reduction
-        self.fc = nn.Linear(width, vocab)
+        self.fc = nn.Linear(width, vocab, bias=bias)
         target = torch.arange(16) % vocab
         target[3] = -100 if reduction == "mean" else 2
         target[5] = 2
@@ -79,6 +81,9 @@ class KindsLoss(nn.Module):
 
     def forward(self, x):
         logits = self.fc(torch.tanh(x))
+        rows = logits.view(-1, logits.shape[-1])
         if self.reduction == "mean":
-            return F.cross_entropy(logits.view(-1, logits.shape[-1]), self.target)
+            return F.cross_entropy(rows, self.target)
+        if self.fc.bias is None:
+            return F.cross_entropy(rows, self.target, reduction=self.reduction, ignore_index=2)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).contiguous() * 1.5, self.target, reduction="none", ignore_index=2)

@@ -1,6 +1,7 @@
 """Every alternative of the catalogue runs in the runtime and gives PyTorch's gradients.
 
-Tiny models (two of them, and a cross-entropy in two forms) use every catalogue kind; implementation choices are cycled so that
+Tiny models (two of them, and a cross-entropy in two forms, then with its output layer
+folded in, in three) use every catalogue kind; implementation choices are cycled so that
 together they run every forward and backward alternative of every op, under a schedule
 that keeps everything and one that recomputes everything. Outputs and gradients are
 compared with eager PyTorch (dropout masks drawn alike, see ``patch_dropout``): bit for
@@ -10,10 +11,13 @@ in another order).
 """
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
 import monetdsl
+from monetdsl.catalogue import loss as loss_catalogue
 from monetdsl.runtime.plan import trace_for_runtime
 from .runtime_helpers import eager_step, first_impls, impl_combinations, patch_dropout, schedule_with, twins
 from .runtime_models import KindsCNN, KindsLoss, KindsTransformer
@@ -23,6 +27,9 @@ CASES = {
     "transformer": (KindsTransformer, lambda: torch.randn(2, 8, 16)),
     "loss-mean": (KindsLoss, lambda: torch.randn(2, 8, 16)),
     "loss-none": (lambda: KindsLoss("none"), lambda: torch.randn(2, 8, 16)),
+    "head-mean": (lambda: KindsLoss("mean", bias=False), lambda: torch.randn(2, 8, 16)),
+    "head-sum": (lambda: KindsLoss("sum", bias=False), lambda: torch.randn(2, 8, 16)),
+    "head-none": (lambda: KindsLoss("none", bias=False), lambda: torch.randn(2, 8, 16)),
 }
 
 
@@ -35,7 +42,9 @@ def _traced(name: str):
         model, reference = twins(factory)
         torch.manual_seed(1)
         x = make_input()
-        _TRACED[name] = (name, model, reference, x, trace_for_runtime(model, [x], optimizer="sgd"))
+        # the folded output layers run their chunked alternatives in chunks of 5 of the 16 rows
+        with mock.patch.object(loss_catalogue, "CHUNK_BYTES", 5 * 7 * 4):
+            _TRACED[name] = (name, model, reference, x, trace_for_runtime(model, [x], optimizer="sgd"))
     return _TRACED[name]
 
 
@@ -83,6 +92,12 @@ def test_kinds_cover_the_catalogue():
         trace = _traced(name)[-1]
         kinds |= {r.kind.name for r in trace.built.records if r.kind is not None}
     assert kinds == set(CATALOGUE)
+
+
+def test_folded_output_layers_run_in_chunks():
+    for name in ("head-mean", "head-sum", "head-none"):
+        records = [r for r in _traced(name)[-1].built.records if r.kind is not None and r.kind.name == "linear_cross_entropy"]
+        assert len(records) == 1 and records[0].binding.attrs["chunk_rows"] == 5, name
 
 
 def test_pytorch_implementations_are_bit_exact(traced):

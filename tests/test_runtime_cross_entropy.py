@@ -22,13 +22,15 @@ from .runtime_helpers import eager_step, first_impls, schedule_with, twins
 
 
 class BigVocab(nn.Module):
-    """Embedding, one tanh layer and a large output layer, with its cross-entropy inside."""
+    """Embedding, one tanh layer and a large output layer, with its cross-entropy inside.
+    The output layer has a bias here, so the tracer folds only the loss pair; without one
+    it folds the layer in as well (``tests/test_runtime_linear_cross_entropy.py``)."""
 
-    def __init__(self, vocab: int = 2048, width: int = 32):
+    def __init__(self, vocab: int = 2048, width: int = 32, bias: bool = True):
         super().__init__()
         self.emb = nn.Embedding(vocab, width)
         self.fc = nn.Linear(width, width)
-        self.head = nn.Linear(width, vocab, bias=False)
+        self.head = nn.Linear(width, vocab, bias=bias)
         target = torch.arange(4 * 64) * 7 % vocab
         target[::9] = -100  # ignored positions
         self.register_buffer("target", target.view(4, 64))

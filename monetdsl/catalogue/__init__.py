@@ -17,7 +17,7 @@ from .base import BackwardAlt, BackwardStep, Binding, ForwardAlt, OpKind
 from .dropout import Dropout
 from .elementwise import Add
 from .linear import Convolution, MatMul
-from .loss import CrossEntropy
+from .loss import CrossEntropy, LinearCrossEntropy
 from .norms import BatchNorm, GammaHasZeros, LayerNorm, RMSNorm
 from .packing import pack_bits, unpack_bits
 from .pooling import AdaptiveAvgPool2d, MaxPool2d
@@ -56,6 +56,7 @@ _KINDS: list[OpKind] = [
     ScaledDotProductAttention(),
     Add(),
     CrossEntropy(),
+    LinearCrossEntropy(),
 ]
 
 #: catalogue name -> entry

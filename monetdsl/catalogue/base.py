@@ -121,6 +121,12 @@ class OpKind:
         its outputs (an intermediate gradient autograd forms and drops within the step)."""
         return ()
 
+    def flops(self, phase: str, alt: str, binding: Binding) -> float | None:
+        """FLOPs of forward (``phase="forward"``) or backward alternative ``alt`` when they
+        differ between alternatives in ways the tracer's generic rules (one forward count;
+        a backward of twice the forward) do not capture; ``None`` keeps those rules."""
+        return None
+
     def derived_type(self, role: str, binding: Binding, y_dtype: torch.dtype, y_shape: tuple[int, ...]) -> DerivedType:
         """dtype and shape of a derived tensor. ``u1`` means one bit per element."""
         raise KeyError(role)

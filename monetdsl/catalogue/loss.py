@@ -21,17 +21,25 @@ import torch
 
 from .base import BackwardAlt, BackwardStep, Binding, ForwardAlt, OpKind
 
-__all__ = ["CrossEntropy", "REDUCTIONS", "cross_entropy_grad_from_log_probs"]
+__all__ = [
+    "CrossEntropy",
+    "LinearCrossEntropy",
+    "REDUCTIONS",
+    "cross_entropy_grad_from_log_probs",
+    "linear_cross_entropy_grads",
+    "linear_cross_entropy_backward",
+    "chunk_rows",
+]
 
 #: aten's reduction codes
 REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
 
 
 def cross_entropy_grad_from_log_probs(grad: torch.Tensor, lsm: torch.Tensor, target: torch.Tensor, total_weight: torch.Tensor,
-                                      reduction: int, ignore_index: int) -> torch.Tensor:
+                                      reduction: int, ignore_index: int, *, overwrite: bool = False) -> torch.Tensor:
     """The logits' gradient of ``nll_loss(lsm, target)`` with ``lsm = log_softmax(logits, 1)``,
     written into one new tensor (``exp(lsm)``, then the targets' ones subtracted and every
-    row scaled in place).
+    row scaled in place), or into ``lsm`` itself with ``overwrite``.
 
     On the CPU ``exp(lsm)`` is taken as ``softmax(lsm)`` (the same values, to an ulp: the
     rows of ``exp(lsm)`` already sum to one): ``torch.exp`` of log-probabilities whose results
@@ -42,7 +50,10 @@ def cross_entropy_grad_from_log_probs(grad: torch.Tensor, lsm: torch.Tensor, tar
     rows = torch.arange(lsm.shape[0], device=lsm.device)
     scale = grad if reduction == 0 else (grad / total_weight if reduction == 1 else grad).expand(lsm.shape[0])
     scale = torch.where(valid, scale, torch.zeros((), dtype=scale.dtype, device=scale.device))
-    out = torch.softmax(lsm, 1) if lsm.device.type == "cpu" else torch.exp(lsm)
+    if overwrite:
+        out = torch.ops.aten._softmax.out(lsm, 1, False, out=lsm) if lsm.device.type == "cpu" else lsm.exp_()
+    else:
+        out = torch.softmax(lsm, 1) if lsm.device.type == "cpu" else torch.exp(lsm)
     out.index_put_((rows, torch.where(valid, target, torch.zeros_like(target))), -valid.to(out.dtype), accumulate=True)
     return out.mul_(scale.unsqueeze(1))
 
@@ -106,3 +117,198 @@ class CrossEntropy(OpKind):
         """The roles of a folded pair (``x`` and ``target`` are the tracer's nodes)."""
         return Binding({"x": x, "target": target}, {"lsm": lsm_index, "y": loss_index, "total_weight": total_weight_index},
                        {"reduction": int(reduction), "ignore_index": int(ignore_index), "shape": tuple(shape)})
+
+
+#: the logits of one row chunk of :class:`LinearCrossEntropy` take about this many bytes
+CHUNK_BYTES = 4 << 20
+
+
+def chunk_rows(rows: int, vocab: int, element_size: int, chunk_bytes: int | None = None) -> int:
+    """Rows per chunk so one chunk of logits takes about ``chunk_bytes`` (default
+    :data:`CHUNK_BYTES`, read at the call) and at least one row.
+
+    >>> chunk_rows(1024, 8192, 4)
+    128
+    """
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    return max(1, min(rows, chunk_bytes // max(1, vocab * element_size)))
+
+
+def _row_chunks(rows: int, step: int):
+    return ((start, min(rows, start + step)) for start in range(0, rows, step))
+
+
+def _accumulator(like: torch.Tensor, shape) -> torch.Tensor:
+    """A weight-gradient accumulator: in the input's dtype, or float32 for 16-bit types (a
+    sum over many chunks in bf16 would lose what a single product keeps)."""
+    dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+    return torch.zeros(shape, dtype=dtype, device=like.device)
+
+
+def _grads_by_chunks(x: torch.Tensor, w: torch.Tensor, step: int, logits_grad_of) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad x, grad w)`` of ``logits = x @ w`` from the logits' gradient, one row chunk
+    at a time: ``logits_grad_of(start, stop)`` gives the chunk's gradient. The weight's
+    gradient is accumulated in ``w``'s transposed layout (``vocab x width``, the layout of
+    an ``nn.Linear`` weight) and returned as a view of ``w``'s shape."""
+    gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    gw_t = _accumulator(w, (w.shape[1], w.shape[0]))
+    for start, stop in _row_chunks(x.shape[0], step):
+        dlogits = logits_grad_of(start, stop)
+        torch.mm(dlogits, w.t(), out=gx[start:stop])
+        gw_t.addmm_(dlogits.t().to(gw_t.dtype), x[start:stop].to(gw_t.dtype))
+        del dlogits  # before the next chunk's is made
+    return gx, gw_t.to(w.dtype).t()
+
+
+def linear_cross_entropy_grads(x: torch.Tensor, w: torch.Tensor, target: torch.Tensor, reduction: int, ignore_index: int,
+                               step: int) -> dict[str, torch.Tensor]:
+    """``cross_entropy(x @ w, target)`` and its gradients for an incoming gradient of one,
+    in row chunks of ``step`` rows: the loss ``y``, ``total_weight`` (as
+    ``nll_loss_forward`` gives it), and ``gx``, ``gw``, the gradients of ``x`` and ``w``
+    already divided by the number of counted targets for the mean. Holds one chunk of
+    logits (and its gradient) at a time. ``reduction`` is ``mean`` (1) or ``sum`` (2)."""
+    if reduction not in (1, 2):
+        raise ValueError("gradients in the forward need a scalar loss (reduction mean or sum)")
+    valid = target != ignore_index
+    total_weight = valid.sum().to(x.dtype)
+    loss_sum = torch.zeros((), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    safe_target = torch.where(valid, target, torch.zeros_like(target))
+
+    def logits_grad_of(start, stop):
+        nonlocal loss_sum
+        lsm = torch.mm(x[start:stop], w)
+        torch.ops.aten._log_softmax.out(lsm, 1, False, out=lsm)
+        picked = lsm.gather(1, safe_target[start:stop].unsqueeze(1)).squeeze(1)
+        loss_sum = loss_sum - torch.where(valid[start:stop], picked, torch.zeros_like(picked)).sum(dtype=loss_sum.dtype)
+        return cross_entropy_grad_from_log_probs(one, lsm, target[start:stop], total_weight, reduction, ignore_index, overwrite=True)
+
+    gx, gw = _grads_by_chunks(x, w, step, logits_grad_of)
+    loss = (loss_sum / total_weight if reduction == 1 else loss_sum).to(x.dtype)
+    return {"y": loss, "total_weight": total_weight, "gx": gx, "gw": gw}
+
+
+def linear_cross_entropy_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lsm: torch.Tensor, target: torch.Tensor,
+                                  total_weight: torch.Tensor, reduction: int, ignore_index: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of ``x`` and ``w`` from the kept log-probabilities, in row chunks:
+    the logits' gradient exists one chunk at a time (autograd forms it whole, next to the
+    log-probabilities' gradient)."""
+    def logits_grad_of(start, stop):
+        g = grad[start:stop] if reduction == 0 else grad
+        return cross_entropy_grad_from_log_probs(g, lsm[start:stop], target[start:stop], total_weight, reduction, ignore_index)
+
+    return _grads_by_chunks(x, w, step, logits_grad_of)
+
+
+class LinearCrossEntropy(OpKind):
+    """A bias-free linear layer followed by cross-entropy, folded by the tracer when its
+    logits feed nothing else (a language model's head): ``mm`` + ``_log_softmax`` +
+    ``nll_loss_forward``.
+
+    Roles: ``x`` (rows x width), ``w`` (width x vocabulary: the transposed weight the
+    product reads), ``target``; outputs ``y`` and ``total_weight``. Forward alternatives:
+
+    * ``default`` runs the three calls as eager does and keeps the log-probabilities
+      ``lsm`` (derived; the logits are a forward temporary);
+    * ``grads_in_forward`` computes the loss and, for an incoming gradient of one, the
+      gradients ``gx`` and ``gw`` in row chunks during the forward: the backward only
+      scales them by the incoming gradient (scalar losses only). It keeps width-sized
+      tensors instead of a vocabulary-sized one and moves two of the three products
+      into the forward pass (a recomputation repeats them).
+
+    Backward alternatives: ``autograd`` (eager's calls: log-probabilities' gradient and
+    logits' gradient whole, then the two products), ``chunked`` (the same from ``lsm``,
+    one chunk of logits' gradient at a time) and ``from_grads`` (scales ``gx``, ``gw``).
+    """
+
+    name = "linear_cross_entropy"
+    aten = ()  # never matched by name: folded by the tracer
+    summary = "linear_cross_entropy (mm + log_softmax + nll_loss): backward in row chunks, or gradients in the forward"
+    flops_per_element = 6.0
+
+    def bind(self, target, args, kwargs, input_shapes, output_shapes):
+        raise NotImplementedError("linear_cross_entropy is bound by the tracer's fold, not from one call")
+
+    def forward_alts(self, binding):
+        alts = [ForwardAlt("default", derived=("lsm",), doc="mm, log_softmax, nll_loss as eager; keeps the log-probabilities")]
+        if binding.attrs["reduction"] in (1, 2):
+            alts.append(ForwardAlt("grads_in_forward", derived=("gx", "gw"),
+                                   doc="loss and unit gradients in row chunks; keeps width-sized gradients"))
+        return tuple(alts)
+
+    def backward_steps(self, binding):
+        reads = ("x", "w", "lsm", "target", "total_weight")
+        return (BackwardStep("backward", ("x", "w"), (
+            BackwardAlt("autograd", reads, "nll_loss_backward, _log_softmax_backward_data, then both products (two logits-sized temporaries)"),
+            BackwardAlt("chunked", reads, "the logits' gradient one row chunk at a time, each chunk into both products"),
+            BackwardAlt("from_grads", ("gx", "gw"), "the gradients made in the forward, times the incoming gradient"),
+        )),)
+
+    def derived_type(self, role, binding, y_dtype, y_shape):
+        rows, width = binding.attrs["shape"]
+        vocab = binding.attrs["w_shape"][1]
+        shapes = {"lsm": (rows, vocab), "gx": (rows, width), "gw": (width, vocab)}
+        return y_dtype, shapes[role]
+
+    def flops(self, phase: str, alt: str, binding) -> float:
+        """FLOPs of a forward (``phase="forward"``) or backward alternative: a product is
+        ``2 * rows * width * vocabulary``, the softmax part ``6 * rows * vocabulary``."""
+        rows, width = binding.attrs["shape"]
+        vocab = binding.attrs["w_shape"][1]
+        product, softmax = 2.0 * rows * width * vocab, self.flops_per_element * rows * vocab
+        if phase == "forward":
+            return product + softmax + (2 * product + softmax if alt == "grads_in_forward" else 0.0)
+        if alt == "from_grads":
+            return float(rows * width + width * vocab)
+        return 2 * product + softmax
+
+    # -- reference ---------------------------------------------------------------------------
+    def forward(self, alt, inputs, attrs, saved=None):
+        x, w, target = inputs["x"], inputs["w"], inputs["target"]
+        if alt == "grads_in_forward":
+            return linear_cross_entropy_grads(x, w, target, attrs["reduction"], attrs["ignore_index"], attrs["chunk_rows"])
+        lsm = torch.log_softmax(x @ w, 1)
+        loss, total_weight = torch.ops.aten.nll_loss_forward(lsm, target, None, attrs["reduction"], attrs["ignore_index"])
+        return {"lsm": lsm, "y": loss, "total_weight": total_weight}
+
+    def backward(self, step, alt, grads, saved, attrs):
+        g = grads["y"]
+        if alt == "from_grads":
+            return {"x": saved["gx"] * g, "w": saved["gw"] * g}
+        x, w, lsm, target, tw = saved["x"], saved["w"], saved["lsm"], saved["target"], saved["total_weight"]
+        if alt == "chunked":
+            gx, gw = linear_cross_entropy_backward(g, x, w, lsm, target, tw, attrs["reduction"], attrs["ignore_index"], attrs["chunk_rows"])
+            return {"x": gx, "w": gw}
+        if alt == "autograd":
+            aten = torch.ops.aten
+            g_lsm = aten.nll_loss_backward(g, lsm, target, None, attrs["reduction"], attrs["ignore_index"], tw)
+            dlogits = aten._log_softmax_backward_data(g_lsm, lsm, 1, lsm.dtype)
+            return {"x": dlogits @ w.t(), "w": x.t() @ dlogits}
+        raise KeyError(alt)
+
+    def autograd_reference(self, inputs, attrs):
+        reduction = REDUCTIONS[attrs["reduction"]]
+        logits = inputs["x"] @ inputs["w"]
+        return {"y": torch.nn.functional.cross_entropy(logits, inputs["target"], reduction=reduction, ignore_index=attrs["ignore_index"])}
+
+    def examples(self):
+        g = torch.Generator().manual_seed(7)
+        x = torch.randn(7, 4, generator=g, dtype=torch.float64)
+        w = torch.randn(4, 6, generator=g, dtype=torch.float64) * 2
+        target = torch.tensor([0, 5, 2, -100, 2, 1, 4])
+
+        def attrs(reduction, ignore_index=-100, rows=3):
+            return {"reduction": reduction, "ignore_index": ignore_index, "shape": (7, 4), "w_shape": (4, 6), "chunk_rows": rows}
+
+        cases = [({"x": x, "w": w, "target": target}, attrs(r)) for r in (1, 2, 0)]
+        cases.append(({"x": x, "w": w, "target": torch.tensor([0, 5, 2, 3, 2, 1, 4])}, attrs(1, ignore_index=3, rows=7)))
+        return cases
+
+    @staticmethod
+    def binding(x, w, target, lsm_index: int, loss_index: int, total_weight_index: int, reduction: int, ignore_index: int,
+                shape, w_shape, element_size: int) -> Binding:
+        """The roles of a folded head (``x``, ``w``, ``target`` are the tracer's nodes)."""
+        rows = chunk_rows(shape[0], w_shape[1], element_size)
+        return Binding({"x": x, "w": w, "target": target}, {"lsm": lsm_index, "y": loss_index, "total_weight": total_weight_index},
+                       {"reduction": int(reduction), "ignore_index": int(ignore_index), "shape": tuple(shape),
+                        "w_shape": tuple(w_shape), "chunk_rows": rows})

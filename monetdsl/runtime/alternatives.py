@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from ..catalogue.dropout import draw_seed
+from ..catalogue.loss import linear_cross_entropy_backward, linear_cross_entropy_grads
 from . import ops as _ops  # noqa: F401 - registers torch.ops.monetdsl
 
 __all__ = ["OpContext", "FORWARD", "RECOMPUTE", "BACKWARD", "forward_function", "backward_function"]
@@ -164,6 +165,25 @@ def _cross_entropy_from_output(ctx: OpContext, saved: dict, grads: dict) -> dict
                                                              ctx.attrs["reduction"], ctx.attrs["ignore_index"])}
 
 
+def _linear_ce_grads_in_forward(ctx: OpContext, saved):
+    """Loss and unit gradients by row chunks (plain torch calls, so the workspace probe
+    sees each chunk's temporaries); a recomputation makes the same tensors again."""
+    i, a = ctx.inputs, ctx.attrs
+    return linear_cross_entropy_grads(i["x"], i["w"], i["target"], a["reduction"], a["ignore_index"], a["chunk_rows"])
+
+
+def _linear_ce_chunked(ctx: OpContext, saved: dict, grads: dict) -> dict:
+    a = ctx.attrs
+    gx, gw = linear_cross_entropy_backward(grads["y"], saved["x"], saved["w"], saved["lsm"], saved["target"], saved["total_weight"],
+                                           a["reduction"], a["ignore_index"], a["chunk_rows"])
+    return {"x": gx, "w": gw}
+
+
+def _linear_ce_from_grads(ctx: OpContext, saved: dict, grads: dict) -> dict:
+    g = grads["y"]
+    return {"x": saved["gx"] * g, "w": saved["gw"] * g}
+
+
 # ------------------------------------------------------------------------------- max pooling
 def _pool_args(attrs: dict) -> tuple:
     return list(attrs["kernel"]), list(attrs["stride"]), list(attrs["padding"]), list(attrs["dilation"]), attrs["ceil_mode"]
@@ -285,6 +305,7 @@ FORWARD[("dropout", "bit_mask")] = _dropout_bits
 FORWARD[("dropout", "rng_replay")] = _dropout_seed
 FORWARD[("add", "inplace")] = _add_inplace
 FORWARD[("sdpa", "math")] = _sdpa_math
+FORWARD[("linear_cross_entropy", "grads_in_forward")] = _linear_ce_grads_in_forward
 
 #: alternatives whose recomputation differs from their first forward (handled by ``saved``)
 RECOMPUTE = {("batch_norm", "default"), ("dropout", "bool_mask"), ("dropout", "bit_mask"), ("dropout", "rng_replay")}
@@ -306,6 +327,8 @@ for _alt in ("from_mask", "from_bits", "from_seed"):
     BACKWARD[("dropout", _alt)] = _dropout_backward(_alt)
 BACKWARD[("sdpa", "math")] = _sdpa_from_probs
 BACKWARD[("cross_entropy", "from_output")] = _cross_entropy_from_output
+BACKWARD[("linear_cross_entropy", "chunked")] = _linear_ce_chunked
+BACKWARD[("linear_cross_entropy", "from_grads")] = _linear_ce_from_grads
 
 #: PyTorch's own backward alternatives replaced by an equivalent with the same result bit for bit
 FASTER = {("dropout", "from_mask")}

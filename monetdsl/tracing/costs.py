@@ -68,7 +68,7 @@ PRESETS: dict[str, DevicePreset] = {
 }
 
 #: catalogue kinds whose FLOPs run on matrix units
-MATMUL_KINDS = frozenset({"conv", "matmul", "sdpa"})
+MATMUL_KINDS = frozenset({"conv", "matmul", "sdpa", "linear_cross_entropy"})
 
 
 def preset(name: str) -> DevicePreset:

@@ -10,7 +10,8 @@
 * **Backward groups**: backward nodes grouped by the sequence number of the forward op
   they differentiate, and the forward values each group reads.
 * **Folded groups**: a decomposed ``nn.RMSNorm`` (pow, mean, add, rsqrt, mul) and a
-  cross-entropy (``_log_softmax`` feeding only ``nll_loss_forward``) become one op each.
+  cross-entropy (``_log_softmax`` feeding only ``nll_loss_forward``) become one op each;
+  a bias-free linear layer whose logits feed nothing but that cross-entropy joins it.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch.fx as fx
 
 from .capture import Captured
 
-__all__ = ["JointFacts", "analyse", "packet_name", "is_alias", "tensor_args"]
+__all__ = ["JointFacts", "FusedCrossEntropy", "FusedLinearCrossEntropy", "analyse", "packet_name", "is_alias", "tensor_args"]
 
 _ALIAS_OPS = frozenset({"_unsafe_view", "detach", "alias", "lift_fresh"})
 _BN_FUNCTIONAL = "_native_batch_norm_legit_functional"
@@ -75,7 +76,7 @@ class JointFacts:
     outputs: dict = field(default_factory=dict)  # compute node -> {index or None: value node}
     unattributed: list = field(default_factory=list)
     saved_clones: set = field(default_factory=set)  # forward clones only the backward reads
-    fused: dict = field(default_factory=dict)  # leader node -> FusedRMSNorm | FusedCrossEntropy
+    fused: dict = field(default_factory=dict)  # leader node -> FusedRMSNorm | FusedCrossEntropy | FusedLinearCrossEntropy
 
     def inputs_of(self, comp: fx.Node) -> list[fx.Node]:
         """The tensors an op reads: its arguments, or a fused group's external inputs."""
@@ -175,6 +176,7 @@ def analyse(captured: Captured) -> JointFacts:
                      and not is_alias(n) and n not in facts.saved_clones]
     member_of = _fuse_rms_norms(facts)
     member_of.update(_fuse_cross_entropies(facts))
+    member_of.update(_fuse_linear_heads(facts))
     for comp in facts.compute:
         outs: dict = {}
         group = facts.fused.get(comp)
@@ -257,6 +259,30 @@ class FusedCrossEntropy:
     @property
     def inputs(self) -> tuple:
         return (self.x, self.target)
+
+    def outputs(self, leader: fx.Node) -> dict:
+        return {0: self.lsm, 1: self.loss, 2: self.total_weight}
+
+
+@dataclass
+class FusedLinearCrossEntropy:
+    """``mm(x, w)`` whose logits reach a folded cross-entropy through views only and feed
+    nothing else, forward or backward (autograd's product keeps its operands, not its
+    result): a language model's bias-free output head with its loss."""
+
+    members: list  # [mm, its views in order, log_softmax, nll_loss_forward]
+    x: fx.Node
+    w: fx.Node
+    target: fx.Node
+    lsm: fx.Node
+    loss: fx.Node
+    total_weight: fx.Node
+    reduction: int
+    ignore_index: int
+
+    @property
+    def inputs(self) -> tuple:
+        return (self.x, self.w, self.target)
 
     def outputs(self, leader: fx.Node) -> dict:
         return {0: self.lsm, 1: self.loss, 2: self.total_weight}
@@ -351,6 +377,40 @@ def _fuse_cross_entropies(facts: JointFacts) -> dict:
         member_of[lsm] = comp
         member_of[comp] = comp
     facts.compute = [n for n in facts.compute if member_of.get(n, n) is n]
+    return member_of
+
+
+def _fuse_linear_heads(facts: JointFacts) -> dict:
+    """Fold the bias-free product that makes a folded cross-entropy's logits into it, when
+    the logits reach the log-softmax through views only, each value on the way has that
+    one user, and both sit on the same side of the model/loss boundary (a loss the tracer
+    adds outside the model is stripped for ``--loss output``; the model's last product
+    must stay). Returns member -> leader."""
+    compute = set(facts.compute)
+    member_of: dict = {}
+    for leader, group in list(facts.fused.items()):
+        if not isinstance(group, FusedCrossEntropy):
+            continue
+        chain, node = [], group.x
+        while is_alias(node) and len(node.users) == 1:
+            chain.append(node)
+            node = node.args[0]
+        mm = node
+        if mm not in compute or packet_name(mm.target) != "mm" or len(mm.users) != 1:
+            continue
+        if (chain[-1] if chain else group.lsm) not in mm.users:
+            continue
+        x, w = mm.args[:2]
+        if not (isinstance(x, fx.Node) and isinstance(w, fx.Node)):
+            continue
+        if bool(mm.meta.get("nn_module_stack")) != bool(leader.meta.get("nn_module_stack")):
+            continue
+        lsm, nll = group.members
+        facts.fused[leader] = FusedLinearCrossEntropy([mm, *reversed(chain), lsm, nll], x, w, group.target, lsm, group.loss,
+                                                      group.total_weight, group.reduction, group.ignore_index)
+        for member in (mm, *chain):
+            member_of[member] = leader
+    facts.compute = [n for n in facts.compute if n not in member_of]
     return member_of
 
 

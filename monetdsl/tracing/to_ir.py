@@ -20,7 +20,7 @@ from ..catalogue import CATALOGUE, kind_for
 from ..catalogue.base import Binding, OpKind
 from ..ir import BackwardImpl, BackwardOp, ForwardImpl, ForwardOp, Network, Tensor, TensorKind, grad_name, shape_bytes
 from .costs import MATMUL_KINDS, Roofline, node_flops
-from .joint import FusedCrossEntropy, JointFacts, tensor_args, is_alias, packet_name
+from .joint import FusedCrossEntropy, FusedLinearCrossEntropy, JointFacts, tensor_args, is_alias, packet_name
 from .naming import NameAllocator, module_path, op_names
 
 __all__ = ["BuiltNetwork", "OpRecord", "build_network", "ir_dtype"]
@@ -209,6 +209,8 @@ class _Builder:
 
     def _bind(self, comp: fx.Node):
         group = self.facts.fused.get(comp)
+        if isinstance(group, FusedLinearCrossEntropy):
+            return _linear_cross_entropy_binding(group)
         if isinstance(group, FusedCrossEntropy):
             return _cross_entropy_binding(group)
         if group is not None:
@@ -366,7 +368,10 @@ class _Builder:
                     continue  # reads a tensor no legal forward alternative produces
                 reads = [record.role_names[r] for r in alt.reads] + (extra_fixed if i == 0 and j == 0 else [])
                 read_bytes = sum(tensors[n].nbytes for n in set(reads))
-                if kind.name in ("conv", "matmul"):
+                own = kind.flops("backward", alt.name, binding)
+                if own is not None:
+                    flops = own
+                elif kind.name in ("conv", "matmul"):
                     flops = flops_fwd
                 elif kind.name == "sdpa":
                     flops = flops_fwd * (2.5 if alt.name == "flash" else 2.0)  # flash recomputes the probabilities
@@ -402,6 +407,14 @@ def _cross_entropy_binding(group: FusedCrossEntropy):
     """A folded ``_log_softmax`` + ``nll_loss_forward`` as the catalogue's ``cross_entropy``."""
     kind = CATALOGUE["cross_entropy"]
     return kind, kind.binding(group.x, group.target, 0, 1, 2, group.reduction, group.ignore_index, tuple(group.x.meta["val"].shape))
+
+
+def _linear_cross_entropy_binding(group: FusedLinearCrossEntropy):
+    """A folded bias-free linear head + cross-entropy as the catalogue's ``linear_cross_entropy``."""
+    kind = CATALOGUE["linear_cross_entropy"]
+    x, w = group.x.meta["val"], group.w.meta["val"]
+    return kind, kind.binding(group.x, group.w, group.target, 0, 1, 2, group.reduction, group.ignore_index,
+                              tuple(x.shape), tuple(w.shape), x.element_size())
 
 
 def _short_kind(packet: str) -> str:
@@ -459,6 +472,8 @@ def _forward_impls(record, inputs, outputs, tensors, facts, roofline, read_later
                 tensors[tname] = Tensor(tname, TensorKind.ACTIVATION, shape_bytes(irdt, shape), irdt, tuple(shape))
             derived.append(tname)
         derived_bytes = sum(tensors[d].nbytes for d in derived)
+        own = kind.flops("forward", alt.name, binding)
+        flops = flops if own is None else own
         time_us = roofline.time_us(flops, in_bytes + out_bytes + derived_bytes + extra, dtype, matmul)
         recompute_time = roofline.time_us(flops, in_bytes + out_bytes, dtype, matmul) if alt.cheaper_recompute else None
         reads = frozenset(record.role_names[role] for role in alt.recompute_reads)

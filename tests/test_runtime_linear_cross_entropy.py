@@ -1,0 +1,172 @@
+"""A bias-free output layer and its cross-entropy folded into one op, run in row chunks.
+
+With a large vocabulary a language model's step peaks around its loss: eager holds the
+logits and their log-probabilities in the forward, then the log-probabilities, their
+gradient and the logits' gradient in the backward. When the logits feed nothing but the
+loss, the tracer folds the product in (``linear_cross_entropy``), whose alternatives hold
+one chunk of logits at a time: a backward from the log-probabilities by chunks, or the
+gradients made in the forward (then neither logits nor log-probabilities are ever kept).
+Gradients equal eager's (bit for bit for PyTorch's own alternatives), and the measured
+peak follows the plan for every combination.
+"""
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import monetdsl
+from monetdsl.catalogue import loss as loss_catalogue
+from monetdsl.runtime.plan import trace_for_runtime
+from monetdsl.search.simulator import simulate
+from monetdsl.tracing.evidence import autograd_saved, spec_saved
+from .runtime_helpers import eager_step, first_impls, schedule_with, twins
+from .test_runtime_cross_entropy import BigVocab
+
+ROWS, VOCAB, CHUNK = 256, 2048, 64
+
+
+def _big_vocab():
+    return BigVocab(VOCAB, bias=False)
+
+
+@pytest.fixture(scope="module")
+def traced():
+    model, reference = twins(_big_vocab)
+    idx = torch.randint(0, VOCAB, (4, 64), generator=torch.Generator().manual_seed(3))
+    with mock.patch.object(loss_catalogue, "CHUNK_BYTES", CHUNK * VOCAB * 4):  # four chunks of 64 rows
+        trace = trace_for_runtime(model, [idx], optimizer="sgd")
+    return model, reference, idx, trace
+
+
+def _head(network):
+    ops = [op for op in network.forward_ops if op.name.endswith("linear_cross_entropy")]
+    assert len(ops) == 1, [op.name for op in network.forward_ops]
+    return ops[0], network.op(f"{ops[0].name}.backward")
+
+
+def test_the_output_layer_and_its_loss_are_one_op(traced):
+    _, _, _, trace = traced
+    network = trace.spec.network
+    op, bop = _head(network)
+    assert not any(o.name.endswith(("head", "cross_entropy")) and o is not op for o in network.forward_ops)
+    assert op.inputs == ("tanh", "head.weight", "target")
+    assert len(op.outputs) == 2  # the loss and the count of targets: the log-probabilities are derived
+    assert op.impl_names == ("default", "grads_in_forward")
+    lsm = network.tensors[op.impl("default").derived[0]]
+    assert lsm.shape == (ROWS, VOCAB)
+    gx, gw = (network.tensors[n] for n in op.impl("grads_in_forward").derived)
+    assert gx.shape == (ROWS, 32) and gw.shape == (32, VOCAB)
+    assert bop.impl_names == ("autograd", "chunked", "from_grads")
+    assert bop.impl("from_grads").reads == frozenset({gx.name, gw.name, f"grad({op.outputs[0]})"})
+    # workspaces (measured on the runtime's steps): the whole logits in eager's forward,
+    # the log-probabilities' gradient and the logits' gradient in eager's backward; one
+    # chunk of logits (made into their gradient in place) in the others, and vectors of
+    # one number per row (which targets count, their log-probabilities)
+    chunk, rows = CHUNK * VOCAB * 4, ROWS * 8 * 4
+    assert op.impl("default").workspace == lsm.nbytes
+    assert chunk <= op.impl("grads_in_forward").workspace <= chunk + rows
+    assert bop.impl("autograd").workspace >= 2 * lsm.nbytes - gw.nbytes - gx.nbytes
+    assert chunk <= bop.impl("chunked").workspace <= chunk + rows
+    assert trace.built.records[-1].binding.attrs["chunk_rows"] == CHUNK
+
+
+def test_store_all_keeps_what_autograd_keeps(traced):
+    model, _, idx, trace = traced
+    real, spec = autograd_saved(model, [idx], loss="none"), spec_saved(trace.spec.network)
+    assert spec.total == real.total
+    # autograd's product node and the loss pair keep, together, what the folded op keeps
+    names = [n for n, _ in real.per_op]
+    start = names.index("MmBackward0")
+    assert names[start + 1] == "CrossEntropy"
+    merged = {**real.storages[start], **real.storages[start + 1]}
+    real_per_op = [b for _, b in real.per_op[:start]] + [sum(merged.values())] + [b for _, b in real.per_op[start + 2:]]
+    assert [b for _, b in spec.per_op] == real_per_op
+
+
+COMBINATIONS = [("default", "autograd"), ("default", "chunked"), ("grads_in_forward", "from_grads")]
+
+
+@pytest.mark.parametrize("forward,backward", COMBINATIONS)
+@pytest.mark.parametrize("keep", ["all", "none"])
+def test_gradients_and_measured_peak(traced, forward, backward, keep):
+    model, reference, idx, trace = traced
+    network = trace.spec.network
+    op, bop = _head(network)
+    schedule = schedule_with(trace.spec, {**first_impls(network), op.name: forward, bop.name: backward}, keep=keep)
+    optimized = monetdsl.optimize(model, schedule=schedule)
+    optimized.plan_for(idx, trace=trace)
+    out1, grads1 = eager_step(optimized, [idx], 0)
+    out2, grads2 = eager_step(reference, [idx], 0)
+    assert grads1.keys() == grads2.keys()
+    if (forward, backward) == ("default", "autograd"):  # PyTorch's own: bit for bit
+        assert torch.equal(out1, out2)
+        assert all(torch.equal(grads1[n], grads2[n]) for n in grads2)
+    else:  # the same sums in other orders (chunks)
+        torch.testing.assert_close(out1, out2, rtol=1e-6, atol=0)
+        for name in grads2:
+            torch.testing.assert_close(grads1[name], grads2[name], rtol=1e-5, atol=1e-7, msg=name)
+    sim = simulate(network, schedule)
+    measured = monetdsl.measure(optimized, idx, probe="live", warmup=1)
+    assert measured.planned == sim.peak_bytes - sim.fixed_bytes
+    assert abs(measured.ratio - 1) <= 0.02, measured.summary()
+
+
+def test_chunks_remove_the_logits_sized_tensors_from_the_peak(traced):
+    _, _, _, trace = traced
+    network = trace.spec.network
+    op, bop = _head(network)
+    logits = network.tensors[op.impl("default").derived[0]].nbytes
+    peaks = {}
+    for forward, backward in COMBINATIONS:
+        schedule = schedule_with(trace.spec, {**first_impls(network), op.name: forward, bop.name: backward}, keep="all")
+        peaks[backward] = simulate(network, schedule).peak_bytes
+    # eager peaks in the loss's backward with three logits-sized tensors (log-probabilities,
+    # their gradient, the logits' gradient); by chunks the backward holds one and a chunk,
+    # and the forward's two (logits, log-probabilities) become the peak; gradients made
+    # in the forward hold a chunk and the two small gradients
+    assert peaks["autograd"] - peaks["chunked"] >= logits
+    assert peaks["autograd"] - peaks["from_grads"] >= 2 * logits
+
+
+@pytest.mark.parametrize("form", ["loss-outside", "logits-reused", "bias"])
+def test_other_forms_are_not_folded(form):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(8, 50, bias=form == "bias")
+
+        def forward(self, x, t):
+            logits = self.head(x)
+            if form == "loss-outside":
+                return logits
+            loss = F.cross_entropy(logits, t)
+            return loss + logits.mean() if form == "logits-reused" else loss
+
+    inputs = [torch.randn(4, 8), torch.tensor([0, 1, 4, 2])]
+    trace = trace_for_runtime(Model(), inputs, optimizer="sgd")
+    assert not any(r.kind is not None and r.kind.name == "linear_cross_entropy" for r in trace.built.records)
+
+
+def test_the_lowest_peak_needs_the_chunks(traced):
+    """The lowest peak the exact search reaches is lower with the folded op's own
+    alternatives than with eager's alone (pinned by an ``impl`` constraint), and its
+    schedule uses them."""
+    from monetdsl.grammar import parse_spec
+    from monetdsl.search import solve
+
+    _, _, _, trace = traced
+    op, bop = _head(trace.spec.network)
+    pinned = parse_spec(trace.spec.source.rstrip("\n") + f"\n\nconstraints\n    impl {op.name} = default\n    impl {bop.name} = autograd\n")
+    lowest = {}
+    for name, spec in (("all", trace.spec), ("eager", pinned)):
+        result = solve(spec, "milp", max_overhead=1.0, objective="memory", time_limit=60)
+        assert result.success, result.message
+        lowest[name] = result.simulation.peak_bytes
+        if name == "all":
+            assert result.schedule.impls[bop.name] in ("chunked", "from_grads")
+    logits = ROWS * VOCAB * 4
+    assert lowest["eager"] - lowest["all"] >= logits
