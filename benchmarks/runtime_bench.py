@@ -156,11 +156,14 @@ def monetdsl_schedules(model, inputs, solver_seconds: float = 60.0):
     blocks = block_outputs(network, model)
     add("monetdsl per-block (PyTorch impls)", build_schedule(network, first, forward_keep=blocks, promote="needed",
                                                               spec_path="", fingerprint=spec.fingerprint))
-    ce_backward = {op.name: "from_output" for op in network.backward_ops if "from_output" in op.impl_names and op.of
-                   and trace.ops[op.of].kind is not None and trace.ops[op.of].kind.name == "cross_entropy"}
-    if ce_backward:
-        add("monetdsl per-block (PyTorch impls, cross-entropy from_output)", build_schedule(
-            network, {**first, **ce_backward}, forward_keep=blocks, promote="needed", spec_path="", fingerprint=spec.fingerprint))
+    leaner_loss = {"cross_entropy": ("from_output", "from_output"), "linear_cross_entropy": ("chunked", "by chunks")}
+    kinds = {op.name: trace.ops[op.of].kind.name for op in network.backward_ops
+             if op.of and trace.ops[op.of].kind is not None and trace.ops[op.of].kind.name in leaner_loss}
+    if kinds:
+        loss_backward = {name: leaner_loss[kind][0] for name, kind in kinds.items()}
+        how = "/".join(sorted({leaner_loss[kind][1] for kind in kinds.values()}))
+        add(f"monetdsl per-block (PyTorch impls, loss backward {how})", build_schedule(
+            network, {**first, **loss_backward}, forward_keep=blocks, promote="needed", spec_path="", fingerprint=spec.fingerprint))
     add("monetdsl per-block (lean impls)", build_schedule(network, lean, forward_keep=blocks, promote="needed",
                                                            spec_path="", fingerprint=spec.fingerprint))
     attention = {t for op in network.forward_ops if trace.ops[op.name].kind is not None and trace.ops[op.name].kind.name == "sdpa"

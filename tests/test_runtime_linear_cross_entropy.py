@@ -115,6 +115,33 @@ def test_gradients_and_measured_peak(traced, forward, backward, keep):
     assert abs(measured.ratio - 1) <= 0.02, measured.summary()
 
 
+def _tied():
+    model = _big_vocab()
+    model.head.weight = model.emb.weight  # as GPT-2: the output layer is the embedding
+    return model
+
+
+@pytest.mark.parametrize("forward,backward", COMBINATIONS[1:])
+def test_a_tied_output_layer_gets_both_gradients(forward, backward):
+    """The weight's gradient from the folded op is added to the embedding's."""
+    model, reference = twins(_tied)
+    idx = torch.randint(0, VOCAB, (4, 64), generator=torch.Generator().manual_seed(4))
+    with mock.patch.object(loss_catalogue, "CHUNK_BYTES", CHUNK * VOCAB * 4):
+        trace = trace_for_runtime(model, [idx], optimizer="sgd")
+    network = trace.spec.network
+    op, bop = _head(network)
+    assert "emb.weight" in op.inputs
+    schedule = schedule_with(trace.spec, {**first_impls(network), op.name: forward, bop.name: backward}, keep="none")
+    optimized = monetdsl.optimize(model, schedule=schedule)
+    optimized.plan_for(idx, trace=trace)
+    out1, grads1 = eager_step(optimized, [idx], 0)
+    out2, grads2 = eager_step(reference, [idx], 0)
+    torch.testing.assert_close(out1, out2, rtol=1e-6, atol=0)
+    assert grads1.keys() == grads2.keys() and "emb.weight" in grads2
+    for name in grads2:
+        torch.testing.assert_close(grads1[name], grads2[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_chunks_remove_the_logits_sized_tensors_from_the_peak(traced):
     _, _, _, trace = traced
     network = trace.spec.network

@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-MODULES = ["monetdsl.catalogue", "monetdsl.catalogue.packing", "monetdsl.tracing.naming"]
+MODULES = ["monetdsl.catalogue", "monetdsl.catalogue.packing", "monetdsl.catalogue.loss", "monetdsl.tracing.naming"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -120,7 +120,10 @@ class CrossEntropy(OpKind):
 
 
 #: the logits of one row chunk of :class:`LinearCrossEntropy` take about this many bytes
-CHUNK_BYTES = 4 << 20
+#: (on the benchmark GPT's 1024 x 8192 logits on this project's CPU, gradients in the
+#: forward took 150 ms with 4 MiB chunks, 129 ms with 8 MiB, 121 ms with 16 MiB; eager's
+#: loss region 154 ms)
+CHUNK_BYTES = 8 << 20
 
 
 def chunk_rows(rows: int, vocab: int, element_size: int, chunk_bytes: int | None = None) -> int:
@@ -128,7 +131,7 @@ def chunk_rows(rows: int, vocab: int, element_size: int, chunk_bytes: int | None
     :data:`CHUNK_BYTES`, read at the call) and at least one row.
 
     >>> chunk_rows(1024, 8192, 4)
-    128
+    256
     """
     chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     return max(1, min(rows, chunk_bytes // max(1, vocab * element_size)))
