@@ -197,3 +197,27 @@ def test_the_lowest_peak_needs_the_chunks(traced):
             assert result.schedule.impls[bop.name] in ("chunked", "from_grads")
     logits = ROWS * VOCAB * 4
     assert lowest["eager"] - lowest["all"] >= logits
+
+
+def test_the_traced_spec_round_trips_through_its_text(tmp_path):
+    """``monetdsl trace`` of a model with its loss inside: the folded op and its derived
+    tensors survive the text, and a solved schedule checks against the parsed spec."""
+    from monetdsl.cli import main
+    from monetdsl.grammar import parse_spec
+    from monetdsl.grammar.printer import format_schedule
+    from monetdsl.search import solve
+    from monetdsl.tracing import trace_model
+    from monetdsl.validate import validate_spec
+
+    torch.manual_seed(0)
+    result = trace_model(_big_vocab(), [torch.randint(0, VOCAB, (4, 64))], loss="none", device="cpu")
+    text = result.text()
+    assert "linear_cross_entropy" in text and "grads_in_forward" in text and "from_grads" in text
+    spec = parse_spec(text)
+    validate_spec(spec)
+    assert spec.fingerprint == result.spec.fingerprint
+    solved = solve(spec, "hybrid", max_overhead=0.5, objective="memory", time_limit=30)
+    assert solved.success and solved.simulation.ok
+    (tmp_path / "head.monet").write_text(text)
+    (tmp_path / "plan.monet").write_text(format_schedule(solved.schedule, spec.network))
+    assert main(["check", str(tmp_path / "head.monet"), "--schedule", str(tmp_path / "plan.monet")]) == 0

@@ -247,6 +247,10 @@ class LinearCrossEntropy(OpKind):
             BackwardAlt("from_grads", ("gx", "gw"), "the gradients made in the forward, times the incoming gradient"),
         )),)
 
+    def workspace_roles(self, alt: str) -> tuple[str, ...]:
+        """autograd forms the log-probabilities' gradient and the logits' gradient whole."""
+        return ("lsm", "lsm") if alt == "autograd" else ()
+
     def derived_type(self, role, binding, y_dtype, y_shape):
         rows, width = binding.attrs["shape"]
         vocab = binding.attrs["w_shape"][1]

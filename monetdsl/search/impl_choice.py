@@ -37,7 +37,9 @@ __all__ = ["cheapest_impls", "no_recompute_compute_us"]
 def cheapest_impls(network: Network, allowed: dict[str, tuple[str, ...]] | None = None) -> dict[str, str]:
     """The cheapest no-recompute implementation of every op (forward and backward).
 
-    ``allowed`` restricts ops to the listed implementations (constraints' pins). First
+    ``allowed`` restricts ops to the listed implementations (constraints' pins). Between
+    equally fast backward implementations the one with the smaller workspace wins (a
+    compute-bound step's roofline time does not see its temporaries' traffic). First
     each forward op is chosen together with its attached backward ops; then backward
     ops that read a derived tensor of *another* op are repaired, by switching either the
     backward implementation or the producer's implementation, whichever costs less.
@@ -71,7 +73,7 @@ def cheapest_impls(network: Network, allowed: dict[str, tuple[str, ...]] | None 
                 options = [b for b in usable(bop) if all(obtainable(r, name, produced) for r in b.reads)]
                 if not options:
                     break
-                pick = min(options, key=lambda b: b.time_us)
+                pick = min(options, key=lambda b: (b.time_us, b.workspace))  # equally fast: the leaner
                 picks[bop.name] = pick.name
                 total += pick.time_us
             else:
@@ -84,7 +86,7 @@ def cheapest_impls(network: Network, allowed: dict[str, tuple[str, ...]] | None 
             chosen[name] = best[1].name
             chosen.update(best[2])
     for bop in network.backward_ops:
-        chosen.setdefault(bop.name, min(usable(bop), key=lambda b: b.time_us).name)
+        chosen.setdefault(bop.name, min(usable(bop), key=lambda b: (b.time_us, b.workspace)).name)
     _repair_derived_reads(network, idx, chosen, usable)
     return chosen
 
