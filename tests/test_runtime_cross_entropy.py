@@ -47,8 +47,9 @@ def traced():
     return model, reference, idx, trace_for_runtime(model, [idx], optimizer="sgd")
 
 
-def _loss_op(network):
-    ops = [op for op in network.forward_ops if op.name.endswith("cross_entropy")]
+def _loss_op(network, kind: str = "cross_entropy"):
+    """The one forward op named after ``kind`` and its backward op."""
+    ops = [op for op in network.forward_ops if op.name.endswith(kind)]
     assert len(ops) == 1, [op.name for op in network.forward_ops]
     return ops[0], network.op(f"{ops[0].name}.backward")
 

@@ -24,7 +24,7 @@ from monetdsl.runtime.plan import trace_for_runtime
 from monetdsl.search.simulator import simulate
 from monetdsl.tracing.evidence import autograd_saved, spec_saved
 from .runtime_helpers import eager_step, first_impls, schedule_with, twins
-from .test_runtime_cross_entropy import BigVocab
+from .test_runtime_cross_entropy import BigVocab, _loss_op
 
 ROWS, VOCAB, CHUNK = 256, 2048, 64
 
@@ -43,9 +43,7 @@ def traced():
 
 
 def _head(network):
-    ops = [op for op in network.forward_ops if op.name.endswith("linear_cross_entropy")]
-    assert len(ops) == 1, [op.name for op in network.forward_ops]
-    return ops[0], network.op(f"{ops[0].name}.backward")
+    return _loss_op(network, "linear_cross_entropy")
 
 
 def test_the_output_layer_and_its_loss_are_one_op(traced):
