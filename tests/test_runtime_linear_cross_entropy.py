@@ -140,6 +140,38 @@ def test_a_tied_output_layer_gets_both_gradients(forward, backward):
         torch.testing.assert_close(grads1[name], grads2[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("frozen", ["head", "body"])
+def test_a_frozen_side_needs_one_product(frozen):
+    """With the output layer frozen (fine-tuning) only x's gradient flows, and eager keeps
+    only the weight; with the body frozen only the weight's, and eager keeps x. The folded
+    op reads and makes just what is needed, and every alternative gives eager's gradients."""
+    def make():
+        model = _big_vocab()
+        for name, p in model.named_parameters():
+            p.requires_grad_((frozen == "head") != name.startswith("head"))
+        return model
+
+    model, reference = twins(make)
+    idx = torch.randint(0, VOCAB, (4, 64), generator=torch.Generator().manual_seed(5))
+    with mock.patch.object(loss_catalogue, "CHUNK_BYTES", CHUNK * VOCAB * 4):
+        trace = trace_for_runtime(model, [idx], optimizer="sgd")
+    network = trace.spec.network
+    op, bop = _head(network)
+    assert bop.outputs == (("grad(tanh)",) if frozen == "head" else ("grad(head.weight)",))
+    grads_made = network.tensors[op.impl("grads_in_forward").derived[0]]
+    assert grads_made.shape == ((ROWS, 32) if frozen == "head" else (32, VOCAB))
+    assert ("tanh" in bop.impl("chunked").reads) == (frozen == "body")
+    for forward, backward in COMBINATIONS:
+        schedule = schedule_with(trace.spec, {**first_impls(network), op.name: forward, bop.name: backward}, keep="none")
+        optimized = monetdsl.optimize(model, schedule=schedule)
+        optimized.plan_for(idx, trace=trace)
+        (out1, grads1), (out2, grads2) = eager_step(optimized, [idx], 0), eager_step(reference, [idx], 0)
+        torch.testing.assert_close(out1, out2, rtol=1e-6, atol=0)
+        assert grads1.keys() == grads2.keys()
+        for name in grads2:
+            torch.testing.assert_close(grads1[name], grads2[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_chunks_remove_the_logits_sized_tensors_from_the_peak(traced):
     _, _, _, trace = traced
     network = trace.spec.network

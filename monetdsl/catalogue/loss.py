@@ -148,28 +148,33 @@ def _accumulator(like: torch.Tensor, shape) -> torch.Tensor:
     return torch.zeros(shape, dtype=dtype, device=like.device)
 
 
-def _grads_by_chunks(x: torch.Tensor, w: torch.Tensor, step: int, logits_grad_of) -> tuple[torch.Tensor, torch.Tensor]:
+def _grads_by_chunks(rows: int, vocab: int, x: torch.Tensor | None, w: torch.Tensor | None, step: int, logits_grad_of) -> tuple:
     """``(grad x, grad w)`` of ``logits = x @ w`` from the logits' gradient, one row chunk
-    at a time: ``logits_grad_of(start, stop)`` gives the chunk's gradient. The weight's
-    gradient is accumulated in ``w``'s transposed layout (``vocab x width``, the layout of
-    an ``nn.Linear`` weight) and returned as a view of ``w``'s shape."""
-    gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    gw_t = _accumulator(w, (w.shape[1], w.shape[0]))
-    for start, stop in _row_chunks(x.shape[0], step):
+    at a time: ``logits_grad_of(start, stop)`` gives the chunk's gradient. ``x``'s gradient
+    needs ``w`` and ``w``'s needs ``x``: pass ``None`` for the operand whose partner's
+    gradient is not wanted (that gradient comes back ``None``). The weight's gradient is
+    accumulated in ``w``'s transposed layout (``vocab x width``, the layout of an
+    ``nn.Linear`` weight) and returned as a view of ``w``'s shape."""
+    gx = torch.empty((rows, w.shape[0]), dtype=w.dtype, device=w.device) if w is not None else None
+    gw_t = _accumulator(x, (vocab, x.shape[1])) if x is not None else None
+    for start, stop in _row_chunks(rows, step):
         dlogits = logits_grad_of(start, stop)
-        torch.mm(dlogits, w.t(), out=gx[start:stop])
-        gw_t.addmm_(dlogits.t().to(gw_t.dtype), x[start:stop].to(gw_t.dtype))
+        if gx is not None:
+            torch.mm(dlogits, w.t(), out=gx[start:stop])
+        if gw_t is not None:
+            gw_t.addmm_(dlogits.t().to(gw_t.dtype), x[start:stop].to(gw_t.dtype))
         del dlogits  # before the next chunk's is made
-    return gx, gw_t.to(w.dtype).t()
+    return gx, (gw_t.to(x.dtype).t() if gw_t is not None else None)
 
 
 def linear_cross_entropy_grads(x: torch.Tensor, w: torch.Tensor, target: torch.Tensor, reduction: int, ignore_index: int,
-                               step: int) -> dict[str, torch.Tensor]:
+                               step: int, wanted: tuple[str, ...] = ("x", "w")) -> dict[str, torch.Tensor]:
     """``cross_entropy(x @ w, target)`` and its gradients for an incoming gradient of one,
     in row chunks of ``step`` rows: the loss ``y``, ``total_weight`` (as
-    ``nll_loss_forward`` gives it), and ``gx``, ``gw``, the gradients of ``x`` and ``w``
-    already divided by the number of counted targets for the mean. Holds one chunk of
-    logits (and its gradient) at a time. ``reduction`` is ``mean`` (1) or ``sum`` (2)."""
+    ``nll_loss_forward`` gives it), and ``gx``, ``gw`` (for the roles in ``wanted``), the
+    gradients of ``x`` and ``w`` already divided by the number of counted targets for the
+    mean. Holds one chunk of logits (and its gradient) at a time. ``reduction`` is
+    ``mean`` (1) or ``sum`` (2)."""
     if reduction not in (1, 2):
         raise ValueError("gradients in the forward need a scalar loss (reduction mean or sum)")
     valid = target != ignore_index
@@ -186,21 +191,25 @@ def linear_cross_entropy_grads(x: torch.Tensor, w: torch.Tensor, target: torch.T
         loss_sum = loss_sum - torch.where(valid[start:stop], picked, torch.zeros_like(picked)).sum(dtype=loss_sum.dtype)
         return cross_entropy_grad_from_log_probs(one, lsm, target[start:stop], total_weight, reduction, ignore_index, overwrite=True)
 
-    gx, gw = _grads_by_chunks(x, w, step, logits_grad_of)
+    gx, gw = _grads_by_chunks(x.shape[0], w.shape[1], x if "w" in wanted else None, w if "x" in wanted else None, step, logits_grad_of)
     loss = (loss_sum / total_weight if reduction == 1 else loss_sum).to(x.dtype)
-    return {"y": loss, "total_weight": total_weight, "gx": gx, "gw": gw}
+    out = {"y": loss, "total_weight": total_weight}
+    out.update({name: g for name, g in (("gx", gx), ("gw", gw)) if g is not None})
+    return out
 
 
-def linear_cross_entropy_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lsm: torch.Tensor, target: torch.Tensor,
-                                  total_weight: torch.Tensor, reduction: int, ignore_index: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_cross_entropy_backward(grad: torch.Tensor, x: torch.Tensor | None, w: torch.Tensor | None, lsm: torch.Tensor,
+                                  target: torch.Tensor, total_weight: torch.Tensor, reduction: int, ignore_index: int,
+                                  step: int) -> tuple:
     """The gradients of ``x`` and ``w`` from the kept log-probabilities, in row chunks:
     the logits' gradient exists one chunk at a time (autograd forms it whole, next to the
-    log-probabilities' gradient)."""
+    log-probabilities' gradient). ``x`` (``w``) is ``None`` when ``w``'s (``x``'s)
+    gradient is not wanted; that gradient comes back ``None``."""
     def logits_grad_of(start, stop):
         g = grad[start:stop] if reduction == 0 else grad
         return cross_entropy_grad_from_log_probs(g, lsm[start:stop], target[start:stop], total_weight, reduction, ignore_index)
 
-    return _grads_by_chunks(x, w, step, logits_grad_of)
+    return _grads_by_chunks(lsm.shape[0], lsm.shape[1], x, w, step, logits_grad_of)
 
 
 class LinearCrossEntropy(OpKind):
@@ -232,19 +241,28 @@ class LinearCrossEntropy(OpKind):
     def bind(self, target, args, kwargs, input_shapes, output_shapes):
         raise NotImplementedError("linear_cross_entropy is bound by the tracer's fold, not from one call")
 
+    @staticmethod
+    def wanted(binding) -> tuple[str, ...]:
+        """The roles whose gradient flows (``grad_roles``, set by the tracer: a frozen output
+        layer or a frozen body needs only one of the two products)."""
+        return tuple(r for r in ("x", "w") if r in binding.attrs.get("grad_roles", ("x", "w")))
+
     def forward_alts(self, binding):
         alts = [ForwardAlt("default", derived=("lsm",), doc="mm, log_softmax, nll_loss as eager; keeps the log-probabilities")]
-        if binding.attrs["reduction"] in (1, 2):
-            alts.append(ForwardAlt("grads_in_forward", derived=("gx", "gw"),
+        derived = tuple(f"g{role}" for role in self.wanted(binding))
+        if binding.attrs["reduction"] in (1, 2) and derived:
+            alts.append(ForwardAlt("grads_in_forward", derived=derived,
                                    doc="loss and unit gradients in row chunks; keeps width-sized gradients"))
         return tuple(alts)
 
     def backward_steps(self, binding):
-        reads = ("x", "w", "lsm", "target", "total_weight")
-        return (BackwardStep("backward", ("x", "w"), (
-            BackwardAlt("autograd", reads, "nll_loss_backward, _log_softmax_backward_data, then both products (two logits-sized temporaries)"),
-            BackwardAlt("chunked", reads, "the logits' gradient one row chunk at a time, each chunk into both products"),
-            BackwardAlt("from_grads", ("gx", "gw"), "the gradients made in the forward, times the incoming gradient"),
+        wanted = self.wanted(binding)
+        # x's gradient needs w, w's needs x (as autograd's product keeps them)
+        reads = tuple(r for r, needed_for in (("x", "w"), ("w", "x")) if needed_for in wanted) + ("lsm", "target", "total_weight")
+        return (BackwardStep("backward", wanted or ("x", "w"), (
+            BackwardAlt("autograd", reads, "nll_loss_backward, _log_softmax_backward_data, then the products (two logits-sized temporaries)"),
+            BackwardAlt("chunked", reads, "the logits' gradient one row chunk at a time, each chunk into the products"),
+            BackwardAlt("from_grads", tuple(f"g{role}" for role in wanted), "the gradients made in the forward, times the incoming gradient"),
         )),)
 
     def workspace_roles(self, alt: str) -> tuple[str, ...]:
@@ -263,17 +281,19 @@ class LinearCrossEntropy(OpKind):
         rows, width = binding.attrs["shape"]
         vocab = binding.attrs["w_shape"][1]
         product, softmax = 2.0 * rows * width * vocab, self.flops_per_element * rows * vocab
+        products = len(self.wanted(binding))
         if phase == "forward":
-            return product + softmax + (2 * product + softmax if alt == "grads_in_forward" else 0.0)
+            return product + softmax + (products * product + softmax if alt == "grads_in_forward" else 0.0)
         if alt == "from_grads":
             return float(rows * width + width * vocab)
-        return 2 * product + softmax
+        return products * product + softmax
 
     # -- reference ---------------------------------------------------------------------------
     def forward(self, alt, inputs, attrs, saved=None):
         x, w, target = inputs["x"], inputs["w"], inputs["target"]
         if alt == "grads_in_forward":
-            return linear_cross_entropy_grads(x, w, target, attrs["reduction"], attrs["ignore_index"], attrs["chunk_rows"])
+            return linear_cross_entropy_grads(x, w, target, attrs["reduction"], attrs["ignore_index"], attrs["chunk_rows"],
+                                              attrs.get("grad_roles", ("x", "w")))
         lsm = torch.log_softmax(x @ w, 1)
         loss, total_weight = torch.ops.aten.nll_loss_forward(lsm, target, None, attrs["reduction"], attrs["ignore_index"])
         return {"lsm": lsm, "y": loss, "total_weight": total_weight}
@@ -281,17 +301,21 @@ class LinearCrossEntropy(OpKind):
     def backward(self, step, alt, grads, saved, attrs):
         g = grads["y"]
         if alt == "from_grads":
-            return {"x": saved["gx"] * g, "w": saved["gw"] * g}
-        x, w, lsm, target, tw = saved["x"], saved["w"], saved["lsm"], saved["target"], saved["total_weight"]
+            return {role: saved[f"g{role}"] * g for role in ("x", "w") if f"g{role}" in saved}
+        wanted = attrs.get("grad_roles", ("x", "w"))
+        x = saved["x"] if "w" in wanted else None  # w's gradient needs x, x's needs w
+        w = saved["w"] if "x" in wanted else None
+        lsm, target, tw = saved["lsm"], saved["target"], saved["total_weight"]
         if alt == "chunked":
             gx, gw = linear_cross_entropy_backward(g, x, w, lsm, target, tw, attrs["reduction"], attrs["ignore_index"], attrs["chunk_rows"])
-            return {"x": gx, "w": gw}
-        if alt == "autograd":
+        elif alt == "autograd":
             aten = torch.ops.aten
             g_lsm = aten.nll_loss_backward(g, lsm, target, None, attrs["reduction"], attrs["ignore_index"], tw)
             dlogits = aten._log_softmax_backward_data(g_lsm, lsm, 1, lsm.dtype)
-            return {"x": dlogits @ w.t(), "w": x.t() @ dlogits}
-        raise KeyError(alt)
+            gx, gw = (dlogits @ w.t() if w is not None else None), (x.t() @ dlogits if x is not None else None)
+        else:
+            raise KeyError(alt)
+        return {role: grad for role, grad in (("x", gx), ("w", gw)) if grad is not None}
 
     def autograd_reference(self, inputs, attrs):
         reduction = REDUCTIONS[attrs["reduction"]]
@@ -309,6 +333,8 @@ class LinearCrossEntropy(OpKind):
 
         cases = [({"x": x, "w": w, "target": target}, attrs(r)) for r in (1, 2, 0)]
         cases.append(({"x": x, "w": w, "target": torch.tensor([0, 5, 2, 3, 2, 1, 4])}, attrs(1, ignore_index=3, rows=7)))
+        for only in ("x", "w"):  # a frozen output layer, a frozen body
+            cases.append(({"x": x, "w": w, "target": target}, {**attrs(1), "grad_roles": (only,)}))
         return cases
 
     @staticmethod

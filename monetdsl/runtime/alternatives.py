@@ -169,19 +169,20 @@ def _linear_ce_grads_in_forward(ctx: OpContext, saved):
     """Loss and unit gradients by row chunks (plain torch calls, so the workspace probe
     sees each chunk's temporaries); a recomputation makes the same tensors again."""
     i, a = ctx.inputs, ctx.attrs
-    return linear_cross_entropy_grads(i["x"], i["w"], i["target"], a["reduction"], a["ignore_index"], a["chunk_rows"])
+    return linear_cross_entropy_grads(i["x"], i["w"], i["target"], a["reduction"], a["ignore_index"], a["chunk_rows"], a["grad_roles"])
 
 
 def _linear_ce_chunked(ctx: OpContext, saved: dict, grads: dict) -> dict:
+    """``saved`` holds x only when w's gradient is wanted, w only when x's is."""
     a = ctx.attrs
-    gx, gw = linear_cross_entropy_backward(grads["y"], saved["x"], saved["w"], saved["lsm"], saved["target"], saved["total_weight"],
-                                           a["reduction"], a["ignore_index"], a["chunk_rows"])
-    return {"x": gx, "w": gw}
+    gx, gw = linear_cross_entropy_backward(grads["y"], saved.get("x"), saved.get("w"), saved["lsm"], saved["target"],
+                                           saved["total_weight"], a["reduction"], a["ignore_index"], a["chunk_rows"])
+    return {role: grad for role, grad in (("x", gx), ("w", gw)) if grad is not None}
 
 
 def _linear_ce_from_grads(ctx: OpContext, saved: dict, grads: dict) -> dict:
     g = grads["y"]
-    return {"x": saved["gx"] * g, "w": saved["gw"] * g}
+    return {role: saved[f"g{role}"] * g for role in ("x", "w") if f"g{role}" in saved}
 
 
 # ------------------------------------------------------------------------------- max pooling

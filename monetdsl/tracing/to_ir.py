@@ -210,7 +210,9 @@ class _Builder:
     def _bind(self, comp: fx.Node):
         group = self.facts.fused.get(comp)
         if isinstance(group, FusedLinearCrossEntropy):
-            return _linear_cross_entropy_binding(group)
+            kind, binding = _linear_cross_entropy_binding(group)
+            binding.attrs["grad_roles"] = tuple(r for r in ("x", "w") if self.requires_grad(binding.inputs[r]))
+            return kind, binding
         if isinstance(group, FusedCrossEntropy):
             return _cross_entropy_binding(group)
         if group is not None:
