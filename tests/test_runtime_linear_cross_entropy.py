@@ -88,25 +88,37 @@ def test_store_all_keeps_what_autograd_keeps(traced):
 COMBINATIONS = [("default", "autograd"), ("default", "chunked"), ("grads_in_forward", "from_grads")]
 
 
-@pytest.mark.parametrize("forward,backward", COMBINATIONS)
-@pytest.mark.parametrize("keep", ["all", "none"])
-def test_gradients_and_measured_peak(traced, forward, backward, keep):
-    model, reference, idx, trace = traced
+def _run(model, reference, idx, trace, forward: str, backward: str, keep: str):
+    """One step with the folded op's alternatives ``forward``/``backward`` (PyTorch's for
+    every other op) and one eager step: the optimized module, the schedule, both results."""
     network = trace.spec.network
     op, bop = _head(network)
     schedule = schedule_with(trace.spec, {**first_impls(network), op.name: forward, bop.name: backward}, keep=keep)
     optimized = monetdsl.optimize(model, schedule=schedule)
     optimized.plan_for(idx, trace=trace)
-    out1, grads1 = eager_step(optimized, [idx], 0)
-    out2, grads2 = eager_step(reference, [idx], 0)
+    return optimized, schedule, eager_step(optimized, [idx], 0), eager_step(reference, [idx], 0)
+
+
+def _close(got, want):
+    (out1, grads1), (out2, grads2) = got, want
+    torch.testing.assert_close(out1, out2, rtol=1e-6, atol=0)
+    assert grads1.keys() == grads2.keys()
+    for name in grads2:
+        torch.testing.assert_close(grads1[name], grads2[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("forward,backward", COMBINATIONS)
+@pytest.mark.parametrize("keep", ["all", "none"])
+def test_gradients_and_measured_peak(traced, forward, backward, keep):
+    model, reference, idx, trace = traced
+    network = trace.spec.network
+    optimized, schedule, (out1, grads1), (out2, grads2) = _run(model, reference, idx, trace, forward, backward, keep)
     assert grads1.keys() == grads2.keys()
     if (forward, backward) == ("default", "autograd"):  # PyTorch's own: bit for bit
         assert torch.equal(out1, out2)
         assert all(torch.equal(grads1[n], grads2[n]) for n in grads2)
     else:  # the same sums in other orders (chunks)
-        torch.testing.assert_close(out1, out2, rtol=1e-6, atol=0)
-        for name in grads2:
-            torch.testing.assert_close(grads1[name], grads2[name], rtol=1e-5, atol=1e-7, msg=name)
+        _close((out1, grads1), (out2, grads2))
     sim = simulate(network, schedule)
     measured = monetdsl.measure(optimized, idx, probe="live", warmup=1)
     assert measured.planned == sim.peak_bytes - sim.fixed_bytes
@@ -126,18 +138,11 @@ def test_a_tied_output_layer_gets_both_gradients(forward, backward):
     idx = torch.randint(0, VOCAB, (4, 64), generator=torch.Generator().manual_seed(4))
     with mock.patch.object(loss_catalogue, "CHUNK_BYTES", CHUNK * VOCAB * 4):
         trace = trace_for_runtime(model, [idx], optimizer="sgd")
-    network = trace.spec.network
-    op, bop = _head(network)
+    op, _ = _head(trace.spec.network)
     assert "emb.weight" in op.inputs
-    schedule = schedule_with(trace.spec, {**first_impls(network), op.name: forward, bop.name: backward}, keep="none")
-    optimized = monetdsl.optimize(model, schedule=schedule)
-    optimized.plan_for(idx, trace=trace)
-    out1, grads1 = eager_step(optimized, [idx], 0)
-    out2, grads2 = eager_step(reference, [idx], 0)
-    torch.testing.assert_close(out1, out2, rtol=1e-6, atol=0)
-    assert grads1.keys() == grads2.keys() and "emb.weight" in grads2
-    for name in grads2:
-        torch.testing.assert_close(grads1[name], grads2[name], rtol=1e-5, atol=1e-7, msg=name)
+    _, _, got, want = _run(model, reference, idx, trace, forward, backward, "none")
+    assert "emb.weight" in want[1]
+    _close(got, want)
 
 
 @pytest.mark.parametrize("frozen", ["head", "body"])
@@ -162,14 +167,8 @@ def test_a_frozen_side_needs_one_product(frozen):
     assert grads_made.shape == ((ROWS, 32) if frozen == "head" else (32, VOCAB))
     assert ("tanh" in bop.impl("chunked").reads) == (frozen == "body")
     for forward, backward in COMBINATIONS:
-        schedule = schedule_with(trace.spec, {**first_impls(network), op.name: forward, bop.name: backward}, keep="none")
-        optimized = monetdsl.optimize(model, schedule=schedule)
-        optimized.plan_for(idx, trace=trace)
-        (out1, grads1), (out2, grads2) = eager_step(optimized, [idx], 0), eager_step(reference, [idx], 0)
-        torch.testing.assert_close(out1, out2, rtol=1e-6, atol=0)
-        assert grads1.keys() == grads2.keys()
-        for name in grads2:
-            torch.testing.assert_close(grads1[name], grads2[name], rtol=1e-5, atol=1e-7, msg=name)
+        _, _, got, want = _run(model, reference, idx, trace, forward, backward, "none")
+        _close(got, want)
 
 
 def test_chunks_remove_the_logits_sized_tensors_from_the_peak(traced):

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from ..catalogue.dropout import draw_seed
-from ..catalogue.loss import linear_cross_entropy_backward, linear_cross_entropy_grads
+from ..catalogue import CATALOGUE
 from . import ops as _ops  # noqa: F401 - registers torch.ops.monetdsl
 
 __all__ = ["OpContext", "FORWARD", "RECOMPUTE", "BACKWARD", "forward_function", "backward_function"]
@@ -166,23 +166,18 @@ def _cross_entropy_from_output(ctx: OpContext, saved: dict, grads: dict) -> dict
 
 
 def _linear_ce_grads_in_forward(ctx: OpContext, saved):
-    """Loss and unit gradients by row chunks (plain torch calls, so the workspace probe
-    sees each chunk's temporaries); a recomputation makes the same tensors again."""
-    i, a = ctx.inputs, ctx.attrs
-    return linear_cross_entropy_grads(i["x"], i["w"], i["target"], a["reduction"], a["ignore_index"], a["chunk_rows"], a["grad_roles"])
+    """The catalogue's own row-chunk code (plain torch calls, so the workspace probe sees
+    each chunk's temporaries); a recomputation makes the same tensors again."""
+    return CATALOGUE["linear_cross_entropy"].forward("grads_in_forward", ctx.inputs, ctx.attrs)
 
 
-def _linear_ce_chunked(ctx: OpContext, saved: dict, grads: dict) -> dict:
-    """``saved`` holds x only when w's gradient is wanted, w only when x's is."""
-    a = ctx.attrs
-    gx, gw = linear_cross_entropy_backward(grads["y"], saved.get("x"), saved.get("w"), saved["lsm"], saved["target"],
-                                           saved["total_weight"], a["reduction"], a["ignore_index"], a["chunk_rows"])
-    return {role: grad for role, grad in (("x", gx), ("w", gw)) if grad is not None}
+def _linear_ce_backward(alt: str):
+    """``chunked`` and ``from_grads``: the catalogue's code, on the tensors the
+    alternative reads (x only when w's gradient is wanted, w only when x's is)."""
+    def run(ctx: OpContext, saved: dict, grads: dict) -> dict:
+        return CATALOGUE["linear_cross_entropy"].backward("backward", alt, grads, saved, ctx.attrs)
 
-
-def _linear_ce_from_grads(ctx: OpContext, saved: dict, grads: dict) -> dict:
-    g = grads["y"]
-    return {role: saved[f"g{role}"] * g for role in ("x", "w") if f"g{role}" in saved}
+    return run
 
 
 # ------------------------------------------------------------------------------- max pooling
@@ -328,8 +323,8 @@ for _alt in ("from_mask", "from_bits", "from_seed"):
     BACKWARD[("dropout", _alt)] = _dropout_backward(_alt)
 BACKWARD[("sdpa", "math")] = _sdpa_from_probs
 BACKWARD[("cross_entropy", "from_output")] = _cross_entropy_from_output
-BACKWARD[("linear_cross_entropy", "chunked")] = _linear_ce_chunked
-BACKWARD[("linear_cross_entropy", "from_grads")] = _linear_ce_from_grads
+for _alt in ("chunked", "from_grads"):
+    BACKWARD[("linear_cross_entropy", _alt)] = _linear_ce_backward(_alt)
 
 #: PyTorch's own backward alternatives replaced by an equivalent with the same result bit for bit
 FASTER = {("dropout", "from_mask")}
