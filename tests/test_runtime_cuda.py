@@ -29,6 +29,7 @@ from monetdsl.runtime.ops import CUDA_OPS
 from monetdsl.runtime.plan import trace_for_runtime
 from monetdsl.search import solve
 from .runtime_helpers import budget_ladder, Reduced, first_impls, patch_dropout, schedule_with, twins
+from .test_runtime_cross_entropy import BigVocab
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("NUMBA_ENABLE_CUDASIM") == "1",
                                 reason="needs a CUDA device (and numba running for real)")
@@ -137,6 +138,8 @@ ZOO = {
     "resnet": (TinyResNet, lambda: torch.randn(64, 3, 32, 32)),
     "unet": (TinyUNet, lambda: torch.randn(32, 3, 32, 32)),
     "gpt": (tiny_gpt, lambda: torch.randint(0, 512, (32, 64))),
+    # a bias-free output layer with its cross-entropy inside: the folded linear_cross_entropy
+    "head-loss": (lambda: BigVocab(2048, bias=False), lambda: torch.randint(0, 2048, (4, 64))),
 }
 
 
