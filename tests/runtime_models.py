@@ -64,11 +64,11 @@ class KindsTransformer(nn.Module):
 
 
 class KindsLoss(nn.Module):
-    """cross-entropy (log-softmax + NLL, folded into one op) with its loss inside: over a
-    ``[B*T, V]`` view of the logits with ignored targets and the mean (as a GPT's loss), or
-    directly on ``[N, V]`` logits with another ``ignore_index`` and per-row losses. Without
-    the output layer's bias (``bias=False``) the layer is folded in as well
-    (``linear_cross_entropy``), also with the sum and per-row losses over the logits' view."""
+    """cross-entropy with its loss inside. Over a ``[B*T, V]`` view of the logits (ignored
+    targets, the mean, as a GPT's loss) the output layer, with or without its bias, is
+    folded in with the loss (``linear_cross_entropy``), also with the sum and per-row
+    losses; on scaled ``[N, V]`` logits with another ``ignore_index`` and per-row losses
+    only log-softmax + NLL are folded (``cross_entropy``)."""
 
     def __init__(self, reduction: str = "mean", width: int = 16, vocab: int = 7, bias: bool = True):
         super().__init__()

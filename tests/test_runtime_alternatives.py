@@ -1,7 +1,7 @@
 """Every alternative of the catalogue runs in the runtime and gives PyTorch's gradients.
 
-Tiny models (two of them, and a cross-entropy in two forms, then with its output layer
-folded in, in three) use every catalogue kind; implementation choices are cycled so that
+Tiny models (two of them, and a cross-entropy with and without its output layer folded
+in, in five forms) use every catalogue kind; implementation choices are cycled so that
 together they run every forward and backward alternative of every op, under a schedule
 that keeps everything and one that recomputes everything. Outputs and gradients are
 compared with eager PyTorch (dropout masks drawn alike, see ``patch_dropout``): bit for

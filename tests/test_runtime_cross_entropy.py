@@ -23,11 +23,13 @@ from .runtime_helpers import eager_step, first_impls, schedule_with, twins
 
 class BigVocab(nn.Module):
     """Embedding, one tanh layer and a large output layer, with its cross-entropy inside.
-    The output layer has a bias here, so the tracer folds only the loss pair; without one
-    it folds the layer in as well (``tests/test_runtime_linear_cross_entropy.py``)."""
+    By default the logits are scaled before the loss, so the tracer folds only the loss
+    pair; with ``scale=None`` the logits reach the loss through views only and it folds
+    the layer in as well (``tests/test_runtime_linear_cross_entropy.py``)."""
 
-    def __init__(self, vocab: int = 2048, width: int = 32, bias: bool = True):
+    def __init__(self, vocab: int = 2048, width: int = 32, bias: bool = True, scale: float | None = 2.0):
         super().__init__()
+        self.scale = scale
         self.emb = nn.Embedding(vocab, width)
         self.fc = nn.Linear(width, width)
         self.head = nn.Linear(width, vocab, bias=bias)
@@ -37,6 +39,8 @@ class BigVocab(nn.Module):
 
     def forward(self, idx):
         logits = self.head(torch.tanh(self.fc(self.emb(idx))))
+        if self.scale is not None:
+            logits = logits * self.scale
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), self.target.view(-1))
 
 

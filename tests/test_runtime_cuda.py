@@ -138,8 +138,8 @@ ZOO = {
     "resnet": (TinyResNet, lambda: torch.randn(64, 3, 32, 32)),
     "unet": (TinyUNet, lambda: torch.randn(32, 3, 32, 32)),
     "gpt": (tiny_gpt, lambda: torch.randint(0, 512, (32, 64))),
-    # a bias-free output layer with its cross-entropy inside: the folded linear_cross_entropy
-    "head-loss": (lambda: BigVocab(2048, bias=False), lambda: torch.randint(0, 2048, (4, 64))),
+    # an output layer with its cross-entropy inside: the folded linear_cross_entropy
+    "head-loss": (lambda: BigVocab(2048, bias=False, scale=None), lambda: torch.randint(0, 2048, (4, 64))),
 }
 
 

@@ -1,4 +1,4 @@
-"""A bias-free output layer and its cross-entropy folded into one op, run in row chunks.
+"""An output layer and its cross-entropy folded into one op, run in row chunks.
 
 With a large vocabulary a language model's step peaks around its loss: eager holds the
 logits and their log-probabilities in the forward, then the log-probabilities, their
@@ -29,8 +29,8 @@ from .test_runtime_cross_entropy import BigVocab, _loss_op
 ROWS, VOCAB, CHUNK = 256, 2048, 64
 
 
-def _big_vocab():
-    return BigVocab(VOCAB, bias=False)
+def _big_vocab(bias: bool = False):
+    return BigVocab(VOCAB, bias=bias, scale=None)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +145,27 @@ def test_a_tied_output_layer_gets_both_gradients(forward, backward):
     _close(got, want)
 
 
+def test_an_output_layer_with_a_bias_is_folded_too():
+    """``addmm``: the bias's gradient is one more sum over the logits' gradient."""
+    model, reference = twins(lambda: _big_vocab(bias=True))
+    idx = torch.randint(0, VOCAB, (4, 64), generator=torch.Generator().manual_seed(6))
+    with mock.patch.object(loss_catalogue, "CHUNK_BYTES", CHUNK * VOCAB * 4):
+        trace = trace_for_runtime(model, [idx], optimizer="sgd")
+    network = trace.spec.network
+    op, bop = _head(network)
+    assert op.inputs == ("tanh", "head.weight", "head.bias", "target")
+    assert set(bop.outputs) == {"grad(tanh)", "grad(head.weight)", "grad(head.bias)"}
+    assert [network.tensors[n].shape for n in op.impl("grads_in_forward").derived] == [(ROWS, 32), (32, VOCAB), (VOCAB,)]
+    for forward, backward in COMBINATIONS:
+        for keep in ("all", "none"):
+            optimized, schedule, got, want = _run(model, reference, idx, trace, forward, backward, keep)
+            assert "head.bias" in want[1]
+            _close(got, want)
+            sim = simulate(network, schedule)
+            measured = monetdsl.measure(optimized, idx, probe="live", warmup=1)
+            assert measured.planned == sim.peak_bytes - sim.fixed_bytes and abs(measured.ratio - 1) <= 0.02, measured.summary()
+
+
 @pytest.mark.parametrize("frozen", ["head", "body"])
 def test_a_frozen_side_needs_one_product(frozen):
     """With the output layer frozen (fine-tuning) only x's gradient flows, and eager keeps
@@ -188,18 +209,18 @@ def test_chunks_remove_the_logits_sized_tensors_from_the_peak(traced):
     assert peaks["autograd"] - peaks["from_grads"] >= 2 * logits
 
 
-@pytest.mark.parametrize("form", ["loss-outside", "logits-reused", "bias"])
+@pytest.mark.parametrize("form", ["loss-outside", "logits-reused", "scaled"])
 def test_other_forms_are_not_folded(form):
     class Model(nn.Module):
         def __init__(self):
             super().__init__()
-            self.head = nn.Linear(8, 50, bias=form == "bias")
+            self.head = nn.Linear(8, 50)
 
         def forward(self, x, t):
             logits = self.head(x)
             if form == "loss-outside":
                 return logits
-            loss = F.cross_entropy(logits, t)
+            loss = F.cross_entropy(logits * 2 if form == "scaled" else logits, t)
             return loss + logits.mean() if form == "logits-reused" else loss
 
     inputs = [torch.randn(4, 8), torch.tensor([0, 1, 4, 2])]

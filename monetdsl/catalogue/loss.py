@@ -14,6 +14,13 @@ alternative, ``autograd``, counts the middle one as workspace. ``from_output`` w
 logits' gradient directly, ``scale * (exp(lsm) - onehot(target))`` per row (``scale`` =
 the incoming gradient, divided by ``total_weight`` for the mean; zero for an ignored
 target), which is the same quantity without the middle tensor.
+
+When the logits come straight from a linear layer (a language model's output head,
+``logits = x @ w``, with or without a bias) and feed nothing but the loss, the tracer
+folds the product in as well (:class:`LinearCrossEntropy`). Then the logits never need to
+exist whole: the loss and the gradients can be computed in row chunks, so the step holds
+one chunk of logits instead of the logits, their log-probabilities and their gradient
+(three ``rows x vocabulary`` tensors, the largest of a small language model's step).
 """
 from __future__ import annotations
 
@@ -148,33 +155,38 @@ def _accumulator(like: torch.Tensor, shape) -> torch.Tensor:
     return torch.zeros(shape, dtype=dtype, device=like.device)
 
 
-def _grads_by_chunks(rows: int, vocab: int, x: torch.Tensor | None, w: torch.Tensor | None, step: int, logits_grad_of) -> tuple:
-    """``(grad x, grad w)`` of ``logits = x @ w`` from the logits' gradient, one row chunk
-    at a time: ``logits_grad_of(start, stop)`` gives the chunk's gradient. ``x``'s gradient
-    needs ``w`` and ``w``'s needs ``x``: pass ``None`` for the operand whose partner's
-    gradient is not wanted (that gradient comes back ``None``). The weight's gradient is
-    accumulated in ``w``'s transposed layout (``vocab x width``, the layout of an
-    ``nn.Linear`` weight) and returned as a view of ``w``'s shape."""
+def _grads_by_chunks(rows: int, vocab: int, x: torch.Tensor | None, w: torch.Tensor | None, want_b: bool, step: int,
+                     logits_grad_of, like: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The gradients of ``logits = x @ w (+ b)`` by role, from the logits' gradient, one
+    row chunk at a time: ``logits_grad_of(start, stop)`` gives the chunk's gradient.
+    ``x``'s gradient needs ``w`` and ``w``'s needs ``x``: pass ``None`` for the operand
+    whose partner's gradient is not wanted; the bias's (``want_b``) needs neither. The
+    weight's gradient is accumulated in ``w``'s transposed layout (``vocab x width``, the
+    layout of an ``nn.Linear`` weight) and returned as a view of ``w``'s shape; sums over
+    chunks run in float32 for 16-bit inputs (``like`` gives the dtype)."""
     gx = torch.empty((rows, w.shape[0]), dtype=w.dtype, device=w.device) if w is not None else None
-    gw_t = _accumulator(x, (vocab, x.shape[1])) if x is not None else None
+    gw_t = _accumulator(like, (vocab, x.shape[1])) if x is not None else None
+    gb = _accumulator(like, (vocab,)) if want_b else None
     for start, stop in _row_chunks(rows, step):
         dlogits = logits_grad_of(start, stop)
         if gx is not None:
             torch.mm(dlogits, w.t(), out=gx[start:stop])
         if gw_t is not None:
             gw_t.addmm_(dlogits.t().to(gw_t.dtype), x[start:stop].to(gw_t.dtype))
+        if gb is not None:
+            gb.add_(dlogits.sum(0, dtype=gb.dtype))
         del dlogits  # before the next chunk's is made
-    return gx, (gw_t.to(x.dtype).t() if gw_t is not None else None)
+    out = {"x": gx, "w": gw_t.to(like.dtype).t() if gw_t is not None else None, "b": gb.to(like.dtype) if gb is not None else None}
+    return {role: g for role, g in out.items() if g is not None}
 
 
 def linear_cross_entropy_grads(x: torch.Tensor, w: torch.Tensor, target: torch.Tensor, reduction: int, ignore_index: int,
-                               step: int, wanted: tuple[str, ...] = ("x", "w")) -> dict[str, torch.Tensor]:
-    """``cross_entropy(x @ w, target)`` and its gradients for an incoming gradient of one,
-    in row chunks of ``step`` rows: the loss ``y``, ``total_weight`` (as
-    ``nll_loss_forward`` gives it), and ``gx``, ``gw`` (for the roles in ``wanted``), the
-    gradients of ``x`` and ``w`` already divided by the number of counted targets for the
-    mean. Holds one chunk of logits (and its gradient) at a time. ``reduction`` is
-    ``mean`` (1) or ``sum`` (2)."""
+                               step: int, wanted: tuple[str, ...] = ("x", "w"), b: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``cross_entropy(x @ w (+ b), target)`` and its gradients for an incoming gradient of
+    one, in row chunks of ``step`` rows: the loss ``y``, ``total_weight`` (as
+    ``nll_loss_forward`` gives it), and ``gx``, ``gw``, ``gb`` (for the roles in
+    ``wanted``), already divided by the number of counted targets for the mean. Holds one
+    chunk of logits (and its gradient) at a time. ``reduction`` is ``mean`` (1) or ``sum`` (2)."""
     if reduction not in (1, 2):
         raise ValueError("gradients in the forward need a scalar loss (reduction mean or sum)")
     valid = target != ignore_index
@@ -185,57 +197,59 @@ def linear_cross_entropy_grads(x: torch.Tensor, w: torch.Tensor, target: torch.T
 
     def logits_grad_of(start, stop):
         nonlocal loss_sum
-        lsm = torch.mm(x[start:stop], w)
+        lsm = torch.mm(x[start:stop], w) if b is None else torch.addmm(b, x[start:stop], w)
         torch.ops.aten._log_softmax.out(lsm, 1, False, out=lsm)
         picked = lsm.gather(1, safe_target[start:stop].unsqueeze(1)).squeeze(1)
         loss_sum = loss_sum - torch.where(valid[start:stop], picked, torch.zeros_like(picked)).sum(dtype=loss_sum.dtype)
         return cross_entropy_grad_from_log_probs(one, lsm, target[start:stop], total_weight, reduction, ignore_index, overwrite=True)
 
-    gx, gw = _grads_by_chunks(x.shape[0], w.shape[1], x if "w" in wanted else None, w if "x" in wanted else None, step, logits_grad_of)
+    grads = _grads_by_chunks(x.shape[0], w.shape[1], x if "w" in wanted else None, w if "x" in wanted else None, "b" in wanted,
+                             step, logits_grad_of, x)
     loss = (loss_sum / total_weight if reduction == 1 else loss_sum).to(x.dtype)
-    out = {"y": loss, "total_weight": total_weight}
-    out.update({name: g for name, g in (("gx", gx), ("gw", gw)) if g is not None})
-    return out
+    return {"y": loss, "total_weight": total_weight, **{f"g{role}": g for role, g in grads.items()}}
 
 
 def linear_cross_entropy_backward(grad: torch.Tensor, x: torch.Tensor | None, w: torch.Tensor | None, lsm: torch.Tensor,
                                   target: torch.Tensor, total_weight: torch.Tensor, reduction: int, ignore_index: int,
-                                  step: int) -> tuple:
-    """The gradients of ``x`` and ``w`` from the kept log-probabilities, in row chunks:
-    the logits' gradient exists one chunk at a time (autograd forms it whole, next to the
-    log-probabilities' gradient). ``x`` (``w``) is ``None`` when ``w``'s (``x``'s)
-    gradient is not wanted; that gradient comes back ``None``."""
+                                  step: int, want_b: bool = False) -> dict[str, torch.Tensor]:
+    """The gradients (by role) of ``x``, ``w`` and, with ``want_b``, the bias from the kept
+    log-probabilities, in row chunks: the logits' gradient exists one chunk at a time
+    (autograd forms it whole, next to the log-probabilities' gradient). ``x`` (``w``) is
+    ``None`` when ``w``'s (``x``'s) gradient is not wanted."""
     def logits_grad_of(start, stop):
         g = grad[start:stop] if reduction == 0 else grad
         return cross_entropy_grad_from_log_probs(g, lsm[start:stop], target[start:stop], total_weight, reduction, ignore_index)
 
-    return _grads_by_chunks(lsm.shape[0], lsm.shape[1], x, w, step, logits_grad_of)
+    return _grads_by_chunks(lsm.shape[0], lsm.shape[1], x, w, want_b, step, logits_grad_of, lsm)
 
 
 class LinearCrossEntropy(OpKind):
-    """A bias-free linear layer followed by cross-entropy, folded by the tracer when its
-    logits feed nothing else (a language model's head): ``mm`` + ``_log_softmax`` +
-    ``nll_loss_forward``.
+    """A linear layer followed by cross-entropy, folded by the tracer when its logits feed
+    nothing else (a language model's output layer): ``mm`` (or ``addmm`` with a bias) +
+    ``_log_softmax`` + ``nll_loss_forward``.
 
     Roles: ``x`` (rows x width), ``w`` (width x vocabulary: the transposed weight the
-    product reads), ``target``; outputs ``y`` and ``total_weight``. Forward alternatives:
+    product reads), ``b`` (the bias, when there is one), ``target``; outputs ``y`` and
+    ``total_weight``. Forward alternatives:
 
-    * ``default`` runs the three calls as eager does and keeps the log-probabilities
-      ``lsm`` (derived; the logits are a forward temporary);
+    * ``default`` runs the calls as eager does and keeps the log-probabilities ``lsm``
+      (derived; the logits are a forward temporary);
     * ``grads_in_forward`` computes the loss and, for an incoming gradient of one, the
-      gradients ``gx`` and ``gw`` in row chunks during the forward: the backward only
+      gradients ``gx``, ``gw`` (``gb``) in row chunks during the forward: the backward only
       scales them by the incoming gradient (scalar losses only). It keeps width-sized
-      tensors instead of a vocabulary-sized one and moves two of the three products
-      into the forward pass (a recomputation repeats them).
+      tensors instead of a vocabulary-sized one and moves the gradient products into the
+      forward pass (a recomputation repeats them).
 
     Backward alternatives: ``autograd`` (eager's calls: log-probabilities' gradient and
-    logits' gradient whole, then the two products), ``chunked`` (the same from ``lsm``,
-    one chunk of logits' gradient at a time) and ``from_grads`` (scales ``gx``, ``gw``).
+    logits' gradient whole, then the products), ``chunked`` (the same from ``lsm``, one
+    chunk of logits' gradient at a time) and ``from_grads`` (scales what the forward made).
+    Only the gradients that flow are read and made (``grad_roles``, set by the tracer: a
+    frozen output layer or body needs one product).
     """
 
     name = "linear_cross_entropy"
     aten = ()  # never matched by name: folded by the tracer
-    summary = "linear_cross_entropy (mm + log_softmax + nll_loss): backward in row chunks, or gradients in the forward"
+    summary = "linear_cross_entropy (mm/addmm + log_softmax + nll_loss): backward in row chunks, or gradients in the forward"
     flops_per_element = 6.0
 
     def bind(self, target, args, kwargs, input_shapes, output_shapes):
@@ -243,12 +257,12 @@ class LinearCrossEntropy(OpKind):
 
     @staticmethod
     def wanted(binding) -> tuple[str, ...]:
-        """The roles whose gradient flows (``grad_roles``, set by the tracer: a frozen output
-        layer or a frozen body needs only one of the two products)."""
-        return tuple(r for r in ("x", "w") if r in binding.attrs.get("grad_roles", ("x", "w")))
+        """The roles whose gradient flows, in the order x, w, b."""
+        present = tuple(r for r in ("x", "w", "b") if r in binding.inputs)
+        return tuple(r for r in present if r in binding.attrs.get("grad_roles", present))
 
     def forward_alts(self, binding):
-        alts = [ForwardAlt("default", derived=("lsm",), doc="mm, log_softmax, nll_loss as eager; keeps the log-probabilities")]
+        alts = [ForwardAlt("default", derived=("lsm",), doc="the product, log_softmax, nll_loss as eager; keeps the log-probabilities")]
         derived = tuple(f"g{role}" for role in self.wanted(binding))
         if binding.attrs["reduction"] in (1, 2) and derived:
             alts.append(ForwardAlt("grads_in_forward", derived=derived,
@@ -257,7 +271,7 @@ class LinearCrossEntropy(OpKind):
 
     def backward_steps(self, binding):
         wanted = self.wanted(binding)
-        # x's gradient needs w, w's needs x (as autograd's product keeps them)
+        # x's gradient needs w, w's needs x (as autograd's product keeps them); b's neither
         reads = tuple(r for r, needed_for in (("x", "w"), ("w", "x")) if needed_for in wanted) + ("lsm", "target", "total_weight")
         return (BackwardStep("backward", wanted or ("x", "w"), (
             BackwardAlt("autograd", reads, "nll_loss_backward, _log_softmax_backward_data, then the products (two logits-sized temporaries)"),
@@ -272,7 +286,7 @@ class LinearCrossEntropy(OpKind):
     def derived_type(self, role, binding, y_dtype, y_shape):
         rows, width = binding.attrs["shape"]
         vocab = binding.attrs["w_shape"][1]
-        shapes = {"lsm": (rows, vocab), "gx": (rows, width), "gw": (width, vocab)}
+        shapes = {"lsm": (rows, vocab), "gx": (rows, width), "gw": (width, vocab), "gb": (vocab,)}
         return y_dtype, shapes[role]
 
     def flops(self, phase: str, alt: str, binding) -> float:
@@ -281,7 +295,7 @@ class LinearCrossEntropy(OpKind):
         rows, width = binding.attrs["shape"]
         vocab = binding.attrs["w_shape"][1]
         product, softmax = 2.0 * rows * width * vocab, self.flops_per_element * rows * vocab
-        products = len(self.wanted(binding))
+        products = sum(role in self.wanted(binding) for role in ("x", "w"))
         if phase == "forward":
             return product + softmax + (products * product + softmax if alt == "grads_in_forward" else 0.0)
         if alt == "from_grads":
@@ -290,58 +304,65 @@ class LinearCrossEntropy(OpKind):
 
     # -- reference ---------------------------------------------------------------------------
     def forward(self, alt, inputs, attrs, saved=None):
-        x, w, target = inputs["x"], inputs["w"], inputs["target"]
+        x, w, b, target = inputs["x"], inputs["w"], inputs.get("b"), inputs["target"]
         if alt == "grads_in_forward":
+            wanted = tuple(r for r in attrs.get("grad_roles", ("x", "w", "b")) if r != "b" or b is not None)
             return linear_cross_entropy_grads(x, w, target, attrs["reduction"], attrs["ignore_index"], attrs["chunk_rows"],
-                                              attrs.get("grad_roles", ("x", "w")))
-        lsm = torch.log_softmax(x @ w, 1)
+                                              wanted, b)
+        lsm = torch.log_softmax(x @ w if b is None else torch.addmm(b, x, w), 1)
         loss, total_weight = torch.ops.aten.nll_loss_forward(lsm, target, None, attrs["reduction"], attrs["ignore_index"])
         return {"lsm": lsm, "y": loss, "total_weight": total_weight}
 
     def backward(self, step, alt, grads, saved, attrs):
         g = grads["y"]
         if alt == "from_grads":
-            return {role: saved[f"g{role}"] * g for role in ("x", "w") if f"g{role}" in saved}
-        wanted = attrs.get("grad_roles", ("x", "w"))
+            return {role: saved[f"g{role}"] * g for role in ("x", "w", "b") if f"g{role}" in saved}
+        wanted = attrs.get("grad_roles", ("x", "w", "b"))
         x = saved["x"] if "w" in wanted else None  # w's gradient needs x, x's needs w
         w = saved["w"] if "x" in wanted else None
         lsm, target, tw = saved["lsm"], saved["target"], saved["total_weight"]
         if alt == "chunked":
-            gx, gw = linear_cross_entropy_backward(g, x, w, lsm, target, tw, attrs["reduction"], attrs["ignore_index"], attrs["chunk_rows"])
-        elif alt == "autograd":
-            aten = torch.ops.aten
-            g_lsm = aten.nll_loss_backward(g, lsm, target, None, attrs["reduction"], attrs["ignore_index"], tw)
-            dlogits = aten._log_softmax_backward_data(g_lsm, lsm, 1, lsm.dtype)
-            gx, gw = (dlogits @ w.t() if w is not None else None), (x.t() @ dlogits if x is not None else None)
-        else:
+            return linear_cross_entropy_backward(g, x, w, lsm, target, tw, attrs["reduction"], attrs["ignore_index"],
+                                                 attrs["chunk_rows"], "b" in wanted and attrs.get("bias", False))
+        if alt != "autograd":
             raise KeyError(alt)
-        return {role: grad for role, grad in (("x", gx), ("w", gw)) if grad is not None}
+        aten = torch.ops.aten
+        g_lsm = aten.nll_loss_backward(g, lsm, target, None, attrs["reduction"], attrs["ignore_index"], tw)
+        dlogits = aten._log_softmax_backward_data(g_lsm, lsm, 1, lsm.dtype)
+        out = {"x": dlogits @ w.t() if w is not None else None, "w": x.t() @ dlogits if x is not None else None,
+               "b": dlogits.sum(0) if "b" in wanted and attrs.get("bias", False) else None}
+        return {role: grad for role, grad in out.items() if grad is not None}
 
     def autograd_reference(self, inputs, attrs):
         reduction = REDUCTIONS[attrs["reduction"]]
-        logits = inputs["x"] @ inputs["w"]
+        logits = inputs["x"] @ inputs["w"] + (inputs["b"] if "b" in inputs else 0)
         return {"y": torch.nn.functional.cross_entropy(logits, inputs["target"], reduction=reduction, ignore_index=attrs["ignore_index"])}
 
     def examples(self):
         g = torch.Generator().manual_seed(7)
         x = torch.randn(7, 4, generator=g, dtype=torch.float64)
         w = torch.randn(4, 6, generator=g, dtype=torch.float64) * 2
+        b = torch.randn(6, generator=g, dtype=torch.float64)
         target = torch.tensor([0, 5, 2, -100, 2, 1, 4])
 
-        def attrs(reduction, ignore_index=-100, rows=3):
-            return {"reduction": reduction, "ignore_index": ignore_index, "shape": (7, 4), "w_shape": (4, 6), "chunk_rows": rows}
+        def attrs(reduction, ignore_index=-100, rows=3, bias=False):
+            return {"reduction": reduction, "ignore_index": ignore_index, "shape": (7, 4), "w_shape": (4, 6), "chunk_rows": rows,
+                    "bias": bias}
 
         cases = [({"x": x, "w": w, "target": target}, attrs(r)) for r in (1, 2, 0)]
         cases.append(({"x": x, "w": w, "target": torch.tensor([0, 5, 2, 3, 2, 1, 4])}, attrs(1, ignore_index=3, rows=7)))
         for only in ("x", "w"):  # a frozen output layer, a frozen body
             cases.append(({"x": x, "w": w, "target": target}, {**attrs(1), "grad_roles": (only,)}))
+        cases += [({"x": x, "w": w, "b": b, "target": target}, attrs(r, bias=True)) for r in (1, 0)]  # with a bias
         return cases
 
     @staticmethod
-    def binding(x, w, target, lsm_index: int, loss_index: int, total_weight_index: int, reduction: int, ignore_index: int,
+    def binding(x, w, b, target, lsm_index: int, loss_index: int, total_weight_index: int, reduction: int, ignore_index: int,
                 shape, w_shape, element_size: int) -> Binding:
-        """The roles of a folded head (``x``, ``w``, ``target`` are the tracer's nodes)."""
+        """The roles of a folded output layer (``x``, ``w``, ``b``, ``target`` are the
+        tracer's nodes; ``b`` is ``None`` without a bias)."""
         rows = chunk_rows(shape[0], w_shape[1], element_size)
-        return Binding({"x": x, "w": w, "target": target}, {"lsm": lsm_index, "y": loss_index, "total_weight": total_weight_index},
+        inputs = {"x": x, "w": w, "target": target} if b is None else {"x": x, "w": w, "b": b, "target": target}
+        return Binding(inputs, {"lsm": lsm_index, "y": loss_index, "total_weight": total_weight_index},
                        {"reduction": int(reduction), "ignore_index": int(ignore_index), "shape": tuple(shape),
-                        "w_shape": tuple(w_shape), "chunk_rows": rows})
+                        "w_shape": tuple(w_shape), "chunk_rows": rows, "bias": b is not None})

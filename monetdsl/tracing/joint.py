@@ -11,7 +11,7 @@
   they differentiate, and the forward values each group reads.
 * **Folded groups**: a decomposed ``nn.RMSNorm`` (pow, mean, add, rsqrt, mul) and a
   cross-entropy (``_log_softmax`` feeding only ``nll_loss_forward``) become one op each;
-  a bias-free linear layer whose logits feed nothing but that cross-entropy joins it.
+  a linear layer whose logits feed nothing but that cross-entropy joins it.
 """
 from __future__ import annotations
 
@@ -266,13 +266,14 @@ class FusedCrossEntropy:
 
 @dataclass
 class FusedLinearCrossEntropy:
-    """``mm(x, w)`` whose logits reach a folded cross-entropy through views only and feed
-    nothing else, forward or backward (autograd's product keeps its operands, not its
-    result): a language model's bias-free output head with its loss."""
+    """``mm(x, w)`` or ``addmm(b, x, w)`` whose logits reach a folded cross-entropy
+    through views only and feed nothing else, forward or backward (autograd's product
+    keeps its operands, not its result): a language model's output layer with its loss."""
 
-    members: list  # [mm, its views in order, log_softmax, nll_loss_forward]
+    members: list  # [mm or addmm, its views in order, log_softmax, nll_loss_forward]
     x: fx.Node
     w: fx.Node
+    b: fx.Node | None
     target: fx.Node
     lsm: fx.Node
     loss: fx.Node
@@ -282,7 +283,7 @@ class FusedLinearCrossEntropy:
 
     @property
     def inputs(self) -> tuple:
-        return (self.x, self.w, self.target)
+        return (self.x, self.w, self.b, self.target)
 
     def outputs(self, leader: fx.Node) -> dict:
         return {0: self.lsm, 1: self.loss, 2: self.total_weight}
@@ -381,7 +382,8 @@ def _fuse_cross_entropies(facts: JointFacts) -> dict:
 
 
 def _fuse_linear_heads(facts: JointFacts) -> dict:
-    """Fold the bias-free product that makes a folded cross-entropy's logits into it, when
+    """Fold the product (``mm``, or ``addmm`` with a bias) that makes a folded
+    cross-entropy's logits into it, when
     the logits reach the log-softmax through views only, each value on the way has that
     one user, and both sit on the same side of the model/loss boundary (a loss the tracer
     adds outside the model is stripped for ``--loss output``; the model's last product
@@ -396,17 +398,20 @@ def _fuse_linear_heads(facts: JointFacts) -> dict:
             chain.append(node)
             node = node.args[0]
         mm = node
-        if mm not in compute or packet_name(mm.target) != "mm" or len(mm.users) != 1:
+        kind = packet_name(mm.target) if mm in compute else None
+        if kind not in ("mm", "addmm") or len(mm.users) != 1 or (chain[-1] if chain else group.lsm) not in mm.users:
             continue
-        if (chain[-1] if chain else group.lsm) not in mm.users:
+        if kind == "addmm" and (mm.kwargs.get("beta", 1) != 1 or mm.kwargs.get("alpha", 1) != 1):
             continue
-        x, w = mm.args[:2]
-        if not (isinstance(x, fx.Node) and isinstance(w, fx.Node)):
+        b, x, w = (None, *mm.args[:2]) if kind == "mm" else mm.args[:3]
+        if not all(isinstance(n, fx.Node) for n in (x, w) + ((b,) if kind == "addmm" else ())):
             continue
+        if b is not None and tuple(b.meta["val"].shape) != (w.meta["val"].shape[1],):
+            continue  # a bias broadcast from another shape: left unfolded
         if bool(mm.meta.get("nn_module_stack")) != bool(leader.meta.get("nn_module_stack")):
             continue
         lsm, nll = group.members
-        facts.fused[leader] = FusedLinearCrossEntropy([mm, *reversed(chain), lsm, nll], x, w, group.target, lsm, group.loss,
+        facts.fused[leader] = FusedLinearCrossEntropy([mm, *reversed(chain), lsm, nll], x, w, b, group.target, lsm, group.loss,
                                                       group.total_weight, group.reduction, group.ignore_index)
         for member in (mm, *chain):
             member_of[member] = leader

@@ -211,7 +211,7 @@ class _Builder:
         group = self.facts.fused.get(comp)
         if isinstance(group, FusedLinearCrossEntropy):
             kind, binding = _linear_cross_entropy_binding(group)
-            binding.attrs["grad_roles"] = tuple(r for r in ("x", "w") if self.requires_grad(binding.inputs[r]))
+            binding.attrs["grad_roles"] = tuple(r for r in ("x", "w", "b") if r in binding.inputs and self.requires_grad(binding.inputs[r]))
             return kind, binding
         if isinstance(group, FusedCrossEntropy):
             return _cross_entropy_binding(group)
@@ -412,10 +412,10 @@ def _cross_entropy_binding(group: FusedCrossEntropy):
 
 
 def _linear_cross_entropy_binding(group: FusedLinearCrossEntropy):
-    """A folded bias-free linear head + cross-entropy as the catalogue's ``linear_cross_entropy``."""
+    """A folded linear output layer + cross-entropy as the catalogue's ``linear_cross_entropy``."""
     kind = CATALOGUE["linear_cross_entropy"]
     x, w = group.x.meta["val"], group.w.meta["val"]
-    return kind, kind.binding(group.x, group.w, group.target, 0, 1, 2, group.reduction, group.ignore_index,
+    return kind, kind.binding(group.x, group.w, group.b, group.target, 0, 1, 2, group.reduction, group.ignore_index,
                               tuple(x.shape), tuple(w.shape), x.element_size())
 
 
