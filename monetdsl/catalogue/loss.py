@@ -256,10 +256,14 @@ class LinearCrossEntropy(OpKind):
         raise NotImplementedError("linear_cross_entropy is bound by the tracer's fold, not from one call")
 
     @staticmethod
-    def wanted(binding) -> tuple[str, ...]:
-        """The roles whose gradient flows, in the order x, w, b."""
-        present = tuple(r for r in ("x", "w", "b") if r in binding.inputs)
-        return tuple(r for r in present if r in binding.attrs.get("grad_roles", present))
+    def flowing(attrs: dict) -> tuple[str, ...]:
+        """The roles whose gradient flows, in the order x, w, b: ``grad_roles`` (set by the
+        tracer) among x, w and, with ``bias``, b; all of them when it is not given."""
+        present = ("x", "w", "b") if attrs.get("bias", False) else ("x", "w")
+        return tuple(r for r in present if r in attrs.get("grad_roles", present))
+
+    def wanted(self, binding) -> tuple[str, ...]:
+        return self.flowing(binding.attrs)
 
     def forward_alts(self, binding):
         alts = [ForwardAlt("default", derived=("lsm",), doc="the product, log_softmax, nll_loss as eager; keeps the log-probabilities")]
@@ -306,9 +310,8 @@ class LinearCrossEntropy(OpKind):
     def forward(self, alt, inputs, attrs, saved=None):
         x, w, b, target = inputs["x"], inputs["w"], inputs.get("b"), inputs["target"]
         if alt == "grads_in_forward":
-            wanted = tuple(r for r in attrs.get("grad_roles", ("x", "w", "b")) if r != "b" or b is not None)
             return linear_cross_entropy_grads(x, w, target, attrs["reduction"], attrs["ignore_index"], attrs["chunk_rows"],
-                                              wanted, b)
+                                              self.flowing(attrs), b)
         lsm = torch.log_softmax(x @ w if b is None else torch.addmm(b, x, w), 1)
         loss, total_weight = torch.ops.aten.nll_loss_forward(lsm, target, None, attrs["reduction"], attrs["ignore_index"])
         return {"lsm": lsm, "y": loss, "total_weight": total_weight}
@@ -317,20 +320,20 @@ class LinearCrossEntropy(OpKind):
         g = grads["y"]
         if alt == "from_grads":
             return {role: saved[f"g{role}"] * g for role in ("x", "w", "b") if f"g{role}" in saved}
-        wanted = attrs.get("grad_roles", ("x", "w", "b"))
+        wanted = self.flowing(attrs)
         x = saved["x"] if "w" in wanted else None  # w's gradient needs x, x's needs w
         w = saved["w"] if "x" in wanted else None
         lsm, target, tw = saved["lsm"], saved["target"], saved["total_weight"]
         if alt == "chunked":
             return linear_cross_entropy_backward(g, x, w, lsm, target, tw, attrs["reduction"], attrs["ignore_index"],
-                                                 attrs["chunk_rows"], "b" in wanted and attrs.get("bias", False))
+                                                 attrs["chunk_rows"], "b" in wanted)
         if alt != "autograd":
             raise KeyError(alt)
         aten = torch.ops.aten
         g_lsm = aten.nll_loss_backward(g, lsm, target, None, attrs["reduction"], attrs["ignore_index"], tw)
         dlogits = aten._log_softmax_backward_data(g_lsm, lsm, 1, lsm.dtype)
         out = {"x": dlogits @ w.t() if w is not None else None, "w": x.t() @ dlogits if x is not None else None,
-               "b": dlogits.sum(0) if "b" in wanted and attrs.get("bias", False) else None}
+               "b": dlogits.sum(0) if "b" in wanted else None}
         return {role: grad for role, grad in out.items() if grad is not None}
 
     def autograd_reference(self, inputs, attrs):
