@@ -182,13 +182,19 @@ class ForwardOp(_Alternatives):
 @dataclass(frozen=True)
 class BackwardImpl:
     """One way to run a backward op: everything it reads (forward tensors, derived tensors,
-    gradients), its time and its workspace."""
+    gradients), its time and its workspace.
+
+    ``accumulates`` names outputs (gradients of fixed tensors: parameter gradients) that
+    this implementation adds straight into their resident storage (``.grad``), piece by
+    piece, instead of returning a new tensor that is then added in: such an output
+    allocates nothing; the pieces are the workspace."""
 
     name: str
     reads: frozenset[str]
     time_us: float
     workspace: int = 0
     line: int = field(default=0, compare=False)
+    accumulates: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -200,6 +206,11 @@ class BackwardOp(_Alternatives):
     impls: tuple[BackwardImpl, ...]
     of: str | None = None
     line: int = field(default=0, compare=False)
+
+    def new_output_bytes(self, impl: BackwardImpl, tensors: dict[str, Tensor]) -> int:
+        """Bytes the step allocates for its outputs when it runs ``impl``: every output but
+        those the implementation accumulates into resident storage."""
+        return sum(tensors[o].storage_bytes for o in self.outputs if o not in impl.accumulates)
 
     @property
     def local_name(self) -> str:

@@ -3,7 +3,8 @@
 * :func:`random_spec` draws a small network with skip connections and several
   implementations per operator: in-place variants, derived tensors (a compact mask, an RNG
   state read back by the recomputation), different backward reads, recompute times,
-  workspaces, views, split weight/data gradients. The same seed gives the same spec.
+  workspaces, views, split weight/data gradients (some adding into the parameter gradient
+  in place). The same seed gives the same spec.
 * :func:`resnet_stack` and :func:`transformer_stack` repeat the shipped ResNet basic block
   and transformer block ``n`` times: the size ladder of the MILP benchmark.
 
@@ -110,7 +111,15 @@ def _op_lines(rng, op, ops, consumed, last, max_impls) -> list[str]:
     grads = [f"grad({t})" for t in acts]
     use_param = rng.random() < 0.3
     if use_param:
-        lines.append(f"    backward wgrad reads (grad({out}), {inputs[0]}) -> grad(w) time {rng.randint(1, 10)}us")
+        wgrad_time = rng.randint(1, 10)
+        side = random.Random(f"{wgrad_time}-{out}-{inputs[0]}")  # the main draws stay as they were
+        if side.random() < 0.5:  # a second implementation adding into grad(w) in place, in pieces
+            lines.append(f"    backward wgrad reads (grad({out}), {inputs[0]}) -> grad(w)")
+            lines.append(f"      impl default time {wgrad_time}us")
+            lines.append(f"      impl into_grad time {wgrad_time + side.randint(0, 3)}us workspace {side.choice([0, 16])}B"
+                         " accumulates (grad(w))")
+        else:
+            lines.append(f"    backward wgrad reads (grad({out}), {inputs[0]}) -> grad(w) time {wgrad_time}us")
     if not grads:
         if not use_param:
             lines.append(f"    backward reads (grad({out})) -> grad(x) time {rng.randint(1, 10)}us")

@@ -111,6 +111,11 @@ def validate_network(network: Network, path: str = "<input>", source: str = "") 
             if tensors[out].kind is not TensorKind.GRADIENT:
                 report(f"backward op {bop.name} outputs {out}, which is not a gradient", bop.line)
         for impl in bop.impls:
+            for name in sorted(impl.accumulates):
+                of = tensors[name].grad_of if name in tensors else None
+                if of is None or not tensors[of].is_fixed:
+                    report(f"backward op {bop.name} impl {impl.name} accumulates {name}: only a gradient of a param,"
+                           " input or buffer (resident memory) can be accumulated in place", impl.line or bop.line)
             for name in sorted(impl.reads):
                 tensor = tensors[name]
                 if name in bop.outputs:

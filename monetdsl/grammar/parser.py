@@ -250,7 +250,7 @@ class _ToRaw(Transformer):
             first = children[0] if children else None
             line = getattr(first, "line", 0) or 0
             column = getattr(first, "column", 0) or 0
-            value = children[0] if len(children) == 1 and kind not in ("reads", "recompute_reads", "outputs") else children
+            value = children[0] if len(children) == 1 and kind not in ("reads", "recompute_reads", "outputs", "accumulates") else children
             return _Attr(kind, value, line, column)
 
         return build
@@ -261,6 +261,7 @@ class _ToRaw(Transformer):
     recompute_time_attr = _attr("recompute_time")
     recompute_reads_attr = _attr("recompute_reads")
     reads_attr = _attr("reads")
+    accumulates_attr = _attr("accumulates")
     outputs_attr = _attr("outputs")
     del _attr
 
@@ -909,10 +910,12 @@ class _Builder:
         ok = True
         common_reads: list[Ident] = []
         outputs: list[Ident] = []
-        defaults = {"time": None, "workspace": 0}
+        defaults = {"time": None, "workspace": 0, "accumulates": ()}
         for attr in raw.attrs:
             if attr.kind == "reads":
                 common_reads.extend(attr.value)
+            elif attr.kind == "accumulates":
+                defaults["accumulates"] = tuple(attr.value)
             elif attr.kind == "outputs":
                 outputs.extend(out.ref for out in attr.value)
             elif attr.kind == "time":
@@ -949,6 +952,8 @@ class _Builder:
                     values["time"] = self._time(attr.value, f"time of {full} impl {raw_impl.name}")
                 elif attr.kind == "workspace":
                     values["workspace"] = self._bytes(attr.value, f"workspace of {full} impl {raw_impl.name}") or 0
+                elif attr.kind == "accumulates":
+                    values["accumulates"] = tuple(attr.value)
                 else:
                     self.error(
                         f"{attr.kind.replace('_', ' ')} is not an attribute of a backward implementation ({full} impl {raw_impl.name})",
@@ -960,7 +965,12 @@ class _Builder:
                     self.error(f"backward op {full} impl {raw_impl.name} has no time (add e.g. `time 10us`)", raw_impl.name)
                 ok = False
                 continue
-            impls.append(BackwardImpl(str(raw_impl.name), frozenset(str(r) for r in reads), values["time"], values["workspace"], raw_impl.name.line))
+            for ref in values["accumulates"]:
+                if ref not in outputs:
+                    self.error(f"backward op {full} (impl {raw_impl.name}) accumulates {ref}, which the op does not produce", ref)
+                    ok = False
+            impls.append(BackwardImpl(str(raw_impl.name), frozenset(str(r) for r in reads), values["time"], values["workspace"],
+                                      raw_impl.name.line, frozenset(str(r) for r in values["accumulates"])))
         if not ok:
             return None
         return BackwardOp(full, tuple(str(o) for o in outputs), tuple(impls), str(parent) if parent is not None else None, raw.line or where.line)

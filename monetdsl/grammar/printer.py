@@ -12,6 +12,7 @@ import json
 import re
 
 from ..ir import (
+    BackwardImpl,
     BackwardOp,
     Constraints,
     ForwardOp,
@@ -26,7 +27,7 @@ from ..units import format_bytes, format_fraction, format_time_us
 __all__ = ["format_network", "format_constraints", "format_spec", "format_schedule", "quote_name", "tensor_order_key"]
 
 KEYWORDS = frozenset(
-    "network fixed tensor output op backward impl time workspace overwrites recompute reads view of grad "
+    "network fixed tensor output op backward impl time workspace overwrites recompute reads accumulates view of grad "
     "constraints memory overhead keep never in schedule for fingerprint forward stage free "
     "input param buffer activation gradient".split()
 )
@@ -177,6 +178,7 @@ def _backward_op_lines(bop: BackwardOp, network: Network, declared: set[str], ne
         head += f" time {format_time_us(impl.time_us)}"
         if impl.workspace:
             head += f" workspace {format_bytes(impl.workspace)}"
+        head += _accumulates(impl, network)
         return [head]
     lines = [head]
     for impl in bop.impls:
@@ -187,8 +189,15 @@ def _backward_op_lines(bop: BackwardOp, network: Network, declared: set[str], ne
         text += f" time {format_time_us(impl.time_us)}"
         if impl.workspace:
             text += f" workspace {format_bytes(impl.workspace)}"
+        text += _accumulates(impl, network)
         lines.append(text)
     return lines
+
+
+def _accumulates(impl: BackwardImpl, network: Network) -> str:
+    if not impl.accumulates:
+        return ""
+    return f" accumulates ({', '.join(_sorted_refs(impl.accumulates, network))})"
 
 
 def format_network(network: Network) -> str:

@@ -38,8 +38,9 @@ def cheapest_impls(network: Network, allowed: dict[str, tuple[str, ...]] | None 
     """The cheapest no-recompute implementation of every op (forward and backward).
 
     ``allowed`` restricts ops to the listed implementations (constraints' pins). Between
-    equally fast backward implementations the one with the smaller workspace wins (a
-    compute-bound step's roofline time does not see its temporaries' traffic). First
+    equally fast backward implementations the one that allocates less wins, workspace and
+    new outputs together (a compute-bound step's roofline time does not see its
+    temporaries' traffic). First
     each forward op is chosen together with its attached backward ops; then backward
     ops that read a derived tensor of *another* op are repaired, by switching either the
     backward implementation or the producer's implementation, whichever costs less.
@@ -73,7 +74,7 @@ def cheapest_impls(network: Network, allowed: dict[str, tuple[str, ...]] | None 
                 options = [b for b in usable(bop) if all(obtainable(r, name, produced) for r in b.reads)]
                 if not options:
                     break
-                pick = min(options, key=lambda b: (b.time_us, b.workspace))  # equally fast: the leaner
+                pick = min(options, key=lambda b: _time_then_bytes(bop, b, network))  # equally fast: the leaner
                 picks[bop.name] = pick.name
                 total += pick.time_us
             else:
@@ -86,9 +87,14 @@ def cheapest_impls(network: Network, allowed: dict[str, tuple[str, ...]] | None 
             chosen[name] = best[1].name
             chosen.update(best[2])
     for bop in network.backward_ops:
-        chosen.setdefault(bop.name, min(usable(bop), key=lambda b: (b.time_us, b.workspace)).name)
+        chosen.setdefault(bop.name, min(usable(bop), key=lambda b: _time_then_bytes(bop, b, network)).name)
     _repair_derived_reads(network, idx, chosen, usable)
     return chosen
+
+
+def _time_then_bytes(bop, impl, network: Network) -> tuple[float, int]:
+    """Sort key of backward implementations: time, then the bytes the step allocates."""
+    return impl.time_us, impl.workspace + bop.new_output_bytes(impl, network.tensors)
 
 
 def _satisfied(reads, idx, chosen: dict[str, str]) -> bool:

@@ -18,7 +18,9 @@ Execution model, in short:
   outputs are carried to the end.
 * Gradients live from their first writer to their last reader. A second writer of the
   same gradient allocates a temporary that is added into it; gradients of fixed tensors
-  (parameter gradients) are temporaries that go to fixed memory. The seeds (gradients of
+  (parameter gradients) are temporaries that go to fixed memory, unless the
+  implementation ``accumulates`` them (added into the resident gradient piece by piece:
+  no new bytes, the pieces are its workspace). The seeds (gradients of
   the network outputs) are the caller's: allocated when the backward starts, held to its end.
 * An in-place implementation destroys the input it overwrites (and any view of it): the
   input must not be read later in the stage nor be carried.
@@ -421,6 +423,8 @@ class _Replay:
             tensor = self.tensors[out]
             duplicate = out in mem
             if kind == "backward":
+                if out in impl.accumulates:
+                    continue  # added into its resident storage piece by piece: nothing new
                 merge = tensor.grad_of is not None and self.tensors[tensor.grad_of].is_fixed
                 sid = mem.new(tensor.storage_bytes)
                 pending.append((out, sid, not (merge or duplicate)))

@@ -79,7 +79,7 @@ def peak_lower_bound(network: Network, allowed: dict[str, tuple[str, ...]] | Non
                 continue
             grads = {r for r in impl.reads if tensors[r].kind is TensorKind.GRADIENT}
             grad_bytes = sum(tensors[g].storage_bytes for g in grads)
-            outs = sum(tensors[o].storage_bytes for o in bop.outputs)
+            outs = bop.new_output_bytes(impl, tensors)
             need = storage([*impl.reads, *outputs]) + grad_bytes + outs + impl.workspace
             best = need if best is None else min(best, need)
         worst = max(worst, best or 0)

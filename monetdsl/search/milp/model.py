@@ -376,9 +376,9 @@ class _Builder:
                 else:
                     b = self.stages[t - 1]
                     bop = self.idx.backward_ops[b]
-                    outs = sum(self.tensors[o].storage_bytes for o in bop.outputs) / MIB
-                    ws = total(self.z[b, impl.name] * (impl.workspace / MIB) for impl in self.bimpls[b])
-                    self.slots.append(Slot(t, "backward", b, ONE, g + u + outs + ws))
+                    new = total(self.z[b, impl.name] * ((bop.new_output_bytes(impl, self.tensors) + impl.workspace) / MIB)
+                                for impl in self.bimpls[b])
+                    self.slots.append(Slot(t, "backward", b, ONE, g + u + new))
                     delta = ZERO
                 delta = delta - total(released.get(k, ()))
                 u_prev = u + delta
