@@ -104,16 +104,25 @@ def _reduced(zoo):
 
 def test_measured_peak_is_the_planned_peak(zoo):
     """With the loss inside the model the whole step is planned: the measured peak of
-    live tensor bytes is within 2 % of the simulator's, from store-all to the minimum."""
+    live tensor bytes is within 2 % of the simulator's, from store-all to the minimum.
+
+    One over-count of the plan is known: a backward step that passes its incoming
+    gradient on as an input's gradient (a residual add: PyTorch returns the same tensor)
+    allocates nothing, while the memory model counts a new gradient, alive until its last
+    reader. The measured peak may be lower by at most those bytes (the trace records them
+    per step), never higher."""
     name, model, reference, x, _ = zoo
     reduced, trace = _reduced(zoo)
+    aliased = trace.built.workspace.aliased
     for budget in budget_ladder(trace.spec):
         result = solve(trace.spec, memory_budget=budget, time_limit=4, options={"kicks": 3, "refine": False})
         optimized = monetdsl.optimize(reduced, schedule=result.schedule)
         optimized.plan_for(x, trace=trace)
         measured = monetdsl.measure(optimized, x, probe="live", warmup=0)
         assert measured.planned == result.simulation.peak_bytes - result.simulation.fixed_bytes
-        assert abs(measured.ratio - 1) <= 0.02, (name, budget, measured.summary())
+        passed_on = sum(aliased.get((s.op, s.impl, s.kind), 0) for s in result.simulation.steps if s.kind == "backward")
+        peak = measured.peaks[0]
+        assert measured.planned * 0.98 - passed_on <= peak <= measured.planned * 1.02, (name, budget, passed_on, measured.summary())
 
 
 def test_every_step_peaks_as_planned(zoo):

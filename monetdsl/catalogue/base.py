@@ -51,11 +51,16 @@ class ForwardAlt:
 
 @dataclass(frozen=True)
 class BackwardAlt:
-    """One way to run a backward step: the roles it reads (gradients of outputs implied)."""
+    """One way to run a backward step: the roles it reads (gradients of outputs implied).
+
+    ``accumulates`` are parameter roles whose gradient the alternative adds straight into
+    the resident ``.grad``, in pieces, instead of returning it (the tracer offers the
+    alternative only when those roles are parameters)."""
 
     name: str
     reads: tuple[str, ...]
     doc: str = ""
+    accumulates: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

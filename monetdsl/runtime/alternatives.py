@@ -16,7 +16,9 @@ the alternative. ``saved`` is ``None`` for the first forward and, for a recomput
 holds what the alternative's ``recompute reads`` name (batch statistics, a mask, a seed),
 so a recomputation reproduces the first forward exactly and never touches running
 statistics or the global RNG. Backward functions get the tensors the alternative reads
-(by role) and the incoming gradients, and return the gradients of their input roles.
+(by role) and the incoming gradients, and return the gradients of their input roles;
+an alternative that accumulates a parameter gradient also gets ``into`` (role ->
+:class:`~monetdsl.runtime.program.GradTarget`) and adds that gradient there instead.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import torch
 
 from ..catalogue.dropout import draw_seed
 from ..catalogue import CATALOGUE
+from ..catalogue.linear import conv_weight_grad_into, matmul_weight_grad_into
 from . import ops as _ops  # noqa: F401 - registers torch.ops.monetdsl
 
 __all__ = ["OpContext", "FORWARD", "RECOMPUTE", "BACKWARD", "forward_function", "backward_function"]
@@ -180,6 +183,25 @@ def _linear_ce_backward(alt: str):
     return run
 
 
+# ------------------------------------------------------------------ weight gradients into .grad
+def _conv_into_grad(ctx: OpContext, saved: dict, grads: dict, into: dict) -> dict:
+    """The weight gradient added into (or written to) ``.grad`` by output-channel chunks
+    (the catalogue's code); the bias gradient, small, is returned as usual."""
+    g, target = grads["y"], into["w"]
+    conv_weight_grad_into(target.tensor, saved["x"], g, ctx.attrs, overwrite=target.overwrite)
+    if ctx.attrs["bias"]:
+        return {"b": g.sum([0] + list(range(2, g.dim())))}
+    return {}
+
+
+def _matmul_into_grad(ctx: OpContext, saved: dict, grads: dict, into: dict) -> dict:
+    g, target = grads["y"], into["b"]
+    matmul_weight_grad_into(target.tensor, saved["a"], g, overwrite=target.overwrite)
+    if "bias_shape" in ctx.attrs:
+        return {"bias": g.sum(0) if len(ctx.attrs["bias_shape"]) == 1 else g.sum_to_size(ctx.attrs["bias_shape"])}
+    return {}
+
+
 # ------------------------------------------------------------------------------- max pooling
 def _pool_args(attrs: dict) -> tuple:
     return list(attrs["kernel"]), list(attrs["stride"]), list(attrs["padding"]), list(attrs["dilation"]), attrs["ceil_mode"]
@@ -325,6 +347,9 @@ BACKWARD[("sdpa", "math")] = _sdpa_from_probs
 BACKWARD[("cross_entropy", "from_output")] = _cross_entropy_from_output
 for _alt in ("chunked", "from_grads"):
     BACKWARD[("linear_cross_entropy", _alt)] = _linear_ce_backward(_alt)
+#: these take ``into`` (role -> GradTarget): the parameter gradients they add into in place
+BACKWARD[("conv", "into_grad")] = _conv_into_grad
+BACKWARD[("matmul", "into_grad")] = _matmul_into_grad
 
 #: PyTorch's own backward alternatives replaced by an equivalent with the same result bit for bit
 FASTER = {("dropout", "from_mask")}

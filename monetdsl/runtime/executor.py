@@ -11,7 +11,8 @@ recomputations and the release points are the schedule's, decided once by
   a tensor a stage ``free``s without reading is released before the stage starts;
 * a gradient lives from its first writer to its last reader; a later writer's result is
   added into it; a parameter's gradient goes to ``.grad`` (or through autograd, when
-  something listens: DDP, gradient hooks);
+  something listens: DDP, gradient hooks); a step that accumulates a parameter gradient
+  adds it into ``.grad`` itself;
 * an in-place implementation's output takes its input's storage, and the input is gone.
 
 So the live IR bytes after every step equal the simulator's (tested), and the real peak
@@ -28,7 +29,7 @@ import torch
 from ..graph import index
 from ..ir import Network, Schedule, TensorKind
 from ..search.simulator import chosen_impls
-from .program import Program, StepFn
+from .program import AccumulatedGrad, GradTarget, Program, StepFn
 
 __all__ = ["PlannedStep", "StepPlan", "plan_steps", "Executor", "StepState"]
 
@@ -198,10 +199,17 @@ class Executor:
                 self.before(planned, env)
             step = planned.step
             values = [env[n] if n in env else fixed[n] for n in step.reads]
-            results = step.fn(*values)
+            if step.accumulates:
+                into = {g: grads.target(g, acc) for g, acc in step.accumulates.items()}
+                results = step.fn(*values, into=into)
+            else:
+                into, results = None, step.fn(*values)
             in_ptrs = {v.untyped_storage().data_ptr() for v in values}
             del values
             for name, value in zip(step.writes, results):
+                if value is None and into is not None and name in into:
+                    grads.accumulated(name, into[name], last=name in planned.last_param_writes)
+                    continue
                 fresh = value.untyped_storage().data_ptr() not in in_ptrs
                 if name in param_grads:
                     grads.write(name, value, last=name in planned.last_param_writes, fresh=fresh)
@@ -213,7 +221,7 @@ class Executor:
                     if fresh:
                         exclusive.add(name)
                 value = None  # a loop variable would keep the last output alive past its release
-            del results
+            del results, into
             for name in planned.grad_release:
                 env.pop(name, None)
                 exclusive.discard(name)
@@ -271,6 +279,31 @@ class _GradientSink:
         self.param_of = param_of
         self.hooks = hooks
         self.pending: dict[str, torch.Tensor] = {}
+
+    def target(self, grad: str, acc: AccumulatedGrad) -> GradTarget:
+        """Where an accumulating step adds ``grad``: the parameter's ``.grad`` (allocated
+        here when there is none, as autograd's first accumulation would; then written, not
+        added, when the step writes every element, else zeroed first). With listeners the
+        step fills a tensor of its own, delivered through autograd by :meth:`accumulated`
+        (the gradient-sized temporary the plan saved is then back)."""
+        param = self.param_of(self.plan.param_grads[grad])
+        if param is None:
+            raise RuntimeError(f"{grad}: the model has no parameter {self.plan.param_grads[grad]} to add it into")
+        if self.hooks or not param.requires_grad:
+            fresh = torch.empty_strided(param.size(), param.stride(), dtype=param.dtype, device=param.device)
+            return GradTarget(fresh, overwrite=True) if acc.covers else GradTarget(fresh.zero_())
+        if param.grad is None:
+            fresh = torch.empty_strided(param.size(), param.stride(), dtype=param.dtype, device=param.device)
+            if acc.covers:
+                param.grad = fresh
+                return GradTarget(fresh, overwrite=True)
+            param.grad = fresh.zero_()
+        return GradTarget(param.grad)
+
+    def accumulated(self, grad: str, target: GradTarget, *, last: bool) -> None:
+        """After an accumulating step: with listeners, its gradient goes through autograd."""
+        if self.hooks:
+            self.write(grad, target.tensor, last=last, fresh=True)
 
     def write(self, grad: str, value: torch.Tensor, *, last: bool, fresh: bool) -> None:
         param = self.param_of(self.plan.param_grads[grad])

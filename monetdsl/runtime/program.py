@@ -25,7 +25,27 @@ from ..tracing.to_ir import OpRecord
 from .alternatives import RECOMPUTE, OpContext, backward_function, forward_function
 from .graphs import ArgPath, LoweringError, arg_path, call_node, example_of, local_backward, owner_adapter
 
-__all__ = ["StepFn", "Program", "lower"]
+__all__ = ["StepFn", "GradTarget", "AccumulatedGrad", "Program", "lower"]
+
+
+@dataclass(frozen=True)
+class GradTarget:
+    """Where an accumulating backward step puts a parameter gradient: ``tensor`` (the
+    parameter's ``.grad``) and whether to write it rather than add into it (a ``.grad``
+    just allocated for this step, not zeroed)."""
+
+    tensor: torch.Tensor
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class AccumulatedGrad:
+    """A gradient a step adds into in place: the layout of its owner (``like``, a traced
+    example) and whether the step writes every element (``covers``: then a fresh
+    ``.grad`` need not be zeroed first)."""
+
+    like: torch.Tensor
+    covers: bool
 
 
 @dataclass
@@ -33,6 +53,10 @@ class StepFn:
     """One executable step: ``fn(*values of reads) -> tuple of values of writes``.
 
     ``overwrites`` names the input a forward step writes its first output into (in place).
+    A backward step with ``accumulates`` (gradient name -> :class:`AccumulatedGrad`) is
+    called ``fn(*values, into={name: GradTarget})`` and returns ``None`` for those
+    gradients: it has added them into the targets (without ``into`` it adds into zeroed
+    scratch tensors of its own, so a profiler can run it like any other step).
     """
 
     op: str
@@ -40,6 +64,20 @@ class StepFn:
     writes: tuple[str, ...]
     fn: Callable
     overwrites: str | None = None
+    accumulates: dict = field(default_factory=dict)
+
+    def scratch_targets(self, device) -> dict[str, GradTarget]:
+        """Zeroed stand-ins for the gradients the step adds into (timing, workspace probes)."""
+        return {g: GradTarget(torch.empty_strided(tuple(a.like.shape), tuple(a.like.stride()), dtype=a.like.dtype, device=device).zero_())
+                for g, a in self.accumulates.items()}
+
+    def with_scratch_targets(self, device) -> Callable:
+        """``fn`` as a plain step (values in, writes out) adding into scratch targets made
+        now: what a profiler or a workspace probe runs."""
+        if not self.accumulates:
+            return self.fn
+        scratch = self.scratch_targets(device)
+        return lambda *values: self.fn(*values, into=scratch)
 
 
 @dataclass
@@ -292,6 +330,9 @@ def _backward_step(low: _OpLowering, bop, impl, *, first: bool) -> StepFn:
     if custom is None:
         if not first:
             raise LoweringError(f"{bop.name}: the runtime has no implementation of backward alternative {impl.name}")
+        if impl.accumulates:
+            raise LoweringError(f"{bop.name} ({impl.name}): PyTorch's own backward returns its gradients; it cannot"
+                                f" accumulate {sorted(impl.accumulates)} in place")
         resident = [i for i, p in enumerate(low.paths) if tensors[p.owner].is_fixed]
         local = local_backward(low.members, low.arg_nodes, low.out_nodes, wanted, grad_outs, resident)
         arg_reads = [low.paths[i] for i in local.args_read]
@@ -311,6 +352,7 @@ def _backward_step(low: _OpLowering, bop, impl, *, first: bool) -> StepFn:
         def fn(*values):
             arg_grads = forward(*[g(values) for g in getters])
             return _owner_grads(plans, arg_grads, shapes)
+        accumulated = {}
     else:
         role_of_arg = {low.arg_index[n]: r for r, n in low.record.binding.inputs.items() if isinstance(n, fx.Node)}
         alt = next(a for s in low.kind.backward_steps(low.record.binding) for a in s.alts if a.name == impl.name)
@@ -327,21 +369,62 @@ def _backward_step(low: _OpLowering, bop, impl, *, first: bool) -> StepFn:
         plans = [([wanted.index(i) for i in positions], adapter) for _, positions, adapter in adapters]
         shapes = {j: example_of(low.arg_nodes[i]) for j, i in enumerate(wanted)}
         ctx = OpContext(kind, ctx_attrs, {}, lambda: {})
+        accumulated, into_paths = _accumulated(low, bop, impl, alt, wanted, adapters)
+        skip = {k for k, (g, _, _) in enumerate(adapters) if g in accumulated}
 
-        def fn(*values):
+        def fn(*values, into=None):
             saved = {r: g(values) for r, g in saved_getters.items()}
             grads = {role: g(values) for role, g in grad_getters.items()}
-            role_grads = custom(ctx, saved, grads)
-            return _owner_grads(plans, [role_grads.get(r) for r in wanted_roles], shapes)
+            if not accumulated:
+                role_grads = custom(ctx, saved, grads)
+                return _owner_grads(plans, [role_grads.get(r) for r in wanted_roles], shapes)
+            if into is None:
+                into = step.scratch_targets(values[0].device)
+            role_into = {role: GradTarget(path.materialize(into[g].tensor), into[g].overwrite) for role, (g, path) in into_paths.items()}
+            role_grads = custom(ctx, saved, grads, into=role_into)
+            return _owner_grads(plans, [role_grads.get(r) for r in wanted_roles], shapes, skip)
 
-    return StepFn(bop.name, reads, writes, fn)
+    step = StepFn(bop.name, reads, writes, fn, accumulates=accumulated)
+    return step
 
 
-def _owner_grads(plans, arg_grads, shapes) -> tuple:
+def _accumulated(low: _OpLowering, bop, impl, alt, wanted: list[int], adapters) -> tuple[dict, dict]:
+    """For an implementation that accumulates parameter gradients: gradient name ->
+    :class:`AccumulatedGrad`, and role -> (gradient name, the argument's path from its
+    owner), the path turning the owner's ``.grad`` into the view the alternative writes
+    (a linear layer's ``weight.t()``). A path that repeats elements (an expand) cannot be
+    added into in place and is refused."""
+    accumulated, into_paths = {}, {}
+    for role in alt.accumulates:
+        node = low.record.binding.inputs.get(role)
+        if not isinstance(node, fx.Node) or low.arg_index.get(node) not in wanted:
+            continue
+        path = low.paths[low.arg_index[node]]
+        g = grad_name(path.owner)
+        if g not in impl.accumulates:
+            continue
+        like = example_of(_owner_node(low, low.arg_index[node]))
+        probe = path.materialize(torch.empty_strided(tuple(like.shape), tuple(like.stride()), dtype=like.dtype, device="meta"))
+        if any(st == 0 and n > 1 for n, st in zip(probe.shape, probe.stride())) or probe.numel() > like.numel():
+            raise LoweringError(f"{bop.name} ({impl.name}): {role} is a view of {path.owner} that repeats elements;"
+                                " its gradient cannot be added into .grad in place")
+        accumulated[g] = AccumulatedGrad(like, covers=probe.numel() == like.numel())
+        into_paths[role] = (g, path)
+    if set(accumulated) != set(impl.accumulates):
+        raise LoweringError(f"{bop.name} ({impl.name}): the spec accumulates {sorted(impl.accumulates)},"
+                            f" the alternative {sorted(accumulated)}")
+    return accumulated, into_paths
+
+
+def _owner_grads(plans, arg_grads, shapes, skip=frozenset()) -> tuple:
     """Gradients of the owners from the gradients of the arguments (``plans``: per owner
-    the argument positions and the adapter; ``None`` gradients become zeros)."""
+    the argument positions and the adapter; ``None`` gradients become zeros; owners in
+    ``skip``, added into ``.grad`` by the step itself, get ``None``)."""
     out = []
-    for positions, adapter in plans:
+    for k, (positions, adapter) in enumerate(plans):
+        if k in skip:
+            out.append(None)
+            continue
         grads = [arg_grads[j] if arg_grads[j] is not None else torch.zeros(shapes[j].shape, dtype=shapes[j].dtype, device=shapes[j].device) for j in positions]
         out.append(grads[0] if adapter is None else adapter(*grads))
     return tuple(out)

@@ -96,7 +96,8 @@ def time_steps(built, device: str, repeats: int = 5) -> StepTimes:
                     try:
                         step = _backward_step(low, bop, impl, first=impl.name == bop.impls[0].name)
                         reads = [values[n] for n in step.reads]
-                        backward_times[(bop.name, impl.name)] = time_call(lambda fn=step.fn, reads=reads: fn(*reads), device, repeats)
+                        fn = step.with_scratch_targets(device)
+                        backward_times[(bop.name, impl.name)] = time_call(lambda fn=fn, reads=reads: fn(*reads), device, repeats)
                     except Exception as exc:  # noqa: BLE001 - reported, never hidden
                         report.notes.append(f"{bop.name} impl {impl.name}: not profiled ({type(exc).__name__}: {str(exc)[:80]}); time kept")
             values.clear()

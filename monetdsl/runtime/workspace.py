@@ -121,12 +121,13 @@ def measure_workspaces(built) -> WorkspaceReport:
             for impl in bop.impls:
                 try:
                     step = _backward_step(low, bop, impl, first=impl.name == bop.impls[0].name)
-                    planned = sum(tensors[g].storage_bytes for g in bop.outputs)
-                    ws, results, held = step_workspace(step.fn, lambda: [value(n) for n in step.reads], planned)
+                    planned = bop.new_output_bytes(impl, tensors)
+                    ws, results, held = step_workspace(step.with_scratch_targets(value(step.reads[0]).device), lambda: [value(n) for n in step.reads], planned)
                     if held < planned:
                         report.aliased[(bop.name, impl.name, "backward")] = planned - held
                     for name, result in zip(step.writes, results):
-                        examples.setdefault(name, result)
+                        if result is not None:  # None: added into a parameter's gradient
+                            examples.setdefault(name, result)
                     del results
                     backward_ws[(bop.name, impl.name)] = ws
                 except Exception as exc:  # noqa: BLE001 - reported, never hidden

@@ -368,6 +368,9 @@ class _Builder:
             for j, alt in enumerate(step.alts):
                 if not all(r in record.role_names and record.role_names[r] in tensors for r in alt.reads):
                     continue  # reads a tensor no legal forward alternative produces
+                accumulates = frozenset(self.need_grad(self.name_of(binding.inputs[r])) for r in alt.accumulates if r in roles)
+                if any(tensors[self.name_of(binding.inputs[r])].kind is not TensorKind.PARAM for r in alt.accumulates if r in roles):
+                    continue  # only a parameter's gradient has resident storage to add into
                 reads = [record.role_names[r] for r in alt.reads] + (extra_fixed if i == 0 and j == 0 else [])
                 read_bytes = sum(tensors[n].nbytes for n in set(reads))
                 own = kind.flops("backward", alt.name, binding)
@@ -383,7 +386,7 @@ class _Builder:
                 workspace = sum(tensors[record.role_names[r]].nbytes for r in kind.workspace_roles(alt.name))
                 if workspace:  # written once and read once more
                     time_us = self.roofline.time_us(flops, read_bytes + grad_bytes + out_bytes + 2 * workspace, dtype, matmul)
-                impls.append(BackwardImpl(alt.name, frozenset(reads + grad_reads), time_us, workspace))
+                impls.append(BackwardImpl(alt.name, frozenset(reads + grad_reads), time_us, workspace, accumulates=accumulates))
             bops.append(BackwardOp(f"{record.name}.{step.name}", tuple(outs), tuple(impls), record.name))
         return bops
 
