@@ -127,3 +127,36 @@ def test_batch_norm_recompute_does_not_touch_running_stats():
     torch.nn.functional.batch_norm(x, ref_rm, ref_rv, w, b, True, attrs["momentum"], attrs["eps"])
     torch.testing.assert_close(rm, ref_rm)
     torch.testing.assert_close(rv, ref_rv)
+
+
+def test_weight_gradients_into_grad_add_or_write_by_chunks():
+    """conv's weight gradient by chunks of output channels (here 2 of 6, and 16-channel
+    alignment not reached) adds into, or writes, the target; matmul's into a transposed view."""
+    from unittest import mock
+
+    from monetdsl.catalogue import linear
+
+    conv = CATALOGUE["conv"]
+    inputs, attrs = conv.examples()[0]
+    x, w = inputs["x"], inputs["w"]
+    g = torch.randn(conv.forward("default", inputs, attrs)["y"].shape, dtype=torch.float64)
+    want = conv.backward("wgrad", "default", {"y": g}, {"x": x}, attrs)["w"]
+    calls = []
+    real = linear._CONV_WEIGHT[2]
+    with mock.patch.object(linear, "WGRAD_CHUNK_BYTES", 2 * w[0].numel() * 8), \
+            mock.patch.dict(linear._CONV_WEIGHT, {2: lambda *a, **k: calls.append(a[1]) or real(*a, **k)}):
+        start = torch.randn_like(w)
+        added = start.clone()
+        linear.conv_weight_grad_into(added, x, g, attrs, overwrite=False)
+        written = torch.full_like(w, float("nan"))
+        linear.conv_weight_grad_into(written, x, g, attrs, overwrite=True)
+    assert [c[0] for c in calls] == [2, 2, 2] * 2
+    torch.testing.assert_close(added, start + want)
+    torch.testing.assert_close(written, want)
+    a, b_grad = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    weight_grad = torch.randn(3, 4, dtype=torch.float64)  # a linear layer's: the gradient of weight.t()
+    expected = weight_grad + (a.t() @ b_grad).t()
+    linear.matmul_weight_grad_into(weight_grad.t(), a, b_grad, overwrite=False)
+    torch.testing.assert_close(weight_grad, expected)
+    linear.matmul_weight_grad_into(weight_grad.t(), a, b_grad, overwrite=True)
+    torch.testing.assert_close(weight_grad, (a.t() @ b_grad).t())
