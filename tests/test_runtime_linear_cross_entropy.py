@@ -58,7 +58,8 @@ def test_the_output_layer_and_its_loss_are_one_op(traced):
     assert lsm.shape == (ROWS, VOCAB)
     gx, gw = (network.tensors[n] for n in op.impl("grads_in_forward").derived)
     assert gx.shape == (ROWS, 32) and gw.shape == (32, VOCAB)
-    assert bop.impl_names == ("autograd", "chunked", "from_grads")
+    assert bop.impl_names == ("autograd", "chunked", "from_grads", "chunked_into_grad", "from_grads_into_grad")
+    assert bop.impl("chunked_into_grad").accumulates == {"grad(head.weight)"}
     assert bop.impl("from_grads").reads == frozenset({gx.name, gw.name, f"grad({op.outputs[0]})"})
     # workspaces (measured on the runtime's steps): the whole logits in eager's forward,
     # the log-probabilities' gradient and the logits' gradient in eager's backward; one
@@ -69,6 +70,8 @@ def test_the_output_layer_and_its_loss_are_one_op(traced):
     assert chunk <= op.impl("grads_in_forward").workspace <= chunk + rows
     assert bop.impl("autograd").workspace >= 2 * lsm.nbytes - gw.nbytes - gx.nbytes
     assert chunk <= bop.impl("chunked").workspace <= chunk + rows
+    assert chunk <= bop.impl("chunked_into_grad").workspace <= chunk + rows
+    assert bop.impl("from_grads_into_grad").workspace == 0  # scaled straight into .grad
     assert trace.built.records[-1].binding.attrs["chunk_rows"] == CHUNK
 
 
@@ -85,7 +88,8 @@ def test_store_all_keeps_what_autograd_keeps(traced):
     assert [b for _, b in spec.per_op] == real_per_op
 
 
-COMBINATIONS = [("default", "autograd"), ("default", "chunked"), ("grads_in_forward", "from_grads")]
+COMBINATIONS = [("default", "autograd"), ("default", "chunked"), ("grads_in_forward", "from_grads"),
+                ("default", "chunked_into_grad"), ("grads_in_forward", "from_grads_into_grad")]
 
 
 def _run(model, reference, idx, trace, forward: str, backward: str, keep: str):
@@ -187,7 +191,10 @@ def test_a_frozen_side_needs_one_product(frozen):
     grads_made = network.tensors[op.impl("grads_in_forward").derived[0]]
     assert grads_made.shape == ((ROWS, 32) if frozen == "head" else (32, VOCAB))
     assert ("tanh" in bop.impl("chunked").reads) == (frozen == "body")
+    assert ("chunked_into_grad" in bop.impl_names) == (frozen == "body")  # only a weight's gradient goes into .grad
     for forward, backward in COMBINATIONS:
+        if backward not in bop.impl_names:
+            continue
         _, _, got, want = _run(model, reference, idx, trace, forward, backward, "none")
         _close(got, want)
 
@@ -207,6 +214,16 @@ def test_chunks_remove_the_logits_sized_tensors_from_the_peak(traced):
     # in the forward hold a chunk and the two small gradients
     assert peaks["autograd"] - peaks["chunked"] >= logits
     assert peaks["autograd"] - peaks["from_grads"] >= 2 * logits
+    # the weight's gradient added into .grad: no vocabulary x width temporary at the head's
+    # backward (the peak, with everything kept, is elsewhere: the saving shows at that step)
+    weight = network.tensors["head.weight"].nbytes
+    for name in ("chunked", "from_grads"):
+        steps = {}
+        for impl in (name, f"{name}_into_grad"):
+            forward = "default" if name == "chunked" else "grads_in_forward"
+            schedule = schedule_with(trace.spec, {**first_impls(network), op.name: forward, bop.name: impl}, keep="all")
+            steps[impl] = next(s.peak for s in simulate(network, schedule).steps if s.op == bop.name)
+        assert steps[name] - steps[f"{name}_into_grad"] >= weight - bop.impl(f"{name}_into_grad").workspace
 
 
 @pytest.mark.parametrize("form", ["loss-outside", "logits-reused", "scaled"])

@@ -24,6 +24,8 @@ one chunk of logits instead of the logits, their log-probabilities and their gra
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .base import BackwardAlt, BackwardStep, Binding, ForwardAlt, OpKind
@@ -133,6 +135,14 @@ class CrossEntropy(OpKind):
 CHUNK_BYTES = 8 << 20
 
 
+@dataclass(frozen=True)
+class _Target:
+    """A stand-in for the runtime's ``GradTarget`` (a tensor to add into) in the reference."""
+
+    tensor: torch.Tensor
+    overwrite: bool = False
+
+
 def chunk_rows(rows: int, vocab: int, element_size: int, chunk_bytes: int | None = None) -> int:
     """Rows per chunk so one chunk of logits takes about ``chunk_bytes`` (default
     :data:`CHUNK_BYTES`, read at the call) and at least one row.
@@ -156,26 +166,37 @@ def _accumulator(like: torch.Tensor, shape) -> torch.Tensor:
 
 
 def _grads_by_chunks(rows: int, vocab: int, x: torch.Tensor | None, w: torch.Tensor | None, want_b: bool, step: int,
-                     logits_grad_of, like: torch.Tensor) -> dict[str, torch.Tensor]:
+                     logits_grad_of, like: torch.Tensor, w_into=None) -> dict[str, torch.Tensor]:
     """The gradients of ``logits = x @ w (+ b)`` by role, from the logits' gradient, one
     row chunk at a time: ``logits_grad_of(start, stop)`` gives the chunk's gradient.
     ``x``'s gradient needs ``w`` and ``w``'s needs ``x``: pass ``None`` for the operand
     whose partner's gradient is not wanted; the bias's (``want_b``) needs neither. The
     weight's gradient is accumulated in ``w``'s transposed layout (``vocab x width``, the
     layout of an ``nn.Linear`` weight) and returned as a view of ``w``'s shape; sums over
-    chunks run in float32 for 16-bit inputs (``like`` gives the dtype)."""
+    chunks run in float32 for 16-bit inputs (``like`` gives the dtype). With ``w_into``
+    (a target with ``tensor``, in ``w``'s shape, and ``overwrite``: a parameter's
+    ``.grad`` seen through the transpose) the weight's gradient is added (written) there
+    chunk by chunk instead, and not returned."""
     gx = torch.empty((rows, w.shape[0]), dtype=w.dtype, device=w.device) if w is not None else None
-    gw_t = _accumulator(like, (vocab, x.shape[1])) if x is not None else None
+    if x is not None and w_into is not None:
+        gw_t, fresh = w_into.tensor.t(), w_into.overwrite
+    else:
+        gw_t, fresh = (_accumulator(like, (vocab, x.shape[1])) if x is not None else None), False
     gb = _accumulator(like, (vocab,)) if want_b else None
     for start, stop in _row_chunks(rows, step):
         dlogits = logits_grad_of(start, stop)
         if gx is not None:
             torch.mm(dlogits, w.t(), out=gx[start:stop])
-        if gw_t is not None:
+        if gw_t is not None and fresh:
+            torch.mm(dlogits.t().to(gw_t.dtype), x[start:stop].to(gw_t.dtype), out=gw_t)
+            fresh = False
+        elif gw_t is not None:
             gw_t.addmm_(dlogits.t().to(gw_t.dtype), x[start:stop].to(gw_t.dtype))
         if gb is not None:
             gb.add_(dlogits.sum(0, dtype=gb.dtype))
         del dlogits  # before the next chunk's is made
+    if w_into is not None:
+        gw_t = None  # already in place
     out = {"x": gx, "w": gw_t.to(like.dtype).t() if gw_t is not None else None, "b": gb.to(like.dtype) if gb is not None else None}
     return {role: g for role, g in out.items() if g is not None}
 
@@ -211,16 +232,27 @@ def linear_cross_entropy_grads(x: torch.Tensor, w: torch.Tensor, target: torch.T
 
 def linear_cross_entropy_backward(grad: torch.Tensor, x: torch.Tensor | None, w: torch.Tensor | None, lsm: torch.Tensor,
                                   target: torch.Tensor, total_weight: torch.Tensor, reduction: int, ignore_index: int,
-                                  step: int, want_b: bool = False) -> dict[str, torch.Tensor]:
+                                  step: int, want_b: bool = False, w_into=None) -> dict[str, torch.Tensor]:
     """The gradients (by role) of ``x``, ``w`` and, with ``want_b``, the bias from the kept
     log-probabilities, in row chunks: the logits' gradient exists one chunk at a time
     (autograd forms it whole, next to the log-probabilities' gradient). ``x`` (``w``) is
-    ``None`` when ``w``'s (``x``'s) gradient is not wanted."""
+    ``None`` when ``w``'s (``x``'s) gradient is not wanted; ``w_into``: see
+    :func:`_grads_by_chunks`."""
     def logits_grad_of(start, stop):
         g = grad[start:stop] if reduction == 0 else grad
         return cross_entropy_grad_from_log_probs(g, lsm[start:stop], target[start:stop], total_weight, reduction, ignore_index)
 
-    return _grads_by_chunks(lsm.shape[0], lsm.shape[1], x, w, want_b, step, logits_grad_of, lsm)
+    return _grads_by_chunks(lsm.shape[0], lsm.shape[1], x, w, want_b, step, logits_grad_of, lsm, w_into)
+
+
+def scaled_grad_into(target, unit: torch.Tensor, grad: torch.Tensor) -> None:
+    """``target.tensor += unit * grad`` (``=`` with ``target.overwrite``) without a
+    temporary: a gradient made in the forward for an incoming gradient of one, scaled by
+    the real incoming gradient straight into ``.grad``."""
+    if target.overwrite:
+        torch.mul(unit, grad, out=target.tensor)
+    else:
+        target.tensor.addcmul_(unit, grad)
 
 
 class LinearCrossEntropy(OpKind):
@@ -242,7 +274,10 @@ class LinearCrossEntropy(OpKind):
 
     Backward alternatives: ``autograd`` (eager's calls: log-probabilities' gradient and
     logits' gradient whole, then the products), ``chunked`` (the same from ``lsm``, one
-    chunk of logits' gradient at a time) and ``from_grads`` (scales what the forward made).
+    chunk of logits' gradient at a time) and ``from_grads`` (scales what the forward made);
+    when the weight is a float32/float64 parameter, ``chunked_into_grad`` and
+    ``from_grads_into_grad`` do the same but add the weight's gradient into ``.grad``
+    (no vocabulary x width temporary).
     Only the gradients that flow are read and made (``grad_roles``, set by the tracer: a
     frozen output layer or body needs one product).
     """
@@ -277,11 +312,15 @@ class LinearCrossEntropy(OpKind):
         wanted = self.wanted(binding)
         # x's gradient needs w, w's needs x (as autograd's product keeps them); b's neither
         reads = tuple(r for r, needed_for in (("x", "w"), ("w", "x")) if needed_for in wanted) + ("lsm", "target", "total_weight")
-        return (BackwardStep("backward", wanted or ("x", "w"), (
+        alts = [
             BackwardAlt("autograd", reads, "nll_loss_backward, _log_softmax_backward_data, then the products (two logits-sized temporaries)"),
             BackwardAlt("chunked", reads, "the logits' gradient one row chunk at a time, each chunk into the products"),
             BackwardAlt("from_grads", tuple(f"g{role}" for role in wanted), "the gradients made in the forward, times the incoming gradient"),
-        )),)
+        ]
+        if "w" in wanted and "w" in binding.attrs.get("param_roles", ()) and binding.attrs.get("element_size", 0) >= 4:
+            alts += [BackwardAlt(f"{alt.name}_into_grad", alt.reads, alt.doc + "; the weight's added into .grad", accumulates=("w",))
+                     for alt in alts[1:]]
+        return (BackwardStep("backward", wanted or ("x", "w"), tuple(alts)),)
 
     def workspace_roles(self, alt: str) -> tuple[str, ...]:
         """autograd forms the log-probabilities' gradient and the logits' gradient whole."""
@@ -316,8 +355,23 @@ class LinearCrossEntropy(OpKind):
         loss, total_weight = torch.ops.aten.nll_loss_forward(lsm, target, None, attrs["reduction"], attrs["ignore_index"])
         return {"lsm": lsm, "y": loss, "total_weight": total_weight}
 
-    def backward(self, step, alt, grads, saved, attrs):
+    def backward(self, step, alt, grads, saved, attrs, into=None):
+        """``into`` (role -> target) is given to the ``*_into_grad`` alternatives, which add
+        the weight's gradient there; without it they make it in a zeroed tensor and return it."""
         g = grads["y"]
+        if alt.endswith("_into_grad"):
+            base = alt[: -len("_into_grad")]
+            if into is None:
+                like = saved["x"] if base == "chunked" else saved["gw"]
+                made = _Target(like.new_zeros(attrs["w_shape"]))
+                return {**self.backward(step, alt, grads, saved, attrs, {"w": made}), "w": made.tensor}
+            if base == "from_grads":
+                scaled_grad_into(into["w"], saved["gw"], g)
+                return {role: saved[f"g{role}"] * g for role in ("x", "b") if f"g{role}" in saved}
+            wanted = self.flowing(attrs)
+            return linear_cross_entropy_backward(g, saved["x"], saved["w"] if "x" in wanted else None, saved["lsm"], saved["target"],
+                                                 saved["total_weight"], attrs["reduction"], attrs["ignore_index"], attrs["chunk_rows"],
+                                                 "b" in wanted, w_into=into["w"])
         if alt == "from_grads":
             return {role: saved[f"g{role}"] * g for role in ("x", "w", "b") if f"g{role}" in saved}
         wanted = self.flowing(attrs)
@@ -350,7 +404,7 @@ class LinearCrossEntropy(OpKind):
 
         def attrs(reduction, ignore_index=-100, rows=3, bias=False):
             return {"reduction": reduction, "ignore_index": ignore_index, "shape": (7, 4), "w_shape": (4, 6), "chunk_rows": rows,
-                    "bias": bias}
+                    "bias": bias, "element_size": 8, "param_roles": ("w", "b")}
 
         cases = [({"x": x, "w": w, "target": target}, attrs(r)) for r in (1, 2, 0)]
         cases.append(({"x": x, "w": w, "target": torch.tensor([0, 5, 2, 3, 2, 1, 4])}, attrs(1, ignore_index=3, rows=7)))
@@ -368,4 +422,4 @@ class LinearCrossEntropy(OpKind):
         inputs = {"x": x, "w": w, "target": target} if b is None else {"x": x, "w": w, "b": b, "target": target}
         return Binding(inputs, {"lsm": lsm_index, "y": loss_index, "total_weight": total_weight_index},
                        {"reduction": int(reduction), "ignore_index": int(ignore_index), "shape": tuple(shape),
-                        "w_shape": tuple(w_shape), "chunk_rows": rows, "bias": b is not None})
+                        "w_shape": tuple(w_shape), "chunk_rows": rows, "bias": b is not None, "element_size": int(element_size)})

@@ -175,10 +175,11 @@ def _linear_ce_grads_in_forward(ctx: OpContext, saved):
 
 
 def _linear_ce_backward(alt: str):
-    """``chunked`` and ``from_grads``: the catalogue's code, on the tensors the
-    alternative reads (x only when w's gradient is wanted, w only when x's is)."""
-    def run(ctx: OpContext, saved: dict, grads: dict) -> dict:
-        return CATALOGUE["linear_cross_entropy"].backward("backward", alt, grads, saved, ctx.attrs)
+    """``chunked`` and ``from_grads`` (and their ``_into_grad`` forms, given ``into``): the
+    catalogue's code, on the tensors the alternative reads (x only when w's gradient is
+    wanted, w only when x's is)."""
+    def run(ctx: OpContext, saved: dict, grads: dict, into: dict | None = None) -> dict:
+        return CATALOGUE["linear_cross_entropy"].backward("backward", alt, grads, saved, ctx.attrs, into)
 
     return run
 
@@ -347,6 +348,7 @@ BACKWARD[("sdpa", "math")] = _sdpa_from_probs
 BACKWARD[("cross_entropy", "from_output")] = _cross_entropy_from_output
 for _alt in ("chunked", "from_grads"):
     BACKWARD[("linear_cross_entropy", _alt)] = _linear_ce_backward(_alt)
+    BACKWARD[("linear_cross_entropy", f"{_alt}_into_grad")] = _linear_ce_backward(f"{_alt}_into_grad")
 #: these take ``into`` (role -> GradTarget): the parameter gradients they add into in place
 BACKWARD[("conv", "into_grad")] = _conv_into_grad
 BACKWARD[("matmul", "into_grad")] = _matmul_into_grad
