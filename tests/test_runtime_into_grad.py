@@ -170,3 +170,24 @@ def test_the_plan_drops_by_the_weight_gradient_and_the_steps_peak_as_planned():
     saved = network.tensors["model.conv2.weight"].nbytes + wgrad.impls[0].workspace - wgrad.impl("into_grad").workspace
     assert wgrad_peaks["default"] - wgrad_peaks["into"] == saved > 0
     assert peaks["default"] == wgrad_peaks["default"] and peaks["into"] < peaks["default"]
+
+
+def test_a_weight_feeding_two_operands_keeps_the_default():
+    """``w @ w``: the weight's gradient is the sum of two products, which one view of
+    ``.grad`` cannot take; the tracer does not offer the alternative there. (The runtime
+    does not run such a product at all yet: one tensor feeding both operands of a split
+    gradient is refused when lowering.)"""
+    class Square(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 6) / 3)
+
+        def forward(self, x):
+            return (x @ (self.w @ self.w)).sum()
+
+    x = torch.randn(4, 6)
+    trace = trace_for_runtime(Square(), [x], optimizer="sgd")
+    network = trace.spec.network
+    square = next(op for op in network.forward_ops if op.inputs == ("w",))
+    assert all(b.impl_names == ("default",) for b in network.backward_ops if b.of == square.name)
+    assert not any("into_grad" in b.impl_names for b in network.backward_ops)  # x is an input, not a parameter

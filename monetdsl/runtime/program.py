@@ -392,9 +392,11 @@ def _accumulated(low: _OpLowering, bop, impl, alt, wanted: list[int], adapters) 
     """For an implementation that accumulates parameter gradients: gradient name ->
     :class:`AccumulatedGrad`, and role -> (gradient name, the argument's path from its
     owner), the path turning the owner's ``.grad`` into the view the alternative writes
-    (a linear layer's ``weight.t()``). A path that repeats elements (an expand) cannot be
-    added into in place and is refused."""
+    (a linear layer's ``weight.t()``). A path that repeats elements (an expand), and an
+    owner that also feeds another argument of the op, cannot be added into in place from
+    one view and are refused."""
     accumulated, into_paths = {}, {}
+    positions_of = {g: positions for g, positions, _ in adapters}
     for role in alt.accumulates:
         node = low.record.binding.inputs.get(role)
         if not isinstance(node, fx.Node) or low.arg_index.get(node) not in wanted:
@@ -403,6 +405,9 @@ def _accumulated(low: _OpLowering, bop, impl, alt, wanted: list[int], adapters) 
         g = grad_name(path.owner)
         if g not in impl.accumulates:
             continue
+        if len(positions_of.get(g, ())) > 1:
+            raise LoweringError(f"{bop.name} ({impl.name}): {path.owner} feeds several arguments; its gradient is a sum"
+                                " the step cannot add into .grad from one view")
         like = example_of(_owner_node(low, low.arg_index[node]))
         probe = path.materialize(torch.empty_strided(tuple(like.shape), tuple(like.stride()), dtype=like.dtype, device="meta"))
         if any(st == 0 and n > 1 for n, st in zip(probe.shape, probe.stride())) or probe.numel() > like.numel():

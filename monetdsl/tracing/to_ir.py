@@ -369,8 +369,10 @@ class _Builder:
                 if not all(r in record.role_names and record.role_names[r] in tensors for r in alt.reads):
                     continue  # reads a tensor no legal forward alternative produces
                 accumulates = frozenset(self.need_grad(self.name_of(binding.inputs[r])) for r in alt.accumulates if r in roles)
-                if any(tensors[self.name_of(binding.inputs[r])].kind is not TensorKind.PARAM for r in alt.accumulates if r in roles):
-                    continue  # only a parameter's gradient has resident storage to add into
+                owners = [self.name_of(a) for a in binding.inputs.values() if isinstance(a, fx.Node)]
+                if any(tensors[self.name_of(binding.inputs[r])].kind is not TensorKind.PARAM
+                       or owners.count(self.name_of(binding.inputs[r])) > 1 for r in alt.accumulates if r in roles):
+                    continue  # only a parameter's gradient, reaching the op through one argument, is added in place
                 reads = [record.role_names[r] for r in alt.reads] + (extra_fixed if i == 0 and j == 0 else [])
                 read_bytes = sum(tensors[n].nbytes for n in set(reads))
                 own = kind.flops("backward", alt.name, binding)
