@@ -107,6 +107,7 @@ def main(argv=None) -> int:
     parser.add_argument("--overhead", type=float, default=0.10, help="lowest peak within this planned overhead")
     parser.add_argument("--peak", type=float, default=None, help="instead: fastest within this fraction of eager's peak")
     parser.add_argument("--store-all", action="store_true", help="instead: PyTorch's implementations, everything kept")
+    parser.add_argument("--fastest", action="store_true", help="instead: the planner's baseline (the fastest implementations, everything kept)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--solver-seconds", type=float, default=60.0)
     args = parser.parse_args(argv)
@@ -115,6 +116,9 @@ def main(argv=None) -> int:
     if args.store_all:
         schedule = store_all_pytorch(trace)
         sim, how = simulate(trace.spec.network, schedule), "store-all with PyTorch's implementations"
+    elif args.fastest:
+        result = solve(trace.spec, "store-all")
+        schedule, sim, how = result.schedule, result.simulation, "store-all with the fastest implementations"
     else:
         result = solve_schedule(trace, model, inputs, args.overhead, args.peak, args.solver_seconds)
         if not result.success:
