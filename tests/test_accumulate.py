@@ -9,13 +9,16 @@ choice all see the saving (their optimum equals the exhaustive search's).
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from monetdsl.errors import SpecError
 from monetdsl.grammar import parse_schedule, parse_spec
 from monetdsl.grammar.printer import format_spec
 from monetdsl.search import simulate, solve
-from monetdsl.search.exhaustive import exhaustive_front
+from monetdsl.search.exhaustive import best_within, exhaustive_front
 from monetdsl.search.impl_choice import cheapest_impls
+from monetdsl.synth import random_spec
 
 SPEC = """
 network acc
@@ -115,3 +118,26 @@ def test_engines_find_the_exhaustive_optimum_with_it(method):
 def test_equally_fast_the_baselines_take_the_one_that_allocates_less():
     assert cheapest_impls(spec(into_time=2).network)["a.wgrad"] == "into_grad"
     assert cheapest_impls(spec(into_time=3).network)["a.wgrad"] == "default"
+
+
+def test_dominated_backward_implementations_are_left_out_of_the_search():
+    from monetdsl.search.impl_choice import undominated_backward_impls
+
+    assert undominated_backward_impls(spec(into_time=2).network) == {"a.wgrad": ("into_grad",)}
+    assert undominated_backward_impls(spec(into_time=3).network) == {}  # slower but leaner: both stay
+    reads_more = parse_spec(SPEC.format(into_time=2).replace("impl into_grad time", "impl into_grad reads (y) time"))
+    assert undominated_backward_impls(reads_more.network) == {}  # needs y kept: not a drop-in
+    assert undominated_backward_impls(spec(into_time=2).network, {"a.wgrad": ("default",)}) == {}  # a pin is respected
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10**6))
+def test_the_narrowed_search_keeps_the_exhaustive_optimum(seed):
+    """``solve`` searches without dominated backward implementations: at every budget of
+    the exhaustive Pareto front (which saw them all) the MILP still proves the optimum."""
+    s = random_spec(seed, forward_ops=3, max_impls=2)
+    front = exhaustive_front(s.network)
+    for point in front:
+        result = solve(s, "milp", memory_budget=point.peak_bytes, time_limit=30, options={"gap": 0.0})
+        assert result.status == "optimal", result.message
+        assert result.simulation.compute_us == pytest.approx(best_within(front, point.peak_bytes).compute_us, abs=1e-9)

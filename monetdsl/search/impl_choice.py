@@ -31,7 +31,7 @@ import math
 from ..graph import index
 from ..ir import Network
 
-__all__ = ["cheapest_impls", "no_recompute_compute_us"]
+__all__ = ["cheapest_impls", "no_recompute_compute_us", "undominated_backward_impls"]
 
 
 def cheapest_impls(network: Network, allowed: dict[str, tuple[str, ...]] | None = None) -> dict[str, str]:
@@ -90,6 +90,54 @@ def cheapest_impls(network: Network, allowed: dict[str, tuple[str, ...]] | None 
         chosen.setdefault(bop.name, min(usable(bop), key=lambda b: _time_then_bytes(bop, b, network)).name)
     _repair_derived_reads(network, idx, chosen, usable)
     return chosen
+
+
+def undominated_backward_impls(network: Network, allowed: dict[str, tuple[str, ...]] | None = None) -> dict[str, tuple[str, ...]]:
+    """The backward implementations a search needs to consider: for every backward op
+    whose usable implementations (``allowed``, else all) include dominated ones, those no
+    other dominates. Ops where nothing is dominated are absent.
+
+    ``a`` dominates ``b`` when it reads a subset of what ``b`` reads, takes no more time
+    and allocates no more (workspace and new outputs): a schedule running ``b`` stays
+    valid with ``a`` in its place (everything ``a`` reads is there) and is no slower and
+    no larger at any step (``a``'s step allocates no more, and what only ``b`` read may be
+    released earlier). So dropping ``b`` keeps every optimum, and a search over fewer
+    alternatives goes further in the same time (an ``into_grad`` weight gradient, as fast
+    as the default on the roofline, dominates it). Of identical ones the first stays.
+
+    >>> from monetdsl.grammar import parse_spec
+    >>> spec = parse_spec(\"\"\"
+    ... network n
+    ...   tensor x f32[8] input
+    ...   tensor w f32[64] param
+    ...   op a (x, w) -> y f32[8] time 1us
+    ...     backward wgrad reads (grad(y), x) -> grad(w)
+    ...       impl default time 2us
+    ...       impl into_grad time 2us workspace 16B accumulates (grad(w))
+    ...   output y
+    ... \"\"\")
+    >>> undominated_backward_impls(spec.network)
+    {'a.wgrad': ('into_grad',)}
+    """
+    allowed = allowed or {}
+    result: dict[str, tuple[str, ...]] = {}
+    for bop in network.backward_ops:
+        names = allowed.get(bop.name, bop.impl_names)
+        impls = [bop.impl(n) for n in bop.impl_names if n in names]
+        if len(impls) < 2:
+            continue
+        costs = [_time_then_bytes(bop, i, network) for i in impls]
+
+        def dominates(j: int, k: int) -> bool:
+            a, b = impls[j], impls[k]
+            if not (a.reads <= b.reads and costs[j][0] <= costs[k][0] and costs[j][1] <= costs[k][1]):
+                return False
+            return a.reads != b.reads or costs[j] != costs[k] or j < k
+
+        kept = tuple(impls[k].name for k in range(len(impls)) if not any(dominates(j, k) for j in range(len(impls)) if j != k))
+        if len(kept) < len(impls):
+            result[bop.name] = kept
+    return result
 
 
 def _time_then_bytes(bop, impl, network: Network) -> tuple[float, int]:

@@ -20,7 +20,7 @@ of ``scipy.optimize.milp``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from ..errors import SolveError, SpecError
@@ -31,7 +31,7 @@ from .baselines import chen_sqrt, recompute_all, store_all
 from .checkmate import checkmate, checkmate_lp
 from .chen import chen_greedy
 from .hybrid.engine import hybrid
-from .impl_choice import cheapest_impls, no_recompute_compute_us
+from .impl_choice import cheapest_impls, no_recompute_compute_us, undominated_backward_impls
 from .milp.engine import DEFAULT_TIME_LIMIT, minimum_budget, solve_joint
 from .outcome import OBJECTIVES, MethodOutcome, SearchContext
 from .progress import ProgressCallback
@@ -269,7 +269,9 @@ def _status_words(status: str, gap: float | None, bound: float | None, objective
 
 def _solve_searching(spec: Spec, method: str, constraints: ResolvedConstraints, ctx: SearchContext, exact_min_budget: bool) -> SolveResult:
     start = time.perf_counter()
-    outcome: MethodOutcome = METHODS[method](spec.network, constraints, ctx)
+    narrowed = undominated_backward_impls(spec.network, constraints.allowed_impls)  # same optima, a smaller search
+    searched = replace(constraints, allowed_impls={**constraints.allowed_impls, **narrowed})
+    outcome: MethodOutcome = METHODS[method](spec.network, searched, ctx)
     elapsed = time.perf_counter() - start
     details = dict(outcome.details)
     details["objective"] = ctx.objective
