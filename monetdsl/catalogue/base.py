@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ForwardAlt", "BackwardAlt", "BackwardStep", "Binding", "OpKind", "DerivedType"]
+__all__ = ["ForwardAlt", "BackwardAlt", "BackwardStep", "Binding", "OpKind", "DerivedType", "GradTarget"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,16 @@ class BackwardStep:
     name: str
     grads: tuple[str, ...]
     alts: tuple[BackwardAlt, ...]
+
+
+@dataclass(frozen=True)
+class GradTarget:
+    """Where an alternative that accumulates a parameter gradient puts it: ``tensor`` (the
+    parameter's ``.grad``, or the view of it the op's argument is) and whether to write it
+    rather than add into it (a ``.grad`` just allocated for this step, not zeroed)."""
+
+    tensor: torch.Tensor
+    overwrite: bool = False
 
 
 @dataclass

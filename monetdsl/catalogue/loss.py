@@ -24,11 +24,9 @@ one chunk of logits instead of the logits, their log-probabilities and their gra
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .base import BackwardAlt, BackwardStep, Binding, ForwardAlt, OpKind
+from .base import BackwardAlt, BackwardStep, Binding, ForwardAlt, GradTarget, OpKind
 
 __all__ = [
     "CrossEntropy",
@@ -133,14 +131,6 @@ class CrossEntropy(OpKind):
 #: forward took 150 ms with 4 MiB chunks, 129 ms with 8 MiB, 121 ms with 16 MiB; eager's
 #: loss region 154 ms)
 CHUNK_BYTES = 8 << 20
-
-
-@dataclass(frozen=True)
-class _Target:
-    """A stand-in for the runtime's ``GradTarget`` (a tensor to add into) in the reference."""
-
-    tensor: torch.Tensor
-    overwrite: bool = False
 
 
 def chunk_rows(rows: int, vocab: int, element_size: int, chunk_bytes: int | None = None) -> int:
@@ -363,7 +353,7 @@ class LinearCrossEntropy(OpKind):
             base = alt[: -len("_into_grad")]
             if into is None:
                 like = saved["x"] if base == "chunked" else saved["gw"]
-                made = _Target(like.new_zeros(attrs["w_shape"]))
+                made = GradTarget(like.new_zeros(attrs["w_shape"]))
                 return {**self.backward(step, alt, grads, saved, attrs, {"w": made}), "w": made.tensor}
             if base == "from_grads":
                 scaled_grad_into(into["w"], saved["gw"], g)

@@ -18,7 +18,7 @@ so a recomputation reproduces the first forward exactly and never touches runnin
 statistics or the global RNG. Backward functions get the tensors the alternative reads
 (by role) and the incoming gradients, and return the gradients of their input roles;
 an alternative that accumulates a parameter gradient also gets ``into`` (role ->
-:class:`~monetdsl.runtime.program.GradTarget`) and adds that gradient there instead.
+:class:`~monetdsl.catalogue.base.GradTarget`) and adds that gradient there instead.
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from ..catalogue.base import GradTarget
 from ..ir import Network, grad_name
 from ..tracing.joint import tensor_args
 from ..tracing.to_ir import OpRecord
@@ -26,16 +27,6 @@ from .alternatives import RECOMPUTE, OpContext, backward_function, forward_funct
 from .graphs import ArgPath, LoweringError, arg_path, call_node, example_of, local_backward, owner_adapter
 
 __all__ = ["StepFn", "GradTarget", "AccumulatedGrad", "Program", "lower"]
-
-
-@dataclass(frozen=True)
-class GradTarget:
-    """Where an accumulating backward step puts a parameter gradient: ``tensor`` (the
-    parameter's ``.grad``) and whether to write it rather than add into it (a ``.grad``
-    just allocated for this step, not zeroed)."""
-
-    tensor: torch.Tensor
-    overwrite: bool = False
 
 
 @dataclass(frozen=True)
