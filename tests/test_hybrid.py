@@ -186,6 +186,68 @@ def test_identical_blocks_are_solved_once_and_menus_are_cached():
     assert again.simulation.compute_us == first.simulation.compute_us
 
 
+def _first_block(kind: str, n: int):
+    from monetdsl.search.hybrid.subnet import block_network
+
+    spec = _stack(kind, n)
+    network = spec.network
+    constraints = resolve_constraints(network, spec.constraints)
+    parts = decompose(network, target_ops=7)
+    return block_network(network, parts.blocks[0], constraints)
+
+
+def test_grid_points_the_time_budget_misses_stay_pending_and_extend_menu_solves_them(monkeypatch):
+    """A menu cut short by its time budget says which grid points it did not solve; the
+    engine hands them to extend_menu when it has time, which finishes the same grid."""
+    from monetdsl.search.hybrid import menus as menus_module
+
+    bn = _first_block("resnet", 3)
+    full = menus_module.build_menu(bn, time_budget=120, per_solve=30)
+    assert full.complete and full.pending == []
+    original = menus_module._Solver.solve
+    calls = {"n": 0}
+
+    def solve_three(self, *args, **kwargs):  # the clock runs out after three MILP solves
+        result = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            self.deadline = 0.0
+        return result
+
+    monkeypatch.setattr(menus_module._Solver, "solve", solve_three)
+    cut = menus_module.build_menu(bn, time_budget=120, per_solve=30)
+    monkeypatch.setattr(menus_module._Solver, "solve", original)
+    assert not cut.complete
+    assert cut.milp_solves == 3 and len(cut.pending) == full.milp_solves - 3
+    finished = menus_module.extend_menu(bn, cut, cut.pending, time_budget=120, per_solve=30)
+    assert finished.complete
+    assert finished.milp_solves == full.milp_solves
+    # the same grid, so the same front: every option of the full menu is matched by one
+    # of the finished menu as fast (within the menus' MILP gap) at no higher peak
+    for option in full.options:
+        peak = max(option.fwd_peak, option.bwd_peak)
+        assert any(
+            max(o.fwd_peak, o.bwd_peak) <= peak and o.fwd_time + o.bwd_time <= (option.fwd_time + option.bwd_time) * (1 + 2e-3) + 1e-9
+            and o.fresh >= option.fresh
+            for o in finished.options
+        ), option.origin
+
+
+def test_engine_finishes_menus_the_first_share_left_incomplete(monkeypatch):
+    from monetdsl.search.hybrid import engine
+
+    monkeypatch.setattr(engine, "MENU_SHARE", 0.002)  # 0.06 s: the grids cannot be complete
+    spec = _stack("resnet", 3)
+    network = spec.network
+    constraints = resolve_constraints(network, spec.constraints, memory_budget=_budget(spec, 0.4))
+    baseline = no_recompute_compute_us(network, cheapest_impls(network))
+    ctx = SearchContext("r3.monet", spec.fingerprint, baseline, "compute", 30.0, {"target_ops": 7, "refine": False, "rounds": 0, "polish": False})
+    result = run_hybrid(network, constraints, ctx, cache=MenuCache())
+    assert result.details["menu_points_pending"] > 0
+    assert result.details["menu_points_left"] == 0
+    assert result.simulation.ok
+
+
 def test_hybrid_on_a_small_network_is_near_the_exact_optimum():
     """Never below the optimum (it is a schedule), and near it; the 2 % target is measured
     in benchmarks/hybrid.py (the block MILPs run under time limits, so a loaded machine

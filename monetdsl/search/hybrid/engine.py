@@ -60,6 +60,11 @@ HEURISTICS_MAX_FORWARD_OPS = 250
 #: share of the time limit spent on the first block menus (targeted solves and the
 #: refinement share the rest)
 MENU_SHARE = 0.35
+#: the menus may take up to this share when the first share left grid points unsolved:
+#: a chain DP over half-built menus lands far from what complete ones give (on the GPT
+#: runtime spec 48 % of eager's activation peak instead of 30 %, benchmarks/RESULTS-runtime.md),
+#: while the phases after the menus rarely use all of their time
+MENU_SHARE_MAX = 0.6
 #: the chain DP's kernel: numpy (vectorised over memory) fills the same table as the numba
 #: loops 1.3-1.4x faster on 70-90 blocks and as fast on 7-16 (benchmarks/results/hybrid_dp.md);
 #: ``options={"dp_backend": "numba"}`` selects the compiled loops
@@ -257,6 +262,8 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     t = time.perf_counter()
     builds_before = cache.builds
     menus = build_menus(list(kinds.values()), time_budget=menu_budget, cache=cache, workers=workers, grid=int(options.get("grid", 2)))
+    if "menu_seconds" not in options:
+        menus = _complete_menus(kinds, menus, begin + MENU_SHARE_MAX * limit, cache, workers, details)
     details["menu_seconds"] = round(time.perf_counter() - t, 3)
     details["menus_built"] = cache.builds - builds_before
     empty = [bn.block.index for bn in nets if not menus[bn.fingerprint].options]
@@ -351,6 +358,22 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     result = _finish(network, constraints, ctx, run, candidates, details, deadline, begin)
     details["seconds"] = round(time.perf_counter() - begin, 3)
     return result
+
+
+def _complete_menus(kinds: dict, menus: dict, until: float, cache: MenuCache, workers: int, details: dict) -> dict:
+    """Solve the grid points the menus' first share did not reach, until ``until``.
+
+    The points are the ones :func:`~.menus.build_menu` planned (budgets between each
+    block's minimum and its fastest peak, keep caps), so this finishes the menus rather
+    than widening them; targeted solves still follow the chain DP's plans."""
+    pending = {fp: (bn, list(menus[fp].pending)) for fp, bn in kinds.items() if menus[fp].pending}
+    left = until - time.perf_counter()
+    details["menu_points_pending"] = sum(len(items) for _, items in pending.values())
+    if not pending or left < 1.0:
+        return menus
+    menus = extend_menus(pending, menus, time_budget=left, cache=cache, workers=workers)
+    details["menu_points_left"] = sum(len(menus[fp].pending) for fp in kinds)
+    return menus
 
 
 def _heuristic_names(network: Network) -> list[str]:

@@ -95,6 +95,14 @@ class BlockMenu:
     seconds: float = 0.0
     proved: int = 0  # MILP solves that ended optimal
     notes: list[str] = field(default_factory=list)
+    #: grid points (budget, saved cap, fresh) the time budget did not reach: the engine
+    #: gives them more time when it has some (:func:`extend_menu` solves them)
+    pending: list[tuple[int | None, int | None, bool]] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every grid point of the menu was solved."""
+        return not self.pending
 
     @property
     def fresh(self) -> list[Option]:
@@ -331,12 +339,14 @@ def build_menu(bn: BlockNet, *, time_budget: float = 10.0, per_solve: float = 4.
         for frac in SAVED_FRACTIONS:
             cap = int(max(fastest.saved, 1) * frac)
             plans.append((f"milp saved<={cap}", hi_peak, cap, False))
-    for origin, budget, cap, fresh in plans:
+    pending: list[tuple[int | None, int | None, bool]] = []
+    for k, (origin, budget, cap, fresh) in enumerate(plans):
         if solver.time_left() <= 0.05:
             notes.append("time budget spent before every grid point was solved")
+            pending = [(b, c, f) for _, b, c, f in plans[k:]]
             break
         add(solver.solve("compute", budget, cap, fresh)[0], origin)
-    return BlockMenu(bn.fingerprint, pareto(options), solver.solves, time.perf_counter() - begin, solver.proved, notes)
+    return BlockMenu(bn.fingerprint, pareto(options), solver.solves, time.perf_counter() - begin, solver.proved, notes, pending)
 
 
 def _between(lo: int, hi: int, count: int) -> list[int]:
@@ -353,17 +363,20 @@ def extend_menu(bn: BlockNet, menu: BlockMenu, requests, *, time_budget: float, 
     for option in menu.options:
         solver.remember(option.origin, option_schedule(bn, option))
     options = list(menu.options)
+    attempted = set()
     for budget, cap, fresh in requests:
         if solver.time_left() <= 0.05:
             break
+        attempted.add((budget, cap, fresh))
         schedule = solver.solve("compute", budget, cap, fresh)[0]
         if schedule is not None:
-            option = evaluate_option(bn, schedule, f"milp targeted peak<={budget}" + (" fresh" if fresh else f" saved<={cap}" if cap is not None else ""))
+            kind = "grid" if (budget, cap, fresh) in menu.pending else "targeted"
+            option = evaluate_option(bn, schedule, f"milp {kind} peak<={budget}" + (" fresh" if fresh else f" saved<={cap}" if cap is not None else ""))
             if option is not None:
                 options.append(option)
     return BlockMenu(
         bn.fingerprint, pareto(options), menu.milp_solves + solver.solves, menu.seconds + time.perf_counter() - begin,
-        menu.proved + solver.proved, menu.notes,
+        menu.proved + solver.proved, menu.notes, [r for r in menu.pending if r not in attempted],
     )
 
 
