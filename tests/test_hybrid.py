@@ -2,7 +2,6 @@
 schedules replayed by the simulator, identical blocks solved once, ``auto``'s choice."""
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import numpy as np
