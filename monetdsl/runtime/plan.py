@@ -91,16 +91,24 @@ def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def trace_for_runtime(model: torch.nn.Module, inputs, *, optimizer: str, device: str | None = None, profile: bool = False):
+def trace_for_runtime(model: torch.nn.Module, inputs, *, optimizer: str, device: str | None = None, profile: bool = False,
+                      calibrate: bool = True):
     """Trace ``model`` on ``inputs`` ending at its output; the cost model follows the inputs'
-    device (its roofline preset, or with ``profile`` every op and alternative timed on it)."""
+    device (its roofline preset, or with ``profile`` every op and alternative timed on it,
+    then, with ``calibrate``, corrected by timing store-all training steps in place:
+    :mod:`.calibrate`)."""
     from ..tracing import trace_model
     from ..tracing.capture import CaptureError
 
     on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
     preset = device or ("cuda" if on_cuda else "cpu")
     try:
-        return trace_model(model, list(inputs), loss="output", device=preset, optimizer=optimizer, profile=profile)
+        traced = trace_model(model, list(inputs), loss="output", device=preset, optimizer=optimizer, profile=profile)
+        if profile and calibrate:
+            from .calibrate import calibrate as calibrate_in_place
+
+            traced = calibrate_in_place(model, list(inputs), traced, optimizer=optimizer).trace
+        return traced
     except CaptureError:
         if preset != "cuda" or profile:
             raise
@@ -112,14 +120,15 @@ def timed_trace(model: torch.nn.Module, inputs, *, optimizer: str, cache_dir: st
     profiling only when neither this process nor ``cache_dir`` holds the timings of this
     graph on this machine. The graph is traced on the roofline first (seconds); the timed
     spec of an earlier run, checked by its fingerprint (the graph's), supplies the times;
-    otherwise the trace is profiled (tens of seconds for a GPT on a CPU) and its timed
-    spec kept, in memory and as ``{fingerprint}-c{hash}.timed.monet`` in ``cache_dir``."""
+    otherwise the trace is profiled (tens of seconds for a GPT on a CPU), corrected by a few
+    store-all training steps timed in place (:mod:`.calibrate`), and its timed spec kept, in memory and as ``{fingerprint}-c{hash}.timed.monet`` in ``cache_dir``."""
     from ..tracing.api import profile_trace, with_costs
     from ..tracing.profile import profiled_cost_model
+    from .calibrate import CALIBRATION_NOTE, calibrate
 
     plain = trace_for_runtime(model, inputs, optimizer=optimizer)
     device = "cuda" if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else "cpu"
-    costs = profiled_cost_model(device)
+    costs = f"{profiled_cost_model(device)}; {CALIBRATION_NOTE}"
     key = (plain.spec.fingerprint, _short_hash(costs))
     path = Path(cache_dir) / f"{key[0]}-c{key[1]}.timed.monet" if cache_dir is not None else None
     text = _TIMINGS.get(key)
@@ -133,7 +142,7 @@ def timed_trace(model: torch.nn.Module, inputs, *, optimizer: str, cache_dir: st
         if spec is not None and spec.fingerprint == plain.spec.fingerprint:
             _TIMINGS[key] = text
             return with_costs(plain, spec.network, costs)
-    timed = profile_trace(plain, device)
+    timed = calibrate(model, list(inputs), profile_trace(plain, device), optimizer=optimizer).trace
     _TIMINGS[key] = text = timed.text()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

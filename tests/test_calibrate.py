@@ -1,0 +1,99 @@
+"""In-place calibration of profiled step times (monetdsl.runtime.calibrate)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from monetdsl.graph import index
+from monetdsl.runtime.calibrate import CALIBRATION_NOTE, calibrate, calibration_schedules
+from monetdsl.runtime.plan import trace_for_runtime
+from monetdsl.search.simulator import chosen_impls, simulate
+
+from .runtime_models import KindsCNN
+
+
+@pytest.fixture(scope="module")
+def profiled():
+    torch.manual_seed(0)
+    model = KindsCNN().train()
+    x = torch.randn(4, 3, 16, 16)
+    return model, x, trace_for_runtime(model, [x], optimizer="sgd", profile=True)
+
+
+def test_calibration_schedules_are_valid_keep_what_backward_reads_and_run_several_implementations_of_every_op(profiled):
+    _, _, trace = profiled
+    network = trace.spec.network
+    idx = index(network)
+    found = calibration_schedules(network, trace.spec.fingerprint)
+    assert len(found) >= 2
+    run = set()
+    for _, schedule in found:
+        sim = simulate(network, schedule)
+        assert sim.ok
+        impls = chosen_impls(network, schedule)
+        run |= set(impls.items())
+        # without an in-place forward (which makes the builder recompute what it
+        # overwrote), every forward tensor a chosen backward implementation reads is kept
+        in_place = any(op.impl(impls[op.name]).overwrites for op in network.forward_ops)
+        assert in_place or sim.recompute_us == 0
+        for bop in network.backward_ops if not in_place else ():
+            reads = {r for r in bop.impl(impls[bop.name]).reads if idx.is_forward_tensor(r)}
+            assert reads <= set(schedule.forward_keep) | set(network.outputs)
+    for op in [*network.forward_ops, *network.backward_ops]:
+        assert (op.name, op.impls[0].name) in run  # PyTorch's own implementation of every op is timed in place
+        if len(op.impls) > 1:
+            assert any((op.name, i.name) in run for i in op.impls[1:]), op.name  # and one other at least
+
+
+def test_calibrate_sets_in_place_medians_scales_the_rest_and_leaves_the_model_untouched(profiled):
+    model, x, trace = profiled
+    for p in model.parameters():
+        p.grad = None
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    rng = torch.random.get_rng_state()
+    result = calibrate(model, [x], trace, optimizer="sgd", rounds=2)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN statistics restored
+    assert not model.training
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    old, new = trace.spec.network, result.trace.spec.network
+    assert result.trace.spec.fingerprint == trace.spec.fingerprint  # the same graph, other times
+    assert CALIBRATION_NOTE in result.trace.cost_model and CALIBRATION_NOTE in result.trace.text()
+    assert result.measured > 0 and result.measured == len(result.in_place)
+    ratios = {}
+    for (op_name, impl_name), median in result.in_place.items():
+        assert new.op(op_name).impl(impl_name).time_us == pytest.approx(median)
+        ratios.setdefault(op_name, []).append(median / old.op(op_name).impl(impl_name).time_us)
+    scaled = 0
+    for op in [*old.forward_ops, *old.backward_ops]:
+        for impl in op.impls:
+            if (op.name, impl.name) in result.in_place or op.name not in ratios:
+                continue
+            scaled += 1
+            factor = sorted(ratios[op.name])[len(ratios[op.name]) // 2] if len(ratios[op.name]) % 2 else None
+            if factor is not None:
+                assert new.op(op.name).impl(impl.name).time_us == pytest.approx(impl.time_us * factor)
+    assert scaled == result.scaled
+
+
+def test_a_schedule_solved_on_calibrated_times_trains_like_eager(profiled):
+    import monetdsl
+    from monetdsl import solve
+
+    model, x, trace = profiled
+    calibrated = calibrate(model, [x], trace, optimizer="sgd", rounds=1).trace
+    found = solve(calibrated.spec, "milp", max_overhead=0.2, objective="memory", time_limit=30)
+    assert found.success and found.simulation.ok
+    reference = KindsCNN().train()
+    reference.load_state_dict(model.state_dict())
+    torch.manual_seed(3)
+    reference(x).square().sum().backward()
+    optimized = monetdsl.optimize(model, schedule=found.schedule)
+    optimized.plan_for(x, trace=calibrated)
+    for p in model.parameters():
+        p.grad = None
+    torch.manual_seed(3)
+    optimized(x).square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
