@@ -16,7 +16,9 @@ every step where it runs, and gives each implementation its median in-place time
 Implementations that no store-all schedule runs (in-place forwards, which store-all never
 picks because their input is kept) are scaled by their op's in-place / alone ratio, and
 recomputation times by their implementation's. The model's buffers, gradients and random
-state are restored afterwards: calibrating changes nothing a training loop can see.
+state are restored afterwards: calibrating changes no state a training loop reads (gradient hooks
+registered on the parameters do see the calibration steps' gradients, as they would see
+any backward pass).
 
 >>> # trace = trace_for_runtime(model, inputs, optimizer="sgd", profile=True)
 >>> # calibrated = calibrate(model, inputs, trace, optimizer="sgd").trace
