@@ -35,26 +35,13 @@ from runtime_bench import make, measure_peak, step  # noqa: E402
 from monetdsl.graph import index  # noqa: E402
 
 from monetdsl.runtime.api import _constraints  # noqa: E402
+from monetdsl.runtime.calibrate import StepClock as StepTimer  # noqa: E402
 from monetdsl.runtime.memory import LiveTensorProbe  # noqa: E402
 from monetdsl.runtime.module import OptimizedModule  # noqa: E402
 from monetdsl.runtime.plan import trace_for_runtime  # noqa: E402
 from monetdsl.search import solve  # noqa: E402
 from monetdsl.search.schedule_builder import build_schedule  # noqa: E402
 from monetdsl.search.simulator import chosen_impls, simulate  # noqa: E402
-
-
-class StepTimer:
-    """Executor observer: the wall time of every step, keyed by (phase, op name)."""
-
-    def __init__(self):
-        self.samples = collections.defaultdict(list)
-        self._start = 0.0
-
-    def before_step(self, planned, env):
-        self._start = time.perf_counter()
-
-    def __call__(self, planned, env):
-        self.samples[(planned.kind, planned.step.op)].append((time.perf_counter() - self._start) * 1e6)
 
 
 def solve_schedule(trace, model, inputs, overhead: float | None, peak: float | None, seconds: float):

@@ -38,7 +38,7 @@ from ..search.impl_choice import cheapest_impls
 from ..search.schedule_builder import build_schedule
 from ..search.simulator import chosen_impls, simulate
 
-__all__ = ["Calibration", "calibrate", "calibration_schedules", "CALIBRATION_NOTE"]
+__all__ = ["Calibration", "StepClock", "calibrate", "calibration_schedules", "CALIBRATION_NOTE"]
 
 #: what the cost-model line of a calibrated trace adds
 CALIBRATION_NOTE = "corrected in place (store-all training steps through the runtime)"
@@ -89,10 +89,11 @@ def calibration_schedules(network: Network, fingerprint: str) -> list[tuple[str,
     return found
 
 
-class _StepClock:
-    """Executor observer: every step's wall time, by (phase, op name)."""
+class StepClock:
+    """Executor observer: every step's wall time in us, by (phase, op name) (the steps of a
+    CUDA device synchronised around each one). ``benchmarks/step_costs.py`` uses it too."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str = "cpu"):
         self.samples: dict[tuple[str, str], list[float]] = defaultdict(list)
         self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
         self._start = 0.0
@@ -134,7 +135,7 @@ def calibrate(model: torch.nn.Module, inputs, trace, *, optimizer: str, rounds: 
         for p in params:
             p.grad = torch.zeros_like(p)  # the memory model's regime: gradients pre-allocated
         for label, schedule in calibration_schedules(network, trace.spec.fingerprint):
-            clock = _StepClock(device)
+            clock = StepClock(device)
             module = OptimizedModule(model, Constraints(None, None, schedule, "auto"), optimizer=optimizer, observe=clock)
             impls = chosen_impls(network, schedule)
             try:
