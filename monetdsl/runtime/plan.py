@@ -121,7 +121,8 @@ def timed_trace(model: torch.nn.Module, inputs, *, optimizer: str, cache_dir: st
     graph on this machine. The graph is traced on the roofline first (seconds); the timed
     spec of an earlier run, checked by its fingerprint (the graph's), supplies the times;
     otherwise the trace is profiled (tens of seconds for a GPT on a CPU), corrected by a few
-    store-all training steps timed in place (:mod:`.calibrate`), and its timed spec kept, in memory and as ``{fingerprint}-c{hash}.timed.monet`` in ``cache_dir``."""
+    store-all training steps timed in place (:mod:`.calibrate`), and its timed spec kept,
+    in memory and as ``{fingerprint}-c{hash}.timed.monet`` in ``cache_dir``."""
     from ..tracing.api import profile_trace, with_costs
     from ..tracing.profile import profiled_cost_model
     from .calibrate import CALIBRATION_NOTE, calibrate
