@@ -56,6 +56,10 @@ class Calibration:
     in_place: dict = field(default_factory=dict)  # (op, implementation) -> median in-place time, us
 
 
+def _all_ops(network: Network) -> list:
+    return [*network.forward_ops, *network.backward_ops]
+
+
 def calibration_schedules(network: Network, fingerprint: str) -> list[tuple[str, object]]:
     """Valid store-all schedules that together run as many implementations as they can:
     PyTorch's (the first) of every op; for each k, the k-th implementation of every
@@ -63,7 +67,7 @@ def calibration_schedules(network: Network, fingerprint: str) -> list[tuple[str,
     every backward op; and the cheapest of all. Each keeps every forward tensor its
     backward reads (an in-place forward makes the builder recompute what it overwrote)."""
     idx = index(network)
-    ops = [*network.forward_ops, *network.backward_ops]
+    ops = _all_ops(network)
     depth = max(len(op.impls) for op in ops)
     found, seen = [], set()
     variants = [("implementation 1 of every op", {op.name: (op.impls[0].name,) for op in ops})]
@@ -122,7 +126,7 @@ def calibrate(model: torch.nn.Module, inputs, trace, *, optimizer: str, rounds: 
 
     network = trace.spec.network
     device = "cuda" if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else "cpu"
-    samples: dict[tuple[str, str, str], list[float]] = defaultdict(list)  # (phase, op, impl) -> us
+    samples: dict[tuple[str, str], list[float]] = defaultdict(list)  # (op, impl) -> us, first forwards and backward steps
     report = Calibration(trace)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [p.grad for p in params]
@@ -148,7 +152,8 @@ def calibrate(model: torch.nn.Module, inputs, trace, *, optimizer: str, rounds: 
                 report.notes.append(f"calibration schedule '{label}' not run ({type(exc).__name__}: {str(exc)[:80]})")
                 continue
             for (phase, op), times in clock.samples.items():
-                samples[(phase, op, impls[op])].extend(times)
+                if phase != "recompute":  # recomputations are scaled from their first forward's ratio
+                    samples[(op, impls[op])].extend(times)
     finally:
         for p, g in zip(params, grads):
             p.grad = g
@@ -159,9 +164,9 @@ def calibrate(model: torch.nn.Module, inputs, trace, *, optimizer: str, rounds: 
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
         model.train(was_training)
-    in_place = report.in_place = {(op, impl): statistics.median(times) for (phase, op, impl), times in samples.items() if phase != "recompute"}
+    in_place = report.in_place = {key: statistics.median(times) for key, times in samples.items()}
     ratios: dict[str, list[float]] = defaultdict(list)
-    for op in [*network.forward_ops, *network.backward_ops]:
+    for op in _all_ops(network):
         for impl in op.impls:
             if (op.name, impl.name) in in_place and impl.time_us > 0:
                 ratios[op.name].append(in_place[(op.name, impl.name)] / impl.time_us)
@@ -183,7 +188,7 @@ def calibrate(model: torch.nn.Module, inputs, trace, *, optimizer: str, rounds: 
         return replace(impl, **changes)
 
     calibrated = network.with_impls(corrected, corrected)
-    uncovered = sum(1 for op in [*network.forward_ops, *network.backward_ops] if op.name not in op_ratio)
+    uncovered = sum(1 for op in _all_ops(network) if op.name not in op_ratio)
     if uncovered:
         report.notes.append(f"{uncovered} ops not run by any store-all schedule keep their profiled times")
     report.trace = with_costs(trace, calibrated, f"{trace.cost_model}; {CALIBRATION_NOTE}", report.notes)

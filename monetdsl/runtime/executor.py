@@ -289,16 +289,15 @@ class _GradientSink:
         param = self.param_of(self.plan.param_grads[grad])
         if param is None:
             raise RuntimeError(f"{grad}: the model has no parameter {self.plan.param_grads[grad]} to add it into")
-        if self.hooks or not param.requires_grad:
-            fresh = torch.empty_strided(param.size(), param.stride(), dtype=param.dtype, device=param.device)
-            return GradTarget(fresh, overwrite=True) if acc.covers else GradTarget(fresh.zero_())
-        if param.grad is None:
-            fresh = torch.empty_strided(param.size(), param.stride(), dtype=param.dtype, device=param.device)
-            if acc.covers:
-                param.grad = fresh
-                return GradTarget(fresh, overwrite=True)
-            param.grad = fresh.zero_()
-        return GradTarget(param.grad)
+        own = self.hooks or not param.requires_grad
+        if not own and param.grad is not None:
+            return GradTarget(param.grad)
+        fresh = torch.empty_strided(param.size(), param.stride(), dtype=param.dtype, device=param.device)
+        if not acc.covers:
+            fresh.zero_()
+        if not own:
+            param.grad = fresh
+        return GradTarget(fresh, overwrite=acc.covers)
 
     def accumulated(self, grad: str, target: GradTarget, *, last: bool) -> None:
         """After an accumulating step: with listeners, its gradient goes through autograd."""

@@ -104,15 +104,15 @@ def trace_for_runtime(model: torch.nn.Module, inputs, *, optimizer: str, device:
     preset = device or ("cuda" if on_cuda else "cpu")
     try:
         traced = trace_model(model, list(inputs), loss="output", device=preset, optimizer=optimizer, profile=profile)
-        if profile and calibrate:
-            from .calibrate import calibrate as calibrate_in_place
-
-            traced = calibrate_in_place(model, list(inputs), traced, optimizer=optimizer).trace
-        return traced
     except CaptureError:
         if preset != "cuda" or profile:
             raise
         return trace_model(model, list(inputs), loss="output", device="A100", optimizer=optimizer)
+    if profile and calibrate:
+        from .calibrate import calibrate as calibrate_in_place
+
+        traced = calibrate_in_place(model, list(inputs), traced, optimizer=optimizer).trace
+    return traced
 
 
 def timed_trace(model: torch.nn.Module, inputs, *, optimizer: str, cache_dir: str | None = None):
