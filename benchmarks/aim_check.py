@@ -16,8 +16,13 @@ and the median of the per-round ratios. ``--grad none`` sets every ``.grad`` to 
 before each step (``zero_grad``'s default); ``--grad keep`` accumulates into
 pre-allocated gradients (as ``runtime_bench.py``'s memory columns assume).
 
+``--malloc retain`` calls :func:`monetdsl.runtime.host_malloc.retain_freed_memory` before the
+model is built: glibc then keeps freed memory in the process for every strategy,
+eager included, so no step faults pages in and eager's step time stops depending on the
+process's allocation history (56-77 ms between processes with glibc's defaults).
+
     python benchmarks/aim_check.py [--model gpt|resnet] [--rounds 15] [--grad none|keep]
-        [--peaks 0.35,0.30] [--overheads 0.10] [--out benchmarks/results/aim_check_gpt.md]
+        [--peaks 0.35,0.30] [--overheads 0.10] [--malloc default|retain] [--out benchmarks/results/aim_check_gpt.md]
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ from runtime_bench import make, measure_peak, step  # noqa: E402
 from step_costs import solve_schedule, store_all_pytorch  # noqa: E402
 
 import monetdsl  # noqa: E402
+from monetdsl.runtime.host_malloc import retain_freed_memory  # noqa: E402
 from monetdsl.runtime.memory import LiveTensorProbe  # noqa: E402
 from monetdsl.runtime.plan import trace_for_runtime  # noqa: E402
 from monetdsl.search import solve  # noqa: E402
@@ -75,8 +81,13 @@ def main(argv=None) -> int:
     parser.add_argument("--peaks", default="0.35,0.30", help="fractions of eager's activation peak")
     parser.add_argument("--overheads", default="0.10", help="planned overhead caps")
     parser.add_argument("--solver-seconds", type=float, default=60.0)
+    parser.add_argument("--malloc", choices=["default", "retain"], default="default",
+                        help="retain: glibc keeps freed memory in the process (every strategy, eager included)")
     parser.add_argument("--out", default=None, help="also write the table here (markdown)")
     args = parser.parse_args(argv)
+    malloc_note = "glibc malloc defaults"
+    if args.malloc == "retain":
+        malloc_note = retain_freed_memory().message
     fractions = lambda text: [float(v) for v in text.split(",") if v]  # noqa: E731
     model, inputs = make(args.model)
     eager_peak = measure_peak(model, inputs, LiveTensorProbe)
@@ -102,7 +113,7 @@ def main(argv=None) -> int:
             times[name].append(time.perf_counter() - start)
     eager = times["eager"][1:]
     lines = [f"{datetime.date.today()}, {args.model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, load average"
-             f" {load:.1f} before timing, {os.getloadavg()[0]:.1f} after; {args.rounds} interleaved rounds; .grad {args.grad}",
+             f" {load:.1f} before timing, {os.getloadavg()[0]:.1f} after; {args.rounds} interleaved rounds; .grad {args.grad}; malloc: {malloc_note}",
              "", "| strategy | peak vs eager (live) | step s | time vs eager | median per-round ratio |", "|---|---:|---:|---:|---:|"]
     for name in rows:
         mine = times[name][1:]

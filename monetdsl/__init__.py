@@ -55,6 +55,14 @@ def measure(step, inputs=None, **options):
     return _measure(step, inputs, **options)
 
 
+def retain_freed_memory(**options):
+    """Make glibc's malloc keep freed host memory in the process (faster, steadier CPU
+    steps); see :func:`monetdsl.runtime.host_malloc.retain_freed_memory`."""
+    from .runtime.host_malloc import retain_freed_memory as _retain
+
+    return _retain(**options)
+
+
 __all__ = [
     "__version__",
     "Diagnostic",
@@ -80,4 +88,5 @@ __all__ = [
     "optimize",
     "backend",
     "measure",
+    "retain_freed_memory",
 ]

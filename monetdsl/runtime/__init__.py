@@ -10,8 +10,10 @@ memory of training steps with the planned one.
 Import cost: torch (numba is imported when a CUDA kernel first runs).
 """
 from .api import backend, optimize
+from .host_malloc import MallocSettings, retain_freed_memory
 from .memory import MeasuredStep, measure
 from .module import OptimizedModule, RuntimeUsageError
 from .plan import Constraints, RuntimePlan
 
-__all__ = ["optimize", "backend", "measure", "MeasuredStep", "OptimizedModule", "RuntimePlan", "Constraints", "RuntimeUsageError"]
+__all__ = ["optimize", "backend", "measure", "MeasuredStep", "OptimizedModule", "RuntimePlan", "Constraints", "RuntimeUsageError",
+           "retain_freed_memory", "MallocSettings"]
