@@ -90,5 +90,5 @@ def retain_freed_memory(*, top_pad: int = 64 << 20) -> MallocSettings:
         return MallocSettings(False, "not glibc: nothing changed (an allocator such as jemalloc, loaded with LD_PRELOAD, does this job there)")
     accepted = [libc.mallopt(_M_MMAP_MAX, 0), libc.mallopt(_M_TOP_PAD, top_pad), libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX)]
     if not all(accepted):
-        return MallocSettings(False, "glibc refused a mallopt setting: nothing reliable changed")
+        return MallocSettings(False, "glibc refused a mallopt setting (the ones before it may have taken effect)")
     return MallocSettings(True, "every block from the heap, freed memory kept in the process", top_pad)
