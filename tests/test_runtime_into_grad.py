@@ -99,6 +99,36 @@ def test_gradients_equal_eager_with_a_fresh_grad(traced, keep):
         _close(eager_step(_optimized(model, x, trace, schedule), [x], 1), eager_step(reference, [x], 1))
 
 
+def _counting_conv_weight_kernel():
+    calls = []
+    kernel = linear_catalogue._CONV_WEIGHT[2]
+
+    def counted(x, w_shape, g, **kw):
+        calls.append(tuple(w_shape))
+        return kernel(x, w_shape, g, **kw)
+    return calls, mock.patch.dict(linear_catalogue._CONV_WEIGHT, {2: counted})
+
+
+@mock.patch.object(linear_catalogue, "WGRAD_CHUNK_BYTES", CHUNK)
+def test_without_a_grad_the_convolution_gradient_is_made_whole_and_adopted(traced):
+    """No ``.grad`` to add into: chunks would only cost time, so the whole kernel runs once
+    and its result becomes the ``.grad``; with a ``.grad`` (accumulation) the chunks add into it."""
+    model, reference, x, trace = traced
+    optimized = _optimized(model, x, trace, schedule_with(trace.spec, _into_grad(trace.spec.network)))
+    conv2 = dict(model.named_parameters())["conv2.weight"]
+    calls, patch = _counting_conv_weight_kernel()
+    with patch:
+        got = eager_step(optimized, [x], 1)  # .grad None at the start
+    _close(got, eager_step(reference, [x], 1))
+    assert calls.count(tuple(conv2.shape)) == 1
+    calls.clear()
+    with patch:
+        optimized(x).sum().backward()  # .grad kept from the step above: added into by chunks
+    chunk_channels = CHUNK // (conv2[0].numel() * conv2.element_size())
+    assert calls.count((chunk_channels, *conv2.shape[1:])) == conv2.shape[0] // chunk_channels
+    assert tuple(conv2.shape) not in calls
+
+
 def _accumulated(model, xs):
     model.zero_grad(set_to_none=True)
     for x in xs:

@@ -23,7 +23,7 @@ Conventions the tracer relies on:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -80,10 +80,19 @@ class BackwardStep:
 class GradTarget:
     """Where an alternative that accumulates a parameter gradient puts it: ``tensor`` (the
     parameter's ``.grad``, or the view of it the op's argument is) and whether to write it
-    rather than add into it (a ``.grad`` just allocated for this step, not zeroed)."""
+    rather than add into it (a ``.grad`` just allocated for this step, not zeroed).
 
-    tensor: torch.Tensor
+    ``adopt`` (with ``tensor`` None) says there is no gradient to add into yet (the
+    parameter has no ``.grad``) and the step writes all of it: an alternative that can
+    compute the gradient whole hands it over instead (``adopt(g)``: it becomes the
+    ``.grad``, as autograd's first accumulation takes its gradient). Chunks only avoid a
+    gradient-sized temporary beside an existing ``.grad``; with none, the whole kernel
+    allocates the same bytes and runs faster. Only alternatives marked as adopting
+    (``runtime.alternatives.ADOPTING``) are given such targets."""
+
+    tensor: torch.Tensor | None
     overwrite: bool = False
+    adopt: Callable[[torch.Tensor], None] | None = None
 
 
 @dataclass

@@ -176,6 +176,13 @@ class MatMul(OpKind):
         ]
 
 
+def conv_weight_grad(x: torch.Tensor, g: torch.Tensor, attrs: dict) -> torch.Tensor:
+    """The whole weight gradient of a convolution, in one call of PyTorch's kernel."""
+    n = len(attrs["shape"]) - 2
+    return _CONV_WEIGHT[n](x, tuple(attrs["w_shape"]), g, stride=attrs["stride"], padding=attrs["padding"],
+                           dilation=attrs["dilation"], groups=attrs["groups"])
+
+
 def conv_weight_grad_into(out: torch.Tensor, x: torch.Tensor, g: torch.Tensor, attrs: dict, *, overwrite: bool) -> None:
     """Add the weight gradient of a convolution (``groups == 1``) into ``out`` (or write
     it, when ``overwrite``), ``WGRAD_CHUNK_BYTES`` of output channels at a time: each

@@ -30,7 +30,7 @@ import torch
 
 from ..catalogue.dropout import draw_seed
 from ..catalogue import CATALOGUE
-from ..catalogue.linear import conv_weight_grad_into, matmul_weight_grad_into
+from ..catalogue.linear import conv_weight_grad, conv_weight_grad_into, matmul_weight_grad_into
 from . import ops as _ops  # noqa: F401 - registers torch.ops.monetdsl
 
 __all__ = ["OpContext", "FORWARD", "RECOMPUTE", "BACKWARD", "forward_function", "backward_function"]
@@ -187,9 +187,13 @@ def _linear_ce_backward(alt: str):
 # ------------------------------------------------------------------ weight gradients into .grad
 def _conv_into_grad(ctx: OpContext, saved: dict, grads: dict, into: dict) -> dict:
     """The weight gradient added into (or written to) ``.grad`` by output-channel chunks
-    (the catalogue's code); the bias gradient, small, is returned as usual."""
+    (the catalogue's code), or, when there is no ``.grad`` yet (a target to adopt), made
+    whole by one kernel call and handed over; the bias gradient, small, is returned as usual."""
     g, target = grads["y"], into["w"]
-    conv_weight_grad_into(target.tensor, saved["x"], g, ctx.attrs, overwrite=target.overwrite)
+    if target.tensor is None:
+        target.adopt(conv_weight_grad(saved["x"], g, ctx.attrs))
+    else:
+        conv_weight_grad_into(target.tensor, saved["x"], g, ctx.attrs, overwrite=target.overwrite)
     if ctx.attrs["bias"]:
         return {"b": g.sum([0] + list(range(2, g.dim())))}
     return {}
@@ -351,6 +355,8 @@ for _alt in ("chunked", "from_grads"):
     BACKWARD[("linear_cross_entropy", f"{_alt}_into_grad")] = _linear_ce_backward(f"{_alt}_into_grad")
 #: these take ``into`` (role -> GradTarget): the parameter gradients they add into in place
 BACKWARD[("conv", "into_grad")] = _conv_into_grad
+#: into_grad alternatives that can take a target to adopt (:class:`~monetdsl.catalogue.base.GradTarget`)
+ADOPTING = frozenset({("conv", "into_grad")})
 BACKWARD[("matmul", "into_grad")] = _matmul_into_grad
 
 #: PyTorch's own backward alternatives replaced by an equivalent with the same result bit for bit

@@ -200,7 +200,7 @@ class Executor:
             step = planned.step
             values = [env[n] if n in env else fixed[n] for n in step.reads]
             if step.accumulates:
-                into = {g: grads.target(g, acc) for g, acc in step.accumulates.items()}
+                into = {g: grads.target(g, acc, adoptable=step.adopts) for g, acc in step.accumulates.items()}
                 results = step.fn(*values, into=into)
             else:
                 into, results = None, step.fn(*values)
@@ -280,18 +280,22 @@ class _GradientSink:
         self.hooks = hooks
         self.pending: dict[str, torch.Tensor] = {}
 
-    def target(self, grad: str, acc: AccumulatedGrad) -> GradTarget:
+    def target(self, grad: str, acc: AccumulatedGrad, *, adoptable: bool = False) -> GradTarget:
         """Where an accumulating step adds ``grad``: the parameter's ``.grad`` (allocated
         here when there is none, as autograd's first accumulation would; then written, not
-        added, when the step writes every element, else zeroed first). With listeners the
-        step fills a tensor of its own, delivered through autograd by :meth:`accumulated`
-        (the gradient-sized temporary the plan saved is then back)."""
+        added, when the step writes every element, else zeroed first). A step that can
+        make the gradient whole (``adoptable``) and writes all of it gets, when there is
+        no ``.grad``, a target to adopt instead: its gradient becomes the ``.grad``. With
+        listeners the step fills a tensor of its own, delivered through autograd by
+        :meth:`accumulated` (the gradient-sized temporary the plan saved is then back)."""
         param = self.param_of(self.plan.param_grads[grad])
         if param is None:
             raise RuntimeError(f"{grad}: the model has no parameter {self.plan.param_grads[grad]} to add it into")
         own = self.hooks or not param.requires_grad
         if not own and param.grad is not None:
             return GradTarget(param.grad)
+        if not own and adoptable and acc.covers:
+            return GradTarget(None, overwrite=True, adopt=lambda value: self.write(grad, value, last=False, fresh=True))
         fresh = torch.empty_strided(param.size(), param.stride(), dtype=param.dtype, device=param.device)
         if not acc.covers:
             fresh.zero_()

@@ -23,7 +23,7 @@ from ..catalogue.base import GradTarget
 from ..ir import Network, grad_name
 from ..tracing.joint import tensor_args
 from ..tracing.to_ir import OpRecord
-from .alternatives import RECOMPUTE, OpContext, backward_function, forward_function
+from .alternatives import ADOPTING, RECOMPUTE, OpContext, backward_function, forward_function
 from .graphs import ArgPath, LoweringError, arg_path, call_node, example_of, local_backward, owner_adapter
 
 __all__ = ["StepFn", "GradTarget", "AccumulatedGrad", "Program", "lower"]
@@ -47,7 +47,8 @@ class StepFn:
     A backward step with ``accumulates`` (gradient name -> :class:`AccumulatedGrad`) is
     called ``fn(*values, into={name: GradTarget})`` and returns ``None`` for those
     gradients: it has added them into the targets (without ``into`` it adds into zeroed
-    scratch tensors of its own, so a profiler can run it like any other step).
+    scratch tensors of its own, so a profiler can run it like any other step). With
+    ``adopts`` it also takes targets to adopt (no tensor: the gradient is handed over whole).
     """
 
     op: str
@@ -56,6 +57,7 @@ class StepFn:
     fn: Callable
     overwrites: str | None = None
     accumulates: dict = field(default_factory=dict)
+    adopts: bool = False
 
     def scratch_targets(self, device) -> dict[str, GradTarget]:
         """Zeroed stand-ins for the gradients the step adds into (timing, workspace probes)."""
@@ -343,7 +345,7 @@ def _backward_step(low: _OpLowering, bop, impl, *, first: bool) -> StepFn:
         def fn(*values):
             arg_grads = forward(*[g(values) for g in getters])
             return _owner_grads(plans, arg_grads, shapes)
-        accumulated = {}
+        accumulated, into_paths = {}, {}
     else:
         role_of_arg = {low.arg_index[n]: r for r, n in low.record.binding.inputs.items() if isinstance(n, fx.Node)}
         alt = next(a for s in low.kind.backward_steps(low.record.binding) for a in s.alts if a.name == impl.name)
@@ -371,11 +373,13 @@ def _backward_step(low: _OpLowering, bop, impl, *, first: bool) -> StepFn:
                 return _owner_grads(plans, [role_grads.get(r) for r in wanted_roles], shapes)
             if into is None:
                 into = step.scratch_targets(values[0].device)
-            role_into = {role: GradTarget(path.materialize(into[g].tensor), into[g].overwrite) for role, (g, path) in into_paths.items()}
+            role_into = {role: (into[g] if into[g].tensor is None else GradTarget(path.materialize(into[g].tensor), into[g].overwrite))
+                         for role, (g, path) in into_paths.items()}
             role_grads = custom(ctx, saved, grads, into=role_into)
             return _owner_grads(plans, [role_grads.get(r) for r in wanted_roles], shapes, skip)
 
-    step = StepFn(bop.name, reads, writes, fn, accumulates=accumulated)
+    adopts = bool(into_paths) and (kind, impl.name) in ADOPTING and all(path.is_identity for _, path in into_paths.values())
+    step = StepFn(bop.name, reads, writes, fn, accumulates=accumulated, adopts=adopts)
     return step
 
 
