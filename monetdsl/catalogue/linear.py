@@ -79,7 +79,7 @@ class Convolution(OpKind):
                 conv_weight_grad_into(w, saved["x"], g, attrs, overwrite=False)
                 out = {"w": w}
             else:
-                out = {"w": _CONV_WEIGHT[n](saved["x"], attrs["w_shape"], g, **common)}
+                out = {"w": conv_weight_grad(saved["x"], g, attrs)}
             if attrs["bias"]:
                 out["b"] = g.sum([0] + list(range(2, g.dim())))
             return out
