@@ -160,3 +160,30 @@ def test_weight_gradients_into_grad_add_or_write_by_chunks():
     torch.testing.assert_close(weight_grad, expected)
     linear.matmul_weight_grad_into(weight_grad.t(), a, b_grad, overwrite=True)
     torch.testing.assert_close(weight_grad, (a.t() @ b_grad).t())
+
+
+@pytest.mark.parametrize("case", [0, 2])  # a 2-d convolution; a 1-d one with stride 2 and dilation 2
+def test_convolution_weight_gradient_by_im2col(case):
+    """One matrix product of the output gradient and the unfolded input: the same weight
+    gradient as PyTorch's kernel, added into or written to the target, also when the target
+    is not contiguous (a channels-last ``.grad``), and made whole as a new tensor."""
+    from monetdsl.catalogue import linear
+
+    conv = CATALOGUE["conv"]
+    inputs, attrs = conv.examples()[case]
+    x = inputs["x"]
+    g = torch.randn(conv.forward("default", inputs, attrs)["y"].shape, dtype=torch.float64)
+    want = conv.backward("wgrad", "default", {"y": g}, {"x": x}, attrs)["w"]
+    torch.testing.assert_close(linear.conv_weight_grad_im2col(x, g, attrs), want)
+    start = torch.randn_like(want)
+    added = start.clone()
+    linear.conv_weight_grad_im2col_into(added, x, g, attrs, overwrite=False)
+    torch.testing.assert_close(added, start + want)
+    written = torch.full_like(want, float("nan"))
+    linear.conv_weight_grad_im2col_into(written, x, g, attrs, overwrite=True)
+    torch.testing.assert_close(written, want)
+    strided = torch.randn(tuple(reversed(want.shape)), dtype=torch.float64).permute(*reversed(range(want.dim())))
+    assert not strided.is_contiguous()
+    before = strided.clone()
+    linear.conv_weight_grad_im2col_into(strided, x, g, attrs, overwrite=False)
+    torch.testing.assert_close(strided, before + want)

@@ -59,12 +59,17 @@ def traced():
     return _traced()
 
 
-def _into_grad(network, everywhere=True) -> dict[str, str]:
+def _into_grad(network, everywhere=True, conv="into_grad") -> dict[str, str]:
+    """PyTorch's implementations, with every weight gradient that can ``into_grad``
+    (a convolution's ``conv`` alternative where it has one)."""
     impls = first_impls(network)
     for bop in network.backward_ops:
         if "into_grad" in bop.impl_names and everywhere:
-            impls[bop.name] = "into_grad"
+            impls[bop.name] = conv if conv in bop.impl_names else "into_grad"
     return impls
+
+
+CONV_ALTERNATIVES = ["into_grad", "im2col_into_grad"]
 
 
 def _optimized(model, x, trace, schedule):
@@ -91,10 +96,11 @@ def test_every_weight_gradient_has_the_alternative(traced):
         assert bop.new_output_bytes(impl, network.tensors) == bop.new_output_bytes(bop.impls[0], network.tensors) - network.tensors[weight].nbytes
 
 
+@pytest.mark.parametrize("conv", CONV_ALTERNATIVES)
 @pytest.mark.parametrize("keep", ["all", "none"])
-def test_gradients_equal_eager_with_a_fresh_grad(traced, keep):
+def test_gradients_equal_eager_with_a_fresh_grad(traced, keep, conv):
     model, reference, x, trace = traced
-    schedule = schedule_with(trace.spec, _into_grad(trace.spec.network), keep=keep)
+    schedule = schedule_with(trace.spec, _into_grad(trace.spec.network, conv=conv), keep=keep)
     with mock.patch.object(linear_catalogue, "WGRAD_CHUNK_BYTES", CHUNK):
         _close(eager_step(_optimized(model, x, trace, schedule), [x], 1), eager_step(reference, [x], 1))
 
@@ -136,9 +142,10 @@ def _accumulated(model, xs):
     return {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_gradient_accumulation_adds_into_grad(traced):
+@pytest.mark.parametrize("conv", CONV_ALTERNATIVES)
+def test_gradient_accumulation_adds_into_grad(traced, conv):
     model, reference, x, trace = traced
-    optimized = _optimized(model, x, trace, schedule_with(trace.spec, _into_grad(trace.spec.network)))
+    optimized = _optimized(model, x, trace, schedule_with(trace.spec, _into_grad(trace.spec.network, conv=conv)))
     xs = [x, torch.randn_like(x), torch.randn_like(x)]
     with mock.patch.object(linear_catalogue, "WGRAD_CHUNK_BYTES", CHUNK):
         got = _accumulated(optimized, xs)
@@ -156,9 +163,10 @@ def test_a_shared_weight_gets_both_parts():
            eager_step(reference, [x], 1))
 
 
-def test_gradient_hooks_see_the_whole_gradient_once(traced):
+@pytest.mark.parametrize("conv", CONV_ALTERNATIVES)
+def test_gradient_hooks_see_the_whole_gradient_once(traced, conv):
     model, reference, x, trace = traced
-    optimized = _optimized(model, x, trace, schedule_with(trace.spec, _into_grad(trace.spec.network)))
+    optimized = _optimized(model, x, trace, schedule_with(trace.spec, _into_grad(trace.spec.network, conv=conv)))
     seen = {}
     handles = [p.register_hook(lambda g, n=n: seen.setdefault(n, []).append(g.clone()))
                for n, p in model.named_parameters() if n in ("conv2.weight", "fc1.weight")]
@@ -200,6 +208,28 @@ def test_the_plan_drops_by_the_weight_gradient_and_the_steps_peak_as_planned():
     saved = network.tensors["model.conv2.weight"].nbytes + wgrad.impls[0].workspace - wgrad.impl("into_grad").workspace
     assert wgrad_peaks["default"] - wgrad_peaks["into"] == saved > 0
     assert peaks["default"] == wgrad_peaks["default"] and peaks["into"] < peaks["default"]
+
+
+def test_im2col_steps_peak_as_planned():
+    """The unfolded input and the operands' copies are the step's measured workspace: every
+    step's measured peak is the simulator's, and the plan counts no weight-sized temporary."""
+    model = WideHead()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        shape = tuple(model(x).shape)
+    reduced = Reduced(model, shape)
+    trace = trace_for_runtime(reduced, [x], optimizer="sgd")
+    spec, network = trace.spec, trace.spec.network
+    wgrad = network.op("model.conv2.wgrad")
+    im2col = wgrad.impl("im2col_into_grad")
+    assert im2col.accumulates == {"grad(model.conv2.weight)"}
+    assert im2col.workspace >= 2 * 2 * 32 * 9 * 64 * 4  # the unfolded input (2 x 288 x 64 floats) and its copy
+    schedule = schedule_with(spec, _into_grad(network, conv="im2col_into_grad"), keep="none")
+    simulation = simulate(network, schedule)
+    observed = measured_step_peaks(_optimized(reduced, x, trace, schedule), x, network)
+    for step, measured in zip(simulation.steps, observed.increments):
+        fewer = trace.built.workspace.aliased.get((step.op, step.impl, step.kind), 0)
+        assert measured == step.peak - simulation.fixed_bytes - step.live_before - fewer, step.describe()
 
 
 def test_a_weight_feeding_two_operands_keeps_the_default():

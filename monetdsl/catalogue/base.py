@@ -151,6 +151,12 @@ class OpKind:
         a backward of twice the forward) do not capture; ``None`` keeps those rules."""
         return None
 
+    def temporary_traffic(self, alt: str, binding: Binding, itemsize: int) -> int:
+        """Bytes backward alternative ``alt`` writes to temporaries and reads back, besides
+        reading what it reads and writing its outputs (the roofline charges them; an
+        unfolded input, for example, is written once and read twice)."""
+        return 0
+
     def derived_type(self, role: str, binding: Binding, y_dtype: torch.dtype, y_shape: tuple[int, ...]) -> DerivedType:
         """dtype and shape of a derived tensor. ``u1`` means one bit per element."""
         raise KeyError(role)

@@ -13,6 +13,16 @@ makes a 9 MiB temporary, more than all its activations at a small batch). The
 ``into_grad`` alternatives add it into ``.grad`` directly: a matrix product with one
 ``addmm_`` (no temporary), a convolution by chunks of output channels (each chunk's
 gradient is independent of the others; one chunk of ``WGRAD_CHUNK_BYTES`` at a time).
+
+A 1-d or 2-d convolution's weight gradient is also one matrix product: the output
+gradient as ``[out channels, N * positions]`` times the unfolded input (im2col,
+``[N * positions, in channels * kernel]``), added into ``.grad`` by one ``addmm_``
+(``im2col_into_grad``). Its temporaries are the unfolded input and the two operands laid
+out for the product: small where the weight is large (a ResNet's last stage, at 2x2
+positions), large in the first layers. On a 2-core CPU it ran 3.4x faster than oneDNN's
+weight-gradient kernel plus the add for 512x512x3x3 at 2x2 (1.7 ms against 5.8 ms), and
+slower at 16x16 with 64 channels (2.2 ms against 0.8 ms): the planner picks by measured
+time and memory.
 """
 from __future__ import annotations
 
@@ -23,7 +33,8 @@ import torch.nn.grad as nn_grad
 
 from .base import BackwardAlt, BackwardStep, Binding, ForwardAlt, OpKind
 
-__all__ = ["Convolution", "MatMul", "WGRAD_CHUNK_BYTES", "conv_weight_grad_into", "matmul_weight_grad_into"]
+__all__ = ["Convolution", "MatMul", "WGRAD_CHUNK_BYTES", "conv_weight_grad", "conv_weight_grad_into", "conv_weight_grad_im2col",
+           "conv_weight_grad_im2col_into", "matmul_weight_grad_into"]
 
 #: bytes of weight gradient one convolution chunk makes before it is added into ``.grad``
 WGRAD_CHUNK_BYTES = 1 << 20
@@ -59,10 +70,27 @@ class Convolution(OpKind):
         if "w" in binding.attrs.get("param_roles", ()) and binding.attrs["groups"] == 1:
             alts.append(BackwardAlt("into_grad", ("x",), "weight gradient added into .grad by output-channel chunks",
                                     accumulates=("w",)))
+            if len(binding.attrs["shape"]) in (3, 4):
+                alts.append(BackwardAlt("im2col_into_grad", ("x",), "weight gradient by one matrix product of the unfolded"
+                                        " input, added into .grad", accumulates=("w",)))
         return (
             BackwardStep("wgrad", wgrad, tuple(alts)),
             BackwardStep("dgrad", ("x",), (BackwardAlt("default", ("w",)),)),
         )
+
+    def temporary_traffic(self, alt, binding, itemsize):
+        """``im2col_into_grad`` writes the unfolded input, copies it and the output gradient
+        into the product's layouts, and the product reads both copies."""
+        if alt != "im2col_into_grad":
+            return 0
+        attrs = binding.attrs
+        x_shape, w_shape = attrs["shape"], attrs["w_shape"]
+        positions = 1
+        for size, k, s, p, d in zip(x_shape[2:], w_shape[2:], attrs["stride"], attrs["padding"], attrs["dilation"]):
+            positions *= (size + 2 * p - d * (k - 1) - 1) // s + 1
+        cols = x_shape[0] * positions * math.prod(w_shape[1:])
+        grad = x_shape[0] * positions * w_shape[0]
+        return itemsize * (4 * cols + 3 * grad)
 
     def forward(self, alt, inputs, attrs, saved=None):
         n = len(attrs["shape"]) - 2
@@ -74,9 +102,10 @@ class Convolution(OpKind):
         n = len(attrs["shape"]) - 2
         common = dict(stride=attrs["stride"], padding=attrs["padding"], dilation=attrs["dilation"], groups=attrs["groups"])
         if step == "wgrad":
-            if alt == "into_grad":
+            if alt in ("into_grad", "im2col_into_grad"):
                 w = g.new_zeros(attrs["w_shape"])
-                conv_weight_grad_into(w, saved["x"], g, attrs, overwrite=False)
+                into = conv_weight_grad_into if alt == "into_grad" else conv_weight_grad_im2col_into
+                into(w, saved["x"], g, attrs, overwrite=False)
                 out = {"w": w}
             else:
                 out = {"w": conv_weight_grad(saved["x"], g, attrs)}
@@ -203,6 +232,49 @@ def conv_weight_grad_into(out: torch.Tensor, x: torch.Tensor, g: torch.Tensor, a
         else:
             out[c0:c1].add_(part)
         del part
+
+
+def _im2col_operands(x: torch.Tensor, g: torch.Tensor, attrs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight gradient's two factors, ``[out channels, N * positions]`` (the output
+    gradient) and ``[in channels * kernel, N * positions]`` (the unfolded input), each laid
+    out contiguously for one matrix product. A 1-d convolution is unfolded as a 2-d one of
+    height 1. The unfolded input is released once its copy is made."""
+    kernel, stride = tuple(attrs["w_shape"][2:]), tuple(attrs["stride"])
+    padding, dilation = tuple(attrs["padding"]), tuple(attrs["dilation"])
+    if len(kernel) == 1:
+        x = x.unsqueeze(2)
+        kernel, stride, padding, dilation = (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
+    n, out_channels = g.shape[0], g.shape[1]
+    g2 = g.reshape(n, out_channels, -1).transpose(0, 1).reshape(out_channels, -1)
+    cols = torch.nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    return g2, cols.transpose(0, 1).reshape(cols.shape[1], -1)
+
+
+def conv_weight_grad_im2col(x: torch.Tensor, g: torch.Tensor, attrs: dict) -> torch.Tensor:
+    """A 1-d or 2-d convolution's (``groups == 1``) weight gradient as a new tensor, by one
+    matrix product of the output gradient and the unfolded input."""
+    g2, c2 = _im2col_operands(x, g, attrs)
+    return torch.mm(g2, c2.t()).view(tuple(attrs["w_shape"]))
+
+
+def conv_weight_grad_im2col_into(out: torch.Tensor, x: torch.Tensor, g: torch.Tensor, attrs: dict, *, overwrite: bool) -> None:
+    """Add (or write, when ``overwrite``) a 1-d or 2-d convolution's weight gradient into
+    ``out`` by one ``addmm_`` of the output gradient and the unfolded input. A ``.grad``
+    that is not contiguous (a channels-last model's) cannot be seen as the product's
+    matrix: the product is then made whole and added."""
+    g2, c2 = _im2col_operands(x, g, attrs)
+    if out.is_contiguous():
+        target = out.view(out.shape[0], -1)
+        if overwrite:
+            torch.mm(g2, c2.t(), out=target)
+        else:
+            target.addmm_(g2, c2.t())
+        return
+    part = torch.mm(g2, c2.t()).view(out.shape)
+    if overwrite:
+        out.copy_(part)
+    else:
+        out.add_(part)
 
 
 def matmul_weight_grad_into(out: torch.Tensor, a: torch.Tensor, g: torch.Tensor, *, overwrite: bool) -> None:

@@ -30,7 +30,8 @@ import torch
 
 from ..catalogue.dropout import draw_seed
 from ..catalogue import CATALOGUE
-from ..catalogue.linear import conv_weight_grad, conv_weight_grad_into, matmul_weight_grad_into
+from ..catalogue.linear import (conv_weight_grad, conv_weight_grad_im2col, conv_weight_grad_im2col_into, conv_weight_grad_into,
+                                matmul_weight_grad_into)
 from . import ops as _ops  # noqa: F401 - registers torch.ops.monetdsl
 
 __all__ = ["OpContext", "FORWARD", "RECOMPUTE", "BACKWARD", "forward_function", "backward_function"]
@@ -185,18 +186,22 @@ def _linear_ce_backward(alt: str):
 
 
 # ------------------------------------------------------------------ weight gradients into .grad
-def _conv_into_grad(ctx: OpContext, saved: dict, grads: dict, into: dict) -> dict:
-    """The weight gradient added into (or written to) ``.grad`` by output-channel chunks
-    (the catalogue's code), or, when there is no ``.grad`` yet (a target to adopt), made
-    whole by one kernel call and handed over; the bias gradient, small, is returned as usual."""
-    g, target = grads["y"], into["w"]
-    if target.tensor is None:
-        target.adopt(conv_weight_grad(saved["x"], g, ctx.attrs))
-    else:
-        conv_weight_grad_into(target.tensor, saved["x"], g, ctx.attrs, overwrite=target.overwrite)
-    if ctx.attrs["bias"]:
-        return {"b": g.sum([0] + list(range(2, g.dim())))}
-    return {}
+def _conv_into_grad(whole, into_grad):
+    """The weight gradient added into (or written to) ``.grad`` by the catalogue's code
+    (``into_grad``: output-channel chunks; ``im2col_into_grad``: one matrix product), or,
+    when there is no ``.grad`` yet (a target to adopt), made whole by ``whole`` and handed
+    over; the bias gradient, small, is returned as usual."""
+    def run(ctx: OpContext, saved: dict, grads: dict, into: dict) -> dict:
+        g, target = grads["y"], into["w"]
+        if target.tensor is None:
+            target.adopt(whole(saved["x"], g, ctx.attrs))
+        else:
+            into_grad(target.tensor, saved["x"], g, ctx.attrs, overwrite=target.overwrite)
+        if ctx.attrs["bias"]:
+            return {"b": g.sum([0] + list(range(2, g.dim())))}
+        return {}
+
+    return run
 
 
 def _matmul_into_grad(ctx: OpContext, saved: dict, grads: dict, into: dict) -> dict:
@@ -354,9 +359,10 @@ for _alt in ("chunked", "from_grads"):
     BACKWARD[("linear_cross_entropy", _alt)] = _linear_ce_backward(_alt)
     BACKWARD[("linear_cross_entropy", f"{_alt}_into_grad")] = _linear_ce_backward(f"{_alt}_into_grad")
 #: these take ``into`` (role -> GradTarget): the parameter gradients they add into in place
-BACKWARD[("conv", "into_grad")] = _conv_into_grad
+BACKWARD[("conv", "into_grad")] = _conv_into_grad(conv_weight_grad, conv_weight_grad_into)
+BACKWARD[("conv", "im2col_into_grad")] = _conv_into_grad(conv_weight_grad_im2col, conv_weight_grad_im2col_into)
 #: into_grad alternatives that can take a target to adopt (:class:`~monetdsl.catalogue.base.GradTarget`)
-ADOPTING = frozenset({("conv", "into_grad")})
+ADOPTING = frozenset({("conv", "into_grad"), ("conv", "im2col_into_grad")})
 BACKWARD[("matmul", "into_grad")] = _matmul_into_grad
 
 #: PyTorch's own backward alternatives replaced by an equivalent with the same result bit for bit

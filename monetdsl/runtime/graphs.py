@@ -289,6 +289,11 @@ def _cut_backward(traced: fx.GraphModule, n_args: int, n_grads: int, n_wanted: i
         env[ph] = new.placeholder(f"grad{j}")
     for node in graph.nodes:
         if node in needed and node not in env and node.op == "call_function":
+            if node.target is torch.ops.aten.detach.default:
+                # autograd detaches what it saves; the runtime builds no graph, so each one
+                # would only be a Python-level call per step (179 of them on a ResNet-18)
+                env[node] = env[node.args[0]]
+                continue
             env[node] = new.node_copy(node, lambda a: env[a])
     new.output(tuple(env[n] if isinstance(n, fx.Node) else None for n in grad_results))
     new.eliminate_dead_code()

@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from ..catalogue import CATALOGUE, kind_for
 from ..catalogue.base import Binding, OpKind
-from ..ir import BackwardImpl, BackwardOp, ForwardImpl, ForwardOp, Network, Tensor, TensorKind, grad_name, shape_bytes
+from ..ir import DTYPE_BITS, BackwardImpl, BackwardOp, ForwardImpl, ForwardOp, Network, Tensor, TensorKind, grad_name, shape_bytes
 from .costs import MATMUL_KINDS, Roofline, node_flops
 from .joint import FusedCrossEntropy, FusedLinearCrossEntropy, JointFacts, tensor_args, is_alias, packet_name
 from .naming import NameAllocator, module_path, op_names
@@ -354,6 +354,7 @@ class _Builder:
         extra_fixed = [n for n in joint_reads if tensors[n].is_fixed and n not in first_reads]
         flops_fwd = _flops(record)
         dtype = _main_dtype(_val(record.node))
+        itemsize = DTYPE_BITS[dtype] // 8 if DTYPE_BITS.get(dtype, 0) >= 8 else 1
         matmul = kind.name in MATMUL_KINDS
         grad_bytes = sum(tensors[g[5:-1]].nbytes for g in grad_reads)
         bops = []
@@ -384,10 +385,10 @@ class _Builder:
                     flops = flops_fwd * (2.5 if alt.name == "flash" else 2.0)  # flash recomputes the probabilities
                 else:
                     flops = 2 * flops_fwd + (flops_fwd if alt.name == "from_input" and kind.name == "max_pool2d" else 0)
-                time_us = self.roofline.time_us(flops, read_bytes + grad_bytes + out_bytes, dtype, matmul)
+                moved = read_bytes + grad_bytes + out_bytes + kind.temporary_traffic(alt.name, binding, itemsize)
                 workspace = sum(tensors[record.role_names[r]].nbytes for r in kind.workspace_roles(alt.name))
-                if workspace:  # written once and read once more
-                    time_us = self.roofline.time_us(flops, read_bytes + grad_bytes + out_bytes + 2 * workspace, dtype, matmul)
+                moved += 2 * workspace  # written once and read once more
+                time_us = self.roofline.time_us(flops, moved, dtype, matmul)
                 impls.append(BackwardImpl(alt.name, frozenset(reads + grad_reads), time_us, workspace, accumulates=accumulates))
             bops.append(BackwardOp(f"{record.name}.{step.name}", tuple(outs), tuple(impls), record.name))
         return bops
