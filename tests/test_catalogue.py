@@ -167,6 +167,8 @@ def test_convolution_weight_gradient_by_im2col(case):
     """One matrix product of the output gradient and the unfolded input: the same weight
     gradient as PyTorch's kernel, added into or written to the target, also when the target
     is not contiguous (a channels-last ``.grad``), and made whole as a new tensor."""
+    from unittest import mock
+
     from monetdsl.catalogue import linear
 
     conv = CATALOGUE["conv"]
@@ -187,3 +189,11 @@ def test_convolution_weight_gradient_by_im2col(case):
     before = strided.clone()
     linear.conv_weight_grad_im2col_into(strided, x, g, attrs, overwrite=False)
     torch.testing.assert_close(strided, before + want)
+    if want.dim() == 4:  # a channels-last weight's gradient: the product goes straight into it, no whole temporary
+        last = torch.randn_like(want).contiguous(memory_format=torch.channels_last)
+        before = last.clone()
+        with mock.patch.object(linear, "conv_weight_grad_im2col", side_effect=AssertionError("made whole")):
+            linear.conv_weight_grad_im2col_into(last, x, g, attrs, overwrite=False)
+            torch.testing.assert_close(last, before + want)
+            linear.conv_weight_grad_im2col_into(last, x, g, attrs, overwrite=True)
+        torch.testing.assert_close(last, want)

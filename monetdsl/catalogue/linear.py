@@ -234,19 +234,22 @@ def conv_weight_grad_into(out: torch.Tensor, x: torch.Tensor, g: torch.Tensor, a
         del part
 
 
-def _im2col_operands(x: torch.Tensor, g: torch.Tensor, attrs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _im2col_operands(x: torch.Tensor, g: torch.Tensor, attrs: dict, *, kernel_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight gradient's two factors, ``[out channels, N * positions]`` (the output
-    gradient) and ``[in channels * kernel, N * positions]`` (the unfolded input), each laid
-    out contiguously for one matrix product. A 1-d convolution is unfolded as a 2-d one of
-    height 1. The unfolded input is released once its copy is made."""
+    gradient) and ``[in channels * kernel, N * positions]`` (the unfolded input; with
+    ``kernel_first``, ``[kernel * in channels, ...]``, the order of a channels-last
+    weight), each laid out contiguously for one matrix product. A 1-d convolution is
+    unfolded as a 2-d one of height 1. The unfolded input is released once its copy is made."""
     kernel, stride = tuple(attrs["w_shape"][2:]), tuple(attrs["stride"])
     padding, dilation = tuple(attrs["padding"]), tuple(attrs["dilation"])
     if len(kernel) == 1:
         x = x.unsqueeze(2)
         kernel, stride, padding, dilation = (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
-    n, out_channels = g.shape[0], g.shape[1]
+    n, out_channels, in_channels = g.shape[0], g.shape[1], x.shape[1]
     g2 = g.reshape(n, out_channels, -1).transpose(0, 1).reshape(out_channels, -1)
     cols = torch.nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    if kernel_first:
+        return g2, cols.view(n, in_channels, -1, cols.shape[-1]).permute(2, 1, 0, 3).reshape(cols.shape[1], -1)
     return g2, cols.transpose(0, 1).reshape(cols.shape[1], -1)
 
 
@@ -259,22 +262,26 @@ def conv_weight_grad_im2col(x: torch.Tensor, g: torch.Tensor, attrs: dict) -> to
 
 def conv_weight_grad_im2col_into(out: torch.Tensor, x: torch.Tensor, g: torch.Tensor, attrs: dict, *, overwrite: bool) -> None:
     """Add (or write, when ``overwrite``) a 1-d or 2-d convolution's weight gradient into
-    ``out`` by one ``addmm_`` of the output gradient and the unfolded input. A ``.grad``
-    that is not contiguous (a channels-last model's) cannot be seen as the product's
-    matrix: the product is then made whole and added."""
-    g2, c2 = _im2col_operands(x, g, attrs)
+    ``out`` by one ``addmm_`` of the output gradient and the unfolded input. ``out`` is
+    seen as the product's matrix when it is contiguous or channels-last (the unfolded
+    input's rows are then ordered kernel position first); any other layout gets the
+    product made whole and added."""
     if out.is_contiguous():
-        target = out.view(out.shape[0], -1)
-        if overwrite:
-            torch.mm(g2, c2.t(), out=target)
-        else:
-            target.addmm_(g2, c2.t())
-        return
-    part = torch.mm(g2, c2.t()).view(out.shape)
-    if overwrite:
-        out.copy_(part)
+        target, kernel_first = out.view(out.shape[0], -1), False
+    elif out.dim() == 4 and out.permute(0, 2, 3, 1).is_contiguous():
+        target, kernel_first = out.permute(0, 2, 3, 1).view(out.shape[0], -1), True
     else:
-        out.add_(part)
+        part = conv_weight_grad_im2col(x, g, attrs)
+        if overwrite:
+            out.copy_(part)
+        else:
+            out.add_(part)
+        return
+    g2, c2 = _im2col_operands(x, g, attrs, kernel_first=kernel_first)
+    if overwrite:
+        torch.mm(g2, c2.t(), out=target)
+    else:
+        target.addmm_(g2, c2.t())
 
 
 def matmul_weight_grad_into(out: torch.Tensor, a: torch.Tensor, g: torch.Tensor, *, overwrite: bool) -> None:
