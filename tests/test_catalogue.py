@@ -197,3 +197,20 @@ def test_convolution_weight_gradient_by_im2col(case):
             torch.testing.assert_close(last, before + want)
             linear.conv_weight_grad_im2col_into(last, x, g, attrs, overwrite=True)
         torch.testing.assert_close(last, want)
+
+
+@pytest.mark.parametrize("case", [0, 2])
+def test_im2col_traffic_counts_the_unfolded_input_and_the_copies(case):
+    """The roofline's extra bytes for ``im2col_into_grad``: the unfolded input written, copied
+    and read by the product (4 passes), the output gradient copied and read (3), sized as
+    the real unfold of the example (strides, padding and dilation included)."""
+    from monetdsl.catalogue import Binding
+    from monetdsl.catalogue.linear import _im2col_operands
+
+    conv = CATALOGUE["conv"]
+    inputs, attrs = conv.examples()[case]
+    binding = Binding(inputs, {"y": None}, attrs)
+    g = torch.randn(conv.forward("default", inputs, attrs)["y"].shape, dtype=torch.float64)
+    g2, c2 = _im2col_operands(inputs["x"], g, attrs)
+    assert conv.temporary_traffic("im2col_into_grad", binding, 8) == 8 * (4 * c2.numel() + 3 * g2.numel())
+    assert conv.temporary_traffic("into_grad", binding, 8) == 0
