@@ -10,7 +10,7 @@ optimum; its decoded schedule must replay in the simulator with the model's own 
 accounting equal to the simulator's at every step.
 """
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from monetdsl.search.exhaustive import best_within, exhaustive_front
@@ -125,3 +125,48 @@ network n
     sim, schedule, _ = milp_optimum(spec.network, None, objective="memory")
     assert sim.peak_bytes == 64 + 1024 + 2048 and schedule.impls["relu"] == "inplace"
     assert milp_optimum(spec.network, 64 + 1024 + 2048 - 1) is None
+
+
+def _optimum_from_a_start(network, budget, start_schedule):
+    """run_highs given ``start_schedule`` as the MIP start: (objective, columns' worth, run)."""
+    model = build_model(network, None, memory_budget=budget)
+    decisions, outside = encode(model, canonical(model, start_schedule))
+    if outside:  # a front schedule the model does not represent (it carries what nothing reads)
+        return None
+    start = model.builder.complete(decisions)
+    run = run_highs(model.builder, time_limit=60, rel_gap=0.0, abs_gap=1e-7, start=start)
+    assert run.status == "optimal", run
+    cost = model.builder.matrix()[0]
+    return run.objective, float(cost @ run.x) + model.builder.offset, run
+
+
+def test_a_mip_start_does_not_come_back_as_the_answer():
+    """HiGHS 1.16 (presolve on), given a MIP start, reported this network's optimum (61 us)
+    with the start's columns (76 us) as its solution; run_highs solves again without the
+    start when the start comes back as the answer."""
+    from monetdsl.search import solve
+
+    spec = random_spec(60074, forward_ops=3, max_impls=2)
+    start = solve(spec, "chen-greedy", memory_budget=1560)
+    assert start.simulation.compute_us == 76.0
+    objective, worth, _ = _optimum_from_a_start(spec.network, 1560, start.schedule)
+    assert objective == worth == 61.0 == best_within(exhaustive_front(spec.network), 1560).compute_us
+    assert solve(spec, "milp", memory_budget=1560, options={"gap": 0.0}).simulation.compute_us == 61.0
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10**6))
+@example(seed=320)  # HiGHS 1.16 with presolve proved the start (61 us) optimal at 956 B; the optimum is 56
+def test_the_optimum_from_a_mip_start_is_the_exhaustive_one(seed):
+    """Started from the slowest schedule of the exhaustive front that fits each budget,
+    the MILP's answer is still the exhaustive optimum, and its columns are worth it."""
+    network = random_spec(seed, forward_ops=3, max_impls=2).network
+    front = exhaustive_front(network)
+    for point in front:
+        slowest = max((p for p in front if p.peak_bytes <= point.peak_bytes), key=lambda p: p.compute_us)
+        found = _optimum_from_a_start(network, point.peak_bytes, slowest.schedule)
+        if found is None:
+            continue
+        objective, worth, _ = found
+        assert worth == pytest.approx(objective, abs=1e-9)
+        assert worth == pytest.approx(best_within(front, point.peak_bytes).compute_us, abs=1e-9)

@@ -75,6 +75,37 @@ def test_batch_norm_statistics_updated_once():
     assert int(buffers["stem.1.num_batches_tracked"]) == 2
 
 
+class _Counters(torch.nn.Module):
+    """Batch norm's counter (``num_batches_tracked += 1``) and a buffer halved every step."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.register_buffer("scale", torch.ones(4))
+
+    def forward(self, x):
+        self.scale.mul_(0.5)
+        return (self.bn(self.conv(x)) * 2).relu().sum()
+
+
+def test_buffer_updates_counters_in_one_call_and_others_as_traced():
+    """Counters are incremented together (one ``_foreach_add_``); any other buffer update is
+    the traced computation, copied in; after two steps every buffer equals eager's."""
+    model, reference = twins(_Counters)
+    x = torch.randn(2, 3, 8, 8)
+    optimized, _ = _recompute_all(model, x)
+    updates = optimized.plans[0].buffer_updates
+    assert updates.increments == {"bn.num_batches_tracked": 1} and [name for name, _ in updates.general] == ["scale"]
+    for seed in (1, 2):
+        eager_step(optimized, [x], seed)
+        eager_step(reference, [x], seed)
+    buffers = dict(reference.named_buffers())
+    for name, value in model.named_buffers():
+        assert torch.equal(value, buffers[name]), name
+    assert int(buffers["bn.num_batches_tracked"]) == 2 and float(buffers["scale"][0]) == 0.25
+
+
 @pytest.mark.parametrize("factory, make_input", [(SmallCNN, lambda: torch.randn(4, 3, 32, 32)), (tiny_gpt, lambda: torch.randint(0, 512, (2, 64)))])
 def test_autocast_bf16_is_preserved_on_recompute(factory, make_input):
     model, reference = twins(factory)

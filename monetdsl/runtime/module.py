@@ -145,8 +145,7 @@ class OptimizedModule(torch.nn.Module):
         with torch.no_grad(), _no_autocast():
             fixed = self._fixed(plan, inputs, params)
             state = executor.forward(fixed)
-            for name, update in plan.buffer_updates:
-                fixed[name].copy_(update(fixed))
+            plan.buffer_updates.apply(fixed)
         state.params = params
         state.hooks = _ddp_active() or _has_grad_hooks(params.values())
         self._last_state_hooks = state.hooks

@@ -66,7 +66,7 @@ class RuntimePlan:
     output_path: ArgPath  # how the model's returned tensor derives from it
     input_names: tuple[str, ...]
     fixed_sources: dict  # fixed tensor name -> (kind "param" | "buffer" | "input", model name, input position)
-    buffer_updates: list = field(default_factory=list)  # (buffer, f(fixed) -> new value), after the forward
+    buffer_updates: BufferUpdates = field(default_factory=lambda: BufferUpdates())  # applied after the forward
 
     @property
     def planned_peak(self) -> int:
@@ -245,16 +245,39 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
     return RuntimePlan(trace, spec, schedule, simulation, program, steps, output, output_path, input_names, sources, updates)
 
 
-def buffer_updates(trace) -> list[tuple[str, Callable]]:
-    """Buffers the step writes besides batch norm's running statistics (which the batch
-    norm forward updates in place), e.g. ``num_batches_tracked += 1``: ``(buffer, f(fixed))``
-    pairs, applied once after the forward pass."""
+@dataclass
+class BufferUpdates:
+    """Buffers the step writes besides batch norm's running statistics, applied once after
+    the forward pass: ``increments`` (buffer -> number: ``num_batches_tracked += 1``, one
+    ``torch._foreach_add_`` for all of them instead of a call per batch norm) and
+    ``general`` (``(buffer, f(fixed) -> new value)`` pairs, copied in)."""
+
+    increments: dict = field(default_factory=dict)
+    general: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.increments) + len(self.general)
+
+    def apply(self, fixed: dict) -> None:
+        groups: dict = {}
+        for name, amount in self.increments.items():
+            tensor = fixed[name]
+            groups.setdefault((amount, tensor.device, tensor.dtype), []).append(tensor)
+        for (amount, _, _), tensors in groups.items():
+            torch._foreach_add_(tensors, amount)
+        for name, update in self.general:
+            fixed[name].copy_(update(fixed))
+
+
+def buffer_updates(trace) -> BufferUpdates:
+    """The buffers the traced step writes besides batch norm's running statistics (which
+    the batch norm forward updates in place), e.g. ``num_batches_tracked += 1``."""
     facts, names = trace.built.facts, trace.built.value_names
     graph = facts.graph
     primals = [n for n in graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
     outputs = list(next(n for n in graph.nodes if n.op == "output").args[0])
     n_forward = len(outputs) - len(primals)
-    updates = []
+    updates = BufferUpdates()
     for value in outputs[: max(n_forward - 1, 0)]:
         if not isinstance(value, fx.Node):
             continue
@@ -266,8 +289,22 @@ def buffer_updates(trace) -> list[tuple[str, Callable]]:
         if len(buffers) != 1 or any(facts.captured.placeholders[a.name].kind != "buffer" for a in sources):
             raise ScheduleError(f"the model updates a buffer from {value.name} ({len(sources)} graph inputs); the runtime"
                                 " supports buffer updates computed from the buffer alone")
-        updates.append((names[buffers[0]], _evaluator(list(graph.nodes), computed, value, names)))
+        amount = _increment(value, buffers[0])
+        if amount is not None:
+            updates.increments[names[buffers[0]]] = amount
+        else:
+            updates.general.append((names[buffers[0]], _evaluator(list(graph.nodes), computed, value, names)))
     return updates
+
+
+def _increment(value: fx.Node, buffer: fx.Node):
+    """``n`` when ``value`` is ``buffer + n`` for a Python number ``n`` (a counter), else None."""
+    if value.target is not torch.ops.aten.add.Tensor or value.kwargs or len(value.args) != 2:
+        return None
+    base, amount = value.args
+    if base is not buffer or isinstance(amount, bool) or not isinstance(amount, (int, float)):
+        return None
+    return amount
 
 
 def _ancestors(node: fx.Node) -> set:
