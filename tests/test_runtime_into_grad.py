@@ -182,26 +182,40 @@ def test_gradient_hooks_see_the_whole_gradient_once(traced, conv):
         torch.testing.assert_close(grads[0], got[1][name])
 
 
-@mock.patch.object(linear_catalogue, "WGRAD_CHUNK_BYTES", CHUNK)  # traced (workspaces measured) and run so
-def test_the_plan_drops_by_the_weight_gradient_and_the_steps_peak_as_planned():
+def _reduced_wide_head():
+    """A WideHead whose output is reduced to a loss inside the module, traced (so the
+    whole step is planned): (module, input, trace)."""
     model = WideHead()
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         shape = tuple(model(x).shape)
     reduced = Reduced(model, shape)
-    trace = trace_for_runtime(reduced, [x], optimizer="sgd")
+    return reduced, x, trace_for_runtime(reduced, [x], optimizer="sgd")
+
+
+def _steps_peak_as_planned(module, x, trace, schedule, label=""):
+    """Every step's measured peak (live bytes above those at its start) is the simulator's;
+    returns the simulation."""
+    network = trace.spec.network
+    simulation = simulate(network, schedule)
+    observed = measured_step_peaks(_optimized(module, x, trace, schedule), x, network)
+    for step, measured in zip(simulation.steps, observed.increments):
+        fewer = trace.built.workspace.aliased.get((step.op, step.impl, step.kind), 0)  # an incoming gradient passed on
+        assert measured == step.peak - simulation.fixed_bytes - step.live_before - fewer, (label, step.describe())
+    return simulation
+
+
+@mock.patch.object(linear_catalogue, "WGRAD_CHUNK_BYTES", CHUNK)  # traced (workspaces measured) and run so
+def test_the_plan_drops_by_the_weight_gradient_and_the_steps_peak_as_planned():
+    reduced, x, trace = _reduced_wide_head()
     spec, network = trace.spec, trace.spec.network
     default = schedule_with(spec, _into_grad(network, everywhere=False), keep="none")
     into = schedule_with(spec, _into_grad(network), keep="none")
     peaks, wgrad_peaks = {}, {}
     for label, schedule in (("default", default), ("into", into)):
-        simulation = simulate(network, schedule)
+        simulation = _steps_peak_as_planned(reduced, x, trace, schedule, label)
         peaks[label] = simulation.peak_bytes
         wgrad_peaks[label] = next(s.peak for s in simulation.steps if s.op == "model.conv2.wgrad")
-        observed = measured_step_peaks(_optimized(reduced, x, trace, schedule), x, network)
-        for step, measured in zip(simulation.steps, observed.increments):
-            fewer = trace.built.workspace.aliased.get((step.op, step.impl, step.kind), 0)  # an incoming gradient passed on
-            assert measured == step.peak - simulation.fixed_bytes - step.live_before - fewer, (label, step.describe())
     # the peak was conv2's weight-gradient step: it drops by the gradient, less one chunk
     wgrad = network.op("model.conv2.wgrad")
     assert wgrad.impl("into_grad").workspace <= 2 * CHUNK
@@ -213,24 +227,14 @@ def test_the_plan_drops_by_the_weight_gradient_and_the_steps_peak_as_planned():
 def test_im2col_steps_peak_as_planned():
     """The unfolded input and the operands' copies are the step's measured workspace: every
     step's measured peak is the simulator's, and the plan counts no weight-sized temporary."""
-    model = WideHead()
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        shape = tuple(model(x).shape)
-    reduced = Reduced(model, shape)
-    trace = trace_for_runtime(reduced, [x], optimizer="sgd")
+    reduced, x, trace = _reduced_wide_head()
     spec, network = trace.spec, trace.spec.network
     wgrad = network.op("model.conv2.wgrad")
     im2col = wgrad.impl("im2col_into_grad")
     assert im2col.accumulates == {"grad(model.conv2.weight)"}
     assert im2col.workspace >= 2 * 2 * 32 * 9 * 64 * 4  # the unfolded input (2 x 288 x 64 floats) and its copy
     assert im2col.time_us >= wgrad.impl("into_grad").time_us  # never cheaper on the roofline: same FLOPs, more bytes
-    schedule = schedule_with(spec, _into_grad(network, conv="im2col_into_grad"), keep="none")
-    simulation = simulate(network, schedule)
-    observed = measured_step_peaks(_optimized(reduced, x, trace, schedule), x, network)
-    for step, measured in zip(simulation.steps, observed.increments):
-        fewer = trace.built.workspace.aliased.get((step.op, step.impl, step.kind), 0)
-        assert measured == step.peak - simulation.fixed_bytes - step.live_before - fewer, step.describe()
+    _steps_peak_as_planned(reduced, x, trace, schedule_with(spec, _into_grad(network, conv="im2col_into_grad"), keep="none"))
 
 
 def test_a_weight_feeding_two_operands_keeps_the_default():
