@@ -255,9 +255,6 @@ class BufferUpdates:
     increments: dict = field(default_factory=dict)
     general: list = field(default_factory=list)
 
-    def __len__(self) -> int:
-        return len(self.increments) + len(self.general)
-
     def apply(self, fixed: dict) -> None:
         groups: dict = {}
         for name, amount in self.increments.items():
