@@ -33,8 +33,8 @@ import torch.nn.grad as nn_grad
 
 from .base import BackwardAlt, BackwardStep, Binding, ForwardAlt, OpKind
 
-__all__ = ["Convolution", "MatMul", "WGRAD_CHUNK_BYTES", "conv_weight_grad", "conv_weight_grad_into", "conv_weight_grad_im2col",
-           "conv_weight_grad_im2col_into", "matmul_weight_grad_into"]
+__all__ = ["Convolution", "MatMul", "WGRAD_CHUNK_BYTES", "CONV_WEIGHT_GRAD_INTO", "conv_weight_grad", "conv_weight_grad_into",
+           "conv_weight_grad_im2col", "conv_weight_grad_im2col_into", "matmul_weight_grad_into"]
 
 #: bytes of weight gradient one convolution chunk makes before it is added into ``.grad``
 WGRAD_CHUNK_BYTES = 1 << 20
@@ -104,8 +104,7 @@ class Convolution(OpKind):
         if step == "wgrad":
             if alt in ("into_grad", "im2col_into_grad"):
                 w = g.new_zeros(attrs["w_shape"])
-                into = conv_weight_grad_into if alt == "into_grad" else conv_weight_grad_im2col_into
-                into(w, saved["x"], g, attrs, overwrite=False)
+                CONV_WEIGHT_GRAD_INTO[alt][1](w, saved["x"], g, attrs, overwrite=False)
                 out = {"w": w}
             else:
                 out = {"w": conv_weight_grad(saved["x"], g, attrs)}
@@ -282,6 +281,13 @@ def conv_weight_grad_im2col_into(out: torch.Tensor, x: torch.Tensor, g: torch.Te
         torch.mm(g2, c2.t(), out=target)
     else:
         target.addmm_(g2, c2.t())
+
+
+#: a convolution's ``accumulates`` alternatives: name -> (the gradient made whole, added into a target)
+CONV_WEIGHT_GRAD_INTO = {
+    "into_grad": (conv_weight_grad, conv_weight_grad_into),
+    "im2col_into_grad": (conv_weight_grad_im2col, conv_weight_grad_im2col_into),
+}
 
 
 def matmul_weight_grad_into(out: torch.Tensor, a: torch.Tensor, g: torch.Tensor, *, overwrite: bool) -> None:

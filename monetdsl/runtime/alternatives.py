@@ -30,8 +30,7 @@ import torch
 
 from ..catalogue.dropout import draw_seed
 from ..catalogue import CATALOGUE
-from ..catalogue.linear import (conv_weight_grad, conv_weight_grad_im2col, conv_weight_grad_im2col_into, conv_weight_grad_into,
-                                matmul_weight_grad_into)
+from ..catalogue.linear import CONV_WEIGHT_GRAD_INTO, matmul_weight_grad_into
 from . import ops as _ops  # noqa: F401 - registers torch.ops.monetdsl
 
 __all__ = ["OpContext", "FORWARD", "RECOMPUTE", "BACKWARD", "forward_function", "backward_function"]
@@ -359,10 +358,10 @@ for _alt in ("chunked", "from_grads"):
     BACKWARD[("linear_cross_entropy", _alt)] = _linear_ce_backward(_alt)
     BACKWARD[("linear_cross_entropy", f"{_alt}_into_grad")] = _linear_ce_backward(f"{_alt}_into_grad")
 #: these take ``into`` (role -> GradTarget): the parameter gradients they add into in place
-BACKWARD[("conv", "into_grad")] = _conv_into_grad(conv_weight_grad, conv_weight_grad_into)
-BACKWARD[("conv", "im2col_into_grad")] = _conv_into_grad(conv_weight_grad_im2col, conv_weight_grad_im2col_into)
+for _alt, (_whole, _into) in CONV_WEIGHT_GRAD_INTO.items():
+    BACKWARD[("conv", _alt)] = _conv_into_grad(_whole, _into)
 #: into_grad alternatives that can take a target to adopt (:class:`~monetdsl.catalogue.base.GradTarget`)
-ADOPTING = frozenset({("conv", "into_grad"), ("conv", "im2col_into_grad")})
+ADOPTING = frozenset(("conv", alt) for alt in CONV_WEIGHT_GRAD_INTO)
 BACKWARD[("matmul", "into_grad")] = _matmul_into_grad
 
 #: PyTorch's own backward alternatives replaced by an equivalent with the same result bit for bit
