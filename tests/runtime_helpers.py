@@ -93,6 +93,20 @@ def impl_combinations(network: Network, limit: int = 12) -> list[dict[str, str]]
     return combos
 
 
+def widest_impls(network: Network) -> dict[str, str]:
+    """Every op's alternative with the largest workspace: the forward's, then each backward
+    op's among those whose derived reads that forward alternative produces."""
+    idx = index(network)
+    impls = {}
+    for op in network.forward_ops:
+        forward = max(op.impls, key=lambda impl: impl.workspace)
+        impls[op.name] = forward.name
+        for bname in idx.backward_of.get(op.name, ()):
+            usable = [b for b in idx.backward_ops[bname].impls if all(r not in idx.derived_by or r in forward.derived for r in b.reads)]
+            impls[bname] = max(usable, key=lambda impl: impl.workspace).name
+    return impls
+
+
 def patch_dropout(model, impls: dict[str, str]):
     """Make the eager twin's dropout modules draw their masks as the chosen alternatives
     do: ``rng_replay`` from a seed drawn from the global RNG, the others as eager does."""

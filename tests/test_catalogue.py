@@ -199,6 +199,35 @@ def test_convolution_weight_gradient_by_im2col(case):
         torch.testing.assert_close(last, want)
 
 
+@pytest.mark.parametrize("shape, stride", [((2, 6, 9, 8), (2, 3)), ((2, 6, 9), (3,))])
+def test_pointwise_im2col_holds_only_its_columns(shape, stride):
+    """A strided 1x1 convolution's weight gradient by im2col: PyTorch's, and on real
+    tensors the step holds exactly the bytes measured on FakeTensors (the workspace the
+    plan counts); CPU ``unfold`` would hold an input-sized storage for smaller columns."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from monetdsl.catalogue import linear
+    from monetdsl.runtime.workspace import StorageTracker
+
+    x = torch.randn(shape, dtype=torch.float64)
+    w = torch.randn((4, shape[1]) + (1,) * (len(shape) - 2), dtype=torch.float64)
+    conv = torch.nn.functional.conv2d if len(shape) == 4 else torch.nn.functional.conv1d
+    g = torch.randn(conv(x, w, stride=stride).shape, dtype=torch.float64)
+    attrs = {"w_shape": list(w.shape), "stride": list(stride), "padding": [0] * len(stride), "dilation": [1] * len(stride)}
+    want = torch.ops.aten.convolution_backward(g, x, w, None, list(stride), attrs["padding"], attrs["dilation"],
+                                               False, [0] * len(stride), 1, [False, True, False])[1]
+    peaks = []
+    for fake in (False, True):
+        with FakeTensorMode() if fake else torch.no_grad():
+            xs, gs, out = (torch.empty(t.shape, dtype=t.dtype) for t in (x, g, w)) if fake else (x, g, torch.zeros_like(w))
+            with StorageTracker() as tracker:
+                linear.conv_weight_grad_im2col_into(out, xs, gs, attrs, overwrite=True)
+            peaks.append(tracker.peak)
+            if not fake:
+                torch.testing.assert_close(out, want)
+    assert peaks[0] == peaks[1] == 8 * (g.numel() + x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)].numel())
+
+
 @pytest.mark.parametrize("case", [0, 2])
 def test_im2col_traffic_counts_the_unfolded_input_and_the_copies(case):
     """The roofline's extra bytes for ``im2col_into_grad``: the unfolded input written, copied

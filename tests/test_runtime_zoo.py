@@ -18,7 +18,7 @@ from monetdsl.runtime.plan import trace_for_runtime
 from monetdsl.search import solve
 from monetdsl.search.simulator import simulate
 from monetdsl.search.baselines import chen_sqrt_checkpoints
-from .runtime_helpers import budget_ladder, Reduced, eager_step, first_impls, measured_step_peaks, patch_dropout, schedule_with, twins
+from .runtime_helpers import budget_ladder, Reduced, eager_step, first_impls, measured_step_peaks, patch_dropout, schedule_with, twins, widest_impls
 
 ZOO = {
     "cnn": (SmallCNN, lambda: torch.randn(8, 3, 32, 32)),
@@ -138,11 +138,12 @@ def test_every_step_peaks_as_planned(zoo):
     aliased = trace.built.workspace.aliased
     smallest = min(solve(spec, m).simulation.peak_bytes for m in ("recompute-all", "chen-sqrt"))
     schedules = [schedule_with(spec, first_impls(network), keep=keep) for keep in ("all", "none")]
+    schedules.append(schedule_with(spec, widest_impls(network), keep="all"))  # each model's steps with a workspace
     for budget in (smallest, smallest + (smallest - network.fixed_bytes) // 10):
         result = solve(spec, "hybrid", memory_budget=budget, time_limit=4, options={"kicks": 3, "refine": False})
         if result.success:
             schedules.append(result.schedule)
-    assert len(schedules) >= 3, name
+    assert len(schedules) >= 4, name
     with_workspace = 0  # steps whose peak includes a workspace: the property is not vacuous
     for schedule in schedules:
         simulation = simulate(network, schedule)

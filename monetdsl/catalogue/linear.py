@@ -246,6 +246,10 @@ def _im2col_operands(x: torch.Tensor, g: torch.Tensor, attrs: dict, *, kernel_fi
         kernel, stride, padding, dilation = (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
     n, out_channels, in_channels = g.shape[0], g.shape[1], x.shape[1]
     g2 = g.reshape(n, out_channels, -1).transpose(0, 1).reshape(out_channels, -1)
+    if kernel == (1, 1) and padding == (0, 0):
+        # a pointwise kernel unfolds to the strided input itself; unfold would also hold an
+        # input-sized storage on CPU (its result is shrunk from one), 4x the columns at stride 2
+        return g2, x[:, :, ::stride[0], ::stride[1]].transpose(0, 1).reshape(in_channels, -1)
     cols = torch.nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
     if kernel_first:
         return g2, cols.view(n, in_channels, -1, cols.shape[-1]).permute(2, 1, 0, 3).reshape(cols.shape[1], -1)
