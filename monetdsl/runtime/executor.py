@@ -1,9 +1,10 @@
 """The executor: one training step of a schedule, step by step, freeing as it goes.
 
-Like ``torch.fx.Interpreter`` it is one loop over steps with an environment of values,
-but the environment holds IR tensors (storage owners, by name) and the order, the
-recomputations and the release points are the schedule's, decided once by
-:func:`plan_steps` with exactly the simulator's rules (``docs/memory-model.md``):
+Like ``torch.fx`` it runs a list of steps over an environment of values, but the
+environment holds IR tensors (storage owners, by name) and the order, the recomputations
+and the release points are the schedule's, decided once by :func:`plan_steps` with
+exactly the simulator's rules (``docs/memory-model.md``); the steps then run as the
+straight-line code :mod:`monetdsl.runtime.straight_line` writes from the plan:
 
 * stage 0 runs every forward op; stage t recomputes its list, then runs one backward op;
 * after each step a non-gradient tensor is released when no later step of the stage
@@ -31,7 +32,7 @@ from ..ir import Network, Schedule, TensorKind
 from ..search.simulator import chosen_impls
 from .program import AccumulatedGrad, GradTarget, Program, StepFn
 
-__all__ = ["PlannedStep", "StepPlan", "plan_steps", "Executor", "StepState"]
+__all__ = ["PlannedStep", "StepPlan", "plan_steps", "Executor", "StepState", "accumulate_gradient"]
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,10 @@ class StepState:
 class Executor:
     """Runs a :class:`StepPlan`. ``fixed`` supplies parameters, buffers and inputs by name.
 
+    The steps run as straight-line Python generated once per plan
+    (:mod:`monetdsl.runtime.straight_line`): the rules above, with every decision that
+    does not depend on the tensors taken when the code is written.
+
     ``observe(step, env)``, when given, is called after every step (tests compare the
     live IR bytes with the simulator's); when it has a ``before_step`` method, that is
     called with the same arguments right before the step runs, after the releases that
@@ -171,89 +176,33 @@ class Executor:
         self.observe = observe
         self.before = getattr(observe, "before_step", None)
 
+    def _code(self):
+        code = self.plan.__dict__.get("_straight_line")
+        if code is None:
+            from .straight_line import generate
+
+            code = generate(self.plan, {n for n, t in self.network.tensors.items() if t.is_fixed})
+            self.plan.__dict__["_straight_line"] = code
+        return code
+
     # -- forward ---------------------------------------------------------------------------
     def forward(self, fixed: dict) -> StepState:
         state = StepState(fixed=fixed)
-        env = state.env
-        for planned in self.plan.forward:
-            self._run(planned, env, fixed)
+        self._code().forward(state.env, fixed, self.observe, self.before)
         return state
 
     # -- backward --------------------------------------------------------------------------
     def backward(self, state: StepState, seeds: dict, param_of: Callable[[str], torch.Tensor]) -> None:
         """Run every backward stage. ``seeds``: gradient name -> tensor for the network
         outputs; ``param_of(name)`` gives the parameter whose ``.grad`` receives a gradient."""
-        env, fixed = state.env, state.fixed
-        exclusive: set[str] = set()  # gradients whose storage is ours alone (may be added into in place)
+        env = state.env
         env.update(seeds)  # held by the caller until the backward ends, as the memory model says
-        param_grads = self.plan.param_grads
-        grads = _GradientSink(self.plan, param_of, state.hooks)
-        observe = self.observe
-        for planned in self.plan.backward:
-            if planned.kind == "recompute":
-                self._run(planned, env, fixed)
-                continue
-            for name in planned.release_before:
-                env.pop(name, None)
-            if self.before is not None:
-                self.before(planned, env)
-            step = planned.step
-            values = [env[n] if n in env else fixed[n] for n in step.reads]
-            if step.accumulates:
-                into = {g: grads.target(g, acc, adoptable=step.adopts) for g, acc in step.accumulates.items()}
-                results = step.fn(*values, into=into)
-            else:
-                into, results = None, step.fn(*values)
-            in_ptrs = {v.untyped_storage().data_ptr() for v in values}
-            del values
-            for name, value in zip(step.writes, results):
-                if value is None and into is not None and name in into:
-                    grads.accumulated(name, into[name], last=name in planned.last_param_writes)
-                    continue
-                fresh = value.untyped_storage().data_ptr() not in in_ptrs
-                if name in param_grads:
-                    grads.write(name, value, last=name in planned.last_param_writes, fresh=fresh)
-                elif name in planned.accumulate:
-                    env[name] = _accumulate(env[name], value, name in exclusive, fresh)
-                    exclusive.add(name)
-                else:
-                    env[name] = value
-                    if fresh:
-                        exclusive.add(name)
-                value = None  # a loop variable would keep the last output alive past its release
-            del results, into
-            for name in planned.grad_release:
-                env.pop(name, None)
-                exclusive.discard(name)
-            for name in planned.release_after:
-                env.pop(name, None)
-            if observe is not None:
-                observe(planned, env)
+        sink = _GradientSink(self.plan, param_of, state.hooks)
+        self._code().backward(env, state.fixed, sink, self.observe, self.before)
         env.clear()
 
-    # -- one forward or recompute step ------------------------------------------------------
-    def _run(self, planned: PlannedStep, env: dict, fixed: dict) -> None:
-        for name in planned.release_before:
-            env.pop(name, None)
-        if self.before is not None:
-            self.before(planned, env)
-        step = planned.step
-        values = [env[n] if n in env else fixed[n] for n in step.reads]
-        results = step.fn(*values)
-        del values
-        if step.overwrites is not None:
-            env.pop(step.overwrites, None)
-        for name, value in zip(step.writes, results):
-            if name not in planned.keep_existing:
-                env[name] = value
-        value = results = None  # no reference may outlive the release below
-        for name in planned.release_after:
-            env.pop(name, None)
-        if self.observe is not None:
-            self.observe(planned, env)
 
-
-def _accumulate(existing: torch.Tensor, new: torch.Tensor, owned: bool, new_fresh: bool) -> torch.Tensor:
+def accumulate_gradient(existing: torch.Tensor, new: torch.Tensor, owned: bool, new_fresh: bool) -> torch.Tensor:
     """Add a later writer's gradient into an existing one, in place, as the memory model
     has it (the new one is a temporary): into the existing tensor when it is ours alone,
     else into the new one when that is (addition commutes: the same values), and only
