@@ -1,6 +1,7 @@
 """monetdsl.optimize / monetdsl.backend / monetdsl.measure / monetdsl bench: usage and errors."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -40,6 +41,29 @@ def test_optimize_shares_parameters_and_trains_like_the_model():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
     assert optimized.fc1 is model.fc1  # attributes fall through to the model
     assert optimized.plans[0].simulation.overhead <= 0.5
+
+
+def test_replaced_parameters_buffers_and_submodules_are_the_ones_used():
+    """The runtime reads the model's parameters and buffers where they are at each step:
+    a parameter, a buffer or a whole submodule replaced between steps is used (and gets
+    the gradient) as in eager PyTorch."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    x = torch.randn(5, 8)
+    optimized = monetdsl.optimize(model, x, method="store-all")
+    optimized(x).sum().backward()
+    model.zero_grad(set_to_none=True)
+    model[0].weight = torch.nn.Parameter(torch.randn(16, 8))
+    model[1].running_mean = torch.full((16,), 0.5)
+    model[3] = torch.nn.Linear(16, 3)
+    reference = copy.deepcopy(model)
+    got, want = optimized(x), reference(x)
+    got.square().sum().backward()
+    want.square().sum().backward()
+    assert torch.equal(got, want)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)  # the fastest alternatives: float32 rounding
+    assert torch.equal(model[1].running_mean, reference[1].running_mean)
 
 
 def test_budget_strings_and_infeasible_budgets():
