@@ -209,9 +209,16 @@ def accumulate_gradient(existing: torch.Tensor, new: torch.Tensor, owned: bool, 
     when neither is (both shared) into a third tensor."""
     if owned and existing.shape == new.shape and existing.dtype == new.dtype:
         return existing.add_(new)
-    if new_fresh and existing.shape == new.shape and existing.dtype == new.dtype and new._base is None:
+    if new_fresh and existing.shape == new.shape and existing.dtype == new.dtype and _whole_storage(new):
         return new.add_(existing)
     return existing + new
+
+
+def _whole_storage(t: torch.Tensor) -> bool:
+    """Whether ``t`` is its storage's only content: not a view, or a contiguous view of all
+    of it (a step's gradient reshaped to its owner's shape, as a linear layer's input
+    gradient is), so adding into it in place changes no other tensor."""
+    return t._base is None or (t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size())
 
 
 class _GradientSink:
