@@ -31,8 +31,9 @@ from ..graph import index
 from ..ir import Network, Schedule, TensorKind
 from ..search.simulator import chosen_impls
 from .program import AccumulatedGrad, GradTarget, Program, StepFn
+from .straight_line import StraightLine, generate
 
-__all__ = ["PlannedStep", "StepPlan", "plan_steps", "Executor", "StepState", "accumulate_gradient"]
+__all__ = ["PlannedStep", "StepPlan", "plan_steps", "Executor", "StepState"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class StepPlan:
     param_grads: dict[str, str]  # gradient name -> fixed tensor it belongs to
     writers: Counter  # gradient name -> number of backward ops writing it
     carried_after_forward: tuple[str, ...]
+    code: StraightLine | None = None  # the steps as straight-line Python (made by plan_steps)
 
 
 def plan_steps(network: Network, schedule: Schedule, program: Program) -> StepPlan:
@@ -113,7 +115,9 @@ def plan_steps(network: Network, schedule: Schedule, program: Program) -> StepPl
     param_grads = {g: t.grad_of for g, t in tensors.items() if t.kind is TensorKind.GRADIENT and t.grad_of and tensors[t.grad_of].is_fixed}
     backward = _gradient_lifetimes(backward, tensors, writers, param_grads, set(idx.seeds()))
     del impls
-    return StepPlan(forward, backward, idx.seeds(), param_grads, writers, tuple(sorted(set(schedule.forward_keep) | outputs)))
+    plan = StepPlan(forward, backward, idx.seeds(), param_grads, writers, tuple(sorted(set(schedule.forward_keep) | outputs)))
+    plan.code = generate(plan, {n for n, t in tensors.items() if t.is_fixed})
+    return plan
 
 
 def _gradient_lifetimes(steps: list[PlannedStep], tensors, writers: Counter, param_grads: dict, seeds: set) -> list[PlannedStep]:
@@ -176,14 +180,10 @@ class Executor:
         self.observe = observe
         self.before = getattr(observe, "before_step", None)
 
-    def _code(self):
-        code = self.plan.__dict__.get("_straight_line")
-        if code is None:
-            from .straight_line import generate
-
-            code = generate(self.plan, {n for n, t in self.network.tensors.items() if t.is_fixed})
-            self.plan.__dict__["_straight_line"] = code
-        return code
+    def _code(self) -> StraightLine:
+        if self.plan.code is None:  # a plan made by hand, not by plan_steps
+            self.plan.code = generate(self.plan, {n for n, t in self.network.tensors.items() if t.is_fixed})
+        return self.plan.code
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, fixed: dict) -> StepState:
@@ -200,25 +200,6 @@ class Executor:
         sink = _GradientSink(self.plan, param_of, state.hooks)
         self._code().backward(env, state.fixed, sink, self.observe, self.before)
         env.clear()
-
-
-def accumulate_gradient(existing: torch.Tensor, new: torch.Tensor, owned: bool, new_fresh: bool) -> torch.Tensor:
-    """Add a later writer's gradient into an existing one, in place, as the memory model
-    has it (the new one is a temporary): into the existing tensor when it is ours alone,
-    else into the new one when that is (addition commutes: the same values), and only
-    when neither is (both shared) into a third tensor."""
-    if owned and existing.shape == new.shape and existing.dtype == new.dtype:
-        return existing.add_(new)
-    if new_fresh and existing.shape == new.shape and existing.dtype == new.dtype and _whole_storage(new):
-        return new.add_(existing)
-    return existing + new
-
-
-def _whole_storage(t: torch.Tensor) -> bool:
-    """Whether ``t`` is its storage's only content: not a view, or a contiguous view of all
-    of it (a step's gradient reshaped to its owner's shape, as a linear layer's input
-    gradient is), so adding into it in place changes no other tensor."""
-    return t._base is None or (t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size())
 
 
 class _GradientSink:

@@ -79,7 +79,6 @@ class OptimizedModule(torch.nn.Module):
         self._optimizer = optimizer
         self._cache_dir = cache_dir
         self._plans: dict = {}
-        self._tensor_paths: dict = {}  # id(plan) -> _TensorPaths
         self._observe = observe
         self._anchor = torch.empty(0, requires_grad=True)
 
@@ -141,10 +140,7 @@ class OptimizedModule(torch.nn.Module):
 
     def _model_tensors(self, plan: RuntimePlan) -> tuple[dict, dict]:
         """The parameters and buffers the plan reads, by name, as the model holds them now."""
-        paths = self._tensor_paths.get(id(plan))
-        if paths is None:
-            paths = self._tensor_paths[id(plan)] = _TensorPaths(plan.fixed_sources)
-        found = paths.lookup(self._orig_mod)
+        found = plan.model_tensors.lookup(self._orig_mod)
         if found is None:  # a name is no longer where it was: look the way named_parameters() does
             found = dict(self._orig_mod.named_parameters()), dict(self._orig_mod.named_buffers())
         return found
@@ -167,45 +163,13 @@ class OptimizedModule(torch.nn.Module):
         owner = state.env[plan.output]
         seed = _grad_of_owner(plan, owner, grad)
         params = state.params
-        keys = self._tensor_paths[id(plan)].param_keys
+        keys = plan.model_tensors.param_keys
 
         def param_of(name: str):
             return params.get(keys.get(name))
 
         with torch.no_grad(), _no_autocast():
             executor.backward(state, {f"grad({plan.output})": seed}, param_of)
-
-
-class _TensorPaths:
-    """Where a plan's parameters and buffers sit in the model: the submodule names down to
-    the one holding each, and its name there. Looked up through ``_modules``,
-    ``_parameters`` and ``_buffers`` on every step (a replaced parameter or submodule is
-    seen at once), which costs a few dictionary reads per tensor where
-    ``named_parameters()`` walks every module and hashes every tensor (0.2-0.3 ms per
-    ResNet-18 step)."""
-
-    def __init__(self, fixed_sources: dict):
-        self.param_keys = {name: key for name, (kind, key, _) in fixed_sources.items() if kind == "param"}
-        split = lambda key: (tuple(key.split(".")[:-1]), key.rsplit(".", 1)[-1])  # noqa: E731
-        self.params = [(key, *split(key)) for key in self.param_keys.values()]
-        self.buffers = [(key, *split(key)) for name, (kind, key, _) in fixed_sources.items() if kind == "buffer"]
-
-    def lookup(self, model: torch.nn.Module) -> tuple[dict, dict] | None:
-        """``(parameters, buffers)`` by name, or ``None`` when one is not where it was."""
-        try:
-            params = {key: _submodule(model, path)._parameters[leaf] for key, path, leaf in self.params}
-            buffers = {key: _submodule(model, path)._buffers[leaf] for key, path, leaf in self.buffers}
-        except (KeyError, AttributeError):
-            return None
-        if any(t is None for t in params.values()) or any(t is None for t in buffers.values()):
-            return None
-        return params, buffers
-
-
-def _submodule(model: torch.nn.Module, path: tuple) -> torch.nn.Module:
-    for part in path:
-        model = model._modules[part]
-    return model
 
 
 def _grad_of_owner(plan: RuntimePlan, owner: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ memory and, with ``cache_dir``, as ``.monet`` files.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import operator
 from dataclasses import dataclass, field
@@ -52,6 +53,43 @@ class Constraints:
         return ", ".join(parts) or "no constraint"
 
 
+class ModelTensors:
+    """Where a plan's parameters and buffers sit in the model (from ``fixed_sources``):
+    the submodule names down to the one holding each, and its name there. Looked up
+    through ``_modules``, ``_parameters`` and ``_buffers`` on every step (a replaced
+    parameter or submodule is seen at once), which costs a few dictionary reads per
+    tensor where ``named_parameters()`` walks every module and hashes every tensor
+    (0.2-0.3 ms per ResNet-18 step)."""
+
+    def __init__(self, fixed_sources: dict):
+        self.param_keys = {name: key for name, (kind, key, _) in fixed_sources.items() if kind == "param"}
+        self.params = [(key, *_split_name(key)) for key in self.param_keys.values()]
+        self.buffers = [(key, *_split_name(key)) for kind, key, _ in fixed_sources.values() if kind == "buffer"]
+
+    def lookup(self, model: torch.nn.Module) -> tuple[dict, dict] | None:
+        """``(parameters, buffers)`` by name, or ``None`` when one is not where it was."""
+        try:
+            params = {key: _submodule(model, path)._parameters[leaf] for key, path, leaf in self.params}
+            buffers = {key: _submodule(model, path)._buffers[leaf] for key, path, leaf in self.buffers}
+        except (KeyError, AttributeError):
+            return None
+        if any(t is None for t in params.values()) or any(t is None for t in buffers.values()):
+            return None
+        return params, buffers
+
+
+def _split_name(key: str) -> tuple[tuple[str, ...], str]:
+    """``"layers.0.conv1.weight"`` -> ``(("layers", "0", "conv1"), "weight")``."""
+    *path, leaf = key.split(".")
+    return tuple(path), leaf
+
+
+def _submodule(model: torch.nn.Module, path: tuple) -> torch.nn.Module:
+    for part in path:
+        model = model._modules[part]
+    return model
+
+
 @dataclass
 class RuntimePlan:
     """Everything one input signature needs to train with a schedule."""
@@ -67,6 +105,11 @@ class RuntimePlan:
     input_names: tuple[str, ...]
     fixed_sources: dict  # fixed tensor name -> (kind "param" | "buffer" | "input", model name, input position)
     buffer_updates: BufferUpdates = field(default_factory=lambda: BufferUpdates())  # applied after the forward
+
+    @functools.cached_property
+    def model_tensors(self) -> ModelTensors:
+        """Where the parameters and buffers the plan reads sit in the model."""
+        return ModelTensors(self.fixed_sources)
 
     @property
     def planned_peak(self) -> int:

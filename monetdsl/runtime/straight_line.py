@@ -30,11 +30,14 @@ tests and profilers see exactly what the interpreter showed them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from .executor import PlannedStep, StepPlan, accumulate_gradient
+import torch
 
-__all__ = ["StraightLine", "generate"]
+if TYPE_CHECKING:
+    from .executor import PlannedStep, StepPlan
+
+__all__ = ["StraightLine", "generate", "accumulate_gradient"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,25 @@ class StraightLine:
     forward: Callable
     backward: Callable
     source: str
+
+
+def accumulate_gradient(existing: torch.Tensor, new: torch.Tensor, owned: bool, new_fresh: bool) -> torch.Tensor:
+    """Add a later writer's gradient into an existing one, in place, as the memory model
+    has it (the new one is a temporary): into the existing tensor when it is ours alone,
+    else into the new one when that is (addition commutes: the same values), and only
+    when neither is (both shared) into a third tensor."""
+    if owned and existing.shape == new.shape and existing.dtype == new.dtype:
+        return existing.add_(new)
+    if new_fresh and existing.shape == new.shape and existing.dtype == new.dtype and _whole_storage(new):
+        return new.add_(existing)
+    return existing + new
+
+
+def _whole_storage(t: torch.Tensor) -> bool:
+    """Whether ``t`` is its storage's only content: not a view, or a contiguous view of all
+    of it (a step's gradient reshaped to its owner's shape, as a linear layer's input
+    gradient is), so adding into it in place changes no other tensor."""
+    return t._base is None or (t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size())
 
 
 def generate(plan: StepPlan, fixed_names: set[str]) -> StraightLine:
