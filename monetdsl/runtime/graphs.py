@@ -356,16 +356,16 @@ def _stand_in_conv_inputs(graph: fx.Graph, backward: set, arg_of: dict, resident
 
 def _input_grad_as_transposed(graph: fx.Graph, node: fx.Node, backward: set) -> bool:
     """Replace a ``convolution_backward`` that computes only the input gradient by the
-    transposed convolution of the output gradient with the weight (a data-gradient kernel
-    too: bit for bit eager's gradient in every case the tests run on oneDNN; on cuDNN not
-    yet checked). ``convolution_backward`` makes its
-    input contiguous even when it reads only its shape, so a stand-in would be copied to
-    a full input-sized temporary (+0.4 ms on a 8x64x16x16 input on the development
-    machine); the transposed call needs no input at all. The output padding restores the
-    input's size where the stride dropped rows. Returns False (nothing changed) for a
-    transposed forward, for other masks, or when the shapes leave no valid padding."""
+    transposed convolution of the output gradient with the weight, or, for a transposed
+    convolution, by the plain one (both data-gradient kernels: bit for bit eager's
+    gradient in every case the tests run on oneDNN; on cuDNN not yet checked).
+    ``convolution_backward`` makes its input contiguous even when it reads only its
+    shape, so a stand-in would be copied to a full input-sized temporary (+0.4 ms on a
+    8x64x16x16 input on the development machine); the replacement needs no input at all.
+    The output padding restores the input's size where the stride dropped rows. Returns
+    False (nothing changed) for other masks, or when the shapes do not come out right."""
     (grad, x, weight, _bias, stride, padding, dilation, transposed, _out_pad, groups, mask) = node.args
-    if transposed or list(mask) != [True, False, False]:
+    if list(mask) != [True, False, False]:
         return False
     if any(user.target is not operator.getitem or (user.args[1] != 0 and user.users) for user in node.users):
         return False  # something reads a gradient this call does not compute
@@ -374,14 +374,19 @@ def _input_grad_as_transposed(graph: fx.Graph, node: fx.Node, backward: set) -> 
         return False
     output_padding = []
     for i in range(x_val.dim() - 2):
-        covered = (grad_val.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (w_val.shape[2 + i] - 1) + 1
-        extra = x_val.shape[2 + i] - covered
+        reach = dilation[i] * (w_val.shape[2 + i] - 1) + 1
+        if transposed:  # the plain convolution of the output gradient must come back to the input's size
+            if (grad_val.shape[2 + i] + 2 * padding[i] - reach) // stride[i] + 1 != x_val.shape[2 + i]:
+                return False
+            output_padding.append(0)
+            continue
+        extra = x_val.shape[2 + i] - ((grad_val.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + reach)
         if not 0 <= extra < max(stride[i], dilation[i]):
             return False
         output_padding.append(extra)
     with graph.inserting_before(node):
-        dgrad = graph.call_function(torch.ops.aten.convolution.default,
-                                    (grad, weight, None, list(stride), list(padding), list(dilation), True, output_padding, groups))
+        dgrad = graph.call_function(torch.ops.aten.convolution.default, (grad, weight, None, list(stride), list(padding),
+                                                                         list(dilation), not transposed, output_padding, groups))
     backward.add(dgrad)
     for user in list(node.users):
         if user.args[1] == 0:
