@@ -12,8 +12,8 @@ only what depends on the tensors: whether an output shares storage with an input
 
 The rules are the executor's (:mod:`monetdsl.runtime.executor`); this module only writes
 them out. ``observe(step, env)`` and ``before(step, env)`` are called around every step
-when given, with the same :class:`~monetdsl.runtime.executor.PlannedStep` objects, so
-tests and profilers see exactly what the interpreter showed them.
+when given, with the plan's own :class:`~monetdsl.runtime.executor.PlannedStep` objects,
+so tests and profilers see every step as an interpreted loop would show it.
 
 >>> import torch
 >>> from monetdsl.runtime.executor import PlannedStep, StepPlan
