@@ -183,3 +183,28 @@ def measured_step_peaks(optimized, x, network: Network) -> StepPeaks:
         observer.probe.stop()
         optimized._observe = None
     return observer
+
+
+def assert_steps_allocate_as_planned(module, x, trace, impls: dict[str, str], label: str = "") -> None:
+    """Train ``module`` (traced as ``trace``, a scalar output) one step with ``impls``,
+    keeping everything and then nothing: each step's own peak of live tensor bytes is the
+    simulator's, less what it passes through (known from the trace); a recomputation's is
+    at most that (an implementation's workspace is the larger of its first forward's and
+    its recomputation's)."""
+    import monetdsl
+    from monetdsl.search.simulator import simulate
+
+    network = trace.spec.network
+    aliased = trace.built.workspace.aliased
+    for keep in ("all", "none"):
+        schedule = schedule_with(trace.spec, impls, keep=keep)
+        simulation = simulate(network, schedule)
+        optimized = monetdsl.optimize(module, schedule=schedule)
+        optimized.plan_for(x, trace=trace)
+        observed = measured_step_peaks(optimized, x, network)
+        for step, measured in zip(simulation.steps, observed.increments):
+            planned = step.peak - simulation.fixed_bytes - step.live_before - aliased.get((step.op, step.impl, step.kind), 0)
+            if step.kind == "recompute":
+                assert measured <= planned, (label, keep, step.describe(), measured, planned)
+            else:
+                assert measured == planned, (label, keep, step.describe(), measured, planned)

@@ -114,32 +114,16 @@ def test_pytorch_implementations_are_bit_exact(traced):
 @pytest.mark.parametrize("name", ["cnn", "transformer", "loss-mean"])
 def test_every_alternative_allocates_as_planned(name):
     """Each step's own peak of live tensor bytes, for every alternative of every op, under
-    a schedule keeping everything and one keeping nothing, is the simulator's (new outputs
-    plus the measured workspace; less what a step passes through, known from the trace).
-    A recomputation may allocate less: an implementation's workspace is the larger of its
-    first forward's and its recomputation's (dropout's bit mask draws eager's bool mask the
-    first time only). This caught a later writer's gradient added into a third tensor when
-    it was a view of its own storage (a linear layer's input gradient reshaped)."""
-    from monetdsl.search.simulator import simulate
-    from .runtime_helpers import Reduced, measured_step_peaks
+    a schedule keeping everything and one keeping nothing, is the simulator's
+    (``assert_steps_allocate_as_planned``). This caught a later writer's gradient added
+    into a third tensor when it was a view of its own storage (a linear layer's input
+    gradient reshaped)."""
+    from .runtime_helpers import Reduced, assert_steps_allocate_as_planned
 
     _, model, _, x, _ = _traced(name)
     with torch.no_grad():
         shape = tuple(model(x).shape)
     reduced = Reduced(model, shape) if shape else model
     trace = trace_for_runtime(reduced, [x], optimizer="adam")
-    network = trace.spec.network
-    aliased = trace.built.workspace.aliased
-    for impls in impl_combinations(network):
-        for keep in ("all", "none"):
-            schedule = schedule_with(trace.spec, impls, keep=keep)
-            simulation = simulate(network, schedule)
-            optimized = monetdsl.optimize(reduced, schedule=schedule)
-            optimized.plan_for(x, trace=trace)
-            observed = measured_step_peaks(optimized, x, network)
-            for step, measured in zip(simulation.steps, observed.increments):
-                planned = step.peak - simulation.fixed_bytes - step.live_before - aliased.get((step.op, step.impl, step.kind), 0)
-                if step.kind == "recompute":
-                    assert measured <= planned, (step.describe(), measured, planned)
-                else:
-                    assert measured == planned, (step.describe(), measured, planned)
+    for impls in impl_combinations(trace.spec.network):
+        assert_steps_allocate_as_planned(reduced, x, trace, impls, name)
