@@ -254,8 +254,8 @@ def _cut_backward(traced: fx.GraphModule, n_args: int, n_grads: int, n_wanted: i
     for node in nodes:
         if node.op == "call_function" and (position[node] > boundary or any(a in backward for a in node.all_input_nodes)):
             backward.add(node)
-    _stand_in_conv_inputs(graph, backward, {ph: i for i, ph in enumerate(arg_ph)}, resident)
-    grad_results = list(out_node.args[0])[:n_wanted]  # the rewrite may have replaced some
+    _conv_backward_without_unread_tensors(graph, backward, {ph: i for i, ph in enumerate(arg_ph)}, resident)
+    grad_results = list(out_node.args[0])[:n_wanted]  # the rewrite above may have replaced some
     output_index = {n: k for k, n in enumerate(fwd_outputs) if isinstance(n, fx.Node)}
     arg_index = {n: i for i, n in enumerate(arg_ph)}
     needed: set = set()
@@ -327,7 +327,7 @@ def _is_view_like(node: fx.Node) -> bool:
     return node.op == "call_function" and (node.target is operator.getitem or is_alias(node))
 
 
-def _stand_in_conv_inputs(graph: fx.Graph, backward: set, arg_of: dict, resident: set) -> None:
+def _conv_backward_without_unread_tensors(graph: fx.Graph, backward: set, arg_of: dict, resident: set) -> None:
     """``convolution_backward`` takes the input and the weight even when it computes only
     one gradient, which needs just the other tensor's shape, so an input-gradient step
     would read (and keep alive) the activation. The input gradient alone becomes the
