@@ -119,6 +119,31 @@ def test_autocast_bf16_is_preserved_on_recompute(factory, make_input):
     assert torch.equal(out1, out2) and all(torch.equal(g1[n], g2[n]) for n in g2)
 
 
+@pytest.mark.parametrize("factory, make_input", [(SmallCNN, lambda: torch.randn(4, 3, 32, 32)), (tiny_gpt, lambda: torch.randint(0, 512, (2, 64)))])
+def test_every_alternative_runs_under_autocast(factory, make_input):
+    """Every catalogue alternative under bfloat16 autocast (16-bit activations meeting
+    float32 weights and statistics: batch and layer norm from their outputs, 1-bit masks,
+    compact indices): outputs and gradients in eager's dtypes and within bfloat16 rounding
+    of eager's."""
+    from .runtime_helpers import impl_combinations
+
+    model, reference = twins(factory)
+    x = make_input()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trace = trace_for_runtime(model, [x], optimizer="sgd")
+        combos = impl_combinations(trace.spec.network)
+        assert any("from_output" in combo.values() for combo in combos)
+        for impls in combos:
+            optimized = monetdsl.optimize(model, schedule=schedule_with(trace.spec, impls, keep="none"))
+            optimized.plan_for(x, trace=trace)
+            patch_dropout(reference, impls)
+            (out1, g1), (out2, g2) = eager_step(optimized, [x], 6), eager_step(reference, [x], 6)
+            assert out1.dtype == out2.dtype and (out1.float() - out2.float()).abs().max() <= 2e-2 * out2.float().abs().max()
+            for n in g2:
+                assert g1[n].dtype == g2[n].dtype, n
+                assert (g1[n] - g2[n]).abs().max() <= 5e-2 * g2[n].abs().max() + 1e-6, (n, impls)
+
+
 def test_autocast_state_selects_its_own_plan():
     model = SmallCNN()
     x = torch.randn(2, 3, 32, 32)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..catalogue.loss import cross_entropy_grad_from_log_probs
+from ..catalogue.norms import GammaHasZeros
 from ..catalogue.packing import pack_bits as _reference_pack, unpack_bits as _reference_unpack
 
 __all__ = [
@@ -167,18 +168,27 @@ def _(x, bits, scale):
 
 def _bn_backward_from_output_torch(grad: Tensor, y: Tensor, invstd: Tensor, weight: Optional[Tensor],
                                    bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """The torch formula of :func:`bn_backward_from_output`: the CPU implementation, and the GPU one for dtypes numba cannot index."""
+    """The torch formula of :func:`bn_backward_from_output`: the CPU implementation, and the GPU one for dtypes numba cannot index.
+
+    Computed in float32 at least (16-bit activations under autocast meet float32 weights
+    and statistics, as in eager's kernel); the input gradient comes back in the
+    activations' dtype, gamma's and beta's gradients in their parameters' dtypes."""
+    if weight is not None and not weight.is_cuda and bool((weight == 0).any()):
+        raise GammaHasZeros("batch norm backward from the output needs every gamma != 0; use from_input for this step")
     shape = [1, grad.shape[1]] + [1] * (grad.dim() - 2)
     dims = [0] + list(range(2, grad.dim()))
-    xhat = y if bias is None else y - bias.reshape(shape)
+    compute = torch.promote_types(grad.dtype, torch.float32)
+    g = grad.to(compute)
+    xhat = y.to(compute) if bias is None else y.to(compute) - bias.to(compute).reshape(shape)
     if weight is not None:
-        xhat = xhat / weight.reshape(shape)
-    sum_g = grad.sum(dims)
-    sum_gx = (grad * xhat).sum(dims)
+        xhat = xhat / weight.to(compute).reshape(shape)
+    sum_g = g.sum(dims)
+    sum_gx = (g * xhat).sum(dims)
     count = grad.numel() // grad.shape[1]
-    scale = invstd if weight is None else invstd * weight
-    dx = scale.reshape(shape) * (grad - sum_g.reshape(shape) / count - xhat * sum_gx.reshape(shape) / count)
-    return dx, sum_gx, sum_g
+    scale = invstd.to(compute) if weight is None else invstd.to(compute) * weight.to(compute)
+    dx = scale.reshape(shape) * (g - sum_g.reshape(shape) / count - xhat * sum_gx.reshape(shape) / count)
+    return (dx.to(grad.dtype), sum_gx.to(weight.dtype if weight is not None else grad.dtype),
+            sum_g.to(bias.dtype if bias is not None else grad.dtype))
 
 
 @torch.library.custom_op(f"{_NS}::bn_backward_from_output", mutates_args=())
@@ -192,7 +202,8 @@ def bn_backward_from_output(grad: Tensor, y: Tensor, invstd: Tensor, weight: Opt
 @bn_backward_from_output.register_fake
 def _(grad, y, invstd, weight, bias):
     c = grad.shape[1]
-    return torch.empty_like(grad), grad.new_empty(c), grad.new_empty(c)
+    return (torch.empty_like(grad), grad.new_empty(c, dtype=weight.dtype if weight is not None else grad.dtype),
+            grad.new_empty(c, dtype=bias.dtype if bias is not None else grad.dtype))
 
 
 def _pool_attrs(kernel, stride, padding, dilation, in_shape, out_shape) -> dict:
@@ -260,9 +271,17 @@ def _(x, seed, p):
 
 
 def _reference(kind: str, alt: str, grad: Tensor, saved: dict, attrs: dict) -> dict:
+    """The catalogue's backward formula, computed in float32 at least (16-bit activations
+    under autocast meet float32 weights and statistics); each gradient comes back in its
+    tensor's dtype: the input's as the incoming gradient, a weight's or bias's as that
+    parameter."""
     from ..catalogue import CATALOGUE
 
-    return CATALOGUE[kind].backward("backward", alt, {"y": grad}, saved, attrs)
+    compute = torch.promote_types(grad.dtype, torch.float32)
+    wide = {role: (t.to(compute) if t.is_floating_point() else t) for role, t in saved.items()}
+    out = CATALOGUE[kind].backward("backward", alt, {"y": grad.to(compute)}, wide, attrs)
+    dtypes = {"x": grad.dtype, **{role: saved[role].dtype for role in ("w", "b") if role in saved}}
+    return {role: t.to(dtypes.get(role, t.dtype)) for role, t in out.items()}
 
 
 @torch.library.custom_op(f"{_NS}::layer_norm_backward_from_output", mutates_args=())
@@ -282,8 +301,8 @@ def layer_norm_backward_from_output(grad: Tensor, y: Tensor, rstd: Tensor, weigh
 
 @layer_norm_backward_from_output.register_fake
 def _(grad, y, rstd, weight, bias, normalized_shape):
-    return (torch.empty_like(grad), grad.new_empty(weight.shape if weight is not None else (0,)),
-            grad.new_empty(bias.shape if bias is not None else (0,)))
+    return (torch.empty_like(grad), (weight.new_empty(weight.shape) if weight is not None else grad.new_empty(0)),
+            (bias.new_empty(bias.shape) if bias is not None else grad.new_empty(0)))
 
 
 @torch.library.custom_op(f"{_NS}::rms_norm_backward", mutates_args=())
@@ -302,7 +321,7 @@ def rms_norm_backward(grad: Tensor, saved: Tensor, rstd: Tensor, weight: Optiona
 
 @rms_norm_backward.register_fake
 def _(grad, saved, rstd, weight, from_output, normalized_shape):
-    return torch.empty_like(grad), grad.new_empty(weight.shape if weight is not None else (0,))
+    return torch.empty_like(grad), (weight.new_empty(weight.shape) if weight is not None else grad.new_empty(0))
 
 
 @torch.library.custom_op(f"{_NS}::cross_entropy_backward_from_log_probs", mutates_args=())
@@ -477,7 +496,8 @@ def _(grad, y, invstd, weight, bias):
     kernels.launch_bn_backward_from_output(_device_array(g.reshape(-1)), _device_array(yy.reshape(-1)), w, b,
                                            _device_array(invstd.detach().contiguous()), _device_array(sums),
                                            _device_array(out.reshape(-1)), tuple(g.shape), _stream(out))
-    return out, sums[1].to(g.dtype), sums[0].to(g.dtype)
+    return (out, sums[1].to(weight.dtype if weight is not None else g.dtype),
+            sums[0].to(bias.dtype if bias is not None else g.dtype))
 
 
 def _convert_pool_positions(launch, t: Tensor, dtype: torch.dtype, kernel, stride, padding, dilation, in_shape) -> Tensor:
