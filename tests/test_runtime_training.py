@@ -208,6 +208,23 @@ def test_eval_and_no_grad_run_eagerly():
     assert torch.equal(model.bn1.running_mean, reference.bn1.running_mean)
 
 
+def test_the_model_mode_is_the_optimized_module_mode():
+    """``model.eval()`` on the original model (as a training loop built before
+    ``optimize`` does) switches the optimized module to eager evaluation, and back."""
+    model, reference = twins(SmallCNN)
+    x = torch.randn(4, 3, 32, 32)
+    optimized, _ = _recompute_all(model, x)
+    model.eval()
+    reference.eval()
+    assert not optimized.training
+    assert torch.equal(optimized(x), reference(x))
+    assert int(model.bn1.num_batches_tracked) == 0  # no training step ran
+    model.train()
+    assert optimized.training
+    optimized.eval()
+    assert not model.training and not model.bn1.training
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -89,8 +89,20 @@ class OptimizedModule(torch.nn.Module):
         except AttributeError:
             return getattr(self._orig_mod, name)
 
+    # -- train/eval mode is the model's: model.eval() switches the optimized module too ---
+    @property
+    def training(self) -> bool:
+        model = self._modules.get("_orig_mod") if "_modules" in self.__dict__ else None
+        return True if model is None else model.training
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        # nn.Module.__init__ sets the flag before the model is attached: nothing to mirror yet
+        model = self._modules.get("_orig_mod") if "_modules" in self.__dict__ else None
+        if model is not None:
+            model.training = mode
+
     def train(self, mode: bool = True):
-        self.training = mode
         self._orig_mod.train(mode)
         return self
 
