@@ -11,6 +11,7 @@ mode or under ``torch.no_grad()`` the model simply runs eagerly.
 from __future__ import annotations
 
 import operator
+import warnings
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from ..errors import MonetError
 from .executor import Executor, StepState
 from .plan import Constraints, RuntimePlan, build_plan
+from .scale_weights import zero_weight_ops
 
 __all__ = ["OptimizedModule", "RuntimeUsageError"]
 
@@ -107,17 +109,36 @@ class OptimizedModule(torch.nn.Module):
         return self
 
     # -- plans ------------------------------------------------------------------------------
-    def plan_for(self, *inputs, trace=None) -> RuntimePlan:
+    def plan_for(self, *inputs, trace=None, avoid: frozenset | None = None) -> RuntimePlan:
         """The plan (trace, schedule, lowered steps) for these inputs, made on first use.
         ``trace``: a :class:`~monetdsl.tracing.TraceResult` of the model on such inputs
-        (``loss="output"``), to skip tracing again."""
-        key = (_signature(inputs), _autocast_state())
+        (``loss="output"``), to skip tracing again. ``avoid``: norms planned without their
+        backward from the output (:mod:`.scale_weights`; by default those whose weight
+        has a zero when the plan is made)."""
+        key = (_signature(inputs), _autocast_state(), avoid)
         plan = self._plans.get(key)
         if plan is None:
             plan = build_plan(self._orig_mod, list(inputs), self._constraints, optimizer=self._optimizer,
-                              cache_dir=self._cache_dir, trace=trace, profile=self._profile)
+                              cache_dir=self._cache_dir, trace=trace, profile=self._profile, avoid=avoid)
             self._plans[key] = plan
         return plan
+
+    def _plan_for_weights(self, plan: RuntimePlan, inputs) -> RuntimePlan:
+        """``plan``, or, when a weight its norms' backwards divide by has a zero now, the
+        plan made with those norms' backward from the input (:mod:`.scale_weights`)."""
+        zeros = zero_weight_ops(plan.weight_checks, self._model_tensors(plan)[0])
+        if not zeros:
+            return plan
+        names = ", ".join(sorted(zeros))
+        if self._constraints.schedule is not None:
+            raise RuntimeUsageError(f"the weight of {names} has a zero entry, and the schedule computes its backward from its"
+                                    " output (from_output), which divides by that weight; choose from_input for it in the"
+                                    " schedule, or let monetdsl plan (optimize without schedule=)")
+        avoid = frozenset(plan.avoided | zeros)
+        if (_signature(inputs), _autocast_state(), avoid) not in self._plans:
+            warnings.warn(f"monetdsl: the weight of {names} has a zero entry; steps while it has use a plan with their"
+                          " backward from the input (from_output would divide by zero)", stacklevel=5)
+        return self.plan_for(*inputs, trace=plan.trace, avoid=avoid)
 
     @property
     def plans(self) -> list[RuntimePlan]:
@@ -132,6 +153,8 @@ class OptimizedModule(torch.nn.Module):
                 raise RuntimeUsageError("monetdsl trains a whole model: an input that requires grad would need its"
                                         " gradient, which the runtime does not return; detach it or wrap the larger model")
         plan = self.plan_for(*inputs)
+        if plan.weight_checks:
+            plan = self._plan_for_weights(plan, inputs)
         return _ScheduledStep.apply(self, plan, self._anchor, *inputs)
 
     def _fixed(self, plan: RuntimePlan, inputs, params: dict, buffers: dict) -> dict:

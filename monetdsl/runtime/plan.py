@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -31,18 +31,21 @@ from .executor import StepPlan, plan_steps
 from ..tracing.joint import packet_name
 from .graphs import ArgPath, arg_path, call_node
 from .program import Program, lower
+from .scale_weights import FROM_OUTPUT, pins_avoiding_from_output, weights_divided_by, zero_weight_ops
 
 __all__ = ["RuntimePlan", "Constraints", "build_plan", "trace_for_runtime", "schedule_for", "clear_caches"]
 
 
 @dataclass(frozen=True)
 class Constraints:
-    """What the caller asked for: a budget (bytes), an overhead cap, a schedule file, a method."""
+    """What the caller asked for: a budget (bytes), an overhead cap, a schedule file, a method,
+    the searching methods' time limit (seconds; None: their default, 60 s)."""
 
     budget: int | None = None
     max_overhead: float | None = None
     schedule: str | Schedule | None = None  # a .monet file, or a Schedule object
     method: str = "auto"
+    time_limit: float | None = None
 
     def describe(self) -> str:
         parts = []
@@ -105,6 +108,10 @@ class RuntimePlan:
     input_names: tuple[str, ...]
     fixed_sources: dict  # fixed tensor name -> (kind "param" | "buffer" | "input", model name, input position)
     buffer_updates: BufferUpdates = field(default_factory=lambda: BufferUpdates())  # applied after the forward
+    #: (norm op, parameter name): weights the chosen backwards divide by, checked before each step
+    weight_checks: tuple = ()
+    #: norms planned without their backward from the output (their weight had a zero)
+    avoided: frozenset = frozenset()
 
     @functools.cached_property
     def model_tensors(self) -> ModelTensors:
@@ -203,16 +210,21 @@ def schedule_for(spec: Spec, constraints: Constraints, cache_dir: str | None = N
     by the next run on this machine, whose timings differ by noise only."""
     if constraints.schedule is not None:
         return _from_file(spec, constraints.schedule)
-    key = (spec.fingerprint, _short_hash(costs), constraints.budget, constraints.max_overhead, constraints.method)
+    key = (spec.fingerprint, _short_hash(costs), constraints.budget, constraints.max_overhead, constraints.method,
+           _short_hash(repr(spec.constraints.impls)) if spec.constraints.impls else "")
     if key in _SCHEDULES:
         return _SCHEDULES[key]
     cached = _read_cache(spec, key, cache_dir)
     if cached is not None:
         _SCHEDULES[key] = cached
         return cached
-    result = solve(spec, constraints.method, memory_budget=constraints.budget, max_overhead=constraints.max_overhead)
+    result = solve(spec, constraints.method, memory_budget=constraints.budget, max_overhead=constraints.max_overhead,
+                   time_limit=constraints.time_limit)
     if not result.success:
-        raise SolveError(f"{spec.network.name}: {result.message}", min_feasible_budget=result.min_feasible_budget)
+        known = {"min_feasible_budget_exact": result.min_feasible_budget_exact} if result.min_feasible_budget is not None else {}
+        if result.details.get("min_budget_lower_bound") is not None:
+            known["min_budget_lower_bound"] = result.details["min_budget_lower_bound"]
+        raise SolveError(f"{spec.network.name}: {result.message}", min_feasible_budget=result.min_feasible_budget, details=known)
     found = (result.schedule, result.simulation)
     _SCHEDULES[key] = found
     _write_cache(spec, key, found, cache_dir)
@@ -239,8 +251,9 @@ def _checked(spec: Spec, schedule: Schedule) -> Simulation:
 
 
 def _cache_path(cache_dir: str, key) -> Path:
-    fingerprint, costs, budget, overhead, method = key
+    fingerprint, costs, budget, overhead, method, pins = key
     tag = f"{fingerprint}-c{costs}-b{budget if budget is not None else 'none'}-o{overhead if overhead is not None else 'none'}-{method}"
+    tag += f"-p{pins}" if pins else ""
     return Path(cache_dir) / f"{tag}.schedule.monet"
 
 
@@ -266,26 +279,39 @@ def _write_cache(spec: Spec, key, found, cache_dir: str | None) -> None:
 
 
 def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, optimizer: str, cache_dir: str | None = None,
-               trace=None, profile: bool = False) -> RuntimePlan:
-    """Trace (unless ``trace`` is given), schedule and lower ``model`` for these inputs."""
+               trace=None, profile: bool = False, avoid: frozenset | None = None) -> RuntimePlan:
+    """Trace (unless ``trace`` is given), schedule and lower ``model`` for these inputs.
+
+    ``avoid``: norm ops whose backward may not divide by their weight (:mod:`.scale_weights`);
+    by default those whose weight has a zero now. A schedule file is used as it is."""
     if trace is None:
         trace = (timed_trace(model, inputs, optimizer=optimizer, cache_dir=cache_dir) if profile
                  else trace_for_runtime(model, inputs, optimizer=optimizer))
     spec = trace.spec
-    schedule, simulation = schedule_for(spec, constraints, cache_dir, costs=trace.cost_model)
-    network = spec.network
-    program = lower(trace, network, chosen_impls(network, schedule))
-    steps = plan_steps(network, schedule, program)
-    output, output_path = _output_of(trace, network)
     facts, names = trace.built.facts, trace.built.value_names
     sources = {}
     for node in facts.graph.nodes:
         if node.op == "placeholder" and node in names:
             ph = facts.captured.placeholders[node.name]
             sources[names[node]] = (ph.kind, ph.name, ph.index)
+    network = spec.network
+    if constraints.schedule is not None:
+        avoid = frozenset()
+    elif avoid is None:
+        everywhere = {bop.name: FROM_OUTPUT for bop in network.backward_ops}
+        avoid = zero_weight_ops(weights_divided_by(trace, everywhere, sources), dict(model.named_parameters()))
+    pins = pins_avoiding_from_output(network, avoid)
+    if pins:
+        spec = replace(spec, constraints=replace(spec.constraints, impls=spec.constraints.impls + pins))
+    schedule, simulation = schedule_for(spec, constraints, cache_dir, costs=trace.cost_model)
+    impls = chosen_impls(network, schedule)
+    program = lower(trace, network, impls)
+    steps = plan_steps(network, schedule, program)
+    output, output_path = _output_of(trace, network)
     input_names = tuple(n for n, (kind, _, _) in sources.items() if kind == "input")
     updates = buffer_updates(trace)
-    return RuntimePlan(trace, spec, schedule, simulation, program, steps, output, output_path, input_names, sources, updates)
+    return RuntimePlan(trace, spec, schedule, simulation, program, steps, output, output_path, input_names, sources, updates,
+                       weight_checks=weights_divided_by(trace, impls, sources), avoided=frozenset(avoid))
 
 
 @dataclass
