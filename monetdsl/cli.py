@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
+    except SolveError as exc:  # before MonetError (its base): the message names the spec
+        return report_errors([Diagnostic(exc.message, getattr(args, "spec", "monetdsl"))], getattr(args, "json", False))
     except MonetError as exc:
         return report_errors(exc.diagnostics, getattr(args, "json", False))
-    except SolveError as exc:
-        return report_errors([Diagnostic(exc.message, getattr(args, "spec", "monetdsl"))], getattr(args, "json", False))
     except BrokenPipeError:  # e.g. `monetdsl show ... | head`
         return 0

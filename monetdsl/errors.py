@@ -63,8 +63,10 @@ class ScheduleError(MonetError):
     """A schedule is invalid for its spec (wrong spec, missing tensor, illegal in-place...)."""
 
 
-class SolveError(Exception):
-    """A solver could not produce a schedule; carries what is known (e.g. the minimum budget)."""
+class SolveError(MonetError):
+    """A solver could not produce a schedule; carries what is known (e.g. the minimum budget).
+    A :class:`MonetError` like every other answer to what the user asked for, so one
+    ``except monetdsl.MonetError`` catches an impossible budget too."""
 
     def __init__(self, message: str, *, min_feasible_budget: int | None = None, details: dict | None = None):
         super().__init__(message)

@@ -73,6 +73,8 @@ def test_budget_strings_and_infeasible_budgets():
     assert optimized.plans[0].simulation.peak_bytes <= 2**30
     with pytest.raises(monetdsl.SolveError, match="minimum feasible budget|smallest budget"):
         monetdsl.optimize(model, x, budget=100)
+    with pytest.raises(monetdsl.MonetError):  # one except clause catches every answer to bad input
+        monetdsl.optimize(model, x, budget=100)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -195,6 +197,46 @@ def test_torch_compile_backend_trains_like_eager():
     torch.testing.assert_close(out, ref)
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
+def _bn_net():
+    """Batch norm two modules deep and one deep (buffers at nested paths); no bias before
+    a batch norm (its gradient would be zero up to rounding)."""
+    return torch.nn.Sequential(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4)), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 8, bias=False), torch.nn.BatchNorm1d(8),
+                               torch.nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("how", ["argument", "inside a dict argument"])
+def test_torch_compile_backend_of_a_step_taking_the_model(how):
+    """A compiled step function that takes the model (``L['model']...``, not ``L['self']``):
+    its buffers are model state, not data, so batch norm's statistics and
+    ``num_batches_tracked`` are updated as eagerly, and gradients are eager's."""
+    model, reference = twins(_bn_net)
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 2, 1, 2])
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step(net, x, y):
+        return loss_fn(net(x), y)
+
+    def step_dict(nets, x, y):
+        return loss_fn(nets["net"](x), y)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step if how == "argument" else step_dict, backend=monetdsl.backend(max_overhead=0.1))
+    try:
+        for _ in range(2):
+            got = compiled(model if how == "argument" else {"net": model}, x, y)
+            got.backward()
+            want = step(reference, x, y)
+            want.backward()
+            assert torch.equal(got, want)
+    finally:
+        torch._dynamo.reset()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)  # two steps' gradients, summed
+    for (name, b), c in zip(model.named_buffers(), reference.buffers()):
+        assert torch.equal(b, c), name
 
 
 def test_measure_reports_planned_and_measured():
