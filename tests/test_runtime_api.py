@@ -207,8 +207,8 @@ def _bn_net():
                                torch.nn.Linear(8, 3))
 
 
-@pytest.mark.parametrize("how", ["argument", "inside a dict argument"])
-def test_torch_compile_backend_of_a_step_taking_the_model(how):
+@pytest.mark.parametrize("how, options", [("argument", {"max_overhead": 0.1}), ("inside a dict argument", {"method": "recompute-all"})])
+def test_torch_compile_backend_of_a_step_taking_the_model(how, options):
     """A compiled step function that takes the model (``L['model']...``, not ``L['self']``):
     its buffers are model state, not data, so batch norm's statistics and
     ``num_batches_tracked`` are updated as eagerly, and gradients are eager's."""
@@ -223,7 +223,7 @@ def test_torch_compile_backend_of_a_step_taking_the_model(how):
         return loss_fn(nets["net"](x), y)
 
     torch._dynamo.reset()
-    compiled = torch.compile(step if how == "argument" else step_dict, backend=monetdsl.backend(max_overhead=0.1))
+    compiled = torch.compile(step if how == "argument" else step_dict, backend=monetdsl.backend(**options))
     try:
         for _ in range(2):
             got = compiled(model if how == "argument" else {"net": model}, x, y)
@@ -246,6 +246,7 @@ def test_measure_reports_planned_and_measured():
     result = monetdsl.measure(optimized, x, probe="live", repeats=2)
     assert result.planned == optimized.plans[0].planned_activation_peak
     assert len(result.peaks) == 2 and result.peak > 0 and "measured/planned" in result.summary()
+    assert optimized(x).dim() > 0 and result.peak == result.planned  # the output's gradient is the size planned
     with pytest.raises(ValueError, match="unknown probe"):
         monetdsl.measure(optimized, x, probe="psychic")
 

@@ -193,10 +193,14 @@ def measure(step, inputs=None, *, loss: Callable | None = None, repeats: int = 1
 
     ``step`` is either a zero-argument callable running one training step, or a model
     (an :class:`~monetdsl.runtime.OptimizedModule` or any module) called on ``inputs``;
-    then a step is ``loss(model(*inputs)).backward()`` (``loss`` defaults to the output
-    itself when it is a scalar, else its sum), with parameter gradients allocated
-    beforehand (they are fixed memory in the plan). For an OptimizedModule the planned
-    peak above fixed memory is filled in.
+    then a step is ``loss(model(*inputs)).backward()``, or without ``loss``
+    ``model(*inputs).backward(ones)``: the output's gradient is a tensor of its size, as
+    the plan counts it when the loss is computed outside the model (``out.sum()`` would
+    seed a broadcast scalar, a few bytes less than planned). The model is put in training
+    mode, and every parameter that needs a gradient and has none gets a zeroed ``.grad``
+    first (parameter gradients are fixed memory in the plan), into which the measured
+    steps accumulate. For an OptimizedModule the planned peak above fixed memory is
+    filled in.
     """
     planned = None
     if isinstance(step, torch.nn.Module):
@@ -206,15 +210,17 @@ def measure(step, inputs=None, *, loss: Callable | None = None, repeats: int = 1
         args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
         from .module import OptimizedModule
 
+        model.train()
         if isinstance(model, OptimizedModule):
-            model.train()
             planned = model.plan_for(*args).planned_activation_peak
-        reduce = loss or (lambda out: out if out.dim() == 0 else out.sum())
         params = [p for p in model.parameters() if p.requires_grad]
 
         def run():
-            out = reduce(model(*args))
-            out.backward()
+            out = model(*args)
+            if loss is not None:
+                loss(out).backward()
+            else:
+                out.backward(torch.ones_like(out))
             del out
 
         for p in params:
