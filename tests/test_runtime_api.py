@@ -283,3 +283,34 @@ def test_profiled_costs_choose_this_machines_implementations():
     plan = optimized.plans[0]
     assert plan.trace.cost_model.startswith("measured on cpu")
     assert plan.simulation.overhead <= 0.1
+
+
+class _Masked(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(8, 8)
+        self.out = torch.nn.Linear(8, 4)
+
+    def forward(self, x, mask=None, *, scale=1.0):
+        h = torch.relu(self.inner(x))
+        return self.out(h if mask is None else h * mask) * scale
+
+
+def test_tensor_keyword_arguments_run_as_their_positions():
+    """``model(x, mask=m)`` plans and trains as ``model(x, m)`` (one plan for both), equal
+    to eager; a keyword-only or non-tensor argument is refused by name."""
+    torch.manual_seed(0)
+    model = _Masked()
+    reference = copy.deepcopy(model)
+    x, mask = torch.randn(4, 8), (torch.rand(4, 8) > 0.5).float()
+    optimized = monetdsl.optimize(model, (x, mask), method="recompute-all")
+    optimized(x, mask=mask).sum().backward()
+    reference(x, mask=mask).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    optimized(x, mask).sum().backward()
+    assert len(optimized.plans) == 1
+    with pytest.raises(monetdsl.MonetError, match="'scale' by keyword only"):
+        optimized(x, mask=mask, scale=2.0)
+    with pytest.raises(monetdsl.MonetError, match="unexpected keyword argument 'nope'"):
+        optimized(x, nope=mask)

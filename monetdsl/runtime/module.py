@@ -10,6 +10,7 @@ mode or under ``torch.no_grad()`` the model simply runs eagerly.
 """
 from __future__ import annotations
 
+import inspect
 import operator
 import warnings
 from typing import Any
@@ -145,9 +146,11 @@ class OptimizedModule(torch.nn.Module):
         return list(self._plans.values())
 
     # -- calls ------------------------------------------------------------------------------
-    def forward(self, *inputs):
+    def forward(self, *inputs, **kwargs):
         if not (self.training and torch.is_grad_enabled()):
-            return self._orig_mod(*inputs)
+            return self._orig_mod(*inputs, **kwargs)
+        if kwargs:
+            inputs = _as_positional(self._orig_mod, inputs, kwargs)
         for t in inputs:
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 raise RuntimeUsageError("monetdsl trains a whole model: an input that requires grad would need its"
@@ -205,6 +208,39 @@ class OptimizedModule(torch.nn.Module):
 
         with torch.no_grad(), _no_autocast():
             executor.backward(state, {f"grad({plan.output})": seed}, param_of)
+
+
+def _as_positional(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """The call's arguments in the order of ``model.forward``'s parameters (defaults filled
+    in up to the last one given), so that ``model(x, mask=m)`` plans and runs as
+    ``model(x, m)``: a plan is keyed by positional tensor inputs. A keyword-only argument
+    has no position, and a value that is not a tensor is not a graph input: both are
+    refused, by name."""
+    signature = inspect.signature(model.forward)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise RuntimeUsageError(f"{type(model).__name__}.forward: {exc}") from None
+    named = set(bound.arguments)
+    bound.apply_defaults()
+    positional, pending = [], []
+    for parameter in signature.parameters.values():
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            positional += [value for _, value in pending] + list(bound.arguments.get(parameter.name, ()))
+            pending = []
+        elif parameter.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            pending.append((parameter.name, bound.arguments[parameter.name]))
+            if parameter.name in named:  # defaults only up to the last argument given
+                for name, value in pending:
+                    if not isinstance(value, torch.Tensor):
+                        raise RuntimeUsageError(f"{type(model).__name__}.forward: {name}={value!r} is not a tensor; the"
+                                                " runtime plans tensor inputs only (bind other values in a wrapper module)")
+                    positional.append(value)
+                pending = []
+        elif parameter.name in named:
+            raise RuntimeUsageError(f"{type(model).__name__}.forward takes {parameter.name!r} by keyword only; the runtime"
+                                    " plans positional inputs: make it a positional parameter or bind it in a wrapper module")
+    return tuple(positional)
 
 
 def _grad_of_owner(plan: RuntimePlan, owner: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
