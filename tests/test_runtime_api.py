@@ -207,11 +207,13 @@ def _bn_net():
                                torch.nn.Linear(8, 3))
 
 
-@pytest.mark.parametrize("how, options", [("argument", {"max_overhead": 0.1}), ("inside a dict argument", {"method": "recompute-all"})])
+@pytest.mark.parametrize("how, options", [("argument", {"max_overhead": 0.1}), ("inside a dict argument", {"method": "recompute-all"}),
+                                          ("compiled itself", {"method": "store-all"})])
 def test_torch_compile_backend_of_a_step_taking_the_model(how, options):
-    """A compiled step function that takes the model (``L['model']...``, not ``L['self']``):
-    its buffers are model state, not data, so batch norm's statistics and
-    ``num_batches_tracked`` are updated as eagerly, and gradients are eager's."""
+    """A compiled step function that takes the model (``L['model']...``, not ``L['self']``),
+    or a compiled ``nn.Sequential`` (which dynamo reaches as ``L['fn']...``): its buffers
+    are model state, not data, so batch norm's statistics and ``num_batches_tracked`` are
+    updated as eagerly, and gradients are eager's."""
     model, reference = twins(_bn_net)
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 2, 1, 2])
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -223,10 +225,14 @@ def test_torch_compile_backend_of_a_step_taking_the_model(how, options):
         return loss_fn(nets["net"](x), y)
 
     torch._dynamo.reset()
-    compiled = torch.compile(step if how == "argument" else step_dict, backend=monetdsl.backend(**options))
+    fn = {"argument": step, "inside a dict argument": step_dict, "compiled itself": model}[how]
+    compiled = torch.compile(fn, backend=monetdsl.backend(**options))
     try:
         for _ in range(2):
-            got = compiled(model if how == "argument" else {"net": model}, x, y)
+            if how == "compiled itself":
+                got = loss_fn(compiled(x), y)
+            else:
+                got = compiled(model if how == "argument" else {"net": model}, x, y)
             got.backward()
             want = step(reference, x, y)
             want.backward()

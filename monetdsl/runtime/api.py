@@ -112,14 +112,37 @@ def optimize(
 
 
 def _is_state(node: torch.fx.Node, example) -> bool:
-    """Whether a dynamo graph input is the module's own state (a parameter or buffer that
-    dynamo lifted to an input), not data the caller passes."""
+    """Whether a dynamo graph input is model state (a parameter, a buffer or another tensor
+    held by a module, or a global), not data the caller passes.
+
+    The module need not be the compiled one (``L['self']``): a step function that takes
+    the model as an argument reaches its buffers as ``L['model']._modules['0']._buffers[...]``,
+    and a buffer taken for data would be an input whose update (``num_batches_tracked += 1``)
+    the runtime cannot apply. Dynamo marks every source reached through a module, however
+    deep, with a module source; that mark, not the spelling of the path, decides."""
     if isinstance(example, torch.nn.Parameter):
         return True
     source = getattr(node.meta.get("grapharg"), "source", None)
+    return _reached_through_module(source) or _source_name(source).startswith(("L['self']", "G["))
+
+
+def _reached_through_module(source) -> bool:
+    """Whether dynamo's ``source`` (a chain of attribute and item accesses) passes through
+    an ``nn.Module`` on its way from a local or global name."""
+    try:
+        from torch._dynamo.source import NNModuleSource
+    except ImportError:  # pragma: no cover - dynamo internals moved: the names still tell
+        return any(part in _source_name(source) for part in ("._modules[", "._parameters[", "._buffers["))
+    while source is not None:
+        if isinstance(source, NNModuleSource):
+            return True
+        source = getattr(source, "base", None)
+    return False
+
+
+def _source_name(source) -> str:
     name = getattr(source, "name", "")
-    name = name() if callable(name) else str(name)
-    return name.startswith("L['self']") or name.startswith("G[")
+    return name() if callable(name) else str(name)
 
 
 class _GraphModel(torch.nn.Module):
