@@ -183,9 +183,10 @@ def backend(*, budget: int | str | None = None, max_overhead: float | str | None
         nodes = [n for n in gm.graph.nodes if n.op == "placeholder"]
         params = [_is_state(n, t) for n, t in zip(nodes, example_inputs)]
         data_need_grad = any(isinstance(t, torch.Tensor) and t.requires_grad and not p for t, p in zip(example_inputs, params))
-        if n_out != 1 or data_need_grad or not any(isinstance(t, torch.nn.Parameter) for t in example_inputs):
+        trains = any(isinstance(t, torch.nn.Parameter) and t.requires_grad for t in example_inputs)
+        if n_out != 1 or data_need_grad or not trains:
             warnings.warn("monetdsl.backend: this graph is not a whole training step (several outputs, an input that"
-                          " needs a gradient, or no parameters); it runs unchanged", stacklevel=2)
+                          " needs a gradient, or no parameter that requires grad); it runs unchanged", stacklevel=2)
             return gm.forward
         model = _GraphModel(gm, list(example_inputs))
         module = OptimizedModule(model, constraints, optimizer=optimizer, cache_dir=cache_dir)

@@ -170,6 +170,7 @@ def capture(model: nn.Module, inputs: Sequence[torch.Tensor], loss: Callable | s
         if loss not in LOSSES:
             raise CaptureError(f"unknown loss {loss!r}; use one of {', '.join(LOSSES)} or pass a function")
         loss = LOSSES[loss]
+    _check_something_trains(model, inputs)
     step = TrainStep(model, loss)
     names: dict[int, tuple[str, str, bool]] = {}
     for name, p in model.named_parameters():
@@ -249,6 +250,21 @@ def capture(model: nn.Module, inputs: Sequence[torch.Tensor], loss: Callable | s
         placeholders[node.name] = Placeholder(info[0], info[1], info[2], position)
     leaves = frozenset(name for name, m in model.named_modules() if name and not list(m.children()))
     return Captured(joint, placeholders, seconds, loss_name, leaves)
+
+
+def _check_something_trains(model: nn.Module, inputs: Sequence) -> None:
+    """Refuse a step with nothing to differentiate before torch is asked to compile it:
+    without a parameter or input that requires grad there is no backward graph, and
+    torch's own failure then (on the real parameters beside fake inputs) names neither
+    the model nor the cause."""
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+        return
+    params = list(model.parameters())
+    if any(p.requires_grad for p in params):
+        return
+    what = f"all {len(params)} of its parameters are frozen (requires_grad=False)" if params else "it has no parameters"
+    raise CaptureError(f"{type(model).__name__} has nothing to train: {what}, so a training step has no backward;"
+                       " unfreeze at least one parameter")
 
 
 def _clean_source(text: str) -> str:

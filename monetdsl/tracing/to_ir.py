@@ -483,10 +483,25 @@ def _forward_impls(record, inputs, outputs, tensors, facts, roofline, read_later
         own = kind.flops("forward", alt.name, binding)
         flops = flops if own is None else own
         time_us = roofline.time_us(flops, in_bytes + out_bytes + derived_bytes + extra, dtype, matmul)
-        recompute_time = roofline.time_us(flops, in_bytes + out_bytes, dtype, matmul) if alt.cheaper_recompute else None
-        reads = frozenset(record.role_names[role] for role in alt.recompute_reads)
+        reads = _recompute_reads(record, alt)
+        reuses_all = all(role in record.role_names for role in alt.recompute_reads)
+        recompute_time = roofline.time_us(flops, in_bytes + out_bytes, dtype, matmul) if alt.cheaper_recompute and reuses_all else None
         impls.append(ForwardImpl(alt.name, time_us, 0, overwrites, tuple(derived), recompute_time, reads))
     return impls
+
+
+def _recompute_reads(record: OpRecord, alt) -> frozenset[str]:
+    """The tensors a recomputation of ``alt`` reads: the roles of its ``recompute_reads``
+    that the captured step produces.
+
+    Statistics such as batch norm's mean and invstd exist in the joint graph only when a
+    backward reads them: when no gradient flows through the op (a frozen batch norm or
+    layer norm on an input that needs none: a frozen backbone) autograd drops them and
+    they have no name. A recomputation then normalises again from its input, as the
+    first forward did (batch norm without touching the running statistics), so it reads
+    nothing more than the op's inputs and costs the full forward (no cheaper recompute).
+    """
+    return frozenset(record.role_names[role] for role in alt.recompute_reads if role in record.role_names)
 
 
 def _in_place_legal(target, outputs, tensors, facts, arg, read_later) -> bool:
