@@ -443,3 +443,15 @@ def test_a_catalogue_entry_that_disagrees_with_autograd_falls_back_to_the_generi
     assert op["relu1"].impl_names == ("default",)
     monkeypatch.setattr(F, "dropout", _native_dropout)
     assert spec_saved(result.network).total == autograd_saved(model, x).total
+
+
+def test_a_model_that_fails_on_its_inputs_is_reported_as_eager_would(capfd):
+    """A shape mismatch inside the model is the model's error, said once: the op's own
+    message and the model's line, not dynamo's report and torch's logged traceback."""
+    import monetdsl
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    with pytest.raises(monetdsl.MonetError, match=r"fails on these inputs: RuntimeError: .*\[16, 31\] X \[32, 64\]") as info:
+        monetdsl.optimize(model, torch.randn(16, 31), method="store-all")
+    assert len(str(info.value)) < 400
+    assert "Traceback" not in capfd.readouterr().err

@@ -13,6 +13,7 @@ backward nodes read forward tensors explicitly, which is exactly what autograd k
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -214,6 +215,9 @@ def capture(model: nn.Module, inputs: Sequence[torch.Tensor], loss: Callable | s
     model.train()
     torch._dynamo.reset()
     start = time.perf_counter()
+    fake_tensor_log = logging.getLogger("torch._subclasses.fake_tensor")
+    log_level = fake_tensor_log.level
+    fake_tensor_log.setLevel(logging.CRITICAL)  # a failing op is reported below, once, not as torch's traceback too
     try:
         compiled = torch.compile(step, backend=backend, fullgraph=True, dynamic=False)
         compiled(*inputs)
@@ -222,6 +226,7 @@ def capture(model: nn.Module, inputs: Sequence[torch.Tensor], loss: Callable | s
         if not isinstance(exc, _Stop) and not isinstance(inner_exc, _Stop):
             raise CaptureError(_describe_failure(exc)) from None
     finally:
+        fake_tensor_log.setLevel(log_level)
         model.train(was_training)
         torch._dynamo.reset()
     seconds = time.perf_counter() - start
@@ -267,6 +272,24 @@ def _check_something_trains(model: nn.Module, inputs: Sequence) -> None:
                        " unfreeze at least one parameter")
 
 
+def _model_error(text: str) -> str | None:
+    """When dynamo's message says an op of the model itself failed on the example inputs
+    (a shape or dtype mismatch, which eager would raise too), that error and the last line
+    of the user's code on the way to it; ``None`` for any other failure."""
+    import re
+
+    found = re.search(r"Dynamo failed to run FX node with fake tensors:.*?: got (\w+)\((['\"])(.*?)\2\)", text, re.S)
+    if found is None:
+        return None
+    where = ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', text.split("from user code:", 1)[-1])
+    own = [f for f in frames if not any(part in f[0] for part in ("site-packages", "/torch/", "/monetdsl/tracing/"))]
+    if own:
+        file, line, function = own[-1]
+        where = f" (in {function}, {file}:{line})"
+    return f"the model fails on these inputs: {found.group(1)}: {found.group(3)}{where}"
+
+
 def _clean_source(text: str) -> str:
     """``L['self']._modules['model']._modules['pos']`` -> ``pos`` (a readable tensor name)."""
     import re
@@ -279,6 +302,9 @@ def _clean_source(text: str) -> str:
 
 def _describe_failure(exc: Exception) -> str:
     text = str(exc).strip()
+    failed = _model_error(text)
+    if failed is not None:
+        return failed
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("Set TORCHDYNAMO", "from user code", "For even more"))]
     summary = " ".join(lines[:6])
     kind = type(exc).__name__
