@@ -32,7 +32,7 @@ def _usage(message: str) -> MonetError:
     return RuntimeUsageError(Diagnostic(message, "monetdsl.optimize"))
 
 
-def _constraints(budget, max_overhead, schedule, method) -> Constraints:
+def _constraints(budget, max_overhead, schedule, method, time_limit=None) -> Constraints:
     if schedule is not None and (budget is not None or max_overhead is not None):
         raise _usage("give either a schedule file or a budget / overhead cap, not both (the file already decides)")
     if isinstance(budget, str):
@@ -55,7 +55,12 @@ def _constraints(budget, max_overhead, schedule, method) -> Constraints:
             raise _usage(f"schedule file {schedule} does not exist")
     if method != "auto" and method not in METHODS:
         raise _usage(f"unknown method {method!r}; choose auto or one of {', '.join(METHODS)}")
-    return Constraints(budget, None if max_overhead is None else float(max_overhead), schedule, method)
+    if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or not time_limit > 0):
+        raise _usage(f"time_limit must be a positive number of seconds, not {time_limit!r}")
+    if time_limit is not None and schedule is not None:
+        raise _usage("time_limit bounds the search for a schedule; a schedule file needs none")
+    return Constraints(budget, None if max_overhead is None else float(max_overhead), schedule, method,
+                       None if time_limit is None else float(time_limit))
 
 
 def _as_inputs(example_inputs) -> tuple:
@@ -79,6 +84,7 @@ def optimize(
     optimizer: str = "adam",
     cache_dir: str | None = None,
     profile: bool = False,
+    time_limit: float | None = None,
 ) -> OptimizedModule:
     """A module that trains ``model`` with a schedule and is called like it.
 
@@ -93,12 +99,22 @@ def optimize(
     on the inputs' device while tracing (instead of the roofline), so the schedule's
     implementation choices and overhead are this machine's; the timings are kept (in
     memory, and in ``cache_dir``) and reused by later calls for the same graph.
+
+    ``time_limit`` (seconds, default 60) bounds the search for a schedule (``milp``,
+    ``hybrid``, and the minimum-budget search that follows an infeasible budget; tracing
+    and the replay add a little): the search uses all of it unless it proves its result
+    optimal first, tiny models included. A schedule already solved for this graph and
+    these constraints is reused whatever the limit. When no schedule fits the budget,
+    :class:`~monetdsl.errors.SolveError` carries ``min_feasible_budget``: the replayed peak
+    of the best schedule found, a budget that works when passed back (the schedule is kept
+    for the next search of this graph in the process); ``details["min_feasible_budget_exact"]``
+    says whether it is proved minimal, and the message gives the proved lower bound when not.
     """
     if not isinstance(model, torch.nn.Module):
         raise _usage(f"optimize takes an nn.Module, not {type(model).__name__}")
     if optimizer not in OPTIMIZERS:
         raise _usage(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
-    constraints = _constraints(budget, max_overhead, schedule, method)
+    constraints = _constraints(budget, max_overhead, schedule, method, time_limit)
     module = OptimizedModule(model, constraints, optimizer=optimizer, cache_dir=cache_dir, profile=profile)
     inputs = _as_inputs(example_inputs)
     if inputs:
@@ -169,13 +185,14 @@ class _GraphModel(torch.nn.Module):
 
 
 def backend(*, budget: int | str | None = None, max_overhead: float | str | None = None, schedule=None,
-            method: str = "auto", optimizer: str = "adam", cache_dir: str | None = None):
+            method: str = "auto", optimizer: str = "adam", cache_dir: str | None = None, time_limit: float | None = None):
     """A ``torch.compile`` backend that trains each captured graph with a schedule:
-    ``torch.compile(model, backend=monetdsl.backend(budget="6GiB"))``.
+    ``torch.compile(model, backend=monetdsl.backend(budget="6GiB"))``. The keywords are
+    :func:`optimize`'s (``time_limit`` bounds each graph's search).
 
     A graph monetdsl cannot run as a whole training step (several outputs, inputs that
     need gradients: a graph break inside the model) runs unchanged, with a warning."""
-    constraints = _constraints(budget, max_overhead, schedule, method)
+    constraints = _constraints(budget, max_overhead, schedule, method, time_limit)
 
     def compile_graph(gm: torch.fx.GraphModule, example_inputs):
         outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]

@@ -31,6 +31,7 @@ from .baselines import chen_sqrt, recompute_all, store_all
 from .checkmate import checkmate, checkmate_lp
 from .chen import chen_greedy
 from .hybrid.engine import hybrid
+from . import known
 from .impl_choice import cheapest_impls, no_recompute_compute_us, undominated_backward_impls
 from .milp.engine import DEFAULT_TIME_LIMIT, minimum_budget, solve_joint
 from .outcome import OBJECTIVES, MethodOutcome, SearchContext
@@ -249,12 +250,34 @@ def _add_exact_minimum(spec, constraints, baseline_us, time_limit, progress, res
         return
     if found.bytes is None:
         return
+    if found.schedule is not None:
+        # minimum_budget reports replayed peaks only; check it here too, the referee's way
+        cap_only = replace(constraints, memory_budget=None)
+        replay = simulate(spec.network, found.schedule, constraints=cap_only, baseline_us=baseline_us)
+        if not replay.ok or replay.peak_bytes != found.bytes:
+            raise AssertionError(f"the minimum-budget search reported {found.bytes} B for a schedule that replays"
+                                 f" {'invalid' if not replay.valid else f'at {replay.peak_bytes} B'}")
+        known.remember(spec.fingerprint, found.schedule, found.bytes)
     if result.min_feasible_budget is not None:
         result.details["method_min_budget"] = result.min_feasible_budget
     result.min_feasible_budget = found.bytes
     result.min_feasible_budget_exact = found.exact
     what = "exactly" if found.exact else "at most"
     result.message += f"; the smallest budget any schedule meets is {what} {human_bytes(found.bytes)} ({found.bytes} B)"
+
+
+def _check_minimum(spec: Spec, method: str, constraints: ResolvedConstraints, baseline_us: float, result: SolveResult) -> None:
+    """The minimum budget an infeasible search reports is the replayed peak of its schedule
+    (within the overhead cap): a budget that works when passed back. Remembered for the
+    later searches of this graph (:mod:`.known`), which are time-limited too and need not
+    find that schedule again."""
+    cap_only = replace(constraints, memory_budget=None)
+    replay = simulate(spec.network, result.schedule, constraints=cap_only, baseline_us=baseline_us)
+    if not replay.ok or replay.peak_bytes != result.min_feasible_budget:
+        what = "; ".join(d.message for d in (replay.errors or replay.violations)[:3]) or f"it peaks at {replay.peak_bytes} B"
+        raise AssertionError(f"method {method} reported the minimum budget {result.min_feasible_budget} B with a schedule"
+                             f" that does not meet it: {what}")
+    known.remember(spec.fingerprint, result.schedule, replay.peak_bytes)
 
 
 def _status_words(status: str, gap: float | None, bound: float | None, objective: str) -> str:
@@ -283,6 +306,7 @@ def _solve_searching(spec: Spec, method: str, constraints: ResolvedConstraints, 
         if outcome.status == "infeasible" and outcome.min_budget_schedule is not None:
             result.schedule = outcome.min_budget_schedule
             result.simulation = simulate(spec.network, result.schedule, constraints=constraints, baseline_us=ctx.baseline_us)
+            _check_minimum(spec, method, constraints, ctx.baseline_us, result)
         return result
     simulation = simulate(spec.network, outcome.schedule, constraints=constraints, baseline_us=ctx.baseline_us)
     if not simulation.valid:
@@ -303,6 +327,7 @@ def _solve_searching(spec: Spec, method: str, constraints: ResolvedConstraints, 
         if ctx.objective == "memory":
             result.min_feasible_budget = simulation.peak_bytes
             result.min_feasible_budget_exact = outcome.min_feasible_budget_exact
+            known.remember(spec.fingerprint, outcome.schedule, simulation.peak_bytes)
         return result
     # the schedule breaks a constraint in the simulator: no method of this kind fits
     reasons = "; ".join(d.message for d in simulation.violations)

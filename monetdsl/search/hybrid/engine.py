@@ -35,7 +35,7 @@ from ...errors import SpecError
 from ...ir import Network, Schedule
 from ...units import human_bytes
 from ...validate import ResolvedConstraints
-from ..milp.engine import _heuristics, _start_for, minimum_budget, solve_joint
+from ..milp.engine import _heuristics, _start_for, least_peak_within, minimum_budget, not_proved_minimum, solve_joint, without_budget
 from ..milp.codec import decisions_from_solution, decode
 from ..milp.highs import run_highs
 from ..milp.model import MIB, build_model
@@ -73,6 +73,9 @@ DP_BACKEND = "numpy"
 POLISH_SHARE = 0.3
 #: schedules the local search starts from (the best distinct ones found)
 POLISH_STARTS = 3
+#: share of the time left that the least-peak search gets when nothing found fits the
+#: budget (the compute-objective refinement gets the rest, started from its schedule when it fits)
+FLOOR_SHARE = 0.5
 #: bytes of DP table the engine allows itself (L x L x slots float64)
 TABLE_BYTES = 160 * 2**20
 
@@ -327,6 +330,10 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
         if not fresh_requests:
             break
         menus = extend_menus(fresh_requests, menus, time_budget=0.5 * remaining * (1 - refine_reserve), cache=cache, workers=workers)
+    if objective == "compute" and budget is not None and not any(sim.ok for _, sim in found):
+        # nothing the DP composed fits: its least-peak plans say how much would, and start
+        # the minimum-budget search (_finish, _no_schedule)
+        found += search.least_peak(cap_us, deadline)
     details["dp"] = {"backend": options.get("dp_backend", DP_BACKEND), "rounds": rounds}
     details["menu_milp_solves"] = sum(menus[f].milp_solves for f in kinds)
     details["menu_options"] = sum(len(menus[f].options) for f in kinds)
@@ -428,11 +435,16 @@ def _finish(network, constraints, ctx, run, candidates, details, deadline, begin
     else:
         lower = compute_lower_bound(network, allowed)
     details["simple_lower_bound"] = lower
+    floor = model = None
+    refine = _fits_refinement(network, ctx.options)
+    if run is None and objective == "compute" and constraints.memory_budget is not None and refine and deadline - time.perf_counter() > 0.5:
+        run, floor, model = _least_peak_first(network, constraints, ctx, candidates, deadline, details)
+        refine = not model.builder.conflicts and not (floor.exact and (floor.bytes is None or floor.bytes > constraints.memory_budget))
     refined = None
-    if _fits_refinement(network, ctx.options) and deadline - time.perf_counter() > 0.5:
-        refined = _refine(network, constraints, ctx, run, deadline, details)
+    if refine and deadline - time.perf_counter() > 0.5:
+        refined = _refine(network, constraints, ctx, run, deadline, details, model=model)
     if run is None and refined is None:
-        return _no_schedule(network, constraints, ctx, candidates, details, deadline, lower)
+        return _no_schedule(network, constraints, ctx, candidates, details, deadline, lower, floor)
     status = "feasible"
     if refined is not None and refined.get("schedule") is not None:
         sim = simulate(network, refined["schedule"], constraints=constraints, baseline_us=ctx.baseline_us)
@@ -443,7 +455,7 @@ def _finish(network, constraints, ctx, run, candidates, details, deadline, begin
         if refined.get("status") == "optimal":
             status = "optimal"
     if run is None:  # the refinement ran but found nothing either
-        return _no_schedule(network, constraints, ctx, candidates, details, deadline, lower)
+        return _no_schedule(network, constraints, ctx, candidates, details, deadline, lower, floor)
     origin, schedule, sim = run
     value = _value(sim, objective)
     gap = max(0.0, value - lower) / max(value, 1e-12)
@@ -461,15 +473,46 @@ def _finish(network, constraints, ctx, run, candidates, details, deadline, begin
     return hr
 
 
-def _refine(network, constraints, ctx, run, deadline, details) -> dict | None:
-    """The whole network's MILP, warm-started from the best schedule so far."""
-    objective = ctx.objective
+def _refinement_model(network, constraints, ctx):
     budget = constraints.memory_budget
-    t = time.perf_counter()
-    model = build_model(
-        network, constraints, objective=objective, memory_budget=budget if objective == "compute" else None,
+    return build_model(
+        network, constraints, objective=ctx.objective, memory_budget=budget if ctx.objective == "compute" else None,
         max_overhead=constraints.max_overhead, baseline_us=ctx.baseline_us,
     )
+
+
+def _least_peak_first(network, constraints, ctx, candidates, deadline, details):
+    """Nothing found so far fits the budget: look for the least peak first (the whole
+    network's MILP with the memory objective, started from the least-peak candidates).
+
+    A compute-objective MILP at a tight budget starts without an incumbent and can spend
+    all its time finding none (a 25-op ResNet at its reported minimum budget did, for
+    60 s); the memory objective always holds one, and its schedule either fits the budget
+    (the result, and the refinement's MIP start) or says how far off the budget is. Gets
+    half the time left, all of it when the budget is below a step every schedule runs.
+    Returns ``(run or None, the minimum-budget search, the refinement's model)``."""
+    model = _refinement_model(network, constraints, ctx)
+    share = 1.0 if model.builder.conflicts else FLOOR_SHARE
+    left = deadline - time.perf_counter()
+    floor = minimum_budget(network, without_budget(constraints), ctx, time_limit=max(0.5, share * left), label="hybrid", candidates=list(candidates))
+    info = {"peak": floor.bytes, "exact": floor.exact, "lower_bound": floor.lower_bound, "seconds": round(floor.seconds, 3)}
+    details["least_peak_first"] = info
+    run = None
+    if floor.schedule is not None:
+        sim = simulate(network, floor.schedule, constraints=constraints, baseline_us=ctx.baseline_us)
+        info["fits"] = sim.ok
+        if sim.ok:
+            run = ("milp least peak", floor.schedule, sim)
+            candidates.append(run)
+    return run, floor, model
+
+
+def _refine(network, constraints, ctx, run, deadline, details, model=None) -> dict | None:
+    """The whole network's MILP, warm-started from the best schedule so far."""
+    objective = ctx.objective
+    t = time.perf_counter()
+    if model is None:
+        model = _refinement_model(network, constraints, ctx)
     info: dict = {"model": model.stats}
     details["refine"] = info
     if model.builder.conflicts:
@@ -500,20 +543,22 @@ def _refine(network, constraints, ctx, run, deadline, details) -> dict | None:
     return result
 
 
-def _no_schedule(network, constraints, ctx, candidates, details, deadline, lower) -> HybridRun:
-    """Nothing fits: say how much memory would, honestly."""
+def _no_schedule(network, constraints, ctx, candidates, details, deadline, lower, floor=None) -> HybridRun:
+    """Nothing fits: say how much memory would, honestly (``floor``: the minimum-budget
+    search already run, or None to run one in the time left)."""
     budget = constraints.memory_budget
     cap = constraints.max_overhead
-    within_cap = [c for c in candidates if cap is None or c[2].overhead <= cap + 1e-12]
-    best = min(within_cap, key=lambda c: (c[2].peak_bytes, c[2].compute_us), default=None)
+    best = least_peak_within(network, constraints, candidates, ctx.baseline_us)  # every constraint but the budget
     peak_lb = peak_lower_bound(network, constraints.allowed_impls)
     hr = HybridRun(None, None, "none", details, None, None, "infeasible")
     exact = False
     known = best[2].peak_bytes if best is not None else None
     known_schedule = best[1] if best is not None else None
-    if _fits_refinement(network, ctx.options) and deadline - time.perf_counter() > 0.5:
-        cons = ResolvedConstraints(None, cap, constraints.keep, constraints.never_recompute, constraints.allowed_impls)
-        found = minimum_budget(network, cons, ctx, time_limit=max(0.5, deadline - time.perf_counter()), label="hybrid")
+    found = floor
+    if found is None and _fits_refinement(network, ctx.options) and deadline - time.perf_counter() > 0.5:
+        found = minimum_budget(network, without_budget(constraints), ctx, time_limit=max(0.5, deadline - time.perf_counter()), label="hybrid",
+                               candidates=list(candidates))
+    if found is not None:
         if found.bytes is not None and (known is None or found.bytes <= known):
             known, exact, known_schedule = found.bytes, found.exact, found.schedule
         if found.lower_bound is not None:
@@ -527,8 +572,7 @@ def _no_schedule(network, constraints, ctx, candidates, details, deadline, lower
     if known is not None and exact:
         what += f"; the minimum feasible budget is exactly {human_bytes(known)} ({known} B)"
     elif known is not None:
-        what += (f"; the minimum feasible budget is between {human_bytes(peak_lb)} ({peak_lb} B, proved) and"
-                 f" {human_bytes(known)} ({known} B, the best schedule found)")
+        what += not_proved_minimum(known, None if proved else peak_lb)
     hr.message = what
     hr.min_feasible_budget = known
     hr.min_feasible_budget_exact = exact

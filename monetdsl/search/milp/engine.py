@@ -30,17 +30,21 @@ from ...units import human_bytes
 from ...validate import ResolvedConstraints
 from ..outcome import MethodOutcome, SearchContext
 from ..progress import ProgressInfo
-from ..simulator import Simulation, simulate
+from .. import known
+from ..simulator import Simulation, chosen_impls, simulate
 from .codec import Accounting, canonical, decisions_from_solution, decode, encode, evaluate
 from .highs import MilpRun, run_highs
 from .model import MIB, JointModel, build_model
 
-__all__ = ["DEFAULT_TIME_LIMIT", "DEFAULT_GAP", "solve_joint", "minimum_budget", "certify_minimum", "MinimumBudget"]
+__all__ = ["DEFAULT_TIME_LIMIT", "DEFAULT_GAP", "solve_joint", "minimum_budget", "certify_minimum", "MinimumBudget", "not_proved_minimum",
+           "least_peak_within", "without_budget"]
 
 #: seconds a MILP search may take when the caller gives no limit
 DEFAULT_TIME_LIMIT = 60.0
 #: relative optimality gap at which HiGHS stops (0.01 %)
 DEFAULT_GAP = 1e-4
+#: the candidates' name for a schedule an earlier search of this graph reported (:mod:`..known`)
+KNOWN = "earlier minimum-budget search"
 
 
 @dataclass
@@ -56,7 +60,9 @@ class MinimumBudget:
 
 
 def _heuristics(network: Network, constraints: ResolvedConstraints, ctx: SearchContext, pins, names=None) -> list[tuple[str, Schedule, Simulation]]:
-    """Every cheap method's schedule (or those in ``names``) with its simulation (valid ones only)."""
+    """Every cheap method's schedule (or those in ``names``) with its simulation (valid ones
+    only), and the schedules behind the minimum budgets reported earlier for this graph
+    (:mod:`..known`) that satisfy the pins."""
     from ..solve import HEURISTICS, METHODS
 
     pinned = constraints
@@ -75,6 +81,15 @@ def _heuristics(network: Network, constraints: ResolvedConstraints, ctx: SearchC
         sim = simulate(network, schedule, constraints=constraints, baseline_us=ctx.baseline_us)
         if sim.valid:
             found.append((name, schedule, sim))
+    for schedule in known.recall(ctx.fingerprint):
+        sim = simulate(network, schedule, constraints=constraints, baseline_us=ctx.baseline_us)
+        if not sim.valid:
+            continue
+        if pins:
+            impls = chosen_impls(network, schedule)
+            if any(impls.get(op) not in allowed for op, allowed in pins.items()):
+                continue
+        found.append((KNOWN, schedule, sim))
     return found
 
 
@@ -167,20 +182,44 @@ def minimum_budget(
     if run.status == "infeasible":
         return MinimumBudget(None, True, None, None, seconds, details)
     lower = None if run.bound is None else int(math.ceil(model.fixed_bytes + run.bound * MIB - 1e-6))
-    if run.x is None:
-        best = min(candidates, key=lambda c: c[2].peak_bytes, default=None)
-        return MinimumBudget(best[2].peak_bytes if best else None, False, lower, best[1] if best else None, seconds, details)
-    schedule, accounting = _decoded(model, run, ctx)
-    sim = simulate(network, schedule, constraints=cons, baseline_us=ctx.baseline_us)
-    peak = sim.peak_bytes if sim.valid else accounting.peak_bytes
+    best = least_peak_within(network, cons, candidates, ctx.baseline_us)
+    sim = None
+    if run.x is not None:
+        schedule, _ = _decoded(model, run, ctx)
+        sim = simulate(network, schedule, constraints=cons, baseline_us=ctx.baseline_us)
+        if not sim.ok:  # the reported peak is always a replayed one: never the model's own figure
+            details["decoded_rejected"] = "; ".join(d.message for d in (sim.errors or sim.violations)[:3])
+            sim = None
+    if sim is None or (best is not None and best[2].peak_bytes < sim.peak_bytes):
+        # no usable incumbent (time ran out first, or scipy without a start found a worse one)
+        if best is None:
+            return MinimumBudget(None, False, lower, None, seconds, details)
+        return MinimumBudget(best[2].peak_bytes, False, lower, best[1], seconds, details)
+    peak = sim.peak_bytes
     exact = _proved(model, run, peak)
     if run.status == "optimal" and not exact:
         remaining = limit - (time.perf_counter() - begin)
         exact, better = certify_minimum(network, cons, ctx, peak, pins=pins, time_limit=max(remaining, 1.0))
         if better is not None:
             schedule, peak = better
-            exact = False
+            exact = _proved(model, run, peak)
     return MinimumBudget(peak, exact, lower, schedule, time.perf_counter() - begin, details)
+
+
+def without_budget(constraints: ResolvedConstraints) -> ResolvedConstraints:
+    """``constraints`` with no memory budget (the overhead cap, keeps and pins stay)."""
+    return ResolvedConstraints(None, constraints.max_overhead, constraints.keep, constraints.never_recompute, constraints.allowed_impls)
+
+
+def least_peak_within(network: Network, constraints: ResolvedConstraints, candidates, baseline_us: float):
+    """The candidate ``(name, schedule, simulation)`` of least replayed peak that meets every
+    constraint but the budget (replayed again under them), or None."""
+    cons = without_budget(constraints)
+    for name, schedule, sim in sorted(candidates, key=lambda c: (c[2].peak_bytes, c[2].compute_us)):
+        replay = simulate(network, schedule, constraints=cons, baseline_us=baseline_us)
+        if replay.ok:
+            return name, schedule, replay
+    return None
 
 
 def _proved(model: JointModel, run: MilpRun, peak: int) -> bool:
@@ -196,7 +235,8 @@ def certify_minimum(
     HiGHS declares optimality within its own tolerances, which on byte-sized objectives can
     leave a bound a few bytes short of the incumbent. This settles it: returns ``(True,
     None)`` when ``peak - 1`` is proved infeasible, ``(False, (schedule, its peak))`` if a
-    lower peak exists after all, ``(False, None)`` when time ran out.
+    lower peak exists after all (the peak replayed by the simulator), ``(False, None)`` when
+    time ran out.
     """
     cons = ResolvedConstraints(peak - 1, constraints.max_overhead, constraints.keep, constraints.never_recompute, constraints.allowed_impls)
     model = build_model(network, cons, pins=pins, objective="compute", memory_budget=peak - 1, max_overhead=cons.max_overhead, baseline_us=ctx.baseline_us)
@@ -206,8 +246,10 @@ def certify_minimum(
     if run.status == "infeasible":
         return True, None
     if run.x is not None:
-        schedule, accounting = _decoded(model, run, ctx)
-        return False, (schedule, accounting.peak_bytes)
+        schedule, _ = _decoded(model, run, ctx)
+        sim = simulate(network, schedule, constraints=without_budget(constraints), baseline_us=ctx.baseline_us)
+        if sim.ok and sim.peak_bytes < peak:
+            return False, (schedule, sim.peak_bytes)
     return False, None
 
 
@@ -302,14 +344,27 @@ def solve_joint(
     gap = 0.0 if status == "optimal" else (None if bound is None else max(0.0, value - bound) / max(abs(value), 1e-12))
     outcome = MethodOutcome(schedule, status, "", bound, gap, details=details)
     if objective == "memory":
-        peak = int(value)  # the decoded schedule's peak, or the better heuristic's
+        # the schedule's replayed peak (the simulator is the referee): HiGHS may return a
+        # point whose model value sits a few bytes above the schedule it decodes to (a MIP
+        # start at the optimum came back 16 B "worse" on transformer_block under Checkmate's
+        # pins), which would leave the minimum unproved for nothing
+        replay = simulate(network, schedule, constraints=without_budget(constraints), baseline_us=ctx.baseline_us)
+        peak = replay.peak_bytes if replay.ok else int(value)
+        lowest = min(fitting, key=lambda c: (c[2].peak_bytes, c[2].compute_us), default=None)
+        if lowest is not None and lowest[2].peak_bytes < peak:  # the start came back worse: keep the start
+            outcome.schedule, peak = lowest[1], lowest[2].peak_bytes
+            details["fallback"] = lowest[0]
+            for key in ("milp_peak_bytes", "milp_compute_us"):
+                details.pop(key, None)
         exact = _proved(model, run, peak)
         if status == "optimal" and not exact:
             remaining = max(limit - (time.perf_counter() - begin), 1.0)
             exact, better = certify_minimum(network, constraints, ctx, peak, pins=pins, time_limit=remaining)
-            if better is not None:  # tolerance hid a lower peak: take it (not proved minimal)
+            if better is not None:  # tolerance hid a lower peak: take it (minimal when the bound says so)
                 outcome.schedule, peak = better
-                outcome.status = "time_limit"
+                exact = _proved(model, run, peak)
+                if not exact:
+                    outcome.status = "time_limit"
         outcome.min_feasible_budget = peak
         outcome.min_feasible_budget_exact = exact
         remaining = limit - (time.perf_counter() - begin)
@@ -343,6 +398,8 @@ def _infeasible(network, constraints, ctx, pins, label, begin, details, candidat
     limit = max(remaining, min(ctx.time_limit or DEFAULT_TIME_LIMIT, 10.0))
     found = minimum_budget(network, constraints, ctx, pins=pins, time_limit=limit, label=label, candidates=candidates)
     details["minimum_budget"] = found.details
+    if found.lower_bound is not None:
+        details["min_budget_lower_bound"] = found.bytes if found.exact else found.lower_bound
     if found.bytes is None:
         message = "no schedule satisfies the constraints at any budget"
         if constraints.max_overhead is not None:
@@ -357,14 +414,22 @@ def _infeasible(network, constraints, ctx, pins, label, begin, details, candidat
     if found.exact:
         message += f"; the minimum feasible budget is exactly {human_bytes(found.bytes)} ({found.bytes} B)"
     else:
-        lower = found.lower_bound or 0
-        message += (f"; the minimum feasible budget is between {human_bytes(lower)} ({lower} B, proved) and"
-                    f" {human_bytes(found.bytes)} ({found.bytes} B, the best schedule found)")
+        message += not_proved_minimum(found.bytes, found.lower_bound)
     outcome = MethodOutcome(None, "infeasible", message, details=details)
     outcome.min_feasible_budget = found.bytes
     outcome.min_feasible_budget_exact = found.exact
     outcome.min_budget_schedule = found.schedule
     return outcome
+
+
+def not_proved_minimum(best: int, lower: int | None) -> str:
+    """The words for a minimum budget the search could not prove: the best replayed peak
+    (a budget that works) and the proved lower bound."""
+    words = (f"; the minimum feasible budget was not proved within the time limit: the best schedule found peaks at"
+             f" {human_bytes(best)} ({best} B; pass it as the budget)")
+    if lower is not None:
+        words += f", and every schedule needs at least {human_bytes(lower)} ({lower} B, proved)"
+    return words
 
 
 def _fmt(value: float | None, unit: str) -> str:
