@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,6 +83,7 @@ def test_budget_strings_and_infeasible_budgets():
     ({"budget": -3}, "positive"),
     ({"max_overhead": -0.1}, "max_overhead"),
     ({"schedule": "/nonexistent/plan.monet"}, "does not exist"),
+    ({"schedule": str(Path(__file__).resolve().parent)}, "is a directory"),
     ({"schedule": "x.monet", "budget": "1GiB"}, "not both"),
     ({"method": "magic"}, "unknown method"),
     ({"optimizer": "lion"}, "unknown optimizer"),

@@ -51,6 +51,8 @@ def _constraints(budget, max_overhead, schedule, method, time_limit=None) -> Con
         raise _usage(f"max_overhead must be a fraction >= 0 (0.1 = 10 %), not {max_overhead!r}")
     if schedule is not None and not isinstance(schedule, Schedule):
         schedule = os.fspath(schedule)
+        if Path(schedule).is_dir():
+            raise _usage(f"schedule {schedule} is a directory; give a .monet schedule file")
         if not Path(schedule).is_file():
             raise _usage(f"schedule file {schedule} does not exist")
     if method != "auto" and method not in METHODS:
