@@ -23,3 +23,14 @@ SPECS = ROOT / "specs"
 @pytest.fixture
 def specs_dir() -> Path:
     return SPECS
+
+
+@pytest.fixture(autouse=True)
+def _no_schedules_from_earlier_tests():
+    """Each test searches as a fresh process does: the schedules an earlier test's
+    infeasible solve remembered (``monetdsl.search.known``) would be extra candidates
+    here, and results would depend on the order the tests run in."""
+    from monetdsl.search import known
+
+    known.forget()
+    yield
