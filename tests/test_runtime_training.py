@@ -189,16 +189,22 @@ def test_gradient_accumulation():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_eval_and_no_grad_run_eagerly():
+@pytest.mark.parametrize("switched", ["optimized", "model"])
+def test_eval_and_no_grad_run_eagerly(switched):
+    """``eval()`` on the optimized module or on the model (a training loop built before
+    ``optimize`` switches the model) runs the model eagerly; the mode is the model's."""
     model, reference = twins(SmallCNN)
     x = torch.randn(4, 3, 32, 32)
     optimized, _ = _recompute_all(model, x)
-    optimized.eval()
+    which = optimized if switched == "optimized" else model
+    which.eval()
     reference.eval()
-    assert not model.training
+    assert not model.training and not model.bn1.training and not optimized.training
     assert torch.equal(optimized(x), reference(x))
-    optimized.train()
+    assert int(model.bn1.num_batches_tracked) == 0  # no training step ran
+    which.train()
     reference.train()
+    assert optimized.training and model.bn1.training
     with torch.no_grad():
         torch.manual_seed(0)
         a = optimized(x)
@@ -206,23 +212,6 @@ def test_eval_and_no_grad_run_eagerly():
         b = reference(x)
     assert torch.equal(a, b) and not a.requires_grad
     assert torch.equal(model.bn1.running_mean, reference.bn1.running_mean)
-
-
-def test_the_model_mode_is_the_optimized_module_mode():
-    """``model.eval()`` on the original model (as a training loop built before
-    ``optimize`` does) switches the optimized module to eager evaluation, and back."""
-    model, reference = twins(SmallCNN)
-    x = torch.randn(4, 3, 32, 32)
-    optimized, _ = _recompute_all(model, x)
-    model.eval()
-    reference.eval()
-    assert not optimized.training
-    assert torch.equal(optimized(x), reference(x))
-    assert int(model.bn1.num_batches_tracked) == 0  # no training step ran
-    model.train()
-    assert optimized.training
-    optimized.eval()
-    assert not model.training and not model.bn1.training
 
 
 def _free_port() -> int:
