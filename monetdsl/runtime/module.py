@@ -93,15 +93,19 @@ class OptimizedModule(torch.nn.Module):
             return getattr(self._orig_mod, name)
 
     # -- train/eval mode is the model's: model.eval() switches the optimized module too ---
+    def _attached_model(self) -> torch.nn.Module | None:
+        """The model, or None while ``nn.Module.__init__`` runs (it sets the mode before the
+        model is attached: nothing to mirror yet)."""
+        return self.__dict__["_modules"].get("_orig_mod") if "_modules" in self.__dict__ else None
+
     @property
     def training(self) -> bool:
-        model = self._modules.get("_orig_mod") if "_modules" in self.__dict__ else None
+        model = self._attached_model()
         return True if model is None else model.training
 
     @training.setter
     def training(self, mode: bool) -> None:
-        # nn.Module.__init__ sets the flag before the model is attached: nothing to mirror yet
-        model = self._modules.get("_orig_mod") if "_modules" in self.__dict__ else None
+        model = self._attached_model()
         if model is not None:
             model.training = mode
 

@@ -31,7 +31,7 @@ from .executor import StepPlan, plan_steps
 from ..tracing.joint import packet_name
 from .graphs import ArgPath, arg_path, call_node
 from .program import Program, lower
-from .scale_weights import FROM_OUTPUT, pins_avoiding_from_output, weights_divided_by, zero_weight_ops
+from .scale_weights import pins_avoiding_from_output, weights_divided_by, zero_weight_ops
 
 __all__ = ["RuntimePlan", "Constraints", "build_plan", "trace_for_runtime", "schedule_for", "clear_caches"]
 
@@ -298,8 +298,7 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
     if constraints.schedule is not None:
         avoid = frozenset()
     elif avoid is None:
-        everywhere = {bop.name: FROM_OUTPUT for bop in network.backward_ops}
-        avoid = zero_weight_ops(weights_divided_by(trace, everywhere, sources), dict(model.named_parameters()))
+        avoid = zero_weight_ops(weights_divided_by(trace, None, sources), dict(model.named_parameters()))
     pins = pins_avoiding_from_output(network, avoid)
     if pins:
         spec = replace(spec, constraints=replace(spec.constraints, impls=spec.constraints.impls + pins))

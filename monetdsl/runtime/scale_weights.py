@@ -30,9 +30,10 @@ FROM_OUTPUT = "from_output"
 _NORMS = ("batch_norm", "layer_norm", "rms_norm")
 
 
-def weights_divided_by(trace, impls: dict[str, str], fixed_sources: dict) -> tuple[tuple[str, str], ...]:
+def weights_divided_by(trace, impls: dict[str, str] | None, fixed_sources: dict) -> tuple[tuple[str, str], ...]:
     """``(norm op, parameter name in the model)`` for every norm whose chosen backward is
-    ``from_output`` and whose weight is a parameter: the weights to check before a step."""
+    ``from_output`` (with ``impls`` None: that has such an alternative) and whose weight is
+    a parameter: the weights to check before a step, or before planning."""
     network = trace.spec.network
     backward_of = {bop.of: bop.name for bop in network.backward_ops}
     checks = []
@@ -41,7 +42,8 @@ def weights_divided_by(trace, impls: dict[str, str], fixed_sources: dict) -> tup
             continue
         bop = backward_of.get(record.name)
         source = fixed_sources.get(record.role_names["w"])
-        if bop is not None and impls.get(bop) == FROM_OUTPUT and source is not None and source[0] == "param":
+        chosen = FROM_OUTPUT if impls is None else impls.get(bop)
+        if bop is not None and chosen == FROM_OUTPUT and source is not None and source[0] == "param":
             checks.append((record.name, source[1]))
     return tuple(checks)
 
