@@ -15,19 +15,19 @@ benchmarks compare with).
     >>> from monetdsl.grammar.parser import parse_spec
     >>> spec = parse_spec('''
     ... network n
-    ...   tensor x f32[8] input
-    ...   op relu (x) -> y f32[8]
-    ...     impl plain time 4us
-    ...     impl mask -> y.mask u1[8] time 5us
+    ...   tensor x f32[64] input
+    ...   op pool (x) -> y f32[16]
+    ...     impl indices -> y.indices i64[16] time 6us
+    ...     impl plain time 5us workspace 256B
     ...     backward reads (grad(y)) -> grad(x)
-    ...       impl from_output reads (y) time 9us
-    ...       impl from_mask reads (y.mask) time 3us
+    ...       impl from_indices reads (y.indices) time 4us
+    ...       impl from_input reads (x) time 7us
     ...   output y
     ... ''')
     >>> first_impl_pins(spec.network, {})
-    {'relu': ('plain',), 'relu.backward': ('from_output',)}
-    >>> [i.name for i in reduced_spec(spec).network.op("relu").impls]
-    ['plain']
+    {'pool': ('indices',), 'pool.backward': ('from_indices',)}
+    >>> [i.name for i in reduced_spec(spec).network.op("pool").impls], "y.indices" in reduced_spec(spec).network.tensors
+    (['indices'], True)
 """
 from __future__ import annotations
 

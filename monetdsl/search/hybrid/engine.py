@@ -271,13 +271,15 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     menu_budget = float(options.get("menu_seconds", limit * MENU_SHARE))
     t = time.perf_counter()
     builds_before = cache.builds
-    menus = build_menus(list(kinds.values()), time_budget=menu_budget, cache=cache, workers=workers, grid=int(options.get("grid", 2)))
+    seeds = _prior_options(nets, prior, tuple(b.size for b in parts.blocks), details) if prior is not None else {}
+    menus = build_menus(list(kinds.values()), time_budget=menu_budget, cache=cache, workers=workers, grid=int(options.get("grid", 2)),
+                        seeds=seeds)
     if "menu_seconds" not in options:
         menus = _complete_menus(kinds, menus, begin + MENU_SHARE_MAX * limit, cache, workers, details)
     details["menu_seconds"] = round(time.perf_counter() - t, 3)
     details["menus_built"] = cache.builds - builds_before
-    if prior is not None:
-        menus = _with_prior_options(nets, menus, prior, tuple(b.size for b in parts.blocks), details)
+    if seeds:  # menus found in the cache were built without them
+        menus = _with_options(menus, seeds)
     empty = [bn.block.index for bn in nets if not menus[bn.fingerprint].options]
     if empty:
         raise SpecError(f"the hybrid engine found no way to run block {empty[0]} on its own; use --method milp or a heuristic")
@@ -381,21 +383,27 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     return result
 
 
-def _with_prior_options(nets: list[BlockNet], menus: dict, prior: HybridRun, sizes: tuple[int, ...], details: dict) -> dict:
-    """``menus`` with the options of ``prior``'s menus added, block by block (the same cut:
-    the sub-networks are the same, only the pins may differ, and the prior's are no wider,
-    so its options are options here). Added options warm-start every later block solve."""
+def _prior_options(nets: list[BlockNet], prior: HybridRun, sizes: tuple[int, ...], details: dict) -> dict:
+    """``prior``'s block options by this run's block fingerprints, when both runs cut the
+    network the same way (the sub-networks are then the same, only the pins may differ,
+    and the prior's are no wider, so its options are options here)."""
     if prior.block_sizes != sizes or len(prior.block_menus) != len(nets):
         details["prior_options"] = "the blocks differ"
-        return menus
-    merged = dict(menus)
-    added = 0
+        return {}
+    seeds: dict = {}
     for bn, old in zip(nets, prior.block_menus):
-        menu = merged[bn.fingerprint]
-        options = pareto(menu.options + old.options)
-        added += len([o for o in options if o not in menu.options])
-        merged[bn.fingerprint] = BlockMenu(menu.fingerprint, options, menu.milp_solves, menu.seconds, menu.proved, menu.notes, menu.pending)
-    details["prior_options"] = added
+        seeds.setdefault(bn.fingerprint, []).extend(old.options)
+    details["prior_options"] = sum(len(o) for o in seeds.values())
+    return seeds
+
+
+def _with_options(menus: dict, seeds: dict) -> dict:
+    """``menus`` with the ``seeds`` options added (the Pareto set of both)."""
+    merged = dict(menus)
+    for fp, extra in seeds.items():
+        menu = merged[fp]
+        merged[fp] = BlockMenu(menu.fingerprint, pareto(menu.options + extra), menu.milp_solves, menu.seconds, menu.proved,
+                               menu.notes, menu.pending)
     return merged
 
 

@@ -290,16 +290,20 @@ def option_schedule(bn: BlockNet, option: Option) -> Schedule:
     return schedule_from_recomputes(bn.network, option.impl_map, lists, spec_path="block", fingerprint="0")
 
 
-def build_menu(bn: BlockNet, *, time_budget: float = 10.0, per_solve: float = 4.0, grid: int = 2) -> BlockMenu:
+def build_menu(bn: BlockNet, *, time_budget: float = 10.0, per_solve: float = 4.0, grid: int = 2, seeds=()) -> BlockMenu:
     """The menu of one block kind within ``time_budget`` seconds (see the module docstring).
 
     ``grid`` is the number of intermediate peak budgets between the block's minimum and
     the peak of its fastest schedule (for stored and for fresh options); the engine adds
     options at the budgets its plans actually give each block (:func:`extend_menu`).
+    ``seeds``: options known already (of the same sub-network under pins no wider than
+    this block's): they join the menu and warm-start every MILP solve.
     """
     begin = time.perf_counter()
     solver = _Solver(bn, begin + time_budget, per_solve)
-    options: list[Option] = []
+    options: list[Option] = list(seeds)
+    for option in seeds:
+        solver.remember(option.origin, option_schedule(bn, option))
     notes: list[str] = []
 
     def add(schedule: Schedule | None, origin: str) -> Option | None:
@@ -399,8 +403,8 @@ DEFAULT_CACHE = MenuCache()
 
 
 def _build_one(args) -> BlockMenu:
-    bn, budget, per_solve, grid = args
-    return build_menu(bn, time_budget=budget, per_solve=per_solve, grid=grid)
+    bn, budget, per_solve, grid, seeds = args
+    return build_menu(bn, time_budget=budget, per_solve=per_solve, grid=grid, seeds=seeds)
 
 
 def _extend_one(args) -> BlockMenu:
@@ -445,11 +449,13 @@ def build_menus(
     cache: MenuCache | None = None,
     workers: int = 1,
     grid: int = 2,
+    seeds: dict[str, list[Option]] | None = None,
 ) -> dict[str, BlockMenu]:
     """Menus of every block kind (one representative :class:`BlockNet` per fingerprint).
 
     The time budget is shared among the kinds not in the cache, in proportion to their
     size (forward ops squared, as the MILP grows), and spread over ``workers`` processes.
+    ``seeds``: known options by fingerprint (:func:`build_menu`).
     """
     cache = cache if cache is not None else DEFAULT_CACHE
     result: dict[str, BlockMenu] = {}
@@ -465,7 +471,9 @@ def build_menus(
     weights = [max(1, len(bn.block_ops)) ** 2 for bn in todo]
     total = sum(weights)
     share = time_budget * max(1, min(workers, len(todo)))
-    jobs = [(bn, max(0.5, share * w / total), max(0.5, min(4.0, share * w / total / 3)), grid) for bn, w in zip(todo, weights)]
+    seeds = seeds or {}
+    jobs = [(bn, max(0.5, share * w / total), max(0.5, min(4.0, share * w / total / 3)), grid, tuple(seeds.get(bn.fingerprint, ())))
+            for bn, w in zip(todo, weights)]
     menus = _pool_map(_build_one, jobs, workers)
     for menu in menus:
         cache.put(menu)
