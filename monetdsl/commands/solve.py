@@ -32,7 +32,7 @@ def register(subparsers) -> None:
             "monetdsl solve specs/resblock.monet --budget 160MiB --method milp --time-limit 30",
             "monetdsl solve specs/resnet50.monet --budget 8GiB --method hybrid --time-limit 60",
             "monetdsl solve specs/transformer_block.monet --min-memory --max-overhead 10%",
-            "monetdsl solve specs/resblock.monet --max-overhead 10% --method chen-sqrt -o plan.monet --json",
+            "monetdsl solve specs/transformer_block.monet --max-overhead 40% --method chen-sqrt -o plan.monet --json",
         ],
     )
     parser.add_argument("spec", help="the .monet spec file")
