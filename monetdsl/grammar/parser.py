@@ -50,6 +50,7 @@ from ..ir import (
     grad_name,
     shape_bytes,
 )
+from ..io import read_input
 from ..units import UnitError, parse_bytes, parse_fraction, parse_time_us
 
 __all__ = ["Document", "parse_document", "parse_spec", "load_spec", "parse_schedule", "load_schedule", "read_text"]
@@ -519,13 +520,8 @@ def parse_document(text: str, path: str = "<input>") -> Document:
 
 
 def read_text(path: str | Path) -> str:
-    """Read a file for parsing; a missing or unreadable file is a user error, not a crash."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MonetError(Diagnostic(f"no such file: {path}", str(path))) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MonetError(Diagnostic(f"cannot read {path}: {exc}", str(path))) from None
+    """Read a file for parsing; a missing or unreadable file (or a FIFO) is a user error, not a crash."""
+    return read_input(path)
 
 
 def parse_spec(text: str, path: str = "<input>") -> Spec:
