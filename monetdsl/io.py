@@ -178,23 +178,27 @@ def write_output(path: str | Path, text: str | bytes, *, checksum: bool = False,
     target = Path(os.path.realpath(path))
     backup = None
     try:
+        mode = _mode_for(target)  # before a backup moves the old file away
         if target.exists():
             old = target.read_bytes() if binary else target.read_text(encoding="utf-8", errors="replace")
             if old != text and not (checksum and checksum_intact(old)):
                 backup = _free_backup_name(target)
                 os.replace(target, backup)
-        atomic_write(target, text)
+        atomic_write(target, text, mode=mode)
     except OSError as exc:
         raise _error(path, f"writing failed: {_reason(exc)}", flag) from None
     return Written(path, backup)
 
 
-def atomic_write(path: str | Path, text: str | bytes) -> None:
-    """Write ``text`` to ``path`` in one step (readers see the old or the new file, never a mix)."""
+def atomic_write(path: str | Path, text: str | bytes, *, mode: int | None = None) -> None:
+    """Write ``text`` to ``path`` in one step (readers see the old or the new file, never a mix).
+
+    The file gets ``mode``, by default the permissions of the file it replaces (or those
+    the umask gives a new one)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     try:
-        os.fchmod(fd, _mode_for(path))  # mkstemp's 0600 would hide the file from the user's group
+        os.fchmod(fd, _mode_for(path) if mode is None else mode)  # not mkstemp's 0600
         with (os.fdopen(fd, "wb") if isinstance(text, bytes) else os.fdopen(fd, "w", encoding="utf-8")) as handle:
             handle.write(text)
             handle.flush()
