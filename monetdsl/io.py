@@ -95,9 +95,13 @@ def read_input(path: str | Path) -> str:
         kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
         raise MonetError(Diagnostic(f"{path} is {kind}; monetdsl reads its inputs from regular files", str(path)))
     try:
-        return Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise MonetError(Diagnostic(f"cannot read {path}: not UTF-8 text (byte {exc.start})", str(path))) from None
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise MonetError(Diagnostic(f"not UTF-8 text: byte 0x{data[exc.start]:02x} cannot start or continue a character",
+                                    str(path), line, column)) from None
     except OSError as exc:
         raise MonetError(Diagnostic(f"cannot read {path}: {_reason(exc)}", str(path))) from None
 

@@ -820,7 +820,7 @@ class _Builder:
                 self.error(f"reads (...) describes backward ops; op {raw.name} reads its inputs (...)", attr)
                 ok = False
             else:
-                self._apply_common_attr(defaults, attr, raw.name)
+                ok = self._apply_common_attr(defaults, attr, str(raw.name)) and ok
         impls: list[ForwardImpl] = []
         raw_impls = raw.impls or [_Impl(Ident("default", raw.name.line, raw.name.column), [])]
         names_seen: set[str] = set()
@@ -851,7 +851,7 @@ class _Builder:
                     )
                     ok = False
                 else:
-                    self._apply_common_attr(values, attr, f"{raw.name} impl {raw_impl.name}")
+                    ok = self._apply_common_attr(values, attr, f"{raw.name} impl {raw_impl.name}") and ok
             if values["time"] is None or values["time"] is _INVALID:
                 if values["time"] is None:
                     self.error(f"op {raw.name} impl {raw_impl.name} has no time (add e.g. `time 10us`)", raw_impl.name)
@@ -884,7 +884,9 @@ class _Builder:
             raw.name.line,
         )
 
-    def _apply_common_attr(self, values: dict, attr: _Attr, owner: str) -> None:
+    def _apply_common_attr(self, values: dict, attr: _Attr, owner: str) -> bool:
+        """Apply an attribute a forward op or implementation may have; False (and an error)
+        for one it may not, such as ``accumulates``, which describes backward implementations."""
         if attr.kind == "time":
             values["time"] = self._time(attr.value, f"time of {owner}")
         elif attr.kind == "workspace":
@@ -893,8 +895,10 @@ class _Builder:
             values["recompute_time"] = self._time(attr.value, f"recompute time of {owner}")
         elif attr.kind == "recompute_reads":
             values["recompute_reads"] = tuple(values["recompute_reads"]) + tuple(attr.value)
-        else:  # pragma: no cover - callers filter the other kinds
-            raise AssertionError(attr.kind)
+        else:
+            self.error(f"{attr.kind.replace('_', ' ')} is not an attribute of a forward op ({owner})", attr)
+            return False
+        return True
 
     def _backward_op(self, raw: _Backward, parent: Ident | None, need) -> BackwardOp | None:
         if parent is None and raw.name is None:
@@ -1017,9 +1021,9 @@ class _Builder:
                 impl_lines[str(op)] = op.line
             elif item.head is None:
                 if seen_forward:
-                    self.error("the forward block appears twice", item.clauses[0].names[0] if item.clauses else None)
+                    self.error("the forward block appears twice", item.clauses[0].names[0] if item.clauses else item)
                 if stages:
-                    self.error("the forward block must come before the stages", item.clauses[0].names[0] if item.clauses else None)
+                    self.error("the forward block must come before the stages", item.clauses[0].names[0] if item.clauses else item)
                 seen_forward = True
                 forward_line = item.line
                 for clause in item.clauses:

@@ -1,0 +1,116 @@
+"""Hostile input: shipped specs and schedules, mutated (lines deleted, duplicated, swapped,
+words exchanged, random bytes, truncation), through ``monetdsl check`` in-process.
+
+Whatever the mutation, the answer is exit status 0 (still valid) or 1 with located
+errors (file and line), never a traceback and never another status.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import re
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from monetdsl.cli import main
+from monetdsl.grammar import format_schedule, load_spec
+from monetdsl.search import solve
+
+from .spec_files import SPECS_DIR
+
+#: small shipped specs (the large ones take longer to parse than a fuzz example should)
+FUZZED_SPECS = ("tiny_chain", "resblock", "transformer_block", "small_cnn", "tiny_gpt")
+#: (spec, method) pairs whose schedules are mutated
+FUZZED_SCHEDULES = (("tiny_chain", "chen-sqrt"), ("resblock", "store-all"), ("transformer_block", "recompute-all"))
+
+
+@functools.lru_cache(maxsize=None)
+def original(kind: str, name: str) -> bytes:
+    """The text of a shipped spec, or of a schedule solved for it (cached: hypothesis
+    prints the arguments of a failing example, and these are long)."""
+    if kind == "spec":
+        return (SPECS_DIR / f"{name}.monet").read_bytes()
+    spec = load_spec(SPECS_DIR / f"{name}.monet")
+    result = solve(spec, dict(FUZZED_SCHEDULES)[name])
+    return format_schedule(result.schedule, spec.network, header=["fuzzed"]).encode()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz")
+
+
+@st.composite
+def mutations(draw, text: bytes) -> bytes:
+    """``text`` with one to three mutations."""
+    for _ in range(draw(st.integers(1, 3))):
+        lines = text.splitlines(keepends=True) or [b""]
+        kind = draw(st.sampled_from(["delete", "duplicate", "swap", "words", "bytes", "truncate"]))
+        i = draw(st.integers(0, len(lines) - 1))
+        j = draw(st.integers(0, len(lines) - 1))
+        if kind == "delete":
+            del lines[i]
+        elif kind == "duplicate":
+            lines.insert(i, lines[i])
+        elif kind == "swap":
+            lines[i], lines[j] = lines[j], lines[i]
+        elif kind == "words":  # a word of one line in place of a word of another
+            a, b = re.findall(rb"[^\s(),]+", lines[i]), re.findall(rb"[^\s(),]+", lines[j])
+            if a and b:
+                old, new = draw(st.sampled_from(a)), draw(st.sampled_from(b))
+                lines[i] = lines[i].replace(old, new, 1)
+        text = b"".join(lines)
+        if kind == "bytes":
+            at = draw(st.integers(0, len(text)))
+            text = text[:at] + draw(st.binary(min_size=1, max_size=6)) + text[at:]
+        elif kind == "truncate":
+            text = text[: draw(st.integers(0, len(text)))]
+    return text
+
+
+def _check(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _assert_located_or_valid(code: int, out: str, err: str, mutated: str) -> None:
+    assert "Traceback" not in err
+    assert code in (0, 1), err
+    data = json.loads(out)
+    if code == 0:
+        assert data["ok"] is True
+        return
+    assert data["ok"] is False and data["errors"], err
+    for error in data["errors"]:
+        assert error["file"] == mutated and error["line"] >= 1, error
+
+
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize("name", FUZZED_SPECS)
+@FUZZ
+@given(data=st.data())
+def test_a_mutated_spec_is_valid_or_a_located_error(folder, name, data):
+    text = data.draw(mutations(original("spec", name)))
+    path = folder / f"{name}.monet"
+    path.write_bytes(text)
+    code, out, err = _check(["check", str(path), "--json"])
+    _assert_located_or_valid(code, out, err, str(path))
+
+
+@pytest.mark.parametrize("name", [name for name, _ in FUZZED_SCHEDULES])
+@FUZZ
+@given(data=st.data())
+def test_a_mutated_schedule_is_valid_or_a_located_error(folder, name, data):
+    text = data.draw(mutations(original("schedule", name)))
+    path = folder / f"{name}.schedule.monet"
+    path.write_bytes(text)
+    code, out, err = _check(["check", str(SPECS_DIR / f"{name}.monet"), "--schedule", str(path), "--json"])
+    _assert_located_or_valid(code, out, err, str(path))
