@@ -94,23 +94,25 @@ def _assert_located_or_valid(code: int, out: str, err: str, mutated: str) -> Non
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
+def _fuzz_once(folder, data, kind: str, name: str) -> None:
+    """Check one mutation of ``name``'s spec or schedule."""
+    text = data.draw(mutations(original(kind, name)))
+    path = folder / (f"{name}.monet" if kind == "spec" else f"{name}.schedule.monet")
+    path.write_bytes(text)
+    argv = ["check", str(path)] if kind == "spec" else ["check", str(SPECS_DIR / f"{name}.monet"), "--schedule", str(path)]
+    code, out, err = _check([*argv, "--json"])
+    _assert_located_or_valid(code, out, err, str(path))
+
+
 @pytest.mark.parametrize("name", FUZZED_SPECS)
 @FUZZ
 @given(data=st.data())
 def test_a_mutated_spec_is_valid_or_a_located_error(folder, name, data):
-    text = data.draw(mutations(original("spec", name)))
-    path = folder / f"{name}.monet"
-    path.write_bytes(text)
-    code, out, err = _check(["check", str(path), "--json"])
-    _assert_located_or_valid(code, out, err, str(path))
+    _fuzz_once(folder, data, "spec", name)
 
 
 @pytest.mark.parametrize("name", [name for name, _ in FUZZED_SCHEDULES])
 @FUZZ
 @given(data=st.data())
 def test_a_mutated_schedule_is_valid_or_a_located_error(folder, name, data):
-    text = data.draw(mutations(original("schedule", name)))
-    path = folder / f"{name}.schedule.monet"
-    path.write_bytes(text)
-    code, out, err = _check(["check", str(SPECS_DIR / f"{name}.monet"), "--schedule", str(path), "--json"])
-    _assert_located_or_valid(code, out, err, str(path))
+    _fuzz_once(folder, data, "schedule", name)

@@ -21,7 +21,7 @@ from ..units import UnitError, human_bytes, parse_bytes
 from .common import EXIT_OK, EXIT_USAGE, add_parser, check_output, cli_search_options, usage_error, write_after_work
 from .interrupt import INTERRUPTED, stop_on_interrupt
 
-__all__ = ["register", "run", "parse_budgets", "render_pareto", "plot_pareto", "format_table"]
+__all__ = ["register", "run", "parse_budgets", "sweep_row", "render_pareto", "plot_pareto", "format_table"]
 
 #: the order methods are listed in (and drawn in) when --methods is not given
 DEFAULT_METHODS = ["milp", "hybrid", "checkmate", "checkmate-lp", "chen-sqrt", "chen-greedy", "revolve", "store-all", "recompute-all"]
@@ -130,7 +130,7 @@ def run(args) -> int:
                 )
                 if progress is not None:
                     progress.close()
-                rows.append(_row(method, budget, result))
+                rows.append(sweep_row(method, budget, result))
                 if not args.quiet:
                     print(f"sweep: {method} at {human_bytes(budget)}: {_status_text(rows[-1])}", file=sys.stderr)
     data = {"spec": args.spec, "network": spec.network.name, "fixed_bytes": spec.network.fixed_bytes, "rows": rows}
@@ -150,7 +150,8 @@ def run(args) -> int:
     return EXIT_USAGE if "plot_error" in data else EXIT_OK
 
 
-def _row(method: str, budget: int, result) -> dict:
+def sweep_row(method: str, budget: int, result) -> dict:
+    """One row of a sweep (the table's and the JSON's): what ``method`` found at ``budget``."""
     sim = result.simulation if result.success else None
     row = {
         "method": method,
