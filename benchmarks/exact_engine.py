@@ -1,4 +1,4 @@
-"""Benchmark of the exact search engine (issue 3). Not a test: it measures.
+"""Benchmark of the exact search engine. Not a test: it measures.
 
 Two parts, each writing markdown, JSON and plots under ``--out`` (default
 ``benchmarks/results``):
