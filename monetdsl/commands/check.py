@@ -17,7 +17,7 @@ def register(subparsers) -> None:
         " peak memory, compute and any problem (an edited schedule included). Exit 0 when valid, 1 when not.",
         examples=[
             "monetdsl check specs/resblock.monet",
-            "monetdsl check specs/tiny_chain.monet --schedule specs/tiny_chain.schedule.monet --json",
+            "monetdsl check specs/resblock.monet --schedule specs/resblock.schedule.monet --json",
         ],
     )
     parser.add_argument("spec", help="the .monet spec file")

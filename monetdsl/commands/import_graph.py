@@ -21,8 +21,8 @@ def register(subparsers) -> None:
         " Each forward node becomes an op with one output; each backward node a network-level"
         " backward op.",
         examples=[
-            "monetdsl import checkmate tests/data/checkmate/chain3.json -o chain3.monet",
-            "monetdsl import checkmate tests/data/checkmate/chain3.json --time-unit ms --memory-unit MB -o chain3_ms.monet",
+            "monetdsl import checkmate vgg16.json -o vgg16.monet",
+            "monetdsl import checkmate graph.json --time-unit ms --memory-unit MB -o graph.monet",
         ],
     )
     parser.add_argument("format", choices=["checkmate"], help="the input format (checkmate: node-link JSON)")
