@@ -12,7 +12,7 @@ import monetdsl
 from monetdsl.cli import main
 from monetdsl.errors import OptionError, SpecError
 from monetdsl.grammar import load_spec, parse_spec
-from monetdsl.options import CLI_SPELLING, ENGINE_OPTIONS, check_search_options
+from monetdsl.options import ENGINE_OPTIONS, check_search_options
 from monetdsl.search import solve
 
 from .spec_files import SPECS_DIR

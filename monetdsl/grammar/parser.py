@@ -31,7 +31,7 @@ from lark import Lark, Token, Transformer
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 from lark.indenter import Indenter
 
-from ..errors import Diagnostic, MonetError, SpecError, SpecSyntaxError
+from ..errors import Diagnostic, SpecError, SpecSyntaxError
 from ..ir import (
     BackwardImpl,
     BackwardOp,
