@@ -356,7 +356,7 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
             if share <= 0.2:
                 break
             polished = improve(network, start[1], constraints, baseline_us=ctx.baseline_us, time_limit=share, objective=objective,
-                               max_kicks=options.get("kicks"))
+                               max_kicks=options.get("kicks"), stop=ctx.stop)
             details["local_search"].append({"start": start[0], "from": _value(start[2], objective), "to": _value(polished.simulation, objective),
                                             "moves": len(polished.moves), "evaluations": polished.evaluations, "seconds": round(polished.seconds, 3)})
             if _value(polished.simulation, objective) < _value(run[2], objective) - 1e-9:
