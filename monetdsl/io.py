@@ -38,7 +38,6 @@ __all__ = [
     "is_stream",
     "write_output",
     "atomic_write",
-    "write_preserving",
     "with_checksum",
     "checksum_intact",
 ]
@@ -242,14 +241,6 @@ def checksum_intact(text: str) -> bool:
         return False
     digest = last[len(_MARK) :].split()[0] if last[len(_MARK) :].split() else ""
     return digest == _digest(body + "\n")
-
-
-def write_preserving(path: str | Path, text: str) -> Path | None:
-    """Write ``text`` (with a checksum) to ``path``; back up an edited or foreign file first.
-
-    Returns the backup's path when one was made.
-    """
-    return write_output(path, text, checksum=True, flag=None).backup
 
 
 def _free_backup_name(path: Path) -> Path:

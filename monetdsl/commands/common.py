@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from ..errors import Diagnostic, OutputError
+from ..errors import Diagnostic, OptionError, OutputError
 from ..grammar import load_schedule
 from ..io import Written, check_output, write_output
 from ..ir import Schedule, Spec
@@ -40,7 +40,7 @@ def add_parser(subparsers, name: str, *, help: str, description: str, examples: 
     )
 
 
-def usage_error(message: str):
+def usage_error(message: str) -> OptionError:
     """A mistake on the command line (exit status 2)."""
     return option_error(message)
 

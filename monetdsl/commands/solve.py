@@ -9,13 +9,13 @@ from pathlib import Path
 from .. import __version__
 from ..grammar import format_schedule, load_spec
 from ..ir import Schedule, Spec
+from ..options import CLI_SPELLING
 from ..search.milp.engine import DEFAULT_GAP, DEFAULT_TIME_LIMIT
 from ..search.milp.highs import BACKENDS
 from ..search.progress import StderrProgress
 from ..search.simulator import Simulation
 from ..search.solve import METHODS, SEARCHERS, solve
 from ..units import human_bytes
-from ..options import CLI_SPELLING
 from .common import EXIT_INVALID, EXIT_OK, EXIT_USAGE, add_parser, check_output, cli_search_options, usage_error, write_after_work
 from .interrupt import INTERRUPTED, stop_on_interrupt
 

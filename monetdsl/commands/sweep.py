@@ -225,7 +225,7 @@ def render_pareto(rows: list[dict], path: str, *, title: str = "") -> bytes:
     if title:
         ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    if methods:
+    if ax.get_legend_handles_labels()[0]:  # no legend when no method found a schedule
         ax.legend(fontsize="small")
     fig.tight_layout()
     image = io.BytesIO()
