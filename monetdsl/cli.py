@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from . import __version__
 from .commands import COMMANDS
@@ -71,9 +72,16 @@ def main(argv: list[str] | None = None) -> int:
         except (OptionError, OutputError) as exc:
             return report_errors(exc.diagnostics, as_json, EXIT_USAGE)
         except MonetError as exc:
-            return report_errors(exc.diagnostics, as_json, EXIT_INVALID)
+            return report_errors(_named(exc.diagnostics, getattr(args, "spec", None)), as_json, EXIT_INVALID)
     except KeyboardInterrupt:  # Ctrl-C outside a search (which handles its own): no traceback
         print("\nmonetdsl: interrupted", file=sys.stderr)
         return INTERRUPTED
     except BrokenPipeError:  # e.g. `monetdsl show ... | head`
         return 0
+
+
+def _named(diagnostics: list[Diagnostic], spec: str | None) -> list[Diagnostic]:
+    """A search refusing a spec reports it as ``<input>`` (it has no file name): name it."""
+    if spec is None:
+        return diagnostics
+    return [replace(d, file=spec) if d.file == "<input>" else d for d in diagnostics]

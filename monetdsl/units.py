@@ -84,7 +84,10 @@ def parse_time_us(text: str) -> float:
     value, unit = split_quantity(text)
     if unit not in TIME_UNITS:
         raise UnitError(f"{text.strip()!r} is not a duration: use s, ms, us or ns")
-    return float(value * TIME_UNITS[unit])
+    us = float(value * TIME_UNITS[unit])
+    if us == float("inf"):
+        raise UnitError(f"{text.strip()!r} is too long a duration to compute with")
+    return us
 
 
 def parse_fraction(text: str) -> float:

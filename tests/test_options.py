@@ -126,3 +126,21 @@ def test_an_infeasible_budget_a_few_bytes_short_shows_the_bytes(tmp_path, capsys
     assert main(["solve", str(spec), "--budget", "20MiB", "--no-write", "-q"]) == 1
     err = capsys.readouterr().err
     assert "20.00 MiB (20971520 B)" in err and "exactly 20.00 MiB (20971528 B)" in err
+
+
+@pytest.mark.parametrize(
+    "old, new, words",
+    [
+        ("h1 f32[1024,512] time 300us", "h1 f32[1024,512] time 1e400us", "too long a duration"),
+        ("h1 f32[1024,512] time 300us", "h1 f32[1024,99999999999999999999999] time 300us", "more than monetdsl can count"),
+        ("memory <= 21MiB", "memory <= 1e400GiB", "more than monetdsl can count"),
+    ],
+)
+def test_quantities_beyond_what_can_be_counted_are_located_errors(tmp_path, capsys, old, new, words):
+    text = (SPECS_DIR / "tiny_chain.monet").read_text()
+    assert old in text
+    path = tmp_path / "huge.monet"
+    path.write_text(text.replace(old, new))
+    assert main(["check", str(path), "--json"]) == 1
+    error = json.loads(capsys.readouterr().out)["errors"][0]
+    assert words in error["message"] and error["line"] == text.splitlines().index(next(l for l in text.splitlines() if old in l)) + 1

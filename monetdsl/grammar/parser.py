@@ -51,7 +51,7 @@ from ..ir import (
     shape_bytes,
 )
 from ..io import read_input
-from ..units import UnitError, parse_bytes, parse_fraction, parse_time_us
+from ..units import MAX_BYTES, UnitError, parse_bytes, parse_fraction, parse_time_us
 
 __all__ = ["Document", "parse_document", "parse_spec", "load_spec", "parse_schedule", "load_schedule", "read_text"]
 
@@ -616,6 +616,10 @@ class _Builder:
             nbytes = self._bytes(type_.size, f"size of {name}")
             return (nbytes or 0), None, None
         nbytes = shape_bytes(type_.dtype, type_.shape)
+        if nbytes > MAX_BYTES:
+            self.error(f"{name} {type_.dtype}[{','.join(map(str, type_.shape))}] has {nbytes} bytes, more than monetdsl can"
+                       f" count ({MAX_BYTES} B, 8 EiB)", name)
+            return 0, type_.dtype, type_.shape
         if type_.size is not None:
             given = self._bytes(type_.size, f"size of {name}")
             if given is not None and given != nbytes:
