@@ -1,5 +1,6 @@
 """Hostile input: shipped specs and schedules, mutated (lines deleted, duplicated, swapped,
-words exchanged, random bytes, truncation), through ``monetdsl check`` in-process.
+words exchanged, random bytes, truncation), through ``monetdsl check`` (and a schedule
+through ``monetdsl show`` too) in-process.
 
 Whatever the mutation, the answer is exit status 0 (still valid) or 1 with located
 errors (file and line), never a traceback and never another status.
@@ -102,6 +103,9 @@ def _fuzz_once(folder, data, kind: str, name: str) -> None:
     argv = ["check", str(path)] if kind == "spec" else ["check", str(SPECS_DIR / f"{name}.monet"), "--schedule", str(path)]
     code, out, err = _check([*argv, "--json"])
     _assert_located_or_valid(code, out, err, str(path))
+    if kind == "schedule":  # show reads the same file: the same answer, in words
+        shown, _, err = _check(["show", str(path), "--spec", str(SPECS_DIR / f"{name}.monet")])
+        assert shown == code and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("name", FUZZED_SPECS)
@@ -116,3 +120,23 @@ def test_a_mutated_spec_is_valid_or_a_located_error(folder, name, data):
 @given(data=st.data())
 def test_a_mutated_schedule_is_valid_or_a_located_error(folder, name, data):
     _fuzz_once(folder, data, "schedule", name)
+
+
+@pytest.mark.parametrize(
+    "text, command",
+    [
+        (b'network n\n  tensor "a\\x" f32[1] input\n  output "a\\x"\n', "spec"),
+        (b'network n\n  tensor x f32[1] input\n  op f (x) -> y f32[1] time 1us\n    backward reads (grad("y\\x")) -> grad(x) time 1us\n  output y\n', "spec"),
+        (b'schedule for "a\x00b" fingerprint 1234\n  forward\n', "schedule"),
+        (b'schedule for "\\N{no such name}" fingerprint 1234\n  forward\n', "schedule"),
+    ],
+    ids=["bad escape in a name", "bad escape in a gradient", "NUL in the spec path", "unknown character name"],
+)
+def test_quoted_text_that_does_not_decode_is_a_located_error(folder, text, command):
+    """Mutations the fuzz test found: escapes Python cannot decode inside quotes."""
+    path = folder / f"quoted.{command}.monet"
+    path.write_bytes(text)
+    argv = ["check", str(path)] if command == "spec" else ["check", str(SPECS_DIR / "tiny_chain.monet"), "--schedule", str(path)]
+    code, out, err = _check([*argv, "--json"])
+    _assert_located_or_valid(code, out, err, str(path))
+    assert code == 1 and "cannot read the quoted text" in out

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.resources
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +90,24 @@ class _BadDedent(Exception):
     def __init__(self, line: int, column: int, expected: int):
         super().__init__(line, column, expected)
         self.line, self.column, self.expected = line, column, expected
+
+
+class _BadString(Exception):
+    """A quoted name or path whose escapes do not decode (``"\\x"``, a NUL byte)."""
+
+    def __init__(self, line: int, column: int, reason: str):
+        super().__init__(line, column, reason)
+        self.line, self.column, self.reason = line, column, reason
+
+
+def _unquote(text: str, line: int, column: int) -> str:
+    """The text a quoted string stands for (the printer writes JSON's escapes)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError) as exc:
+        reason = getattr(exc, "msg", None) or str(exc)
+        shown = re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text[:40]) + ("..." if len(text) > 40 else "")
+        raise _BadString(line, column, f"cannot read the quoted text {shown}: {reason}") from None
 
 
 # --------------------------------------------------------------------------- raw statements
@@ -203,7 +222,7 @@ class _RawSchedule:
 def _tok_ident(tok: Token) -> Ident:
     value = str(tok)
     if tok.type == "STRING":
-        value = ast.literal_eval(value)
+        value = _unquote(value, tok.line or 0, tok.column or 0)
     return Ident(value, tok.line or 0, tok.column or 0)
 
 
@@ -219,7 +238,7 @@ class _ToRaw(Transformer):
     def grad_ref(self, children):
         tok = children[0]
         inner = str(tok)[len("grad(") : -1].strip()
-        base = ast.literal_eval(inner) if inner.startswith('"') else inner
+        base = _unquote(inner, tok.line, tok.column) if inner.startswith('"') else inner
         return Ident(grad_name(base), tok.line, tok.column, grad_of=base)
 
     def pattern(self, children):
@@ -495,6 +514,10 @@ def parse_document(text: str, path: str = "<input>") -> Document:
         ) from None
     except UnexpectedInput as exc:
         raise SpecSyntaxError(_syntax_diagnostic(exc, source, path)) from None
+    except _BadString as bad:  # raised while parsing: the transformer runs inside the LALR parser
+        lines = source.splitlines()
+        source_line = lines[bad.line - 1] if 0 < bad.line <= len(lines) else None
+        raise SpecSyntaxError(Diagnostic(bad.reason, path, bad.line, bad.column, source_line)) from None
     except VisitError as exc:  # pragma: no cover - transformer bugs surface as VisitError
         raise exc.orig_exc from None
     builder = _Builder(path, source)
@@ -1042,7 +1065,11 @@ class _Builder:
                 for clause in item.clauses:
                     {"recompute": recompute, "keep": keep, "free": free}[clause.kind].extend(str(n) for n in clause.names)
                 stages.append(StagePlan(str(item.head), tuple(recompute), tuple(keep), tuple(free), item.line))
-        spec_path = ast.literal_eval(str(raw.spec_path))
+        try:
+            spec_path = _unquote(str(raw.spec_path), raw.spec_path.line or 0, raw.spec_path.column or 0)
+        except _BadString as bad:
+            self.error(bad.reason, raw.spec_path)
+            spec_path = ""
         return Schedule(
             spec_path,
             str(raw.fingerprint),
