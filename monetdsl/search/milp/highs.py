@@ -238,13 +238,14 @@ def _run_highspy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap
             progress(time.perf_counter() - begin, incumbent, bound, _gap(incumbent, bound))
 
         h.cbMipInterrupt += report
-    if stop is not None and not is_mip:
+    if stop is not None:  # an LP (checkmate-lp's relaxation) calls these, a MIP the one above
 
         def interrupt(event) -> None:
             if stop.is_set():
                 event.data_in.user_interrupt = True
 
         h.cbSimplexInterrupt += interrupt
+        h.cbIpmInterrupt += interrupt
     h.run()
     seconds = time.perf_counter() - begin
     status = h.getModelStatus()
