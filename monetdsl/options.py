@@ -21,30 +21,54 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Collection, Mapping
+from typing import Callable, Collection, Mapping
 
 from .errors import Diagnostic, OptionError
 from .units import MAX_BYTES, UnitError, parse_bytes, parse_fraction
 
-__all__ = ["SearchOptions", "ENGINE_OPTIONS", "OBJECTIVES", "CLI_SPELLING", "check_search_options", "option_error"]
+__all__ = ["SearchOptions", "EngineOption", "ENGINE_OPTIONS", "OBJECTIVES", "CLI_SPELLING", "check_search_options", "option_error"]
 
 #: "compute": fastest schedule within the budget; "memory": lowest peak within the cap
 OBJECTIVES = ("compute", "memory")
 
-#: the keys of ``options`` the searching methods read, with what each must be
-ENGINE_OPTIONS: dict[str, str] = {
-    "gap": "a relative optimality gap in [0, 1) (0.01 = 1 %, or text such as '1%')",
-    "backend": "the HiGHS interface: 'highspy' or 'scipy'",
-    "polish": "True or False: spend the time left on the fastest schedule at the least peak",
-    "refine": "True or False: let the hybrid engine refine its schedule with the joint MILP",
-    "refine_max_ops": "a positive whole number: the largest network the hybrid engine refines",
-    "target_ops": "a positive whole number: forward ops per block of the hybrid engine",
-    "workers": "a positive whole number: processes that build the hybrid engine's menus",
-    "menu_seconds": "a positive number of seconds for the hybrid engine's menus",
-    "grid": "a positive whole number: budgets per block menu",
-    "rounds": "a whole number >= 0: rounds of targeted block solves",
-    "kicks": "a whole number >= 0, or None: perturbations of the local search",
-    "dp_backend": "the chain DP's loops: 'numpy' or 'numba'",
+def _whole(least: int) -> Callable[[object], bool]:
+    return lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _one_of(*names: str) -> Callable[[object], bool]:
+    return lambda value: isinstance(value, str) and value in names
+
+
+def _flag(value) -> bool:
+    return isinstance(value, bool)
+
+
+def _positive_seconds(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+@dataclass(frozen=True)
+class EngineOption:
+    """One key of ``options``: what it means, and which values it takes."""
+
+    description: str
+    accepts: Callable[[object], bool]
+
+
+#: the keys of ``options`` the searching methods read (``gap`` is read as a fraction, below)
+ENGINE_OPTIONS: dict[str, EngineOption] = {
+    "gap": EngineOption("a relative optimality gap in [0, 1) (0.01 = 1 %, or text such as '1%')", lambda value: True),
+    "backend": EngineOption("the HiGHS interface: 'highspy' or 'scipy'", _one_of("highspy", "scipy")),
+    "polish": EngineOption("True or False: spend the time left on the fastest schedule at the least peak", _flag),
+    "refine": EngineOption("True or False: let the hybrid engine refine its schedule with the joint MILP", _flag),
+    "refine_max_ops": EngineOption("a positive whole number: the largest network the hybrid engine refines", _whole(1)),
+    "target_ops": EngineOption("a positive whole number: forward ops per block of the hybrid engine", _whole(1)),
+    "workers": EngineOption("a positive whole number: processes that build the hybrid engine's menus", _whole(1)),
+    "menu_seconds": EngineOption("a positive number of seconds for the hybrid engine's menus", _positive_seconds),
+    "grid": EngineOption("a positive whole number: budgets per block menu", _whole(1)),
+    "rounds": EngineOption("a whole number >= 0: rounds of targeted block solves", _whole(0)),
+    "kicks": EngineOption("a whole number >= 0, or None: perturbations of the local search", lambda value: value is None or _whole(0)(value)),
+    "dp_backend": EngineOption("the chain DP's loops: 'numpy' or 'numba'", _one_of("numpy", "numba")),
 }
 
 #: how the command line spells each option in messages
@@ -157,22 +181,6 @@ def _engine_options(options: Mapping | None, fail) -> dict:
     for key, value in options.items():
         if key == "gap":
             checked[key] = _fraction(value, "gap", fail, upper=1.0)
-        elif key == "backend" and value not in ("highspy", "scipy"):
-            raise fail("backend", f"{value!r}: {ENGINE_OPTIONS[key]}")
-        elif key == "dp_backend" and value not in ("numpy", "numba"):
-            raise fail(key, f"{value!r}: {ENGINE_OPTIONS[key]}")
-        elif key in ("polish", "refine") and not isinstance(value, bool):
-            raise fail(key, f"{value!r}: {ENGINE_OPTIONS[key]}")
-        elif key in ("refine_max_ops", "target_ops", "workers", "grid") and not _whole(value, 1):
-            raise fail(key, f"{value!r}: {ENGINE_OPTIONS[key]}")
-        elif key == "rounds" and not _whole(value, 0):
-            raise fail(key, f"{value!r}: {ENGINE_OPTIONS[key]}")
-        elif key == "kicks" and value is not None and not _whole(value, 0):
-            raise fail(key, f"{value!r}: {ENGINE_OPTIONS[key]}")
-        elif key == "menu_seconds" and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value)):
-            raise fail(key, f"{value!r}: {ENGINE_OPTIONS[key]}")
+        elif not ENGINE_OPTIONS[key].accepts(value):
+            raise fail(key, f"{value!r}: {ENGINE_OPTIONS[key].description}")
     return checked
-
-
-def _whole(value, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
