@@ -28,7 +28,7 @@ from ..ir import Network
 from ..validate import ResolvedConstraints
 from .carry_plan import schedule_from_carry
 from .impl_choice import cheapest_impls
-from .milp.engine import DEFAULT_TIME_LIMIT, minimum_budget, solve_joint
+from .milp.engine import BUILD_SHARE, DEFAULT_TIME_LIMIT, highs_seconds, minimum_budget, solve_joint
 from .milp.highs import run_highs
 from .milp.model import MIB, BuildTimeout, build_model
 from .outcome import MethodOutcome, SearchContext
@@ -72,7 +72,8 @@ def checkmate_lp(network: Network, constraints: ResolvedConstraints, ctx: Search
         try:
             model = build_model(
                 network, constraints, pins=pins, objective=objective, memory_budget=scaled,
-                max_overhead=constraints.max_overhead, baseline_us=ctx.baseline_us, deadline=deadline,
+                max_overhead=constraints.max_overhead, baseline_us=ctx.baseline_us,
+                deadline=min(deadline, begin + BUILD_SHARE * (ctx.time_limit or DEFAULT_TIME_LIMIT)),
             )
         except BuildTimeout:
             details["lp"].append({"budget_factor": factor, "status": "time limit while building the model"})
@@ -80,11 +81,12 @@ def checkmate_lp(network: Network, constraints: ResolvedConstraints, ctx: Search
         if model.builder.conflicts:
             details["lp"].append({"budget_factor": factor, "status": "infeasible"})
             continue
-        left = deadline - time.perf_counter()
+        left = highs_seconds(model, deadline - time.perf_counter())
         if left <= 0.1:
             details["lp"].append({"budget_factor": factor, "status": "no time left"})
             break
-        run = run_highs(model.builder, time_limit=left, relax=True, backend=ctx.options.get("backend", "highspy"))
+        run = run_highs(model.builder, time_limit=left, relax=True, backend=ctx.options.get("backend", "highspy"),
+                        stop=ctx.stop)
         details["lp"].append({"budget_factor": factor, "status": run.status, "seconds": round(run.seconds, 3)})
         if run.x is None:
             continue

@@ -41,10 +41,14 @@ __all__ = ["DEFAULT_TIME_LIMIT", "DEFAULT_GAP", "solve_joint", "minimum_budget",
 
 #: seconds a MILP search may take when the caller gives no limit
 DEFAULT_TIME_LIMIT = 60.0
-#: share of its time limit the minimum-budget search may spend building its model; past
-#: it the search stops with the best peak found and a cheap proved bound (a 400-op
-#: Checkmate graph took 10 s to build, 800 ops minutes)
+#: share of its time limit a search may spend building its model; past it the search stops
+#: with the best schedule found (and for the minimum budget, a cheap proved bound). A
+#: 400-node Checkmate graph took 10 s to build, 1,000 nodes about a minute; passing a
+#: model that large to HiGHS and presolving it take a comparable time again, which the
+#: limit has to leave room for
 BUILD_SHARE = 0.5
+#: share of the build time kept back for passing the model to HiGHS (:func:`highs_seconds`)
+TRANSFER_SHARE = 0.2
 #: Chen's greedy search and revolve run as heuristics up to this many forward ops
 HEURISTICS_MAX_FORWARD_OPS = 250
 #: relative optimality gap at which HiGHS stops (0.01 %)
@@ -137,7 +141,15 @@ def _progress_adapter(ctx: SearchContext, model: JointModel, label: str, phase: 
     return report
 
 
+def highs_seconds(model: JointModel, time_left: float) -> float:
+    """HiGHS's own time limit when ``time_left`` remains: its clock starts once the model
+    is passed to it, which takes about a fifth of the time building the model took (a
+    400-node Checkmate graph: 1.5 s after 10.7 s), so that much is kept back."""
+    return max(0.1, time_left - TRANSFER_SHARE * model.stats.get("build_seconds", 0.0))
+
+
 def _run(model: JointModel, ctx: SearchContext, time_limit: float, start, label: str, phase: str, *, exact: bool = False) -> MilpRun:
+    time_limit = highs_seconds(model, time_limit)
     gap = 0.0 if exact else ctx.options.get("gap", DEFAULT_GAP)
     abs_gap = 0.25 / MIB if model.objective == "memory" else 1e-6
     return run_highs(
@@ -148,6 +160,7 @@ def _run(model: JointModel, ctx: SearchContext, time_limit: float, start, label:
         start=start,
         progress=_progress_adapter(ctx, model, label, phase),
         backend=ctx.options.get("backend", "highspy"),
+        stop=ctx.stop,
     )
 
 
@@ -305,7 +318,7 @@ def solve_joint(
             memory_budget=budget,
             max_overhead=constraints.max_overhead,
             baseline_us=ctx.baseline_us,
-            deadline=begin + limit,
+            deadline=begin + BUILD_SHARE * limit,
         )
     except BuildTimeout as exc:
         return _unbuilt(network, constraints, ctx, pins, str(exc))
@@ -408,7 +421,7 @@ def solve_joint(
         outcome.min_feasible_budget_exact = exact
         remaining = limit - (time.perf_counter() - begin)
         details["proof_seconds"] = round(time.perf_counter() - begin, 3)
-        if remaining > 0.5 and ctx.options.get("polish", True):
+        if remaining > 0.5 and ctx.options.get("polish", True) and not ctx.stopped:
             _polish(network, constraints, ctx, pins, label, outcome, peak, remaining)
     return outcome
 

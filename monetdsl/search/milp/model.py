@@ -633,6 +633,7 @@ def build_model(
     """
     if objective not in ("compute", "memory"):
         raise ValueError(f"unknown objective {objective!r}")
+    started = time.perf_counter()
     b = _Builder(
         network, constraints, pins, objective, memory_budget, max_overhead, baseline_us,
         no_recompute_stages=frozenset(no_recompute_stages), forward_keep_cap=forward_keep_cap,
@@ -670,5 +671,6 @@ def build_model(
         "nonzeros": sum(len(r) for r in m.row_cols),
         "stages": b.T + 1,
         "forward_ops": b.n,
+        "build_seconds": round(time.perf_counter() - started, 3),
     }
     return model
