@@ -43,6 +43,9 @@ def restricted_first(network: Network, constraints: ResolvedConstraints, ctx: Se
         first = run_hybrid(network, narrow, inner)
     except SpecError as exc:  # e.g. a first implementation that overwrites a block's input
         first, note = None, exc.diagnostics[0].message
+    if first is not None and ctx.stopped:  # asked to stop: the restricted search's best is the answer
+        first.details["restricted"] = {"stopped": "before the full search"}
+        return first
     left = max(0.5, limit - (time.perf_counter() - begin))
     full = run_hybrid(network, constraints, replace(ctx, time_limit=left), prior=first)
     if first is None:
