@@ -38,7 +38,8 @@ from ..search.impl_choice import cheapest_impls
 from ..search.schedule_builder import build_schedule
 from ..search.simulator import chosen_impls, simulate
 
-__all__ = ["Calibration", "StepClock", "calibrate", "calibration_schedules", "CALIBRATION_NOTE"]
+__all__ = ["Calibration", "StepClock", "calibrate", "in_place_times", "with_in_place_times", "calibration_schedules",
+           "CALIBRATION_NOTE"]
 
 #: what the cost-model line of a calibrated trace adds
 CALIBRATION_NOTE = "corrected in place (store-all training steps through the runtime)"
@@ -120,14 +121,20 @@ def calibrate(model: torch.nn.Module, inputs, trace, *, optimizer: str, rounds: 
     """``trace`` (a profiled trace of ``model`` on ``inputs``, ``loss="output"``) with every
     implementation's time measured in place where a store-all schedule runs it (see the
     module docstring). ``trace`` and the model's state are untouched."""
-    from ..tracing.api import with_costs
+    in_place, notes = in_place_times(model, inputs, trace, optimizer=optimizer, rounds=rounds)
+    return with_in_place_times(trace, in_place, notes)
+
+
+def in_place_times(model: torch.nn.Module, inputs, trace, *, optimizer: str, rounds: int = 2) -> tuple[dict, list[str]]:
+    """The median in-place time (us) of every (op, implementation) a calibration schedule
+    runs, first forwards and backward steps, and notes on schedules that could not run."""
     from .module import OptimizedModule
     from .plan import Constraints
 
     network = trace.spec.network
     device = "cuda" if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else "cpu"
     samples: dict[tuple[str, str], list[float]] = defaultdict(list)  # (op, impl) -> us, first forwards and backward steps
-    report = Calibration(trace)
+    notes: list[str] = []
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [p.grad for p in params]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
@@ -149,7 +156,7 @@ def calibrate(model: torch.nn.Module, inputs, trace, *, optimizer: str, rounds: 
                         clock.samples.clear()
                     torch.autograd.backward(*_backward_seeds(module(*inputs)))
             except Exception as exc:  # noqa: BLE001 - reported; the other schedules still calibrate
-                report.notes.append(f"calibration schedule '{label}' not run ({type(exc).__name__}: {str(exc)[:80]})")
+                notes.append(f"calibration schedule '{label}' not run ({type(exc).__name__}: {str(exc)[:80]})")
                 continue
             for (phase, op), times in clock.samples.items():
                 if phase != "recompute":  # recomputations are scaled from their first forward's ratio
@@ -164,7 +171,17 @@ def calibrate(model: torch.nn.Module, inputs, trace, *, optimizer: str, rounds: 
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
         model.train(was_training)
-    in_place = report.in_place = {key: statistics.median(times) for key, times in samples.items()}
+    return {key: statistics.median(times) for key, times in samples.items()}, notes
+
+
+def with_in_place_times(trace, in_place: dict, notes=()) -> Calibration:
+    """``trace`` with the in-place times ``in_place`` ((op, implementation) -> us): those
+    measured replace the profile's, the other implementations of an op are scaled by the
+    op's median in-place / alone ratio, recomputations by their implementation's."""
+    from ..tracing.api import with_costs
+
+    network = trace.spec.network
+    report = Calibration(trace, notes=list(notes), in_place=dict(in_place))
     ratios: dict[str, list[float]] = defaultdict(list)
     for op in _all_ops(network):
         for impl in op.impls:

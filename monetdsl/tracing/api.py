@@ -21,6 +21,7 @@ from .capture import CaptureError, capture, make_fake_inputs
 from .costs import PRESETS, Roofline, preset
 from .fixed_memory import OPTIMIZERS, fixed_items
 from .joint import analyse
+from .profile import MEASURE_REPEATS
 from .to_ir import BuiltNetwork, build_network
 
 __all__ = ["TraceResult", "trace", "trace_model", "profile_trace", "with_costs", "DTYPES", "strip_loss_ops"]
@@ -91,7 +92,7 @@ def trace_model(
     profile: bool = False,
     optimizer: str = "adam",
     dtype: str | torch.dtype | None = None,
-    repeats: int = 5,
+    repeats: int = MEASURE_REPEATS,
 ) -> TraceResult:
     """Trace one training step of ``model`` and describe it as a spec.
 
@@ -155,17 +156,18 @@ def trace_model(
     return profile_trace(result, device, repeats) if profile else result
 
 
-def profile_trace(trace: TraceResult, device: str, repeats: int = 5) -> TraceResult:
+def profile_trace(trace: TraceResult, device: str, repeats: int = MEASURE_REPEATS, store=None) -> TraceResult:
     """``trace`` with every op and implementation timed on ``device`` (``cpu`` or
     ``cuda``): what ``trace_model(..., profile=True)`` returns, from a trace already made
     (the runtime traces on the roofline first and profiles only when no timing of the
     graph is kept). ``trace`` is untouched; times that cannot be measured stay the
-    roofline's, with a note."""
+    roofline's, with a note. ``store``: where measurements are kept (a
+    :class:`~monetdsl.costs.MeasurementStore`; default the user's cache directory)."""
     from .profile import profile_network, profiled_cost_model
 
     start = time.perf_counter()
     built = replace(trace.built, notes=list(trace.built.notes))
-    network = profile_network(built, device, repeats=repeats)
+    network = profile_network(built, device, repeats=repeats, store=store)
     result = with_costs(trace, network, profiled_cost_model(device, repeats), built.notes[len(trace.built.notes):])
     result.total_seconds += time.perf_counter() - start
     return result

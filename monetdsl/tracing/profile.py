@@ -1,45 +1,22 @@
-"""``--profile``: time every op and implementation on the real device.
+"""``--profile``: costs measured on the real device instead of the roofline.
 
-Each op is run in isolation on random tensors of its traced shapes, every alternative
-separately, with the step functions the runtime runs (:mod:`monetdsl.runtime.step_times`).
-Each timing is the median of ``repeats`` runs after two warm-up runs, with the device
-synchronised around every run. An implementation that cannot be run keeps its roofline
-time and the spec says so in a note.
+What is measured, and how, is the costing stage's business (:mod:`monetdsl.costs`): every
+op and implementation run alone on real tensors of its traced shapes, with the step
+functions the runtime runs, timed and watched by the device's allocator, and kept on disk
+by op signature. This module names the result in the spec's cost-model line.
 """
 from __future__ import annotations
-
-import statistics
-import time
 
 import torch
 
 from ..ir import Network
 from .to_ir import BuiltNetwork
 
-__all__ = ["profile_network", "profiled_cost_model", "device_description", "time_call"]
+__all__ = ["profile_network", "profiled_cost_model", "device_description", "MEASURE_REPEATS"]
 
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_call(fn, device: str, repeats: int = 5, setup=None) -> float:
-    """Median microseconds of ``fn()`` (or ``fn(setup())``) after two warm-up calls.
-
-    ``setup`` runs outside the timed region: fresh copies for in-place alternatives."""
-    def once():
-        arg = setup() if setup is not None else None
-        _sync(device)
-        start = time.perf_counter()
-        fn(arg) if setup is not None else fn()
-        _sync(device)
-        return (time.perf_counter() - start) * 1e6
-
-    for _ in range(2):
-        once()
-    samples = [once() for _ in range(max(repeats, 1))]
-    return round(statistics.median(samples), 3)
+#: timed runs per step (after one warm-up): the median is steady by then on small ops,
+#: and planning time matters
+MEASURE_REPEATS = 3
 
 
 def device_description(device: str) -> str:
@@ -47,17 +24,19 @@ def device_description(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
 
-def profiled_cost_model(device: str, repeats: int = 5) -> str:
-    """The cost-model line of a spec timed on ``device`` (the same on every run of one
+def profiled_cost_model(device: str, repeats: int = MEASURE_REPEATS) -> str:
+    """The cost-model line of a spec measured on ``device`` (the same on every run of one
     machine: the runtime keys its caches on it)."""
-    return f"measured on {device_description(device)} (median of {repeats} runs after 2 warm-up runs, per op and implementation)"
+    return (f"measured on {device_description(device)} (median of {repeats} runs after a warm-up run, per op and"
+            " implementation; workspaces from the allocator's peak)")
 
 
-def profile_network(built: BuiltNetwork, device: str, repeats: int = 5) -> Network:
-    """A copy of the built network with measured times. Implementations that cannot be
-    timed keep their roofline time; ``built.notes`` says so."""
-    from ..runtime.step_times import time_steps
+def profile_network(built: BuiltNetwork, device: str, repeats: int = MEASURE_REPEATS, store=None) -> Network:
+    """A copy of the built network with measured times and workspaces (``store``: a
+    :class:`~monetdsl.costs.MeasurementStore`, by default the user's cache). Steps that
+    cannot be run keep their estimates; ``built.notes`` says so."""
+    from ..costs import MeasurementStore, measure_costs
 
-    report = time_steps(built, device, repeats)
+    report = measure_costs(built, device, store if store is not None else MeasurementStore(), repeats)
     built.notes.extend(report.notes)
     return report.network
