@@ -26,7 +26,11 @@ from ..tracing.api import with_costs
 from ..tracing.profile import profiled_cost_model
 from .calibrate import CALIBRATION_NOTE, in_place_times, with_in_place_times
 
-__all__ = ["measured_trace", "measured_cost_model", "device_of"]
+__all__ = ["measured_trace", "measured_cost_model", "device_of", "IN_PLACE_ROUNDS"]
+
+#: timed store-all steps per calibration schedule (after a warm-up step): planning time
+#: matters, and ops of one signature pool their samples in the store
+IN_PLACE_ROUNDS = 1
 
 
 def device_of(inputs) -> str:
@@ -95,6 +99,6 @@ def measured_trace(model: torch.nn.Module, inputs, trace, *, optimizer: str, sto
     in_place = _stored_in_place(report.network, report.entries)
     notes: list[str] = []
     if in_place is None:
-        in_place, notes = in_place_times(model, list(inputs), measured, optimizer=optimizer)
+        in_place, notes = in_place_times(model, list(inputs), measured, optimizer=optimizer, rounds=IN_PLACE_ROUNDS)
         _store_in_place(report.network, report, in_place, store)
     return with_in_place_times(measured, in_place, notes).trace
