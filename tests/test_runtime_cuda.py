@@ -25,7 +25,7 @@ import torch
 
 import monetdsl
 from monetdsl.models import SmallCNN, TinyResNet, TinyUNet, tiny_gpt
-from monetdsl.runtime.ops import CUDA_OPS
+from monetdsl.lowering.ops import CUDA_OPS
 from monetdsl.runtime.plan import trace_for_runtime
 from monetdsl.search import solve
 from .runtime_helpers import budget_ladder, Reduced, first_impls, patch_dropout, schedule_with, twins
@@ -242,7 +242,7 @@ def test_autocast_bf16_on_the_gpu(factory, make_input):
 def test_profile_times_every_step_on_the_gpu():
     """``--profile`` on CUDA runs every implementation's runtime step (numba kernels
     included) on the device: no step falls back to its roofline time."""
-    from monetdsl.tracing import trace_model
+    from monetdsl.costs import trace_model
 
     result = trace_model(SmallCNN(), [(4, 3, 32, 32)], device="cuda", profile=True, repeats=1)
     assert result.cost_model.startswith("measured on")

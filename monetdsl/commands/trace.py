@@ -85,7 +85,7 @@ def run(args) -> int:
     import torch.nn as nn
 
     from ..io import atomic_write
-    from ..tracing import trace_model
+    from ..costs import trace_model
 
     inputs = [parse_input(t) for t in args.input]
     factory = load_target(args.target)

@@ -1,7 +1,7 @@
 """Each op's time and real memory on the device the model trains on.
 
 Every implementation of every op is run alone with the step function the runtime will
-run (:mod:`monetdsl.runtime.program`: the captured aten call for PyTorch's own forward,
+run (:mod:`monetdsl.lowering.program`: the captured aten call for PyTorch's own forward,
 its local backward graph, the custom ops of the other alternatives, a recomputation from
 saved statistics, mask or seed) on real tensors of the traced shapes, strides and dtypes:
 inputs random, derived tensors (masks, statistics, indices) what the alternative's own
@@ -12,7 +12,7 @@ allocator, or ``max_memory_allocated`` on CUDA). A step's **workspace** is its h
 mark above the memory at its start (its inputs, already allocated) less the bytes the
 memory model allocates for its outputs: library temporaries (oneDNN's weight reorders,
 cuDNN's and cuBLAS's workspaces), the runtime's own copies and a kernel's scratch are all
-in it, where the FakeTensor estimate (:mod:`monetdsl.runtime.workspace`) sees tensors only.
+in it, where the FakeTensor estimate (:mod:`monetdsl.costs.estimated_workspace`) sees tensors only.
 The time is the median of ``repeats`` runs after one warm-up; the workspace the largest of
 their peaks.
 
@@ -132,7 +132,7 @@ def measure_costs(built, device: str, store: MeasurementStore | None = None, rep
     :class:`~monetdsl.tracing.to_ir.BuiltNetwork` carrying its joint graph) measured on
     ``device`` (``cpu`` or ``cuda``), or read from ``store``; new measurements are added
     to ``store``. Returns a new network; ``built`` is untouched."""
-    from ..runtime.program import _OpLowering, value_nodes
+    from ..lowering.program import _OpLowering, value_nodes
 
     network, node_of = built.network, value_nodes(built)
     report = CostReport(network)
@@ -203,7 +203,7 @@ def apply_entries(network: Network, entries: dict[str, dict]) -> Network:
 def _measure_op(low, op, bops, node_of, device, repeats, probe) -> tuple[dict, list[str]]:
     """The entry of one op: every forward implementation (first forward, recomputation
     when it reads saved tensors) and every backward step's implementations."""
-    from ..runtime.program import _backward_step
+    from ..lowering.program import _backward_step
 
     notes: list[str] = []
     tensors = low.network.tensors
@@ -237,7 +237,7 @@ def _measure_forward(low, op, impl, values: _OpValues, device: str, repeats: int
     """The first forward's time and workspace and, when the recomputation reads saved
     tensors, the recomputation's (on what this alternative's first forward derived). An
     in-place alternative gets a fresh copy of the input it overwrites before every run."""
-    from ..runtime.program import _forward_step
+    from ..lowering.program import _forward_step
 
     tensors = low.network.tensors
     planned = sum(tensors[out].storage_bytes for k, out in enumerate((*op.outputs, *impl.derived))

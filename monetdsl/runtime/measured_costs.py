@@ -21,9 +21,8 @@ from collections import defaultdict
 
 import torch
 
-from ..costs import MeasurementStore, measure_costs
+from ..costs import MeasurementStore, measure_costs, profiled_cost_model
 from ..tracing.api import with_costs
-from ..tracing.profile import profiled_cost_model
 from .calibrate import CALIBRATION_NOTE, in_place_times, with_in_place_times
 
 __all__ = ["measured_trace", "measured_cost_model", "device_of", "IN_PLACE_ROUNDS"]

@@ -255,7 +255,7 @@ def _grad_of_owner(plan: RuntimePlan, owner: torch.Tensor, grad: torch.Tensor) -
     path = plan.output_path
     if path.is_identity:
         return grad
-    from .graphs import owner_adapter
+    from ..lowering.graphs import owner_adapter
 
     adapter = owner_adapter(owner, [path])
     return adapter(grad)

@@ -29,8 +29,8 @@ from ..units import human_bytes
 from ..validate import resolve_constraints
 from .executor import StepPlan, plan_steps
 from ..tracing.joint import packet_name
-from .graphs import ArgPath, arg_path, call_node
-from .program import Program, lower
+from ..lowering.graphs import ArgPath, arg_path, call_node
+from ..lowering.program import Program, lower
 from .scale_weights import pins_avoiding_from_output, weights_divided_by, zero_weight_ops
 
 __all__ = ["RuntimePlan", "Constraints", "build_plan", "trace_for_runtime", "schedule_for", "clear_caches"]
@@ -145,7 +145,7 @@ def trace_for_runtime(model: torch.nn.Module, inputs, *, optimizer: str, device:
     device (its roofline preset, or with ``profile`` every op and alternative timed on it,
     then, with ``calibrate``, corrected by timing store-all training steps in place:
     :mod:`.calibrate`)."""
-    from ..tracing import trace_model
+    from ..costs import trace_model
     from ..tracing.capture import CaptureError
 
     on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)

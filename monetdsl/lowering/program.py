@@ -6,7 +6,7 @@ Forward ops get two steps, the first forward and the recomputation (which reads 
 implementation's ``recompute reads`` and reproduces the first forward exactly); every
 backward op gets one.
 
-Arguments are rebuilt from their storage owners (:class:`~monetdsl.runtime.graphs.ArgPath`),
+Arguments are rebuilt from their storage owners (:class:`~monetdsl.lowering.graphs.ArgPath`),
 so only owners are ever held. Gradients come out per owner: a step computes gradients of
 its arguments, then the backward of the alias calls turns them into the owners'.
 """
