@@ -335,9 +335,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared machine, 2-thread kernels wait on each other's"
                         " preempted thread and step times say more about the load than about the plan)")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="make glibc keep freed host memory first (monetdsl.retain_freed_memory): no page faults per step")
     parser.add_argument("--output", default=None, help="write the markdown report here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    malloc = monetdsl.retain_freed_memory().message if args.retain_freed_memory else "glibc defaults"
     rows = []
     for name in args.models.split(","):
         try:
@@ -349,7 +352,8 @@ def main() -> None:
     if args.output:
         command = "python benchmarks/fidelity.py " + " ".join(sys.argv[1:])
         report = (f"# Plans against the machine\n\n{datetime.date.today()}, {platform.machine()} "
-                  f"{os.cpu_count()} cores ({torch.get_num_threads()} threads), torch {torch.__version__}; `{command}`\n\n"
+                  f"{os.cpu_count()} cores ({torch.get_num_threads()} threads), torch {torch.__version__}, malloc: {malloc};"
+                  f" load average {os.getloadavg()[0]:.1f} at the end; `{command}`\n\n"
                   + text)
         atomic_write(args.output, report)
 
