@@ -195,7 +195,7 @@ class _Search:
             # step down until a plan fits
             step = max(1, (start - lo) // 8)
             m = start - step
-            while m >= lo and time.perf_counter() < deadline:
+            while m >= lo and time.perf_counter() < deadline and not self.ctx.stopped:
                 r = self.probe(m)
                 if fits(r):
                     lo_ok = m
@@ -208,7 +208,7 @@ class _Search:
                     lo_ok = lo
         if lo_ok is not None:
             # bisection for the largest fitting m (more memory: a faster plan)
-            while hi_bad - lo_ok > 1 and time.perf_counter() < deadline:
+            while hi_bad - lo_ok > 1 and time.perf_counter() < deadline and not self.ctx.stopped:
                 mid = (lo_ok + hi_bad) // 2
                 if fits(self.probe(mid)):
                     lo_ok = mid
@@ -224,7 +224,7 @@ class _Search:
             return []
         lo = ok[0]
         for m in sorted(set([lo, lo + 1, lo + 2, lo + 4, lo + 8, lo + 16])):
-            if time.perf_counter() > deadline:
+            if time.perf_counter() > deadline or self.ctx.stopped:
                 break
             self.probe(m)
         return [(r[0], r[1]) for r in self.probes.values() if r is not None]
@@ -264,8 +264,9 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     menu_budget = float(options.get("menu_seconds", limit * MENU_SHARE))
     t = time.perf_counter()
     builds_before = cache.builds
-    menus = build_menus(list(kinds.values()), time_budget=menu_budget, cache=cache, workers=workers, grid=int(options.get("grid", 2)))
-    if "menu_seconds" not in options:
+    menus = build_menus(list(kinds.values()), time_budget=menu_budget, cache=cache, workers=workers, grid=int(options.get("grid", 2)),
+                        stop=ctx.stop)
+    if "menu_seconds" not in options and not ctx.stopped:
         menus = _complete_menus(kinds, menus, begin + MENU_SHARE_MAX * limit, cache, workers, details)
     details["menu_seconds"] = round(time.perf_counter() - t, 3)
     details["menus_built"] = cache.builds - builds_before
@@ -290,7 +291,7 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     while True:
         chain = ChainModel(network, parts, nets, menus)
         search = _Search(network, chain, ctx, constraints, span)
-        remaining = deadline - time.perf_counter()
+        remaining = _left(ctx, deadline)
         dp_deadline = time.perf_counter() + max(1.0, 0.5 * remaining * (1 - refine_reserve))
         if objective == "memory":
             new = search.least_peak(cap_us, dp_deadline)
@@ -306,9 +307,9 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
             "best": None if best_m is None else search.probes[best_m][1].compute_us,
         })
         report("chain DP", None if best_m is None else search.probes[best_m][1].compute_us)
-        if best_m is None or len(rounds) > max_rounds:
+        if best_m is None or len(rounds) > max_rounds or ctx.stopped:
             break
-        remaining = deadline - time.perf_counter()
+        remaining = _left(ctx, deadline)
         if remaining * (1 - refine_reserve) < 1.0:
             break
         plan = reconstruct(search.problem, search.table, best_m)
@@ -329,7 +330,8 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
         rounds[-1]["requests"] = {fp[:8]: [list(i) for i in items] for fp, (_, items) in fresh_requests.items()}
         if not fresh_requests:
             break
-        menus = extend_menus(fresh_requests, menus, time_budget=0.5 * remaining * (1 - refine_reserve), cache=cache, workers=workers)
+        menus = extend_menus(fresh_requests, menus, time_budget=0.5 * remaining * (1 - refine_reserve), cache=cache, workers=workers,
+                             stop=ctx.stop)
     if objective == "compute" and budget is not None and not any(sim.ok for _, sim in found):
         # nothing the DP composed fits: its least-peak plans say how much would, and start
         # the minimum-budget search (_finish, _no_schedule)
@@ -350,11 +352,11 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
         starts = _starts(candidates, objective, budget, cap_us, POLISH_STARTS)
         details["local_search"] = []
         for k, start in enumerate(starts):
-            share = (deadline - time.perf_counter()) * (POLISH_SHARE if _fits_refinement(network, options) else 1.0) / (len(starts) - k)
+            share = (_left(ctx, deadline)) * (POLISH_SHARE if _fits_refinement(network, options) else 1.0) / (len(starts) - k)
             if share <= 0.2:
                 break
             polished = improve(network, start[1], constraints, baseline_us=ctx.baseline_us, time_limit=share, objective=objective,
-                               max_kicks=options.get("kicks"))
+                               max_kicks=options.get("kicks"), stop=ctx.stop)
             details["local_search"].append({"start": start[0], "from": _value(start[2], objective), "to": _value(polished.simulation, objective),
                                             "moves": len(polished.moves), "evaluations": polished.evaluations, "seconds": round(polished.seconds, 3)})
             if _value(polished.simulation, objective) < _value(run[2], objective) - 1e-9:
@@ -427,6 +429,11 @@ def _fits_refinement(network: Network, options: dict) -> bool:
     return len(network.forward_ops) <= int(options.get("refine_max_ops", REFINE_MAX_FORWARD_OPS))
 
 
+def _left(ctx: SearchContext, deadline: float) -> float:
+    """Seconds left before ``deadline``; none once the caller asked the search to stop."""
+    return 0.0 if ctx.stopped else deadline - time.perf_counter()
+
+
 def _finish(network, constraints, ctx, run, candidates, details, deadline, begin) -> HybridRun:
     objective = ctx.objective
     allowed = constraints.allowed_impls
@@ -437,11 +444,11 @@ def _finish(network, constraints, ctx, run, candidates, details, deadline, begin
     details["simple_lower_bound"] = lower
     floor = model = None
     refine = _fits_refinement(network, ctx.options)
-    if run is None and objective == "compute" and constraints.memory_budget is not None and refine and deadline - time.perf_counter() > 0.5:
+    if run is None and objective == "compute" and constraints.memory_budget is not None and refine and _left(ctx, deadline) > 0.5:
         run, floor, model = _least_peak_first(network, constraints, ctx, candidates, deadline, details)
         refine = not model.builder.conflicts and not (floor.exact and (floor.bytes is None or floor.bytes > constraints.memory_budget))
     refined = None
-    if refine and deadline - time.perf_counter() > 0.5:
+    if refine and _left(ctx, deadline) > 0.5:
         refined = _refine(network, constraints, ctx, run, deadline, details, model=model)
     if run is None and refined is None:
         return _no_schedule(network, constraints, ctx, candidates, details, deadline, lower, floor)
@@ -493,7 +500,7 @@ def _least_peak_first(network, constraints, ctx, candidates, deadline, details):
     Returns ``(run or None, the minimum-budget search, the refinement's model)``."""
     model = _refinement_model(network, constraints, ctx)
     share = 1.0 if model.builder.conflicts else FLOOR_SHARE
-    left = deadline - time.perf_counter()
+    left = _left(ctx, deadline)
     floor = minimum_budget(network, without_budget(constraints), ctx, time_limit=max(0.5, share * left), label="hybrid", candidates=list(candidates))
     info = {"peak": floor.bytes, "exact": floor.exact, "lower_bound": floor.lower_bound, "seconds": round(floor.seconds, 3)}
     details["least_peak_first"] = info
@@ -519,14 +526,14 @@ def _refine(network, constraints, ctx, run, deadline, details, model=None) -> di
         info["status"] = "infeasible"
         return None
     start = _start_for(model, [run]) if run is not None else None
-    left = deadline - time.perf_counter()
+    left = _left(ctx, deadline)
     if left <= 0.2:
         info["status"] = "no time"
         return None
     gap = 0.0 if objective == "memory" else ctx.options.get("gap", 1e-4)
     milp = run_highs(
         model.builder, time_limit=left, rel_gap=gap, abs_gap=0.25 / MIB if objective == "memory" else 1e-6,
-        start=None if start is None else start[1], backend="highspy",
+        start=None if start is None else start[1], backend="highspy", stop=ctx.stop,
     )
     info.update(status=milp.status, seconds=round(time.perf_counter() - t, 3), warm_start=start is not None, nodes=milp.nodes)
     bound = milp.bound
@@ -555,8 +562,8 @@ def _no_schedule(network, constraints, ctx, candidates, details, deadline, lower
     known = best[2].peak_bytes if best is not None else None
     known_schedule = best[1] if best is not None else None
     found = floor
-    if found is None and _fits_refinement(network, ctx.options) and deadline - time.perf_counter() > 0.5:
-        found = minimum_budget(network, without_budget(constraints), ctx, time_limit=max(0.5, deadline - time.perf_counter()), label="hybrid",
+    if found is None and _fits_refinement(network, ctx.options) and _left(ctx, deadline) > 0.5:
+        found = minimum_budget(network, without_budget(constraints), ctx, time_limit=max(0.5, _left(ctx, deadline)), label="hybrid",
                                candidates=list(candidates))
     if found is not None:
         if found.bytes is not None and (known is None or found.bytes <= known):
