@@ -12,7 +12,7 @@ import monetdsl
 from monetdsl.costs import MeasurementStore, measure_costs, user_cache_dir
 from monetdsl.costs.cpu_allocator import BuildError
 from monetdsl.costs.probes import AllocatorProbe
-from monetdsl.costs.store import signature_digest
+from monetdsl.costs.store import FORMAT, signature_digest
 from monetdsl.runtime.plan import trace_for_runtime
 
 
@@ -33,9 +33,9 @@ def test_the_store_round_trips_and_ignores_what_it_cannot_trust(tmp_path):
     assert store.get("op B") is None
     path = next((tmp_path / "measurements").glob("*/*.json"))
     assert path.stem == signature_digest("op A")
-    for damaged in ("{not json", json.dumps({"format": 1, "signature": "op B", "entry": entry}),  # another op's entry
-                    json.dumps({"format": 1, "signature": "op A", "entry": {"forward": {"x": {"time_us": -1}}}}),
-                    json.dumps({"format": 0, "signature": "op A", "entry": entry}), ""):
+    for damaged in ("{not json", json.dumps({"format": FORMAT, "signature": "op B", "entry": entry}),  # another op's entry
+                    json.dumps({"format": FORMAT, "signature": "op A", "entry": {"forward": {"x": {"time_us": -1}}}}),
+                    json.dumps({"format": FORMAT - 1, "signature": "op A", "entry": entry}), ""):
         path.write_text(damaged)
         assert store.get("op A") is None, damaged
     store.put("op A", entry)  # a damaged entry is replaced

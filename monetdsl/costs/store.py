@@ -18,10 +18,10 @@ from pathlib import Path
 from ..io import atomic_write
 from .locations import user_cache_dir
 
-__all__ = ["MeasurementStore", "signature_digest"]
+__all__ = ["MeasurementStore", "signature_digest", "FORMAT"]
 
 #: bumped when the meaning of a stored entry changes (older entries are then misses)
-FORMAT = 1
+FORMAT = 2
 
 
 def signature_digest(signature: str) -> str:

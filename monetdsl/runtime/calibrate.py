@@ -12,7 +12,9 @@ store-all measured x1.10 slower than PyTorch's own).
 
 :func:`calibrate` runs a few store-all schedules through the executor, each with other
 alternatives (the first of every op, the second, ..., and the profile's fastest), times
-every step where it runs, and gives each implementation its median in-place time.
+every step where it runs, and gives each implementation its median in-place time plus
+its share of the step's time outside the steps (the executor's own work per step: on a
+tiny model, where a kernel takes microseconds, that work is what a recomputation costs).
 Implementations that no store-all schedule runs (in-place forwards, which store-all never
 picks because their input is kept) are scaled by their op's in-place / alone ratio, and
 recomputation times by their implementation's. The model's buffers, gradients and random
@@ -151,16 +153,21 @@ def in_place_times(model: torch.nn.Module, inputs, trace, *, optimizer: str, rou
             impls = chosen_impls(network, schedule)
             try:
                 module.plan_for(*inputs, trace=trace)
+                wall = 0.0
                 for round_ in range(rounds + 1):  # the first warms up
                     if round_ == 1:
                         clock.samples.clear()
+                    start = time.perf_counter()
                     torch.autograd.backward(*_backward_seeds(module(*inputs)))
+                    clock.sync()
+                    wall += (time.perf_counter() - start) * 1e6 if round_ else 0.0
             except Exception as exc:  # noqa: BLE001 - reported; the other schedules still calibrate
                 notes.append(f"calibration schedule '{label}' not run ({type(exc).__name__}: {str(exc)[:80]})")
                 continue
+            between = _between_steps(wall, clock.samples)
             for (phase, op), times in clock.samples.items():
                 if phase != "recompute":  # recomputations are scaled from their first forward's ratio
-                    samples[(op, impls[op])].extend(times)
+                    samples[(op, impls[op])].extend(t + between for t in times)
     finally:
         for p, g in zip(params, grads):
             p.grad = g
@@ -172,6 +179,14 @@ def in_place_times(model: torch.nn.Module, inputs, trace, *, optimizer: str, rou
             torch.cuda.set_rng_state_all(cuda_rng)
         model.train(was_training)
     return {key: statistics.median(times) for key, times in samples.items()}, notes
+
+
+def _between_steps(wall_us: float, samples: dict) -> float:
+    """The work of a training step outside its steps (the executor freeing tensors and
+    moving names, the autograd function around the passes), per step: every step the
+    schedule runs, a recomputation included, costs that much besides its kernels."""
+    count = sum(len(times) for times in samples.values())
+    return max(0.0, wall_us - sum(sum(times) for times in samples.values())) / count if count else 0.0
 
 
 def with_in_place_times(trace, in_place: dict, notes=()) -> Calibration:
