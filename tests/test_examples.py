@@ -78,13 +78,14 @@ def shell_examples(path: Path) -> list[Example]:
 
 def help_examples() -> list[Example]:
     """The examples at the end of ``monetdsl --help`` and of each command's ``--help``,
-    in an order where a command that writes a file runs before one that reads it."""
+    in an order where a command that writes a file runs before one that reads it, after
+    the quick start's solve (the help texts show the schedule it writes)."""
     parser = cli.build_parser()
     subparsers = next(action for action in parser._actions if action.__class__.__name__ == "_SubParsersAction")
     order = ["solve", "check", "show", "sweep", "trace", "bench", "import"]
     texts = [(f"monetdsl {name} --help", subparsers.choices[name].format_help()) for name in order]
     texts.append(("monetdsl --help", parser.format_help()))
-    examples = []
+    examples = [Example("quick start", 1, "monetdsl solve specs/tiny_chain.monet")]
     for source, text in texts:
         for number, line in enumerate(text.splitlines(), 1):
             if line.startswith("  monetdsl "):
