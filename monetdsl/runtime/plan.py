@@ -31,6 +31,7 @@ from .executor import StepPlan, plan_steps
 from ..tracing.joint import packet_name
 from ..lowering.graphs import ArgPath, arg_path, call_node
 from ..lowering.program import Program, lower
+from .eager_random import pins_keeping_eager_dropout
 from .scale_weights import pins_avoiding_from_output, weights_divided_by, zero_weight_ops
 
 __all__ = ["RuntimePlan", "Constraints", "build_plan", "trace_for_runtime", "schedule_for", "clear_caches"]
@@ -308,6 +309,8 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
     elif avoid is None:
         avoid = zero_weight_ops(weights_divided_by(trace, None, sources), dict(model.named_parameters()))
     pins = pins_avoiding_from_output(network, avoid)
+    if constraints.schedule is None:
+        pins += pins_keeping_eager_dropout(network)
     if pins:
         spec = replace(spec, constraints=replace(spec.constraints, impls=spec.constraints.impls + pins))
     schedule, simulation = schedule_for(spec, constraints, cache_dir, costs=trace.cost_model)
