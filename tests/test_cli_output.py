@@ -232,6 +232,15 @@ def test_inputs_must_be_regular_files(tmp_path, capfd):
     assert "is a directory" in capfd.readouterr().err
 
 
+def test_dash_is_standard_output_and_no_write_contradicts_an_output(tiny, tmp_path, capfd, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["solve", str(tiny), "--budget", "21MiB", "-o", "-", "-q"]) == 0
+    assert capfd.readouterr().out.startswith("# schedule written by monetdsl")
+    assert not (tmp_path / "-").exists()
+    assert main(["solve", str(tiny), "--budget", "21MiB", "-o", "plan.monet", "--no-write"]) == 2
+    assert "contradict" in capfd.readouterr().err and not (tmp_path / "plan.monet").exists()
+
+
 def test_stdout_redirected_to_a_file_gets_the_schedule_and_the_report_in_order(tiny, tmp_path):
     """``-o /dev/stdout > out.txt``: the schedule is written through stdout's own
     descriptor (its position shared), so what is printed after it does not overwrite it."""

@@ -29,7 +29,6 @@ TINY = str(SPECS_DIR / "tiny_chain.monet")
         ("memory_budget", -3, "must be positive"),
         ("memory_budget", True, "number of bytes"),
         ("max_overhead", "10", "write a percentage, e.g. 10%"),
-        ("max_overhead", 10, "would mean 1000%"),
         ("max_overhead", "10 MiB", "is not a percentage"),
         ("max_overhead", -0.1, "fraction >= 0"),
         ("max_overhead", float("nan"), "fraction >= 0"),
@@ -146,3 +145,12 @@ def test_quantities_beyond_what_can_be_counted_are_located_errors(tmp_path, caps
     assert main(["check", str(path), "--json"]) == 1
     error = json.loads(capsys.readouterr().out)["errors"][0]
     assert words in error["message"] and error["line"] == text.splitlines().index(next(l for l in text.splitlines() if old in l)) + 1
+
+
+def test_optimize_refuses_a_cap_above_one_written_as_a_number():
+    """In Python a cap is a fraction: ``max_overhead=10`` is far more likely a percentage
+    without its sign than a 1000 % cap, so it is refused with both spellings."""
+    with pytest.raises(OptionError, match="would mean 1000%"):
+        monetdsl.optimize(torch.nn.Linear(2, 2), max_overhead=10)
+    with pytest.raises(OptionError, match="would mean 1000%"):
+        monetdsl.backend(max_overhead=10)

@@ -95,7 +95,7 @@ def run(args) -> int:
     checked = cli_search_options(args, methods=METHODS)
     outputs = _outputs(args.output)
     model, inputs = _build(args)
-    optimized = optimize(model, inputs, budget=checked.memory_budget, max_overhead=checked.max_overhead,
+    optimized = optimize(model, inputs, budget=checked.memory_budget, max_overhead=args.max_overhead,
                          schedule=args.schedule, method=checked.method, optimizer=args.optimizer, profile=False if args.roofline else None,
                          cache_dir=args.cache_dir)
     plan = optimized.plan_for(*inputs)

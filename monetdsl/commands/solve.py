@@ -57,7 +57,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--solver", choices=BACKENDS, default="highspy", help="HiGHS interface for the MILPs (default highspy)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
-    parser.add_argument("-o", "--output", help="where to write the schedule (default: the spec's NAME.schedule.monet)")
+    parser.add_argument("-o", "--output", help="where to write the schedule (default: the spec's NAME.schedule.monet; - for standard output)")
     parser.add_argument("--no-write", action="store_true", help="do not write the schedule file")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.set_defaults(run=run)
@@ -73,7 +73,10 @@ def default_output(spec_path: str) -> Path:
 def run(args) -> int:
     gap = {} if args.gap is None else {"gap": args.gap}
     checked = cli_search_options(args, methods=METHODS, options={"backend": args.solver, **gap})
-    output = Path(args.output) if args.output else default_output(args.spec)
+    if args.output and args.no_write:
+        raise usage_error("-o and --no-write contradict each other; give one")
+    # "-" is standard output, as for most command-line tools
+    output = Path("/dev/stdout" if args.output == "-" else args.output) if args.output else default_output(args.spec)
     spec = load_spec(args.spec)
     if not args.no_write:
         if output.resolve() == Path(args.spec).resolve():
