@@ -19,7 +19,9 @@
 6. **Refine**: when the whole network's MILP is small enough, warm-start it from the best
    schedule (a highspy MIP start) and let HiGHS improve it in the remaining time; its dual
    bound is reported. Otherwise the bound is :mod:`.bounds`' (every op once, fastest
-   implementation).
+   implementation). The refinement stops when HiGHS proves its gap, or earlier by
+   :mod:`..stopping`'s rule (no improvement of the engine's best for a share of the time
+   spent so far); ``details["stopped"]`` and the message say why the search ended.
 
 With the memory objective (``--min-memory``) the engine looks for the smallest internal
 budget whose plan replays within the overhead cap, and reports the best peak found and a
@@ -42,6 +44,7 @@ from ..milp.model import MIB, build_model
 from ..local_search import improve
 from ..outcome import MethodOutcome, SearchContext
 from ..progress import ProgressInfo
+from ..stopping import StallWatch, StopRule
 from ..simulator import Simulation, simulate
 from .bounds import compute_lower_bound, peak_lower_bound
 from .chain import ChainModel
@@ -240,8 +243,10 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     objective = ctx.objective
     budget = constraints.memory_budget
     cap_us = None if constraints.max_overhead is None else (1 + constraints.max_overhead + 1e-12) * ctx.baseline_us
+    watch = StallWatch(StopRule.from_options(options), begin)
 
     def report(phase: str, best: float | None = None, bound: float | None = None):
+        watch.observe(best)
         if ctx.progress is not None:
             unit = "bytes" if objective == "memory" else "us"
             gap = None if best is None or bound is None else max(0.0, best - bound) / max(best, 1e-12)
@@ -362,7 +367,7 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
                 candidates.append(run)
         report("local search", _value(run[2], objective))
     # 5-6. refinement, bounds --------------------------------------------------------------
-    result = _finish(network, constraints, ctx, run, candidates, details, deadline, begin)
+    result = _finish(network, constraints, ctx, run, candidates, details, deadline, watch)
     details["seconds"] = round(time.perf_counter() - begin, 3)
     return result
 
@@ -427,7 +432,7 @@ def _fits_refinement(network: Network, options: dict) -> bool:
     return len(network.forward_ops) <= int(options.get("refine_max_ops", REFINE_MAX_FORWARD_OPS))
 
 
-def _finish(network, constraints, ctx, run, candidates, details, deadline, begin) -> HybridRun:
+def _finish(network, constraints, ctx, run, candidates, details, deadline, watch: StallWatch) -> HybridRun:
     objective = ctx.objective
     allowed = constraints.allowed_impls
     if objective == "memory":
@@ -442,7 +447,7 @@ def _finish(network, constraints, ctx, run, candidates, details, deadline, begin
         refine = not model.builder.conflicts and not (floor.exact and (floor.bytes is None or floor.bytes > constraints.memory_budget))
     refined = None
     if refine and deadline - time.perf_counter() > 0.5:
-        refined = _refine(network, constraints, ctx, run, deadline, details, model=model)
+        refined = _refine(network, constraints, ctx, run, deadline, details, watch, model=model)
     if run is None and refined is None:
         return _no_schedule(network, constraints, ctx, candidates, details, deadline, lower, floor)
     status = "feasible"
@@ -462,7 +467,8 @@ def _finish(network, constraints, ctx, run, candidates, details, deadline, begin
     if status == "optimal":
         gap = min(gap, details.get("refine", {}).get("gap", gap) or 0.0)
     details["origin"] = origin
-    message = f"best schedule from {origin}"
+    details["stopped"] = _why_stopped(status, details.get("refine"), deadline)
+    message = f"best schedule from {origin}; stopped: {details['stopped']}"
     hr = HybridRun(schedule, sim, origin, details, lower, gap, status, message)
     if objective == "memory":
         exact = status == "optimal"
@@ -471,6 +477,19 @@ def _finish(network, constraints, ctx, run, candidates, details, deadline, begin
         if not exact:
             hr.message += f"; not proved minimal (every schedule needs at least {human_bytes(int(lower))})"
     return hr
+
+
+def _why_stopped(status: str, refine: dict | None, deadline: float) -> str:
+    """Why the search ended, in words (``details["stopped"]``)."""
+    if status == "optimal":
+        return "proved optimal"
+    if refine is not None and refine.get("stopped"):
+        return refine["stopped"]
+    if time.perf_counter() >= deadline:
+        return "time limit"
+    if refine is None:
+        return "every phase done (the network is too large for the refinement MILP)"
+    return f"refinement MILP ended ({refine.get('status')})"
 
 
 def _refinement_model(network, constraints, ctx):
@@ -507,8 +526,9 @@ def _least_peak_first(network, constraints, ctx, candidates, deadline, details):
     return run, floor, model
 
 
-def _refine(network, constraints, ctx, run, deadline, details, model=None) -> dict | None:
-    """The whole network's MILP, warm-started from the best schedule so far."""
+def _refine(network, constraints, ctx, run, deadline, details, watch: StallWatch, model=None) -> dict | None:
+    """The whole network's MILP, warm-started from the best schedule so far, until it
+    proves its result, the deadline, or ``watch`` says the search has stopped paying."""
     objective = ctx.objective
     t = time.perf_counter()
     if model is None:
@@ -524,9 +544,18 @@ def _refine(network, constraints, ctx, run, deadline, details, model=None) -> di
         info["status"] = "no time"
         return None
     gap = 0.0 if objective == "memory" else ctx.options.get("gap", 1e-4)
+    in_bytes = (lambda v: None if v is None else model.fixed_bytes + v * MIB) if objective == "memory" else (lambda v: v)
+
+    def stop(incumbent, bound) -> bool:
+        watch.observe(in_bytes(incumbent))
+        why = watch.reason()
+        if why is not None:
+            info["stopped"] = why
+        return why is not None
+
     milp = run_highs(
         model.builder, time_limit=left, rel_gap=gap, abs_gap=0.25 / MIB if objective == "memory" else 1e-6,
-        start=None if start is None else start[1], backend="highspy",
+        start=None if start is None else start[1], backend="highspy", stop=stop,
     )
     info.update(status=milp.status, seconds=round(time.perf_counter() - t, 3), warm_start=start is not None, nodes=milp.nodes)
     bound = milp.bound
@@ -587,7 +616,8 @@ def hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchContex
     if len(decompose(network, target_ops=target).blocks) == 1:
         # nothing to join: the one block is the whole network, which the MILP solves exactly
         outcome = solve_joint(network, constraints, ctx, label="hybrid")
-        outcome.details = {**outcome.details, "blocks": 1, "block_kinds": 1, "origin": "milp (the network is one block)"}
+        outcome.details = {**outcome.details, "blocks": 1, "block_kinds": 1, "origin": "milp (the network is one block)",
+                           "stopped": "proved optimal" if outcome.status == "optimal" else outcome.status.replace("_", " ")}
         return outcome
     hr = run_hybrid(network, constraints, ctx)
     details = dict(hr.details)

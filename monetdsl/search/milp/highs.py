@@ -33,6 +33,9 @@ FEASIBILITY_TOL = 1e-9
 
 #: ``progress(elapsed_s, incumbent, bound, gap)``; incumbent/gap are None before one exists
 Progress = Callable[[float, float | None, float | None, float | None], None]
+#: ``stop(incumbent, bound) -> bool``: asked whenever HiGHS reports; True interrupts the
+#: search (the run then ends as ``time_limit`` with the incumbent)
+Stop = Callable[[float | None, float | None], bool]
 
 
 @dataclass
@@ -91,11 +94,14 @@ def run_highs(
     backend: str = "highspy",
     relax: bool = False,
     seed: int = 0,
+    stop: Stop | None = None,
 ) -> MilpRun:
     """Solve the model built by ``builder`` (minimisation).
 
     ``start`` is a complete feasible column vector (highspy only); ``relax`` drops
-    integrality (the LP relaxation). ``abs_gap`` is in objective units.
+    integrality (the LP relaxation). ``abs_gap`` is in objective units. ``stop`` (highspy
+    only) is asked, with the incumbent and the bound in objective units, whenever HiGHS
+    reports, and ends the search when it answers True (:mod:`..stopping`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -110,12 +116,18 @@ def run_highs(
             inner(elapsed, None if incumbent is None else incumbent + offset, None if bound is None else bound + offset,
                   _gap(None if incumbent is None else incumbent + offset, None if bound is None else bound + offset))
 
+    if stop is not None and offset:
+        inner_stop = stop
+
+        def stop(incumbent, bound):
+            return inner_stop(None if incumbent is None else incumbent + offset, None if bound is None else bound + offset)
+
     if backend == "scipy":
         run = _run_scipy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap)
     else:
-        run = _run_highspy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap, start, progress, seed)
+        run = _run_highspy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap, start, progress, seed, stop)
         if start is not None and integrality.any() and run.status == "optimal" and _start_came_back(c, run, start):
-            run = _verified_without_start(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap, progress, seed, run)
+            run = _verified_without_start(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap, progress, seed, run, stop)
     if run.objective is not None:
         run.objective += offset
     if run.bound is not None:
@@ -141,11 +153,11 @@ def _start_came_back(c: np.ndarray, run: MilpRun, start: np.ndarray) -> bool:
     return abs(worth - run.objective) > scale or worth >= float(c @ start) - scale
 
 
-def _verified_without_start(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap, progress, seed, first: MilpRun) -> MilpRun:
+def _verified_without_start(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap, progress, seed, first: MilpRun, stop=None) -> MilpRun:
     """Solve again without the start in the time left: its optimum, when it proves one;
     else the better of the two points (the first run's claim is then unconfirmed)."""
     remaining = max(time_limit - first.seconds, 1e-3)
-    again = _run_highspy(c, a, rl, ru, cl, cu, integrality, remaining, rel_gap, abs_gap, None, progress, seed)
+    again = _run_highspy(c, a, rl, ru, cl, cu, integrality, remaining, rel_gap, abs_gap, None, progress, seed, stop)
     again.seconds += first.seconds
     if again.status == "optimal":
         return again
@@ -184,7 +196,7 @@ def _run_scipy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap) 
     return MilpRun("error", None, None, None, None, seconds, None, "scipy", res.message)
 
 
-def _run_highspy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap, start, progress, seed) -> MilpRun:
+def _run_highspy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap, start, progress, seed, stop=None) -> MilpRun:
     import highspy
 
     with _quiet_stdout():
@@ -222,13 +234,16 @@ def _run_highspy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap
         solution.value_valid = True
         h.setSolution(solution)
     begin = time.perf_counter()
-    if progress is not None and is_mip:
+    if (progress is not None or stop is not None) and is_mip:
 
         def report(event) -> None:
             data = event.data_out
             incumbent = data.mip_primal_bound if math.isfinite(data.mip_primal_bound) else None
             bound = data.mip_dual_bound if math.isfinite(data.mip_dual_bound) else None
-            progress(time.perf_counter() - begin, incumbent, bound, _gap(incumbent, bound))
+            if progress is not None:
+                progress(time.perf_counter() - begin, incumbent, bound, _gap(incumbent, bound))
+            if stop is not None and stop(incumbent, bound):
+                event.interrupt()
 
         h.cbMipInterrupt += report
     h.run()
