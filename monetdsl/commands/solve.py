@@ -79,7 +79,7 @@ def run(args) -> int:
     options = {"backend": args.solver}
     if gap is not None:
         options["gap"] = gap
-    progress = None if args.quiet else StderrProgress()
+    progress = None if args.quiet or args.json else StderrProgress()
     try:
         result = solve(
             spec, args.method, memory_budget=budget, max_overhead=overhead, time_limit=args.time_limit,

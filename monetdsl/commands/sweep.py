@@ -115,7 +115,7 @@ def run(args) -> int:
     if args.time_limit is not None and args.time_limit <= 0:
         raise usage_error("--time-limit: must be positive")
     rows = []
-    progress = None if args.quiet else StderrProgress()
+    progress = None if args.quiet or args.json else StderrProgress()
     for method in methods:
         for budget in budgets:
             result = solve(
