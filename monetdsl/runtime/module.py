@@ -16,16 +16,18 @@ up front. Searches show their progress on a terminal's stderr.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import operator
 import os
+import time
 import warnings
 from typing import Any
 
 import torch
 
 from ..errors import MonetError
-from ..search.progress import StderrProgress
+from ..search.progress import ProgressInfo, StderrProgress
 from .executor import Executor, StepState
 from .plan import Constraints, RuntimePlan, build_plan
 from .scale_weights import zero_weight_ops
@@ -143,9 +145,14 @@ class OptimizedModule(torch.nn.Module):
         plan = self._plans.get(key)
         if plan is None:
             progress = StderrProgress()
+            begin = time.perf_counter()
+
+            def report(info: ProgressInfo) -> None:  # elapsed since planning began, tracing included
+                progress(dataclasses.replace(info, elapsed=time.perf_counter() - begin))
+
             try:
                 plan = build_plan(self._orig_mod, list(inputs), self._constraints, optimizer=self._optimizer,
-                                  cache_dir=self._cache_dir, trace=trace, profile=self._profile, avoid=avoid, progress=progress)
+                                  cache_dir=self._cache_dir, trace=trace, profile=self._profile, avoid=avoid, progress=report)
             finally:
                 progress.close()
             self._plans[key] = plan

@@ -23,6 +23,7 @@ from ..errors import Diagnostic, ScheduleError, SolveError
 from ..grammar import load_schedule, parse_spec
 from ..io import atomic_write
 from ..ir import Schedule, Spec
+from ..search.progress import ProgressInfo
 from ..search.simulator import Simulation, chosen_impls, simulate
 from ..search.solve import solve
 from ..units import human_bytes
@@ -262,6 +263,8 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
         trace = (timed_trace(model, inputs, optimizer=optimizer, cache_dir=cache_dir) if profile
                  else trace_for_runtime(model, inputs, optimizer=optimizer))
     spec = trace.spec
+    if progress is not None:
+        progress(ProgressInfo("monetdsl", f"traced {len(spec.network.forward_ops)} ops, planning", 0.0, None, None, None, "us"))
     facts, names = trace.built.facts, trace.built.value_names
     sources = {}
     for node in facts.graph.nodes:

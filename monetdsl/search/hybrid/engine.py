@@ -546,8 +546,13 @@ def _refine(network, constraints, ctx, run, deadline, details, watch: StallWatch
     gap = 0.0 if objective == "memory" else ctx.options.get("gap", 1e-4)
     in_bytes = (lambda v: None if v is None else model.fixed_bytes + v * MIB) if objective == "memory" else (lambda v: v)
 
-    def stop(incumbent, bound) -> bool:
+    def stop(incumbent, bound) -> bool:  # also the progress report: HiGHS calls it many times a second
         watch.observe(in_bytes(incumbent))
+        if ctx.progress is not None:
+            best, low = watch.best, in_bytes(bound)
+            gap_now = None if best is None or low is None else max(0.0, best - low) / max(best, 1e-12)
+            ctx.progress(ProgressInfo("hybrid", "refinement MILP", time.perf_counter() - watch.begin, best, low, gap_now,
+                                      "bytes" if objective == "memory" else "us"))
         why = watch.reason()
         if why is not None:
             info["stopped"] = why
