@@ -19,19 +19,10 @@ from monetdsl.runtime import schedule_cache
 from monetdsl.runtime.module import PlanningWarning, RuntimeUsageError
 from monetdsl.runtime.plan import Constraints, schedule_for
 from monetdsl.search.solve import solve
+from .test_runtime_api import Tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CHAIN = ROOT / "specs" / "tiny_chain.monet"
-
-
-class Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(8, 16)
-        self.fc2 = torch.nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
 
 
 @pytest.fixture
