@@ -81,6 +81,11 @@ POLISH_STARTS = 3
 FLOOR_SHARE = 0.5
 #: bytes of DP table the engine allows itself (L x L x slots float64)
 TABLE_BYTES = 160 * 2**20
+#: with the stall rule on, the menus' first share is sized to the network (seconds per
+#: forward op, and at least this many seconds) rather than to the time limit; the rest of
+#: the grid is solved while the composed schedule keeps improving
+FIRST_MENU_SECONDS_PER_OP = 0.1
+FIRST_MENU_SECONDS = 2.0
 
 
 @dataclass
@@ -266,19 +271,14 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     # 2. menus ----------------------------------------------------------------------------
     cache = cache if cache is not None else DEFAULT_CACHE
     workers = int(options.get("workers", 1))  # >1: spawned processes (the caller needs a __main__ guard)
+    stalling = watch.rule.stall_share != float("inf") and "menu_seconds" not in options
     menu_budget = float(options.get("menu_seconds", limit * MENU_SHARE))
+    if stalling:  # a first share sized to the network; the rest while it pays (_complete_menus)
+        menu_budget = min(menu_budget, max(FIRST_MENU_SECONDS, FIRST_MENU_SECONDS_PER_OP * len(network.forward_ops)))
     t = time.perf_counter()
     builds_before = cache.builds
     menus = build_menus(list(kinds.values()), time_budget=menu_budget, cache=cache, workers=workers, grid=int(options.get("grid", 2)))
-    if "menu_seconds" not in options:
-        menus = _complete_menus(kinds, menus, begin + MENU_SHARE_MAX * limit, cache, workers, details)
-    details["menu_seconds"] = round(time.perf_counter() - t, 3)
-    details["menus_built"] = cache.builds - builds_before
-    empty = [bn.block.index for bn in nets if not menus[bn.fingerprint].options]
-    if empty:
-        raise SpecError(f"the hybrid engine found no way to run block {empty[0]} on its own; use --method milp or a heuristic")
-    report("menus built")
-    # 3-4. chain DP and composition, then targeted block solves and again ---------------
+    # heuristics before the menus are complete: they set the DP's memory span
     heuristics = _heuristics(network, constraints, ctx, None, _heuristic_names(network))
     details["heuristics"] = {name: {"peak": sim.peak_bytes, "compute": sim.compute_us} for name, _, sim in heuristics}
     store_peak = max((sim.peak_bytes for _, _, sim in heuristics), default=network.fixed_bytes)
@@ -287,8 +287,34 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
         span = max(1, store_peak - fixed)
     else:
         span = max(1, min(int((budget - fixed) * 1.5), store_peak - fixed + (budget - fixed)))
-    refine_reserve = 0.3 if _fits_refinement(network, options) else 0.0
     found: list[tuple[Schedule, Simulation]] = []
+
+    def composed_value(menus) -> float | None:
+        """The best value the chain DP composes from ``menus`` now (its plans join ``found``)."""
+        if any(not menus[fp].options for fp in kinds):
+            return None
+        search = _Search(network, ChainModel(network, parts, nets, menus), ctx, constraints, span)
+        stop_at = time.perf_counter() + max(1.0, 0.1 * (deadline - time.perf_counter()))
+        if objective == "memory":
+            new = search.least_peak(cap_us, stop_at)
+        elif budget is not None:
+            new = search.fastest_within(budget, stop_at)
+        else:
+            new = [(r[0], r[1]) for r in [search.probe(search.slots)] if r is not None]
+        found.extend(new)
+        return min((_value(sim, objective) for _, sim in new if sim.ok), default=None)
+
+    if "menu_seconds" not in options:
+        menus = _complete_menus(kinds, menus, begin + MENU_SHARE_MAX * limit, cache, workers, details,
+                                (watch, composed_value) if stalling else None)
+    details["menu_seconds"] = round(time.perf_counter() - t, 3)
+    details["menus_built"] = cache.builds - builds_before
+    empty = [bn.block.index for bn in nets if not menus[bn.fingerprint].options]
+    if empty:
+        raise SpecError(f"the hybrid engine found no way to run block {empty[0]} on its own; use --method milp or a heuristic")
+    report("menus built")
+    # 3-4. chain DP and composition, then targeted block solves and again ---------------
+    refine_reserve = 0.3 if _fits_refinement(network, options) else 0.0
     rounds: list[dict] = []
     asked: set = set()
     max_rounds = int(options.get("rounds", 3))
@@ -365,6 +391,7 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
             if _value(polished.simulation, objective) < _value(run[2], objective) - 1e-9:
                 run = (start[0] + "+local", polished.schedule, polished.simulation)
                 candidates.append(run)
+            watch.observe(_value(run[2], objective))
         report("local search", _value(run[2], objective))
     # 5-6. refinement, bounds --------------------------------------------------------------
     result = _finish(network, constraints, ctx, run, candidates, details, deadline, watch)
@@ -372,18 +399,36 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     return result
 
 
-def _complete_menus(kinds: dict, menus: dict, until: float, cache: MenuCache, workers: int, details: dict) -> dict:
+def _complete_menus(kinds: dict, menus: dict, until: float, cache: MenuCache, workers: int, details: dict,
+                    paying=None) -> dict:
     """Solve the grid points the menus' first share did not reach, until ``until``.
 
     The points are the ones :func:`~.menus.build_menu` planned (budgets between each
     block's minimum and its fastest peak, keep caps), so this finishes the menus rather
-    than widening them; targeted solves still follow the chain DP's plans."""
+    than widening them; targeted solves still follow the chain DP's plans.
+
+    ``paying``: ``(watch, composed_value)``: the points are solved in slices of a quarter
+    of the time spent so far (:mod:`..stopping`), each followed by the chain DP on the
+    menus so far (``composed_value(menus)``, the best value it composes), and the
+    completion stops when ``watch`` says the composed value has stopped improving."""
     pending = {fp: (bn, list(menus[fp].pending)) for fp, bn in kinds.items() if menus[fp].pending}
-    left = until - time.perf_counter()
     details["menu_points_pending"] = sum(len(items) for _, items in pending.values())
-    if not pending or left < 1.0:
-        return menus
-    menus = extend_menus(pending, menus, time_budget=left, cache=cache, workers=workers)
+    if paying is not None:
+        watch, composed_value = paying
+        watch.observe(composed_value(menus))
+    while pending and until - time.perf_counter() >= 1.0:
+        left = until - time.perf_counter()
+        if paying is None:
+            menus = extend_menus(pending, menus, time_budget=left, cache=cache, workers=workers)
+            break
+        piece = min(left, max(watch.rule.min_stall_seconds, watch.rule.stall_share * (time.perf_counter() - watch.begin)))
+        menus = extend_menus(pending, menus, time_budget=piece, cache=cache, workers=workers)
+        watch.observe(composed_value(menus))
+        pending = {fp: (bn, list(menus[fp].pending)) for fp, bn in kinds.items() if menus[fp].pending}
+        why = watch.reason()
+        if why is not None:
+            details["menus_stopped"] = why
+            break
     details["menu_points_left"] = sum(len(menus[fp].pending) for fp in kinds)
     return menus
 

@@ -246,6 +246,20 @@ def _run_highspy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap
                 event.interrupt()
 
         h.cbMipInterrupt += report
+    if stop is not None and is_mip:
+        # the MIP callback can stay silent for many seconds while HiGHS works on a large
+        # root node; the LP iterations are asked too (a clock read, the rule twice a second)
+        asked = [time.perf_counter()]
+
+        def during_lp(event) -> None:
+            now = time.perf_counter()
+            if now - asked[0] >= 0.5:
+                asked[0] = now
+                if stop(None, None):
+                    event.interrupt()
+
+        h.cbSimplexInterrupt += during_lp
+        h.cbIpmInterrupt += during_lp
     h.run()
     seconds = time.perf_counter() - begin
     status = h.getModelStatus()
