@@ -1,4 +1,4 @@
-"""The issue's activation-peak and step-time aims, measured with few strategies per process.
+"""The activation-peak and step-time targets, measured with few strategies per process.
 
 ``runtime_bench.py`` interleaves seventeen strategies in one process; its time ratios for
 the runtime's rows come out 5-15 points above the same schedules timed against eager

@@ -1,4 +1,4 @@
-"""Benchmark of the exact search engine (issue 3). Not a test: it measures.
+"""Benchmark of the exact search engine. Not a test: it measures.
 
 Two parts, each writing markdown, JSON and plots under ``--out`` (default
 ``benchmarks/results``):
@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from monetdsl.commands.sweep import plot_pareto  # noqa: E402
+from monetdsl.commands.sweep import plot_pareto, sweep_row  # noqa: E402
 from monetdsl.grammar import load_spec  # noqa: E402
 from monetdsl.grammar.parser import parse_spec  # noqa: E402
 from monetdsl.search.solve import solve  # noqa: E402
@@ -96,19 +96,7 @@ def run_methods(args) -> None:
         for method in METHODS:
             for budget in budgets:
                 result = solve(spec, method, memory_budget=budget, time_limit=args.limit, exact_min_budget=False)
-                sim = result.simulation if result.success else None
-                rows.append(
-                    {
-                        "method": method,
-                        "budget": budget,
-                        "status": result.status,
-                        "peak_bytes": sim.peak_bytes if sim else None,
-                        "overhead": sim.overhead if sim else None,
-                        "compute": sim.compute_us if sim else None,
-                        "solve_seconds": round(result.solve_seconds, 3),
-                        "gap": result.gap if result.success else None,
-                    }
-                )
+                rows.append(sweep_row(method, budget, result))
                 print(f"{name} {method} {human_bytes(budget)}: {result.status} {result.solve_seconds:.2f} s", file=sys.stderr)
         plot = out / f"pareto_{name}.png"
         plot_pareto(rows, str(plot), title=f"{name}: memory vs compute overhead")

@@ -1,4 +1,4 @@
-"""Benchmark of the hybrid engine (issue 4). Not a test: it measures.
+"""Benchmark of the hybrid engine. Not a test: it measures.
 
 Three parts, each printing a markdown table and writing it (and JSON) under ``--out``
 (default ``benchmarks/results``):

@@ -14,7 +14,7 @@ choice) for the lowest peak within a 10 % planned overhead, ``hybrid``, ``milp``
 schedule within the per-block peak, each with ``--solver-seconds`` (default 60; the best
 incumbent when the limit is reached); with ``--profile``, also the hybrid engine on costs
 timed on this machine, lowest peak within a planned 10 % and 15 %, and the fastest within
-the issue's activation-peak aim (35 % of eager's for the GPT, 40 % for the ResNet).
+an activation-peak target (35 % of eager's for the GPT, 40 % for the ResNet).
 
 "planned overhead" is the simulator's compute over the no-recompute baseline on the spec's
 costs (the CPU roofline preset; with ``--profile``, also on costs timed on this machine),
@@ -198,7 +198,7 @@ def monetdsl_schedules(model, inputs, solver_seconds: float = 60.0):
     return trace, out, notes
 
 
-#: the issue's activation-peak aims, as a fraction of eager's: the "fastest within" row
+#: the activation-peak targets, as a fraction of eager's: the "fastest within" row
 PEAK_AIMS = {"gpt": 0.35, "resnet": 0.40}
 
 

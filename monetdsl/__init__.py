@@ -6,7 +6,7 @@ pass and when, and which implementation each operator uses. Specs and schedules 
 
 Data flows one way: spec text -> IR (:mod:`monetdsl.ir`) -> search -> schedule -> runtime.
 """
-from .errors import Diagnostic, MonetError, ScheduleError, SolveError, SpecError, SpecSyntaxError
+from .errors import Diagnostic, MonetError, OptionError, OutputError, ScheduleError, SolveError, SpecError, SpecSyntaxError
 from .grammar import (
     format_schedule,
     format_spec,
@@ -71,6 +71,8 @@ __all__ = [
     "SpecSyntaxError",
     "ScheduleError",
     "SolveError",
+    "OptionError",
+    "OutputError",
     "Network",
     "Spec",
     "Schedule",

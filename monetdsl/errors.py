@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Diagnostic", "MonetError", "SpecSyntaxError", "SpecError", "ScheduleError", "SolveError"]
+__all__ = [
+    "Diagnostic",
+    "MonetError",
+    "SpecSyntaxError",
+    "SpecError",
+    "ScheduleError",
+    "SolveError",
+    "OptionError",
+    "OutputError",
+]
 
 
 @dataclass(frozen=True)
@@ -73,3 +82,14 @@ class SolveError(MonetError):
         self.message = message
         self.min_feasible_budget = min_feasible_budget
         self.details = dict(details or {})
+
+
+class OptionError(MonetError):
+    """An option has a value the tool cannot use (an unknown method, a budget without a
+    unit, a negative time limit, an unknown key in ``options``): the command line's usage
+    error. Raised by :func:`monetdsl.options.check_search_options`, whoever calls it."""
+
+
+class OutputError(MonetError):
+    """A file cannot be written where asked (a missing or read-only folder, a directory,
+    a device that refuses data). Checked before the work starts wherever possible."""

@@ -19,6 +19,7 @@ from decimal import Decimal, InvalidOperation
 
 __all__ = [
     "MEMORY_UNITS",
+    "MAX_BYTES",
     "TIME_UNITS",
     "UnitError",
     "split_quantity",
@@ -42,6 +43,8 @@ MEMORY_UNITS = {
     "GB": 1000**3,
     "TB": 1000**4,
 }
+#: the largest byte count monetdsl handles (an int64; far above any machine's memory)
+MAX_BYTES = 2**63 - 1
 TIME_UNITS = {"s": Decimal(10**6), "ms": Decimal(1000), "us": Decimal(1), "µs": Decimal(1), "ns": Decimal("0.001")}
 
 _QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?)\s*([A-Za-zµ%]*)\s*$")
@@ -70,7 +73,10 @@ def parse_bytes(text: str) -> int:
             f"{text.strip()!r} is not a memory size: use one of {', '.join(MEMORY_UNITS)}"
             " (KiB/MiB/GiB are powers of 1024, KB/MB/GB powers of 1000)"
         )
-    return int((value * MEMORY_UNITS[unit]).to_integral_value())
+    nbytes = int((value * MEMORY_UNITS[unit]).to_integral_value())
+    if nbytes > MAX_BYTES:
+        raise UnitError(f"{text.strip()!r} is more than monetdsl can count ({MAX_BYTES} B, 8 EiB)")
+    return nbytes
 
 
 def parse_time_us(text: str) -> float:
@@ -78,16 +84,22 @@ def parse_time_us(text: str) -> float:
     value, unit = split_quantity(text)
     if unit not in TIME_UNITS:
         raise UnitError(f"{text.strip()!r} is not a duration: use s, ms, us or ns")
-    return float(value * TIME_UNITS[unit])
+    us = float(value * TIME_UNITS[unit])
+    if us == float("inf"):
+        raise UnitError(f"{text.strip()!r} is too long a duration to compute with")
+    return us
 
 
 def parse_fraction(text: str) -> float:
-    """A percentage ``"10%"`` as the fraction 0.1; a bare number is taken as a fraction."""
+    """A percentage ``"10%"`` as the fraction 0.1.
+
+    A bare number is refused, as a bare byte count is: ``10`` could mean 10 % or 1000 %.
+    """
     value, unit = split_quantity(text)
     if unit == "%":
         return float(value / 100)
     if unit == "":
-        return float(value)
+        raise UnitError(f"a bare {text.strip()} is ambiguous; write a percentage, e.g. {text.strip()}%")
     raise UnitError(f"{text.strip()!r} is not a percentage: write e.g. 10%")
 
 

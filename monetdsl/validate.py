@@ -327,6 +327,9 @@ def resolve_constraints(
         unknown = [a for a in pin.allowed if a not in known]
         if unknown and is_glob:
             report(f"impl {pin.pattern.text}: no matching operator has an implementation called {unknown[0]}", pin.pattern.line)
+        elif unknown and name in allowed:  # a misspelt name beside a real one would pass unnoticed
+            report(f"impl {pin.pattern.text}: op {name} has no implementation {unknown[0]}; it has {', '.join(all_ops[name].impl_names)}",
+                   pin.pattern.line)
     # keep vs. implementations that destroy or never produce the kept tensor
     for name in sorted(keep):
         if name in idx.derived_by:

@@ -13,9 +13,10 @@ from monetdsl.search.baselines import chen_sqrt_checkpoints
 from monetdsl.search.solve import HEURISTICS
 from monetdsl.validate import resolve_constraints, validate_network
 
+from .spec_files import SHIPPED_SPEC_FILES
 from .strategies import networks
 
-SPECS = sorted((Path(__file__).resolve().parent.parent / "specs").glob("*.monet"))
+SPECS = SHIPPED_SPEC_FILES
 METHODS = {"store-all": store_all, "recompute-all": recompute_all, "chen-sqrt": chen_sqrt}
 
 

@@ -67,15 +67,15 @@ def test_solve_options(tiny, tmp_path, capsys):
     assert code == 0 and data["method"] == "store-all" and data["overhead"] == 0.0 and out.exists()
     code, data = run_json(capsys, "solve", str(tiny), "--max-overhead", "200%", "--budget", "1GiB", "--no-write", "--json")
     assert code == 0 and "output" not in data
-    assert main(["solve", str(tiny), "--method", "magic"]) == 1
+    assert main(["solve", str(tiny), "--method", "magic"]) == 2  # a usage error
     assert "unknown method 'magic'" in capsys.readouterr().err
-    assert main(["solve", str(tiny), "--budget", "12 parsecs"]) == 1
+    assert main(["solve", str(tiny), "--budget", "12 parsecs"]) == 2
     assert "--budget" in capsys.readouterr().err
 
 
 def test_solve_never_overwrites_the_spec_or_an_edited_schedule(tiny, capsys):
     before = tiny.read_text()
-    assert main(["solve", str(tiny), "-o", str(tiny)]) == 1
+    assert main(["solve", str(tiny), "-o", str(tiny)]) == 2
     assert "refusing to write the schedule over the spec" in capsys.readouterr().err
     assert tiny.read_text() == before
     out = tiny.with_name("tiny_chain.schedule.monet")

@@ -52,7 +52,7 @@ def test_min_memory_writes_the_schedule_and_reports_the_exact_budget(capfd, tmp_
 
 def test_min_memory_needs_a_searching_method(capfd):
     code, out, err = run_cli(capfd, "solve", RESBLOCK, "--min-memory", "--method", "chen-sqrt", "--no-write")
-    assert code == 1 and "needs a method that searches" in err
+    assert code == 2 and "needs a method that searches" in err
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def test_help_of_every_command_renders(capfd, command):
 )
 def test_bad_input_is_a_clear_error(capfd, argv, message):
     code, out, err = run_cli(capfd, *argv)
-    assert code == 1 and message in err and "Traceback" not in err
+    assert code == 2 and message in err and "Traceback" not in err  # usage errors
 
 
 def test_specs_the_milp_cannot_model_are_refused_clearly(capfd, tmp_path):

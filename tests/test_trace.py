@@ -1,6 +1,6 @@
 """``monetdsl trace``: captured specs describe exactly what autograd keeps.
 
-Evidence for issue 5 on small models (a CNN with batch norm, max-pool and dropout, a
+Evidence on small models (a CNN with batch norm, max-pool and dropout, a
 residual net, a U-Net-like net with a concatenation, a two-block GPT):
 
 * the store-all description (first implementation of every op) keeps the same storage

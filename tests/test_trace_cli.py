@@ -38,21 +38,22 @@ def test_trace_to_stdout_and_json(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "argv,message",
+    "argv,message,status",
     [
-        (["trace", "no_such_package.models:net", "--input", "2x3"], "cannot import no_such_package.models"),
-        (["trace", "monetdsl.models:no_such_model", "--input", "2x3"], "has no attribute no_such_model"),
-        (["trace", "monetdsl.models", "--input", "2x3"], "package.module:factory"),
-        (["trace", "monetdsl.models:small_cnn", "--input", "2by3"], "write a shape"),
-        (["trace", "monetdsl.models:small_cnn", "--input", "2x3x32x32:q8"], "unknown dtype"),
-        (["trace", "monetdsl.models:small_cnn", "--input", "2x3x32x32", "--device", "TPU"], "unknown device"),
-        (["trace", "monetdsl.models:small_cnn", "--input", "2x3x32x32", "--optimizer", "lamb"], "unknown optimizer"),
-        (["trace", "monetdsl.models:small_cnn", "--input", "2x5x32x32"], "fails on these inputs: RuntimeError: Given groups=1"),
-        (["trace", "monetdsl.models:SHIPPED", "--input", "2x3"], "not a torch.nn.Module"),
+        (["trace", "no_such_package.models:net", "--input", "2x3"], "cannot import no_such_package.models", 1),
+        (["trace", "monetdsl.models:no_such_model", "--input", "2x3"], "has no attribute no_such_model", 1),
+        (["trace", "monetdsl.models", "--input", "2x3"], "package.module:factory", 2),
+        (["trace", "monetdsl.models:small_cnn", "--input", "2by3"], "write a shape", 2),
+        (["trace", "monetdsl.models:small_cnn", "--input", "2x3x32x32:q8"], "unknown dtype", 2),
+        (["trace", "monetdsl.models:small_cnn", "--input", "2x3x32x32", "--device", "TPU"], "unknown device", 2),
+        (["trace", "monetdsl.models:small_cnn", "--input", "2x3x32x32", "--optimizer", "lamb"], "unknown optimizer", 2),
+        (["trace", "monetdsl.models:small_cnn", "--input", "2x5x32x32"], "fails on these inputs: RuntimeError: Given groups=1", 1),
+        (["trace", "monetdsl.models:SHIPPED", "--input", "2x3"], "not a torch.nn.Module", 1),
     ],
 )
-def test_errors_are_one_readable_line(argv, message, capsys):
-    assert main(argv) == 1
+def test_errors_are_one_readable_line(argv, message, status, capsys):
+    """A model or target that does not work is invalid input (1); a flag spelled wrong is a usage error (2)."""
+    assert main(argv) == status
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 

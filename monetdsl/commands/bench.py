@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import Diagnostic, MonetError
 from ..units import human_bytes
-from .common import add_parser, parse_budget, parse_overhead, usage_error
+from .common import EXIT_OK, EXIT_USAGE, add_parser, check_output, cli_search_options, usage_error, write_after_work
 from .trace import load_target, parse_input
 
 
@@ -76,6 +76,7 @@ def _build(args):
 
 def run(args) -> int:
     from ..runtime import measure, optimize
+    from ..search.solve import METHODS
 
     if args.repeats < 1:
         raise usage_error("--repeats must be at least 1")
@@ -86,9 +87,11 @@ def run(args) -> int:
         from ..runtime.host_malloc import retain_freed_memory
 
         malloc = retain_freed_memory().message
+    checked = cli_search_options(args, methods=METHODS)
+    outputs = _outputs(args.output)
     model, inputs = _build(args)
-    optimized = optimize(model, inputs, budget=parse_budget(args.budget), max_overhead=parse_overhead(args.max_overhead),
-                         schedule=args.schedule, method=args.method, optimizer=args.optimizer, profile=args.profile,
+    optimized = optimize(model, inputs, budget=checked.memory_budget, max_overhead=checked.max_overhead,
+                         schedule=args.schedule, method=checked.method, optimizer=args.optimizer, profile=args.profile,
                          cache_dir=args.cache_dir)
     plan = optimized.plan_for(*inputs)
     sim = plan.simulation
@@ -118,20 +121,15 @@ def run(args) -> int:
         "time_vs_eager": median["monetdsl"] / median["eager"],
         "malloc": malloc,
     }
-    if args.output:
+    if outputs:
         from ..grammar import format_schedule, format_spec
-        from ..io import atomic_write
-
         from ..ir import Schedule
 
-        out = Path(args.output)
-        spec_path = out.with_name(out.name.replace(".monet", "") + ".spec.monet")
-        atomic_write(str(spec_path), format_spec(plan.spec))
+        out, spec_path = outputs
         s = plan.schedule
         named = Schedule(spec_path.name, s.fingerprint, s.impls, s.forward_keep, s.stages)  # names the spec written beside it
-        atomic_write(str(out), format_schedule(named, plan.spec.network))
-        data["output"] = str(out)
-        data["spec_output"] = str(spec_path)
+        write_after_work(spec_path, format_spec(plan.spec), data, key="spec_output")
+        write_after_work(out, format_schedule(named, plan.spec.network), data)
     if args.json:
         print(json.dumps(data))
     else:
@@ -142,9 +140,25 @@ def run(args) -> int:
               f" {human_bytes(eager.peak)} (x{data['peak_vs_eager']:.3f})")
         print(f"  step {median['monetdsl'] * 1e3:.1f} ms vs eager {median['eager'] * 1e3:.1f} ms (x{data['time_vs_eager']:.3f},"
               f" median of {args.repeats}, interleaved; malloc: {malloc})")
-        if args.output:
+        if "output" in data and "spec_output" in data:
             print(f"wrote {data['output']} and {data['spec_output']}")
-    return 0
+    return EXIT_USAGE if "output_error" in data or "spec_output_error" in data else EXIT_OK
+
+
+def _outputs(output: str | None) -> tuple[Path, Path] | None:
+    """The schedule's path and its spec's beside it (``plan.monet`` -> ``plan.spec.monet``),
+    both checked before the work; two files need a folder, not a stream."""
+    from ..io import is_stream
+
+    if output is None:
+        return None
+    out = Path(output)
+    if is_stream(out):
+        raise usage_error(f"-o {output}: bench writes two files (the schedule and its spec beside it); give a file name")
+    spec_path = out.with_name(out.name.replace(".monet", "") + ".spec.monet")
+    check_output(out)
+    check_output(spec_path)
+    return out, spec_path
 
 
 def _step_seconds(module, inputs, device: str) -> float:

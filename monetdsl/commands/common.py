@@ -1,26 +1,35 @@
-"""Helpers the sub-commands share: option parsing, loading, reporting."""
+"""Helpers the sub-commands share: option checks, loading, reporting, writing outputs."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-from ..errors import Diagnostic, MonetError
+from ..errors import Diagnostic, OptionError, OutputError
 from ..grammar import load_schedule
+from ..io import Written, check_output, write_output
 from ..ir import Schedule, Spec
+from ..options import CLI_SPELLING, SearchOptions, check_search_options, option_error
 from ..search.simulator import Simulation, simulate
-from ..units import UnitError, human_bytes, parse_bytes, parse_fraction
+from ..units import human_bytes
 from ..validate import resolve_constraints
 
 __all__ = [
+    "EXIT_OK",
+    "EXIT_INVALID",
+    "EXIT_USAGE",
     "usage_error",
-    "parse_budget",
-    "parse_overhead",
+    "cli_search_options",
     "load_schedule_for",
     "describe_spec",
     "report_errors",
     "add_parser",
+    "check_output",
+    "write_after_work",
 ]
+
+#: exit statuses (``monetdsl --help`` lists them; 130 is Ctrl-C, see :mod:`.interrupt`)
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
 
 def add_parser(subparsers, name: str, *, help: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
@@ -31,26 +40,22 @@ def add_parser(subparsers, name: str, *, help: str, description: str, examples: 
     )
 
 
-def usage_error(message: str) -> MonetError:
-    return MonetError(Diagnostic(message, "monetdsl"))
+def usage_error(message: str) -> OptionError:
+    """A mistake on the command line (exit status 2)."""
+    return option_error(message)
 
 
-def parse_budget(text: str | None, flag: str = "--budget") -> int | None:
-    if text is None:
-        return None
-    try:
-        return parse_bytes(text)
-    except UnitError as exc:
-        raise usage_error(f"{flag}: {exc}") from None
-
-
-def parse_overhead(text: str | None, flag: str = "--max-overhead") -> float | None:
-    if text is None:
-        return None
-    try:
-        return parse_fraction(text)
-    except UnitError as exc:
-        raise usage_error(f"{flag}: {exc}") from None
+def cli_search_options(args, *, methods=None, options: dict | None = None) -> SearchOptions:
+    """The search flags of ``args`` (those it has), checked as the API checks them."""
+    return check_search_options(
+        method=getattr(args, "method", "auto"),
+        memory_budget=getattr(args, "budget", None),
+        max_overhead=getattr(args, "max_overhead", None),
+        time_limit=getattr(args, "time_limit", None),
+        options=options,
+        methods=methods,
+        spelling=CLI_SPELLING,
+    )
 
 
 def load_schedule_for(spec: Spec, path: str) -> tuple[Schedule, Simulation]:
@@ -68,10 +73,31 @@ def describe_spec(spec: Spec) -> str:
     )
 
 
-def report_errors(diagnostics: list[Diagnostic], as_json: bool) -> int:
-    """Print diagnostics (and, with --json, the JSON error object); exit status 1."""
+def report_errors(diagnostics: list[Diagnostic], as_json: bool, status: int = EXIT_INVALID) -> int:
+    """Print diagnostics (and, with --json, the JSON error object); return ``status``."""
     if as_json:
         print(json.dumps({"ok": False, "errors": [d.as_json() for d in diagnostics]}))
     for diag in diagnostics:
         print(diag.format(), file=sys.stderr)
-    return 1
+    return status
+
+
+def write_after_work(path, text: str, data: dict, *, checksum: bool = False, flag: str = "-o", key: str = "output") -> Written | None:
+    """Write an output once the work is done, recording it in ``data`` (the JSON result).
+
+    When writing fails anyway (the disk filled up, the folder went away), the work is not
+    lost: ``data[key + "_error"]`` says why, the reason goes to stderr, and the caller
+    still prints its result; None is returned and the command exits with status 2.
+    """
+    try:
+        written = write_output(path, text, checksum=checksum, flag=flag)
+    except OutputError as exc:
+        message = exc.diagnostics[0].message
+        data[f"{key}_error"] = message
+        print(f"monetdsl: not written: {message}", file=sys.stderr)
+        return None
+    data[key] = str(path)
+    if written.backup is not None:
+        data["backup" if key == "output" else f"{key}_backup"] = str(written.backup)
+        print(f"note: {path} had been edited (or was not written by monetdsl); kept it as {written.backup}", file=sys.stderr)
+    return written

@@ -6,10 +6,9 @@ from pathlib import Path
 
 from ..grammar import format_spec
 from ..importers import load_node_link, network_from_node_link
-from ..io import atomic_write
 from ..ir import Spec
 from ..validate import validate_spec
-from .common import add_parser, usage_error
+from .common import EXIT_OK, EXIT_USAGE, add_parser, check_output, usage_error, write_after_work
 
 
 def register(subparsers) -> None:
@@ -28,7 +27,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("format", choices=["checkmate"], help="the input format (checkmate: node-link JSON)")
     parser.add_argument("graph", help="the JSON file")
-    parser.add_argument("-o", "--output", help="the spec to write (default: stdout)")
+    parser.add_argument("-o", "--output", help="the spec to write (default: stdout); a different file already there is kept as NAME.bak")
     parser.add_argument("--name", help="network name (default: the file's stem)")
     parser.add_argument("--time-unit", default="us", help="what cost_cpu counts: s, ms, us (default) or ns")
     parser.add_argument("--memory-unit", default="B", help="what cost_ram counts: B (default), KiB, MiB, KB, MB, ...")
@@ -36,6 +35,10 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    if args.output:
+        if Path(args.output).resolve() == Path(args.graph).resolve():
+            raise usage_error("refusing to write the spec over the graph file; choose another -o")
+        check_output(args.output)
     data = load_node_link(args.graph)
     name = args.name or Path(args.graph).stem
     network = network_from_node_link(data, name=name, time_unit=args.time_unit, memory_unit=args.memory_unit, path=args.graph)
@@ -44,10 +47,10 @@ def run(args) -> int:
     header = f"# imported by monetdsl from {args.graph} ({args.format} node-link JSON; cost_cpu in {args.time_unit}, cost_ram in {args.memory_unit})\n"
     text = header + format_spec(spec)
     if args.output:
-        if Path(args.output).resolve() == Path(args.graph).resolve():
-            raise usage_error("refusing to write the spec over the graph file; choose another -o")
-        atomic_write(args.output, text)
+        result: dict = {}
+        if write_after_work(args.output, text, result) is None:
+            return EXIT_USAGE
         print(f"wrote {args.output}: network {name}, {len(network.forward_ops)} forward and {len(network.backward_ops)} backward nodes")
     else:
         sys.stdout.write(text)
-    return 0
+    return EXIT_OK

@@ -8,15 +8,16 @@ from pathlib import Path
 
 from .. import __version__
 from ..grammar import format_schedule, load_spec
-from ..io import write_preserving
 from ..ir import Schedule, Spec
+from ..options import CLI_SPELLING
 from ..search.milp.engine import DEFAULT_GAP, DEFAULT_TIME_LIMIT
 from ..search.milp.highs import BACKENDS
 from ..search.progress import StderrProgress
 from ..search.simulator import Simulation
 from ..search.solve import METHODS, SEARCHERS, solve
 from ..units import human_bytes
-from .common import add_parser, parse_budget, parse_overhead, usage_error
+from .common import EXIT_INVALID, EXIT_OK, EXIT_USAGE, add_parser, check_output, cli_search_options, usage_error, write_after_work
+from .interrupt import INTERRUPTED, stop_on_interrupt
 
 
 def register(subparsers) -> None:
@@ -26,13 +27,14 @@ def register(subparsers) -> None:
         help="find a schedule for a spec",
         description="Find a schedule under the spec's constraints (or those given here), replay it in the"
         " simulator and write it next to the spec as NAME.schedule.monet (or -o). Exit 0 when a schedule"
-        " was found, 1 when none fits.",
+        " was found, 1 when none fits, 2 on a bad option or an output that cannot be written (the result is"
+        " still printed), 130 on Ctrl-C (the best schedule so far is reported and written).",
         examples=[
             "monetdsl solve specs/resblock.monet --budget 150MiB",
             "monetdsl solve specs/resblock.monet --budget 160MiB --method milp --time-limit 30",
             "monetdsl solve specs/resnet50.monet --budget 8GiB --method hybrid --time-limit 60",
             "monetdsl solve specs/transformer_block.monet --min-memory --max-overhead 10%",
-            "monetdsl solve specs/resblock.monet --max-overhead 10% --method chen-sqrt -o plan.monet --json",
+            "monetdsl solve specs/transformer_block.monet --max-overhead 40% --method chen-sqrt -o plan.monet --json",
         ],
     )
     parser.add_argument("spec", help="the .monet spec file")
@@ -67,49 +69,46 @@ def default_output(spec_path: str) -> Path:
 
 
 def run(args) -> int:
-    spec = load_spec(args.spec)
-    budget = parse_budget(args.budget)
-    overhead = parse_overhead(args.max_overhead)
+    gap = {} if args.gap is None else {"gap": args.gap}
+    checked = cli_search_options(args, methods=METHODS, options={"backend": args.solver, **gap})
     output = Path(args.output) if args.output else default_output(args.spec)
-    if not args.no_write and output.resolve() == Path(args.spec).resolve():
-        raise usage_error(f"refusing to write the schedule over the spec {args.spec}; choose another -o")
-    gap = parse_overhead(args.gap, "--gap") if args.gap is not None else None
-    if args.time_limit is not None and args.time_limit <= 0:
-        raise usage_error("--time-limit: must be positive")
-    options = {"backend": args.solver}
-    if gap is not None:
-        options["gap"] = gap
+    spec = load_spec(args.spec)
+    if not args.no_write:
+        if output.resolve() == Path(args.spec).resolve():
+            raise usage_error(f"refusing to write the schedule over the spec {args.spec}; choose another -o")
+        check_output(output, flag="-o" if args.output else "the schedule's default location")
     progress = None if args.quiet or args.json else StderrProgress()
     try:
-        result = solve(
-            spec, args.method, memory_budget=budget, max_overhead=overhead, time_limit=args.time_limit,
-            options=options, objective="memory" if args.min_memory else None, progress=progress,
-        )
+        with stop_on_interrupt() as stop:
+            result = solve(
+                spec, checked.method, memory_budget=checked.memory_budget, max_overhead=checked.max_overhead,
+                time_limit=checked.time_limit, options=checked.options, objective="memory" if args.min_memory else None,
+                progress=progress, spelling=CLI_SPELLING, stop=stop,
+            )
     finally:
         if progress is not None:
             progress.close()
     data = result.as_json()
-    wrote = None
+    written = None
     if result.success and not args.no_write:
         spec_ref = os.path.relpath(Path(args.spec).resolve(), output.resolve().parent)
         schedule = result.schedule
         schedule = Schedule(spec_ref, schedule.fingerprint, schedule.impls, schedule.forward_keep, schedule.stages)
         text = render_schedule(schedule, spec, result.simulation, method=result.details.get("chosen", result.method))
-        backup = write_preserving(output, text)
-        wrote = str(output)
-        data["output"] = wrote
-        if backup is not None:
-            data["backup"] = str(backup)
-            print(f"note: {output} had been edited (or was not written by monetdsl); kept it as {backup}", file=sys.stderr)
+        written = write_after_work(output, text, data, checksum=True)
     if args.json:
         print(json.dumps(data))
     elif result.success:
         print(result.message)
-        if wrote:
-            print(f"wrote {wrote}")
+        if written is not None:
+            print(f"wrote {output}")
     else:
         print(f"{args.spec}: {result.message}", file=sys.stderr)
-    return 0 if result.success else 1
+    if result.status == "interrupted":
+        return INTERRUPTED
+    if "output_error" in data:
+        return EXIT_USAGE
+    return EXIT_OK if result.success else EXIT_INVALID
 
 
 def render_schedule(schedule: Schedule, spec: Spec, sim: Simulation, *, method: str) -> str:

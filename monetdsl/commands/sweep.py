@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from ..grammar import load_spec
 from ..search.milp.engine import DEFAULT_TIME_LIMIT
 from ..search.progress import StderrProgress
 from ..search.solve import METHODS, SEARCHERS, solve
 from ..units import UnitError, human_bytes, parse_bytes
-from .common import add_parser, parse_overhead, usage_error
+from .common import EXIT_OK, EXIT_USAGE, add_parser, check_output, cli_search_options, usage_error, write_after_work
+from .interrupt import INTERRUPTED, stop_on_interrupt
 
-__all__ = ["register", "run", "parse_budgets", "plot_pareto", "format_table"]
+__all__ = ["register", "run", "parse_budgets", "sweep_row", "render_pareto", "plot_pareto", "format_table"]
 
 #: the order methods are listed in (and drawn in) when --methods is not given
 DEFAULT_METHODS = ["milp", "hybrid", "checkmate", "checkmate-lp", "chen-sqrt", "chen-greedy", "revolve", "store-all", "recompute-all"]
@@ -108,50 +110,62 @@ def _methods(text: str | None) -> list[str]:
 
 
 def run(args) -> int:
+    checked = cli_search_options(args)
     spec = load_spec(args.spec)
     budgets = parse_budgets(args.budgets)
     methods = _methods(args.methods)
-    overhead = parse_overhead(args.max_overhead)
-    if args.time_limit is not None and args.time_limit <= 0:
-        raise usage_error("--time-limit: must be positive")
+    if args.plot:
+        _image_format(args.plot)
+        check_output(args.plot, flag="--plot")
     rows = []
     progress = None if args.quiet or args.json else StderrProgress()
-    for method in methods:
-        for budget in budgets:
-            result = solve(
-                spec, method, memory_budget=budget, max_overhead=overhead, time_limit=args.time_limit,
-                progress=progress, exact_min_budget=False, objective="compute" if method in SEARCHERS else None,
-            )
-            if progress is not None:
-                progress.close()
-            sim = result.simulation if result.success else None
-            row = {
-                "method": method,
-                "budget": budget,
-                "status": result.status,
-                "peak_bytes": sim.peak_bytes if sim else None,
-                "overhead": sim.overhead if sim else None,
-                "compute": sim.compute_us if sim else None,
-                "solve_seconds": round(result.solve_seconds, 3),
-                "gap": result.gap if result.success else None,
-            }
-            if result.min_feasible_budget is not None and not result.success:
-                row["min_feasible_budget"] = result.min_feasible_budget
-            rows.append(row)
-            if not args.quiet:
-                print(f"sweep: {method} at {human_bytes(budget)}: {_status_text(row)}", file=sys.stderr)
+    with stop_on_interrupt() as stop:
+        for method in methods:
+            for budget in budgets:
+                if stop.is_set():
+                    break
+                result = solve(
+                    spec, method, memory_budget=budget, max_overhead=checked.max_overhead, time_limit=checked.time_limit,
+                    progress=progress, exact_min_budget=False, objective="compute" if method in SEARCHERS else None, stop=stop,
+                )
+                if progress is not None:
+                    progress.close()
+                rows.append(sweep_row(method, budget, result))
+                if not args.quiet:
+                    print(f"sweep: {method} at {human_bytes(budget)}: {_status_text(rows[-1])}", file=sys.stderr)
+    data = {"spec": args.spec, "network": spec.network.name, "fixed_bytes": spec.network.fixed_bytes, "rows": rows}
     if args.plot:
-        plot_pareto(rows, args.plot, title=f"{spec.network.name}: memory vs compute overhead")
+        write_after_work(args.plot, render_pareto(rows, args.plot, title=f"{spec.network.name}: memory vs compute overhead"),
+                         data, flag="--plot", key="plot")
+    if stop.is_set():
+        data["interrupted"] = True
     if args.json:
-        data = {"spec": args.spec, "network": spec.network.name, "fixed_bytes": spec.network.fixed_bytes, "rows": rows}
-        if args.plot:
-            data["plot"] = args.plot
         print(json.dumps(data))
     else:
         print(format_table(rows))
-        if args.plot:
+        if "plot" in data:
             print(f"wrote {args.plot}")
-    return 0
+    if stop.is_set():
+        return INTERRUPTED
+    return EXIT_USAGE if "plot_error" in data else EXIT_OK
+
+
+def sweep_row(method: str, budget: int, result) -> dict:
+    """One row of a sweep (the table's and the JSON's): what ``method`` found at ``budget``."""
+    sim = result.simulation if result.success else None
+    row = {
+        "method": method,
+        "budget": budget,
+        "status": result.status,
+        "peak_bytes": sim.peak_bytes if sim else None,
+        "overhead": sim.overhead if sim else None,
+        "compute": sim.compute_us if sim else None,
+        "solve_seconds": round(result.solve_seconds, 3),
+        "gap": result.gap if result.success else None,
+    }
+    if result.min_feasible_budget is not None and not result.success:
+        row["min_feasible_budget"] = result.min_feasible_budget
+    return row
 
 
 def _status_text(row: dict) -> str:
@@ -186,8 +200,11 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def plot_pareto(rows: list[dict], path: str, *, title: str = "") -> None:
-    """Each method's schedules as a memory (x) versus overhead (y) staircase."""
+def render_pareto(rows: list[dict], path: str, *, title: str = "") -> bytes:
+    """Each method's schedules as a memory (x) versus overhead (y) staircase, as the bytes
+    of an image in the format ``path``'s suffix names (png when it names none)."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,11 +225,32 @@ def plot_pareto(rows: list[dict], path: str, *, title: str = "") -> None:
     if title:
         ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+    if ax.get_legend_handles_labels()[0]:  # no legend when no method found a schedule
+        ax.legend(fontsize="small")
     fig.tight_layout()
+    image = io.BytesIO()
     try:
-        fig.savefig(path)
-    except (OSError, ValueError) as exc:
-        raise usage_error(f"--plot: cannot write {path}: {exc}") from None
+        fig.savefig(image, format=_image_format(path))
     finally:
         plt.close(fig)
+    return image.getvalue()
+
+
+def plot_pareto(rows: list[dict], path: str, *, title: str = "") -> None:
+    """:func:`render_pareto` written to ``path`` (a regular file is replaced atomically)."""
+    from ..io import write_output
+
+    write_output(path, render_pareto(rows, path, title=title), flag="--plot")
+
+
+def _image_format(path: str) -> str:
+    """The image format a file name asks for; checked before the sweep runs."""
+    import matplotlib.figure
+
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if not suffix:
+        return "png"
+    supported = matplotlib.figure.Figure().canvas.get_supported_filetypes()
+    if suffix not in supported:
+        raise usage_error(f"--plot {path}: unknown image format .{suffix}; use one of {', '.join(sorted(supported))}")
+    return suffix

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import Diagnostic, MonetError
-from .common import add_parser, usage_error
+from .common import EXIT_OK, EXIT_USAGE, add_parser, check_output, usage_error, write_after_work
 
 
 def register(subparsers) -> None:
@@ -39,7 +39,8 @@ def register(subparsers) -> None:
                         " ends at the model's output, as monetdsl.optimize traces it); or package.module:function"
                         " taking the model's output")
     parser.add_argument("--name", help="network name (default: from the model's class)")
-    parser.add_argument("-o", "--output", help="where to write the spec (default: stdout)")
+    parser.add_argument("-o", "--output", help="where to write the spec (default: stdout); a different file already"
+                        " there is kept as NAME.bak")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (summary, or errors)")
     parser.set_defaults(run=run)
 
@@ -84,10 +85,11 @@ def load_target(target: str):
 def run(args) -> int:
     import torch.nn as nn
 
-    from ..io import atomic_write
     from ..tracing import trace_model
 
     inputs = [parse_input(t) for t in args.input]
+    if args.output:
+        check_output(args.output)
     factory = load_target(args.target)
     try:
         model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
@@ -110,15 +112,14 @@ def run(args) -> int:
         "notes": result.built.notes,
     }
     if args.output:
-        atomic_write(args.output, text)
-        summary["output"] = args.output
+        write_after_work(args.output, text, summary)
     if args.json:
         print(json.dumps(summary))
-    elif args.output:
+    elif "output" in summary:
         print(f"wrote {args.output}: network {net.name}, {len(net.forward_ops)} forward ops, {len(net.backward_ops)}"
               f" backward ops ({result.total_seconds:.1f} s)")
         for note in result.built.notes:
             print(f"note: {note}", file=sys.stderr)
-    else:
+    else:  # no -o, or it could not be written: the spec is not lost
         sys.stdout.write(text)
-    return 0
+    return EXIT_USAGE if "output_error" in summary else EXIT_OK

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.resources
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from lark import Lark, Token, Transformer
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 from lark.indenter import Indenter
 
-from ..errors import Diagnostic, MonetError, SpecError, SpecSyntaxError
+from ..errors import Diagnostic, SpecError, SpecSyntaxError
 from ..ir import (
     BackwardImpl,
     BackwardOp,
@@ -50,7 +51,8 @@ from ..ir import (
     grad_name,
     shape_bytes,
 )
-from ..units import UnitError, parse_bytes, parse_fraction, parse_time_us
+from ..io import read_input
+from ..units import MAX_BYTES, UnitError, parse_bytes, parse_fraction, parse_time_us
 
 __all__ = ["Document", "parse_document", "parse_spec", "load_spec", "parse_schedule", "load_schedule", "read_text"]
 
@@ -88,6 +90,24 @@ class _BadDedent(Exception):
     def __init__(self, line: int, column: int, expected: int):
         super().__init__(line, column, expected)
         self.line, self.column, self.expected = line, column, expected
+
+
+class _BadString(Exception):
+    """A quoted name or path whose escapes do not decode (``"\\x"``, a NUL byte)."""
+
+    def __init__(self, line: int, column: int, reason: str):
+        super().__init__(line, column, reason)
+        self.line, self.column, self.reason = line, column, reason
+
+
+def _unquote(text: str, line: int, column: int) -> str:
+    """The text a quoted string stands for (the printer writes JSON's escapes)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError) as exc:
+        reason = getattr(exc, "msg", None) or str(exc)
+        shown = re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text[:40]) + ("..." if len(text) > 40 else "")
+        raise _BadString(line, column, f"cannot read the quoted text {shown}: {reason}") from None
 
 
 # --------------------------------------------------------------------------- raw statements
@@ -202,7 +222,7 @@ class _RawSchedule:
 def _tok_ident(tok: Token) -> Ident:
     value = str(tok)
     if tok.type == "STRING":
-        value = ast.literal_eval(value)
+        value = _unquote(value, tok.line or 0, tok.column or 0)
     return Ident(value, tok.line or 0, tok.column or 0)
 
 
@@ -218,7 +238,7 @@ class _ToRaw(Transformer):
     def grad_ref(self, children):
         tok = children[0]
         inner = str(tok)[len("grad(") : -1].strip()
-        base = ast.literal_eval(inner) if inner.startswith('"') else inner
+        base = _unquote(inner, tok.line, tok.column) if inner.startswith('"') else inner
         return Ident(grad_name(base), tok.line, tok.column, grad_of=base)
 
     def pattern(self, children):
@@ -494,6 +514,10 @@ def parse_document(text: str, path: str = "<input>") -> Document:
         ) from None
     except UnexpectedInput as exc:
         raise SpecSyntaxError(_syntax_diagnostic(exc, source, path)) from None
+    except _BadString as bad:  # raised while parsing: the transformer runs inside the LALR parser
+        lines = source.splitlines()
+        source_line = lines[bad.line - 1] if 0 < bad.line <= len(lines) else None
+        raise SpecSyntaxError(Diagnostic(bad.reason, path, bad.line, bad.column, source_line)) from None
     except VisitError as exc:  # pragma: no cover - transformer bugs surface as VisitError
         raise exc.orig_exc from None
     builder = _Builder(path, source)
@@ -519,13 +543,8 @@ def parse_document(text: str, path: str = "<input>") -> Document:
 
 
 def read_text(path: str | Path) -> str:
-    """Read a file for parsing; a missing or unreadable file is a user error, not a crash."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MonetError(Diagnostic(f"no such file: {path}", str(path))) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MonetError(Diagnostic(f"cannot read {path}: {exc}", str(path))) from None
+    """Read a file for parsing; a missing or unreadable file (or a FIFO) is a user error, not a crash."""
+    return read_input(path)
 
 
 def parse_spec(text: str, path: str = "<input>") -> Spec:
@@ -620,6 +639,10 @@ class _Builder:
             nbytes = self._bytes(type_.size, f"size of {name}")
             return (nbytes or 0), None, None
         nbytes = shape_bytes(type_.dtype, type_.shape)
+        if nbytes > MAX_BYTES:
+            self.error(f"{name} {type_.dtype}[{','.join(map(str, type_.shape))}] has {nbytes} bytes, more than monetdsl can"
+                       f" count ({MAX_BYTES} B, 8 EiB)", name)
+            return 0, type_.dtype, type_.shape
         if type_.size is not None:
             given = self._bytes(type_.size, f"size of {name}")
             if given is not None and given != nbytes:
@@ -824,7 +847,7 @@ class _Builder:
                 self.error(f"reads (...) describes backward ops; op {raw.name} reads its inputs (...)", attr)
                 ok = False
             else:
-                self._apply_common_attr(defaults, attr, raw.name)
+                ok = self._apply_common_attr(defaults, attr, str(raw.name)) and ok
         impls: list[ForwardImpl] = []
         raw_impls = raw.impls or [_Impl(Ident("default", raw.name.line, raw.name.column), [])]
         names_seen: set[str] = set()
@@ -855,7 +878,7 @@ class _Builder:
                     )
                     ok = False
                 else:
-                    self._apply_common_attr(values, attr, f"{raw.name} impl {raw_impl.name}")
+                    ok = self._apply_common_attr(values, attr, f"{raw.name} impl {raw_impl.name}") and ok
             if values["time"] is None or values["time"] is _INVALID:
                 if values["time"] is None:
                     self.error(f"op {raw.name} impl {raw_impl.name} has no time (add e.g. `time 10us`)", raw_impl.name)
@@ -888,7 +911,9 @@ class _Builder:
             raw.name.line,
         )
 
-    def _apply_common_attr(self, values: dict, attr: _Attr, owner: str) -> None:
+    def _apply_common_attr(self, values: dict, attr: _Attr, owner: str) -> bool:
+        """Apply an attribute a forward op or implementation may have; False (and an error)
+        for one it may not, such as ``accumulates``, which describes backward implementations."""
         if attr.kind == "time":
             values["time"] = self._time(attr.value, f"time of {owner}")
         elif attr.kind == "workspace":
@@ -897,8 +922,10 @@ class _Builder:
             values["recompute_time"] = self._time(attr.value, f"recompute time of {owner}")
         elif attr.kind == "recompute_reads":
             values["recompute_reads"] = tuple(values["recompute_reads"]) + tuple(attr.value)
-        else:  # pragma: no cover - callers filter the other kinds
-            raise AssertionError(attr.kind)
+        else:
+            self.error(f"{attr.kind.replace('_', ' ')} is not an attribute of a forward op ({owner})", attr)
+            return False
+        return True
 
     def _backward_op(self, raw: _Backward, parent: Ident | None, need) -> BackwardOp | None:
         if parent is None and raw.name is None:
@@ -1021,9 +1048,9 @@ class _Builder:
                 impl_lines[str(op)] = op.line
             elif item.head is None:
                 if seen_forward:
-                    self.error("the forward block appears twice", item.clauses[0].names[0] if item.clauses else None)
+                    self.error("the forward block appears twice", item.clauses[0].names[0] if item.clauses else item)
                 if stages:
-                    self.error("the forward block must come before the stages", item.clauses[0].names[0] if item.clauses else None)
+                    self.error("the forward block must come before the stages", item.clauses[0].names[0] if item.clauses else item)
                 seen_forward = True
                 forward_line = item.line
                 for clause in item.clauses:
@@ -1038,7 +1065,11 @@ class _Builder:
                 for clause in item.clauses:
                     {"recompute": recompute, "keep": keep, "free": free}[clause.kind].extend(str(n) for n in clause.names)
                 stages.append(StagePlan(str(item.head), tuple(recompute), tuple(keep), tuple(free), item.line))
-        spec_path = ast.literal_eval(str(raw.spec_path))
+        try:
+            spec_path = _unquote(str(raw.spec_path), raw.spec_path.line or 0, raw.spec_path.column or 0)
+        except _BadString as bad:
+            self.error(bad.reason, raw.spec_path)
+            spec_path = ""
         return Schedule(
             spec_path,
             str(raw.fingerprint),

@@ -28,6 +28,7 @@ from pathlib import Path
 import networkx as nx
 
 from ..errors import Diagnostic, MonetError
+from ..io import read_input
 from ..ir import BackwardImpl, BackwardOp, ForwardImpl, ForwardOp, Network, Tensor, TensorKind
 from ..units import MEMORY_UNITS, TIME_UNITS
 
@@ -36,12 +37,9 @@ __all__ = ["network_from_node_link", "node_link_from_network", "load_node_link"]
 
 def load_node_link(path: str | Path) -> dict:
     """Read a node-link JSON file; unreadable or malformed files are user errors."""
+    text = read_input(path)
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MonetError(Diagnostic(f"no such file: {path}", str(path))) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MonetError(Diagnostic(f"cannot read {path}: {exc}", str(path))) from None
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise MonetError(Diagnostic(f"not valid JSON: {exc.msg}", str(path), exc.lineno, exc.colno)) from None
 

@@ -17,53 +17,41 @@ from typing import Sequence
 
 import torch
 
-from ..errors import Diagnostic, MonetError
+from ..errors import MonetError
 from ..ir import Schedule
-from ..units import UnitError, parse_bytes, parse_fraction
+from ..options import check_search_options, option_error
 from ..search.solve import METHODS
 from ..tracing.fixed_memory import OPTIMIZERS
-from .module import OptimizedModule, RuntimeUsageError
+from .module import OptimizedModule
 from .plan import Constraints
 from .schedule_cache import USER_CACHE, resolve_cache_dir
 
 __all__ = ["optimize", "backend"]
 
 
+#: how optimize() and backend() spell the search options in messages
+_SPELLING = {"memory_budget": "budget"}
+
+
 def _usage(message: str) -> MonetError:
-    return RuntimeUsageError(Diagnostic(message, "monetdsl.optimize"))
+    """A bad argument to optimize() or backend(): the same error type as a bad option anywhere."""
+    return option_error(message, "monetdsl.optimize")
 
 
 def _constraints(budget, max_overhead, schedule, method, time_limit=None) -> Constraints:
     if schedule is not None and (budget is not None or max_overhead is not None):
         raise _usage("give either a schedule file or a budget / overhead cap, not both (the file already decides)")
-    if isinstance(budget, str):
-        try:
-            budget = parse_bytes(budget)
-        except UnitError as exc:
-            raise _usage(f"budget: {exc}") from None
-    if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0):
-        raise _usage(f"budget must be a positive number of bytes or a size such as '6GiB', not {budget!r}")
-    if isinstance(max_overhead, str):
-        try:
-            max_overhead = parse_fraction(max_overhead)
-        except UnitError as exc:
-            raise _usage(f"max_overhead: {exc}") from None
-    if max_overhead is not None and (not isinstance(max_overhead, (int, float)) or max_overhead < 0):
-        raise _usage(f"max_overhead must be a fraction >= 0 (0.1 = 10 %), not {max_overhead!r}")
+    checked = check_search_options(method=method, memory_budget=budget, max_overhead=max_overhead, time_limit=time_limit,
+                                   methods=METHODS, spelling=_SPELLING, where="monetdsl.optimize")
     if schedule is not None and not isinstance(schedule, Schedule):
         schedule = os.fspath(schedule)
         if Path(schedule).is_dir():
             raise _usage(f"schedule {schedule} is a directory; give a .monet schedule file")
         if not Path(schedule).is_file():
             raise _usage(f"schedule file {schedule} does not exist")
-    if method != "auto" and method not in METHODS:
-        raise _usage(f"unknown method {method!r}; choose auto or one of {', '.join(METHODS)}")
-    if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or not time_limit > 0):
-        raise _usage(f"time_limit must be a positive number of seconds, not {time_limit!r}")
     if time_limit is not None and schedule is not None:
         raise _usage("time_limit bounds the search for a schedule; a schedule file needs none")
-    return Constraints(budget, None if max_overhead is None else float(max_overhead), schedule, method,
-                       None if time_limit is None else float(time_limit))
+    return Constraints(checked.memory_budget, checked.max_overhead, schedule, checked.method, checked.time_limit)
 
 
 def _as_calls(example_inputs) -> list[tuple]:

@@ -73,7 +73,8 @@ def checkmate_lp(network: Network, constraints: ResolvedConstraints, ctx: Search
         if model.builder.conflicts:
             details["lp"].append({"budget_factor": factor, "status": "infeasible"})
             continue
-        run = run_highs(model.builder, time_limit=ctx.time_limit or 60.0, relax=True, backend=ctx.options.get("backend", "highspy"))
+        run = run_highs(model.builder, time_limit=ctx.time_limit or 60.0, relax=True, backend=ctx.options.get("backend", "highspy"),
+                        stop=ctx.stop)
         details["lp"].append({"budget_factor": factor, "status": run.status, "seconds": round(run.seconds, 3)})
         if run.x is None:
             continue

@@ -94,8 +94,9 @@ def carry_of(network: Network, schedule: Schedule) -> list[set[str]]:
 
 
 class _Search:
-    def __init__(self, network, constraints, baseline_us, objective, deadline, spec_path, fingerprint):
+    def __init__(self, network, constraints, baseline_us, objective, deadline, spec_path, fingerprint, stop=None):
         self.network = network
+        self.stop = stop
         self.idx = index(network)
         self.constraints = constraints
         self.baseline_us = baseline_us
@@ -105,6 +106,10 @@ class _Search:
         self.fingerprint = fingerprint
         self.never = set(constraints.never_recompute)
         self.evaluations = 0
+
+    def time_up(self) -> bool:
+        """The deadline has passed, or the caller asked the search to stop."""
+        return time.perf_counter() >= self.deadline or (self.stop is not None and self.stop.is_set())
 
     def key(self, sim: Simulation) -> tuple:
         if self.objective == "memory":
@@ -245,11 +250,11 @@ def _moves(search: _Search, schedule: Schedule):
 def _climb(search: _Search, best: tuple[Schedule, Simulation], moves_taken: list[str]) -> tuple[Schedule, Simulation]:
     """First-improvement hill climbing from ``best`` until no move helps or time is up."""
     improved = True
-    while improved and time.perf_counter() < search.deadline:
+    while improved and not search.time_up():
         improved = False
         impls, moves = _moves(search, best[0])
         for description, new_impls, new_plan in moves:
-            if time.perf_counter() >= search.deadline:
+            if search.time_up():
                 break
             found = search.build(new_impls if new_impls is not None else impls, new_plan)
             if found is not None and search.key(found[1]) < search.key(best[1]):
@@ -273,7 +278,7 @@ def _kick(search: _Search, start: tuple[Schedule, Simulation], rng: random.Rando
                 current = found
                 taken.append(description)
                 break
-        if time.perf_counter() >= search.deadline:
+        if search.time_up():
             break
     return (current, taken) if taken else (None, taken)
 
@@ -288,6 +293,7 @@ def improve(
     objective: str = "compute",
     seed: int = 0,
     max_kicks: int | None = None,
+    stop=None,
 ) -> LocalSearchResult:
     """The best schedule the moves reach from ``schedule`` within ``time_limit`` seconds.
 
@@ -296,10 +302,10 @@ def improve(
     by :data:`KICK_MOVES` random valid moves and climbed again.
 
     ``schedule`` must replay validly; the result is never worse than it (it is returned
-    unchanged when no move helps).
+    unchanged when no move helps). ``stop`` (anything with ``is_set()``) ends it early.
     """
     begin = time.perf_counter()
-    search = _Search(network, constraints, baseline_us, objective, begin + time_limit, schedule.spec_path, schedule.fingerprint)
+    search = _Search(network, constraints, baseline_us, objective, begin + time_limit, schedule.spec_path, schedule.fingerprint, stop)
     impls = {op.name: schedule.impls.get(op.name, op.impls[0].name) for op in (*network.forward_ops, *network.backward_ops)}
     current_sim = simulate(network, schedule, constraints=constraints, baseline_us=baseline_us)
     best = (schedule, current_sim)
@@ -316,7 +322,7 @@ def improve(
     # ones too), climb again, keep the result when it is better; seeded, so repeatable
     rng = random.Random(seed)
     kicks = since_better = 0
-    while kicks_left(kicks, max_kicks) and since_better < STALE_KICKS and time.perf_counter() < search.deadline:
+    while kicks_left(kicks, max_kicks) and since_better < STALE_KICKS and not search.time_up():
         kicks += 1
         since_better += 1
         kicked, taken = _kick(search, best, rng, KICK_MOVES)

@@ -13,12 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..ir import Schedule
+from ..options import OBJECTIVES
 from .progress import ProgressCallback
 
 __all__ = ["SearchContext", "MethodOutcome", "OBJECTIVES"]
-
-#: "compute": fastest schedule within the budget; "memory": lowest peak within the cap
-OBJECTIVES = ("compute", "memory")
 
 
 @dataclass
@@ -32,6 +30,14 @@ class SearchContext:
     time_limit: float | None = None
     options: dict = field(default_factory=dict)
     progress: ProgressCallback | None = None
+    #: anything with ``is_set()`` (a :class:`threading.Event`): once set, the search stops
+    #: at its next check (a HiGHS callback, a phase boundary) and returns its best so far
+    stop: object | None = None
+
+    @property
+    def stopped(self) -> bool:
+        """True once the caller asked the search to stop (Ctrl-C on the command line)."""
+        return self.stop is not None and self.stop.is_set()
 
 
 @dataclass

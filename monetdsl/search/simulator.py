@@ -240,7 +240,8 @@ class _Replay:
             choice = self.sched.impls.get(op.name)
             if choice is None or choice not in op.impl_names:
                 if choice is None and len(op.impls) > 1:
-                    self.error(f"no implementation chosen for {op.name}: add `impl {op.name} = NAME` ({', '.join(op.impl_names)})")
+                    self.error(f"no implementation chosen for {op.name}: add `impl {op.name} = NAME` ({', '.join(op.impl_names)})",
+                               self.sched.line)
                 choice = op.impls[0].name
             self.impls[op.name] = choice
 
@@ -257,6 +258,7 @@ class _Replay:
     def run(self) -> None:
         self.choose_impls()
         order = self.check_stage_list()
+        self.stage_lines = [self.sched.forward_line] + [stage.line for stage in order]  # by step.stage
         self.count_gradient_uses()
         self.forward_stage()
         self.start_backward()
@@ -296,7 +298,7 @@ class _Replay:
             stages.append(stage)
         missing = [b for b in self.idx.backward_order if b not in seen]
         if missing:
-            self.error(f"the schedule has no stage for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+            self.error(f"the schedule has no stage for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", self.sched.line)
         return stages
 
     def forward_stage(self) -> None:
@@ -548,10 +550,12 @@ def _check_constraints(replay: _Replay, constraints: ResolvedConstraints) -> Non
     if constraints.memory_budget is not None and result.peak_bytes > constraints.memory_budget:
         replay.violation(
             f"peak memory {human_bytes(result.peak_bytes)} ({result.peak_bytes} B) exceeds the budget"
-            f" {human_bytes(constraints.memory_budget)} ({constraints.memory_budget} B), at {result.where()}"
+            f" {human_bytes(constraints.memory_budget)} ({constraints.memory_budget} B), at {result.where()}",
+            replay.stage_lines[result.peak_step.stage] if result.peak_step is not None else sched.line,
         )
     if constraints.max_overhead is not None and result.overhead > constraints.max_overhead + 1e-12:
-        replay.violation(f"compute overhead {result.overhead:.2%} exceeds the cap {constraints.max_overhead:.2%}")
+        digits = 2 if f"{result.overhead:.2%}" != f"{constraints.max_overhead:.2%}" else 6  # rounding must not hide it
+        replay.violation(f"compute overhead {result.overhead:.{digits}%} exceeds the cap {constraints.max_overhead:.{digits}%}", sched.line)
     recomputed: dict = {}
     for stage in sched.stages:
         for name in stage.recompute:

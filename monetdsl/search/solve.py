@@ -25,6 +25,7 @@ from typing import Callable
 
 from ..errors import SolveError, SpecError
 from ..ir import Schedule, Spec
+from ..options import check_search_options, option_error
 from ..units import human_bytes
 from ..validate import ResolvedConstraints, resolve_constraints
 from .baselines import chen_sqrt, recompute_all, store_all
@@ -34,7 +35,7 @@ from .hybrid.engine import hybrid
 from . import known
 from .impl_choice import cheapest_impls, no_recompute_compute_us, undominated_backward_impls
 from .milp.engine import DEFAULT_TIME_LIMIT, minimum_budget, solve_joint
-from .outcome import OBJECTIVES, MethodOutcome, SearchContext
+from .outcome import MethodOutcome, SearchContext
 from .progress import ProgressCallback
 from .revolve import revolve
 from .simulator import Simulation, simulate
@@ -95,8 +96,9 @@ class SolveResult:
 
     ``status`` is ``"optimal"`` (proved best), ``"feasible"`` (a schedule within every
     constraint, optimality not proved), ``"time_limit"`` (the best schedule found before the
-    limit, with ``gap``; no schedule when the limit came before any) or ``"infeasible"`` (no
-    schedule within the constraints; see ``min_feasible_budget``, exact when
+    limit, with ``gap``; no schedule when the limit came before any), ``"interrupted"`` (the
+    caller stopped the search: its best schedule so far, which ``success`` says fits) or
+    ``"infeasible"`` (no schedule within the constraints; see ``min_feasible_budget``, exact when
     ``min_feasible_budget_exact``). ``schedule`` and ``simulation`` are set whenever a
     schedule exists, even an infeasible one, so callers can show how far off it is.
     ``lower_bound`` is in the objective's unit (microseconds of compute, or bytes of peak).
@@ -116,6 +118,9 @@ class SolveResult:
 
     @property
     def success(self) -> bool:
+        """A schedule within every constraint (``interrupted`` has one when its search had)."""
+        if self.status == "interrupted":
+            return self.simulation is not None and self.simulation.ok
         return self.status in ("optimal", "feasible", "time_limit") and self.schedule is not None
 
     def as_json(self) -> dict:
@@ -162,6 +167,8 @@ def solve(
     objective: str | None = None,
     progress: ProgressCallback | None = None,
     exact_min_budget: bool = True,
+    spelling: dict | None = None,
+    stop=None,
 ) -> SolveResult:
     """Find a schedule for ``spec`` with ``method`` under its constraints.
 
@@ -179,22 +186,26 @@ def solve(
     When no schedule fits the budget, ``min_feasible_budget`` says how much would:
     the method's own exact minimum for the MILPs, and for other methods the exact minimum
     over all schedules from the joint MILP (skipped with ``exact_min_budget=False``).
+
+    Every option is checked by :func:`~monetdsl.options.check_search_options` (text with
+    units is accepted too: ``memory_budget="6GiB"``, ``max_overhead="10%"``); a bad one,
+    or an unknown key in ``options``, raises :class:`~monetdsl.errors.OptionError`, its
+    message spelling each option as ``spelling`` says (the CLI passes its flags).
+
+    ``stop`` (anything with ``is_set()``, such as a :class:`threading.Event`) ends a search
+    early once set: the result then has status ``"interrupted"``, with the best schedule
+    found so far when there is one (the CLI sets it on Ctrl-C).
     """
-    if method != "auto" and method not in METHODS:
-        raise SpecError(f"unknown method {method!r}; choose one of: auto, {', '.join(METHODS)}")
-    if memory_budget is not None and memory_budget <= 0:
-        raise SpecError("the memory budget must be positive")
-    if max_overhead is not None and max_overhead < 0:
-        raise SpecError("the overhead cap cannot be negative")
-    if time_limit is not None and time_limit <= 0:
-        raise SpecError("the time limit must be positive")
-    if objective is not None and objective not in OBJECTIVES:
-        raise SpecError(f"unknown objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
+    checked = check_search_options(
+        method=method, memory_budget=memory_budget, max_overhead=max_overhead, time_limit=time_limit,
+        objective=objective, options=options, methods=METHODS, spelling=spelling, where="monetdsl.solve",
+    )
+    method, time_limit, objective, options = checked.method, checked.time_limit, checked.objective, checked.options
     constraints = resolve_constraints(
         spec.network,
         spec.constraints,
-        memory_budget=memory_budget,
-        max_overhead=max_overhead,
+        memory_budget=checked.memory_budget,
+        max_overhead=checked.max_overhead,
         path=spec.path,
         source=spec.source,
     )
@@ -204,23 +215,34 @@ def solve(
         method, reason = choose_method(spec.network, constraints, objective)
         auto = {"chosen": method, "reason": reason}
     if objective == "memory" and method not in SEARCHERS:
-        raise SpecError(f"--min-memory needs a method that searches ({', '.join(sorted(SEARCHERS))}), not {method}")
+        asked = (spelling or {}).get("objective", "objective='memory'")
+        raise option_error(f"{asked} needs a method that searches ({', '.join(sorted(SEARCHERS))}), not {method}", "monetdsl.solve")
     if method in SEARCHERS:
         if objective is None:
             only_cap = constraints.memory_budget is None and constraints.max_overhead is not None
             objective = "memory" if only_cap else "compute"
-        ctx = SearchContext(spec.path, spec.fingerprint, baseline_us, objective, time_limit, dict(options or {}), progress)
+        ctx = SearchContext(spec.path, spec.fingerprint, baseline_us, objective, time_limit, dict(options or {}), progress, stop)
         result = _solve_searching(spec, method, constraints, ctx, exact_min_budget)
-        if auto is not None:
-            result.details.update(auto)
-        return result
-    result = _solve_plain(spec, method, constraints, baseline_us, time_limit, progress, exact_min_budget)
+    else:
+        result = _solve_plain(spec, method, constraints, baseline_us, time_limit, progress, exact_min_budget, stop)
     if auto is not None:
         result.details.update(auto)
+    if stop is not None and stop.is_set():
+        _mark_interrupted(result)
     return result
 
 
-def _solve_plain(spec, method, constraints, baseline_us, time_limit, progress, exact_min_budget) -> SolveResult:
+def _mark_interrupted(result: SolveResult) -> None:
+    """The search was stopped before it finished: what it has is its best so far, unproved."""
+    fits = result.simulation is not None and result.simulation.ok
+    result.details["status_before_interrupt"] = result.status
+    result.status = "interrupted"
+    result.min_feasible_budget_exact = False
+    what = "the best schedule found so far" if fits else "no schedule within the constraints found so far"
+    result.message = f"interrupted: {what}; {result.message}"
+
+
+def _solve_plain(spec, method, constraints, baseline_us, time_limit, progress, exact_min_budget, stop=None) -> SolveResult:
     start = time.perf_counter()
     schedule, simulation = _run_method(method, spec, constraints, baseline_us)
     elapsed = time.perf_counter() - start
@@ -236,13 +258,13 @@ def _solve_plain(spec, method, constraints, baseline_us, time_limit, progress, e
         message += f"; the smallest budget {method} can meet is {human_bytes(smallest)} ({smallest} B)"
     result = SolveResult("infeasible", message, method, schedule, simulation, elapsed, min_feasible_budget=smallest)
     if exact_min_budget and constraints.memory_budget is not None:
-        _add_exact_minimum(spec, constraints, baseline_us, time_limit, progress, result)
+        _add_exact_minimum(spec, constraints, baseline_us, time_limit, progress, result, stop)
     return result
 
 
-def _add_exact_minimum(spec, constraints, baseline_us, time_limit, progress, result: SolveResult) -> None:
+def _add_exact_minimum(spec, constraints, baseline_us, time_limit, progress, result: SolveResult, stop=None) -> None:
     """Replace a heuristic's smallest budget by the exact one over all schedules (joint MILP)."""
-    ctx = SearchContext(spec.path, spec.fingerprint, baseline_us, "memory", time_limit, {}, progress)
+    ctx = SearchContext(spec.path, spec.fingerprint, baseline_us, "memory", time_limit, {}, progress, stop)
     try:
         found = minimum_budget(spec.network, constraints, ctx, time_limit=time_limit or DEFAULT_TIME_LIMIT)
     except SpecError as exc:  # a spec the MILP refuses: keep the method's own figure
@@ -334,5 +356,5 @@ def _solve_searching(spec: Spec, method: str, constraints: ResolvedConstraints, 
     message = f"{method}: no schedule found within the constraints ({reasons})"
     result = SolveResult("infeasible", message, method, outcome.schedule, simulation, elapsed, **common)
     if exact_min_budget and constraints.memory_budget is not None:
-        _add_exact_minimum(spec, constraints, ctx.baseline_us, ctx.time_limit, ctx.progress, result)
+        _add_exact_minimum(spec, constraints, ctx.baseline_us, ctx.time_limit, ctx.progress, result, ctx.stop)
     return result

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from ..grammar.printer import format_spec
 from ..ir import Constraints, Network, Pattern, Spec
+from ..options import option_error
 from .capture import CaptureError, capture, make_fake_inputs
 from .costs import PRESETS, Roofline, preset
 from .fixed_memory import OPTIMIZERS, fixed_items
@@ -102,11 +103,11 @@ def trace_model(
     """
     start = time.perf_counter()
     if optimizer not in OPTIMIZERS:
-        raise CaptureError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+        raise option_error(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}", "monetdsl trace")
     if dtype is not None:
         if isinstance(dtype, str):
             if dtype not in DTYPES:
-                raise CaptureError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+                raise option_error(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}", "monetdsl trace")
             dtype = DTYPES[dtype]
         model = model.to(dtype)
     inputs = _as_inputs(example_inputs)
@@ -118,7 +119,7 @@ def trace_model(
         ]
     if profile:
         if device not in ("cpu", "cuda"):
-            raise CaptureError(f"--profile times ops on a real device: use --device cpu or cuda, not {device}")
+            raise option_error(f"--profile times ops on a real device: use --device cpu or cuda, not {device}", "monetdsl trace")
         if device == "cuda" and not torch.cuda.is_available():
             raise CaptureError("--device cuda: no CUDA device is available here")
         # the roofline only fills in ops that cannot be replayed on the device
@@ -127,7 +128,7 @@ def trace_model(
         try:
             roofline = Roofline(_cuda_preset() if device == "cuda" else preset(device))
         except KeyError:
-            raise CaptureError(f"unknown device {device!r}; use one of {', '.join(PRESETS)} or cuda") from None
+            raise option_error(f"unknown device {device!r}; use one of {', '.join(PRESETS)} or cuda", "monetdsl trace") from None
     fake, _ = make_fake_inputs(inputs)
     captured = capture(model, fake, loss)
     facts = analyse(captured)

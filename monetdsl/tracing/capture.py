@@ -14,6 +14,7 @@ backward nodes read forward tensors explicitly, which is exactly what autograd k
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -90,7 +91,8 @@ def _output(out):
     so the spec ends at that output (the tracer sums it to get a backward, then removes
     the sum); a model that returns its loss gives the same spec as ``--loss none``."""
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"--loss output needs a model that returns one tensor; it returned {type(out).__name__}")
+        raise TypeError(f"the model must return one tensor (it returned a {type(out).__name__}): the training loop"
+                        " computes the loss from it")
     return out if out.dim() == 0 else out.sum()
 
 
@@ -305,6 +307,9 @@ def _describe_failure(exc: Exception) -> str:
     failed = _model_error(text)
     if failed is not None:
         return failed
+    ours = re.search(r"raised exception TypeError\((['\"])((?:the model must|--loss) .*?)\1\)", text)
+    if ours:  # a loss of LOSSES refused the model's output, inside the compiled step
+        return ours.group(2)
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("Set TORCHDYNAMO", "from user code", "For even more"))]
     summary = " ".join(lines[:6])
     kind = type(exc).__name__

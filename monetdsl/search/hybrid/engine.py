@@ -203,7 +203,7 @@ class _Search:
             # step down until a plan fits
             step = max(1, (start - lo) // 8)
             m = start - step
-            while m >= lo and time.perf_counter() < deadline:
+            while m >= lo and time.perf_counter() < deadline and not self.ctx.stopped:
                 r = self.probe(m)
                 if fits(r):
                     lo_ok = m
@@ -216,7 +216,7 @@ class _Search:
                     lo_ok = lo
         if lo_ok is not None:
             # bisection for the largest fitting m (more memory: a faster plan)
-            while hi_bad - lo_ok > 1 and time.perf_counter() < deadline:
+            while hi_bad - lo_ok > 1 and time.perf_counter() < deadline and not self.ctx.stopped:
                 mid = (lo_ok + hi_bad) // 2
                 if fits(self.probe(mid)):
                     lo_ok = mid
@@ -232,7 +232,7 @@ class _Search:
             return []
         lo = ok[0]
         for m in sorted(set([lo, lo + 1, lo + 2, lo + 4, lo + 8, lo + 16])):
-            if time.perf_counter() > deadline:
+            if time.perf_counter() > deadline or self.ctx.stopped:
                 break
             self.probe(m)
         return [(r[0], r[1]) for r in self.probes.values() if r is not None]
@@ -277,7 +277,8 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
         menu_budget = min(menu_budget, max(FIRST_MENU_SECONDS, FIRST_MENU_SECONDS_PER_OP * len(network.forward_ops)))
     t = time.perf_counter()
     builds_before = cache.builds
-    menus = build_menus(list(kinds.values()), time_budget=menu_budget, cache=cache, workers=workers, grid=int(options.get("grid", 2)))
+    menus = build_menus(list(kinds.values()), time_budget=menu_budget, cache=cache, workers=workers, grid=int(options.get("grid", 2)),
+                        stop=ctx.stop)
     # heuristics before the menus are complete: they set the DP's memory span
     heuristics = _heuristics(network, constraints, ctx, None, _heuristic_names(network))
     details["heuristics"] = {name: {"peak": sim.peak_bytes, "compute": sim.compute_us} for name, _, sim in heuristics}
@@ -304,9 +305,9 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
         found.extend(new)
         return min((_value(sim, objective) for _, sim in new if sim.ok), default=None)
 
-    if "menu_seconds" not in options:
+    if "menu_seconds" not in options and not ctx.stopped:
         menus = _complete_menus(kinds, menus, begin + MENU_SHARE_MAX * limit, cache, workers, details,
-                                (watch, composed_value) if stalling else None)
+                                (watch, composed_value) if stalling else None, stop=ctx.stop)
     details["menu_seconds"] = round(time.perf_counter() - t, 3)
     details["menus_built"] = cache.builds - builds_before
     empty = [bn.block.index for bn in nets if not menus[bn.fingerprint].options]
@@ -321,7 +322,7 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     while True:
         chain = ChainModel(network, parts, nets, menus)
         search = _Search(network, chain, ctx, constraints, span)
-        remaining = deadline - time.perf_counter()
+        remaining = _left(ctx, deadline)
         dp_deadline = time.perf_counter() + max(1.0, 0.5 * remaining * (1 - refine_reserve))
         if objective == "memory":
             new = search.least_peak(cap_us, dp_deadline)
@@ -337,9 +338,9 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
             "best": None if best_m is None else search.probes[best_m][1].compute_us,
         })
         report("chain DP", None if best_m is None else search.probes[best_m][1].compute_us)
-        if best_m is None or len(rounds) > max_rounds:
+        if best_m is None or len(rounds) > max_rounds or ctx.stopped:
             break
-        remaining = deadline - time.perf_counter()
+        remaining = _left(ctx, deadline)
         if remaining * (1 - refine_reserve) < 1.0:
             break
         plan = reconstruct(search.problem, search.table, best_m)
@@ -360,7 +361,8 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
         rounds[-1]["requests"] = {fp[:8]: [list(i) for i in items] for fp, (_, items) in fresh_requests.items()}
         if not fresh_requests:
             break
-        menus = extend_menus(fresh_requests, menus, time_budget=0.5 * remaining * (1 - refine_reserve), cache=cache, workers=workers)
+        menus = extend_menus(fresh_requests, menus, time_budget=0.5 * remaining * (1 - refine_reserve), cache=cache, workers=workers,
+                             stop=ctx.stop)
     if objective == "compute" and budget is not None and not any(sim.ok for _, sim in found):
         # nothing the DP composed fits: its least-peak plans say how much would, and start
         # the minimum-budget search (_finish, _no_schedule)
@@ -381,11 +383,11 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
         starts = _starts(candidates, objective, budget, cap_us, POLISH_STARTS)
         details["local_search"] = []
         for k, start in enumerate(starts):
-            share = (deadline - time.perf_counter()) * (POLISH_SHARE if _fits_refinement(network, options) else 1.0) / (len(starts) - k)
+            share = (_left(ctx, deadline)) * (POLISH_SHARE if _fits_refinement(network, options) else 1.0) / (len(starts) - k)
             if share <= 0.2:
                 break
             polished = improve(network, start[1], constraints, baseline_us=ctx.baseline_us, time_limit=share, objective=objective,
-                               max_kicks=options.get("kicks"))
+                               max_kicks=options.get("kicks"), stop=ctx.stop)
             details["local_search"].append({"start": start[0], "from": _value(start[2], objective), "to": _value(polished.simulation, objective),
                                             "moves": len(polished.moves), "evaluations": polished.evaluations, "seconds": round(polished.seconds, 3)})
             if _value(polished.simulation, objective) < _value(run[2], objective) - 1e-9:
@@ -400,7 +402,7 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
 
 
 def _complete_menus(kinds: dict, menus: dict, until: float, cache: MenuCache, workers: int, details: dict,
-                    paying=None) -> dict:
+                    paying=None, stop=None) -> dict:
     """Solve the grid points the menus' first share did not reach, until ``until``.
 
     The points are the ones :func:`~.menus.build_menu` planned (budgets between each
@@ -419,10 +421,12 @@ def _complete_menus(kinds: dict, menus: dict, until: float, cache: MenuCache, wo
     while pending and until - time.perf_counter() >= 1.0:
         left = until - time.perf_counter()
         if paying is None:
-            menus = extend_menus(pending, menus, time_budget=left, cache=cache, workers=workers)
+            menus = extend_menus(pending, menus, time_budget=left, cache=cache, workers=workers, stop=stop)
             break
         piece = min(left, max(watch.rule.min_stall_seconds, watch.rule.stall_share * (time.perf_counter() - watch.begin)))
-        menus = extend_menus(pending, menus, time_budget=piece, cache=cache, workers=workers)
+        menus = extend_menus(pending, menus, time_budget=piece, cache=cache, workers=workers, stop=stop)
+        if stop is not None and stop.is_set():
+            break
         watch.observe(composed_value(menus))
         pending = {fp: (bn, list(menus[fp].pending)) for fp, bn in kinds.items() if menus[fp].pending}
         why = watch.reason()
@@ -477,6 +481,28 @@ def _fits_refinement(network: Network, options: dict) -> bool:
     return len(network.forward_ops) <= int(options.get("refine_max_ops", REFINE_MAX_FORWARD_OPS))
 
 
+class _StopRequest:
+    """What the refinement MILP asks (``is_set()``, from HiGHS's callbacks, LP iterations
+    included): stop when the caller asked to, or when ``watch`` says the search has
+    stopped paying (the reason goes to ``info["stopped"]``)."""
+
+    def __init__(self, ctx: SearchContext, watch: StallWatch, info: dict):
+        self.ctx, self.watch, self.info = ctx, watch, info
+
+    def is_set(self) -> bool:
+        if self.ctx.stopped:
+            return True
+        why = self.watch.reason()
+        if why is not None:
+            self.info["stopped"] = why
+        return why is not None
+
+
+def _left(ctx: SearchContext, deadline: float) -> float:
+    """Seconds left before ``deadline``; none once the caller asked the search to stop."""
+    return 0.0 if ctx.stopped else deadline - time.perf_counter()
+
+
 def _finish(network, constraints, ctx, run, candidates, details, deadline, watch: StallWatch) -> HybridRun:
     objective = ctx.objective
     allowed = constraints.allowed_impls
@@ -487,11 +513,11 @@ def _finish(network, constraints, ctx, run, candidates, details, deadline, watch
     details["simple_lower_bound"] = lower
     floor = model = None
     refine = _fits_refinement(network, ctx.options)
-    if run is None and objective == "compute" and constraints.memory_budget is not None and refine and deadline - time.perf_counter() > 0.5:
+    if run is None and objective == "compute" and constraints.memory_budget is not None and refine and _left(ctx, deadline) > 0.5:
         run, floor, model = _least_peak_first(network, constraints, ctx, candidates, deadline, details)
         refine = not model.builder.conflicts and not (floor.exact and (floor.bytes is None or floor.bytes > constraints.memory_budget))
     refined = None
-    if refine and deadline - time.perf_counter() > 0.5:
+    if refine and _left(ctx, deadline) > 0.5:
         refined = _refine(network, constraints, ctx, run, deadline, details, watch, model=model)
     if run is None and refined is None:
         return _no_schedule(network, constraints, ctx, candidates, details, deadline, lower, floor)
@@ -557,7 +583,7 @@ def _least_peak_first(network, constraints, ctx, candidates, deadline, details):
     Returns ``(run or None, the minimum-budget search, the refinement's model)``."""
     model = _refinement_model(network, constraints, ctx)
     share = 1.0 if model.builder.conflicts else FLOOR_SHARE
-    left = deadline - time.perf_counter()
+    left = _left(ctx, deadline)
     floor = minimum_budget(network, without_budget(constraints), ctx, time_limit=max(0.5, share * left), label="hybrid", candidates=list(candidates))
     info = {"peak": floor.bytes, "exact": floor.exact, "lower_bound": floor.lower_bound, "seconds": round(floor.seconds, 3)}
     details["least_peak_first"] = info
@@ -584,28 +610,26 @@ def _refine(network, constraints, ctx, run, deadline, details, watch: StallWatch
         info["status"] = "infeasible"
         return None
     start = _start_for(model, [run]) if run is not None else None
-    left = deadline - time.perf_counter()
+    left = _left(ctx, deadline)
     if left <= 0.2:
         info["status"] = "no time"
         return None
     gap = 0.0 if objective == "memory" else ctx.options.get("gap", 1e-4)
     in_bytes = (lambda v: None if v is None else model.fixed_bytes + v * MIB) if objective == "memory" else (lambda v: v)
 
-    def stop(incumbent, bound) -> bool:  # also the progress report: HiGHS calls it many times a second
+    def observe(elapsed, incumbent, bound, _gap) -> None:  # HiGHS reports many times a second
         watch.observe(in_bytes(incumbent))
         if ctx.progress is not None:
             best, low = watch.best, in_bytes(bound)
             gap_now = None if best is None or low is None else max(0.0, best - low) / max(best, 1e-12)
             ctx.progress(ProgressInfo("hybrid", "refinement MILP", time.perf_counter() - watch.begin, best, low, gap_now,
                                       "bytes" if objective == "memory" else "us"))
-        why = watch.reason()
-        if why is not None:
-            info["stopped"] = why
-        return why is not None
+
+    stop = _StopRequest(ctx, watch, info)
 
     milp = run_highs(
         model.builder, time_limit=left, rel_gap=gap, abs_gap=0.25 / MIB if objective == "memory" else 1e-6,
-        start=None if start is None else start[1], backend="highspy", stop=stop,
+        start=None if start is None else start[1], backend="highspy", progress=observe, stop=stop,
     )
     info.update(status=milp.status, seconds=round(time.perf_counter() - t, 3), warm_start=start is not None, nodes=milp.nodes)
     bound = milp.bound
@@ -634,8 +658,8 @@ def _no_schedule(network, constraints, ctx, candidates, details, deadline, lower
     known = best[2].peak_bytes if best is not None else None
     known_schedule = best[1] if best is not None else None
     found = floor
-    if found is None and _fits_refinement(network, ctx.options) and deadline - time.perf_counter() > 0.5:
-        found = minimum_budget(network, without_budget(constraints), ctx, time_limit=max(0.5, deadline - time.perf_counter()), label="hybrid",
+    if found is None and _fits_refinement(network, ctx.options) and _left(ctx, deadline) > 0.5:
+        found = minimum_budget(network, without_budget(constraints), ctx, time_limit=max(0.5, _left(ctx, deadline)), label="hybrid",
                                candidates=list(candidates))
     if found is not None:
         if found.bytes is not None and (known is None or found.bytes <= known):

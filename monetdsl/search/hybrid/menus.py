@@ -200,8 +200,9 @@ def pareto(options: list[Option]) -> list[Option]:
 class _Solver:
     """The block MILP at a given budget / keep cap, warm-started from known schedules."""
 
-    def __init__(self, bn: BlockNet, deadline: float, per_solve: float):
+    def __init__(self, bn: BlockNet, deadline: float, per_solve: float, stop=None):
         self.bn = bn
+        self.stop = stop  # anything with is_set(): the caller's request to stop (Ctrl-C)
         self.net = bn.network
         self.cons = bn.constraints()
         self.deadline = deadline
@@ -232,6 +233,8 @@ class _Solver:
             self.known.append((name, schedule, sim))
 
     def time_left(self) -> float:
+        if self.stop is not None and self.stop.is_set():
+            return 0.0
         return self.deadline - time.perf_counter()
 
     def solve(self, objective: str, budget: int | None = None, cap: int | None = None, fresh: bool = False) -> tuple[Schedule | None, str, float | None]:
@@ -257,7 +260,7 @@ class _Solver:
         gap = 0.0 if objective == "memory" else MENU_GAP
         run = run_highs(
             model.builder, time_limit=min(self.per_solve, left), rel_gap=gap,
-            abs_gap=0.25 / MIB if objective == "memory" else 1e-6, start=None if start is None else start[1],
+            abs_gap=0.25 / MIB if objective == "memory" else 1e-6, start=None if start is None else start[1], stop=self.stop,
         )
         self.solves += 1
         if run.status == "optimal":
@@ -290,7 +293,7 @@ def option_schedule(bn: BlockNet, option: Option) -> Schedule:
     return schedule_from_recomputes(bn.network, option.impl_map, lists, spec_path="block", fingerprint="0")
 
 
-def build_menu(bn: BlockNet, *, time_budget: float = 10.0, per_solve: float = 4.0, grid: int = 2) -> BlockMenu:
+def build_menu(bn: BlockNet, *, time_budget: float = 10.0, per_solve: float = 4.0, grid: int = 2, stop=None) -> BlockMenu:
     """The menu of one block kind within ``time_budget`` seconds (see the module docstring).
 
     ``grid`` is the number of intermediate peak budgets between the block's minimum and
@@ -298,7 +301,7 @@ def build_menu(bn: BlockNet, *, time_budget: float = 10.0, per_solve: float = 4.
     options at the budgets its plans actually give each block (:func:`extend_menu`).
     """
     begin = time.perf_counter()
-    solver = _Solver(bn, begin + time_budget, per_solve)
+    solver = _Solver(bn, begin + time_budget, per_solve, stop)
     options: list[Option] = []
     notes: list[str] = []
 
@@ -353,13 +356,13 @@ def _between(lo: int, hi: int, count: int) -> list[int]:
     return [int(lo + (k + 1) / (count + 1) * (hi - lo)) for k in range(count)]
 
 
-def extend_menu(bn: BlockNet, menu: BlockMenu, requests, *, time_budget: float, per_solve: float = 4.0) -> BlockMenu:
+def extend_menu(bn: BlockNet, menu: BlockMenu, requests, *, time_budget: float, per_solve: float = 4.0, stop=None) -> BlockMenu:
     """``menu`` plus the fastest option at each requested (budget, saved cap, fresh).
 
     The engine asks for the budgets that its current plan leaves each block; the known
     options warm-start every solve, so the new option is never worse than them."""
     begin = time.perf_counter()
-    solver = _Solver(bn, begin + time_budget, per_solve)
+    solver = _Solver(bn, begin + time_budget, per_solve, stop)
     for option in menu.options:
         solver.remember(option.origin, option_schedule(bn, option))
     options = list(menu.options)
@@ -399,13 +402,13 @@ DEFAULT_CACHE = MenuCache()
 
 
 def _build_one(args) -> BlockMenu:
-    bn, budget, per_solve, grid = args
-    return build_menu(bn, time_budget=budget, per_solve=per_solve, grid=grid)
+    bn, budget, per_solve, grid, stop = args
+    return build_menu(bn, time_budget=budget, per_solve=per_solve, grid=grid, stop=stop)
 
 
 def _extend_one(args) -> BlockMenu:
-    bn, menu, requests, budget = args
-    return extend_menu(bn, menu, requests, time_budget=budget)
+    bn, menu, requests, budget, stop = args
+    return extend_menu(bn, menu, requests, time_budget=budget, stop=stop)
 
 
 def _pool_map(function, jobs, workers: int):
@@ -420,9 +423,10 @@ def _pool_map(function, jobs, workers: int):
 
 def extend_menus(
     requests: dict[str, tuple[BlockNet, list]], menus: dict[str, BlockMenu], *, time_budget: float,
-    cache: MenuCache | None = None, workers: int = 1,
+    cache: MenuCache | None = None, workers: int = 1, stop=None,
 ) -> dict[str, BlockMenu]:
-    """Add targeted options (``requests[fingerprint] = (block net, [(budget, cap, fresh)])``)."""
+    """Add targeted options (``requests[fingerprint] = (block net, [(budget, cap, fresh)])``).
+    ``stop`` (anything with ``is_set()``) ends the solves early, in this process only."""
     cache = cache if cache is not None else DEFAULT_CACHE
     items = [(fp, bn, reqs) for fp, (bn, reqs) in requests.items() if reqs]
     if not items:
@@ -430,7 +434,8 @@ def extend_menus(
     weights = [len(reqs) * max(1, len(bn.block_ops)) ** 2 for _, bn, reqs in items]
     total = sum(weights)
     share = time_budget * max(1, min(workers, len(items)))
-    jobs = [(bn, menus[fp], reqs, max(0.3, share * w / total)) for (fp, bn, reqs), w in zip(items, weights)]
+    stop = stop if workers <= 1 else None  # an event does not cross into spawned processes
+    jobs = [(bn, menus[fp], reqs, max(0.3, share * w / total), stop) for (fp, bn, reqs), w in zip(items, weights)]
     result = dict(menus)
     for menu in _pool_map(_extend_one, jobs, workers):
         cache.put(menu)
@@ -445,11 +450,13 @@ def build_menus(
     cache: MenuCache | None = None,
     workers: int = 1,
     grid: int = 2,
+    stop=None,
 ) -> dict[str, BlockMenu]:
     """Menus of every block kind (one representative :class:`BlockNet` per fingerprint).
 
     The time budget is shared among the kinds not in the cache, in proportion to their
     size (forward ops squared, as the MILP grows), and spread over ``workers`` processes.
+    ``stop`` (anything with ``is_set()``) ends the solves early, in this process only.
     """
     cache = cache if cache is not None else DEFAULT_CACHE
     result: dict[str, BlockMenu] = {}
@@ -465,7 +472,8 @@ def build_menus(
     weights = [max(1, len(bn.block_ops)) ** 2 for bn in todo]
     total = sum(weights)
     share = time_budget * max(1, min(workers, len(todo)))
-    jobs = [(bn, max(0.5, share * w / total), max(0.5, min(4.0, share * w / total / 3)), grid) for bn, w in zip(todo, weights)]
+    stop = stop if workers <= 1 else None  # an event does not cross into spawned processes
+    jobs = [(bn, max(0.5, share * w / total), max(0.5, min(4.0, share * w / total / 3)), grid, stop) for bn, w in zip(todo, weights)]
     menus = _pool_map(_build_one, jobs, workers)
     for menu in menus:
         cache.put(menu)

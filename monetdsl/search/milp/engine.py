@@ -142,6 +142,7 @@ def _run(model: JointModel, ctx: SearchContext, time_limit: float, start, label:
         start=start,
         progress=_progress_adapter(ctx, model, label, phase),
         backend=ctx.options.get("backend", "highspy"),
+        stop=ctx.stop,
     )
 
 
@@ -369,7 +370,7 @@ def solve_joint(
         outcome.min_feasible_budget_exact = exact
         remaining = limit - (time.perf_counter() - begin)
         details["proof_seconds"] = round(time.perf_counter() - begin, 3)
-        if remaining > 0.5 and ctx.options.get("polish", True):
+        if remaining > 0.5 and ctx.options.get("polish", True) and not ctx.stopped:
             _polish(network, constraints, ctx, pins, label, outcome, peak, remaining)
     return outcome
 

@@ -33,9 +33,6 @@ FEASIBILITY_TOL = 1e-9
 
 #: ``progress(elapsed_s, incumbent, bound, gap)``; incumbent/gap are None before one exists
 Progress = Callable[[float, float | None, float | None, float | None], None]
-#: ``stop(incumbent, bound) -> bool``: asked whenever HiGHS reports; True interrupts the
-#: search (the run then ends as ``time_limit`` with the incumbent)
-Stop = Callable[[float | None, float | None], bool]
 
 
 @dataclass
@@ -94,14 +91,14 @@ def run_highs(
     backend: str = "highspy",
     relax: bool = False,
     seed: int = 0,
-    stop: Stop | None = None,
+    stop=None,
 ) -> MilpRun:
     """Solve the model built by ``builder`` (minimisation).
 
     ``start`` is a complete feasible column vector (highspy only); ``relax`` drops
-    integrality (the LP relaxation). ``abs_gap`` is in objective units. ``stop`` (highspy
-    only) is asked, with the incumbent and the bound in objective units, whenever HiGHS
-    reports, and ends the search when it answers True (:mod:`..stopping`).
+    integrality (the LP relaxation). ``abs_gap`` is in objective units. ``stop`` (anything
+    with ``is_set()``) interrupts HiGHS at its next callback once set; the run then ends as
+    at a time limit, with the incumbent (highspy only; scipy runs to its limit).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -115,12 +112,6 @@ def run_highs(
         def progress(elapsed, incumbent, bound, gap):
             inner(elapsed, None if incumbent is None else incumbent + offset, None if bound is None else bound + offset,
                   _gap(None if incumbent is None else incumbent + offset, None if bound is None else bound + offset))
-
-    if stop is not None and offset:
-        inner_stop = stop
-
-        def stop(incumbent, bound):
-            return inner_stop(None if incumbent is None else incumbent + offset, None if bound is None else bound + offset)
 
     if backend == "scipy":
         run = _run_scipy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap)
@@ -237,29 +228,24 @@ def _run_highspy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap
     if (progress is not None or stop is not None) and is_mip:
 
         def report(event) -> None:
+            if stop is not None and stop.is_set():
+                event.data_in.user_interrupt = True
+            if progress is None:
+                return
             data = event.data_out
             incumbent = data.mip_primal_bound if math.isfinite(data.mip_primal_bound) else None
             bound = data.mip_dual_bound if math.isfinite(data.mip_dual_bound) else None
-            if progress is not None:
-                progress(time.perf_counter() - begin, incumbent, bound, _gap(incumbent, bound))
-            if stop is not None and stop(incumbent, bound):
-                event.interrupt()
+            progress(time.perf_counter() - begin, incumbent, bound, _gap(incumbent, bound))
 
         h.cbMipInterrupt += report
-    if stop is not None and is_mip:
-        # the MIP callback can stay silent for many seconds while HiGHS works on a large
-        # root node; the LP iterations are asked too (a clock read, the rule twice a second)
-        asked = [time.perf_counter()]
+    if stop is not None:  # an LP (checkmate-lp's relaxation) calls these, a MIP the one above
 
-        def during_lp(event) -> None:
-            now = time.perf_counter()
-            if now - asked[0] >= 0.5:
-                asked[0] = now
-                if stop(None, None):
-                    event.interrupt()
+        def interrupt(event) -> None:
+            if stop.is_set():
+                event.data_in.user_interrupt = True
 
-        h.cbSimplexInterrupt += during_lp
-        h.cbIpmInterrupt += during_lp
+        h.cbSimplexInterrupt += interrupt
+        h.cbIpmInterrupt += interrupt
     h.run()
     seconds = time.perf_counter() - begin
     status = h.getModelStatus()
