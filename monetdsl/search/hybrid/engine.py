@@ -224,6 +224,15 @@ class _Search:
                     hi_bad = mid
         return [(r[0], r[1]) for r in self.probes.values() if fits(r)]
 
+    def plans(self, objective: str, budget: int | None, cap_us: float | None, deadline: float) -> list[tuple[Schedule, Simulation]]:
+        """The plans the objective asks for, replayed: near the least peak (memory), the
+        fastest within ``budget``, or the fastest of all (no budget)."""
+        if objective == "memory":
+            return self.least_peak(cap_us, deadline)
+        if budget is not None:
+            return self.fastest_within(budget, deadline)
+        return [(r[0], r[1]) for r in [self.probe(self.slots)] if r is not None]
+
     def least_peak(self, cap_us: float | None, deadline: float) -> list[tuple[Schedule, Simulation]]:
         """Plans near the DP's minimum memory (within the compute cap), replayed."""
         row = self.table[0, self.chain.L - 1]
@@ -295,13 +304,7 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
         if any(not menus[fp].options for fp in kinds):
             return None
         search = _Search(network, ChainModel(network, parts, nets, menus), ctx, constraints, span)
-        stop_at = time.perf_counter() + max(1.0, 0.1 * (deadline - time.perf_counter()))
-        if objective == "memory":
-            new = search.least_peak(cap_us, stop_at)
-        elif budget is not None:
-            new = search.fastest_within(budget, stop_at)
-        else:
-            new = [(r[0], r[1]) for r in [search.probe(search.slots)] if r is not None]
+        new = search.plans(objective, budget, cap_us, time.perf_counter() + max(1.0, 0.1 * (deadline - time.perf_counter())))
         found.extend(new)
         return min((_value(sim, objective) for _, sim in new if sim.ok), default=None)
 
@@ -323,13 +326,7 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
         chain = ChainModel(network, parts, nets, menus)
         search = _Search(network, chain, ctx, constraints, span)
         remaining = _left(ctx, deadline)
-        dp_deadline = time.perf_counter() + max(1.0, 0.5 * remaining * (1 - refine_reserve))
-        if objective == "memory":
-            new = search.least_peak(cap_us, dp_deadline)
-        elif budget is not None:
-            new = search.fastest_within(budget, dp_deadline)
-        else:
-            new = [(r[0], r[1]) for r in [search.probe(search.slots)] if r is not None]
+        new = search.plans(objective, budget, cap_us, time.perf_counter() + max(1.0, 0.5 * remaining * (1 - refine_reserve)))
         found += new
         best_m = search.best_fitting(budget, cap_us) if objective == "compute" and budget is not None else None
         rounds.append({
