@@ -143,8 +143,33 @@ def _first_non_folder(folder: Path) -> Path:
     return folder
 
 
+def _own_descriptor(path: Path) -> int | None:
+    """The descriptor of this process that ``path`` names (``/dev/stdout`` is 1), if any."""
+    match = _DESCRIPTOR.match(os.path.abspath(path))
+    if match is None:
+        return None
+    text = match.group(0)
+    if text in ("/dev/stdout", "/dev/stderr"):
+        return 1 if text == "/dev/stdout" else 2
+    owner = match.group(3)
+    if owner is not None and owner not in ("self", "thread-self", str(os.getpid())):
+        return None  # another process's descriptor: opened like any stream
+    return int(text.rsplit("/", 1)[1])
+
+
 def _open_stream(path: Path, flag: str | None, binary: bool = False):
-    """Open a device or pipe for appending, without blocking on a FIFO that has no reader."""
+    """Open a device or pipe for appending, without blocking on a FIFO that has no reader.
+
+    A path naming one of this process's own descriptors (``/dev/stdout``) gets a duplicate
+    of it, which shares its position: reopening would write from the start of a file that
+    stdout was redirected to, over what is printed there."""
+    own = _own_descriptor(path)
+    if own is not None:
+        try:
+            fd = os.dup(own)
+        except OSError as exc:
+            raise _error(path, f"cannot be written: {_reason(exc)}", flag) from None
+        return os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:

@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +24,7 @@ import pytest
 import monetdsl.commands.solve as solve_command
 import monetdsl.io as io
 from monetdsl.cli import main
+from monetdsl.io import checksum_intact
 
 from .spec_files import SPECS_DIR
 
@@ -151,7 +154,8 @@ def test_the_default_location_is_checked_too(tmp_path, capfd, no_search):
     shutil.copy(SPECS_DIR / "tiny_chain.monet", spec)
     (tmp_path / "tiny_chain.schedule.monet").mkdir()
     assert main(["solve", str(spec), "--budget", "21MiB"]) == 2
-    assert "is a directory" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert "is a directory" in err and "choose another place with -o, or pass --no-write" in err
 
 
 def test_a_link_to_a_file_keeps_the_link_and_new_files_follow_the_umask(tiny, tmp_path, capfd):
@@ -201,3 +205,19 @@ def test_inputs_must_be_regular_files(tmp_path, capfd):
     assert "is a FIFO" in err and "Traceback" not in err
     assert main(["check", str(tmp_path)]) == 1
     assert "is a directory" in capfd.readouterr().err
+
+
+def test_stdout_redirected_to_a_file_gets_the_schedule_and_the_report_in_order(tiny, tmp_path):
+    """``-o /dev/stdout > out.txt``: the schedule is written through stdout's own
+    descriptor (its position shared), so what is printed after it does not overwrite it."""
+    out = tmp_path / "out.txt"
+    env = dict(os.environ, PYTHONPATH=str(SPECS_DIR.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with open(out, "w") as handle:
+        done = subprocess.run([sys.executable, "-m", "monetdsl", "solve", str(tiny), "--budget", "21MiB", "-o", "/dev/stdout", "-q"],
+                              stdout=handle, stderr=subprocess.PIPE, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    text = out.read_text()
+    end = "(monetdsl rewrites this file only while it is unedited)\n"  # the checksum line's end
+    schedule, _, report = text.partition(end)
+    assert schedule.startswith("# schedule written by monetdsl") and checksum_intact(schedule + end)
+    assert report.startswith("milp: optimal") and report.rstrip().endswith("wrote /dev/stdout")

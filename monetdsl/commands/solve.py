@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .. import __version__
+from ..errors import OutputError
 from ..grammar import format_schedule, load_spec
 from ..ir import Schedule, Spec
 from ..options import CLI_SPELLING
@@ -76,7 +78,13 @@ def run(args) -> int:
     if not args.no_write:
         if output.resolve() == Path(args.spec).resolve():
             raise usage_error(f"refusing to write the schedule over the spec {args.spec}; choose another -o")
-        check_output(output, flag="-o" if args.output else "the schedule's default location")
+        try:
+            check_output(output, flag="-o" if args.output else None)
+        except OutputError as exc:
+            if args.output:
+                raise
+            raise OutputError(replace(exc.diagnostics[0], message=exc.diagnostics[0].message + "; choose another place with -o,"
+                                      " or pass --no-write")) from None
     progress = None if args.quiet or args.json else StderrProgress()
     try:
         with stop_on_interrupt() as stop:
