@@ -284,11 +284,8 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     menu_budget = float(options.get("menu_seconds", limit * MENU_SHARE))
     if stalling:  # a first share sized to the network; the rest while it pays (_complete_menus)
         menu_budget = min(menu_budget, max(FIRST_MENU_SECONDS, FIRST_MENU_SECONDS_PER_OP * len(network.forward_ops)))
-    t = time.perf_counter()
-    builds_before = cache.builds
-    menus = build_menus(list(kinds.values()), time_budget=menu_budget, cache=cache, workers=workers, grid=int(options.get("grid", 2)),
-                        stop=ctx.stop)
-    # heuristics before the menus are complete: they set the DP's memory span
+    # the heuristics first: they set the DP's memory span, which composing during the
+    # menus' completion needs; the menus' time is counted from when they start
     heuristics = _heuristics(network, constraints, ctx, None, _heuristic_names(network))
     details["heuristics"] = {name: {"peak": sim.peak_bytes, "compute": sim.compute_us} for name, _, sim in heuristics}
     store_peak = max((sim.peak_bytes for _, _, sim in heuristics), default=network.fixed_bytes)
@@ -298,6 +295,10 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     else:
         span = max(1, min(int((budget - fixed) * 1.5), store_peak - fixed + (budget - fixed)))
     found: list[tuple[Schedule, Simulation]] = []
+    t = time.perf_counter()
+    builds_before = cache.builds
+    menus = build_menus(list(kinds.values()), time_budget=menu_budget, cache=cache, workers=workers, grid=int(options.get("grid", 2)),
+                        stop=ctx.stop)
 
     def composed_value(menus) -> float | None:
         """The best value the chain DP composes from ``menus`` now (its plans join ``found``)."""
@@ -309,7 +310,7 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
         return min((_value(sim, objective) for _, sim in new if sim.ok), default=None)
 
     if "menu_seconds" not in options and not ctx.stopped:
-        menus = _complete_menus(kinds, menus, begin + MENU_SHARE_MAX * limit, cache, workers, details,
+        menus = _complete_menus(kinds, menus, t + MENU_SHARE_MAX * limit, cache, workers, details,
                                 (watch, composed_value) if stalling else None, stop=ctx.stop)
     details["menu_seconds"] = round(time.perf_counter() - t, 3)
     details["menus_built"] = cache.builds - builds_before
