@@ -30,8 +30,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from monetdsl.runtime import kernels  # noqa: E402
-from monetdsl.runtime import ops  # noqa: E402
+from monetdsl.lowering import kernels  # noqa: E402
+from monetdsl.lowering import ops  # noqa: E402
 
 mops = torch.ops.monetdsl
 

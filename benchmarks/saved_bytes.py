@@ -22,7 +22,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from monetdsl import models  # noqa: E402
 from monetdsl.models.shipped import SHIPPED  # noqa: E402
-from monetdsl.tracing import trace_model  # noqa: E402
+from monetdsl.costs import trace_model  # noqa: E402
 from monetdsl.tracing.evidence import autograd_saved, spec_saved  # noqa: E402
 
 SMALL = {"unet": (1, 3, 208, 304), "gpt2_small": (1, 128), "tiny_gpt": (2, 64)}

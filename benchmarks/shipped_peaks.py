@@ -18,10 +18,23 @@ sys.path.insert(0, str(ROOT))
 from monetdsl.grammar import load_spec  # noqa: E402
 from monetdsl.models.shipped import SHIPPED  # noqa: E402
 from monetdsl.search.solve import solve  # noqa: E402
-from monetdsl.tracing.evidence import autograd_store_all  # noqa: E402
 
 GIB = 2**30
 
+
+
+def autograd_store_all(spec):
+    """Simulate the store-all schedule with every op's first implementation (PyTorch's own
+    behaviour): the peak an unmodified eager training step has under the memory model."""
+    from monetdsl.search.baselines import store_all
+    from monetdsl.search.simulator import simulate
+    from monetdsl.validate import ResolvedConstraints
+
+    network = spec.network
+    allowed = {op.name: (op.impls[0].name,) for op in (*network.forward_ops, *network.backward_ops)}
+    constraints = ResolvedConstraints(None, None, frozenset(), frozenset(), allowed)
+    schedule = store_all(network, constraints, spec_path=spec.path, fingerprint=spec.fingerprint)
+    return simulate(network, schedule, constraints=constraints, fingerprint=spec.fingerprint)
 
 def main():
     print(f"{'spec':<14} {'fixed GiB':>9} {'autograd peak':>13} {'store-all':>10} {'recompute-all':>13} {'load s':>7}")

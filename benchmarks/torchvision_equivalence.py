@@ -25,7 +25,7 @@ class tvm:
     resnet50 = R.resnet50; vgg16 = V.vgg16
     mobilenet_v2 = M.mobilenet_v2; googlenet = G.googlenet
 from monetdsl import models
-from monetdsl.tracing import trace_model
+from monetdsl.costs import trace_model
 print("torchvision", torchvision.__version__)
 pairs = {
   "resnet50": (tvm.resnet50(weights=None), models.resnet50(), (2,3,224,224)),

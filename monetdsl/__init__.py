@@ -24,11 +24,11 @@ __version__ = "0.1.0"
 def trace(model, example_inputs, **options) -> Spec:
     """Trace one training step of a PyTorch model into a spec (the IR).
 
-    A thin front for :func:`monetdsl.tracing.trace` (imported on first use, so that
+    A thin front for :func:`monetdsl.costs.trace` (imported on first use, so that
     importing monetdsl does not import torch). Options: ``loss``, ``name``, ``device``
     (roofline preset or profiling device), ``profile``, ``optimizer``, ``dtype``.
     """
-    from .tracing import trace as _trace
+    from .costs import trace as _trace
 
     return _trace(model, example_inputs, **options)
 

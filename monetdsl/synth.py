@@ -7,6 +7,9 @@
   in place). The same seed gives the same spec.
 * :func:`resnet_stack` and :func:`transformer_stack` repeat the shipped ResNet basic block
   and transformer block ``n`` times: the size ladder of the MILP benchmark.
+* :func:`layered_training_graph` draws a seeded layered DAG in Checkmate's node-link format
+  with the backward graph Checkmate derives from it: the plain graphs (one
+  implementation per op, no in-place) of the large-graph benchmarks.
 
 All of them write ``.monet`` text and parse it, so what they produce is exactly what a user
 could have written (and passes the same validation).
@@ -20,7 +23,7 @@ from .grammar.parser import parse_spec
 from .ir import Spec
 from .validate import validate_spec
 
-__all__ = ["random_spec", "random_spec_text", "resnet_stack", "transformer_stack"]
+__all__ = ["random_spec", "random_spec_text", "resnet_stack", "transformer_stack", "layered_training_graph", "layered_spec"]
 
 
 def random_spec_text(seed: int, *, forward_ops: int = 3, max_impls: int = 3, views: bool = True) -> str:
@@ -328,3 +331,36 @@ def transformer_stack(layers: int, *, batch: int = 8, seq: int = 512, width: int
         x = f"{p}y"
     lines.append(f"  output {x}")
     return "\n".join(lines) + "\n"
+
+
+def layered_training_graph(n_forward: int, seed: int) -> dict:
+    """Node-link data of a seeded layered DAG of ``n_forward`` forward nodes (each reads
+    one or two earlier ones) plus its backward graph: the backward node of ``f_i`` reads
+    ``f_i``, its inputs and the gradients of its users, as Checkmate derives it. Costs and
+    sizes are small integers; ``2 * n_forward`` nodes in all."""
+    import networkx as nx
+
+    rng = random.Random(seed)
+    graph = nx.DiGraph()
+    for i in range(n_forward):
+        graph.add_node(i, name=f"f{i}", backward=False, cost_cpu=rng.randint(0, 20), cost_ram=rng.randint(1, 64) * 16)
+        for j in rng.sample(range(i), k=min(i, rng.randint(1, 2))):
+            graph.add_edge(j, i)
+    for i in reversed(range(n_forward)):
+        b = 2 * n_forward - 1 - i
+        graph.add_node(b, name=f"b{i}", backward=True, cost_cpu=rng.randint(0, 40), cost_ram=graph.nodes[i]["cost_ram"])
+        graph.add_edge(i, b)
+        for j in list(graph.predecessors(i)):
+            if not graph.nodes[j]["backward"]:
+                graph.add_edge(j, b)
+        for user in [u for u in graph.successors(i) if not graph.nodes[u]["backward"]]:
+            graph.add_edge(2 * n_forward - 1 - user, b)
+    return nx.node_link_data(graph, edges="links")
+
+
+def layered_spec(n_forward: int, seed: int) -> Spec:
+    """:func:`layered_training_graph` imported as a spec (``2 * n_forward`` nodes)."""
+    from .importers import network_from_node_link
+
+    name = f"layered{2 * n_forward}_seed{seed}"
+    return Spec(network_from_node_link(layered_training_graph(n_forward, seed), name=name), path=f"{name}.monet")

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from monetdsl import models  # noqa: E402
 from monetdsl.models.shipped import SHIPPED  # noqa: E402
-from monetdsl.tracing import trace_model  # noqa: E402
+from monetdsl.costs import trace_model  # noqa: E402
 
 
 def trace_text(entry) -> tuple[str, float]:

@@ -4,6 +4,8 @@
 without a GPU the CUDA kernels run on numba's simulator (tests/test_runtime_kernels.py);
 on one with a GPU they run for real (tests/test_runtime_cuda.py). Set the variable
 yourself to choose.
+
+``MONETDSL_CACHE`` points at a fresh directory for each run of the tests.
 """
 import os
 
@@ -12,7 +14,12 @@ if "NUMBA_ENABLE_CUDASIM" not in os.environ:
 
     os.environ["NUMBA_ENABLE_CUDASIM"] = "0" if torch.cuda.is_available() else "1"
 
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+# measured costs (and the allocator counter) go to a directory of this test run, not the
+# user's cache: no test reads what an earlier run measured
+os.environ["MONETDSL_CACHE"] = tempfile.mkdtemp(prefix="monetdsl-test-cache-")
 
 import pytest  # noqa: E402
 

@@ -207,7 +207,7 @@ def test_pointwise_im2col_holds_only_its_columns(shape, stride):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from monetdsl.catalogue import linear
-    from monetdsl.runtime.workspace import StorageTracker
+    from monetdsl.costs.estimated_workspace import StorageTracker
 
     x = torch.randn(shape, dtype=torch.float64)
     w = torch.randn((4, shape[1]) + (1,) * (len(shape) - 2), dtype=torch.float64)

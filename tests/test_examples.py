@@ -24,9 +24,9 @@ from monetdsl import cli
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
 
-#: examples naming these run for minutes on a 2-core CPU: full-sized models, timed costs
-#: of a transformer, a 60 s search
-HEAVY = ("resnet50", "gpt2_small", "gpt_like", "resnet18_like", "--time-limit 60")
+#: examples naming these run for minutes, or tens of seconds, on a 2-core CPU: full-sized
+#: models, costs timed on the machine, a 60 s search, a sweep of exact searches
+HEAVY = ("resnet50", "gpt2_small", "gpt_like", "resnet18_like", "--time-limit 60", "--profile", "monetdsl sweep")
 
 #: what a command prints that changes from run to run: the solve time in brackets
 _VOLATILE = re.compile(r"\[\d+(\.\d+)? s\]")

@@ -13,30 +13,9 @@ from monetdsl.grammar import format_spec, load_spec, parse_spec
 from monetdsl.importers import network_from_node_link, node_link_from_network
 from monetdsl.ir import Spec
 from monetdsl.search import solve
+from monetdsl.synth import layered_training_graph
 
 DATA = Path(__file__).resolve().parent / "data" / "checkmate"
-
-
-def random_training_graph(n_forward: int, seed: int) -> dict:
-    """A random layered DAG plus the backward graph Checkmate derives from it."""
-    import random
-
-    rng = random.Random(seed)
-    graph = nx.DiGraph()
-    for i in range(n_forward):
-        graph.add_node(i, name=f"f{i}", backward=False, cost_cpu=rng.randint(0, 20), cost_ram=rng.randint(1, 64) * 16)
-        for j in rng.sample(range(i), k=min(i, rng.randint(1, 2))):
-            graph.add_edge(j, i)
-    for i in reversed(range(n_forward)):  # backward node of f_i reads f_i, its inputs, and the gradients of its users
-        b = 2 * n_forward - 1 - i
-        graph.add_node(b, name=f"b{i}", backward=True, cost_cpu=rng.randint(0, 40), cost_ram=graph.nodes[i]["cost_ram"])
-        graph.add_edge(i, b)
-        for j in list(graph.predecessors(i)):
-            if not graph.nodes[j]["backward"]:
-                graph.add_edge(j, b)
-        for user in [u for u in graph.successors(i) if not graph.nodes[u]["backward"]]:
-            graph.add_edge(2 * n_forward - 1 - user, b)
-    return nx.node_link_data(graph, edges="links")
 
 
 def same_graph(a: dict, b: dict) -> bool:
@@ -60,7 +39,7 @@ def test_hand_written_graph_imports_and_solves_by_hand(tmp_path):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_round_trip_through_the_spec_language(seed):
-    data = random_training_graph(8 + seed, seed)
+    data = layered_training_graph(8 + seed, seed)
     net = network_from_node_link(data, name=f"g{seed}")
     spec = parse_spec(format_spec(Spec(net)))  # through the text, as a user would
     assert same_graph(node_link_from_network(spec.network), data)

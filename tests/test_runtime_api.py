@@ -13,7 +13,8 @@ from monetdsl.cli import main
 from monetdsl.grammar import format_schedule
 from monetdsl.models import SmallCNN
 from monetdsl.runtime import plan as plan_module
-from monetdsl.runtime import step_times
+from monetdsl.costs import measure as costs_measure
+from monetdsl.runtime import measured_costs
 from .runtime_helpers import patch_dropout, twins
 
 
@@ -155,28 +156,32 @@ def test_solved_schedules_are_cached_by_fingerprint(tmp_path, solve_calls):
     assert len(calls) == 2
 
 
-def test_timed_cost_schedules_are_cached_apart_and_run_on_the_same_graph(tmp_path, solve_calls, monkeypatch):
-    """The fingerprint names the graph, not its costs: a schedule solved on this machine's
-    timings is reused by the next run, which takes the timings from the directory instead of
-    profiling again, and runs a model traced on the roofline; the cache keeps the two cost
-    models apart."""
+def test_measured_cost_schedules_are_cached_apart_and_run_on_the_same_graph(tmp_path, solve_calls, monkeypatch):
+    """A schedule solved on this machine's measured costs (the default) is reused by the
+    next run, which finds every op measured in the directory (alone and in place) instead
+    of running it again; as a schedule file it runs the model again (the fingerprint names
+    the measured workspaces: the plan is the measured one, from the store); the cache keeps
+    the two cost models apart."""
     calls = solve_calls
-    profiled = []
-    real_time_steps = step_times.time_steps
-    monkeypatch.setattr(step_times, "time_steps", lambda *a, **k: profiled.append(1) or real_time_steps(*a, **k))
+    measured, in_place = [], []
+    real_measure, real_in_place = costs_measure._measure_op, measured_costs.in_place_times
+    monkeypatch.setattr(costs_measure, "_measure_op", lambda *a, **k: measured.append(a[1].name) or real_measure(*a, **k))
+    monkeypatch.setattr(measured_costs, "in_place_times", lambda *a, **k: in_place.append(1) or real_in_place(*a, **k))
     x = torch.randn(16, 8)
-    monetdsl.optimize(Tiny(), x, max_overhead=0.1, cache_dir=str(tmp_path))
-    timed = monetdsl.optimize(Tiny(), x, max_overhead=0.1, profile=True, cache_dir=str(tmp_path)).plans[0]
-    assert len(calls) == 2 and calls[0] == calls[1]  # one graph, two cost models: two solves
-    assert len(profiled) == 1 and timed.trace.cost_model.startswith("measured on cpu")
+    monetdsl.optimize(Tiny(), x, max_overhead=0.1, profile=False, cache_dir=str(tmp_path))
+    assert not measured
+    timed = monetdsl.optimize(Tiny(), x, max_overhead=0.1, cache_dir=str(tmp_path)).plans[0]
+    assert len(calls) == 2  # two cost models (other workspaces): two solves
+    assert sorted(measured) == sorted(op.name for op in timed.spec.network.forward_ops) and len(in_place) == 1
+    assert timed.trace.cost_model.startswith("measured on cpu")
     plan_module.clear_caches()
-    again = monetdsl.optimize(Tiny(), x, max_overhead=0.1, profile=True, cache_dir=str(tmp_path)).plans[0]
-    assert len(calls) == 2 and len(profiled) == 1  # timings and schedule read back from the directory
+    again = monetdsl.optimize(Tiny(), x, max_overhead=0.1, cache_dir=str(tmp_path)).plans[0]
+    assert len(calls) == 2 and len(measured) == 3 and len(in_place) == 1  # costs and schedule read back from the directory
     assert again.trace.cost_model == timed.trace.cost_model and again.simulation.compute_us == timed.simulation.compute_us
     assert (again.schedule.impls, again.schedule.stages) == (timed.schedule.impls, timed.schedule.stages)
     path = tmp_path / "timed.schedule.monet"
     path.write_text(format_schedule(timed.schedule, timed.spec.network))
-    reused = monetdsl.optimize(Tiny(), x, schedule=str(path)).plans[0]  # traced on the roofline
+    reused = monetdsl.optimize(Tiny(), x, schedule=str(path)).plans[0]  # the graph measured here: from the store
     assert (reused.schedule.impls, reused.schedule.forward_keep) == (timed.schedule.impls, timed.schedule.forward_keep)
 
 
@@ -184,14 +189,14 @@ def test_torch_compile_backend_trains_like_eager():
     model, reference = twins(SmallCNN)
     x = torch.randn(4, 3, 32, 32)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=monetdsl.backend(method="recompute-all"))
+    compiled = torch.compile(model, backend=monetdsl.backend(method="recompute-all", profile=False))
     try:
         torch.manual_seed(3)
         out = compiled(x)
         out.square().mean().backward()
     finally:
         torch._dynamo.reset()
-    # the plan's dropout (the cheapest alternative) draws its mask from a seed: draw the reference's alike
+    # the plan's dropout (the cheapest on the roofline) draws its mask from a seed: draw the reference's alike
     patch_dropout(reference, {"drop": "rng_replay"})
     torch.manual_seed(3)
     ref = reference(x)
@@ -260,7 +265,7 @@ def test_measure_reports_planned_and_measured():
 
 
 def test_allocator_probe_counts_every_byte():
-    from monetdsl.runtime.cpu_allocator import BuildError
+    from monetdsl.costs.cpu_allocator import BuildError
 
     try:
         result = monetdsl.measure(lambda: torch.empty(1 << 20, dtype=torch.uint8).fill_(1), probe="allocator", warmup=0)
@@ -283,7 +288,7 @@ def test_bench_command(tmp_path, capsys):
                  "--cache-dir", str(tmp_path / "cache"), "--repeats", "1", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["costs"].startswith("measured on cpu") and data["planned_overhead"] <= 0.1
-    assert list((tmp_path / "cache").glob("*.timed.monet")) and list((tmp_path / "cache").glob("*.schedule.monet"))
+    assert list((tmp_path / "cache" / "measurements").glob("*/*.json")) and list((tmp_path / "cache").glob("*.schedule.monet"))
 
 
 def test_profiled_costs_choose_this_machines_implementations():

@@ -4,7 +4,7 @@ gradient, with no read of the input and no copy.
 
 ``convolution_backward`` makes its input contiguous even when it computes only the input
 gradient (it needs only the input's shape there), so the stand-in the runtime used to pass
-was copied to an input-sized temporary on every step. ``runtime.graphs`` now lowers that
+was copied to an input-sized temporary on every step. ``lowering.graphs`` now lowers that
 step to ``convolution(..., transposed=True)`` with the output padding that restores the
 input's size; these tests run it over strides, paddings, dilations, groups, 1-d to 3-d
 channels-last and transposed convolutions, against eager PyTorch.

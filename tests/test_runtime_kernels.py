@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from monetdsl.runtime import kernels, ops
+from monetdsl.lowering import kernels, ops
 
 pytestmark = pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1", reason="kernel tests run on numba's CUDA simulator")
 mops = torch.ops.monetdsl
@@ -143,7 +143,7 @@ def test_every_op_has_a_cuda_kernel_and_a_cpu_implementation():
 
 _PTX = r"""
 from numba import cuda, types
-from monetdsl.runtime import kernels
+from monetdsl.lowering import kernels
 u8, i8, i64, f32, f64 = types.uint8[:], types.int8[:], types.int64[:], types.float32[:], types.float64[:]
 sigs = {
     "region_bits": (f32, u8, types.int64, types.float32, types.float32), "pack_words": (i64, u8), "unpack_words": (u8, i64),

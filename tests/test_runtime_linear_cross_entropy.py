@@ -273,7 +273,7 @@ def test_the_traced_spec_round_trips_through_its_text(tmp_path):
     from monetdsl.grammar import parse_spec
     from monetdsl.grammar.printer import format_schedule
     from monetdsl.search import solve
-    from monetdsl.tracing import trace_model
+    from monetdsl.costs import trace_model
     from monetdsl.validate import validate_spec
 
     torch.manual_seed(0)

@@ -67,7 +67,7 @@ def test_a_weight_that_becomes_zero_switches_to_a_plan_from_the_input():
         for m in (model, reference):
             m.bn.weight.fill_(0.5)
     x = torch.randn(4, 3, 16, 16)
-    optimized = monetdsl.optimize(model, x, method="store-all")
+    optimized = monetdsl.optimize(model, x, method="store-all", profile=False)  # the roofline picks from_output
     first = optimized.plans[0]
     assert first.weight_checks == (("bn", "bn.weight"),) and first.schedule.impls["bn.backward"] == "from_output"
     _assert_steps_equal(optimized, reference, x, seeds=(1,))

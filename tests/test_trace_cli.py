@@ -90,7 +90,7 @@ def test_loss_options(tmp_path, capsys, monkeypatch):
 
 def test_records_give_the_runtime_what_it_needs():
     from monetdsl import models
-    from monetdsl.tracing import trace_model
+    from monetdsl.costs import trace_model
 
     result = trace_model(models.small_cnn(), [(2, 3, 32, 32)])
     pool = result.ops["pool1"]

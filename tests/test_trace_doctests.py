@@ -4,7 +4,8 @@ import importlib
 
 import pytest
 
-MODULES = ["monetdsl.catalogue", "monetdsl.catalogue.packing", "monetdsl.catalogue.loss", "monetdsl.tracing.naming"]
+MODULES = ["monetdsl.catalogue", "monetdsl.catalogue.packing", "monetdsl.catalogue.loss", "monetdsl.tracing.naming",
+           "monetdsl.costs.estimated_workspace"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,4 +1,4 @@
-"""Workspace measurement (monetdsl.runtime.workspace): the temporaries a step allocates.
+"""Workspace measurement (monetdsl.costs.estimated_workspace): the temporaries a step allocates.
 
 The tracer runs every implementation's runtime step on FakeTensors and counts new
 storages; these tests check the counter and the measured figures against what the
@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from monetdsl.runtime.workspace import StorageTracker, step_workspace
-from monetdsl.tracing import trace_model
+from monetdsl.costs.estimated_workspace import StorageTracker, step_workspace
+from monetdsl.costs import trace_model
 
 
 class _Attention(torch.nn.Module):
@@ -95,7 +95,7 @@ def test_elementwise_workspace_and_a_real_run():
     for name in ("gelu", "tanh", "gelu.backward", "tanh.backward", "drop.backward"):
         assert all(i.workspace == 0 for i in net.op(name).impls), name
     from monetdsl.runtime.plan import trace_for_runtime
-    from monetdsl.runtime.program import lower
+    from monetdsl.lowering.program import lower
 
     torch.manual_seed(0)
     model = _Elementwise()

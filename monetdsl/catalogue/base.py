@@ -88,7 +88,7 @@ class GradTarget:
     ``.grad``, as autograd's first accumulation takes its gradient). Chunks only avoid a
     gradient-sized temporary beside an existing ``.grad``; with none, the whole kernel
     allocates the same bytes and runs faster. Only alternatives marked as adopting
-    (``runtime.alternatives.ADOPTING``) are given such targets."""
+    (``lowering.alternatives.ADOPTING``) are given such targets."""
 
     tensor: torch.Tensor | None
     overwrite: bool = False

@@ -37,11 +37,16 @@ def register(subparsers) -> None:
     parser.add_argument("--method", default="auto", help="search method (default auto)")
     parser.add_argument("--optimizer", default="adam", help="optimizer state counted in fixed memory (default adam)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--probe", default="auto", help="memory probe: auto (cuda on a GPU, live tensor bytes on the CPU),"
+    parser.add_argument("--probe", default="auto", help="memory probe: auto (what the allocator sees: cuda on a GPU, allocator on the CPU),"
                         " live, allocator (every byte through torch's CPU allocator) or cuda")
-    parser.add_argument("--profile", action="store_true",
-                        help="solve on costs timed on this device (every op and implementation, once per graph) instead of the roofline")
-    parser.add_argument("--cache-dir", help="keep solved schedules (and --profile timings) here for later runs")
+    costs = parser.add_mutually_exclusive_group()
+    costs.add_argument("--profile", action="store_true",
+                       help="solve on costs measured on this device (the default; every op and implementation, once per"
+                       " op signature, kept in the cache directory)")
+    costs.add_argument("--roofline", action="store_true",
+                       help="solve on the roofline estimates of the device kind instead of measured costs")
+    parser.add_argument("--cache-dir", help="keep solved schedules and measured costs here (default: the user's cache"
+                        " directory for measurements, none for schedules)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps of each (default 5)")
     parser.add_argument("--retain-freed-memory", action="store_true",
                         help="make glibc keep freed host memory in the process first (both runs: no page faults per step,"
@@ -91,11 +96,11 @@ def run(args) -> int:
     outputs = _outputs(args.output)
     model, inputs = _build(args)
     optimized = optimize(model, inputs, budget=checked.memory_budget, max_overhead=checked.max_overhead,
-                         schedule=args.schedule, method=checked.method, optimizer=args.optimizer, profile=args.profile,
+                         schedule=args.schedule, method=checked.method, optimizer=args.optimizer, profile=False if args.roofline else None,
                          cache_dir=args.cache_dir)
     plan = optimized.plan_for(*inputs)
     sim = plan.simulation
-    probe = "cuda" if args.probe == "auto" and args.device == "cuda" else ("live" if args.probe == "auto" else args.probe)
+    probe = args.probe
     ours = measure(optimized, inputs, probe=probe, repeats=1)
     eager = measure(model, inputs, probe=probe, repeats=1)
     times = {"monetdsl": [], "eager": []}

@@ -85,7 +85,7 @@ def load_target(target: str):
 def run(args) -> int:
     import torch.nn as nn
 
-    from ..tracing import trace_model
+    from ..costs import trace_model
 
     inputs = [parse_input(t) for t in args.input]
     if args.output:

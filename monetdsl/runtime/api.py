@@ -72,10 +72,12 @@ def _as_calls(example_inputs) -> list[tuple]:
 
 
 def _cache_dir(cache_dir):
+    """``cache_dir`` as given, once checked (the plan resolves it: :func:`~.plan.build_plan`)."""
     try:
-        return resolve_cache_dir(cache_dir)
+        resolve_cache_dir(cache_dir)
     except TypeError as exc:
         raise _usage(str(exc)) from None
+    return cache_dir
 
 
 def optimize(
@@ -88,7 +90,7 @@ def optimize(
     method: str = "auto",
     optimizer: str = "adam",
     cache_dir: str | os.PathLike | None = USER_CACHE,
-    profile: bool = False,
+    profile: bool | None = None,
     time_limit: float | None = None,
 ) -> OptimizedModule:
     """A module that trains ``model`` with a schedule and is called like it.
@@ -107,10 +109,14 @@ def optimize(
     so the next run of the same script skips the search; an entry is replayed by the
     simulator before use and ignored when damaged or stale.
     Parameters and buffers are the model's own: an optimizer built on
-    ``model.parameters()`` keeps working. ``profile=True`` times every op and alternative
-    on the inputs' device while tracing (instead of the roofline), so the schedule's
-    implementation choices and overhead are this machine's; the timings are kept (in
-    memory, and in ``cache_dir``) and reused by later calls for the same graph.
+    ``model.parameters()`` keeps working. The schedule is solved on costs measured on the
+    inputs' device (each op and alternative's time and allocator-measured memory, alone
+    and inside a few store-all steps: :mod:`monetdsl.runtime.measured_costs`), so its
+    budget and overhead hold on this machine; the measurements are kept by op signature in
+    ``cache_dir`` (default: the user's cache directory, ``$XDG_CACHE_HOME/monetdsl`` or
+    ``~/.cache/monetdsl``, or ``$MONETDSL_CACHE``, also when ``cache_dir=None``) and an op
+    already measured is never run again. ``profile=False`` solves on the roofline estimates of the inputs' device kind
+    instead (no op is run; a schedule file needs no costs and uses none).
 
     ``time_limit`` (seconds, default 60) bounds the search for a schedule (``milp``,
     ``hybrid``, and the minimum-budget search that follows an infeasible budget; tracing
@@ -199,10 +205,11 @@ class _GraphModel(torch.nn.Module):
 
 def backend(*, budget: int | str | None = None, max_overhead: float | str | None = None, schedule=None,
             method: str = "auto", optimizer: str = "adam", cache_dir: str | os.PathLike | None = USER_CACHE,
-            time_limit: float | None = None):
+            time_limit: float | None = None, profile: bool | None = None):
     """A ``torch.compile`` backend that trains each captured graph with a schedule:
     ``torch.compile(model, backend=monetdsl.backend(budget="6GiB"))``. The keywords are
-    :func:`optimize`'s (``time_limit`` bounds each graph's search).
+    :func:`optimize`'s (``time_limit`` bounds each graph's search; costs are
+    measured on the device unless ``profile=False``).
 
     A graph monetdsl cannot run as a whole training step (several outputs, inputs that
     need gradients: a graph break inside the model) runs unchanged, with a warning."""
@@ -222,7 +229,7 @@ def backend(*, budget: int | str | None = None, max_overhead: float | str | None
             return gm.forward
         model = _GraphModel(gm, list(example_inputs))
         # torch.compile plans on the first call by design: no announcement
-        module = OptimizedModule(model, constraints, optimizer=optimizer, cache_dir=directory, announce=False)
+        module = OptimizedModule(model, constraints, optimizer=optimizer, cache_dir=directory, profile=profile, announce=False)
         tuple_out = isinstance(outputs, (list, tuple))
 
         def run(*args):

@@ -12,7 +12,9 @@ store-all measured x1.10 slower than PyTorch's own).
 
 :func:`calibrate` runs a few store-all schedules through the executor, each with other
 alternatives (the first of every op, the second, ..., and the profile's fastest), times
-every step where it runs, and gives each implementation its median in-place time.
+every step where it runs, and gives each implementation its median in-place time plus
+its share of the step's time outside the steps (the executor's own work per step: on a
+tiny model, where a kernel takes microseconds, that work is what a recomputation costs).
 Implementations that no store-all schedule runs (in-place forwards, which store-all never
 picks because their input is kept) are scaled by their op's in-place / alone ratio, and
 recomputation times by their implementation's. The model's buffers, gradients and random
@@ -38,7 +40,8 @@ from ..search.impl_choice import cheapest_impls
 from ..search.schedule_builder import build_schedule
 from ..search.simulator import chosen_impls, simulate
 
-__all__ = ["Calibration", "StepClock", "calibrate", "calibration_schedules", "CALIBRATION_NOTE"]
+__all__ = ["Calibration", "StepClock", "calibrate", "in_place_times", "with_in_place_times", "calibration_schedules",
+           "CALIBRATION_NOTE"]
 
 #: what the cost-model line of a calibrated trace adds
 CALIBRATION_NOTE = "corrected in place (store-all training steps through the runtime)"
@@ -120,14 +123,20 @@ def calibrate(model: torch.nn.Module, inputs, trace, *, optimizer: str, rounds: 
     """``trace`` (a profiled trace of ``model`` on ``inputs``, ``loss="output"``) with every
     implementation's time measured in place where a store-all schedule runs it (see the
     module docstring). ``trace`` and the model's state are untouched."""
-    from ..tracing.api import with_costs
+    in_place, notes = in_place_times(model, inputs, trace, optimizer=optimizer, rounds=rounds)
+    return with_in_place_times(trace, in_place, notes)
+
+
+def in_place_times(model: torch.nn.Module, inputs, trace, *, optimizer: str, rounds: int = 2) -> tuple[dict, list[str]]:
+    """The median in-place time (us) of every (op, implementation) a calibration schedule
+    runs, first forwards and backward steps, and notes on schedules that could not run."""
     from .module import OptimizedModule
     from .plan import Constraints
 
     network = trace.spec.network
     device = "cuda" if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else "cpu"
     samples: dict[tuple[str, str], list[float]] = defaultdict(list)  # (op, impl) -> us, first forwards and backward steps
-    report = Calibration(trace)
+    notes: list[str] = []
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [p.grad for p in params]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
@@ -144,16 +153,21 @@ def calibrate(model: torch.nn.Module, inputs, trace, *, optimizer: str, rounds: 
             impls = chosen_impls(network, schedule)
             try:
                 module.plan_for(*inputs, trace=trace)
+                wall = 0.0
                 for round_ in range(rounds + 1):  # the first warms up
                     if round_ == 1:
                         clock.samples.clear()
+                    start = time.perf_counter()
                     torch.autograd.backward(*_backward_seeds(module(*inputs)))
+                    clock.sync()
+                    wall += (time.perf_counter() - start) * 1e6 if round_ else 0.0
             except Exception as exc:  # noqa: BLE001 - reported; the other schedules still calibrate
-                report.notes.append(f"calibration schedule '{label}' not run ({type(exc).__name__}: {str(exc)[:80]})")
+                notes.append(f"calibration schedule '{label}' not run ({type(exc).__name__}: {str(exc)[:80]})")
                 continue
+            between = _between_steps(wall, clock.samples)
             for (phase, op), times in clock.samples.items():
                 if phase != "recompute":  # recomputations are scaled from their first forward's ratio
-                    samples[(op, impls[op])].extend(times)
+                    samples[(op, impls[op])].extend(t + between for t in times)
     finally:
         for p, g in zip(params, grads):
             p.grad = g
@@ -164,7 +178,25 @@ def calibrate(model: torch.nn.Module, inputs, trace, *, optimizer: str, rounds: 
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
         model.train(was_training)
-    in_place = report.in_place = {key: statistics.median(times) for key, times in samples.items()}
+    return {key: statistics.median(times) for key, times in samples.items()}, notes
+
+
+def _between_steps(wall_us: float, samples: dict) -> float:
+    """The work of a training step outside its steps (the executor freeing tensors and
+    moving names, the autograd function around the passes), per step: every step the
+    schedule runs, a recomputation included, costs that much besides its kernels."""
+    count = sum(len(times) for times in samples.values())
+    return max(0.0, wall_us - sum(sum(times) for times in samples.values())) / count if count else 0.0
+
+
+def with_in_place_times(trace, in_place: dict, notes=()) -> Calibration:
+    """``trace`` with the in-place times ``in_place`` ((op, implementation) -> us): those
+    measured replace the profile's, the other implementations of an op are scaled by the
+    op's median in-place / alone ratio, recomputations by their implementation's."""
+    from ..tracing.api import with_costs
+
+    network = trace.spec.network
+    report = Calibration(trace, notes=list(notes), in_place=dict(in_place))
     ratios: dict[str, list[float]] = defaultdict(list)
     for op in _all_ops(network):
         for impl in op.impls:

@@ -30,7 +30,7 @@ import torch
 from ..graph import index
 from ..ir import Network, Schedule, TensorKind
 from ..search.simulator import chosen_impls
-from .program import AccumulatedGrad, GradTarget, Program, StepFn
+from ..lowering.program import AccumulatedGrad, GradTarget, Program, StepFn
 from .straight_line import StraightLine, generate
 
 __all__ = ["PlannedStep", "StepPlan", "plan_steps", "Executor", "StepState"]

@@ -1,15 +1,19 @@
 """Measured memory: peak bytes of a training step, against the plan.
 
-Three probes (``torch-native.md`` §4 compares them):
+Three probes; the default (``auto``) is what the device's allocator sees:
 
 * ``live``: live tensor bytes, counted by a ``TorchDispatchMode`` that registers every new
   storage an op returns and forgets it when it is freed (storages the step did not
   create are not counted). It sees exactly what the memory model models: tensors, not
   the kernels' private scratch (oneDNN's weight reorders, for instance).
 * ``allocator``: every byte through torch's CPU allocator, counted by a small C++
-  wrapper installed with ``c10::SetCPUAllocator`` (:mod:`monetdsl.runtime.cpu_allocator`,
+  wrapper installed with ``c10::SetCPUAllocator`` (:mod:`monetdsl.costs.cpu_allocator`,
   built on first use with gcc). Sees everything the process allocates through torch.
 * ``cuda``: ``torch.cuda.max_memory_allocated`` around the step.
+
+The plan is a promise about the device's memory, so ``allocator`` (CPU) and ``cuda`` are
+what :func:`measure` reports unless told otherwise; ``live`` measures the memory model's
+own quantity (tensor bytes), which the tests use to check the executor to the byte.
 
 :func:`measure` runs a step under a probe and reports its peak above the memory at its
 start; for an :class:`~monetdsl.runtime.OptimizedModule` it also reports the planned
@@ -20,56 +24,17 @@ from __future__ import annotations
 
 import statistics
 import time
-import weakref
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
-__all__ = ["StorageCounter", "LiveTensorProbe", "AllocatorProbe", "CudaProbe", "MeasuredStep", "measure", "probe_for"]
+from ..costs.probes import AllocatorProbe, CudaProbe
+from ..costs.storage_counter import StorageCounter
 
-
-class StorageCounter(TorchDispatchMode):
-    """Counts the bytes of storages created inside the ``with`` block while they live (a
-    storage an op returns that one of its inputs already had is not new: in-place ops and
-    views allocate nothing). Subclasses say which tensors count and how a storage is keyed."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._tracked: dict[int, int] = {}
-
-    def counts(self, t: torch.Tensor) -> bool:
-        return True
-
-    def storage_key(self, t: torch.Tensor) -> int:
-        return t.untyped_storage()._cdata
-
-    def _forget(self, key: int) -> None:
-        nbytes = self._tracked.pop(key, None)
-        if nbytes is not None:
-            self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {self.storage_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or not self.counts(t):
-                continue
-            key = self.storage_key(t)
-            if key in (0, -1) or key in self._tracked or key in inputs:
-                continue
-            storage = t.untyped_storage()
-            nbytes = storage.nbytes()
-            self._tracked[key] = nbytes
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._forget, key)
-        return out
+__all__ = ["LiveTensorProbe", "AllocatorProbe", "CudaProbe", "MeasuredStep", "measure", "probe_for"]
 
 
 class LiveTensorProbe(StorageCounter):
@@ -103,46 +68,21 @@ def _key(t: torch.Tensor) -> int:
         return -1
 
 
-class AllocatorProbe:
-    """Bytes through torch's CPU allocator (a counting wrapper; see :mod:`.cpu_allocator`)."""
-
-    name = "allocator"
-
-    def __init__(self):
-        from .cpu_allocator import counter
-
-        self._counter = counter()
-        self._base = 0
-
-    def start(self):
-        self._base = self._counter.current()
-        self._counter.reset_peak()
-        return self
-
-    def stop(self) -> int:
-        return self._counter.peak() - self._base
-
-
-class CudaProbe:
-    """``torch.cuda.max_memory_allocated`` above the allocation at the start."""
-
-    name = "cuda"
-
-    def start(self):
-        torch.cuda.synchronize()
-        self._base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        return self
-
-    def stop(self) -> int:
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - self._base
-
-
 def probe_for(kind: str = "auto", device: str = "cpu"):
-    """A probe by name; ``auto``: ``cuda`` on a GPU, ``live`` on the CPU."""
+    """A probe by name; ``auto``: what the device's allocator sees (``cuda`` on a GPU,
+    ``allocator`` on the CPU, or ``live`` with a warning where the CPU counter cannot be
+    built: no C++ compiler)."""
     if kind == "auto":
-        kind = "cuda" if device.startswith("cuda") else "live"
+        if device.startswith("cuda"):
+            kind = "cuda"
+        else:
+            from ..costs.cpu_allocator import BuildError
+
+            try:
+                return AllocatorProbe()
+            except BuildError as exc:
+                warnings.warn(f"{exc}; measuring live tensor bytes instead (probe='live')", stacklevel=3)
+                kind = "live"
     if kind == "live":
         return LiveTensorProbe()
     if kind == "allocator":

@@ -94,7 +94,7 @@ class OptimizedModule(torch.nn.Module):
     """``model`` trained with schedules; call it like the model."""
 
     def __init__(self, model: torch.nn.Module, constraints: Constraints, *, optimizer: str = "adam",
-                 cache_dir: str | os.PathLike | None = None, observe=None, profile: bool = False, announce: bool = True):
+                 cache_dir: str | os.PathLike | None = None, observe=None, profile: bool | None = None, announce: bool = True):
         super().__init__()
         self._profile = profile
         self._orig_mod = model
@@ -294,7 +294,7 @@ def _grad_of_owner(plan: RuntimePlan, owner: torch.Tensor, grad: torch.Tensor) -
     path = plan.output_path
     if path.is_identity:
         return grad
-    from .graphs import owner_adapter
+    from ..lowering.graphs import owner_adapter
 
     adapter = owner_adapter(owner, [path])
     return adapter(grad)

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import Diagnostic, ScheduleError, SolveError
-from ..grammar import load_schedule, parse_spec
+from ..grammar import load_schedule
 from ..io import atomic_write
 from ..ir import Schedule, Spec
 from ..search.progress import ProgressInfo
@@ -30,8 +30,8 @@ from ..units import human_bytes
 from ..validate import resolve_constraints
 from .executor import StepPlan, plan_steps
 from ..tracing.joint import packet_name
-from .graphs import ArgPath, arg_path, call_node
-from .program import Program, lower
+from ..lowering.graphs import ArgPath, arg_path, call_node
+from ..lowering.program import Program, lower
 from .scale_weights import pins_avoiding_from_output, weights_divided_by, zero_weight_ops
 from . import schedule_cache
 
@@ -130,13 +130,9 @@ class RuntimePlan:
         return self.simulation.peak_bytes - self.simulation.fixed_bytes
 
 
-_TIMINGS: dict = {}  # (graph fingerprint, cost-model hash) -> the timed spec's text
-
-
 def clear_caches() -> None:
-    """Forget the schedules and timings kept in memory (the cache directory's files stay)."""
+    """Forget the schedules kept in memory (the cache directory's files stay)."""
     schedule_cache.forget()
-    _TIMINGS.clear()
 
 
 def _short_hash(text: str) -> str:
@@ -149,7 +145,7 @@ def trace_for_runtime(model: torch.nn.Module, inputs, *, optimizer: str, device:
     device (its roofline preset, or with ``profile`` every op and alternative timed on it,
     then, with ``calibrate``, corrected by timing store-all training steps in place:
     :mod:`.calibrate`)."""
-    from ..tracing import trace_model
+    from ..costs import trace_model
     from ..tracing.capture import CaptureError
 
     on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
@@ -168,39 +164,16 @@ def trace_for_runtime(model: torch.nn.Module, inputs, *, optimizer: str, device:
 
 
 def timed_trace(model: torch.nn.Module, inputs, *, optimizer: str, cache_dir: str | None = None):
-    """``model`` traced with every op and implementation timed on its inputs' device,
-    profiling only when neither this process nor ``cache_dir`` holds the timings of this
-    graph on this machine. The graph is traced on the roofline first (seconds); the timed
-    spec of an earlier run, checked by its fingerprint (the graph's), supplies the times;
-    otherwise the trace is profiled (tens of seconds for a GPT on a CPU), corrected by a few
-    store-all training steps timed in place (:mod:`.calibrate`), and its timed spec kept,
-    in memory and as ``{fingerprint}-c{hash}.timed.monet`` in ``cache_dir``."""
-    from ..tracing.api import profile_trace, with_costs
-    from ..tracing.profile import profiled_cost_model
-    from .calibrate import CALIBRATION_NOTE, calibrate
+    """``model`` traced with every op and implementation measured on its inputs' device
+    (time and allocator-measured memory, alone and in place: :mod:`.measured_costs`), the
+    measurements kept by op signature in ``cache_dir`` (default: the user's cache
+    directory), so only ops never measured on this machine are run."""
+    from ..costs import MeasurementStore
+    from .measured_costs import measured_trace
 
     plain = trace_for_runtime(model, inputs, optimizer=optimizer)
-    device = "cuda" if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else "cpu"
-    costs = f"{profiled_cost_model(device)}; {CALIBRATION_NOTE}"
-    key = (plain.spec.fingerprint, _short_hash(costs))
-    path = Path(cache_dir) / f"{key[0]}-c{key[1]}.timed.monet" if cache_dir is not None else None
-    text = _TIMINGS.get(key)
-    if text is None and path is not None and path.exists():
-        text = path.read_text()
-    if text is not None:
-        try:
-            spec = parse_spec(text, str(path or "<timings>"))
-        except Exception:  # noqa: BLE001 - a damaged cache entry is profiled again
-            spec = None
-        if spec is not None and spec.fingerprint == plain.spec.fingerprint:
-            _TIMINGS[key] = text
-            return with_costs(plain, spec.network, costs)
-    timed = calibrate(model, list(inputs), profile_trace(plain, device), optimizer=optimizer).trace
-    _TIMINGS[key] = text = timed.text()
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, text)
-    return timed
+    store = MeasurementStore(cache_dir) if cache_dir is not None else MeasurementStore()
+    return measured_trace(model, inputs, plain, optimizer=optimizer, store=store)
 
 
 def schedule_for(spec: Spec, constraints: Constraints, cache_dir: str | Path | None = None, costs: str = "",
@@ -252,16 +225,53 @@ def _checked(spec: Spec, schedule: Schedule) -> Simulation:
     return simulation
 
 
-def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, optimizer: str, cache_dir: str | Path | None = None,
-               trace=None, profile: bool = False, avoid: frozenset | None = None, progress=None) -> RuntimePlan:
+def _trace_for_plan(model, inputs, constraints: Constraints, *, optimizer: str, cache_dir, profile: bool | None):
+    """The trace a plan is made from. ``profile`` None (the default): measured costs on a
+    real device when a schedule is to be solved; with a schedule file, the roofline trace
+    (no op runs), or the measured one when the file was solved on measured costs (its
+    fingerprint, which names the workspaces, is then the measured trace's: the
+    measurements of this machine are in the store, so nothing runs again)."""
+    on_device = not any(isinstance(t, torch.Tensor) and t.is_meta for t in inputs)
+    if profile or (profile is None and constraints.schedule is None and on_device):
+        return timed_trace(model, inputs, optimizer=optimizer, cache_dir=cache_dir)
+    plain = trace_for_runtime(model, inputs, optimizer=optimizer)
+    if profile is None and constraints.schedule is not None and on_device:
+        wanted = _fingerprint_of(constraints.schedule)
+        if wanted not in (None, plain.spec.fingerprint):
+            measured = timed_trace(model, inputs, optimizer=optimizer, cache_dir=cache_dir)
+            if measured.spec.fingerprint == wanted:
+                return measured
+    return plain
+
+
+def _fingerprint_of(schedule) -> str | None:
+    """The fingerprint a schedule (object or file) names; None when the file cannot be read
+    (:func:`_from_file` then says why)."""
+    if isinstance(schedule, Schedule):
+        return schedule.fingerprint
+    try:
+        return load_schedule(schedule).fingerprint
+    except Exception:  # noqa: BLE001 - reported where the schedule is used
+        return None
+
+
+def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, optimizer: str, cache_dir=None,
+               trace=None, profile: bool | None = None, avoid: frozenset | None = None, progress=None) -> RuntimePlan:
     """Trace (unless ``trace`` is given), schedule and lower ``model`` for these inputs.
+
+    ``profile``: solve on costs measured on the inputs' device (True), on the roofline
+    (False), or, by default, measured unless a schedule file decides already (nothing to
+    solve) or the inputs are on the meta device.
 
     ``avoid``: norm ops whose backward may not divide by their weight (:mod:`.scale_weights`);
     by default those whose weight has a zero now. A schedule file is used as it is.
-    ``progress``: the search's progress callback."""
+    ``cache_dir``: where solved schedules (:data:`~.schedule_cache.USER_CACHE`, a path, or
+    None: memory only) and the measured costs are kept. ``progress``: the search's progress
+    callback."""
+    schedule_dir = schedule_cache.resolve_cache_dir(cache_dir)  # measurements: their own default for USER_CACHE
     if trace is None:
-        trace = (timed_trace(model, inputs, optimizer=optimizer, cache_dir=cache_dir) if profile
-                 else trace_for_runtime(model, inputs, optimizer=optimizer))
+        trace = _trace_for_plan(model, inputs, constraints, optimizer=optimizer, profile=profile,
+                                cache_dir=None if cache_dir is schedule_cache.USER_CACHE else cache_dir)
     spec = trace.spec
     if progress is not None:
         progress(ProgressInfo("monetdsl", f"traced {len(spec.network.forward_ops)} ops, planning", 0.0, None, None, None, "us"))
@@ -279,7 +289,7 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
     pins = pins_avoiding_from_output(network, avoid)
     if pins:
         spec = replace(spec, constraints=replace(spec.constraints, impls=spec.constraints.impls + pins))
-    schedule, simulation = schedule_for(spec, constraints, cache_dir, costs=trace.cost_model, progress=progress)
+    schedule, simulation = schedule_for(spec, constraints, schedule_dir, costs=trace.cost_model, progress=progress)
     impls = chosen_impls(network, schedule)
     program = lower(trace, network, impls)
     steps = plan_steps(network, schedule, program)

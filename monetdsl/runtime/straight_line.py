@@ -17,7 +17,7 @@ so tests and profilers see every step as an interpreted loop would show it.
 
 >>> import torch
 >>> from monetdsl.runtime.executor import PlannedStep, StepPlan
->>> from monetdsl.runtime.program import StepFn
+>>> from monetdsl.lowering.program import StepFn
 >>> from collections import Counter
 >>> double = StepFn("double", ("x",), ("y",), lambda x: (2 * x,))
 >>> plan = StepPlan([PlannedStep(0, "forward", double, release_after=("x",))], [], (), {}, Counter(), ("y",))

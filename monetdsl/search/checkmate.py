@@ -22,14 +22,15 @@ lower bound on Checkmate's optimum, reported with the gap.
 from __future__ import annotations
 
 import random
+import time
 
 from ..ir import Network
 from ..validate import ResolvedConstraints
 from .carry_plan import schedule_from_carry
 from .impl_choice import cheapest_impls
-from .milp.engine import minimum_budget, solve_joint
+from .milp.engine import BUILD_SHARE, DEFAULT_TIME_LIMIT, highs_seconds, minimum_budget, solve_joint
 from .milp.highs import run_highs
-from .milp.model import MIB, build_model
+from .milp.model import MIB, BuildTimeout, build_model
 from .outcome import MethodOutcome, SearchContext
 from .simulator import simulate
 
@@ -54,6 +55,8 @@ def checkmate(network: Network, constraints: ResolvedConstraints, ctx: SearchCon
 
 def checkmate_lp(network: Network, constraints: ResolvedConstraints, ctx: SearchContext) -> MethodOutcome:
     """Checkmate's LP relaxation with deterministic and randomised rounding."""
+    begin = time.perf_counter()
+    deadline = begin + (ctx.time_limit or DEFAULT_TIME_LIMIT)
     pins = checkmate_pins(network, constraints)
     impls = {op: names[0] for op, names in pins.items()}
     budget = constraints.memory_budget
@@ -66,14 +69,23 @@ def checkmate_lp(network: Network, constraints: ResolvedConstraints, ctx: Search
     lower = None
     for factor in factors:
         scaled = None if budget is None else fixed + int((budget - fixed) * factor)
-        model = build_model(
-            network, constraints, pins=pins, objective=objective, memory_budget=scaled,
-            max_overhead=constraints.max_overhead, baseline_us=ctx.baseline_us,
-        )
+        try:
+            model = build_model(
+                network, constraints, pins=pins, objective=objective, memory_budget=scaled,
+                max_overhead=constraints.max_overhead, baseline_us=ctx.baseline_us,
+                deadline=min(deadline, begin + BUILD_SHARE * (ctx.time_limit or DEFAULT_TIME_LIMIT)),
+            )
+        except BuildTimeout:
+            details["lp"].append({"budget_factor": factor, "status": "time limit while building the model"})
+            break
         if model.builder.conflicts:
             details["lp"].append({"budget_factor": factor, "status": "infeasible"})
             continue
-        run = run_highs(model.builder, time_limit=ctx.time_limit or 60.0, relax=True, backend=ctx.options.get("backend", "highspy"),
+        left = highs_seconds(model, deadline - time.perf_counter())
+        if left <= 0.1:
+            details["lp"].append({"budget_factor": factor, "status": "no time left"})
+            break
+        run = run_highs(model.builder, time_limit=left, relax=True, backend=ctx.options.get("backend", "highspy"),
                         stop=ctx.stop)
         details["lp"].append({"budget_factor": factor, "status": run.status, "seconds": round(run.seconds, 3)})
         if run.x is None:
@@ -84,6 +96,9 @@ def checkmate_lp(network: Network, constraints: ResolvedConstraints, ctx: Search
         rules = [("threshold", th) for th in THRESHOLDS]
         rules += [("random", {key: rng.random() for key in carry_values}) for _ in range(RANDOM_DRAWS)]
         for rule in rules:
+            if candidates and time.perf_counter() > deadline:  # the roundings made so far are replayed below
+                details["roundings_cut_by_time_limit"] = True
+                break
             carry = [set() for _ in range(model.num_stages + 1)]
             for (t, x), value in carry_values.items():
                 if _rounded(rule, (t, x), value):
@@ -95,12 +110,15 @@ def checkmate_lp(network: Network, constraints: ResolvedConstraints, ctx: Search
                     spec_path=ctx.spec_path, fingerprint=ctx.fingerprint,
                 )
     if lower is None and budget is not None and details["lp"] and details["lp"][-1]["status"] == "infeasible":
-        found = minimum_budget(network, constraints, ctx, pins=pins, label="checkmate-lp")
+        found = minimum_budget(network, constraints, ctx, pins=pins, label="checkmate-lp",
+                               time_limit=max(0.1, deadline - time.perf_counter()))
         outcome = MethodOutcome(None, "infeasible", "Checkmate's LP relaxation is infeasible at this budget", details=details)
         outcome.min_feasible_budget, outcome.min_feasible_budget_exact = found.bytes, found.exact
         return outcome
     sims = []
     for schedule in candidates.values():
+        if sims and time.perf_counter() > deadline:
+            break
         sim = simulate(network, schedule, constraints=constraints, baseline_us=ctx.baseline_us)
         if sim.valid:
             sims.append((schedule, sim))

@@ -34,7 +34,7 @@ from .chen import chen_greedy
 from .hybrid.engine import hybrid
 from . import known
 from .impl_choice import cheapest_impls, no_recompute_compute_us, undominated_backward_impls
-from .milp.engine import DEFAULT_TIME_LIMIT, minimum_budget, solve_joint
+from .milp.engine import DEFAULT_TIME_LIMIT, _heuristics, minimum_budget, solve_joint
 from .outcome import MethodOutcome, SearchContext
 from .progress import ProgressCallback
 from .revolve import revolve
@@ -62,6 +62,9 @@ METHODS: dict[str, Method] = {
 SEARCHERS = {"milp", "hybrid", "checkmate", "checkmate-lp"}
 #: cheap plain methods, whose best schedule is the MILP's MIP start
 HEURISTICS = ["store-all", "chen-sqrt", "chen-greedy", "revolve", "recompute-all"]
+#: the heuristics fast on any graph size (Chen's greedy search and revolve replay many
+#: candidate schedules: minutes on 1,000 ops)
+CHEAP_HEURISTICS = ["store-all", "chen-sqrt", "recompute-all"]
 #: ``auto`` runs the exact MILP up to this many forward ops, the hybrid engine above: the
 #: joint MILP proves optimality within a minute up to about 14 forward ops on this
 #: machine's 2 cores (benchmarks/results/scaling_60s.md), and a block of the hybrid
@@ -258,15 +261,30 @@ def _solve_plain(spec, method, constraints, baseline_us, time_limit, progress, e
         message += f"; the smallest budget {method} can meet is {human_bytes(smallest)} ({smallest} B)"
     result = SolveResult("infeasible", message, method, schedule, simulation, elapsed, min_feasible_budget=smallest)
     if exact_min_budget and constraints.memory_budget is not None:
-        _add_exact_minimum(spec, constraints, baseline_us, time_limit, progress, result, stop)
+        left = (time_limit or DEFAULT_TIME_LIMIT) - elapsed
+        _add_exact_minimum(spec, constraints, baseline_us, left, progress, result, own=(method, schedule, simulation), stop=stop)
     return result
 
 
-def _add_exact_minimum(spec, constraints, baseline_us, time_limit, progress, result: SolveResult, stop=None) -> None:
-    """Replace a heuristic's smallest budget by the exact one over all schedules (joint MILP)."""
-    ctx = SearchContext(spec.path, spec.fingerprint, baseline_us, "memory", time_limit, {}, progress, stop)
+def _add_exact_minimum(spec, constraints, baseline_us, time_left, progress, result: SolveResult, own=None, stop=None) -> None:
+    """Replace a heuristic's smallest budget by the exact one over all schedules (joint MILP),
+    within ``time_left`` seconds: when the MILP cannot finish, the least peak found (the
+    method's own schedule among the MIP starts) and a proved lower bound, said as such.
+
+    ``own``: the method's ``(name, schedule, simulation)``, a MIP start besides
+    :data:`CHEAP_HEURISTICS`' schedules."""
+    if time_left <= 0.1:
+        result.details["exact_min_budget"] = "not computed: the time limit was spent"
+        return
+    ctx = SearchContext(spec.path, spec.fingerprint, baseline_us, "memory", time_left, {}, progress, stop)
+    begin = time.perf_counter()
+    cap_only = replace(constraints, memory_budget=None)
+    starts = _heuristics(spec.network, cap_only, ctx, None, CHEAP_HEURISTICS)
+    if own is not None:
+        starts.append((own[0], own[1], simulate(spec.network, own[1], constraints=cap_only, baseline_us=baseline_us)))
     try:
-        found = minimum_budget(spec.network, constraints, ctx, time_limit=time_limit or DEFAULT_TIME_LIMIT)
+        found = minimum_budget(spec.network, constraints, ctx, time_limit=max(0.1, time_left - (time.perf_counter() - begin)),
+                               candidates=[c for c in starts if c[2].valid])
     except SpecError as exc:  # a spec the MILP refuses: keep the method's own figure
         result.details["exact_min_budget"] = exc.diagnostics[0].message
         return
@@ -284,8 +302,15 @@ def _add_exact_minimum(spec, constraints, baseline_us, time_limit, progress, res
         result.details["method_min_budget"] = result.min_feasible_budget
     result.min_feasible_budget = found.bytes
     result.min_feasible_budget_exact = found.exact
-    what = "exactly" if found.exact else "at most"
-    result.message += f"; the smallest budget any schedule meets is {what} {human_bytes(found.bytes)} ({found.bytes} B)"
+    if found.exact:
+        result.message += f"; the smallest budget any schedule meets is exactly {human_bytes(found.bytes)} ({found.bytes} B)"
+    else:
+        result.message += f"; the smallest budget any schedule meets is at most {human_bytes(found.bytes)} ({found.bytes} B, best found)"
+        if found.lower_bound is not None:
+            result.message += f" and at least {human_bytes(found.lower_bound)} (proved)"
+            result.details["min_budget_lower_bound"] = found.lower_bound
+        if found.details.get("not_proved"):
+            result.details["exact_min_budget"] = f"not proved within the time limit: {found.details['not_proved']}"
 
 
 def _check_minimum(spec: Spec, method: str, constraints: ResolvedConstraints, baseline_us: float, result: SolveResult) -> None:
@@ -356,5 +381,7 @@ def _solve_searching(spec: Spec, method: str, constraints: ResolvedConstraints, 
     message = f"{method}: no schedule found within the constraints ({reasons})"
     result = SolveResult("infeasible", message, method, outcome.schedule, simulation, elapsed, **common)
     if exact_min_budget and constraints.memory_budget is not None:
-        _add_exact_minimum(spec, constraints, ctx.baseline_us, ctx.time_limit, ctx.progress, result, ctx.stop)
+        left = (ctx.time_limit or DEFAULT_TIME_LIMIT) - (time.perf_counter() - start)
+        _add_exact_minimum(spec, constraints, ctx.baseline_us, left, ctx.progress, result, own=(method, outcome.schedule, simulation),
+                           stop=ctx.stop)
     return result

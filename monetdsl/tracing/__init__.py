@@ -1,9 +1,10 @@
-"""From a PyTorch model to a ``.monet`` spec (``monetdsl trace``).
+"""From a PyTorch model to a ``.monet`` spec of its graph (``monetdsl trace`` adds the costs:
+:func:`monetdsl.costs.trace_model`).
 
 Import cost: this package imports torch; the rest of monetdsl does not need it.
 """
-from .api import DTYPES, TraceResult, profile_trace, trace, trace_model
+from .api import DTYPES, TraceResult, trace_graph, with_costs
 from .capture import CaptureError
 from .costs import PRESETS, DevicePreset, Roofline
 
-__all__ = ["trace", "trace_model", "profile_trace", "TraceResult", "CaptureError", "PRESETS", "DevicePreset", "Roofline", "DTYPES"]
+__all__ = ["trace_graph", "with_costs", "TraceResult", "CaptureError", "PRESETS", "DevicePreset", "Roofline", "DTYPES"]

@@ -1,9 +1,10 @@
-"""``trace(model, example_inputs)``: a PyTorch model and its inputs -> a spec.
+"""``trace_graph(model, example_inputs)``: a PyTorch model and its inputs -> a spec of its graph.
 
 The pieces: :mod:`.capture` (joint graph on FakeTensors), :mod:`.joint` (storage owners,
-gradient flow), :mod:`.to_ir` (ops, alternatives, costs), :mod:`.fixed_memory`
-(gradients, optimizer state), :mod:`.costs` (roofline presets) and :mod:`.profile`
-(measured times).
+gradient flow), :mod:`.to_ir` (ops, alternatives, roofline times), :mod:`.fixed_memory`
+(gradients, optimizer state) and :mod:`.costs` (roofline presets). Workspaces and
+measured costs come after, from the costing stage (:func:`monetdsl.costs.trace_model`
+runs both).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .fixed_memory import OPTIMIZERS, fixed_items
 from .joint import analyse
 from .to_ir import BuiltNetwork, build_network
 
-__all__ = ["TraceResult", "trace", "trace_model", "profile_trace", "with_costs", "DTYPES", "strip_loss_ops"]
+__all__ = ["TraceResult", "trace_graph", "with_costs", "DTYPES", "strip_loss_ops"]
 
 #: --dtype spellings
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64}
@@ -82,7 +83,7 @@ def _network_name(model: nn.Module, name: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", text) or "model"
 
 
-def trace_model(
+def trace_graph(
     model: nn.Module,
     example_inputs,
     *,
@@ -92,14 +93,16 @@ def trace_model(
     profile: bool = False,
     optimizer: str = "adam",
     dtype: str | torch.dtype | None = None,
-    repeats: int = 5,
+
 ) -> TraceResult:
-    """Trace one training step of ``model`` and describe it as a spec.
+    """Trace one training step of ``model`` and describe it as a spec with roofline times
+    and no workspaces (the costing stage adds them: :func:`monetdsl.costs.trace_model`).
 
     ``example_inputs``: tensors (real, meta or fake), shapes, or ``(shape, dtype)`` pairs;
     nothing of their size is allocated. ``device``: a roofline preset (``cpu``, ``P100``,
-    ``V100``, ``A100``, ``H100``) or, with ``profile=True``, the device to time every op
-    on (``cpu`` or ``cuda``). ``dtype`` casts the model and floating inputs first.
+    ``V100``, ``A100``, ``H100``) or, with ``profile=True``, the device the costs will be
+    measured on (``cpu`` or ``cuda``; checked here). ``dtype`` casts the model and
+    floating inputs first.
     """
     start = time.perf_counter()
     if optimizer not in OPTIMIZERS:
@@ -138,7 +141,6 @@ def trace_model(
         built.network = strip_loss_ops(built.network)
         built.never_recompute = [n for n in built.never_recompute if built.network.has_op(n)]
     built.network.fixed = fixed_items(model, optimizer)
-    built.network = _with_workspaces(built)
     cost_model = roofline.describe()
     constraints = Constraints(never_recompute=tuple(Pattern(n) for n in built.never_recompute))
     spec = Spec(built.network, constraints, path=f"<trace {net_name}>")
@@ -153,22 +155,6 @@ def trace_model(
         header.append(f"note: {note}")
     result = TraceResult(spec, built, cost_model, captured.seconds, time.perf_counter() - start, header)
     spec.source = result.text()
-    return profile_trace(result, device, repeats) if profile else result
-
-
-def profile_trace(trace: TraceResult, device: str, repeats: int = 5) -> TraceResult:
-    """``trace`` with every op and implementation timed on ``device`` (``cpu`` or
-    ``cuda``): what ``trace_model(..., profile=True)`` returns, from a trace already made
-    (the runtime traces on the roofline first and profiles only when no timing of the
-    graph is kept). ``trace`` is untouched; times that cannot be measured stay the
-    roofline's, with a note."""
-    from .profile import profile_network, profiled_cost_model
-
-    start = time.perf_counter()
-    built = replace(trace.built, notes=list(trace.built.notes))
-    network = profile_network(built, device, repeats=repeats)
-    result = with_costs(trace, network, profiled_cost_model(device, repeats), built.notes[len(trace.built.notes):])
-    result.total_seconds += time.perf_counter() - start
     return result
 
 
@@ -182,18 +168,6 @@ def with_costs(trace: TraceResult, network: Network, cost_model: str, notes: Seq
     result = TraceResult(spec, built, cost_model, trace.capture_seconds, trace.total_seconds, header)
     spec.source = result.text()
     return result
-
-
-def _with_workspaces(built: BuiltNetwork) -> Network:
-    """The network with every implementation's workspace: the temporaries its runtime step
-    allocates, measured on FakeTensors (:mod:`monetdsl.runtime.workspace`); a step that
-    cannot run on FakeTensors keeps workspace 0 and a note says so."""
-    from ..runtime.workspace import measure_workspaces
-
-    report = measure_workspaces(built)
-    built.notes.extend(report.notes)
-    built.workspace = report
-    return report.network
 
 
 def strip_loss_ops(network: Network) -> Network:
@@ -224,8 +198,3 @@ def _cuda_preset(fallback=None):
     if fallback is not None:
         return fallback
     raise CaptureError(f"no roofline preset for {name}; use --profile, or a preset name")
-
-
-def trace(model: nn.Module, example_inputs: Sequence, **options) -> Spec:
-    """Trace ``model`` on ``example_inputs`` and return the spec (IR); see :func:`trace_model`."""
-    return trace_model(model, example_inputs, **options).spec

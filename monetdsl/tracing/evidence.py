@@ -23,7 +23,7 @@ from ..graph import storage_root
 from ..ir import Network
 from .capture import LOSSES, TrainStep
 
-__all__ = ["SavedBytes", "autograd_saved", "spec_saved", "autograd_store_all", "constant_tensors"]
+__all__ = ["SavedBytes", "autograd_saved", "spec_saved", "constant_tensors"]
 
 
 @dataclass
@@ -127,20 +127,6 @@ def spec_saved(network: Network) -> SavedBytes:
         if roots:
             per_op.append((op.name, sum(roots.values())))
     return SavedBytes(sum(total_roots.values()), per_op)
-
-
-def autograd_store_all(spec):
-    """Simulate the store-all schedule with every op's first implementation (PyTorch's own
-    behaviour): the peak an unmodified eager training step has under the memory model."""
-    from ..search.baselines import store_all
-    from ..search.simulator import simulate
-    from ..validate import ResolvedConstraints
-
-    network = spec.network
-    allowed = {op.name: (op.impls[0].name,) for op in (*network.forward_ops, *network.backward_ops)}
-    constraints = ResolvedConstraints(None, None, frozenset(), frozenset(), allowed)
-    schedule = store_all(network, constraints, spec_path=spec.path, fingerprint=spec.fingerprint)
-    return simulate(network, schedule, constraints=constraints, fingerprint=spec.fingerprint)
 
 
 def constant_tensors(network: Network) -> set[str]:

@@ -69,7 +69,7 @@ class BuiltNetwork:
     #: runtime needs to replay the captured calls (views are re-derived from their owners)
     facts: JointFacts | None = None
     value_names: dict = field(default_factory=dict)
-    #: what measuring every implementation's workspace found (monetdsl.runtime.workspace)
+    #: what measuring every implementation's workspace found (monetdsl.costs.estimated_workspace)
     workspace: object | None = None
 
 

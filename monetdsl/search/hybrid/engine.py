@@ -37,7 +37,7 @@ from ...errors import SpecError
 from ...ir import Network, Schedule
 from ...units import human_bytes
 from ...validate import ResolvedConstraints
-from ..milp.engine import _heuristics, _start_for, least_peak_within, minimum_budget, not_proved_minimum, solve_joint, without_budget
+from ..milp.engine import _heuristics, _start_for, heuristic_names, least_peak_within, minimum_budget, not_proved_minimum, solve_joint, without_budget
 from ..milp.codec import decisions_from_solution, decode
 from ..milp.highs import run_highs
 from ..milp.model import MIB, build_model
@@ -50,7 +50,7 @@ from .bounds import compute_lower_bound, peak_lower_bound
 from .chain import ChainModel
 from .chain_dp import evaluate_plan, reconstruct, solve_chain
 from .decompose import DEFAULT_TARGET_OPS, Decomposition, decompose, decompose_at
-from .menus import DEFAULT_CACHE, MenuCache, build_menus, extend_menus
+from .menus import DEFAULT_CACHE, BlockMenu, MenuCache, build_menus, extend_menus, pareto
 from .subnet import BlockNet, SubnetError, block_network
 
 __all__ = ["hybrid", "HybridRun", "run_hybrid", "REFINE_MAX_FORWARD_OPS"]
@@ -58,8 +58,6 @@ __all__ = ["hybrid", "HybridRun", "run_hybrid", "REFINE_MAX_FORWARD_OPS"]
 #: the refinement runs the whole network's MILP only up to this many forward ops (above,
 #: building the model alone takes longer than the search is worth; see docs/milp.md §11)
 REFINE_MAX_FORWARD_OPS = 40
-#: the slow heuristics (Chen greedy, revolve) join the comparison up to this many forward ops
-HEURISTICS_MAX_FORWARD_OPS = 250
 #: share of the time limit spent on the first block menus (targeted solves and the
 #: refinement share the rest)
 MENU_SHARE = 0.35
@@ -103,6 +101,10 @@ class HybridRun:
     min_feasible_budget: int | None = None
     min_feasible_budget_exact: bool = False
     min_budget_schedule: Schedule | None = None
+    #: the menus of the blocks, by block index (a later search of the same network with
+    #: more implementations allowed starts from their options)
+    block_menus: list[BlockMenu] = field(default_factory=list)
+    block_sizes: tuple[int, ...] = ()
 
 
 def _block_nets(network: Network, constraints: ResolvedConstraints, parts: Decomposition) -> tuple[Decomposition, list[BlockNet]]:
@@ -247,8 +249,13 @@ class _Search:
         return [(r[0], r[1]) for r in self.probes.values() if r is not None]
 
 
-def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchContext, *, cache: MenuCache | None = None) -> HybridRun:
-    """The whole pipeline (see the module docstring); :func:`hybrid` wraps it as a method."""
+def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchContext, *, cache: MenuCache | None = None,
+               prior: HybridRun | None = None) -> HybridRun:
+    """The whole pipeline (see the module docstring); :func:`hybrid` wraps it as a method.
+
+    ``prior``: a run of the same network under the same or narrower implementation pins:
+    its block options join these menus and its schedule the candidates, so this run ends
+    no worse than it (under the same budget and cap)."""
     begin = time.perf_counter()
     limit = ctx.time_limit or 60.0
     deadline = begin + 0.97 * limit  # the composition and the replay after the deadline fit in the rest
@@ -286,7 +293,7 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
         menu_budget = min(menu_budget, max(FIRST_MENU_SECONDS, FIRST_MENU_SECONDS_PER_OP * len(network.forward_ops)))
     # the heuristics first: they set the DP's memory span, which composing during the
     # menus' completion needs; the menus' time is counted from when they start
-    heuristics = _heuristics(network, constraints, ctx, None, _heuristic_names(network))
+    heuristics = _heuristics(network, constraints, ctx, None, heuristic_names(network))
     details["heuristics"] = {name: {"peak": sim.peak_bytes, "compute": sim.compute_us} for name, _, sim in heuristics}
     store_peak = max((sim.peak_bytes for _, _, sim in heuristics), default=network.fixed_bytes)
     fixed = network.fixed_bytes
@@ -297,8 +304,11 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     found: list[tuple[Schedule, Simulation]] = []
     t = time.perf_counter()
     builds_before = cache.builds
+    seeds = _prior_options(nets, prior, tuple(b.size for b in parts.blocks), details) if prior is not None else {}
     menus = build_menus(list(kinds.values()), time_budget=menu_budget, cache=cache, workers=workers, grid=int(options.get("grid", 2)),
-                        stop=ctx.stop)
+                        seeds=seeds, stop=ctx.stop)
+    if seeds:  # menus found in the cache were built without them
+        menus = _with_options(menus, seeds)
 
     def composed_value(menus) -> float | None:
         """The best value the chain DP composes from ``menus`` now (its plans join ``found``)."""
@@ -374,6 +384,9 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     ]
     details["reserve_bytes"] = chain.reserve
     candidates = [("hybrid", s, sim) for s, sim in found] + [(name, s, sim) for name, s, sim in heuristics]
+    if prior is not None and prior.schedule is not None:
+        candidates.append(("restricted " + prior.origin, prior.schedule,
+                           simulate(network, prior.schedule, constraints=constraints, baseline_us=ctx.baseline_us)))
     run = _pick(candidates, objective, budget, cap_us)
     report("composed", None if run is None else _value(run[2], objective))
     # 5. local search on the carry plan (moves across block boundaries the DP cannot make)
@@ -396,7 +409,33 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     # 5-6. refinement, bounds --------------------------------------------------------------
     result = _finish(network, constraints, ctx, run, candidates, details, deadline, watch)
     details["seconds"] = round(time.perf_counter() - begin, 3)
+    result.block_menus = [menus[bn.fingerprint] for bn in nets]
+    result.block_sizes = tuple(b.size for b in parts.blocks)
     return result
+
+
+def _prior_options(nets: list[BlockNet], prior: HybridRun, sizes: tuple[int, ...], details: dict) -> dict:
+    """``prior``'s block options by this run's block fingerprints, when both runs cut the
+    network the same way (the sub-networks are then the same, only the pins may differ,
+    and the prior's are no wider, so its options are options here)."""
+    if prior.block_sizes != sizes or len(prior.block_menus) != len(nets):
+        details["prior_options"] = "the blocks differ"
+        return {}
+    seeds: dict = {}
+    for bn, old in zip(nets, prior.block_menus):
+        seeds.setdefault(bn.fingerprint, []).extend(old.options)
+    details["prior_options"] = sum(len(o) for o in seeds.values())
+    return seeds
+
+
+def _with_options(menus: dict, seeds: dict) -> dict:
+    """``menus`` with the ``seeds`` options added (the Pareto set of both)."""
+    merged = dict(menus)
+    for fp, extra in seeds.items():
+        menu = merged[fp]
+        merged[fp] = BlockMenu(menu.fingerprint, pareto(menu.options + extra), menu.milp_solves, menu.seconds, menu.proved,
+                               menu.notes, menu.pending)
+    return merged
 
 
 def _complete_menus(kinds: dict, menus: dict, until: float, cache: MenuCache, workers: int, details: dict,
@@ -433,15 +472,6 @@ def _complete_menus(kinds: dict, menus: dict, until: float, cache: MenuCache, wo
             break
     details["menu_points_left"] = sum(len(menus[fp].pending) for fp in kinds)
     return menus
-
-
-def _heuristic_names(network: Network) -> list[str]:
-    """The heuristics the engine compares with: Chen's greedy search and revolve simulate
-    many candidate schedules, each a quadratic replay, which takes minutes on 1,000 ops."""
-    names = ["store-all", "chen-sqrt", "recompute-all"]
-    if len(network.forward_ops) <= HEURISTICS_MAX_FORWARD_OPS:
-        names[2:2] = ["chen-greedy", "revolve"]
-    return names
 
 
 def _value(sim: Simulation, objective: str) -> float:
@@ -535,9 +565,16 @@ def _finish(network, constraints, ctx, run, candidates, details, deadline, watch
     gap = max(0.0, value - lower) / max(value, 1e-12)
     if status == "optimal":
         gap = min(gap, details.get("refine", {}).get("gap", gap) or 0.0)
+    message = f"best schedule from {origin}"
+    if objective == "memory" and status != "optimal" and sim.peak_bytes <= lower:
+        # the peak is that of a step every schedule runs (on VGG-16 a backward step of the
+        # first layers, whose two gradients are 2.1 GiB each): no overhead left under the
+        # cap can lower it
+        status, gap = "optimal", 0.0
+        message += "; the peak equals the lower bound, so it is minimal"
     details["origin"] = origin
     details["stopped"] = _why_stopped(status, details.get("refine"), deadline)
-    message = f"best schedule from {origin}; stopped: {details['stopped']}"
+    message += f"; stopped: {details['stopped']}"
     hr = HybridRun(schedule, sim, origin, details, lower, gap, status, message)
     if objective == "memory":
         exact = status == "optimal"
@@ -691,7 +728,9 @@ def hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchContex
         outcome.details = {**outcome.details, "blocks": 1, "block_kinds": 1, "origin": "milp (the network is one block)",
                            "stopped": "proved optimal" if outcome.status == "optimal" else outcome.status.replace("_", " ")}
         return outcome
-    hr = run_hybrid(network, constraints, ctx)
+    from .portfolio import restricted_first  # the portfolio runs this module's pipeline
+
+    hr = restricted_first(network, constraints, ctx)
     details = dict(hr.details)
     if hr.schedule is None:
         outcome = MethodOutcome(None, hr.status, hr.message, details=details)

@@ -293,16 +293,20 @@ def option_schedule(bn: BlockNet, option: Option) -> Schedule:
     return schedule_from_recomputes(bn.network, option.impl_map, lists, spec_path="block", fingerprint="0")
 
 
-def build_menu(bn: BlockNet, *, time_budget: float = 10.0, per_solve: float = 4.0, grid: int = 2, stop=None) -> BlockMenu:
+def build_menu(bn: BlockNet, *, time_budget: float = 10.0, per_solve: float = 4.0, grid: int = 2, seeds=(), stop=None) -> BlockMenu:
     """The menu of one block kind within ``time_budget`` seconds (see the module docstring).
 
     ``grid`` is the number of intermediate peak budgets between the block's minimum and
     the peak of its fastest schedule (for stored and for fresh options); the engine adds
     options at the budgets its plans actually give each block (:func:`extend_menu`).
+    ``seeds``: options known already (of the same sub-network under pins no wider than
+    this block's): they join the menu and warm-start every MILP solve.
     """
     begin = time.perf_counter()
     solver = _Solver(bn, begin + time_budget, per_solve, stop)
-    options: list[Option] = []
+    options: list[Option] = list(seeds)
+    for option in seeds:
+        solver.remember(option.origin, option_schedule(bn, option))
     notes: list[str] = []
 
     def add(schedule: Schedule | None, origin: str) -> Option | None:
@@ -402,8 +406,8 @@ DEFAULT_CACHE = MenuCache()
 
 
 def _build_one(args) -> BlockMenu:
-    bn, budget, per_solve, grid, stop = args
-    return build_menu(bn, time_budget=budget, per_solve=per_solve, grid=grid, stop=stop)
+    bn, budget, per_solve, grid, seeds, stop = args
+    return build_menu(bn, time_budget=budget, per_solve=per_solve, grid=grid, seeds=seeds, stop=stop)
 
 
 def _extend_one(args) -> BlockMenu:
@@ -450,12 +454,14 @@ def build_menus(
     cache: MenuCache | None = None,
     workers: int = 1,
     grid: int = 2,
+    seeds: dict[str, list[Option]] | None = None,
     stop=None,
 ) -> dict[str, BlockMenu]:
     """Menus of every block kind (one representative :class:`BlockNet` per fingerprint).
 
     The time budget is shared among the kinds not in the cache, in proportion to their
     size (forward ops squared, as the MILP grows), and spread over ``workers`` processes.
+    ``seeds``: known options by fingerprint (:func:`build_menu`).
     ``stop`` (anything with ``is_set()``) ends the solves early, in this process only.
     """
     cache = cache if cache is not None else DEFAULT_CACHE
@@ -472,8 +478,10 @@ def build_menus(
     weights = [max(1, len(bn.block_ops)) ** 2 for bn in todo]
     total = sum(weights)
     share = time_budget * max(1, min(workers, len(todo)))
+    seeds = seeds or {}
     stop = stop if workers <= 1 else None  # an event does not cross into spawned processes
-    jobs = [(bn, max(0.5, share * w / total), max(0.5, min(4.0, share * w / total / 3)), grid, stop) for bn, w in zip(todo, weights)]
+    jobs = [(bn, max(0.5, share * w / total), max(0.5, min(4.0, share * w / total / 3)), grid, tuple(seeds.get(bn.fingerprint, ())), stop)
+            for bn, w in zip(todo, weights)]
     menus = _pool_map(_build_one, jobs, workers)
     for menu in menus:
         cache.put(menu)

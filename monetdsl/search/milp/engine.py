@@ -34,13 +34,23 @@ from .. import known
 from ..simulator import Simulation, chosen_impls, simulate
 from .codec import Accounting, canonical, decisions_from_solution, decode, encode, evaluate
 from .highs import MilpRun, run_highs
-from .model import MIB, JointModel, build_model
+from .model import MIB, BuildTimeout, JointModel, build_model
 
 __all__ = ["DEFAULT_TIME_LIMIT", "DEFAULT_GAP", "solve_joint", "minimum_budget", "certify_minimum", "MinimumBudget", "not_proved_minimum",
            "least_peak_within", "without_budget"]
 
 #: seconds a MILP search may take when the caller gives no limit
 DEFAULT_TIME_LIMIT = 60.0
+#: share of its time limit a search may spend building its model; past it the search stops
+#: with the best schedule found (and for the minimum budget, a cheap proved bound). A
+#: 400-node Checkmate graph took 10 s to build, 1,000 nodes about a minute; passing a
+#: model that large to HiGHS and presolving it take a comparable time again, which the
+#: limit has to leave room for
+BUILD_SHARE = 0.5
+#: share of the build time kept back for passing the model to HiGHS (:func:`highs_seconds`)
+TRANSFER_SHARE = 0.2
+#: Chen's greedy search and revolve run as heuristics up to this many forward ops
+HEURISTICS_MAX_FORWARD_OPS = 250
 #: relative optimality gap at which HiGHS stops (0.01 %)
 DEFAULT_GAP = 1e-4
 #: the candidates' name for a schedule an earlier search of this graph reported (:mod:`..known`)
@@ -131,7 +141,15 @@ def _progress_adapter(ctx: SearchContext, model: JointModel, label: str, phase: 
     return report
 
 
+def highs_seconds(model: JointModel, time_left: float) -> float:
+    """HiGHS's own time limit when ``time_left`` remains: its clock starts once the model
+    is passed to it, which takes about a fifth of the time building the model took (a
+    400-node Checkmate graph: 1.5 s after 10.7 s), so that much is kept back."""
+    return max(0.1, time_left - TRANSFER_SHARE * model.stats.get("build_seconds", 0.0))
+
+
 def _run(model: JointModel, ctx: SearchContext, time_limit: float, start, label: str, phase: str, *, exact: bool = False) -> MilpRun:
+    time_limit = highs_seconds(model, time_limit)
     gap = 0.0 if exact else ctx.options.get("gap", DEFAULT_GAP)
     abs_gap = 0.25 / MIB if model.objective == "memory" else 1e-6
     return run_highs(
@@ -170,14 +188,18 @@ def minimum_budget(
     begin = time.perf_counter()
     limit = time_limit if time_limit is not None else (ctx.time_limit or DEFAULT_TIME_LIMIT)
     cons = ResolvedConstraints(None, constraints.max_overhead, constraints.keep, constraints.never_recompute, constraints.allowed_impls)
-    model = build_model(network, cons, pins=pins, objective="memory", max_overhead=cons.max_overhead, baseline_us=ctx.baseline_us)
+    if candidates is None:
+        candidates = _heuristics(network, cons, ctx, pins, heuristic_names(network))
+    candidates = [c for c in candidates if c[2].ok or (cons.max_overhead is None or c[2].overhead <= cons.max_overhead + 1e-12)]
+    try:
+        model = build_model(network, cons, pins=pins, objective="memory", max_overhead=cons.max_overhead, baseline_us=ctx.baseline_us,
+                            deadline=begin + BUILD_SHARE * limit)
+    except BuildTimeout as exc:
+        return _best_found(network, cons, candidates, ctx, pins, begin, str(exc))
     if model.builder.conflicts:
         return MinimumBudget(None, True, None, None, time.perf_counter() - begin, {"conflicts": model.builder.conflicts})
-    if candidates is None:
-        candidates = _heuristics(network, cons, ctx, pins)
-    candidates = [c for c in candidates if c[2].ok or (cons.max_overhead is None or c[2].overhead <= cons.max_overhead + 1e-12)]
     start = _start_for(model, candidates)
-    run = _run(model, ctx, limit, None if start is None else start[1], label, "minimum budget", exact=True)
+    run = _run(model, ctx, max(0.1, limit - (time.perf_counter() - begin)), None if start is None else start[1], label, "minimum budget", exact=True)
     seconds = time.perf_counter() - begin
     details = {"solver_status": run.status, "nodes": run.nodes, "backend": run.backend}
     if run.status == "infeasible":
@@ -198,13 +220,28 @@ def minimum_budget(
         return MinimumBudget(best[2].peak_bytes, False, lower, best[1], seconds, details)
     peak = sim.peak_bytes
     exact = _proved(model, run, peak)
-    if run.status == "optimal" and not exact:
-        remaining = limit - (time.perf_counter() - begin)
-        exact, better = certify_minimum(network, cons, ctx, peak, pins=pins, time_limit=max(remaining, 1.0))
+    remaining = limit - (time.perf_counter() - begin)
+    if run.status == "optimal" and not exact and remaining > 0.2:
+        exact, better = certify_minimum(network, cons, ctx, peak, pins=pins, time_limit=remaining)
         if better is not None:
             schedule, peak = better
             exact = _proved(model, run, peak)
     return MinimumBudget(peak, exact, lower, schedule, time.perf_counter() - begin, details)
+
+
+def _best_found(network, cons, candidates, ctx, pins, begin: float, why: str) -> MinimumBudget:
+    """No time for the exact search: the least peak among ``candidates`` (best found, not
+    proved) and the cheap bound every schedule meets (:func:`~..hybrid.bounds.peak_lower_bound`)."""
+    from ..hybrid.bounds import peak_lower_bound
+
+    allowed = dict(cons.allowed_impls)
+    allowed.update(pins or {})
+    lower = peak_lower_bound(network, allowed)
+    best = least_peak_within(network, cons, candidates, ctx.baseline_us)
+    details = {"solver_status": "time_limit", "not_proved": why}
+    if best is None:
+        return MinimumBudget(None, False, lower, None, time.perf_counter() - begin, details)
+    return MinimumBudget(best[2].peak_bytes, False, lower, best[1], time.perf_counter() - begin, details)
 
 
 def without_budget(constraints: ResolvedConstraints) -> ResolvedConstraints:
@@ -239,11 +276,16 @@ def certify_minimum(
     lower peak exists after all (the peak replayed by the simulator), ``(False, None)`` when
     time ran out.
     """
+    begin = time.perf_counter()
     cons = ResolvedConstraints(peak - 1, constraints.max_overhead, constraints.keep, constraints.never_recompute, constraints.allowed_impls)
-    model = build_model(network, cons, pins=pins, objective="compute", memory_budget=peak - 1, max_overhead=cons.max_overhead, baseline_us=ctx.baseline_us)
+    try:
+        model = build_model(network, cons, pins=pins, objective="compute", memory_budget=peak - 1, max_overhead=cons.max_overhead,
+                            baseline_us=ctx.baseline_us, deadline=begin + time_limit)
+    except BuildTimeout:
+        return False, None
     if model.builder.conflicts:
         return True, None
-    run = _run(model, ctx, time_limit, None, "milp", "proving the minimum")
+    run = _run(model, ctx, max(0.1, time_limit - (time.perf_counter() - begin)), None, "milp", "proving the minimum")
     if run.status == "infeasible":
         return True, None
     if run.x is not None:
@@ -267,24 +309,28 @@ def solve_joint(
     limit = ctx.time_limit or DEFAULT_TIME_LIMIT
     objective = ctx.objective
     budget = constraints.memory_budget
-    model = build_model(
-        network,
-        constraints,
-        pins=pins,
-        objective=objective,
-        memory_budget=budget,
-        max_overhead=constraints.max_overhead,
-        baseline_us=ctx.baseline_us,
-    )
+    try:
+        model = build_model(
+            network,
+            constraints,
+            pins=pins,
+            objective=objective,
+            memory_budget=budget,
+            max_overhead=constraints.max_overhead,
+            baseline_us=ctx.baseline_us,
+            deadline=begin + BUILD_SHARE * limit,
+        )
+    except BuildTimeout as exc:
+        return _unbuilt(network, constraints, ctx, pins, str(exc))
     details: dict = {"model": model.stats}
-    candidates = _heuristics(network, constraints, ctx, pins)
+    candidates = _heuristics(network, constraints, ctx, pins, heuristic_names(network))
     fitting = [c for c in candidates if c[2].ok]
     if model.builder.conflicts:
         return _infeasible(network, constraints, ctx, pins, label, begin, details, candidates)
     start = _start_for(model, fitting)
     if start is not None:
         details["start"] = start[0]
-    run = _run(model, ctx, limit, None if start is None else start[1], label, "search")
+    run = _run(model, ctx, max(0.1, limit - (time.perf_counter() - begin)), None if start is None else start[1], label, "search")
     details.update(solver_status=run.status, nodes=run.nodes, backend=run.backend, solver_seconds=round(run.seconds, 3))
     convert, unit = _units(model)
     if run.status == "infeasible":
@@ -319,8 +365,13 @@ def solve_joint(
         retries += 1
         tighter = budget - (accounting.peak_bytes - budget) * retries
         cons = ResolvedConstraints(tighter, constraints.max_overhead, constraints.keep, constraints.never_recompute, constraints.allowed_impls)
-        model = build_model(network, cons, pins=pins, objective=objective, memory_budget=tighter, max_overhead=cons.max_overhead, baseline_us=ctx.baseline_us)
-        remaining = max(limit - (time.perf_counter() - begin), 1.0)
+        try:
+            model = build_model(network, cons, pins=pins, objective=objective, memory_budget=tighter, max_overhead=cons.max_overhead,
+                                baseline_us=ctx.baseline_us, deadline=begin + limit)
+        except BuildTimeout:
+            return MethodOutcome(None, "time_limit", "a schedule HiGHS found was over the budget by a few bytes and the time"
+                                 " limit came before the retry", details=details)
+        remaining = max(limit - (time.perf_counter() - begin), 0.1)
         run = _run(model, ctx, remaining, None, label, "search")
         details["tolerance_retries"] = retries
         if run.status == "infeasible":
@@ -358,8 +409,8 @@ def solve_joint(
             for key in ("milp_peak_bytes", "milp_compute_us"):
                 details.pop(key, None)
         exact = _proved(model, run, peak)
-        if status == "optimal" and not exact:
-            remaining = max(limit - (time.perf_counter() - begin), 1.0)
+        remaining = limit - (time.perf_counter() - begin)
+        if status == "optimal" and not exact and remaining > 0.2:
             exact, better = certify_minimum(network, constraints, ctx, peak, pins=pins, time_limit=remaining)
             if better is not None:  # tolerance hid a lower peak: take it (minimal when the bound says so)
                 outcome.schedule, peak = better
@@ -378,8 +429,14 @@ def solve_joint(
 def _polish(network, constraints, ctx, pins, label, outcome, peak, remaining) -> None:
     """Second phase of the memory objective: the fastest schedule at the minimum peak."""
     cons = ResolvedConstraints(peak, constraints.max_overhead, constraints.keep, constraints.never_recompute, constraints.allowed_impls)
-    model = build_model(network, cons, pins=pins, objective="compute", memory_budget=peak, max_overhead=cons.max_overhead, baseline_us=ctx.baseline_us)
-    if model.builder.conflicts:
+    begin = time.perf_counter()
+    try:
+        model = build_model(network, cons, pins=pins, objective="compute", memory_budget=peak, max_overhead=cons.max_overhead,
+                            baseline_us=ctx.baseline_us, deadline=begin + remaining)
+    except BuildTimeout:
+        return
+    remaining -= time.perf_counter() - begin
+    if model.builder.conflicts or remaining <= 0.1:
         return
     first = simulate(network, outcome.schedule, constraints=cons, baseline_us=ctx.baseline_us)
     start = _start_for(model, [("phase 1", outcome.schedule, first)])
@@ -394,9 +451,41 @@ def _polish(network, constraints, ctx, pins, label, outcome, peak, remaining) ->
         outcome.details["milp_compute_us"] = float(accounting.compute_us)
 
 
+def heuristic_names(network: Network) -> list[str]:
+    """The heuristics worth running as MIP starts and for comparison: all of them up to
+    :data:`HEURISTICS_MAX_FORWARD_OPS` forward ops; above, Chen's greedy search and revolve
+    (each replays many candidate schedules, minutes on 1,000 ops) are left out."""
+    from ..solve import HEURISTICS
+
+    if len(network.forward_ops) <= HEURISTICS_MAX_FORWARD_OPS:
+        return list(HEURISTICS)
+    return [n for n in HEURISTICS if n not in ("chen-greedy", "revolve")]
+
+
+def _unbuilt(network, constraints, ctx, pins, why: str) -> MethodOutcome:
+    """The time limit came before the model was built: the best heuristic that fits, or
+    none, with the least peak found as a budget that works (not proved minimal)."""
+    candidates = _heuristics(network, constraints, ctx, pins, heuristic_names(network))
+    details = {"model": "not built", "not_proved": why}
+    fitting = [c for c in candidates if c[2].ok]
+    if fitting:
+        name, schedule, sim = min(fitting, key=lambda c: _objective_value(c[2], ctx.objective))
+        message = f"the time limit came before the MILP was built ({why}); this is the best heuristic schedule ({name})"
+        outcome = MethodOutcome(schedule, "time_limit", message, details={**details, "fallback": name})
+        if ctx.objective == "memory":
+            outcome.min_feasible_budget = sim.peak_bytes
+        return outcome
+    outcome = MethodOutcome(None, "time_limit", f"the time limit came before the MILP was built ({why}) and no heuristic"
+                            " schedule fits", details=details)
+    best = least_peak_within(network, constraints, candidates, ctx.baseline_us)
+    if best is not None:
+        outcome.min_feasible_budget, outcome.min_budget_schedule = best[2].peak_bytes, best[1]
+        outcome.message += not_proved_minimum(best[2].peak_bytes, None)
+    return outcome
+
+
 def _infeasible(network, constraints, ctx, pins, label, begin, details, candidates) -> MethodOutcome:
-    remaining = (ctx.time_limit or DEFAULT_TIME_LIMIT) - (time.perf_counter() - begin)
-    limit = max(remaining, min(ctx.time_limit or DEFAULT_TIME_LIMIT, 10.0))
+    limit = max(0.1, (ctx.time_limit or DEFAULT_TIME_LIMIT) - (time.perf_counter() - begin))
     found = minimum_budget(network, constraints, ctx, pins=pins, time_limit=limit, label=label, candidates=candidates)
     details["minimum_budget"] = found.details
     if found.lower_bound is not None:

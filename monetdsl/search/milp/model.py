@@ -36,6 +36,7 @@ implementations whose output is smaller than the tensor they overwrite.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from ...errors import SpecError
@@ -44,7 +45,7 @@ from ...ir import Network, TensorKind
 from ...validate import ResolvedConstraints
 from .linear import INF, Expr, ModelBuilder, total
 
-__all__ = ["MIB", "Slot", "JointModel", "build_model"]
+__all__ = ["MIB", "Slot", "JointModel", "BuildTimeout", "build_model"]
 
 #: memory unit inside the model; a power of two, so scaling is exact in floating point
 MIB = float(1 << 20)
@@ -89,6 +90,11 @@ class JointModel:
         return len(self.stage_order)
 
 
+class BuildTimeout(Exception):
+    """Building the model went past its deadline (large networks: the model grows with
+    stages times tensors, and building it alone can take minutes)."""
+
+
 def _refuse(message: str) -> SpecError:
     return SpecError(f"the exact MILP cannot model this spec: {message}; use another --method")
 
@@ -108,8 +114,10 @@ class _Builder:
         no_recompute_stages: frozenset[int] = frozenset(),
         forward_keep_cap: int | None = None,
         forward_keep_exempt: frozenset[str] = frozenset(),
+        deadline: float | None = None,
     ):
         self.net = network
+        self.deadline = deadline
         self.no_recompute_stages = frozenset(no_recompute_stages)
         self.forward_keep_cap = forward_keep_cap
         self.forward_keep_exempt = frozenset(forward_keep_exempt)
@@ -296,10 +304,15 @@ class _Builder:
             return total(self.w(t, op, impl.name) for impl in self.fimpls[op] if x in impl.derived)
         return self.rho(t, op)
 
+    def check_time(self) -> None:
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            raise BuildTimeout(f"building the MILP of {self.n} forward ops did not finish in time")
+
     # ------------------------------------------------------------------ legality
     def legality(self) -> None:
         m = self.m
         for t in range(0, self.T + 1):
+            self.check_time()
             for name in self.order:
                 run = self.rho(t, name)
                 if run.is_zero():
@@ -344,6 +357,7 @@ class _Builder:
         grad = self.gradients()
         u_prev: Expr = ZERO
         for t in range(0, self.T + 1):
+            self.check_time()
             events = self.storage_events(t)
             created: dict[int, list[Expr]] = {}
             released: dict[int, list[Expr]] = {}
@@ -600,6 +614,7 @@ def build_model(
     no_recompute_stages: frozenset[int] | set[int] = frozenset(),
     forward_keep_cap: int | None = None,
     forward_keep_exempt: frozenset[str] | set[str] = frozenset(),
+    deadline: float | None = None,
 ) -> JointModel:
     """Build the joint MILP of ``network``.
 
@@ -612,13 +627,17 @@ def build_model(
     not recompute anything, and ``forward_keep_cap`` bounds the bytes of the storages the
     forward pass keeps (``forward_keep_exempt`` storages not counted), which trades what a
     block holds between its forward and its backward against its recomputation.
+
+    ``deadline`` (a ``time.perf_counter()`` value): raise :class:`BuildTimeout` when the
+    build runs past it.
     """
     if objective not in ("compute", "memory"):
         raise ValueError(f"unknown objective {objective!r}")
+    started = time.perf_counter()
     b = _Builder(
         network, constraints, pins, objective, memory_budget, max_overhead, baseline_us,
         no_recompute_stages=frozenset(no_recompute_stages), forward_keep_cap=forward_keep_cap,
-        forward_keep_exempt=frozenset(forward_keep_exempt),
+        forward_keep_exempt=frozenset(forward_keep_exempt), deadline=deadline,
     )
     b.prepare()
     b.decisions()
@@ -652,5 +671,6 @@ def build_model(
         "nonzeros": sum(len(r) for r in m.row_cols),
         "stages": b.T + 1,
         "forward_ops": b.n,
+        "build_seconds": round(time.perf_counter() - started, 3),
     }
     return model

@@ -15,7 +15,7 @@ exactly as eager's.
 
 Launchers take arrays numba can index (device arrays from
 ``numba.cuda.as_cuda_array(tensor.detach())`` on a GPU, numpy arrays in the simulator)
-and an optional stream; :mod:`monetdsl.runtime.ops` calls them for CUDA tensors.
+and an optional stream; :mod:`monetdsl.lowering.ops` calls them for CUDA tensors.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Each op has a CPU implementation in plain torch (the catalogue's reference formulas,
 with numpy's bit packing for speed) and, for the ones that move bits around, a CUDA
-implementation that launches the numba kernels of :mod:`monetdsl.runtime.kernels` on
+implementation that launches the numba kernels of :mod:`monetdsl.lowering.kernels` on
 torch's current stream. A fake (meta) implementation gives every op its output shapes,
 so the ops can be traced like aten ops.
 

@@ -4,10 +4,10 @@ Two kinds of implementation:
 
 * **PyTorch's own**: the first forward alternative of a kind (what autograd runs) is the
   captured aten call itself, and the first alternative of every backward step is a local
-  backward graph (:mod:`monetdsl.runtime.graphs`): both equal eager PyTorch bit for bit.
+  backward graph (:mod:`monetdsl.lowering.graphs`): both equal eager PyTorch bit for bit.
 * **The others** are listed here, keyed by ``(kind, alternative)``, written with aten
   calls where one exists (so a backward from the input or from int64 indices is still
-  eager's kernel) and with the custom ops of :mod:`monetdsl.runtime.ops` for the compact
+  eager's kernel) and with the custom ops of :mod:`monetdsl.lowering.ops` for the compact
   forms (1-bit masks, int8 window indices, batch norm from its output).
 
 Forward functions get an :class:`OpContext` (the op's input roles, attributes and a way

@@ -6,7 +6,7 @@ Forward ops get two steps, the first forward and the recomputation (which reads 
 implementation's ``recompute reads`` and reproduces the first forward exactly); every
 backward op gets one.
 
-Arguments are rebuilt from their storage owners (:class:`~monetdsl.runtime.graphs.ArgPath`),
+Arguments are rebuilt from their storage owners (:class:`~monetdsl.lowering.graphs.ArgPath`),
 so only owners are ever held. Gradients come out per owner: a step computes gradients of
 its arguments, then the backward of the alias calls turns them into the owners'.
 """
@@ -345,6 +345,8 @@ def _backward_step(low: _OpLowering, bop, impl, *, first: bool) -> StepFn:
         def fn(*values):
             arg_grads = forward(*[g(values) for g in getters])
             return _owner_grads(plans, arg_grads, shapes)
+        if _returns_views(local.module.graph):
+            fn = _owning_results(fn)
         accumulated, into_paths = {}, {}
     else:
         role_of_arg = {low.arg_index[n]: r for r, n in low.record.binding.inputs.items() if isinstance(n, fx.Node)}
@@ -381,6 +383,36 @@ def _backward_step(low: _OpLowering, bop, impl, *, first: bool) -> StepFn:
     adopts = bool(into_paths) and (kind, impl.name) in ADOPTING and all(path.is_identity for _, path in into_paths.values())
     step = StepFn(bop.name, reads, writes, fn, accumulates=accumulated, adopts=adopts)
     return step
+
+
+def _returns_views(graph: fx.Graph) -> bool:
+    """Whether a local backward graph returns a view of one of its inputs (the slices of
+    the incoming gradient a ``cat`` backward returns)."""
+    output = next(n for n in graph.nodes if n.op == "output")
+    for node in (n for n in output.all_input_nodes):
+        viewed = False
+        while node.op == "call_function" and getattr(node.target, "is_view", False):
+            node, viewed = node.args[0], True
+        if viewed and node.op == "placeholder":
+            return True
+    return False
+
+
+def _owning_results(fn: Callable) -> Callable:
+    """``fn`` whose results each own their storage: a result that is part of a larger
+    storage (a slice of the incoming gradient) becomes a contiguous copy. The memory model
+    gives every gradient a storage of its own and frees the incoming one after the step;
+    a slice would keep all of it alive until its last part dies (a UNet's skip gradient
+    held the whole concatenation's gradient through the decoder's backward), and a
+    non-contiguous slice is copied by the next kernel anyway."""
+    def run(*values):
+        return tuple(r.clone(memory_format=torch.contiguous_format) if r is not None and _is_part(r) else r for r in fn(*values))
+
+    return run
+
+
+def _is_part(t: torch.Tensor) -> bool:
+    return t.untyped_storage().nbytes() > t.numel() * t.element_size()
 
 
 def _accumulated(low: _OpLowering, bop, impl, alt, wanted: list[int], adapters) -> tuple[dict, dict]:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .locations import user_cache_dir
+
 __all__ = ["counter", "AllocatorCounter", "BuildError"]
 
 _SOURCE = r"""
@@ -94,16 +96,11 @@ class BuildError(RuntimeError):
     """The allocator counter could not be compiled (no g++, or torch's headers missing)."""
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("MONETDSL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "monetdsl")
-    return Path(root)
-
-
 def _build() -> Path:
     torch_dir = Path(torch.__file__).resolve().parent
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     digest = hashlib.sha256((_SOURCE + torch.__version__ + str(abi) + sys.version).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_allocator_counter_{digest}.so"
+    target = user_cache_dir() / f"cpu_allocator_counter_{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

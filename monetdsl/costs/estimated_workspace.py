@@ -8,7 +8,7 @@ the adapter from the gradients of q, k and v to the gradient of their projection
 each one before joining them, a decomposed RMS norm forms its squares and means.
 
 :func:`measure_workspaces` runs every implementation's step function exactly as the
-runtime lowers it (:mod:`monetdsl.runtime.program`), on FakeTensors of the traced shapes
+runtime lowers it (:mod:`monetdsl.lowering.program`), on FakeTensors of the traced shapes
 (nothing of their size is allocated), under :class:`StorageTracker`, a dispatch mode that
 counts new storages while they live, as :class:`~monetdsl.runtime.memory.LiveTensorProbe`
 does on real tensors. The workspace of an implementation is its step's peak of new
@@ -35,8 +35,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..ir import ForwardOp, Network
-from .memory import StorageCounter
-from .program import _backward_step, _forward_step, _OpLowering, value_nodes
+from .storage_counter import StorageCounter
+from ..lowering.program import _backward_step, _forward_step, _OpLowering, value_nodes
 
 __all__ = ["StorageTracker", "WorkspaceReport", "measure_workspaces", "step_workspace"]
 

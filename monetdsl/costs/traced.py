@@ -1,0 +1,79 @@
+"""A traced spec with its costs: the trace, then the costing stage.
+
+:func:`trace_model` is what ``monetdsl trace`` and ``monetdsl.trace`` run: the graph
+(:func:`monetdsl.tracing.trace_graph`, roofline times), every implementation's workspace
+estimated on FakeTensors (:mod:`.estimated_workspace`), and with ``profile=True`` every
+op and implementation measured on the device (:mod:`.measure`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+
+from ..ir import Spec
+from ..tracing.api import TraceResult, trace_graph, with_costs
+from .estimated_workspace import measure_workspaces
+from .measure import measure_costs
+from .store import MeasurementStore
+
+__all__ = ["trace_model", "trace", "profile_trace", "with_estimated_workspaces", "profiled_cost_model",
+           "device_description", "MEASURE_REPEATS"]
+
+#: timed runs per step (after one warm-up): the median is steady by then on small ops,
+#: and planning time matters
+MEASURE_REPEATS = 3
+
+
+def device_description(device: str) -> str:
+    """The device costs are measured on, as specs and caches name it."""
+    return torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def profiled_cost_model(device: str, repeats: int = MEASURE_REPEATS) -> str:
+    """The cost-model line of a spec measured on ``device`` (the same on every run of one
+    machine: the runtime keys its caches on it)."""
+    return (f"measured on {device_description(device)} (median of {repeats} runs after a warm-up run, per op and"
+            " implementation; workspaces from the allocator's peak)")
+
+
+def with_estimated_workspaces(trace: TraceResult) -> TraceResult:
+    """``trace`` with every implementation's workspace: the temporaries its runtime step
+    allocates, run on FakeTensors of the traced shapes; a step that cannot run on
+    FakeTensors keeps workspace 0 and a note says so. ``trace`` is untouched."""
+    start = time.perf_counter()
+    report = measure_workspaces(trace.built)
+    result = with_costs(trace, report.network, trace.cost_model, report.notes)
+    result.built.workspace = report
+    result.total_seconds += time.perf_counter() - start
+    return result
+
+
+def profile_trace(trace: TraceResult, device: str, repeats: int = MEASURE_REPEATS,
+                  store: MeasurementStore | None = None) -> TraceResult:
+    """``trace`` with every op and implementation measured on ``device`` (``cpu`` or
+    ``cuda``): times and allocator-measured workspaces, kept in ``store`` (default: the
+    user's cache directory). ``trace`` is untouched; steps that cannot be run keep their
+    estimates, with a note."""
+    start = time.perf_counter()
+    report = measure_costs(trace.built, device, store if store is not None else MeasurementStore(), repeats)
+    result = with_costs(trace, report.network, profiled_cost_model(device, repeats), report.notes)
+    result.total_seconds += time.perf_counter() - start
+    return result
+
+
+def trace_model(model, example_inputs, *, repeats: int = MEASURE_REPEATS, store: MeasurementStore | None = None,
+                **options) -> TraceResult:
+    """Trace one training step of ``model`` and describe it as a spec with its costs.
+
+    ``options`` are :func:`~monetdsl.tracing.trace_graph`'s (``loss``, ``name``,
+    ``device``, ``profile``, ``optimizer``, ``dtype``). With ``profile=True`` every op and
+    implementation is measured on ``device`` (``repeats`` runs each, kept in ``store``)."""
+    result = with_estimated_workspaces(trace_graph(model, example_inputs, **options))
+    return profile_trace(result, options.get("device", "P100"), repeats, store) if options.get("profile") else result
+
+
+def trace(model, example_inputs, **options) -> Spec:
+    """Trace ``model`` on ``example_inputs`` and return the spec (IR); see :func:`trace_model`."""
+    return trace_model(model, example_inputs, **options).spec

@@ -1,0 +1,103 @@
+"""The costs a plan is solved on when the model trains on a real device (the default).
+
+Two measurements, both kept in the :class:`~monetdsl.costs.MeasurementStore` by op
+signature:
+
+1. every op and implementation alone (:func:`monetdsl.costs.measure_costs`): its time and
+   its allocator-measured workspace;
+2. the times in place, inside store-all training steps run by the executor
+   (:mod:`.calibrate`), which differ from the alone times by what a real step adds
+   (pages faulted in, cold caches, the executor's own work).
+
+The second needs the whole model, so it runs only when some op of the graph has no
+in-place times stored yet; its medians are then stored with each op's entry (ops of one
+signature share the median of their samples). Planning the same model again, or a model
+made of layers already measured, runs no step at all.
+"""
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+
+import torch
+
+from ..costs import MeasurementStore, measure_costs, profiled_cost_model
+from ..tracing.api import with_costs
+from .calibrate import CALIBRATION_NOTE, in_place_times, with_in_place_times
+
+__all__ = ["measured_trace", "measured_cost_model", "device_of", "IN_PLACE_ROUNDS"]
+
+#: timed store-all steps per calibration schedule (after a warm-up step): planning time
+#: matters, and ops of one signature pool their samples in the store
+IN_PLACE_ROUNDS = 1
+
+
+def device_of(inputs) -> str:
+    """``cuda`` when an input is on a GPU, else ``cpu``."""
+    return "cuda" if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else "cpu"
+
+
+def measured_cost_model(device: str) -> str:
+    """The cost-model line of a trace whose costs come from :func:`measured_trace`."""
+    return f"{profiled_cost_model(device)}; {CALIBRATION_NOTE}"
+
+
+def _stored_in_place(network, entries: dict) -> dict | None:
+    """(op, implementation) -> in-place us from the entries, or None when an op has none stored."""
+    found = {}
+    for op in network.forward_ops:
+        in_place = entries.get(op.name, {}).get("in_place")
+        if in_place is None:
+            return None
+        for impl, us in in_place.get("forward", {}).items():
+            found[(op.name, impl)] = us
+    for bop in network.backward_ops:
+        in_place = entries.get(bop.of, {}).get("in_place")
+        if in_place is None:
+            return None
+        for impl, us in in_place.get("backward", {}).get(bop.local_name, {}).items():
+            found[(bop.name, impl)] = us
+    return found
+
+
+def _store_in_place(network, report, in_place: dict, store: MeasurementStore) -> None:
+    """Each kept signature's entry with the median in-place time of its ops' samples."""
+    samples: dict[str, dict] = defaultdict(lambda: {"forward": defaultdict(list), "backward": defaultdict(lambda: defaultdict(list))})
+    for op in network.forward_ops:
+        for impl in op.impls:
+            if (op.name, impl.name) in in_place:
+                samples[report.signatures[op.name]]["forward"][impl.name].append(in_place[(op.name, impl.name)])
+    for bop in network.backward_ops:
+        for impl in bop.impls:
+            if (bop.name, impl.name) in in_place:
+                samples[report.signatures[bop.of]]["backward"][bop.local_name][impl.name].append(in_place[(bop.name, impl.name)])
+    done = set()
+    for op in network.forward_ops:
+        signature = report.signatures.get(op.name)
+        if signature not in report.kept or signature in done:
+            continue
+        done.add(signature)
+        got = samples.get(signature, {"forward": {}, "backward": {}})
+        entry = dict(report.entries[op.name])
+        entry["in_place"] = {
+            "forward": {impl: statistics.median(v) for impl, v in got["forward"].items()},
+            "backward": {local: {impl: statistics.median(v) for impl, v in by_impl.items()} for local, by_impl in got["backward"].items()},
+        }
+        store.put(signature, entry)
+
+
+def measured_trace(model: torch.nn.Module, inputs, trace, *, optimizer: str, store: MeasurementStore | None = None):
+    """``trace`` (of ``model`` on ``inputs``, ``loss="output"``) with the costs measured on
+    the inputs' device: alone, then in place (see the module docstring). ``store``: where
+    measurements are kept (default: the user's cache directory). The model's state is
+    untouched."""
+    store = store if store is not None else MeasurementStore()
+    device = device_of(inputs)
+    report = measure_costs(trace.built, device, store)
+    measured = with_costs(trace, report.network, profiled_cost_model(device), report.notes)
+    in_place = _stored_in_place(report.network, report.entries)
+    notes: list[str] = []
+    if in_place is None:
+        in_place, notes = in_place_times(model, list(inputs), measured, optimizer=optimizer, rounds=IN_PLACE_ROUNDS)
+        _store_in_place(report.network, report, in_place, store)
+    return with_in_place_times(measured, in_place, notes).trace

@@ -1,0 +1,59 @@
+"""More choice is never worse: the hybrid method's portfolio around :func:`.engine.run_hybrid`.
+
+With more implementations to choose from, every block MILP is larger and fewer finish in
+the same time; on ResNet-50 the full search alone ended up to 14 % above the same search
+restricted to PyTorch's implementations. So the search restricted to each op's first
+implementation (:mod:`..restrict`) runs first, within a quarter of the time and without
+the local search, and the full search starts from its block options and its schedule: it
+ends no worse than the restricted one did.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from ...errors import SpecError
+from ...ir import Network
+from ...validate import ResolvedConstraints
+from ..outcome import SearchContext
+from ..restrict import first_impl_pins, has_alternatives
+from .engine import HybridRun, run_hybrid
+
+__all__ = ["restricted_first", "RESTRICTED_SHARE"]
+
+#: share of the time the search restricted to the first implementations gets
+#: (``options={"restricted_share": 0}`` skips it)
+RESTRICTED_SHARE = 0.25
+
+
+def restricted_first(network: Network, constraints: ResolvedConstraints, ctx: SearchContext) -> HybridRun:
+    """The search restricted to each op's first implementation, then the full search
+    started from what it found (networks without a choice run the full search only)."""
+    allowed = constraints.allowed_impls
+    share = float(ctx.options.get("restricted_share", RESTRICTED_SHARE))
+    if share <= 0 or not has_alternatives(network, allowed):
+        return run_hybrid(network, constraints, ctx)
+    begin = time.perf_counter()
+    limit = ctx.time_limit or 60.0
+    narrow = replace(constraints, allowed_impls={**allowed, **first_impl_pins(network, allowed)})
+    try:
+        # no local search here: the full search polishes the best start it has, this
+        # one's schedule included, and the time goes to its block menus instead
+        inner = replace(ctx, time_limit=share * limit, options={**ctx.options, "polish": False})
+        first = run_hybrid(network, narrow, inner)
+    except SpecError as exc:  # e.g. a first implementation that overwrites a block's input
+        first, note = None, exc.diagnostics[0].message
+    if first is not None and ctx.stopped:  # asked to stop: the restricted search's best is the answer
+        first.details["restricted"] = {"stopped": "before the full search"}
+        return first
+    left = max(0.5, limit - (time.perf_counter() - begin))
+    full = run_hybrid(network, constraints, replace(ctx, time_limit=left), prior=first)
+    if first is None:
+        full.details["restricted"] = {"skipped": note}
+    else:
+        full.details["restricted"] = {
+            "seconds": first.details.get("seconds"), "origin": first.origin,
+            "peak": None if first.simulation is None else first.simulation.peak_bytes,
+            "compute": None if first.simulation is None else first.simulation.compute_us,
+        }
+    return full
