@@ -9,7 +9,8 @@ numbered backup (``name.bak``, ``name.bak.1``, ...).
 Only regular files are ever renamed, backed up or replaced. Anything else at the target
 (``/dev/null``, ``/dev/stdout``, a pipe, a terminal, ``/dev/full``) is written to as a
 stream, in place: replacing ``/dev/null`` with a regular file would break the machine.
-A FIFO nobody reads is refused rather than waited on.
+A FIFO nobody reads is refused rather than waited on; one with a reader is not opened
+before the work is done (closing it would hand its reader an end of file).
 
 :func:`check_output` answers, before a long piece of work, whether its output can be
 written there at all (the folder exists, is a folder, accepts a new file; the target is
@@ -105,18 +106,27 @@ def read_input(path: str | Path) -> str:
         raise MonetError(Diagnostic(f"cannot read {path}: {_reason(exc)}", str(path))) from None
 
 
-def check_output(path: str | Path, *, flag: str | None = "-o") -> Path:
+def check_output(path: str | Path, *, flag: str | None = "-o", stdout_is_json: bool = False) -> Path:
     """Raise :class:`OutputError` unless ``path`` can be written; return it as a Path.
 
-    A stream target (a device, a pipe) must accept being opened for writing; a FIFO must
-    have a reader. A regular target needs a folder that exists and takes a new file (tried
-    with a temporary file, which also catches read-only file systems and folders root may
-    not write to, such as ``/proc``).
+    A stream target (a device, a pipe) must accept being opened for writing. A FIFO is
+    only checked for permission: opening and closing it now would end a reader such as
+    ``cat`` before anything is written (one without a reader is refused when written).
+    A regular target needs a folder that exists and takes a new file (tried with a
+    temporary file, which also catches read-only file systems and folders root may not
+    write to, such as ``/proc``). ``stdout_is_json``: the command prints one JSON object
+    on stdout, so an output that is this process's stdout is refused.
     """
     path = Path(path)
     if str(path) == "" or path.name in ("", ".", ".."):
         raise _error(path, "names a folder, not a file", flag)
+    if stdout_is_json and _own_descriptor(path) == 1:
+        raise _error(path, "is standard output, which --json keeps for its one JSON object; write to a file", flag)
     if is_stream(path):
+        if _own_descriptor(path) is None and stat.S_ISFIFO(os.stat(path).st_mode):
+            if not os.access(path, os.W_OK):
+                raise _error(path, "cannot be opened for writing: permission denied", flag)
+            return path
         _open_stream(path, flag).close()
         return path
     if path.is_dir():

@@ -135,6 +135,11 @@ def check_search_options(
         known = "auto" + ("" if methods is None else ", " + ", ".join(methods))
         raise fail("method", f"unknown method {method!r}; choose one of: {known}")
     budget = _budget(memory_budget, fail)
+    if isinstance(max_overhead, (int, float)) and not isinstance(max_overhead, bool) and max_overhead > 1:
+        # 10 is far more often a percentage written without its sign than a 1000 % cap
+        raise fail("max_overhead", f"a number is a fraction (0.1 = 10 %), so {max_overhead:g} would mean "
+                                   f"{max_overhead:.0%}; for {max_overhead:g} % write {max_overhead / 100:g} or "
+                                   f"'{max_overhead:g}%', for {max_overhead:.0%} write '{max_overhead:.0%}'")
     overhead = _fraction(max_overhead, "max_overhead", fail, upper=None)
     if time_limit is not None:
         if isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or not math.isfinite(time_limit) or time_limit <= 0:

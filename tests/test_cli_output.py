@@ -123,6 +123,31 @@ def test_a_fifo_is_a_stream_with_a_reader_and_refused_without_one(tiny, tmp_path
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
 
 
+def test_a_fifo_reader_that_stops_at_the_first_end_of_file_gets_the_schedule(tiny, tmp_path):
+    """A reader like ``cat`` ends at its first end of file: the location check must not open
+    and close the FIFO before the schedule is written."""
+    fifo = tmp_path / "plan.fifo"
+    os.mkfifo(fifo)
+    received = []
+
+    def reader():
+        with open(fifo, "rb") as handle:  # blocks until a writer opens; read() ends at its close
+            received.append(handle.read())
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    assert main(["solve", str(tiny), "--budget", "21MiB", "-o", str(fifo), "-q"]) == 0
+    thread.join(30)
+    assert received and received[0].startswith(b"# schedule written by monetdsl")
+
+
+def test_json_and_an_output_on_stdout_are_refused_together(tiny, capfd):
+    """``--json`` promises one JSON object on stdout: a schedule written there would break it."""
+    assert main(["solve", str(tiny), "--budget", "21MiB", "--json", "-o", "/dev/stdout"]) == 2
+    captured = capfd.readouterr()
+    assert "standard output" in captured.err and "schedule for" not in captured.out
+
+
 @pytest.mark.parametrize(
     "where, message",
     [

@@ -29,6 +29,7 @@ TINY = str(SPECS_DIR / "tiny_chain.monet")
         ("memory_budget", -3, "must be positive"),
         ("memory_budget", True, "number of bytes"),
         ("max_overhead", "10", "write a percentage, e.g. 10%"),
+        ("max_overhead", 10, "would mean 1000%"),
         ("max_overhead", "10 MiB", "is not a percentage"),
         ("max_overhead", -0.1, "fraction >= 0"),
         ("max_overhead", float("nan"), "fraction >= 0"),

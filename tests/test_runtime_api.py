@@ -264,6 +264,29 @@ def test_measure_reports_planned_and_measured():
         monetdsl.measure(optimized, x, probe="psychic")
 
 
+def test_measure_leaves_the_model_as_it_found_it():
+    """Measuring in the middle of training changes nothing: mode, gradients (None or their
+    values), batch-norm statistics and the random stream are as before."""
+    model = SmallCNN().eval()
+    x = torch.randn(4, 3, 32, 32)
+    optimized = monetdsl.optimize(model, x, method="store-all")
+    first = next(model.parameters())
+    first.grad = torch.full_like(first, 0.5)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    torch.manual_seed(3)
+    expected_draw = torch.rand(4)
+    torch.manual_seed(3)
+    monetdsl.measure(optimized, x, probe="live", repeats=2)
+    assert not model.training
+    assert torch.equal(first.grad, torch.full_like(first, 0.5))
+    assert all(p.grad is None for p in list(model.parameters())[1:])
+    for name, b in model.named_buffers():
+        assert torch.equal(b, buffers[name]), name
+    assert torch.equal(torch.rand(4), expected_draw)
+    with pytest.raises(monetdsl.MonetError, match="give the inputs"):
+        monetdsl.measure(optimized)
+
+
 def test_allocator_probe_counts_every_byte():
     from monetdsl.costs.cpu_allocator import BuildError
 

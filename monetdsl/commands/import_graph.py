@@ -38,7 +38,7 @@ def run(args) -> int:
     if args.output:
         if Path(args.output).resolve() == Path(args.graph).resolve():
             raise usage_error("refusing to write the spec over the graph file; choose another -o")
-        check_output(args.output)
+        check_output(args.output, stdout_is_json=getattr(args, "json", False))
     data = load_node_link(args.graph)
     name = args.name or Path(args.graph).stem
     network = network_from_node_link(data, name=name, time_unit=args.time_unit, memory_unit=args.memory_unit, path=args.graph)

@@ -79,7 +79,7 @@ def run(args) -> int:
         if output.resolve() == Path(args.spec).resolve():
             raise usage_error(f"refusing to write the schedule over the spec {args.spec}; choose another -o")
         try:
-            check_output(output, flag="-o" if args.output else None)
+            check_output(output, flag="-o" if args.output else None, stdout_is_json=args.json)
         except OutputError as exc:
             if args.output:
                 raise

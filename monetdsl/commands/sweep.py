@@ -116,7 +116,7 @@ def run(args) -> int:
     methods = _methods(args.methods)
     if args.plot:
         _image_format(args.plot)
-        check_output(args.plot, flag="--plot")
+        check_output(args.plot, flag="--plot", stdout_is_json=args.json)
     rows = []
     progress = None if args.quiet or args.json else StderrProgress()
     with stop_on_interrupt() as stop:

@@ -89,7 +89,7 @@ def run(args) -> int:
 
     inputs = [parse_input(t) for t in args.input]
     if args.output:
-        check_output(args.output)
+        check_output(args.output, stdout_is_json=getattr(args, "json", False))
     factory = load_target(args.target)
     try:
         model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory

@@ -22,6 +22,7 @@ before the step (``zero_grad(set_to_none=False)``), as the memory model assumes.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 import warnings
@@ -32,6 +33,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ..costs.probes import AllocatorProbe, CudaProbe
+from ..errors import OptionError
 from ..costs.storage_counter import StorageCounter
 
 __all__ = ["LiveTensorProbe", "AllocatorProbe", "CudaProbe", "MeasuredStep", "measure", "probe_for"]
@@ -136,17 +138,54 @@ def measure(step, inputs=None, *, loss: Callable | None = None, repeats: int = 1
     then a step is ``loss(model(*inputs)).backward()``, or without ``loss``
     ``model(*inputs).backward(ones)``: the output's gradient is a tensor of its size, as
     the plan counts it when the loss is computed outside the model (``out.sum()`` would
-    seed a broadcast scalar, a few bytes less than planned). The model is put in training
+    seed a broadcast scalar, a few bytes less than planned). The steps run in training
     mode, and every parameter that needs a gradient and has none gets a zeroed ``.grad``
     first (parameter gradients are fixed memory in the plan), into which the measured
     steps accumulate. For an OptimizedModule the planned peak above fixed memory is
-    filled in.
+    filled in. Measuring leaves a model as it found it: its mode, ``.grad`` s, buffers
+    (batch-norm statistics) and the random state are restored afterwards, so it can be
+    called in the middle of training.
     """
+    if isinstance(step, torch.nn.Module):
+        if inputs is None:
+            raise OptionError("measure(model, inputs): give the inputs the model is called on")
+        with _restored(step):
+            return _measure(step, inputs, loss=loss, repeats=repeats, probe=probe, warmup=warmup)
+    return _measure(step, inputs, loss=loss, repeats=repeats, probe=probe, warmup=warmup)
+
+
+@contextlib.contextmanager
+def _restored(model: torch.nn.Module):
+    """Run a block that trains ``model`` and put back what training changes: the mode,
+    each parameter's ``.grad`` (None or its values), the buffers and the random state."""
+    training = model.training
+    grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, grad in grads:
+                if grad is None:
+                    p.grad = None
+                elif p.grad is None:
+                    p.grad = grad
+                else:
+                    p.grad.copy_(grad)
+            for b, value in buffers:
+                b.copy_(value)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        model.train(training)
+
+
+def _measure(step, inputs, *, loss, repeats: int, probe: str, warmup: int) -> MeasuredStep:
     planned = None
     if isinstance(step, torch.nn.Module):
         model = step
-        if inputs is None:
-            raise ValueError("measure(model, inputs): give the inputs")
         args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
         from .module import OptimizedModule
 
