@@ -175,7 +175,10 @@ def test_identical_blocks_are_solved_once_and_menus_are_cached():
     network = spec.network
     constraints = resolve_constraints(network, spec.constraints, memory_budget=_budget(spec, 0.4))
     baseline = no_recompute_compute_us(network, cheapest_impls(network))
-    ctx = SearchContext("r6.monet", spec.fingerprint, baseline, "compute", 20.0, {"target_ops": 7, "refine": False, "rounds": 0, "polish": False})
+    # the stall rule off: menus complete in both runs (with it, the second run would go on
+    # completing the menus the first one stopped growing)
+    ctx = SearchContext("r6.monet", spec.fingerprint, baseline, "compute", 20.0,
+                        {"target_ops": 7, "refine": False, "rounds": 0, "polish": False, "stall_share": None})
     cache = MenuCache()
     first = run_hybrid(network, constraints, ctx, cache=cache)
     assert first.details["blocks"] == 6 and first.details["block_kinds"] < 6
@@ -240,7 +243,8 @@ def test_engine_finishes_menus_the_first_share_left_incomplete(monkeypatch):
     network = spec.network
     constraints = resolve_constraints(network, spec.constraints, memory_budget=_budget(spec, 0.4))
     baseline = no_recompute_compute_us(network, cheapest_impls(network))
-    ctx = SearchContext("r3.monet", spec.fingerprint, baseline, "compute", 30.0, {"target_ops": 7, "refine": False, "rounds": 0, "polish": False})
+    options = {"target_ops": 7, "refine": False, "rounds": 0, "polish": False, "stall_share": None}  # no stopping early
+    ctx = SearchContext("r3.monet", spec.fingerprint, baseline, "compute", 30.0, options)
     result = run_hybrid(network, constraints, ctx, cache=MenuCache())
     assert result.details["menu_points_pending"] > 0
     assert result.details["menu_points_left"] == 0

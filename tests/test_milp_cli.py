@@ -1,5 +1,6 @@
 """The command line around the searching methods: min-memory, infeasible budgets, time
 limits, progress, sweeps, and bad input (a clear message, never a traceback)."""
+import io
 import json
 import os
 import subprocess
@@ -9,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from monetdsl.cli import main
+from monetdsl.grammar import load_spec
 from monetdsl.grammar.parser import parse_spec
+from monetdsl.search.progress import StderrProgress
 from monetdsl.search.solve import solve
 from monetdsl.synth import resnet_stack, transformer_stack
 
@@ -102,14 +105,27 @@ def test_time_limit_before_any_schedule_falls_back_to_a_fitting_heuristic(resnet
     assert result.simulation.peak_bytes <= 350 * 2**20
 
 
-def test_progress_on_stderr_for_long_solves_and_quiet_silences_it(capfd, resnet4):
-    args = ["solve", resnet4, "--budget", "300MiB", "--method", "milp", "--time-limit", "2.5", "--no-write", "--json"]
-    code, out, err = run_cli(capfd, *args)
-    assert code == 0 and json.loads(out)["status"] in ("time_limit", "optimal")
-    assert "milp: search" in err and "incumbent" in err and "bound" in err and "gap" in err
-    code, out, err = run_cli(capfd, *args, "--quiet")
-    assert code == 0 and json.loads(out)
-    assert "incumbent" not in err
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_one_rewritten_line_on_a_terminal_and_nothing_elsewhere(resnet4):
+    spec = load_spec(resnet4)
+    for stream, shown in ((_Terminal(), True), (io.StringIO(), False)):
+        progress = StderrProgress(stream, after=0.0)
+        solve(spec, "milp", memory_budget=300 * 2**20, time_limit=2.5, progress=progress)
+        progress.close()
+        text = stream.getvalue()
+        assert ("milp: search" in text and "incumbent" in text and "bound" in text and "gap" in text) is shown
+        assert text.count("\n") == (1 if shown else 0)  # the line is rewritten in place, ended once
+
+
+def test_json_and_quiet_keep_stderr_free_of_progress(capfd, resnet4):
+    args = ["solve", resnet4, "--budget", "300MiB", "--method", "milp", "--time-limit", "2.5", "--no-write"]
+    for extra in (["--json"], ["--quiet"]):
+        code, out, err = run_cli(capfd, *args, *extra)
+        assert code == 0 and "incumbent" not in err
 
 
 def test_json_stdout_is_clean_in_a_real_process(tmp_path):

@@ -88,7 +88,7 @@ def run(args) -> int:
                 raise
             raise OutputError(replace(exc.diagnostics[0], message=exc.diagnostics[0].message + "; choose another place with -o,"
                                       " or pass --no-write")) from None
-    progress = None if args.quiet else StderrProgress()
+    progress = None if args.quiet or args.json else StderrProgress()
     try:
         with stop_on_interrupt() as stop:
             result = solve(

@@ -118,7 +118,7 @@ def run(args) -> int:
         _image_format(args.plot)
         check_output(args.plot, flag="--plot", stdout_is_json=args.json)
     rows = []
-    progress = None if args.quiet else StderrProgress()
+    progress = None if args.quiet or args.json else StderrProgress()
     with stop_on_interrupt() as stop:
         for method in methods:
             for budget in budgets:

@@ -24,6 +24,7 @@ from ..search.solve import METHODS
 from ..tracing.fixed_memory import OPTIMIZERS
 from .module import OptimizedModule
 from .plan import Constraints
+from .schedule_cache import USER_CACHE, resolve_cache_dir
 
 __all__ = ["optimize", "backend"]
 
@@ -58,14 +59,30 @@ def _constraints(budget, max_overhead, schedule, method, time_limit=None) -> Con
     return Constraints(checked.memory_budget, checked.max_overhead, schedule, checked.method, checked.time_limit)
 
 
-def _as_inputs(example_inputs) -> tuple:
+def _as_calls(example_inputs) -> list[tuple]:
+    """The calls to plan for: one tensor or a tuple of tensors is one call's inputs; a list
+    of those is several calls (one per input signature the training loop will see)."""
     if example_inputs is None:
-        return ()
+        return []
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
-        return tuple(example_inputs)
-    raise _usage("example_inputs must be a tensor or a tuple of tensors (what you would pass to the model)")
+        return [(example_inputs,)]
+    if isinstance(example_inputs, (list, tuple)) and example_inputs and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return [tuple(example_inputs)]
+    if isinstance(example_inputs, list) and example_inputs and all(
+            isinstance(c, torch.Tensor) or (isinstance(c, tuple) and c and all(isinstance(t, torch.Tensor) for t in c))
+            for c in example_inputs):
+        return [(c,) if isinstance(c, torch.Tensor) else c for c in example_inputs]
+    raise _usage("example_inputs must be a tensor or a tuple of tensors (what you would pass to the model), or a list"
+                 " of those to plan several input shapes up front, e.g. [(x_short,), (x_long,)]")
+
+
+def _cache_dir(cache_dir):
+    """``cache_dir`` as given, once checked (the plan resolves it: :func:`~.plan.build_plan`)."""
+    try:
+        resolve_cache_dir(cache_dir)
+    except TypeError as exc:
+        raise _usage(str(exc)) from None
+    return cache_dir
 
 
 def optimize(
@@ -77,7 +94,7 @@ def optimize(
     schedule: str | os.PathLike | Schedule | None = None,
     method: str = "auto",
     optimizer: str = "adam",
-    cache_dir: str | None = None,
+    cache_dir: str | os.PathLike | None = USER_CACHE,
     profile: bool | None = None,
     time_limit: float | None = None,
 ) -> OptimizedModule:
@@ -87,23 +104,30 @@ def optimize(
     their gradients, ``optimizer`` state, inputs), e.g. ``"6GiB"``; ``max_overhead`` caps
     the extra compute (0.1 = 10 %); ``schedule`` names a ``.monet`` schedule file made for
     this model and these input shapes (refused otherwise). Without ``schedule`` the model
-    is traced and solved on first use for each input signature (with ``example_inputs``,
-    right away), cached by the graph's fingerprint (and in ``cache_dir`` when given).
+    is traced and solved for each input signature: right away for ``example_inputs`` (one
+    call's inputs, or a list of several calls' inputs, e.g. ``[(x_short,), (x_long,)]``, to
+    plan every shape the loop will use), otherwise on first use, with a
+    :class:`~monetdsl.runtime.module.PlanningWarning`. Solved schedules are kept by the
+    graph's fingerprint, the cost model and the constraints, in memory and in ``cache_dir``
+    (default :data:`~monetdsl.runtime.schedule_cache.USER_CACHE`, the user's cache directory
+    ``$XDG_CACHE_HOME/monetdsl/plans`` or ``~/.cache/monetdsl/plans``; ``None``: memory only),
+    so the next run of the same script skips the search; an entry is replayed by the
+    simulator before use and ignored when damaged or stale.
     Parameters and buffers are the model's own: an optimizer built on
     ``model.parameters()`` keeps working. The schedule is solved on costs measured on the
     inputs' device (each op and alternative's time and allocator-measured memory, alone
     and inside a few store-all steps: :mod:`monetdsl.runtime.measured_costs`), so its
     budget and overhead hold on this machine; the measurements are kept by op signature in
     ``cache_dir`` (default: the user's cache directory, ``$XDG_CACHE_HOME/monetdsl`` or
-    ``~/.cache/monetdsl``, or ``$MONETDSL_CACHE``) and an op already measured is never run
-    again. ``profile=False`` solves on the roofline estimates of the inputs' device kind
+    ``~/.cache/monetdsl``, or ``$MONETDSL_CACHE``, also when ``cache_dir=None``) and an op
+    already measured is never run again. ``profile=False`` solves on the roofline estimates of the inputs' device kind
     instead (no op is run; a schedule file needs no costs and uses none).
 
     ``time_limit`` (seconds, default 60) bounds the search for a schedule (``milp``,
     ``hybrid``, and the minimum-budget search that follows an infeasible budget; tracing
-    and the replay add a little): the search uses all of it unless it proves its result
-    optimal first, tiny models included. A schedule already solved for this graph and
-    these constraints is reused whatever the limit. When no schedule fits the budget,
+    and the replay add a little). It is an upper bound: the search ends when it proves its
+    result, or when further search has stopped paying (``monetdsl.search.stopping``). A
+    schedule already solved for this graph and these constraints is reused whatever the limit. When no schedule fits the budget,
     :class:`~monetdsl.errors.SolveError` carries ``min_feasible_budget``: the replayed peak
     of the best schedule found, a budget that works when passed back (the schedule is kept
     for the next search of this graph in the process); ``details["min_feasible_budget_exact"]``
@@ -114,13 +138,14 @@ def optimize(
     if optimizer not in OPTIMIZERS:
         raise _usage(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
     constraints = _constraints(budget, max_overhead, schedule, method, time_limit)
-    module = OptimizedModule(model, constraints, optimizer=optimizer, cache_dir=cache_dir, profile=profile)
-    inputs = _as_inputs(example_inputs)
-    if inputs:
+    calls = _as_calls(example_inputs)
+    module = OptimizedModule(model, constraints, optimizer=optimizer, cache_dir=_cache_dir(cache_dir), profile=profile)
+    if calls:
         was = model.training
         model.train()
         try:
-            module.plan_for(*inputs)
+            for inputs in calls:
+                module.plan_for(*inputs)
         finally:
             model.train(was)
     return module
@@ -184,8 +209,8 @@ class _GraphModel(torch.nn.Module):
 
 
 def backend(*, budget: int | str | None = None, max_overhead: float | str | None = None, schedule=None,
-            method: str = "auto", optimizer: str = "adam", cache_dir: str | None = None, time_limit: float | None = None,
-            profile: bool | None = None):
+            method: str = "auto", optimizer: str = "adam", cache_dir: str | os.PathLike | None = USER_CACHE,
+            time_limit: float | None = None, profile: bool | None = None):
     """A ``torch.compile`` backend that trains each captured graph with a schedule:
     ``torch.compile(model, backend=monetdsl.backend(budget="6GiB"))``. The keywords are
     :func:`optimize`'s (``time_limit`` bounds each graph's search; costs are
@@ -194,6 +219,7 @@ def backend(*, budget: int | str | None = None, max_overhead: float | str | None
     A graph monetdsl cannot run as a whole training step (several outputs, inputs that
     need gradients: a graph break inside the model) runs unchanged, with a warning."""
     constraints = _constraints(budget, max_overhead, schedule, method, time_limit)
+    directory = _cache_dir(cache_dir)
 
     def compile_graph(gm: torch.fx.GraphModule, example_inputs):
         outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
@@ -207,7 +233,8 @@ def backend(*, budget: int | str | None = None, max_overhead: float | str | None
                           " needs a gradient, or no parameter that requires grad); it runs unchanged", stacklevel=2)
             return gm.forward
         model = _GraphModel(gm, list(example_inputs))
-        module = OptimizedModule(model, constraints, optimizer=optimizer, cache_dir=cache_dir, profile=profile)
+        # torch.compile plans on the first call by design: no announcement
+        module = OptimizedModule(model, constraints, optimizer=optimizer, cache_dir=directory, profile=profile, announce=False)
         tuple_out = isinstance(outputs, (list, tuple))
 
         def run(*args):

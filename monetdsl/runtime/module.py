@@ -7,26 +7,46 @@ A training call runs the schedule's forward pass inside one ``torch.autograd.Fun
 and returns the model's output; the caller's ``loss.backward()`` reaches that function,
 which runs the backward stages and writes every parameter's ``.grad``. In ``eval()``
 mode or under ``torch.no_grad()`` the model simply runs eagerly.
+
+Planning takes seconds (a minute for large graphs on a cold cache), so it should not
+happen unnoticed inside a training loop: a training call with an input signature that has
+no plan yet warns (:class:`PlanningWarning`, once per signature) before it plans; give
+``monetdsl.optimize`` every signature the loop will see (``example_inputs``) to plan them
+up front. Searches show their progress on a terminal's stderr.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import operator
+import os
+import time
 import warnings
 from typing import Any
 
 import torch
 
 from ..errors import MonetError
+from ..search.progress import ProgressInfo, StderrProgress
 from .executor import Executor, StepState
 from .plan import Constraints, RuntimePlan, build_plan
 from .scale_weights import zero_weight_ops
 
-__all__ = ["OptimizedModule", "RuntimeUsageError"]
+__all__ = ["OptimizedModule", "RuntimeUsageError", "PlanningWarning"]
 
 
 class RuntimeUsageError(MonetError):
     """The optimized module was used in a way the runtime does not support."""
+
+
+class PlanningWarning(UserWarning):
+    """A training call needs a plan that was not made up front (a new input shape, dtype,
+    device or autocast state): it traces and solves before the step runs."""
+
+
+def _describe(inputs) -> str:
+    return ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')} on {t.device}" if isinstance(t, torch.Tensor)
+                     else repr(t) for t in inputs)
 
 
 def _autocast_state() -> tuple:
@@ -74,13 +94,14 @@ class OptimizedModule(torch.nn.Module):
     """``model`` trained with schedules; call it like the model."""
 
     def __init__(self, model: torch.nn.Module, constraints: Constraints, *, optimizer: str = "adam",
-                 cache_dir: str | None = None, observe=None, profile: bool | None = None):
+                 cache_dir: str | os.PathLike | None = None, observe=None, profile: bool | None = None, announce: bool = True):
         super().__init__()
         self._profile = profile
         self._orig_mod = model
         self._constraints = constraints
         self._optimizer = optimizer
         self._cache_dir = cache_dir
+        self._announce = announce  # warn before planning inside a training call
         self._plans: dict = {}
         self._observe = observe
         self._anchor = torch.empty(0, requires_grad=True)
@@ -123,10 +144,23 @@ class OptimizedModule(torch.nn.Module):
         key = (_signature(inputs), _autocast_state(), avoid)
         plan = self._plans.get(key)
         if plan is None:
-            plan = build_plan(self._orig_mod, list(inputs), self._constraints, optimizer=self._optimizer,
-                              cache_dir=self._cache_dir, trace=trace, profile=self._profile, avoid=avoid)
+            progress = StderrProgress()
+            begin = time.perf_counter()
+
+            def report(info: ProgressInfo) -> None:  # elapsed since planning began, tracing included
+                progress(dataclasses.replace(info, elapsed=time.perf_counter() - begin))
+
+            try:
+                plan = build_plan(self._orig_mod, list(inputs), self._constraints, optimizer=self._optimizer,
+                                  cache_dir=self._cache_dir, trace=trace, profile=self._profile, avoid=avoid, progress=report)
+            finally:
+                progress.close()
             self._plans[key] = plan
         return plan
+
+    def has_plan_for(self, *inputs) -> bool:
+        """Whether a training call with these inputs runs without planning first."""
+        return (_signature(inputs), _autocast_state(), None) in self._plans
 
     def _plan_for_weights(self, plan: RuntimePlan, inputs) -> RuntimePlan:
         """``plan``, or, when a weight its norms' backwards divide by has a zero now, the
@@ -159,6 +193,11 @@ class OptimizedModule(torch.nn.Module):
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 raise RuntimeUsageError("monetdsl trains a whole model: an input that requires grad would need its"
                                         " gradient, which the runtime does not return; detach it or wrap the larger model")
+        if self._announce and not self.has_plan_for(*inputs):
+            warnings.warn(f"monetdsl: planning for new inputs ({_describe(inputs)}) inside a training call; this traces"
+                          " and solves before the step runs (seconds, or a minute on a cold cache). Pass every input"
+                          " shape the loop uses to monetdsl.optimize(model, example_inputs=[...]) to plan them up front",
+                          PlanningWarning, stacklevel=4)
         plan = self.plan_for(*inputs)
         if plan.weight_checks:
             plan = self._plan_for_weights(plan, inputs)

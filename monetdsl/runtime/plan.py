@@ -4,8 +4,8 @@ The runtime traces with ``loss="output"``: the spec ends at the model's output (
 training loop computes its loss), or at the loss itself for a model that returns one.
 A schedule comes from a file (refused, with a clear message, when its fingerprint is not
 this graph's), or from :func:`monetdsl.search.solve.solve` under a budget or an overhead
-cap; solved schedules are cached by the graph's fingerprint and the constraints, in
-memory and, with ``cache_dir``, as ``.monet`` files.
+cap; solved schedules are cached by the graph's fingerprint, the cost model and the
+constraints (:mod:`.schedule_cache`: in memory and, with ``cache_dir``, as ``.monet`` files).
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ import torch
 import torch.fx as fx
 
 from ..errors import Diagnostic, ScheduleError, SolveError
-from ..grammar import format_schedule, load_schedule
+from ..grammar import load_schedule
 from ..io import atomic_write
 from ..ir import Schedule, Spec
+from ..search.progress import ProgressInfo
 from ..search.simulator import Simulation, chosen_impls, simulate
 from ..search.solve import solve
 from ..units import human_bytes
@@ -33,6 +34,7 @@ from ..lowering.graphs import ArgPath, arg_path, call_node
 from ..lowering.program import Program, lower
 from .eager_random import pins_keeping_eager_dropout
 from .scale_weights import pins_avoiding_from_output, weights_divided_by, zero_weight_ops
+from . import schedule_cache
 
 __all__ = ["RuntimePlan", "Constraints", "build_plan", "trace_for_runtime", "schedule_for", "clear_caches"]
 
@@ -129,11 +131,9 @@ class RuntimePlan:
         return self.simulation.peak_bytes - self.simulation.fixed_bytes
 
 
-_SCHEDULES: dict = {}
-
-
 def clear_caches() -> None:
-    _SCHEDULES.clear()
+    """Forget the schedules kept in memory (the cache directory's files stay)."""
+    schedule_cache.forget()
 
 
 def _short_hash(text: str) -> str:
@@ -177,33 +177,33 @@ def timed_trace(model: torch.nn.Module, inputs, *, optimizer: str, cache_dir: st
     return measured_trace(model, inputs, plain, optimizer=optimizer, store=store)
 
 
-def schedule_for(spec: Spec, constraints: Constraints, cache_dir: str | None = None, costs: str = "") -> tuple[Schedule, Simulation]:
+def schedule_for(spec: Spec, constraints: Constraints, cache_dir: str | Path | None = None, costs: str = "",
+                 progress=None) -> tuple[Schedule, Simulation]:
     """A schedule for ``spec``: the file the caller named, or a solved (cached) one.
 
     Solved schedules are cached by the graph's fingerprint, the constraints and ``costs``
     (the cost model's description): a schedule solved on the roofline is not reused when
     the caller asked for timed costs, while one solved on this machine's timings is reused
-    by the next run on this machine, whose timings differ by noise only."""
+    by the next run on this machine, whose timings differ by noise only. ``progress``: the
+    search's progress callback (:mod:`monetdsl.search.progress`)."""
     if constraints.schedule is not None:
         return _from_file(spec, constraints.schedule)
-    key = (spec.fingerprint, _short_hash(costs), constraints.budget, constraints.max_overhead, constraints.method,
-           _short_hash(repr(spec.constraints.impls)) if spec.constraints.impls else "")
-    if key in _SCHEDULES:
-        return _SCHEDULES[key]
-    cached = _read_cache(spec, key, cache_dir)
+    key = schedule_cache.ScheduleKey(
+        spec.fingerprint, _short_hash(costs), constraints.budget, constraints.max_overhead, constraints.method,
+        _short_hash(repr(spec.constraints.impls)) if spec.constraints.impls else "")
+    directory = None if cache_dir is None else Path(cache_dir)
+    cached = schedule_cache.recall(spec, key, directory)
     if cached is not None:
-        _SCHEDULES[key] = cached
         return cached
     result = solve(spec, constraints.method, memory_budget=constraints.budget, max_overhead=constraints.max_overhead,
-                   time_limit=constraints.time_limit)
+                   time_limit=constraints.time_limit, progress=progress)
     if not result.success:
         known = {"min_feasible_budget_exact": result.min_feasible_budget_exact} if result.min_feasible_budget is not None else {}
         if result.details.get("min_budget_lower_bound") is not None:
             known["min_budget_lower_bound"] = result.details["min_budget_lower_bound"]
         raise SolveError(f"{spec.network.name}: {result.message}", min_feasible_budget=result.min_feasible_budget, details=known)
     found = (result.schedule, result.simulation)
-    _SCHEDULES[key] = found
-    _write_cache(spec, key, found, cache_dir)
+    schedule_cache.keep(spec, key, found, directory)
     return found
 
 
@@ -224,34 +224,6 @@ def _checked(spec: Spec, schedule: Schedule) -> Simulation:
     if not simulation.valid:
         raise ScheduleError(simulation.errors)
     return simulation
-
-
-def _cache_path(cache_dir: str, key) -> Path:
-    fingerprint, costs, budget, overhead, method, pins = key
-    tag = f"{fingerprint}-c{costs}-b{budget if budget is not None else 'none'}-o{overhead if overhead is not None else 'none'}-{method}"
-    tag += f"-p{pins}" if pins else ""
-    return Path(cache_dir) / f"{tag}.schedule.monet"
-
-
-def _read_cache(spec: Spec, key, cache_dir: str | None):
-    if cache_dir is None:
-        return None
-    path = _cache_path(cache_dir, key)
-    if not path.exists():
-        return None
-    try:
-        schedule = load_schedule(str(path))
-        return schedule, _checked(spec, schedule)
-    except Exception:  # noqa: BLE001 - a damaged cache entry is solved again
-        return None
-
-
-def _write_cache(spec: Spec, key, found, cache_dir: str | None) -> None:
-    if cache_dir is None:
-        return
-    path = _cache_path(cache_dir, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, format_schedule(found[0], spec.network))
 
 
 def _trace_for_plan(model, inputs, constraints: Constraints, *, optimizer: str, cache_dir, profile: bool | None):
@@ -284,8 +256,8 @@ def _fingerprint_of(schedule) -> str | None:
         return None
 
 
-def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, optimizer: str, cache_dir: str | None = None,
-               trace=None, profile: bool | None = None, avoid: frozenset | None = None) -> RuntimePlan:
+def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, optimizer: str, cache_dir=None,
+               trace=None, profile: bool | None = None, avoid: frozenset | None = None, progress=None) -> RuntimePlan:
     """Trace (unless ``trace`` is given), schedule and lower ``model`` for these inputs.
 
     ``profile``: solve on costs measured on the inputs' device (True), on the roofline
@@ -293,10 +265,17 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
     solve) or the inputs are on the meta device.
 
     ``avoid``: norm ops whose backward may not divide by their weight (:mod:`.scale_weights`);
-    by default those whose weight has a zero now. A schedule file is used as it is."""
+    by default those whose weight has a zero now. A schedule file is used as it is.
+    ``cache_dir``: where solved schedules (:data:`~.schedule_cache.USER_CACHE`, a path, or
+    None: memory only) and the measured costs are kept. ``progress``: the search's progress
+    callback."""
+    schedule_dir = schedule_cache.resolve_cache_dir(cache_dir)  # measurements: their own default for USER_CACHE
     if trace is None:
-        trace = _trace_for_plan(model, inputs, constraints, optimizer=optimizer, cache_dir=cache_dir, profile=profile)
+        trace = _trace_for_plan(model, inputs, constraints, optimizer=optimizer, profile=profile,
+                                cache_dir=None if cache_dir is schedule_cache.USER_CACHE else cache_dir)
     spec = trace.spec
+    if progress is not None:
+        progress(ProgressInfo("monetdsl", f"traced {len(spec.network.forward_ops)} ops, planning", 0.0, None, None, None, "us"))
     facts, names = trace.built.facts, trace.built.value_names
     sources = {}
     for node in facts.graph.nodes:
@@ -313,7 +292,7 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
         pins += pins_keeping_eager_dropout(network)
     if pins:
         spec = replace(spec, constraints=replace(spec.constraints, impls=spec.constraints.impls + pins))
-    schedule, simulation = schedule_for(spec, constraints, cache_dir, costs=trace.cost_model)
+    schedule, simulation = schedule_for(spec, constraints, schedule_dir, costs=trace.cost_model, progress=progress)
     impls = chosen_impls(network, schedule)
     program = lower(trace, network, impls)
     steps = plan_steps(network, schedule, program)

@@ -2,11 +2,12 @@
 
 Searching methods call a *progress callback* with a :class:`ProgressInfo` whenever the
 solver reports (HiGHS calls back many times a second during branch and bound). The CLI
-passes a :class:`StderrProgress`, which stays silent for the first second (most solves of
-small specs finish before) and then shows elapsed time, incumbent, bound and gap: on a
-terminal it rewrites one line, otherwise it prints a line every few seconds so that logs
-stay readable. ``--quiet`` passes no callback at all; nothing here writes to stdout, so
-``--json`` output stays clean.
+and ``monetdsl.optimize`` pass a :class:`StderrProgress`, which stays silent for the first
+second (most solves of small specs finish before) and then rewrites one line on the
+terminal, twice a second: the method, its stage, elapsed time, incumbent, bound and gap.
+It writes nothing when stderr is not a terminal (a log file or a pipe would fill with
+rewritten lines), and the CLI passes none under ``--quiet`` or ``--json``; nothing here
+writes to stdout.
 """
 from __future__ import annotations
 
@@ -45,18 +46,22 @@ def format_value(value: float | None, unit: str) -> str:
 
 
 class StderrProgress:
-    """A progress callback printing to ``stream`` (stderr) after ``after`` seconds."""
+    """A progress callback rewriting one line of ``stream`` (stderr) after ``after``
+    seconds, when ``stream`` is a terminal; silent otherwise."""
 
-    def __init__(self, stream: TextIO | None = None, *, after: float = 1.0, every: float | None = None):
+    def __init__(self, stream: TextIO | None = None, *, after: float = 1.0, every: float = 0.5):
         self.stream = stream if stream is not None else sys.stderr
         self.after = after
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.every = every if every is not None else (0.5 if self.tty else 5.0)
+        try:
+            self.tty = bool(self.stream.isatty())
+        except (AttributeError, ValueError):  # no isatty, or a closed stream
+            self.tty = False
+        self.every = every
         self._last = -1e9
         self._open_line = False
 
     def __call__(self, info: ProgressInfo) -> None:
-        if info.elapsed < self.after:
+        if not self.tty or info.elapsed < self.after:
             return
         now = time.monotonic()
         if now - self._last < self.every:
@@ -67,11 +72,8 @@ class StderrProgress:
             f"{info.method}: {info.phase} {info.elapsed:6.1f} s  incumbent {format_value(info.incumbent, info.unit)}"
             f"  bound {format_value(info.bound, info.unit)}  gap {gap}"
         )
-        if self.tty:
-            self.stream.write("\r" + line + "\033[K")
-            self._open_line = True
-        else:
-            self.stream.write(line + "\n")
+        self.stream.write("\r" + line + "\033[K")
+        self._open_line = True
         self.stream.flush()
 
     def close(self) -> None:

@@ -19,7 +19,9 @@
 6. **Refine**: when the whole network's MILP is small enough, warm-start it from the best
    schedule (a highspy MIP start) and let HiGHS improve it in the remaining time; its dual
    bound is reported. Otherwise the bound is :mod:`.bounds`' (every op once, fastest
-   implementation).
+   implementation). The refinement stops when HiGHS proves its gap, or earlier by
+   :mod:`..stopping`'s rule (no improvement of the engine's best for a share of the time
+   spent so far); ``details["stopped"]`` and the message say why the search ended.
 
 With the memory objective (``--min-memory``) the engine looks for the smallest internal
 budget whose plan replays within the overhead cap, and reports the best peak found and a
@@ -42,6 +44,7 @@ from ..milp.model import MIB, build_model
 from ..local_search import improve
 from ..outcome import MethodOutcome, SearchContext
 from ..progress import ProgressInfo
+from ..stopping import StallWatch, StopRule
 from ..simulator import Simulation, simulate
 from .bounds import compute_lower_bound, peak_lower_bound
 from .chain import ChainModel
@@ -76,6 +79,11 @@ POLISH_STARTS = 3
 FLOOR_SHARE = 0.5
 #: bytes of DP table the engine allows itself (L x L x slots float64)
 TABLE_BYTES = 160 * 2**20
+#: with the stall rule on, the menus' first share is sized to the network (seconds per
+#: forward op, and at least this many seconds) rather than to the time limit; the rest of
+#: the grid is solved while the composed schedule keeps improving
+FIRST_MENU_SECONDS_PER_OP = 0.1
+FIRST_MENU_SECONDS = 2.0
 
 
 @dataclass
@@ -218,6 +226,15 @@ class _Search:
                     hi_bad = mid
         return [(r[0], r[1]) for r in self.probes.values() if fits(r)]
 
+    def plans(self, objective: str, budget: int | None, cap_us: float | None, deadline: float) -> list[tuple[Schedule, Simulation]]:
+        """The plans the objective asks for, replayed: near the least peak (memory), the
+        fastest within ``budget``, or the fastest of all (no budget)."""
+        if objective == "memory":
+            return self.least_peak(cap_us, deadline)
+        if budget is not None:
+            return self.fastest_within(budget, deadline)
+        return [(r[0], r[1]) for r in [self.probe(self.slots)] if r is not None]
+
     def least_peak(self, cap_us: float | None, deadline: float) -> list[tuple[Schedule, Simulation]]:
         """Plans near the DP's minimum memory (within the compute cap), replayed."""
         row = self.table[0, self.chain.L - 1]
@@ -247,8 +264,10 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     objective = ctx.objective
     budget = constraints.memory_budget
     cap_us = None if constraints.max_overhead is None else (1 + constraints.max_overhead + 1e-12) * ctx.baseline_us
+    watch = StallWatch(StopRule.from_options(options), begin)
 
     def report(phase: str, best: float | None = None, bound: float | None = None):
+        watch.observe(best)
         if ctx.progress is not None:
             unit = "bytes" if objective == "memory" else "us"
             gap = None if best is None or bound is None else max(0.0, best - bound) / max(best, 1e-12)
@@ -268,23 +287,12 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     # 2. menus ----------------------------------------------------------------------------
     cache = cache if cache is not None else DEFAULT_CACHE
     workers = int(options.get("workers", 1))  # >1: spawned processes (the caller needs a __main__ guard)
+    stalling = watch.rule.stall_share != float("inf") and "menu_seconds" not in options
     menu_budget = float(options.get("menu_seconds", limit * MENU_SHARE))
-    t = time.perf_counter()
-    builds_before = cache.builds
-    seeds = _prior_options(nets, prior, tuple(b.size for b in parts.blocks), details) if prior is not None else {}
-    menus = build_menus(list(kinds.values()), time_budget=menu_budget, cache=cache, workers=workers, grid=int(options.get("grid", 2)),
-                        seeds=seeds, stop=ctx.stop)
-    if "menu_seconds" not in options and not ctx.stopped:
-        menus = _complete_menus(kinds, menus, begin + MENU_SHARE_MAX * limit, cache, workers, details)
-    details["menu_seconds"] = round(time.perf_counter() - t, 3)
-    details["menus_built"] = cache.builds - builds_before
-    if seeds:  # menus found in the cache were built without them
-        menus = _with_options(menus, seeds)
-    empty = [bn.block.index for bn in nets if not menus[bn.fingerprint].options]
-    if empty:
-        raise SpecError(f"the hybrid engine found no way to run block {empty[0]} on its own; use --method milp or a heuristic")
-    report("menus built")
-    # 3-4. chain DP and composition, then targeted block solves and again ---------------
+    if stalling:  # a first share sized to the network; the rest while it pays (_complete_menus)
+        menu_budget = min(menu_budget, max(FIRST_MENU_SECONDS, FIRST_MENU_SECONDS_PER_OP * len(network.forward_ops)))
+    # the heuristics first: they set the DP's memory span, which composing during the
+    # menus' completion needs; the menus' time is counted from when they start
     heuristics = _heuristics(network, constraints, ctx, None, heuristic_names(network))
     details["heuristics"] = {name: {"peak": sim.peak_bytes, "compute": sim.compute_us} for name, _, sim in heuristics}
     store_peak = max((sim.peak_bytes for _, _, sim in heuristics), default=network.fixed_bytes)
@@ -293,8 +301,35 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
         span = max(1, store_peak - fixed)
     else:
         span = max(1, min(int((budget - fixed) * 1.5), store_peak - fixed + (budget - fixed)))
-    refine_reserve = 0.3 if _fits_refinement(network, options) else 0.0
     found: list[tuple[Schedule, Simulation]] = []
+    t = time.perf_counter()
+    builds_before = cache.builds
+    seeds = _prior_options(nets, prior, tuple(b.size for b in parts.blocks), details) if prior is not None else {}
+    menus = build_menus(list(kinds.values()), time_budget=menu_budget, cache=cache, workers=workers, grid=int(options.get("grid", 2)),
+                        seeds=seeds, stop=ctx.stop)
+    if seeds:  # menus found in the cache were built without them
+        menus = _with_options(menus, seeds)
+
+    def composed_value(menus) -> float | None:
+        """The best value the chain DP composes from ``menus`` now (its plans join ``found``)."""
+        if any(not menus[fp].options for fp in kinds):
+            return None
+        search = _Search(network, ChainModel(network, parts, nets, menus), ctx, constraints, span)
+        new = search.plans(objective, budget, cap_us, time.perf_counter() + max(1.0, 0.1 * (deadline - time.perf_counter())))
+        found.extend(new)
+        return min((_value(sim, objective) for _, sim in new if sim.ok), default=None)
+
+    if "menu_seconds" not in options and not ctx.stopped:
+        menus = _complete_menus(kinds, menus, t + MENU_SHARE_MAX * limit, cache, workers, details,
+                                (watch, composed_value) if stalling else None, stop=ctx.stop)
+    details["menu_seconds"] = round(time.perf_counter() - t, 3)
+    details["menus_built"] = cache.builds - builds_before
+    empty = [bn.block.index for bn in nets if not menus[bn.fingerprint].options]
+    if empty:
+        raise SpecError(f"the hybrid engine found no way to run block {empty[0]} on its own; use --method milp or a heuristic")
+    report("menus built")
+    # 3-4. chain DP and composition, then targeted block solves and again ---------------
+    refine_reserve = 0.3 if _fits_refinement(network, options) else 0.0
     rounds: list[dict] = []
     asked: set = set()
     max_rounds = int(options.get("rounds", 3))
@@ -302,13 +337,7 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
         chain = ChainModel(network, parts, nets, menus)
         search = _Search(network, chain, ctx, constraints, span)
         remaining = _left(ctx, deadline)
-        dp_deadline = time.perf_counter() + max(1.0, 0.5 * remaining * (1 - refine_reserve))
-        if objective == "memory":
-            new = search.least_peak(cap_us, dp_deadline)
-        elif budget is not None:
-            new = search.fastest_within(budget, dp_deadline)
-        else:
-            new = [(r[0], r[1]) for r in [search.probe(search.slots)] if r is not None]
+        new = search.plans(objective, budget, cap_us, time.perf_counter() + max(1.0, 0.5 * remaining * (1 - refine_reserve)))
         found += new
         best_m = search.best_fitting(budget, cap_us) if objective == "compute" and budget is not None else None
         rounds.append({
@@ -375,9 +404,10 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
             if _value(polished.simulation, objective) < _value(run[2], objective) - 1e-9:
                 run = (start[0] + "+local", polished.schedule, polished.simulation)
                 candidates.append(run)
+            watch.observe(_value(run[2], objective))
         report("local search", _value(run[2], objective))
     # 5-6. refinement, bounds --------------------------------------------------------------
-    result = _finish(network, constraints, ctx, run, candidates, details, deadline, begin)
+    result = _finish(network, constraints, ctx, run, candidates, details, deadline, watch)
     details["seconds"] = round(time.perf_counter() - begin, 3)
     result.block_menus = [menus[bn.fingerprint] for bn in nets]
     result.block_sizes = tuple(b.size for b in parts.blocks)
@@ -408,18 +438,38 @@ def _with_options(menus: dict, seeds: dict) -> dict:
     return merged
 
 
-def _complete_menus(kinds: dict, menus: dict, until: float, cache: MenuCache, workers: int, details: dict) -> dict:
+def _complete_menus(kinds: dict, menus: dict, until: float, cache: MenuCache, workers: int, details: dict,
+                    paying=None, stop=None) -> dict:
     """Solve the grid points the menus' first share did not reach, until ``until``.
 
     The points are the ones :func:`~.menus.build_menu` planned (budgets between each
     block's minimum and its fastest peak, keep caps), so this finishes the menus rather
-    than widening them; targeted solves still follow the chain DP's plans."""
+    than widening them; targeted solves still follow the chain DP's plans.
+
+    ``paying``: ``(watch, composed_value)``: the points are solved in slices of a quarter
+    of the time spent so far (:mod:`..stopping`), each followed by the chain DP on the
+    menus so far (``composed_value(menus)``, the best value it composes), and the
+    completion stops when ``watch`` says the composed value has stopped improving."""
     pending = {fp: (bn, list(menus[fp].pending)) for fp, bn in kinds.items() if menus[fp].pending}
-    left = until - time.perf_counter()
     details["menu_points_pending"] = sum(len(items) for _, items in pending.values())
-    if not pending or left < 1.0:
-        return menus
-    menus = extend_menus(pending, menus, time_budget=left, cache=cache, workers=workers)
+    if paying is not None:
+        watch, composed_value = paying
+        watch.observe(composed_value(menus))
+    while pending and until - time.perf_counter() >= 1.0:
+        left = until - time.perf_counter()
+        if paying is None:
+            menus = extend_menus(pending, menus, time_budget=left, cache=cache, workers=workers, stop=stop)
+            break
+        piece = min(left, max(watch.rule.min_stall_seconds, watch.rule.stall_share * (time.perf_counter() - watch.begin)))
+        menus = extend_menus(pending, menus, time_budget=piece, cache=cache, workers=workers, stop=stop)
+        if stop is not None and stop.is_set():
+            break
+        watch.observe(composed_value(menus))
+        pending = {fp: (bn, list(menus[fp].pending)) for fp, bn in kinds.items() if menus[fp].pending}
+        why = watch.reason()
+        if why is not None:
+            details["menus_stopped"] = why
+            break
     details["menu_points_left"] = sum(len(menus[fp].pending) for fp in kinds)
     return menus
 
@@ -459,12 +509,29 @@ def _fits_refinement(network: Network, options: dict) -> bool:
     return len(network.forward_ops) <= int(options.get("refine_max_ops", REFINE_MAX_FORWARD_OPS))
 
 
+class _StopRequest:
+    """What the refinement MILP asks (``is_set()``, from HiGHS's callbacks, LP iterations
+    included): stop when the caller asked to, or when ``watch`` says the search has
+    stopped paying (the reason goes to ``info["stopped"]``)."""
+
+    def __init__(self, ctx: SearchContext, watch: StallWatch, info: dict):
+        self.ctx, self.watch, self.info = ctx, watch, info
+
+    def is_set(self) -> bool:
+        if self.ctx.stopped:
+            return True
+        why = self.watch.reason()
+        if why is not None:
+            self.info["stopped"] = why
+        return why is not None
+
+
 def _left(ctx: SearchContext, deadline: float) -> float:
     """Seconds left before ``deadline``; none once the caller asked the search to stop."""
     return 0.0 if ctx.stopped else deadline - time.perf_counter()
 
 
-def _finish(network, constraints, ctx, run, candidates, details, deadline, begin) -> HybridRun:
+def _finish(network, constraints, ctx, run, candidates, details, deadline, watch: StallWatch) -> HybridRun:
     objective = ctx.objective
     allowed = constraints.allowed_impls
     if objective == "memory":
@@ -479,7 +546,7 @@ def _finish(network, constraints, ctx, run, candidates, details, deadline, begin
         refine = not model.builder.conflicts and not (floor.exact and (floor.bytes is None or floor.bytes > constraints.memory_budget))
     refined = None
     if refine and _left(ctx, deadline) > 0.5:
-        refined = _refine(network, constraints, ctx, run, deadline, details, model=model)
+        refined = _refine(network, constraints, ctx, run, deadline, details, watch, model=model)
     if run is None and refined is None:
         return _no_schedule(network, constraints, ctx, candidates, details, deadline, lower, floor)
     status = "feasible"
@@ -506,6 +573,8 @@ def _finish(network, constraints, ctx, run, candidates, details, deadline, begin
         status, gap = "optimal", 0.0
         message += "; the peak equals the lower bound, so it is minimal"
     details["origin"] = origin
+    details["stopped"] = _why_stopped(status, details.get("refine"), deadline)
+    message += f"; stopped: {details['stopped']}"
     hr = HybridRun(schedule, sim, origin, details, lower, gap, status, message)
     if objective == "memory":
         exact = status == "optimal"
@@ -514,6 +583,19 @@ def _finish(network, constraints, ctx, run, candidates, details, deadline, begin
         if not exact:
             hr.message += f"; not proved minimal (every schedule needs at least {human_bytes(int(lower))})"
     return hr
+
+
+def _why_stopped(status: str, refine: dict | None, deadline: float) -> str:
+    """Why the search ended, in words (``details["stopped"]``)."""
+    if status == "optimal":
+        return "proved optimal"
+    if refine is not None and refine.get("stopped"):
+        return refine["stopped"]
+    if time.perf_counter() >= deadline:
+        return "time limit"
+    if refine is None:
+        return "every phase done (the network is too large for the refinement MILP)"
+    return f"refinement MILP ended ({refine.get('status')})"
 
 
 def _refinement_model(network, constraints, ctx):
@@ -550,8 +632,9 @@ def _least_peak_first(network, constraints, ctx, candidates, deadline, details):
     return run, floor, model
 
 
-def _refine(network, constraints, ctx, run, deadline, details, model=None) -> dict | None:
-    """The whole network's MILP, warm-started from the best schedule so far."""
+def _refine(network, constraints, ctx, run, deadline, details, watch: StallWatch, model=None) -> dict | None:
+    """The whole network's MILP, warm-started from the best schedule so far, until it
+    proves its result, the deadline, or ``watch`` says the search has stopped paying."""
     objective = ctx.objective
     t = time.perf_counter()
     if model is None:
@@ -567,9 +650,21 @@ def _refine(network, constraints, ctx, run, deadline, details, model=None) -> di
         info["status"] = "no time"
         return None
     gap = 0.0 if objective == "memory" else ctx.options.get("gap", 1e-4)
+    in_bytes = (lambda v: None if v is None else model.fixed_bytes + v * MIB) if objective == "memory" else (lambda v: v)
+
+    def observe(elapsed, incumbent, bound, _gap) -> None:  # HiGHS reports many times a second
+        watch.observe(in_bytes(incumbent))
+        if ctx.progress is not None:
+            best, low = watch.best, in_bytes(bound)
+            gap_now = None if best is None or low is None else max(0.0, best - low) / max(best, 1e-12)
+            ctx.progress(ProgressInfo("hybrid", "refinement MILP", time.perf_counter() - watch.begin, best, low, gap_now,
+                                      "bytes" if objective == "memory" else "us"))
+
+    stop = _StopRequest(ctx, watch, info)
+
     milp = run_highs(
         model.builder, time_limit=left, rel_gap=gap, abs_gap=0.25 / MIB if objective == "memory" else 1e-6,
-        start=None if start is None else start[1], backend="highspy", stop=ctx.stop,
+        start=None if start is None else start[1], backend="highspy", progress=observe, stop=stop,
     )
     info.update(status=milp.status, seconds=round(time.perf_counter() - t, 3), warm_start=start is not None, nodes=milp.nodes)
     bound = milp.bound
@@ -630,7 +725,8 @@ def hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchContex
     if len(decompose(network, target_ops=target).blocks) == 1:
         # nothing to join: the one block is the whole network, which the MILP solves exactly
         outcome = solve_joint(network, constraints, ctx, label="hybrid")
-        outcome.details = {**outcome.details, "blocks": 1, "block_kinds": 1, "origin": "milp (the network is one block)"}
+        outcome.details = {**outcome.details, "blocks": 1, "block_kinds": 1, "origin": "milp (the network is one block)",
+                           "stopped": "proved optimal" if outcome.status == "optimal" else outcome.status.replace("_", " ")}
         return outcome
     from .portfolio import restricted_first  # the portfolio runs this module's pipeline
 

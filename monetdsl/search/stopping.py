@@ -1,0 +1,85 @@
+"""When a search that cannot prove its result should stop anyway.
+
+A time limit is an upper bound, not a duration. A search stops as soon as it proves its
+result within its relative gap (HiGHS's ``mip_rel_gap``, the ``gap`` option), or when it
+has *stopped paying*: no improvement of at least :data:`MIN_GAIN` (relative) of its
+incumbent for :data:`STALL_SHARE` of the time spent so far (and at least
+:data:`MIN_STALL_SECONDS`). The longer a search has run, the longer it is given to find
+the next improvement; one that found its last improvement after 8 s stops at 10.7 s (8 s
+is 3/4 of 10.7 s), one still improving at 40 s runs on.
+
+The incumbent the rule watches is the best value of the whole search, phases before the
+current one included (a refinement that only restates the local search's schedule is not
+an improvement). The rule never changes which schedule is returned; it only decides when
+to stop looking for a better one.
+
+    >>> watch = StallWatch(StopRule(stall_share=0.25, min_stall_seconds=1.0), begin=0.0)
+    >>> watch.observe(100.0, now=8.0)      # the last improvement, at 8 s
+    >>> watch.observe(99.995, now=10.0)    # 0.005 %: less than the minimum gain
+    >>> watch.reason(now=9.0) is None
+    True
+    >>> watch.reason(now=11.0)
+    'no improvement in the last 3.0 s of 11.0 s'
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+__all__ = ["StopRule", "StallWatch", "STALL_SHARE", "MIN_STALL_SECONDS", "MIN_GAIN"]
+
+#: a search stops after this share of its running time without an improvement
+STALL_SHARE = 0.25
+#: ... but is always given this many seconds to find the next one
+MIN_STALL_SECONDS = 1.0
+#: improvements smaller than this (relative) do not reset the clock: the targets are
+#: about 1 %, and HiGHS polishes the last microsecond for minutes
+MIN_GAIN = 1e-4
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """The tolerances of the stop rule (see the module docstring)."""
+
+    stall_share: float = STALL_SHARE
+    min_stall_seconds: float = MIN_STALL_SECONDS
+    min_gain: float = MIN_GAIN
+
+    @classmethod
+    def from_options(cls, options: dict) -> "StopRule":
+        """The rule a search's ``options`` ask for (``stall_share``, ``min_stall``);
+        ``stall_share=None`` turns the stall rule off (the search runs to its limit)."""
+        share = options.get("stall_share", STALL_SHARE)
+        return cls(
+            stall_share=float("inf") if share is None else float(share),
+            min_stall_seconds=float(options.get("min_stall", MIN_STALL_SECONDS)),
+        )
+
+
+class StallWatch:
+    """One search's best value against the clock (minimisation)."""
+
+    def __init__(self, rule: StopRule, begin: float | None = None):
+        self.rule = rule
+        self.begin = time.perf_counter() if begin is None else begin
+        self.best: float | None = None
+        self.improved_at = self.begin
+
+    def observe(self, value: float | None, now: float | None = None) -> None:
+        """Record a value found (an improvement when lower than the best by the minimum gain)."""
+        if value is None:
+            return
+        now = time.perf_counter() if now is None else now
+        if self.best is None or value < self.best - self.rule.min_gain * max(abs(self.best), 1e-12):
+            self.improved_at = now
+        if self.best is None or value < self.best:
+            self.best = value
+
+    def reason(self, now: float | None = None) -> str | None:
+        """Why the search should stop now, or None to go on."""
+        now = time.perf_counter() if now is None else now
+        elapsed = now - self.begin
+        quiet = now - self.improved_at
+        if self.best is not None and quiet >= max(self.rule.min_stall_seconds, self.rule.stall_share * elapsed):
+            return f"no improvement in the last {quiet:.1f} s of {elapsed:.1f} s"
+        return None

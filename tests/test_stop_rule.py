@@ -1,0 +1,70 @@
+"""Searches stop when they are done: the stall rule, and the hybrid engine stopped early
+never returning a schedule worse than the heuristics it compares with."""
+from __future__ import annotations
+
+import pytest
+
+from monetdsl.grammar.parser import parse_spec
+from monetdsl.search.solve import HEURISTICS, solve
+from monetdsl.search.stopping import StallWatch, StopRule
+from monetdsl.synth import resnet_stack, transformer_stack
+
+
+def test_the_stall_clock_grows_with_the_time_spent_and_ignores_tiny_gains():
+    watch = StallWatch(StopRule(stall_share=0.5, min_stall_seconds=2.0, min_gain=0.01), begin=0.0)
+    assert watch.reason(now=100.0) is None  # nothing found yet: nothing to stop with
+    watch.observe(50.0, now=1.0)
+    assert watch.reason(now=2.9) is None  # the minimum stall
+    assert watch.reason(now=3.0) is not None
+    watch.observe(40.0, now=30.0)  # a real improvement resets the clock
+    assert watch.reason(now=59.0) is None  # 29 s quiet of 59 s: under half
+    watch.observe(39.9, now=59.0)  # 0.25 %: under the minimum gain, the clock runs on
+    assert watch.best == 39.9
+    assert watch.reason(now=60.0) == "no improvement in the last 30.0 s of 60.0 s"
+    assert StallWatch(StopRule.from_options({"stall_share": None}), begin=0.0).rule.stall_share == float("inf")
+
+
+def _spec(kind: str, n: int):
+    return parse_spec((resnet_stack if kind == "resnet" else transformer_stack)(n), path=f"{kind}{n}.monet")
+
+
+def _between(spec, fraction: float) -> int:
+    high = solve(spec, "store-all").simulation.peak_bytes
+    low = solve(spec, "recompute-all").simulation.peak_bytes
+    return int(low + fraction * (high - low))
+
+
+@pytest.mark.parametrize("which, fraction", [(("resnet", 4), 0.3), (("resnet", 4), 0.7), (("transformer", 2), 0.4)])
+def test_the_hybrid_stopped_at_once_is_never_worse_than_a_heuristic(which, fraction):
+    """With a stall rule that stops every search at its first report, the engine still
+    returns the best of what it composed and the heuristics."""
+    spec = _spec(*which)
+    budget = _between(spec, fraction)
+    eager = {"target_ops": 7, "stall_share": 0.0, "min_stall": 0.0}
+    result = solve(spec, "hybrid", memory_budget=budget, time_limit=20, options=eager)
+    assert result.success and result.simulation.peak_bytes <= budget
+    assert result.details["stopped"] and "stopped:" in result.message
+    for name in HEURISTICS:
+        other = solve(spec, name, memory_budget=budget, exact_min_budget=False)
+        if other.success:
+            assert result.simulation.compute_us <= other.simulation.compute_us + 1e-6, name
+
+
+def test_the_hybrid_minimum_memory_stopped_early_is_never_above_a_heuristic():
+    spec = _spec("resnet", 4)
+    cap = 0.2
+    result = solve(spec, "hybrid", max_overhead=cap, time_limit=20, options={"target_ops": 7, "stall_share": 0.0, "min_stall": 0.0})
+    assert result.success and result.simulation.overhead <= cap + 1e-9
+    for name in HEURISTICS:
+        other = solve(spec, name, max_overhead=cap, exact_min_budget=False)
+        if other.success:
+            assert result.simulation.peak_bytes <= other.simulation.peak_bytes, name
+
+
+@pytest.mark.slow  # a whole search to its natural end: 30-40 s on a loaded 2-core machine
+def test_the_hybrid_ends_before_a_generous_limit_and_says_why():
+    spec = _spec("resnet", 3)
+    result = solve(spec, "hybrid", memory_budget=_between(spec, 0.4), time_limit=600, options={"target_ops": 7})
+    assert result.success
+    assert result.details["stopped"] != "time limit"
+    assert f"stopped: {result.details['stopped']}" in result.message
