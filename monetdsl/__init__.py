@@ -6,7 +6,7 @@ pass and when, and which implementation each operator uses. Specs and schedules 
 
 Data flows one way: spec text -> IR (:mod:`monetdsl.ir`) -> search -> schedule -> runtime.
 """
-from .errors import Diagnostic, MonetError, OptionError, OutputError, ScheduleError, SolveError, SpecError, SpecSyntaxError
+from .errors import Diagnostic, MonetError, OptionError, OutputError, PlanningWarning, ScheduleError, SolveError, SpecError, SpecSyntaxError
 from .grammar import (
     format_schedule,
     format_spec,
@@ -73,6 +73,7 @@ __all__ = [
     "SolveError",
     "OptionError",
     "OutputError",
+    "PlanningWarning",
     "Network",
     "Spec",
     "Schedule",

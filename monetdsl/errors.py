@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "Diagnostic",
+    "PlanningWarning",
     "MonetError",
     "SpecSyntaxError",
     "SpecError",
@@ -93,3 +94,8 @@ class OptionError(MonetError):
 class OutputError(MonetError):
     """A file cannot be written where asked (a missing or read-only folder, a directory,
     a device that refuses data). Checked before the work starts wherever possible."""
+
+
+class PlanningWarning(UserWarning):
+    """A training call needs a plan that was not made up front (a new input shape, dtype,
+    device or autocast state): it traces and solves before the step runs."""

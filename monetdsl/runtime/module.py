@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..errors import MonetError
+from ..errors import MonetError, PlanningWarning
 from ..search.progress import ProgressInfo, StderrProgress
 from .executor import Executor, StepState
 from .plan import Constraints, RuntimePlan, build_plan
@@ -37,11 +37,6 @@ __all__ = ["OptimizedModule", "RuntimeUsageError", "PlanningWarning"]
 
 class RuntimeUsageError(MonetError):
     """The optimized module was used in a way the runtime does not support."""
-
-
-class PlanningWarning(UserWarning):
-    """A training call needs a plan that was not made up front (a new input shape, dtype,
-    device or autocast state): it traces and solves before the step runs."""
 
 
 def _describe(inputs) -> str:
