@@ -45,9 +45,13 @@ from ...ir import Network
 
 __all__ = ["Block", "Decomposition", "decompose", "decompose_at", "CutInfo", "cut_info", "DEFAULT_TARGET_OPS"]
 
-#: forward ops per block the segmentation aims at: small enough for the joint MILP to
-#: solve a block in well under a second, large enough to leave it real choices
-DEFAULT_TARGET_OPS = 10
+#: forward ops per block the segmentation aims at (blocks keep 2-10): small enough that
+#: every grid point of every block menu is solved within the menus' share of a 60 s
+#: limit, large enough to leave each block real choices. With 10, ResNet-50's blocks of
+#: 10-15 ops left about 70 of 140 menu grid points unsolved in 60 s and most block MILPs
+#: stopped at their per-solve cap; with 5 its 34 blocks (22 kinds) finish every point
+#: and the menus cost less time (docs/search.md, benchmarks/results/monet_table.md)
+DEFAULT_TARGET_OPS = 5
 
 
 @dataclass(frozen=True)
