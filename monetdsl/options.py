@@ -120,11 +120,15 @@ def check_search_options(
     methods: Collection[str] | None = None,
     spelling: Mapping[str, str] | None = None,
     where: str = "monetdsl",
+    caps_up_to_one: bool = False,
 ) -> SearchOptions:
     """Every option checked and converted, or :class:`OptionError` for the first bad one.
 
     ``methods`` lists the known method names (``auto`` is always known); without it the
     method is not checked. ``spelling`` maps an option to the caller's name for it.
+    ``caps_up_to_one``: a cap given as a number must be at most 1 (for callers whose
+    users write numbers: ``max_overhead=10`` is far more often a percentage without its
+    sign than a 1000 % cap; internal callers pass caps already converted from ``"150%"``).
     """
     names = dict(spelling or {})
 
@@ -135,6 +139,10 @@ def check_search_options(
         known = "auto" + ("" if methods is None else ", " + ", ".join(methods))
         raise fail("method", f"unknown method {method!r}; choose one of: {known}")
     budget = _budget(memory_budget, fail)
+    if caps_up_to_one and isinstance(max_overhead, (int, float)) and not isinstance(max_overhead, bool) and max_overhead > 1:
+        raise fail("max_overhead", f"a number is a fraction (0.1 = 10 %), so {max_overhead:g} would mean "
+                                   f"{max_overhead:.0%}; for {max_overhead:g} % write {max_overhead / 100:g} or "
+                                   f"'{max_overhead:g}%', for {max_overhead:.0%} write '{max_overhead:.0%}'")
     overhead = _fraction(max_overhead, "max_overhead", fail, upper=None)
     if time_limit is not None:
         if isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or not math.isfinite(time_limit) or time_limit <= 0:

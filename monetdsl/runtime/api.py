@@ -41,13 +41,8 @@ def _usage(message: str) -> MonetError:
 def _constraints(budget, max_overhead, schedule, method, time_limit=None) -> Constraints:
     if schedule is not None and (budget is not None or max_overhead is not None):
         raise _usage("give either a schedule file or a budget / overhead cap, not both (the file already decides)")
-    if isinstance(max_overhead, (int, float)) and not isinstance(max_overhead, bool) and max_overhead > 1:
-        # 10 is far more often a percentage written without its sign than a 1000 % cap
-        raise option_error(f"max_overhead: a number is a fraction (0.1 = 10 %), so {max_overhead:g} would mean "
-                           f"{max_overhead:.0%}; for {max_overhead:g} % write {max_overhead / 100:g} or "
-                           f"'{max_overhead:g}%', for {max_overhead:.0%} write '{max_overhead:.0%}'", "monetdsl.optimize")
     checked = check_search_options(method=method, memory_budget=budget, max_overhead=max_overhead, time_limit=time_limit,
-                                   methods=METHODS, spelling=_SPELLING, where="monetdsl.optimize")
+                                   methods=METHODS, spelling=_SPELLING, where="monetdsl.optimize", caps_up_to_one=True)
     if schedule is not None and not isinstance(schedule, Schedule):
         schedule = os.fspath(schedule)
         if Path(schedule).is_dir():
