@@ -115,9 +115,6 @@ class _OpLowering:
                     self.out_role[k] = role
 
     # -- forward --------------------------------------------------------------------------
-    def materialize(self, values: dict) -> list[torch.Tensor]:
-        return [p.materialize(values[p.owner]) for p in self.paths]
-
     def call(self, args: list) -> list:
         """Run the captured call(s) on argument values; returns the named outputs in order."""
         env = dict(zip(self.arg_nodes, args))
@@ -201,10 +198,6 @@ class _OpLowering:
         source.assign("r", call)
         return source.build(picks, self.record.name)
 
-    def role_inputs(self, args: list) -> dict:
-        binding = self.record.binding
-        return {role: args[self.arg_index[node]] for role, node in binding.inputs.items() if isinstance(node, fx.Node)}
-
     def outputs_by_role(self, outs: list) -> dict:
         return {self.out_role[k]: v for k, v in enumerate(outs) if k in self.out_role}
 
@@ -283,11 +276,15 @@ def _forward_step(low: _OpLowering, op, impl, *, recompute: bool) -> StepFn:
             outs = call([g(values) for g in getters])
             return tuple(outs[k] for k in picks)
     else:
+        # positions decided once: argument getters, each input role's argument, each saved role's read
+        arg_getters = _arg_getters(low.paths, reads)
+        role_args = [(role, low.arg_index[node]) for role, node in low.record.binding.inputs.items() if isinstance(node, fx.Node)]
+        saved_reads = [(role, reads.index(name)) for role, name in saved_roles.items()] if use_saved else None
+
         def fn(*values):
-            env = dict(zip(reads, values))
-            args = low.materialize(env)
-            ctx = OpContext(kind, low.attrs, low.role_inputs(args), lambda: low.outputs_by_role(low.call(args)))
-            saved = {role: env[name] for role, name in saved_roles.items()} if use_saved else None
+            args = [g(values) for g in arg_getters]
+            ctx = OpContext(kind, low.attrs, {role: args[i] for role, i in role_args}, lambda: low.outputs_by_role(low.call(args)))
+            saved = {role: values[i] for role, i in saved_reads} if saved_reads is not None else None
             outs = special(ctx, saved)
             by_name = {names_by_role[role]: value for role, value in outs.items() if role in names_by_role}
             return tuple(by_name[w] for w in writes)

@@ -33,6 +33,7 @@ from ..tracing.joint import packet_name
 from ..lowering.graphs import ArgPath, arg_path, call_node
 from ..lowering.program import Program, lower
 from .eager_random import pins_keeping_eager_dropout
+from .eager_reference import cap_against_eager
 from .scale_weights import pins_avoiding_from_output, weights_divided_by, zero_weight_ops
 from . import schedule_cache
 
@@ -292,6 +293,8 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
         pins += pins_keeping_eager_dropout(network)
     if pins:
         spec = replace(spec, constraints=replace(spec.constraints, impls=spec.constraints.impls + pins))
+    constraints = cap_against_eager(model, inputs, trace, constraints, optimizer=optimizer,
+                                    cache_dir=None if cache_dir is schedule_cache.USER_CACHE else cache_dir)
     schedule, simulation = schedule_for(spec, constraints, schedule_dir, costs=trace.cost_model, progress=progress)
     impls = chosen_impls(network, schedule)
     program = lower(trace, network, impls)
