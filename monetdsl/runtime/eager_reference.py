@@ -9,8 +9,9 @@ backward frees early and adds gradients in place). If the runtime's fastest step
 ``r`` x eager's, a schedule planned at overhead ``c`` runs at about ``(1 + c) r`` x
 eager's; so the search gets the cap ``(1 + cap) / r - 1``, never more than the cap asked
 for (``r`` is measured, with noise; a cap is not loosened on it). When that is below
-zero no schedule that recomputes fits: the search gets a cap of zero (store-all speed,
-the least memory at it) and a :class:`~monetdsl.errors.PlanningWarning` says so.
+zero no schedule that recomputes fits: the plan is store-all (the fastest
+implementations the plan's pins allow, every tensor kept) and a
+:class:`~monetdsl.errors.CapWarning` says so.
 
 ``r`` is measured once per graph and machine, eager steps interleaved with the runtime's
 store-all steps on the model's own inputs (the median of the pairs' ratios), and kept in
@@ -37,8 +38,9 @@ import torch
 
 from ..costs import MeasurementStore
 from ..costs.signature import machine_signature
-from ..errors import PlanningWarning
+from ..errors import CapWarning
 from ..search.impl_choice import cheapest_impls
+from ..validate import resolve_constraints
 from .calibrate import CALIBRATION_NOTE, backward_seeds, state_restored, store_all_schedule
 
 __all__ = ["EagerReference", "REFERENCE_ROUNDS", "measure_reference", "eager_reference", "cap_against_eager"]
@@ -73,15 +75,19 @@ def _device_of(inputs) -> str:
     return "cuda" if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else "cpu"
 
 
-def measure_reference(model: torch.nn.Module, inputs, trace, *, optimizer: str, rounds: int = REFERENCE_ROUNDS) -> EagerReference:
+def measure_reference(model: torch.nn.Module, inputs, trace, spec=None, *, optimizer: str,
+                      rounds: int = REFERENCE_ROUNDS) -> EagerReference:
     """Eager steps of ``model`` interleaved with the runtime's steps of the store-all
-    schedule with the fastest implementations on ``trace``'s costs (see the module
-    docstring); the model's state is left as it was."""
+    schedule with the fastest implementations on ``trace``'s costs that ``spec``'s pins
+    allow (default: the trace's spec; see the module docstring); the model's state is
+    left as it was."""
     from .module import OptimizedModule
     from .plan import Constraints
 
-    network = trace.spec.network
-    schedule = store_all_schedule(network, cheapest_impls(network), trace.spec.fingerprint)
+    spec = spec if spec is not None else trace.spec
+    network = spec.network
+    allowed = resolve_constraints(network, spec.constraints, path=spec.path, source=spec.source).allowed_impls
+    schedule = store_all_schedule(network, cheapest_impls(network, allowed), trace.spec.fingerprint)
     if schedule is None:
         raise ValueError("no store-all schedule of the fastest implementations is valid")
     device = _device_of(inputs)
@@ -108,42 +114,47 @@ def measure_reference(model: torch.nn.Module, inputs, trace, *, optimizer: str, 
     return EagerReference(statistics.median(eager) * 1e6, statistics.median(ours) * 1e6, ratio)
 
 
-def _key(trace, device: str) -> str:
+def _key(trace, spec, device: str) -> str:
     clock = "wall time" if device == "cuda" else "process CPU time"
-    return f"eager reference in {clock}; graph {trace.spec.fingerprint}; {machine_signature(device)}"
+    pins = f"; pins {spec.constraints.impls!r}" if spec.constraints.impls else ""
+    return f"eager reference in {clock}; graph {trace.spec.fingerprint}{pins}; {machine_signature(device)}"
 
 
-def eager_reference(model: torch.nn.Module, inputs, trace, *, optimizer: str, store: MeasurementStore | None = None) -> EagerReference:
-    """The stored reference of this graph on this machine, else one measured now (and kept)."""
+def eager_reference(model: torch.nn.Module, inputs, trace, spec=None, *, optimizer: str,
+                    store: MeasurementStore | None = None) -> EagerReference:
+    """The stored reference of this graph (with ``spec``'s pins) on this machine, else one
+    measured now (and kept)."""
     store = store if store is not None else MeasurementStore()
-    key = _key(trace, _device_of(inputs))
+    spec = spec if spec is not None else trace.spec
+    key = _key(trace, spec, _device_of(inputs))
     found = store.get(key)
     if found is not None and {"eager_us", "runtime_us", "ratio"} <= set(found) and found["eager_us"] > 0:
         return EagerReference(found["eager_us"], found["runtime_us"], found["ratio"])
-    reference = measure_reference(model, inputs, trace, optimizer=optimizer)
+    reference = measure_reference(model, inputs, trace, spec, optimizer=optimizer)
     store.put(key, {"eager_us": reference.eager_us, "runtime_us": reference.runtime_us, "ratio": reference.runtime_over_eager})
     return reference
 
 
-def cap_against_eager(model: torch.nn.Module, inputs, trace, constraints, *, optimizer: str, cache_dir=None):
+def cap_against_eager(model: torch.nn.Module, inputs, trace, spec, constraints, *, optimizer: str, cache_dir=None):
     """``constraints`` (:class:`~monetdsl.runtime.plan.Constraints`) with the overhead cap
-    the search needs for the caller's cap to hold against eager's step (module docstring).
-    Unchanged without a cap, with a schedule given, or on costs not measured on the device."""
+    the search needs on ``spec`` (the trace's, with the plan's pins) for the caller's cap
+    to hold against eager's step (module docstring). Unchanged without a cap, with a
+    schedule given, or on costs not measured on the device."""
     if constraints.max_overhead is None or constraints.schedule is not None or CALIBRATION_NOTE not in trace.cost_model:
         return constraints
     store = MeasurementStore(cache_dir) if cache_dir is not None else MeasurementStore()
     try:
-        reference = eager_reference(model, inputs, trace, optimizer=optimizer, store=store)
+        reference = eager_reference(model, inputs, trace, spec, optimizer=optimizer, store=store)
     except Exception as exc:  # noqa: BLE001 - the plan goes on against the runtime's own baseline, and says so
         warnings.warn(f"monetdsl: eager's step could not be timed next to the runtime's ({type(exc).__name__}: "
-                      f"{str(exc)[:80]}); the overhead cap is planned against the runtime's store-all step", PlanningWarning,
+                      f"{str(exc)[:80]}); the overhead cap is planned against the runtime's store-all step", CapWarning,
                       stacklevel=2)
         return constraints
     cap = reference.search_cap(constraints.max_overhead)
     if cap is None:
         warnings.warn(f"monetdsl: the runtime's fastest step measured x{reference.runtime_over_eager:.2f} of eager PyTorch's"
                       f" on this model and machine, so no schedule that recomputes fits max_overhead="
-                      f"{constraints.max_overhead:.1%} of eager's step; the plan recomputes nothing (store-all speed, the"
-                      " least memory at it)", PlanningWarning, stacklevel=2)
-        cap = 0.0
+                      f"{constraints.max_overhead:.1%} of eager's step; the plan keeps every tensor (store-all)",
+                      CapWarning, stacklevel=2)
+        return replace(constraints, max_overhead=None, method="store-all")
     return replace(constraints, max_overhead=round(cap, 6))

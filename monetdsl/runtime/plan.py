@@ -293,7 +293,7 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
         pins += pins_keeping_eager_dropout(network)
     if pins:
         spec = replace(spec, constraints=replace(spec.constraints, impls=spec.constraints.impls + pins))
-    constraints = cap_against_eager(model, inputs, trace, constraints, optimizer=optimizer,
+    constraints = cap_against_eager(model, inputs, trace, spec, constraints, optimizer=optimizer,
                                     cache_dir=None if cache_dir is schedule_cache.USER_CACHE else cache_dir)
     schedule, simulation = schedule_for(spec, constraints, schedule_dir, costs=trace.cost_model, progress=progress)
     impls = chosen_impls(network, schedule)
