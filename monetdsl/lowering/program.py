@@ -194,7 +194,10 @@ class _OpLowering:
                 return f"[{inner}]" if isinstance(a, list) else f"({inner})"
             return source.const(a)
 
-        call = source.call(node.target, [expression(a) for a in node.args], {k: expression(v) for k, v in node.kwargs.items()})
+        try:
+            call = source.call(node.target, [expression(a) for a in node.args], {k: expression(v) for k, v in node.kwargs.items()})
+        except ValueError:  # keywords that cannot be written as Python: the interpreted call runs it
+            return None
         source.assign("r", call)
         return source.build(picks, self.record.name)
 

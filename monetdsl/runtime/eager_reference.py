@@ -14,7 +14,8 @@ implementations the plan's pins allow, every tensor kept) and a
 :class:`~monetdsl.errors.CapWarning` says so.
 
 ``r`` is measured once per graph and machine, eager steps interleaved with the runtime's
-store-all steps on the model's own inputs (the median of the pairs' ratios), and kept in
+store-all steps on the model's own inputs (the median of the pairs' ratios; 11 pairs, or
+as many as fit in 3 s, at least 3), and kept in
 the :class:`~monetdsl.costs.MeasurementStore`. On a CPU the steps are timed in the
 process's CPU time: on a shared machine wall time says more about the other processes
 than about the two steps (medians of 7 wall-time pairs on a 2-core machine with other
@@ -43,11 +44,13 @@ from ..search.impl_choice import cheapest_impls
 from ..validate import resolve_constraints
 from .calibrate import CALIBRATION_NOTE, backward_seeds, state_restored, store_all_schedule
 
-__all__ = ["EagerReference", "REFERENCE_ROUNDS", "measure_reference", "eager_reference", "cap_against_eager"]
+__all__ = ["EagerReference", "REFERENCE_ROUNDS", "REFERENCE_SECONDS", "measure_reference", "eager_reference", "cap_against_eager"]
 
-#: interleaved (eager, runtime) step pairs timed, after one warm-up pair (planning time matters:
-#: a 3 ms step pair costs 70 ms, a 100 ms one a few seconds, once per graph and machine)
+#: interleaved (eager, runtime) step pairs timed, after one warm-up pair, at most ...
 REFERENCE_ROUNDS = 11
+#: ... and no more once this many seconds went into them (at least 3 pairs): planning time
+#: matters, a 3 ms step pair costs 70 ms for all 11, a 1 s one would cost 24 s
+REFERENCE_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -105,11 +108,14 @@ def measure_reference(model: torch.nn.Module, inputs, trace, spec=None, *, optim
         runtime = OptimizedModule(model, Constraints(None, None, schedule, "auto"), optimizer=optimizer, announce=False)
         runtime.plan_for(*inputs, trace=trace)
         eager, ours = [], []
+        began = time.perf_counter()
         for round_ in range(rounds + 1):  # the first pair warms up
             pair = seconds(model), seconds(runtime)
             if round_:
                 eager.append(pair[0])
                 ours.append(pair[1])
+            if round_ >= 3 and time.perf_counter() - began > REFERENCE_SECONDS:
+                break
     ratio = statistics.median(b / a for a, b in zip(eager, ours))
     return EagerReference(statistics.median(eager) * 1e6, statistics.median(ours) * 1e6, ratio)
 
