@@ -13,9 +13,11 @@ backward nodes read forward tensors explicitly, which is exactly what autograd k
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -222,7 +224,8 @@ def capture(model: nn.Module, inputs: Sequence[torch.Tensor], loss: Callable | s
     fake_tensor_log.setLevel(logging.CRITICAL)  # a failing op is reported below, once, not as torch's traceback too
     try:
         compiled = torch.compile(step, backend=backend, fullgraph=True, dynamic=False)
-        compiled(*inputs)
+        with _recurrent_layers_as_cells(model):
+            compiled(*inputs)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a readable diagnostic
         inner_exc = getattr(exc, "inner_exception", None) or exc.__cause__
         if not isinstance(exc, _Stop) and not isinstance(inner_exc, _Stop):
@@ -258,6 +261,34 @@ def capture(model: nn.Module, inputs: Sequence[torch.Tensor], loss: Callable | s
         placeholders[node.name] = Placeholder(info[0], info[1], info[2], position)
     leaves = frozenset(name for name, m in model.named_modules() if name and not list(m.children()))
     return Captured(joint, placeholders, seconds, loss_name, leaves)
+
+
+@contextlib.contextmanager
+def _recurrent_layers_as_cells(model: nn.Module):
+    """Capture ``nn.RNN``/``GRU``/``LSTM`` as their per-step cell arithmetic.
+
+    Dynamo stops at recurrent modules unless told otherwise, and with oneDNN on, an LSTM
+    becomes one fused layer op whose workspace the FakeTensors give as empty: the plan would
+    miss it and its backward cannot run from a recorded value. Unrolled into cells, every
+    step's activations are ordinary tensors the search can keep or recompute (the classic
+    way to checkpoint an RNN). Models without recurrent layers are captured unchanged.
+    """
+    if not any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        yield
+        return
+    import torch._dynamo
+
+    with warnings.catch_warnings():  # the flags also set oneDNN's TF32 switch, which warns on some builds
+        warnings.simplefilter("ignore", UserWarning)
+        no_onednn = torch.backends.mkldnn.flags(enabled=False)
+        no_onednn.__enter__()
+    try:
+        with torch._dynamo.config.patch(allow_rnn=True):
+            yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            no_onednn.__exit__(None, None, None)
 
 
 def _refuse_value_dependent_shapes(joint) -> None:
