@@ -85,7 +85,7 @@ def measure_reference(model: torch.nn.Module, inputs, trace, spec=None, *, optim
     allow (default: the trace's spec; see the module docstring); the model's state is
     left as it was."""
     from .module import OptimizedModule
-    from .plan import Constraints
+    from ..planning import Constraints
 
     spec = spec if spec is not None else trace.spec
     network = spec.network

@@ -395,12 +395,13 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
         details["local_search"] = []
         for k, start in enumerate(starts):
             share = (_left(ctx, deadline)) * (POLISH_SHARE if _fits_refinement(network, options) else 1.0) / (len(starts) - k)
-            if share <= 0.2:
+            if share <= 0.2 or watch.reason() is not None:
                 break
             polished = improve(network, start[1], constraints, baseline_us=ctx.baseline_us, time_limit=share, objective=objective,
-                               max_kicks=options.get("kicks"), stop=ctx.stop)
+                               max_kicks=options.get("kicks"), stop=ctx.stop, watch=watch)
             details["local_search"].append({"start": start[0], "from": _value(start[2], objective), "to": _value(polished.simulation, objective),
-                                            "moves": len(polished.moves), "evaluations": polished.evaluations, "seconds": round(polished.seconds, 3)})
+                                            "moves": len(polished.moves), "evaluations": polished.evaluations, "seconds": round(polished.seconds, 3),
+                                            "stalled": polished.stalled})
             if _value(polished.simulation, objective) < _value(run[2], objective) - 1e-9:
                 run = (start[0] + "+local", polished.schedule, polished.simulation)
                 candidates.append(run)
