@@ -71,16 +71,16 @@ def test_a_cap_the_runtime_cannot_keep_against_eager_plans_store_all_and_says_so
 
 
 def test_a_cap_is_tightened_by_the_runtimes_ratio_to_eager(tmp_path, monkeypatch):
-    from monetdsl.runtime import plan as plan_module
+    from monetdsl.planning import schedules
 
     asked = []
-    solve = plan_module.solve
+    solve = schedules.solve
 
     def recording(spec, method, **options):
         asked.append(options.get("max_overhead"))
         return solve(spec, method, **options)
 
-    monkeypatch.setattr(plan_module, "solve", recording)
+    monkeypatch.setattr(schedules, "solve", recording)
     plan, warned = _with_stored_ratio(tmp_path, 1.1, 0.3)
     assert not warned
     assert asked[-1] == pytest.approx(1.3 / 1.1 - 1, abs=1e-6)
