@@ -1,6 +1,8 @@
 """Overhead caps against eager PyTorch's step (monetdsl.runtime.eager_reference)."""
 from __future__ import annotations
 
+import copy
+
 import warnings
 
 import pytest
@@ -64,10 +66,28 @@ def _with_stored_ratio(tmp_path, ratio: float, cap: float):
     return plan, [w for w in caught if issubclass(w.category, monetdsl.CapWarning)]
 
 
-def test_a_cap_the_runtime_cannot_keep_against_eager_plans_store_all_and_says_so(tmp_path):
+def test_a_cap_the_runtime_cannot_keep_against_eager_trains_as_eager_and_says_so(tmp_path, monkeypatch):
     plan, warned = _with_stored_ratio(tmp_path, 1.5, 0.2)
-    assert len(warned) == 1 and "x1.50 of eager" in str(warned[0].message)
+    assert len(warned) == 1 and "x1.50 of eager" in str(warned[0].message) and "runs as eager" in str(warned[0].message)
     assert plan.simulation.recompute_us == 0 and not any(stage.recompute for stage in plan.schedule.stages)
+    network = plan.spec.network
+    assert plan.runs_eager and all(plan.schedule.impls.get(op.name, op.impls[0].name) == op.impls[0].name
+                                   for op in (*network.forward_ops, *network.backward_ops))
+    # the step is the model's own: the runtime's executor never runs, and gradients are eager's
+    from monetdsl.runtime import module as runtime_module
+
+    monkeypatch.setattr(runtime_module.OptimizedModule, "_forward_pass", None)
+    torch.manual_seed(0)
+    model, x = KindsCNN().train(), torch.randn(4, 3, 16, 16)
+    reference = copy.deepcopy(model)
+    schedule_cache.forget()
+    optimized = monetdsl.optimize(model, x, max_overhead=0.2, cache_dir=tmp_path)
+    torch.manual_seed(1)
+    optimized(x).sum().backward()
+    torch.manual_seed(1)
+    reference(x).sum().backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
 
 
 def test_a_cap_is_tightened_by_the_runtimes_ratio_to_eager(tmp_path, monkeypatch):

@@ -9,8 +9,8 @@ backward frees early and adds gradients in place). If the runtime's fastest step
 ``r`` x eager's, a schedule planned at overhead ``c`` runs at about ``(1 + c) r`` x
 eager's; so the search gets the cap ``(1 + cap) / r - 1``, never more than the cap asked
 for (``r`` is measured, with noise; a cap is not loosened on it). When that is below
-zero no schedule that recomputes fits: the plan is store-all (the fastest
-implementations the plan's pins allow, every tensor kept) and a
+zero no schedule that recomputes fits: the model then trains as eager PyTorch (its own
+forward and autograd, which is the step the cap is measured against), and a
 :class:`~monetdsl.errors.CapWarning` says so.
 
 ``r`` is measured once per graph and machine, eager steps interleaved with the runtime's
@@ -158,9 +158,24 @@ def cap_against_eager(model: torch.nn.Module, inputs, trace, spec, constraints, 
         return constraints
     cap = reference.search_cap(constraints.max_overhead)
     if cap is None:
+        eager = _eager_schedule(spec, trace)
+        runs = "the model runs as eager PyTorch (no memory saved)" if eager is not None else "the plan keeps every tensor"
         warnings.warn(f"monetdsl: the runtime's fastest step measured x{reference.runtime_over_eager:.2f} of eager PyTorch's"
                       f" on this model and machine, so no schedule that recomputes fits max_overhead="
-                      f"{constraints.max_overhead:.1%} of eager's step; the plan keeps every tensor (store-all)",
-                      CapWarning, stacklevel=2)
-        return replace(constraints, max_overhead=None, method="store-all")
+                      f"{constraints.max_overhead:.1%} of eager's step; {runs}", CapWarning, stacklevel=2)
+        if eager is None:
+            return replace(constraints, max_overhead=None, method="store-all")
+        return replace(constraints, max_overhead=None, schedule=eager, eager=True)
     return replace(constraints, max_overhead=round(cap, 6))
+
+
+def _eager_schedule(spec, trace):
+    """What autograd itself does, as a schedule: every op's first implementation (PyTorch's),
+    everything its backward reads kept; None when the plan's pins rule a first
+    implementation out (eager would not be what was planned)."""
+    network = spec.network
+    allowed = resolve_constraints(network, spec.constraints, path=spec.path, source=spec.source).allowed_impls
+    first = {op.name: op.impls[0].name for op in (*network.forward_ops, *network.backward_ops)}
+    if any(name in allowed and impl not in allowed[name] for name, impl in first.items()):
+        return None
+    return store_all_schedule(network, first, trace.spec.fingerprint)

@@ -183,6 +183,7 @@ class OptimizedModule(torch.nn.Module):
     def forward(self, *inputs, **kwargs):
         if not (self.training and torch.is_grad_enabled()):
             return self._orig_mod(*inputs, **kwargs)
+        given = inputs
         if kwargs:
             inputs = _as_positional(self._orig_mod, inputs, kwargs)
         for t in inputs:
@@ -197,6 +198,8 @@ class OptimizedModule(torch.nn.Module):
                           PlanningWarning, stacklevel=4)
         if plan is None:
             plan = self.plan_for(*inputs)
+        if plan.runs_eager:
+            return self._orig_mod(*given, **kwargs)
         if plan.weight_checks:
             plan = self._plan_for_weights(plan, inputs)
         return _ScheduledStep.apply(self, plan, self._anchor, *inputs)

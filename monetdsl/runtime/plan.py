@@ -88,6 +88,8 @@ class RuntimePlan:
     weight_checks: tuple = ()
     #: norms planned without their backward from the output (their weight had a zero)
     avoided: frozenset = frozenset()
+    #: the schedule is autograd's own (no cap fits the runtime: Constraints.eager): the model runs itself
+    runs_eager: bool = False
 
     @functools.cached_property
     def model_tensors(self) -> ModelTensors:
@@ -150,7 +152,8 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
     input_names = tuple(n for n, (kind, _, _) in sources.items() if kind == "input")
     updates = buffer_updates(trace)
     return RuntimePlan(trace, spec, schedule, simulation, program, steps, output, output_path, input_names, sources, updates,
-                       weight_checks=weights_divided_by(trace, impls, sources), avoided=frozenset(avoid))
+                       weight_checks=weights_divided_by(trace, impls, sources), avoided=frozenset(avoid),
+                       runs_eager=constraints.eager)
 
 
 def _output_of(trace, network) -> tuple[str, ArgPath]:
