@@ -25,10 +25,10 @@ def test_the_next_run_plans_on_the_measured_costs_read_back(tmp_path):
     the schedule in the cache and does not solve again."""
     x = torch.randn(32, 16)
     schedule_cache.forget()
-    first = monetdsl.optimize(_repeated(), x, max_overhead=0.1, cache_dir=tmp_path).plans[0]
+    first = monetdsl.optimize(_repeated(), x, budget="4MiB", cache_dir=tmp_path).plans[0]
     schedule_cache.forget()  # as a new process starts
     entries = sorted(p.name for p in tmp_path.glob("*.schedule.monet"))
-    second = monetdsl.optimize(_repeated(), x, max_overhead=0.1, cache_dir=tmp_path).plans[0]
+    second = monetdsl.optimize(_repeated(), x, budget="4MiB", cache_dir=tmp_path).plans[0]
     assert _times(second) == _times(first)
     assert (second.schedule.impls, second.schedule.stages) == (first.schedule.impls, first.schedule.stages)
     assert sorted(p.name for p in tmp_path.glob("*.schedule.monet")) == entries and len(entries) == 1

@@ -5,9 +5,11 @@ constraints and cost model give the same graph fingerprint and ask for the same 
 Schedules are kept in memory for the process and, unless turned off, as ``.monet`` files in
 a cache directory, so the next run of a training script starts in seconds:
 
-* :data:`USER_CACHE` (the default of ``monetdsl.optimize(cache_dir=...)``) is the user's cache
-  directory, ``$XDG_CACHE_HOME/monetdsl/plans`` or ``~/.cache/monetdsl/plans``, looked up when
-  used (so a test that points ``XDG_CACHE_HOME`` elsewhere never touches the real home);
+* :data:`USER_CACHE` (the default of ``monetdsl.optimize(cache_dir=...)``) is ``plans`` in the
+  user's monetdsl cache directory, the one the measured costs use
+  (:func:`monetdsl.costs.locations.user_cache_dir`: ``$MONETDSL_CACHE``, else
+  ``$XDG_CACHE_HOME/monetdsl``, else ``~/.cache/monetdsl``), looked up when used (so a test
+  that points ``XDG_CACHE_HOME`` elsewhere never touches the real home);
   a path names another directory; ``None`` keeps schedules in memory only.
 * An entry is named by the graph fingerprint, the cost model, the constraints, the method
   and :data:`FORMAT` (entries of another format are never read). It is written atomically
@@ -24,6 +26,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+from ..costs.locations import user_cache_dir as costs_cache_dir
 from ..grammar import format_schedule
 from ..grammar.parser import parse_schedule
 from ..io import atomic_write, checksum_intact, with_checksum
@@ -69,9 +72,8 @@ _MEMORY: dict[ScheduleKey, tuple[Schedule, Simulation]] = {}
 
 
 def user_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/monetdsl/plans``, or ``~/.cache/monetdsl/plans``."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "monetdsl" / "plans"
+    """``plans`` in the user's monetdsl cache directory (beside the measured costs)."""
+    return costs_cache_dir() / "plans"
 
 
 def resolve_cache_dir(cache_dir) -> Path | None:

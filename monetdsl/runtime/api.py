@@ -105,7 +105,8 @@ def optimize(
     :class:`~monetdsl.runtime.module.PlanningWarning`. Solved schedules are kept by the
     graph's fingerprint, the cost model and the constraints, in memory and in ``cache_dir``
     (default :data:`~monetdsl.runtime.schedule_cache.USER_CACHE`, the user's cache directory
-    ``$XDG_CACHE_HOME/monetdsl/plans`` or ``~/.cache/monetdsl/plans``; ``None``: memory only),
+    ``plans`` beside the measured costs: ``$MONETDSL_CACHE/plans``, ``$XDG_CACHE_HOME/monetdsl/plans``
+    or ``~/.cache/monetdsl/plans``; ``None``: memory only),
     so the next run of the same script skips the search; an entry is replayed by the
     simulator before use and ignored when damaged or stale.
     Parameters and buffers are the model's own: an optimizer built on
