@@ -11,7 +11,7 @@ import pytest
 
 from monetdsl.search import eviction
 from monetdsl.search.baselines import store_all
-from monetdsl.search.eviction import evict_to_budget
+from monetdsl.search.eviction import evict_to_budget, least_peak_within_cap
 from monetdsl.search.simulator import simulate
 from monetdsl.search.solve import solve
 from monetdsl.synth import layered_spec, random_spec
@@ -106,3 +106,26 @@ def test_hybrid_without_blocks_when_their_menus_are_out_of_reach():
     assert result.success and result.simulation.ok and result.simulation.peak_bytes <= budget
     assert result.details["origin"].startswith("eviction")
     assert result.simulation.compute_us <= result.details["eviction"]["compute"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_least_peak_within_cap_keeps_the_cap(seed):
+    spec = layered_spec(40, seed)
+    network, start, full, _ = _setup(spec, 1.0)
+    cons = resolve_constraints(network, spec.constraints, max_overhead=0.05)
+    found = least_peak_within_cap(network, start, cons, baseline_us=full.compute_us, floor=network.fixed_bytes, time_limit=20)
+    assert found is not None
+    sim = simulate(network, found.schedule, constraints=cons, baseline_us=full.compute_us)
+    assert sim.ok and sim.compute_us <= 1.05 * full.compute_us * (1 + 1e-12)
+    assert sim.peak_bytes == found.simulation.peak_bytes < full.peak_bytes
+
+
+def test_hybrid_least_peak_without_blocks():
+    """The memory objective within a cap takes the same path: the lowest budget the
+    eviction fits within the cap, polished."""
+    spec = layered_spec(80, 1)
+    store = solve(spec, "store-all").simulation
+    result = solve(spec, "hybrid", max_overhead=0.05, time_limit=6, exact_min_budget=False)
+    assert "blocks_skipped" in result.details
+    assert result.success and result.simulation.ok and result.simulation.overhead <= 0.05 + 1e-9
+    assert result.simulation.peak_bytes <= result.details["eviction"]["peak"] < store.peak_bytes
