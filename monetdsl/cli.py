@@ -9,6 +9,7 @@ thing on stdout is one JSON object; messages go to stderr. Bad input is reported
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import replace
 
@@ -40,6 +41,13 @@ exit status:
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A value such as `--budget -5MiB` must reach the option checks, which say what is
+        # wrong with it; argparse would otherwise read `-5MiB` as an unknown flag and report
+        # "expected one argument". No monetdsl flag starts with a digit.
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
     def error(self, message: str):
         self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\n")

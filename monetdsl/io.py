@@ -137,10 +137,14 @@ def check_output(path: str | Path, *, flag: str | None = "-o", stdout_is_json: b
         raise _error(path, f"the folder {folder} does not exist", flag)
     if not folder.is_dir():
         raise _error(path, f"{_first_non_folder(folder)} is not a folder", flag)
+    if target.exists() and not (os.stat(target).st_mode & 0o222 and os.access(target, os.W_OK)):
+        # Replacing goes through a rename, which a read-only file does not stop; its mode says
+        # the owner wants it kept, so it is refused rather than replaced.
+        raise _error(path, "is read-only; make it writable or choose another file", flag)
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
-        raise _error(path, f"cannot create a file in {folder}: {_reason(exc)}", flag) from None
+        raise _error(path, f"the folder {folder} takes no new files ({_reason(exc)})", flag) from None
     os.close(fd)
     os.unlink(probe)
     return path

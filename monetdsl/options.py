@@ -176,15 +176,17 @@ def _budget(value, fail) -> int | None:
 def _fraction(value, option: str, fail, *, upper: float | None) -> float | None:
     if value is None:
         return None
+    given = value
     if isinstance(value, str):
         try:
             value = parse_fraction(value)
         except UnitError as exc:
             raise fail(option, str(exc)) from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise fail(option, f"must be a fraction >= 0 (0.1 = 10 %), not {value!r}")
+        raise fail(option, f"must be a fraction >= 0 (0.1 = 10 %), not {given!r}")
     if upper is not None and value >= upper:
-        raise fail(option, f"must be below {upper:.0%}, not {value:.4g}")
+        shown = given.strip() if isinstance(given, str) else f"{value:.4g}"
+        raise fail(option, f"must be below {upper:.0%}, not {shown}")
     return float(value)
 
 

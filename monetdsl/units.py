@@ -58,6 +58,8 @@ def split_quantity(text: str) -> tuple[Decimal, str]:
     """Split ``"8 MiB"`` into ``(Decimal("8"), "MiB")``."""
     m = _QUANTITY.match(text)
     if not m:
+        if _QUANTITY.match(text.strip().removeprefix("-")):
+            raise UnitError(f"must not be negative, not {text.strip()!r}")
         raise UnitError(f"cannot read quantity {text!r}")
     try:
         return Decimal(m.group(1)), m.group(2)

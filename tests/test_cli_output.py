@@ -171,7 +171,7 @@ def test_a_folder_that_takes_no_new_file_is_refused_before_the_work(tiny, tmp_pa
 
     monkeypatch.setattr(io.tempfile, "mkstemp", refused)
     assert main(["solve", str(tiny), "--budget", "21MiB", "-o", str(tmp_path / "plan.monet")]) == 2
-    assert "cannot create a file in" in capfd.readouterr().err
+    assert "takes no new files" in capfd.readouterr().err
 
 
 def test_the_default_location_is_checked_too(tmp_path, capfd, no_search):
@@ -255,3 +255,12 @@ def test_stdout_redirected_to_a_file_gets_the_schedule_and_the_report_in_order(t
     schedule, _, report = text.partition(end)
     assert schedule.startswith("# schedule written by monetdsl") and checksum_intact(schedule + end)
     assert report.startswith("milp: optimal") and report.rstrip().endswith("wrote /dev/stdout")
+
+
+def test_a_read_only_file_is_not_replaced(tiny, tmp_path, capfd, no_search):
+    target = tmp_path / "keep.monet"
+    target.write_text("mine\n")
+    target.chmod(0o444)
+    assert main(["solve", str(tiny), "--budget", "21MiB", "-o", str(target)]) == 2
+    assert "is read-only" in capfd.readouterr().err
+    assert target.read_text() == "mine\n"

@@ -23,6 +23,7 @@ CASES = {
     "missing_arrow": (SpecSyntaxError, 3, 12, "unexpected 'y'; expected '->'"),
     "bad_indent": (SpecSyntaxError, 5, 5, "indentation does not match any outer level"),
     "unclosed_paren": (SpecSyntaxError, 3, 11, "expected ')' or ','"),
+    "unclosed_shape": (SpecSyntaxError, 2, 15, "'[' is never closed on this line"),
     "bad_char": (SpecSyntaxError, 3, 33, "unexpected character '@'"),
     "unknown_dtype": (SpecSyntaxError, 2, 12, "unexpected 'f64x'"),
     # names

@@ -1,6 +1,6 @@
 """Data flows one way through monetdsl's packages.
 
-trace -> lowering -> costs -> search -> runtime: each stage imports only from the stages
+trace -> lowering -> costs -> search -> planning -> runtime: each stage imports only from the stages
 before it and from the foundation (the IR, its grammar, units, errors, the catalogue...),
 which imports no stage. Every import counts, those inside functions too (a lazy import is
 a cycle all the same). The commands, the CLI and the package's own front sit on top.
@@ -13,7 +13,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "monetdsl"
 
 #: the stages, in the order data flows through them
-STAGES = ("tracing", "lowering", "costs", "search", "runtime")
+STAGES = ("tracing", "lowering", "costs", "search", "planning", "runtime")
 #: what every stage may use; it uses no stage
 FOUNDATION = frozenset({"errors", "units", "io", "ir", "grammar", "graph", "validate", "options", "catalogue", "synth",
                         "importers", "models"})

@@ -173,7 +173,8 @@ def test_help_of_every_command_renders(capfd, command):
     "argv,message",
     [
         (["sweep", TINY, "--budgets", "10MiB..5MiB:1MiB"], "must go up by a positive step"),
-        (["sweep", TINY, "--budgets", "5MiB..10MiB"], "needs a step"),
+        (["sweep", TINY, "--budgets", "5MiB..10MiB"], "needs a step, e.g. 5MiB..10MiB:500KiB"),
+        (["sweep", TINY, "--budgets", "1GiB..9GiB"], "needs a step, e.g. 1GiB..9GiB:800MiB"),
         (["sweep", TINY, "--budgets", "5 apples"], "--budgets"),
         (["sweep", TINY, "--budgets", "1B..1GiB:1B"], "more than 200 budgets"),
         (["sweep", TINY, "--budgets", "20MiB", "--methods", "milp,nope"], "unknown method 'nope'"),

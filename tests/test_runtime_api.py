@@ -12,7 +12,7 @@ import monetdsl
 from monetdsl.cli import main
 from monetdsl.grammar import format_schedule
 from monetdsl.models import SmallCNN
-from monetdsl.runtime import plan as plan_module
+from monetdsl.planning import schedules as planning_schedules
 from monetdsl.costs import measure as costs_measure
 from monetdsl.runtime import measured_costs
 from .runtime_helpers import twins
@@ -131,14 +131,14 @@ def test_a_schedule_for_another_graph_is_refused(tmp_path):
 def solve_calls(monkeypatch) -> list:
     """The fingerprints of the specs the runtime solves from now on (caches emptied first)."""
     calls = []
-    real = plan_module.solve
+    real = planning_schedules.solve
 
     def counting(*args, **kwargs):
         calls.append(args[0].fingerprint)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(plan_module, "solve", counting)
-    plan_module.clear_caches()
+    monkeypatch.setattr(planning_schedules, "solve", counting)
+    planning_schedules.clear_caches()
     return calls
 
 
@@ -149,7 +149,7 @@ def test_solved_schedules_are_cached_by_fingerprint(tmp_path, solve_calls):
     b = monetdsl.optimize(Tiny(), x, max_overhead=0.25)  # another instance, the same graph
     assert len(calls) == 1 and a.plans[0].schedule is b.plans[0].schedule
     assert list(tmp_path.glob(f"{calls[0]}-*.schedule.monet"))
-    plan_module.clear_caches()
+    planning_schedules.clear_caches()
     monetdsl.optimize(Tiny(), x, max_overhead=0.25, cache_dir=str(tmp_path))  # read back from the directory
     assert len(calls) == 1
     monetdsl.optimize(Tiny(), torch.randn(4, 8), max_overhead=0.25)  # new shapes: a new graph, solved
@@ -174,7 +174,7 @@ def test_measured_cost_schedules_are_cached_apart_and_run_on_the_same_graph(tmp_
     assert len(calls) == 2  # two cost models (other workspaces): two solves
     assert sorted(measured) == sorted(op.name for op in timed.spec.network.forward_ops) and len(in_place) == 1
     assert timed.trace.cost_model.startswith("measured on cpu")
-    plan_module.clear_caches()
+    planning_schedules.clear_caches()
     again = monetdsl.optimize(Tiny(), x, max_overhead=0.1, cache_dir=str(tmp_path)).plans[0]
     assert len(calls) == 2 and len(measured) == 3 and len(in_place) == 1  # costs and schedule read back from the directory
     assert again.trace.cost_model == timed.trace.cost_model and again.simulation.compute_us == timed.simulation.compute_us

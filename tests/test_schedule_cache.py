@@ -14,10 +14,10 @@ import torch
 import monetdsl
 from monetdsl.grammar import format_schedule, load_spec
 from monetdsl.io import checksum_intact, with_checksum
-from monetdsl.runtime import plan as plan_module
-from monetdsl.runtime import schedule_cache
+from monetdsl.planning import schedules as planning_schedules
+from monetdsl.planning import schedule_cache
 from monetdsl.runtime.module import PlanningWarning
-from monetdsl.runtime.plan import Constraints, schedule_for
+from monetdsl.planning import Constraints, schedule_for
 from monetdsl.search.solve import solve
 from .test_runtime_api import Tiny
 
@@ -29,8 +29,8 @@ TINY_CHAIN = ROOT / "specs" / "tiny_chain.monet"
 def solves(monkeypatch) -> list:
     """The fingerprints the runtime solves from now on."""
     calls = []
-    real = plan_module.solve
-    monkeypatch.setattr(plan_module, "solve", lambda *a, **k: calls.append(a[0].fingerprint) or real(*a, **k))
+    real = planning_schedules.solve
+    monkeypatch.setattr(planning_schedules, "solve", lambda *a, **k: calls.append(a[0].fingerprint) or real(*a, **k))
     return calls
 
 
@@ -43,7 +43,7 @@ def _spec_and_schedules():
 
 def _key(spec, budget=None, method="store-all"):
     """The key :func:`schedule_for` uses for this spec solved on its own (roofline) costs."""
-    return schedule_cache.ScheduleKey(spec.fingerprint, plan_module._short_hash("roofline"), budget, None, method, "")
+    return schedule_cache.ScheduleKey(spec.fingerprint, planning_schedules.short_hash("roofline"), budget, None, method, "")
 
 
 # ------------------------------------------------------------------ hit, miss, stale, corrupt
@@ -116,7 +116,7 @@ _WRITER = """
 import sys
 from pathlib import Path
 from monetdsl.grammar import load_spec
-from monetdsl.runtime import schedule_cache
+from monetdsl.planning import schedule_cache
 from monetdsl.search.solve import solve
 spec = load_spec(sys.argv[1])
 found = solve(spec, sys.argv[2])

@@ -68,3 +68,30 @@ def test_the_hybrid_ends_before_a_generous_limit_and_says_why():
     assert result.success
     assert result.details["stopped"] != "time limit"
     assert f"stopped: {result.details['stopped']}" in result.message
+
+
+def test_the_local_search_ends_when_the_watched_search_stalls_and_reports_its_gains():
+    """Under a watch that says "stalled" from the start, the local search returns its start
+    (rebuilt, never worse) at once and says why; under one that never stops, every
+    improvement it finds reaches the watch."""
+    import time
+
+    from monetdsl.search.impl_choice import cheapest_impls, no_recompute_compute_us
+    from monetdsl.search.local_search import improve
+    from monetdsl.search.simulator import simulate
+    from monetdsl.validate import resolve_constraints
+
+    spec = _spec("resnet", 2)
+    network = spec.network
+    constraints = resolve_constraints(network, spec.constraints, memory_budget=solve(spec, "store-all").simulation.peak_bytes)
+    baseline = no_recompute_compute_us(network, cheapest_impls(network))
+    start = solve(spec, "recompute-all")
+    stalled = StallWatch(StopRule(stall_share=0.25, min_stall_seconds=1.0), begin=time.perf_counter() - 100)
+    stalled.observe(start.simulation.compute_us, now=stalled.begin)
+    quick = improve(network, start.schedule, constraints, baseline_us=baseline, time_limit=30.0, watch=stalled)
+    assert quick.stalled is not None and quick.evaluations <= 1
+    assert simulate(network, quick.schedule, constraints=constraints, baseline_us=baseline).compute_us <= start.simulation.compute_us + 1e-9
+    open_ended = StallWatch(StopRule.from_options({"stall_share": None}))
+    full = improve(network, start.schedule, constraints, baseline_us=baseline, time_limit=5.0, watch=open_ended, max_kicks=3)
+    assert full.stalled is None and full.moves  # recompute-all within the store-all budget: holding tensors pays
+    assert open_ended.best == full.simulation.compute_us < start.simulation.compute_us

@@ -300,11 +300,30 @@ class _GraphBreak(nn.Module):
         return self.fc(x)
 
 
-def test_graph_breaks_are_reported():
-    for model in (_DataDependent(), _GraphBreak()):
-        with pytest.raises(CaptureError) as info:
-            trace_model(model, [(2, 4)])
-        assert "graph break" in str(info.value)
+class _MaskedSelect(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y[y > 0].sum()  # a size known only at run time
+
+
+@pytest.mark.parametrize(
+    "model, words",
+    [
+        (_DataDependent(), "control flow depends on tensor values"),
+        (_GraphBreak(), "graph break"),
+        (_MaskedSelect(), "shape depends on tensor values"),
+    ],
+)
+def test_what_cannot_be_one_graph_is_reported_at_the_model_line(model, words):
+    with pytest.raises(CaptureError) as info:
+        trace_model(model, [(2, 4)])
+    message = str(info.value)
+    assert words in message and f"{Path(__file__).name}:" in message, message
+    assert message.startswith("monetdsl: ") and "Traceback" not in message
 
 
 def test_model_without_trainable_parameters_is_refused():

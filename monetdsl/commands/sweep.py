@@ -17,7 +17,7 @@ from ..grammar import load_spec
 from ..search.milp.engine import DEFAULT_TIME_LIMIT
 from ..search.progress import StderrProgress
 from ..search.solve import METHODS, SEARCHERS, solve
-from ..units import UnitError, human_bytes, parse_bytes
+from ..units import UnitError, format_bytes, human_bytes, parse_bytes
 from .common import EXIT_OK, EXIT_USAGE, add_parser, check_output, cli_search_options, usage_error, write_after_work
 from .interrupt import INTERRUPTED, stop_on_interrupt
 
@@ -59,6 +59,15 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
+def _suggested_step(low: int, high: int) -> int:
+    """A round step that cuts ``low..high`` into about ten budgets (for a hint)."""
+    tenth = max((high - low) / 10, 1)
+    unit = next(u for u in (2**30, 2**20, 2**10, 1) if tenth >= u)
+    count = tenth / unit
+    digits = 10 ** (len(str(int(count))) - 1)
+    return max(1, round(count / digits)) * digits * unit  # one significant digit: 800MiB, not 819MiB
+
+
 def parse_budgets(text: str) -> list[int]:
     """``"5GiB..10GiB:1GiB,12GiB"`` -> byte counts, ascending, without duplicates."""
     budgets: set[int] = set()
@@ -74,7 +83,8 @@ def parse_budgets(text: str) -> list[int]:
             except UnitError as exc:
                 raise usage_error(f"--budgets: {exc}") from None
             if step is None:
-                raise usage_error(f"--budgets: the range {part!r} needs a step, e.g. {low_text}..{high_text}:1GiB")
+                raise usage_error(f"--budgets: the range {part!r} needs a step, e.g. "
+                                  f"{low_text}..{high_text}:{format_bytes(_suggested_step(low, high))}")
             if step <= 0 or high < low:
                 raise usage_error(f"--budgets: {part!r} must go up by a positive step")
             if (high - low) // step + 1 > MAX_BUDGETS:

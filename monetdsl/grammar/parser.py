@@ -474,7 +474,34 @@ def _syntax_diagnostic(exc: UnexpectedInput, text: str, path: str) -> Diagnostic
     else:  # pragma: no cover - Lark has no other subclass
         message = str(exc)
     source_line = lines[line - 1] if 0 < line <= len(lines) else None
+    opened = _unclosed_bracket(source_line or "")
+    if opened is not None and _DTYPE_BEFORE.search(source_line[: opened - 1]):
+        # an unclosed shape: the parser only notices later, at some word it did not expect
+        message = "'[' is never closed on this line; a shape reads f32[8,16]"
+        column = opened
     return Diagnostic(message, path, line, column, source_line)
+
+
+_DTYPE_BEFORE = re.compile(r"(?<![A-Za-z0-9_])(bool|(bf|tf|f|c|i|u)[0-9][0-9a-z]*)$")
+
+
+def _unclosed_bracket(line: str) -> int | None:
+    """The 1-based column of the last '[' with no ']' after it (comments and quoted text
+    aside), or None."""
+    depth_open: list[int] = []
+    quoted = False
+    for index, char in enumerate(line):
+        if char == '"':
+            quoted = not quoted
+        elif quoted:
+            continue
+        elif char == "#":
+            break
+        elif char == "[":
+            depth_open.append(index + 1)
+        elif char == "]" and depth_open:
+            depth_open.pop()
+    return depth_open[-1] if depth_open else None
 
 
 def _join_or(items: list[str]) -> str:

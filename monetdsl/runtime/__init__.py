@@ -13,7 +13,8 @@ from .api import backend, optimize
 from .host_malloc import MallocSettings, retain_freed_memory
 from .memory import MeasuredStep, measure
 from .module import OptimizedModule, RuntimeUsageError
-from .plan import Constraints, RuntimePlan
+from ..planning import Constraints
+from .plan import RuntimePlan
 
 __all__ = ["optimize", "backend", "measure", "MeasuredStep", "OptimizedModule", "RuntimePlan", "Constraints", "RuntimeUsageError",
            "retain_freed_memory", "MallocSettings"]

@@ -23,8 +23,8 @@ from ..options import check_search_options, option_error
 from ..search.solve import METHODS
 from ..tracing.fixed_memory import OPTIMIZERS
 from .module import OptimizedModule
-from .plan import Constraints
-from .schedule_cache import USER_CACHE, resolve_cache_dir
+from ..planning import Constraints
+from ..planning.schedule_cache import USER_CACHE, resolve_cache_dir
 
 __all__ = ["optimize", "backend"]
 

@@ -131,7 +131,7 @@ def in_place_times(model: torch.nn.Module, inputs, trace, *, optimizer: str, rou
     """The median in-place time (us) of every (op, implementation) a calibration schedule
     runs, first forwards and backward steps, and notes on schedules that could not run."""
     from .module import OptimizedModule
-    from .plan import Constraints
+    from ..planning import Constraints
 
     network = trace.spec.network
     device = "cuda" if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else "cpu"

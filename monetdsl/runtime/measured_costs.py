@@ -60,8 +60,11 @@ def _stored_in_place(network, entries: dict) -> dict | None:
     return found
 
 
-def _store_in_place(network, report, in_place: dict, store: MeasurementStore) -> None:
-    """Each kept signature's entry with the median in-place time of its ops' samples."""
+def _pooled_in_place(network, report, in_place: dict) -> tuple[dict, dict]:
+    """The in-place times by signature: each signature's median over its ops' samples, as
+    ``(pooled, medians)``: ``pooled`` is (op, implementation) -> that median (what a later
+    run reads back from the store, so this run plans on the same times), ``medians`` is
+    signature -> its ``in_place`` entry."""
     samples: dict[str, dict] = defaultdict(lambda: {"forward": defaultdict(list), "backward": defaultdict(lambda: defaultdict(list))})
     for op in network.forward_ops:
         for impl in op.impls:
@@ -71,18 +74,33 @@ def _store_in_place(network, report, in_place: dict, store: MeasurementStore) ->
         for impl in bop.impls:
             if (bop.name, impl.name) in in_place:
                 samples[report.signatures[bop.of]]["backward"][bop.local_name][impl.name].append(in_place[(bop.name, impl.name)])
+    medians = {
+        signature: {
+            "forward": {impl: statistics.median(v) for impl, v in got["forward"].items()},
+            "backward": {local: {impl: statistics.median(v) for impl, v in by_impl.items()} for local, by_impl in got["backward"].items()},
+        }
+        for signature, got in samples.items()
+    }
+    pooled = {}
+    for op in network.forward_ops:
+        for impl, us in medians.get(report.signatures.get(op.name), {}).get("forward", {}).items():
+            pooled[(op.name, impl)] = us
+    for bop in network.backward_ops:
+        for impl, us in medians.get(report.signatures.get(bop.of), {}).get("backward", {}).get(bop.local_name, {}).items():
+            pooled[(bop.name, impl)] = us
+    return pooled, medians
+
+
+def _store_in_place(network, report, medians: dict, store: MeasurementStore) -> None:
+    """Each kept signature's entry with its median in-place times."""
     done = set()
     for op in network.forward_ops:
         signature = report.signatures.get(op.name)
         if signature not in report.kept or signature in done:
             continue
         done.add(signature)
-        got = samples.get(signature, {"forward": {}, "backward": {}})
         entry = dict(report.entries[op.name])
-        entry["in_place"] = {
-            "forward": {impl: statistics.median(v) for impl, v in got["forward"].items()},
-            "backward": {local: {impl: statistics.median(v) for impl, v in by_impl.items()} for local, by_impl in got["backward"].items()},
-        }
+        entry["in_place"] = medians.get(signature, {"forward": {}, "backward": {}})
         store.put(signature, entry)
 
 
@@ -98,6 +116,9 @@ def measured_trace(model: torch.nn.Module, inputs, trace, *, optimizer: str, sto
     in_place = _stored_in_place(report.network, report.entries)
     notes: list[str] = []
     if in_place is None:
-        in_place, notes = in_place_times(model, list(inputs), measured, optimizer=optimizer, rounds=IN_PLACE_ROUNDS)
-        _store_in_place(report.network, report, in_place, store)
+        samples, notes = in_place_times(model, list(inputs), measured, optimizer=optimizer, rounds=IN_PLACE_ROUNDS)
+        # planned on the pooled medians, as the next run reads them back: a schedule this run
+        # solves replays on that run's costs exactly, so its cache entry is reused
+        in_place, medians = _pooled_in_place(report.network, report, samples)
+        _store_in_place(report.network, report, medians, store)
     return with_in_place_times(measured, in_place, notes).trace

@@ -29,7 +29,8 @@ import torch
 from ..errors import MonetError, PlanningWarning
 from ..search.progress import ProgressInfo, StderrProgress
 from .executor import Executor, StepState
-from .plan import Constraints, RuntimePlan, build_plan
+from ..planning import Constraints
+from .plan import RuntimePlan, build_plan
 from .scale_weights import zero_weight_ops
 
 __all__ = ["OptimizedModule", "RuntimeUsageError", "PlanningWarning"]

@@ -1,62 +1,34 @@
 """From a model and example inputs to an executable plan: trace, schedule, lower.
 
-The runtime traces with ``loss="output"``: the spec ends at the model's output (the
-training loop computes its loss), or at the loss itself for a model that returns one.
-A schedule comes from a file (refused, with a clear message, when its fingerprint is not
-this graph's), or from :func:`monetdsl.search.solve.solve` under a budget or an overhead
-cap; solved schedules are cached by the graph's fingerprint, the cost model and the
-constraints (:mod:`.schedule_cache`: in memory and, with ``cache_dir``, as ``.monet`` files).
+:func:`build_plan` is the runtime's one planning step for an input signature: the
+traced, costed spec (:mod:`.costed_trace`), the runtime's implementation pins (norms whose
+weight has a zero, dropout kept as eager draws it), a schedule for it
+(:func:`monetdsl.planning.schedule_for`: a file, or solved and cached), then the lowered
+program and the executor's step plan, gathered in a :class:`RuntimePlan`.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
-import operator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.fx as fx
 
-from ..errors import Diagnostic, ScheduleError, SolveError
-from ..grammar import load_schedule
-from ..io import atomic_write
+from ..errors import ScheduleError
 from ..ir import Schedule, Spec
-from ..search.progress import ProgressInfo
-from ..search.simulator import Simulation, chosen_impls, simulate
-from ..search.solve import solve
-from ..units import human_bytes
-from ..validate import resolve_constraints
-from .executor import StepPlan, plan_steps
-from ..tracing.joint import packet_name
-from ..lowering.graphs import ArgPath, arg_path, call_node
+from ..lowering.graphs import ArgPath, arg_path
 from ..lowering.program import Program, lower
+from ..planning import Constraints, clear_caches, schedule_cache, schedule_for
+from ..search.progress import ProgressInfo
+from ..search.simulator import Simulation, chosen_impls
+from .buffer_updates import BufferUpdates, buffer_updates
+from .costed_trace import trace_for_plan, trace_for_runtime
 from .eager_random import pins_keeping_eager_dropout
+from .executor import StepPlan, plan_steps
 from .scale_weights import pins_avoiding_from_output, weights_divided_by, zero_weight_ops
-from . import schedule_cache
 
-__all__ = ["RuntimePlan", "Constraints", "build_plan", "trace_for_runtime", "schedule_for", "clear_caches"]
-
-
-@dataclass(frozen=True)
-class Constraints:
-    """What the caller asked for: a budget (bytes), an overhead cap, a schedule file, a method,
-    the searching methods' time limit (seconds; None: their default, 60 s)."""
-
-    budget: int | None = None
-    max_overhead: float | None = None
-    schedule: str | Schedule | None = None  # a .monet file, or a Schedule object
-    method: str = "auto"
-    time_limit: float | None = None
-
-    def describe(self) -> str:
-        parts = []
-        if self.budget is not None:
-            parts.append(f"budget {human_bytes(self.budget)}")
-        if self.max_overhead is not None:
-            parts.append(f"overhead <= {self.max_overhead:.1%}")
-        return ", ".join(parts) or "no constraint"
+#: ``Constraints``, ``trace_for_runtime``, ``schedule_for`` and ``clear_caches`` live in
+#: :mod:`monetdsl.planning` and :mod:`.costed_trace`; they are importable here too
+__all__ = ["RuntimePlan", "ModelTensors", "build_plan", "Constraints", "trace_for_runtime", "schedule_for", "clear_caches"]
 
 
 class ModelTensors:
@@ -131,131 +103,6 @@ class RuntimePlan:
         return self.simulation.peak_bytes - self.simulation.fixed_bytes
 
 
-def clear_caches() -> None:
-    """Forget the schedules kept in memory (the cache directory's files stay)."""
-    schedule_cache.forget()
-
-
-def _short_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
-
-
-def trace_for_runtime(model: torch.nn.Module, inputs, *, optimizer: str, device: str | None = None, profile: bool = False,
-                      calibrate: bool = True):
-    """Trace ``model`` on ``inputs`` ending at its output; the cost model follows the inputs'
-    device (its roofline preset, or with ``profile`` every op and alternative timed on it,
-    then, with ``calibrate``, corrected by timing store-all training steps in place:
-    :mod:`.calibrate`)."""
-    from ..costs import trace_model
-    from ..tracing.capture import CaptureError
-
-    on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
-    preset = device or ("cuda" if on_cuda else "cpu")
-    try:
-        traced = trace_model(model, list(inputs), loss="output", device=preset, optimizer=optimizer, profile=profile)
-    except CaptureError:
-        if preset != "cuda" or profile:
-            raise
-        return trace_model(model, list(inputs), loss="output", device="A100", optimizer=optimizer)
-    if profile and calibrate:
-        from .calibrate import calibrate as calibrate_in_place
-
-        traced = calibrate_in_place(model, list(inputs), traced, optimizer=optimizer).trace
-    return traced
-
-
-def timed_trace(model: torch.nn.Module, inputs, *, optimizer: str, cache_dir: str | None = None):
-    """``model`` traced with every op and implementation measured on its inputs' device
-    (time and allocator-measured memory, alone and in place: :mod:`.measured_costs`), the
-    measurements kept by op signature in ``cache_dir`` (default: the user's cache
-    directory), so only ops never measured on this machine are run."""
-    from ..costs import MeasurementStore
-    from .measured_costs import measured_trace
-
-    plain = trace_for_runtime(model, inputs, optimizer=optimizer)
-    store = MeasurementStore(cache_dir) if cache_dir is not None else MeasurementStore()
-    return measured_trace(model, inputs, plain, optimizer=optimizer, store=store)
-
-
-def schedule_for(spec: Spec, constraints: Constraints, cache_dir: str | Path | None = None, costs: str = "",
-                 progress=None) -> tuple[Schedule, Simulation]:
-    """A schedule for ``spec``: the file the caller named, or a solved (cached) one.
-
-    Solved schedules are cached by the graph's fingerprint, the constraints and ``costs``
-    (the cost model's description): a schedule solved on the roofline is not reused when
-    the caller asked for timed costs, while one solved on this machine's timings is reused
-    by the next run on this machine, whose timings differ by noise only. ``progress``: the
-    search's progress callback (:mod:`monetdsl.search.progress`)."""
-    if constraints.schedule is not None:
-        return _from_file(spec, constraints.schedule)
-    key = schedule_cache.ScheduleKey(
-        spec.fingerprint, _short_hash(costs), constraints.budget, constraints.max_overhead, constraints.method,
-        _short_hash(repr(spec.constraints.impls)) if spec.constraints.impls else "")
-    directory = None if cache_dir is None else Path(cache_dir)
-    cached = schedule_cache.recall(spec, key, directory)
-    if cached is not None:
-        return cached
-    result = solve(spec, constraints.method, memory_budget=constraints.budget, max_overhead=constraints.max_overhead,
-                   time_limit=constraints.time_limit, progress=progress)
-    if not result.success:
-        known = {"min_feasible_budget_exact": result.min_feasible_budget_exact} if result.min_feasible_budget is not None else {}
-        if result.details.get("min_budget_lower_bound") is not None:
-            known["min_budget_lower_bound"] = result.details["min_budget_lower_bound"]
-        raise SolveError(f"{spec.network.name}: {result.message}", min_feasible_budget=result.min_feasible_budget, details=known)
-    found = (result.schedule, result.simulation)
-    schedule_cache.keep(spec, key, found, directory)
-    return found
-
-
-def _from_file(spec: Spec, source) -> tuple[Schedule, Simulation]:
-    schedule = source if isinstance(source, Schedule) else load_schedule(source)
-    path = schedule.path
-    if schedule.fingerprint != spec.fingerprint:
-        raise ScheduleError(Diagnostic(
-            f"this schedule was made for another graph (fingerprint {schedule.fingerprint}); the model traces to"
-            f" {spec.fingerprint}. Solve again for this model and these inputs (monetdsl.optimize with a budget,"
-            f" or monetdsl solve on its spec)", path, schedule.line))
-    return schedule, _checked(spec, schedule)
-
-
-def _checked(spec: Spec, schedule: Schedule) -> Simulation:
-    constraints = resolve_constraints(spec.network, spec.constraints, path=spec.path, source=spec.source)
-    simulation = simulate(spec.network, schedule, constraints=constraints, fingerprint=spec.fingerprint)
-    if not simulation.valid:
-        raise ScheduleError(simulation.errors)
-    return simulation
-
-
-def _trace_for_plan(model, inputs, constraints: Constraints, *, optimizer: str, cache_dir, profile: bool | None):
-    """The trace a plan is made from. ``profile`` None (the default): measured costs on a
-    real device when a schedule is to be solved; with a schedule file, the roofline trace
-    (no op runs), or the measured one when the file was solved on measured costs (its
-    fingerprint, which names the workspaces, is then the measured trace's: the
-    measurements of this machine are in the store, so nothing runs again)."""
-    on_device = not any(isinstance(t, torch.Tensor) and t.is_meta for t in inputs)
-    if profile or (profile is None and constraints.schedule is None and on_device):
-        return timed_trace(model, inputs, optimizer=optimizer, cache_dir=cache_dir)
-    plain = trace_for_runtime(model, inputs, optimizer=optimizer)
-    if profile is None and constraints.schedule is not None and on_device:
-        wanted = _fingerprint_of(constraints.schedule)
-        if wanted not in (None, plain.spec.fingerprint):
-            measured = timed_trace(model, inputs, optimizer=optimizer, cache_dir=cache_dir)
-            if measured.spec.fingerprint == wanted:
-                return measured
-    return plain
-
-
-def _fingerprint_of(schedule) -> str | None:
-    """The fingerprint a schedule (object or file) names; None when the file cannot be read
-    (:func:`_from_file` then says why)."""
-    if isinstance(schedule, Schedule):
-        return schedule.fingerprint
-    try:
-        return load_schedule(schedule).fingerprint
-    except Exception:  # noqa: BLE001 - reported where the schedule is used
-        return None
-
-
 def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, optimizer: str, cache_dir=None,
                trace=None, profile: bool | None = None, avoid: frozenset | None = None, progress=None) -> RuntimePlan:
     """Trace (unless ``trace`` is given), schedule and lower ``model`` for these inputs.
@@ -271,7 +118,7 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
     callback."""
     schedule_dir = schedule_cache.resolve_cache_dir(cache_dir)  # measurements: their own default for USER_CACHE
     if trace is None:
-        trace = _trace_for_plan(model, inputs, constraints, optimizer=optimizer, profile=profile,
+        trace = trace_for_plan(model, inputs, constraints, optimizer=optimizer, profile=profile,
                                 cache_dir=None if cache_dir is schedule_cache.USER_CACHE else cache_dir)
     spec = trace.spec
     if progress is not None:
@@ -301,92 +148,6 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
     updates = buffer_updates(trace)
     return RuntimePlan(trace, spec, schedule, simulation, program, steps, output, output_path, input_names, sources, updates,
                        weight_checks=weights_divided_by(trace, impls, sources), avoided=frozenset(avoid))
-
-
-@dataclass
-class BufferUpdates:
-    """Buffers the step writes besides batch norm's running statistics, applied once after
-    the forward pass: ``increments`` (buffer -> number: ``num_batches_tracked += 1``, one
-    ``torch._foreach_add_`` for all of them instead of a call per batch norm) and
-    ``general`` (``(buffer, f(fixed) -> new value)`` pairs, copied in)."""
-
-    increments: dict = field(default_factory=dict)
-    general: list = field(default_factory=list)
-
-    def apply(self, fixed: dict) -> None:
-        groups: dict = {}
-        for name, amount in self.increments.items():
-            tensor = fixed[name]
-            groups.setdefault((amount, tensor.device, tensor.dtype), []).append(tensor)
-        for (amount, _, _), tensors in groups.items():
-            torch._foreach_add_(tensors, amount)
-        for name, update in self.general:
-            fixed[name].copy_(update(fixed))
-
-
-def buffer_updates(trace) -> BufferUpdates:
-    """The buffers the traced step writes besides batch norm's running statistics (which
-    the batch norm forward updates in place), e.g. ``num_batches_tracked += 1``."""
-    facts, names = trace.built.facts, trace.built.value_names
-    graph = facts.graph
-    primals = [n for n in graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
-    outputs = list(next(n for n in graph.nodes if n.op == "output").args[0])
-    n_forward = len(outputs) - len(primals)
-    updates = BufferUpdates()
-    for value in outputs[: max(n_forward - 1, 0)]:
-        if not isinstance(value, fx.Node):
-            continue
-        if value.target is operator.getitem and packet_name(value.args[0].target) == "_native_batch_norm_legit_functional":
-            continue  # running statistics: the batch norm forward updates them
-        sources = {a for a in _ancestors(value) if a.op == "placeholder"}
-        computed = [a for a in _ancestors(value) if a.op == "call_function"]
-        buffers = [a for a in sources if facts.captured.placeholders[a.name].kind == "buffer"]
-        if len(buffers) != 1 or any(facts.captured.placeholders[a.name].kind != "buffer" for a in sources):
-            raise ScheduleError(f"the model updates a buffer from {value.name} ({len(sources)} graph inputs); the runtime"
-                                " supports buffer updates computed from the buffer alone")
-        amount = _increment(value, buffers[0])
-        if amount is not None:
-            updates.increments[names[buffers[0]]] = amount
-        else:
-            updates.general.append((names[buffers[0]], _evaluator(list(graph.nodes), computed, value, names)))
-    return updates
-
-
-def _increment(value: fx.Node, buffer: fx.Node):
-    """``n`` when ``value`` is ``buffer + n`` for a Python number ``n`` (a counter), else None."""
-    if value.target is not torch.ops.aten.add.Tensor or value.kwargs or len(value.args) != 2:
-        return None
-    base, amount = value.args
-    if base is not buffer or isinstance(amount, bool) or not isinstance(amount, (int, float)):
-        return None
-    return amount
-
-
-def _ancestors(node: fx.Node) -> set:
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return seen
-
-
-def _evaluator(order: list, computed: list, value: fx.Node, names: dict) -> Callable:
-    members = [n for n in order if n in set(computed)]
-
-    def run(fixed: dict) -> torch.Tensor:
-        env = {}
-
-        def value_of(n):
-            return env[n] if n in env else fixed[names[n]]
-
-        for node in members:
-            env[node] = call_node(node, value_of)
-        return env[value]
-
-    return run
 
 
 def _output_of(trace, network) -> tuple[str, ArgPath]:

@@ -23,7 +23,9 @@ Every candidate is rebuilt with :func:`schedule_from_carry` and replayed by the 
 a move is taken only when the replay is valid, within the constraints, and better
 (compute then peak, or peak then compute with the memory objective). The search is
 first-improvement hill climbing, then iterated: random kicks of a few moves followed by
-climbing again, until the deadline (seeded, so a run is repeatable on an idle machine).
+climbing again, until the deadline (seeded, so a run is repeatable on an idle machine), or,
+given the caller's :class:`~.stopping.StallWatch`, until the whole search has stopped
+paying (:mod:`.stopping`; the local search's own improvements count).
 
     >>> from monetdsl.grammar.parser import parse_spec
     >>> from monetdsl.search.baselines import recompute_all
@@ -56,6 +58,7 @@ from ..validate import ResolvedConstraints
 from .carry_plan import schedule_from_carry
 from .schedule_builder import backward_reads
 from .simulator import Simulation, simulate
+from .stopping import StallWatch
 
 __all__ = ["improve", "LocalSearchResult", "carry_of"]
 
@@ -80,6 +83,8 @@ class LocalSearchResult:
     evaluations: int = 0
     kicks: int = 0
     seconds: float = 0.0
+    #: why the search ended before its deadline by the caller's stall watch, or None
+    stalled: str | None = None
 
 
 def carry_of(network: Network, schedule: Schedule) -> list[set[str]]:
@@ -94,9 +99,12 @@ def carry_of(network: Network, schedule: Schedule) -> list[set[str]]:
 
 
 class _Search:
-    def __init__(self, network, constraints, baseline_us, objective, deadline, spec_path, fingerprint, stop=None):
+    def __init__(self, network, constraints, baseline_us, objective, deadline, spec_path, fingerprint, stop=None,
+                 watch: StallWatch | None = None):
         self.network = network
         self.stop = stop
+        self.watch = watch
+        self.stalled: str | None = None
         self.idx = index(network)
         self.constraints = constraints
         self.baseline_us = baseline_us
@@ -108,8 +116,18 @@ class _Search:
         self.evaluations = 0
 
     def time_up(self) -> bool:
-        """The deadline has passed, or the caller asked the search to stop."""
-        return time.perf_counter() >= self.deadline or (self.stop is not None and self.stop.is_set())
+        """The deadline has passed, the caller asked the search to stop, or the watched
+        search has stopped paying (the reason is kept in ``stalled``)."""
+        if time.perf_counter() >= self.deadline or (self.stop is not None and self.stop.is_set()):
+            return True
+        if self.watch is not None and self.stalled is None:
+            self.stalled = self.watch.reason()
+        return self.stalled is not None
+
+    def found_better(self, sim: Simulation) -> None:
+        """Tell the watch (if any) of a new best schedule."""
+        if self.watch is not None:
+            self.watch.observe(float(sim.peak_bytes) if self.objective == "memory" else sim.compute_us)
 
     def key(self, sim: Simulation) -> tuple:
         if self.objective == "memory":
@@ -259,6 +277,7 @@ def _climb(search: _Search, best: tuple[Schedule, Simulation], moves_taken: list
             found = search.build(new_impls if new_impls is not None else impls, new_plan)
             if found is not None and search.key(found[1]) < search.key(best[1]):
                 best = found
+                search.found_better(found[1])
                 moves_taken.append(description)
                 improved = True
                 break
@@ -294,6 +313,7 @@ def improve(
     seed: int = 0,
     max_kicks: int | None = None,
     stop=None,
+    watch: StallWatch | None = None,
 ) -> LocalSearchResult:
     """The best schedule the moves reach from ``schedule`` within ``time_limit`` seconds.
 
@@ -302,10 +322,13 @@ def improve(
     by :data:`KICK_MOVES` random valid moves and climbed again.
 
     ``schedule`` must replay validly; the result is never worse than it (it is returned
-    unchanged when no move helps). ``stop`` (anything with ``is_set()``) ends it early.
+    unchanged when no move helps). ``stop`` (anything with ``is_set()``) ends it early;
+    so does ``watch`` (the calling search's :class:`~.stopping.StallWatch`, told of every
+    improvement found here) when it says the search has stopped paying.
     """
     begin = time.perf_counter()
-    search = _Search(network, constraints, baseline_us, objective, begin + time_limit, schedule.spec_path, schedule.fingerprint, stop)
+    search = _Search(network, constraints, baseline_us, objective, begin + time_limit, schedule.spec_path, schedule.fingerprint, stop,
+                     watch)
     impls = {op.name: schedule.impls.get(op.name, op.impls[0].name) for op in (*network.forward_ops, *network.backward_ops)}
     current_sim = simulate(network, schedule, constraints=constraints, baseline_us=baseline_us)
     best = (schedule, current_sim)
@@ -335,6 +358,7 @@ def improve(
             since_better = 0
             result.moves += [f"kick: {m}" for m in taken] + trail
     result.kicks = kicks
+    result.stalled = search.stalled
     result.schedule, result.simulation = best
     result.evaluations = search.evaluations
     result.seconds = time.perf_counter() - begin

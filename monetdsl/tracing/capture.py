@@ -13,9 +13,11 @@ backward nodes read forward tensors explicitly, which is exactly what autograd k
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -32,7 +34,7 @@ class CaptureError(MonetError):
     """The model could not be captured (graph break, unsupported code, bad inputs)."""
 
     def __init__(self, message: str):
-        super().__init__(Diagnostic(message, "monetdsl trace"))
+        super().__init__(Diagnostic(message, "monetdsl"))
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,8 @@ def capture(model: nn.Module, inputs: Sequence[torch.Tensor], loss: Callable | s
     fake_tensor_log.setLevel(logging.CRITICAL)  # a failing op is reported below, once, not as torch's traceback too
     try:
         compiled = torch.compile(step, backend=backend, fullgraph=True, dynamic=False)
-        compiled(*inputs)
+        with _recurrent_layers_as_cells(model):
+            compiled(*inputs)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a readable diagnostic
         inner_exc = getattr(exc, "inner_exception", None) or exc.__cause__
         if not isinstance(exc, _Stop) and not isinstance(inner_exc, _Stop):
@@ -235,6 +238,7 @@ def capture(model: nn.Module, inputs: Sequence[torch.Tensor], loss: Callable | s
     joint = recorded.get("joint")
     if joint is None:
         raise CaptureError("torch compiled the step without a backward graph: does any parameter require grad?")
+    _refuse_value_dependent_shapes(joint)
     primals = [n for n in joint.graph.nodes if n.op == "placeholder" and n.name.startswith("primals")]
     order = recorded.get("order", [])
     if len(order) != len(primals):
@@ -257,6 +261,59 @@ def capture(model: nn.Module, inputs: Sequence[torch.Tensor], loss: Callable | s
         placeholders[node.name] = Placeholder(info[0], info[1], info[2], position)
     leaves = frozenset(name for name, m in model.named_modules() if name and not list(m.children()))
     return Captured(joint, placeholders, seconds, loss_name, leaves)
+
+
+@contextlib.contextmanager
+def _recurrent_layers_as_cells(model: nn.Module):
+    """Capture ``nn.RNN``/``GRU``/``LSTM`` as their per-step cell arithmetic.
+
+    Dynamo stops at recurrent modules unless told otherwise, and with oneDNN on, an LSTM
+    becomes one fused layer op whose workspace the FakeTensors give as empty: the plan would
+    miss it and its backward cannot run from a recorded value. Unrolled into cells, every
+    step's activations are ordinary tensors the search can keep or recompute (the classic
+    way to checkpoint an RNN). Models without recurrent layers are captured unchanged.
+    """
+    if not any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        yield
+        return
+    import torch._dynamo
+
+    with warnings.catch_warnings():  # the flags also set oneDNN's TF32 switch, which warns on some builds
+        warnings.simplefilter("ignore", UserWarning)
+        no_onednn = torch.backends.mkldnn.flags(enabled=False)
+        no_onednn.__enter__()
+    try:
+        with torch._dynamo.config.patch(allow_rnn=True):
+            yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            no_onednn.__exit__(None, None, None)
+
+
+def _refuse_value_dependent_shapes(joint) -> None:
+    """A plan holds for fixed shapes only: refuse a step in which some tensor's size depends
+    on tensor values (``x[mask]``, ``nonzero``, ``unique``), naming the model's line."""
+    for node in joint.graph.nodes:
+        val = node.meta.get("val")
+        values = val if isinstance(val, (list, tuple)) else [val]
+        if any(isinstance(v, torch.Tensor) and not all(isinstance(d, int) for d in v.shape) for v in values):
+            where = _user_line(node.meta.get("stack_trace") or "")
+            raise CaptureError(
+                f"a tensor's shape depends on tensor values{where} (boolean-mask indexing, nonzero, unique...);"
+                " monetdsl plans steps of fixed shapes: use a mask multiply or torch.where instead"
+            )
+
+
+def _user_line(stack_trace: str) -> str:
+    """`` (at model.py:12: y[y > 0])``: the innermost frame of a recorded stack trace that is
+    neither torch's nor monetdsl's, or ``""``."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', stack_trace)
+    own = [f for f in frames if "/torch/" not in f[0] and "/monetdsl/" not in f[0]]
+    if not own:
+        return ""
+    file, line, _function, code = own[-1]
+    return f" (at {file}:{line}: {code.strip()})"
 
 
 def _check_something_trains(model: nn.Module, inputs: Sequence) -> None:
@@ -310,14 +367,20 @@ def _describe_failure(exc: Exception) -> str:
     ours = re.search(r"raised exception TypeError\((['\"])((?:the model must|--loss) .*?)\1\)", text)
     if ours:  # a loss of LOSSES refused the model's output, inside the compiled step
         return ours.group(2)
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("Set TORCHDYNAMO", "from user code", "For even more"))]
-    summary = " ".join(lines[:6])
-    kind = type(exc).__name__
+    where = _user_line(text)
+    if "data-dependent" in text:
+        return (f"the model's control flow depends on tensor values{where} (.item(), bool(tensor), a Python"
+                " `if` on a tensor); monetdsl plans one fixed graph: use torch.where, or move the branch"
+                " out of the model")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    hint = next((ln.removeprefix("Hint:").strip().rstrip(".") for ln in lines if ln.startswith("Hint:")), "")
     try:
         from torch._dynamo import exc as dexc
 
         if isinstance(exc, dexc.Unsupported):
-            return f"graph break: torch cannot capture the model as one graph ({summary}); monetdsl needs the whole step in one graph"
+            return (f"graph break: torch cannot capture the model as one graph{where}: {first}"
+                    + (f"; {hint}" if hint else "") + "; monetdsl needs the whole step in one graph")
     except ImportError:  # pragma: no cover - dynamo internals moved
         pass
-    return f"the model cannot be captured ({kind}: {summary})"
+    return f"the model cannot be captured{where} ({type(exc).__name__}: {' '.join(lines[:3])})"

@@ -409,10 +409,10 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
         details["local_search"] = []
         for k, start in enumerate(starts):
             share = (_left(ctx, deadline)) * (POLISH_SHARE if _fits_refinement(network, options) else 1.0) / (len(starts) - k)
-            if share <= 0.2:
+            if share <= 0.2 or watch.reason() is not None:
                 break
             polished = improve(network, start[1], constraints, baseline_us=ctx.baseline_us, time_limit=share, objective=objective,
-                               max_kicks=options.get("kicks"), stop=ctx.stop)
+                               max_kicks=options.get("kicks"), stop=ctx.stop, watch=watch)
             details["local_search"].append(_polish_record(start, polished, objective))
             if _value(polished.simulation, objective) < _value(run[2], objective) - 1e-9:
                 run = (start[0] + "+local", polished.schedule, polished.simulation)
@@ -443,33 +443,27 @@ def _prior_candidate(network, constraints, ctx, prior: HybridRun | None) -> list
 def _polish_record(start, polished, objective: str) -> dict:
     """What one local search did (an entry of ``details["local_search"]``)."""
     return {"start": start[0], "from": _value(start[2], objective), "to": _value(polished.simulation, objective),
-            "moves": len(polished.moves), "evaluations": polished.evaluations, "seconds": round(polished.seconds, 3)}
+            "moves": len(polished.moves), "evaluations": polished.evaluations, "seconds": round(polished.seconds, 3),
+            "stalled": polished.stalled}
 
 
 def _without_blocks(network, constraints, ctx, heuristics, prior, details, deadline, watch: StallWatch, begin: float) -> HybridRun:
     """The search when the block menus are out of reach (too many kinds of block for the
     time) and the eviction's schedule fits: the best candidate, polished by the local
-    search in slices while it pays (the stall rule), then bounds as usual."""
+    search while it pays (the stall rule), then bounds as usual."""
     objective = ctx.objective
     budget, cap_us = constraints.memory_budget, _cap_us(constraints, ctx)
     candidates = list(heuristics) + _prior_candidate(network, constraints, ctx, prior)
     run = _pick(candidates, objective, budget, cap_us)
     details["local_search"] = []
-    while run is not None and ctx.options.get("polish", True):
-        left = _left(ctx, deadline)
-        piece = min(left, max(watch.rule.min_stall_seconds, watch.rule.stall_share * (time.perf_counter() - watch.begin)))
-        if piece <= 0.2:
-            break
-        polished = improve(network, run[1], constraints, baseline_us=ctx.baseline_us, time_limit=piece, objective=objective,
-                           max_kicks=ctx.options.get("kicks"), stop=ctx.stop)
+    if run is not None and ctx.options.get("polish", True) and _left(ctx, deadline) > 0.2:
+        watch.observe(_value(run[2], objective))
+        polished = improve(network, run[1], constraints, baseline_us=ctx.baseline_us, time_limit=_left(ctx, deadline),
+                           objective=objective, max_kicks=ctx.options.get("kicks"), stop=ctx.stop, watch=watch)
         details["local_search"].append(_polish_record(run, polished, objective))
-        better = _value(polished.simulation, objective) < _value(run[2], objective) - 1e-9
-        if better:
+        if _value(polished.simulation, objective) < _value(run[2], objective) - 1e-9:
             run = (run[0] + "+local", polished.schedule, polished.simulation)
             candidates.append(run)
-        watch.observe(_value(run[2], objective))
-        if not better or watch.reason() is not None:
-            break  # the same start would be kicked the same way again
     result = _finish(network, constraints, ctx, run, candidates, details, deadline, watch)
     details["seconds"] = round(time.perf_counter() - begin, 3)
     return result

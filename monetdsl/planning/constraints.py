@@ -1,0 +1,34 @@
+"""What a caller of ``monetdsl.optimize`` or ``monetdsl.backend`` asked the plan to meet.
+
+One immutable value, built once by the runtime's front after
+:func:`monetdsl.options.check_search_options` has checked every option, and passed down
+unchanged: the schedule cache keys on it, the search reads it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ir import Schedule
+from ..units import human_bytes
+
+__all__ = ["Constraints"]
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """What the caller asked for: a budget (bytes), an overhead cap, a schedule file, a method,
+    the searching methods' time limit (seconds; None: their default, 60 s)."""
+
+    budget: int | None = None
+    max_overhead: float | None = None
+    schedule: str | Schedule | None = None  # a .monet file, or a Schedule object
+    method: str = "auto"
+    time_limit: float | None = None
+
+    def describe(self) -> str:
+        parts = []
+        if self.budget is not None:
+            parts.append(f"budget {human_bytes(self.budget)}")
+        if self.max_overhead is not None:
+            parts.append(f"overhead <= {self.max_overhead:.1%}")
+        return ", ".join(parts) or "no constraint"

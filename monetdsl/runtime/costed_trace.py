@@ -1,0 +1,72 @@
+"""The traced, costed spec a runtime plan is made from.
+
+The runtime traces with ``loss="output"``: the spec ends at the model's output (the
+training loop computes its loss), or at the loss itself for a model that returns one.
+Its costs follow the inputs' device: the roofline preset, or (the default when a schedule
+is to be solved on a real device) every op and implementation measured there and
+corrected in place by store-all training steps (:mod:`.measured_costs`, :mod:`.calibrate`),
+the measurements kept by op signature so a later run reads them back instead.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..planning.schedules import fingerprint_of
+
+__all__ = ["trace_for_runtime", "timed_trace", "trace_for_plan"]
+
+
+def trace_for_runtime(model: torch.nn.Module, inputs, *, optimizer: str, device: str | None = None, profile: bool = False,
+                      calibrate: bool = True):
+    """Trace ``model`` on ``inputs`` ending at its output; the cost model follows the inputs'
+    device (its roofline preset, or with ``profile`` every op and alternative timed on it,
+    then, with ``calibrate``, corrected by timing store-all training steps in place:
+    :mod:`.calibrate`)."""
+    from ..costs import trace_model
+    from ..tracing.capture import CaptureError
+
+    on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
+    preset = device or ("cuda" if on_cuda else "cpu")
+    try:
+        traced = trace_model(model, list(inputs), loss="output", device=preset, optimizer=optimizer, profile=profile)
+    except CaptureError:
+        if preset != "cuda" or profile:
+            raise
+        return trace_model(model, list(inputs), loss="output", device="A100", optimizer=optimizer)
+    if profile and calibrate:
+        from .calibrate import calibrate as calibrate_in_place
+
+        traced = calibrate_in_place(model, list(inputs), traced, optimizer=optimizer).trace
+    return traced
+
+
+def timed_trace(model: torch.nn.Module, inputs, *, optimizer: str, cache_dir: str | None = None):
+    """``model`` traced with every op and implementation measured on its inputs' device
+    (time and allocator-measured memory, alone and in place: :mod:`.measured_costs`), the
+    measurements kept by op signature in ``cache_dir`` (default: the user's cache
+    directory), so only ops never measured on this machine are run."""
+    from ..costs import MeasurementStore
+    from .measured_costs import measured_trace
+
+    plain = trace_for_runtime(model, inputs, optimizer=optimizer)
+    store = MeasurementStore(cache_dir) if cache_dir is not None else MeasurementStore()
+    return measured_trace(model, inputs, plain, optimizer=optimizer, store=store)
+
+
+def trace_for_plan(model, inputs, constraints: Constraints, *, optimizer: str, cache_dir, profile: bool | None):
+    """The trace a plan is made from. ``profile`` None (the default): measured costs on a
+    real device when a schedule is to be solved; with a schedule file, the roofline trace
+    (no op runs), or the measured one when the file was solved on measured costs (its
+    fingerprint, which names the workspaces, is then the measured trace's: the
+    measurements of this machine are in the store, so nothing runs again)."""
+    on_device = not any(isinstance(t, torch.Tensor) and t.is_meta for t in inputs)
+    if profile or (profile is None and constraints.schedule is None and on_device):
+        return timed_trace(model, inputs, optimizer=optimizer, cache_dir=cache_dir)
+    plain = trace_for_runtime(model, inputs, optimizer=optimizer)
+    if profile is None and constraints.schedule is not None and on_device:
+        wanted = fingerprint_of(constraints.schedule)
+        if wanted not in (None, plain.spec.fingerprint):
+            measured = timed_trace(model, inputs, optimizer=optimizer, cache_dir=cache_dir)
+            if measured.spec.fingerprint == wanted:
+                return measured
+    return plain
