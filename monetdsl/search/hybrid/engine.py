@@ -2,6 +2,9 @@
 
 1. **Decompose** the network into a chain of blocks at cheap cuts (:mod:`.decompose`) and
    cut out each block's sub-network (:mod:`.subnet`); identical blocks share a fingerprint.
+   When the kinds of block need more time for their first menus than the menus may take
+   and the eviction from store-all (step 5) fits, the blocks are skipped: steps 2-4 would
+   not finish, and on such graphs (long edges across every cut) they do worse anyway.
 2. **Menus**: each distinct block is solved by the exact joint MILP at a grid of budgets
    (:mod:`.menus`), within a share of the time limit, in parallel processes.
 3. **Chain DP** (:mod:`.chain_dp`) over the blocks, with memory in whole units.
@@ -11,7 +14,8 @@
    DP's internal budget (a bisection on the memory axis of the one table it filled) for
    the fastest plan whose *replayed* peak fits the budget. A plan whose replay exceeds the
    budget is never returned as feasible.
-5. Compare with the cheap heuristics (store-all, Chen, revolve, recompute-all) and keep
+5. Compare with the cheap heuristics (store-all, Chen, revolve, recompute-all, and
+   store-all with tensors evicted around its peak, :mod:`..eviction`) and keep
    the best, so the result is never worse than any of them; then improve it by local
    search on its carry plan (:mod:`..local_search`): moves across block boundaries that
    the chain DP cannot express (a residual block keeping its batch-norm output instead of
@@ -310,7 +314,7 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
         floor = len(kinds) * MIN_SECONDS_PER_KIND
         if may_skip_blocks and floor > MENU_SHARE_MAX * limit:
             details["blocks_skipped"] = (f"{len(kinds)} kinds of block need {floor:.0f} s or more for their menus; the eviction's"
-                                         " schedule fits the budget")
+                                         " schedule fits the constraints")
             return _without_blocks(network, constraints, ctx, heuristics, prior, details, deadline, watch, begin)
     fixed = network.fixed_bytes
     if objective == "memory" or budget is None:
