@@ -12,6 +12,7 @@ from dataclasses import dataclass
 __all__ = [
     "Diagnostic",
     "PlanningWarning",
+    "CapWarning",
     "MonetError",
     "SpecSyntaxError",
     "SpecError",
@@ -99,3 +100,9 @@ class OutputError(MonetError):
 class PlanningWarning(UserWarning):
     """A training call needs a plan that was not made up front (a new input shape, dtype,
     device or autocast state): it traces and solves before the step runs."""
+
+
+class CapWarning(UserWarning):
+    """An overhead cap no schedule that recomputes can keep against eager PyTorch's step
+    on this model and machine (the runtime's own fastest step is already that slow): the
+    plan recomputes nothing."""

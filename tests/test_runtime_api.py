@@ -314,7 +314,8 @@ def test_allocator_probe_counts_every_byte():
     assert result.peak == 1 << 20
 
 
-def test_bench_command(tmp_path, capsys):
+def test_bench_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     out = tmp_path / "tiny.schedule.monet"
     status = main(["bench", "monetdsl.models:small_cnn", "--input", "4x3x32x32", "--method", "recompute-all", "--repeats", "1",
                    "--json", "-o", str(out)])
@@ -322,6 +323,7 @@ def test_bench_command(tmp_path, capsys):
     assert status == 0 and out.exists() and (tmp_path / "tiny.schedule.spec.monet").exists()
     assert abs(data["measured_over_planned"] - 1) < 0.02
     assert data["peak_vs_eager"] < 1 and data["time_vs_eager"] > 0
+    assert list((tmp_path / "xdg" / "monetdsl" / "plans").glob("*.schedule.monet"))  # kept where optimize keeps it
     assert main(["bench", "monetdsl.models:small_cnn", "--input", "4x3x32x32", "--probe", "nose"]) == 2  # a usage error
     assert "--probe nose" in capsys.readouterr().err
     assert main(["bench", "monetdsl.models:small_cnn", "--input", "4x3x32x32", "--max-overhead", "10%", "--profile",

@@ -55,7 +55,9 @@ def test_a_second_process_reads_the_schedule_back_and_other_constraints_miss(tmp
     again = monetdsl.optimize(Tiny(), x, max_overhead=0.25, cache_dir=tmp_path).plans[0]
     assert len(solves) == 1  # a hit: no search
     assert (again.schedule.impls, again.schedule.stages) == (first.schedule.impls, first.schedule.stages)
-    monetdsl.optimize(Tiny(), x, max_overhead=0.5, cache_dir=tmp_path)  # other constraints: a miss
+    # other constraints: a miss (not another cap: on a model this small both caps can leave
+    # the search no room against eager's step, and then they plan the same store-all)
+    monetdsl.optimize(Tiny(), x, method="recompute-all", cache_dir=tmp_path)
     assert len(solves) == 2 and len(list(tmp_path.glob("*.schedule.monet"))) == 2
 
 

@@ -5,7 +5,8 @@ import importlib
 import pytest
 
 MODULES = ["monetdsl.catalogue", "monetdsl.catalogue.packing", "monetdsl.catalogue.loss", "monetdsl.tracing.naming",
-           "monetdsl.costs.estimated_workspace"]
+           "monetdsl.costs.estimated_workspace", "monetdsl.lowering.step_source",
+           "monetdsl.runtime.eager_reference"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -46,7 +46,7 @@ def register(subparsers) -> None:
     costs.add_argument("--roofline", action="store_true",
                        help="solve on the roofline estimates of the device kind instead of measured costs")
     parser.add_argument("--cache-dir", help="keep solved schedules and measured costs here (default: the user's cache"
-                        " directory for measurements, none for schedules)")
+                        " directory, as monetdsl.optimize)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps of each (default 5)")
     parser.add_argument("--retain-freed-memory", action="store_true",
                         help="make glibc keep freed host memory in the process first (both runs: no page faults per step,"
@@ -80,6 +80,7 @@ def _build(args):
 
 
 def run(args) -> int:
+    from ..planning.schedule_cache import USER_CACHE
     from ..runtime import measure, optimize
     from ..search.solve import METHODS
 
@@ -97,7 +98,7 @@ def run(args) -> int:
     model, inputs = _build(args)
     optimized = optimize(model, inputs, budget=checked.memory_budget, max_overhead=args.max_overhead,
                          schedule=args.schedule, method=checked.method, optimizer=args.optimizer, profile=False if args.roofline else None,
-                         cache_dir=args.cache_dir)
+                         cache_dir=USER_CACHE if args.cache_dir is None else args.cache_dir)
     plan = optimized.plan_for(*inputs)
     sim = plan.simulation
     probe = args.probe

@@ -12,6 +12,7 @@ its arguments, then the backward of the alias calls turns them into the owners'.
 """
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass, field
 from typing import Callable
@@ -25,6 +26,7 @@ from ..tracing.joint import tensor_args
 from ..tracing.to_ir import OpRecord
 from .alternatives import ADOPTING, RECOMPUTE, OpContext, backward_function, forward_function
 from .graphs import ArgPath, LoweringError, arg_path, call_node, example_of, local_backward, owner_adapter
+from .step_source import StepSource
 
 __all__ = ["StepFn", "GradTarget", "AccumulatedGrad", "Program", "lower"]
 
@@ -113,9 +115,6 @@ class _OpLowering:
                     self.out_role[k] = role
 
     # -- forward --------------------------------------------------------------------------
-    def materialize(self, values: dict) -> list[torch.Tensor]:
-        return [p.materialize(values[p.owner]) for p in self.paths]
-
     def call(self, args: list) -> list:
         """Run the captured call(s) on argument values; returns the named outputs in order."""
         env = dict(zip(self.arg_nodes, args))
@@ -167,9 +166,40 @@ class _OpLowering:
 
         return run
 
-    def role_inputs(self, args: list) -> dict:
-        binding = self.record.binding
-        return {role: args[self.arg_index[node]] for role, node in binding.inputs.items() if isinstance(node, fx.Node)}
+    def direct_forward(self, reads: tuple[str, ...], writes: tuple[str, ...]) -> Callable | None:
+        """The step ``values of reads -> values of writes`` as one generated call
+        (:mod:`.step_source`); None for a group of several calls or outputs that are not
+        the call's result or its items (:meth:`call` runs those)."""
+        if len(self.members) != 1:
+            return None
+        node = self.members[0]
+        source = StepSource(reads)
+        picks = []
+        for w in writes:
+            out = self.out_nodes[self.out_names.index(w)]
+            if out is node:
+                picks.append("r")
+            elif out.target is operator.getitem and out.args[0] is node and isinstance(out.args[1], int):
+                picks.append(f"r[{out.args[1]}]")
+            else:
+                return None
+        args = [source.param(p.owner) if p.is_identity else f"{source.const(p.materialize, 'path')}({source.param(p.owner)})"
+                for p in self.paths]
+
+        def expression(a) -> str:
+            if isinstance(a, fx.Node):
+                return args[self.arg_index[a]]
+            if isinstance(a, (list, tuple)) and any(isinstance(b, fx.Node) for b in a):
+                inner = "".join(expression(b) + ", " for b in a)
+                return f"[{inner}]" if isinstance(a, list) else f"({inner})"
+            return source.const(a)
+
+        try:
+            call = source.call(node.target, [expression(a) for a in node.args], {k: expression(v) for k, v in node.kwargs.items()})
+        except ValueError:  # keywords that cannot be written as Python: the interpreted call runs it
+            return None
+        source.assign("r", call)
+        return source.build(picks, self.record.name)
 
     def outputs_by_role(self, outs: list) -> dict:
         return {self.out_role[k]: v for k, v in enumerate(outs) if k in self.out_role}
@@ -237,7 +267,10 @@ def _forward_step(low: _OpLowering, op, impl, *, recompute: bool) -> StepFn:
         saved_roles = {role_of[n]: n for n in impl.recompute_reads if n in role_of}
     use_saved = recompute and (kind, impl.name) in RECOMPUTE
 
-    if special is None:
+    direct = low.direct_forward(reads, writes) if special is None else None
+    if direct is not None:
+        fn = direct
+    elif special is None:
         call = low.compiled_call()
         getters = _arg_getters(low.paths, reads)
         picks = [low.out_names.index(w) for w in writes]
@@ -246,11 +279,15 @@ def _forward_step(low: _OpLowering, op, impl, *, recompute: bool) -> StepFn:
             outs = call([g(values) for g in getters])
             return tuple(outs[k] for k in picks)
     else:
+        # positions decided once: argument getters, each input role's argument, each saved role's read
+        arg_getters = _arg_getters(low.paths, reads)
+        role_args = [(role, low.arg_index[node]) for role, node in low.record.binding.inputs.items() if isinstance(node, fx.Node)]
+        saved_reads = [(role, reads.index(name)) for role, name in saved_roles.items()] if use_saved else None
+
         def fn(*values):
-            env = dict(zip(reads, values))
-            args = low.materialize(env)
-            ctx = OpContext(kind, low.attrs, low.role_inputs(args), lambda: low.outputs_by_role(low.call(args)))
-            saved = {role: env[name] for role, name in saved_roles.items()} if use_saved else None
+            args = [g(values) for g in arg_getters]
+            ctx = OpContext(kind, low.attrs, {role: args[i] for role, i in role_args}, lambda: low.outputs_by_role(low.call(args)))
+            saved = {role: values[i] for role, i in saved_reads} if saved_reads is not None else None
             outs = special(ctx, saved)
             by_name = {names_by_role[role]: value for role, value in outs.items() if role in names_by_role}
             return tuple(by_name[w] for w in writes)
@@ -337,14 +374,9 @@ def _backward_step(low: _OpLowering, bop, impl, *, first: bool) -> StepFn:
                                     f" implementation does not list")
         position = {w: j for j, w in enumerate(wanted)}
         reads = reads + tuple(sorted({p.owner for p in arg_reads if p.owner not in allowed}))
-        getters = _arg_getters(arg_reads, reads) + [(lambda values, i=reads.index(n): values[i]) for n in (*out_reads, *grad_reads)]
-        forward = local.module.forward
         plans = [([position[i] for i in positions], adapter) for _, positions, adapter in adapters]
         shapes = {j: example_of(low.arg_nodes[i]) for i, j in position.items()}
-
-        def fn(*values):
-            arg_grads = forward(*[g(values) for g in getters])
-            return _owner_grads(plans, arg_grads, shapes)
+        fn = _direct_backward(bop.name, reads, arg_reads, (*out_reads, *grad_reads), local.module.forward, plans, shapes)
         if _returns_views(local.module.graph):
             fn = _owning_results(fn)
         accumulated, into_paths = {}, {}
@@ -383,6 +415,28 @@ def _backward_step(low: _OpLowering, bop, impl, *, first: bool) -> StepFn:
     adopts = bool(into_paths) and (kind, impl.name) in ADOPTING and all(path.is_identity for _, path in into_paths.values())
     step = StepFn(bop.name, reads, writes, fn, accumulates=accumulated, adopts=adopts)
     return step
+
+
+def _direct_backward(label: str, reads: tuple[str, ...], arg_reads: list[ArgPath], value_reads: tuple[str, ...],
+                     backward: Callable, plans, shapes: dict) -> Callable:
+    """PyTorch's local backward as one generated step (:mod:`.step_source`): the argument
+    values rebuilt from their owners, the traced backward called, and the owners'
+    gradients made from the arguments' as :func:`_owner_grads` makes them (a missing
+    gradient is zeros)."""
+    source = StepSource(reads)
+    inputs = [source.param(p.owner) if p.is_identity else f"{source.const(p.materialize, 'path')}({source.param(p.owner)})"
+              for p in arg_reads]
+    inputs += [source.param(n) for n in value_reads]
+    source.assign("g", f"{source.const(backward, 'backward')}({', '.join(inputs)})")
+    results = []
+    for positions, adapter in plans:
+        parts = []
+        for j in positions:
+            like = shapes[j]
+            zeros = source.const(functools.partial(torch.zeros, tuple(like.shape), dtype=like.dtype, device=like.device), "zeros")
+            parts.append(f"(g[{j}] if g[{j}] is not None else {zeros}())")
+        results.append(parts[0] if adapter is None else f"{source.const(adapter, 'adapt')}({', '.join(parts)})")
+    return source.build(results, label)
 
 
 def _returns_views(graph: fx.Graph) -> bool:

@@ -17,13 +17,18 @@ __all__ = ["Constraints"]
 @dataclass(frozen=True)
 class Constraints:
     """What the caller asked for: a budget (bytes), an overhead cap, a schedule file, a method,
-    the searching methods' time limit (seconds; None: their default, 60 s)."""
+    the searching methods' time limit (seconds; None: their default, 60 s). ``eager``: the
+    plan is PyTorch's own step (``schedule`` is then store-all with PyTorch's
+    implementations, what autograd keeps), run by the model itself: set when no schedule
+    that recomputes meets the overhead cap against eager's step
+    (:mod:`monetdsl.runtime.eager_reference`)."""
 
     budget: int | None = None
     max_overhead: float | None = None
     schedule: str | Schedule | None = None  # a .monet file, or a Schedule object
     method: str = "auto"
     time_limit: float | None = None
+    eager: bool = False
 
     def describe(self) -> str:
         parts = []

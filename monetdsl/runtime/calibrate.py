@@ -27,6 +27,7 @@ any backward pass).
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections import defaultdict
@@ -41,7 +42,7 @@ from ..search.schedule_builder import build_schedule
 from ..search.simulator import chosen_impls, simulate
 
 __all__ = ["Calibration", "StepClock", "calibrate", "in_place_times", "with_in_place_times", "calibration_schedules",
-           "CALIBRATION_NOTE"]
+           "state_restored", "backward_seeds", "store_all_schedule", "CALIBRATION_NOTE"]
 
 #: what the cost-model line of a calibrated trace adds
 CALIBRATION_NOTE = "corrected in place (store-all training steps through the runtime)"
@@ -85,15 +86,24 @@ def calibration_schedules(network: Network, fingerprint: str) -> list[tuple[str,
         key = tuple(sorted(impls.items()))
         if key in seen:
             continue
-        keep = {r for bop in network.backward_ops for r in bop.impl(impls[bop.name]).reads if idx.is_forward_tensor(r)}
-        try:
-            schedule = build_schedule(network, impls, forward_keep=keep, spec_path="", fingerprint=fingerprint)
-        except Exception:  # noqa: BLE001 - a combination the builder cannot keep is skipped
-            continue
-        if simulate(network, schedule).ok:
+        schedule = store_all_schedule(network, impls, fingerprint, idx)
+        if schedule is not None:
             seen.add(key)
             found.append((label, schedule))
     return found
+
+
+def store_all_schedule(network: Network, impls: dict, fingerprint: str, idx=None):
+    """The valid schedule with these implementations that keeps every forward tensor a
+    backward reads and recomputes nothing (an in-place forward makes the builder recompute
+    what it overwrote), or None when the builder cannot keep them."""
+    idx = idx if idx is not None else index(network)
+    keep = {r for bop in network.backward_ops for r in bop.impl(impls[bop.name]).reads if idx.is_forward_tensor(r)}
+    try:
+        schedule = build_schedule(network, impls, forward_keep=keep, spec_path="", fingerprint=fingerprint)
+    except Exception:  # noqa: BLE001 - a combination the builder cannot keep is none
+        return None
+    return schedule if simulate(network, schedule).ok else None
 
 
 class StepClock:
@@ -114,7 +124,8 @@ class StepClock:
         self.samples[(planned.kind, planned.step.op)].append((time.perf_counter() - self._start) * 1e6)
 
 
-def _backward_seeds(out):
+def backward_seeds(out):
+    """The tensors of a model's output that need a gradient, and a seed of ones for each."""
     tensors = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor) and t.requires_grad]
     return tensors, [torch.ones_like(t) for t in tensors]
 
@@ -137,16 +148,7 @@ def in_place_times(model: torch.nn.Module, inputs, trace, *, optimizer: str, rou
     device = "cuda" if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else "cpu"
     samples: dict[tuple[str, str], list[float]] = defaultdict(list)  # (op, impl) -> us, first forwards and backward steps
     notes: list[str] = []
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = [p.grad for p in params]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    rng = torch.random.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if device == "cuda" else None
-    was_training = model.training
-    try:
-        model.train()
-        for p in params:
-            p.grad = torch.zeros_like(p)  # the memory model's regime: gradients pre-allocated
+    with state_restored(model, device):
         for label, schedule in calibration_schedules(network, trace.spec.fingerprint):
             clock = StepClock(device)
             module = OptimizedModule(model, Constraints(None, None, schedule, "auto"), optimizer=optimizer, observe=clock)
@@ -158,7 +160,7 @@ def in_place_times(model: torch.nn.Module, inputs, trace, *, optimizer: str, rou
                     if round_ == 1:
                         clock.samples.clear()
                     start = time.perf_counter()
-                    torch.autograd.backward(*_backward_seeds(module(*inputs)))
+                    torch.autograd.backward(*backward_seeds(module(*inputs)))
                     clock.sync()
                     wall += (time.perf_counter() - start) * 1e6 if round_ else 0.0
             except Exception as exc:  # noqa: BLE001 - reported; the other schedules still calibrate
@@ -168,6 +170,25 @@ def in_place_times(model: torch.nn.Module, inputs, trace, *, optimizer: str, rou
             for (phase, op), times in clock.samples.items():
                 if phase != "recompute":  # recomputations are scaled from their first forward's ratio
                     samples[(op, impls[op])].extend(t + between for t in times)
+    return {key: statistics.median(times) for key, times in samples.items()}, notes
+
+
+@contextlib.contextmanager
+def state_restored(model: torch.nn.Module, device: str):
+    """Training steps run inside leave no trace a training loop reads: parameters'
+    gradients (pre-allocated inside, the memory model's regime), buffers, random state and
+    train/eval mode are put back afterwards."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad for p in params]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    rng = torch.random.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if device == "cuda" else None
+    was_training = model.training
+    try:
+        model.train()
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        yield
     finally:
         for p, g in zip(params, grads):
             p.grad = g
@@ -178,7 +199,6 @@ def in_place_times(model: torch.nn.Module, inputs, trace, *, optimizer: str, rou
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
         model.train(was_training)
-    return {key: statistics.median(times) for key, times in samples.items()}, notes
 
 
 def _between_steps(wall_us: float, samples: dict) -> float:

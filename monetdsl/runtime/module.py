@@ -183,18 +183,23 @@ class OptimizedModule(torch.nn.Module):
     def forward(self, *inputs, **kwargs):
         if not (self.training and torch.is_grad_enabled()):
             return self._orig_mod(*inputs, **kwargs)
+        given = inputs
         if kwargs:
             inputs = _as_positional(self._orig_mod, inputs, kwargs)
         for t in inputs:
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 raise RuntimeUsageError("monetdsl trains a whole model: an input that requires grad would need its"
                                         " gradient, which the runtime does not return; detach it or wrap the larger model")
-        if self._announce and not self.has_plan_for(*inputs):
+        plan = self._plans.get((_signature(inputs), _autocast_state(), None))
+        if plan is None and self._announce:
             warnings.warn(f"monetdsl: planning for new inputs ({_describe(inputs)}) inside a training call; this traces"
                           " and solves before the step runs (seconds, or a minute on a cold cache). Pass every input"
                           " shape the loop uses to monetdsl.optimize(model, example_inputs=[...]) to plan them up front",
                           PlanningWarning, stacklevel=4)
-        plan = self.plan_for(*inputs)
+        if plan is None:
+            plan = self.plan_for(*inputs)
+        if plan.runs_eager:
+            return self._orig_mod(*given, **kwargs)
         if plan.weight_checks:
             plan = self._plan_for_weights(plan, inputs)
         return _ScheduledStep.apply(self, plan, self._anchor, *inputs)
@@ -304,11 +309,14 @@ def _has_grad_hooks(params) -> bool:
 
 
 class _no_autocast:
-    """The captured graph already holds autocast's casts: replay it with autocast off."""
+    """The captured graph already holds autocast's casts: replay it with autocast off
+    (entering nothing when autocast is off already: a step of a small model is short)."""
 
     def __enter__(self):
-        self._contexts = [torch.autocast("cpu", enabled=False)]
-        if torch.cuda.is_available():
+        self._contexts = []
+        if torch.is_autocast_enabled("cpu"):
+            self._contexts.append(torch.autocast("cpu", enabled=False))
+        if torch.cuda.is_available() and torch.is_autocast_enabled("cuda"):
             self._contexts.append(torch.autocast("cuda", enabled=False))
         for c in self._contexts:
             c.__enter__()

@@ -23,6 +23,7 @@ from ..search.simulator import Simulation, chosen_impls
 from .buffer_updates import BufferUpdates, buffer_updates
 from .costed_trace import trace_for_plan, trace_for_runtime
 from .eager_random import pins_keeping_eager_dropout
+from .eager_reference import cap_against_eager
 from .executor import StepPlan, plan_steps
 from .scale_weights import pins_avoiding_from_output, weights_divided_by, zero_weight_ops
 
@@ -87,6 +88,8 @@ class RuntimePlan:
     weight_checks: tuple = ()
     #: norms planned without their backward from the output (their weight had a zero)
     avoided: frozenset = frozenset()
+    #: the schedule is autograd's own (no cap fits the runtime: Constraints.eager): the model runs itself
+    runs_eager: bool = False
 
     @functools.cached_property
     def model_tensors(self) -> ModelTensors:
@@ -139,6 +142,8 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
         pins += pins_keeping_eager_dropout(network)
     if pins:
         spec = replace(spec, constraints=replace(spec.constraints, impls=spec.constraints.impls + pins))
+    constraints = cap_against_eager(model, inputs, trace, spec, constraints, optimizer=optimizer,
+                                    cache_dir=None if cache_dir is schedule_cache.USER_CACHE else cache_dir)
     schedule, simulation = schedule_for(spec, constraints, schedule_dir, costs=trace.cost_model, progress=progress)
     impls = chosen_impls(network, schedule)
     program = lower(trace, network, impls)
@@ -147,7 +152,8 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
     input_names = tuple(n for n, (kind, _, _) in sources.items() if kind == "input")
     updates = buffer_updates(trace)
     return RuntimePlan(trace, spec, schedule, simulation, program, steps, output, output_path, input_names, sources, updates,
-                       weight_checks=weights_divided_by(trace, impls, sources), avoided=frozenset(avoid))
+                       weight_checks=weights_divided_by(trace, impls, sources), avoided=frozenset(avoid),
+                       runs_eager=constraints.eager)
 
 
 def _output_of(trace, network) -> tuple[str, ArgPath]:

@@ -1,0 +1,181 @@
+"""Overhead caps against eager PyTorch's step, as users mean them.
+
+The search plans a schedule's overhead against the cheapest schedule that recomputes
+nothing, on the measured costs: the runtime's own store-all step. A user's cap is a
+promise about eager PyTorch's step, and the runtime is not eager PyTorch: on a small
+model its step does Python work per op that eager's C++ autograd does not (a 22-op CNN
+on 8 CIFAR images: about x1.1 at store-all), on a larger one it can be faster (its
+backward frees early and adds gradients in place). If the runtime's fastest step takes
+``r`` x eager's, a schedule planned at overhead ``c`` runs at about ``(1 + c) r`` x
+eager's; so the search gets the cap ``(1 + cap) / r - 1``, never more than the cap asked
+for (``r`` is measured, with noise; a cap is not loosened on it). When that is below
+zero no schedule that recomputes fits: the model then trains as eager PyTorch (its own
+forward and autograd, which is the step the cap is measured against), and a
+:class:`~monetdsl.errors.CapWarning` says so.
+
+``r`` is measured once per graph and machine, eager steps interleaved with the runtime's
+store-all steps on the model's own inputs (the median of the pairs' ratios; 11 pairs, or
+as many as fit in 3 s, at least 3), and kept in
+the :class:`~monetdsl.costs.MeasurementStore`. On a CPU the steps are timed in the
+process's CPU time: on a shared machine wall time says more about the other processes
+than about the two steps (medians of 7 wall-time pairs on a 2-core machine with other
+jobs gave 0.79 once and 1.13-1.27 after it, for one model); with several intra-op
+threads it counts their work for both steps alike. It applies where the costs were measured
+on the device (the default on a real device); a plan on roofline estimates has no eager
+step to compare with.
+
+>>> reference = EagerReference(eager_us=2000.0, runtime_us=2200.0)
+>>> round(reference.search_cap(0.15), 4), reference.search_cap(0.05)
+(0.0455, None)
+"""
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..costs import MeasurementStore
+from ..costs.signature import machine_signature
+from ..errors import CapWarning
+from ..search.impl_choice import cheapest_impls
+from ..validate import resolve_constraints
+from .calibrate import CALIBRATION_NOTE, backward_seeds, state_restored, store_all_schedule
+
+__all__ = ["EagerReference", "REFERENCE_ROUNDS", "REFERENCE_SECONDS", "measure_reference", "eager_reference", "cap_against_eager"]
+
+#: interleaved (eager, runtime) step pairs timed, after one warm-up pair, at most ...
+REFERENCE_ROUNDS = 11
+#: ... and no more once this many seconds went into them (at least 3 pairs): planning time
+#: matters, a 3 ms step pair costs 70 ms for all 11, a 1 s one would cost 24 s
+REFERENCE_SECONDS = 3.0
+
+
+@dataclass(frozen=True)
+class EagerReference:
+    """Median step times (us) of eager PyTorch and of the runtime's store-all schedule with
+    the fastest implementations (the search's overhead baseline), and their ratio."""
+
+    eager_us: float
+    runtime_us: float
+    ratio: float | None = None  # median of the pairs' ratios; runtime_us / eager_us when not given
+
+    @property
+    def runtime_over_eager(self) -> float:
+        return self.ratio if self.ratio is not None else self.runtime_us / self.eager_us
+
+    def search_cap(self, cap: float) -> float | None:
+        """The overhead cap against the runtime's store-all step that keeps a schedule
+        within ``cap`` of eager's step (at most ``cap``), or None when even store-all
+        does not fit."""
+        allowed = (1.0 + cap) / self.runtime_over_eager - 1.0
+        return None if allowed < 0 else min(cap, allowed)
+
+
+def _device_of(inputs) -> str:
+    return "cuda" if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else "cpu"
+
+
+def measure_reference(model: torch.nn.Module, inputs, trace, spec=None, *, optimizer: str,
+                      rounds: int = REFERENCE_ROUNDS) -> EagerReference:
+    """Eager steps of ``model`` interleaved with the runtime's steps of the store-all
+    schedule with the fastest implementations on ``trace``'s costs that ``spec``'s pins
+    allow (default: the trace's spec; see the module docstring); the model's state is
+    left as it was."""
+    from .module import OptimizedModule
+    from ..planning import Constraints
+
+    spec = spec if spec is not None else trace.spec
+    network = spec.network
+    allowed = resolve_constraints(network, spec.constraints, path=spec.path, source=spec.source).allowed_impls
+    schedule = store_all_schedule(network, cheapest_impls(network, allowed), trace.spec.fingerprint)
+    if schedule is None:
+        raise ValueError("no store-all schedule of the fastest implementations is valid")
+    device = _device_of(inputs)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    clock = time.perf_counter if device == "cuda" else time.process_time
+
+    def seconds(module) -> float:
+        sync()
+        start = clock()
+        torch.autograd.backward(*backward_seeds(module(*inputs)))
+        sync()
+        return clock() - start
+
+    with state_restored(model, device):
+        runtime = OptimizedModule(model, Constraints(None, None, schedule, "auto"), optimizer=optimizer, announce=False)
+        runtime.plan_for(*inputs, trace=trace)
+        eager, ours = [], []
+        began = time.perf_counter()
+        for round_ in range(rounds + 1):  # the first pair warms up
+            pair = seconds(model), seconds(runtime)
+            if round_:
+                eager.append(pair[0])
+                ours.append(pair[1])
+            if round_ >= 3 and time.perf_counter() - began > REFERENCE_SECONDS:
+                break
+    ratio = statistics.median(b / a for a, b in zip(eager, ours))
+    return EagerReference(statistics.median(eager) * 1e6, statistics.median(ours) * 1e6, ratio)
+
+
+def _key(trace, spec, device: str) -> str:
+    clock = "wall time" if device == "cuda" else "process CPU time"
+    pins = f"; pins {spec.constraints.impls!r}" if spec.constraints.impls else ""
+    return f"eager reference in {clock}; graph {trace.spec.fingerprint}{pins}; {machine_signature(device)}"
+
+
+def eager_reference(model: torch.nn.Module, inputs, trace, spec=None, *, optimizer: str,
+                    store: MeasurementStore | None = None) -> EagerReference:
+    """The stored reference of this graph (with ``spec``'s pins) on this machine, else one
+    measured now (and kept)."""
+    store = store if store is not None else MeasurementStore()
+    spec = spec if spec is not None else trace.spec
+    key = _key(trace, spec, _device_of(inputs))
+    found = store.get(key)
+    if found is not None and {"eager_us", "runtime_us", "ratio"} <= set(found) and found["eager_us"] > 0:
+        return EagerReference(found["eager_us"], found["runtime_us"], found["ratio"])
+    reference = measure_reference(model, inputs, trace, spec, optimizer=optimizer)
+    store.put(key, {"eager_us": reference.eager_us, "runtime_us": reference.runtime_us, "ratio": reference.runtime_over_eager})
+    return reference
+
+
+def cap_against_eager(model: torch.nn.Module, inputs, trace, spec, constraints, *, optimizer: str, cache_dir=None):
+    """``constraints`` (:class:`~monetdsl.runtime.plan.Constraints`) with the overhead cap
+    the search needs on ``spec`` (the trace's, with the plan's pins) for the caller's cap
+    to hold against eager's step (module docstring). Unchanged without a cap, with a
+    schedule given, or on costs not measured on the device."""
+    if constraints.max_overhead is None or constraints.schedule is not None or CALIBRATION_NOTE not in trace.cost_model:
+        return constraints
+    store = MeasurementStore(cache_dir) if cache_dir is not None else MeasurementStore()
+    try:
+        reference = eager_reference(model, inputs, trace, spec, optimizer=optimizer, store=store)
+    except Exception as exc:  # noqa: BLE001 - the plan goes on against the runtime's own baseline, and says so
+        warnings.warn(f"monetdsl: eager's step could not be timed next to the runtime's ({type(exc).__name__}: "
+                      f"{str(exc)[:80]}); the overhead cap is planned against the runtime's store-all step", CapWarning,
+                      stacklevel=2)
+        return constraints
+    cap = reference.search_cap(constraints.max_overhead)
+    if cap is None:
+        eager = _eager_schedule(spec, trace)
+        runs = "the model runs as eager PyTorch (no memory saved)" if eager is not None else "the plan keeps every tensor"
+        warnings.warn(f"monetdsl: the runtime's fastest step measured x{reference.runtime_over_eager:.2f} of eager PyTorch's"
+                      f" on this model and machine, so no schedule that recomputes fits max_overhead="
+                      f"{constraints.max_overhead:.1%} of eager's step; {runs}", CapWarning, stacklevel=2)
+        if eager is None:
+            return replace(constraints, max_overhead=None, method="store-all")
+        return replace(constraints, max_overhead=None, schedule=eager, eager=True)
+    return replace(constraints, max_overhead=round(cap, 6))
+
+
+def _eager_schedule(spec, trace):
+    """What autograd itself does, as a schedule: every op's first implementation (PyTorch's),
+    everything its backward reads kept; None when the plan's pins rule a first
+    implementation out (eager would not be what was planned)."""
+    network = spec.network
+    allowed = resolve_constraints(network, spec.constraints, path=spec.path, source=spec.source).allowed_impls
+    first = {op.name: op.impls[0].name for op in (*network.forward_ops, *network.backward_ops)}
+    if any(name in allowed and impl not in allowed[name] for name, impl in first.items()):
+        return None
+    return store_all_schedule(network, first, trace.spec.fingerprint)

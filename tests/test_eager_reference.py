@@ -1,0 +1,107 @@
+"""Overhead caps against eager PyTorch's step (monetdsl.runtime.eager_reference)."""
+from __future__ import annotations
+
+import copy
+
+import warnings
+
+import pytest
+import torch
+
+import monetdsl
+from monetdsl.costs import MeasurementStore
+from monetdsl.runtime import schedule_cache
+from monetdsl.runtime.eager_reference import EagerReference, _key, eager_reference, measure_reference
+
+from .runtime_models import KindsCNN
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.9, 1.0, 1.04, 1.1, 1.3])
+@pytest.mark.parametrize("cap", [0.0, 0.05, 0.1, 0.5])
+def test_the_search_cap_keeps_eager_relative_time_within_the_cap_and_never_loosens_it(ratio, cap):
+    allowed = EagerReference(1000.0, 1000.0 * ratio).search_cap(cap)
+    if ratio > 1 + cap + 1e-12:
+        assert allowed is None  # even the runtime's store-all is over the cap
+    else:
+        assert 0 <= allowed <= cap
+        assert (1 + allowed) * ratio <= 1 + cap + 1e-12  # planned time against eager's
+        if ratio >= 1:
+            assert allowed == pytest.approx((1 + cap) / ratio - 1)
+
+
+def test_measuring_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    model = KindsCNN().train()
+    x = torch.randn(4, 3, 16, 16)
+    fast = monetdsl.optimize(model, x, method="store-all")
+    plan = fast.plans[0]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    model.eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.random.get_rng_state()
+    reference = measure_reference(model, [x], plan.trace, plan.spec, optimizer="adam", rounds=2)
+    assert reference.eager_us > 0 and reference.runtime_us > 0 and reference.runtime_over_eager > 0
+    assert not model.training
+    assert all(torch.equal(p.grad, torch.full_like(p, 3.0)) for p in model.parameters())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(torch.random.get_rng_state(), rng)
+
+
+def _with_stored_ratio(tmp_path, ratio: float, cap: float):
+    """Plan once (measuring the reference into ``tmp_path``), store ``ratio`` as the
+    measured one, and plan again as a new process would, with ``cap``."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    first = monetdsl.optimize(KindsCNN().train(), x, max_overhead=cap, cache_dir=tmp_path).plans[0]
+    store = MeasurementStore(tmp_path)
+    key = _key(first.trace, first.spec, "cpu")
+    assert store.get(key) is not None  # measured and kept by the first plan
+    store.put(key, {"eager_us": 1000.0, "runtime_us": 1000.0 * ratio, "ratio": ratio})
+    assert eager_reference(None, [x], first.trace, first.spec, optimizer="adam", store=store).runtime_over_eager == ratio
+    schedule_cache.forget()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = monetdsl.optimize(KindsCNN().train(), x, max_overhead=cap, cache_dir=tmp_path).plans[0]
+    return plan, [w for w in caught if issubclass(w.category, monetdsl.CapWarning)]
+
+
+def test_a_cap_the_runtime_cannot_keep_against_eager_trains_as_eager_and_says_so(tmp_path, monkeypatch):
+    plan, warned = _with_stored_ratio(tmp_path, 1.5, 0.2)
+    assert len(warned) == 1 and "x1.50 of eager" in str(warned[0].message) and "runs as eager" in str(warned[0].message)
+    assert plan.simulation.recompute_us == 0 and not any(stage.recompute for stage in plan.schedule.stages)
+    network = plan.spec.network
+    assert plan.runs_eager and all(plan.schedule.impls.get(op.name, op.impls[0].name) == op.impls[0].name
+                                   for op in (*network.forward_ops, *network.backward_ops))
+    # the step is the model's own: the runtime's executor never runs, and gradients are eager's
+    from monetdsl.runtime import module as runtime_module
+
+    monkeypatch.setattr(runtime_module.OptimizedModule, "_forward_pass", None)
+    torch.manual_seed(0)
+    model, x = KindsCNN().train(), torch.randn(4, 3, 16, 16)
+    reference = copy.deepcopy(model)
+    schedule_cache.forget()
+    optimized = monetdsl.optimize(model, x, max_overhead=0.2, cache_dir=tmp_path)
+    torch.manual_seed(1)
+    optimized(x).sum().backward()
+    torch.manual_seed(1)
+    reference(x).sum().backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_a_cap_is_tightened_by_the_runtimes_ratio_to_eager(tmp_path, monkeypatch):
+    from monetdsl.planning import schedules
+
+    asked = []
+    solve = schedules.solve
+
+    def recording(spec, method, **options):
+        asked.append(options.get("max_overhead"))
+        return solve(spec, method, **options)
+
+    monkeypatch.setattr(schedules, "solve", recording)
+    plan, warned = _with_stored_ratio(tmp_path, 1.1, 0.3)
+    assert not warned
+    assert asked[-1] == pytest.approx(1.3 / 1.1 - 1, abs=1e-6)
+    assert plan.simulation.overhead <= 1.3 / 1.1 - 1 + 1e-6
