@@ -481,7 +481,7 @@ def _evicted_store_all(network, constraints, ctx, heuristics, time_limit: float,
 
     Where long edges cross every cut the chain DP's checkpoints hold many tensors each, and
     this start is far better than the composed plans (1.3-1.4 % against 13 % on 1,000-node
-    layered graphs at 0.8x the store-all peak, the optimum on a 100-node one; UNet's
+    layered graphs at 0.8x the store-all peak, the optimum on 100-node ones; UNet's
     skips within 5 % of PyTorch's time: 6.39 GiB against 6.82 GiB); elsewhere it is one
     more start for the local search. For a budget with the compute objective, and for a
     cap with the memory objective."""
