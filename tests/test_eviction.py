@@ -11,7 +11,7 @@ import pytest
 
 from monetdsl.search import eviction
 from monetdsl.search.baselines import store_all
-from monetdsl.search.eviction import evict_to_budget, least_peak_within_cap
+from monetdsl.search.eviction import compute_lower_bound_within, evict_to_budget, least_peak_within_cap
 from monetdsl.search.simulator import simulate
 from monetdsl.search.solve import solve
 from monetdsl.synth import layered_spec, random_spec
@@ -129,3 +129,32 @@ def test_hybrid_least_peak_without_blocks():
     assert "blocks_skipped" in result.details
     assert result.success and result.simulation.ok and result.simulation.overhead <= 0.05 + 1e-9
     assert result.simulation.peak_bytes <= result.details["eviction"]["peak"] < store.peak_bytes
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("fraction", [0.9, 0.95])
+def test_lower_bound_within_budget_is_below_the_exact_optimum(seed, fraction):
+    """Between store-all's compute (strictly above it: the budget forces recomputation)
+    and the exact MILP's optimum."""
+    spec = layered_spec(10, seed)
+    network, start, full, cons = _setup(spec, fraction)
+    bound = compute_lower_bound_within(network, cons, baseline_us=full.compute_us)
+    exact = solve(spec, "milp", memory_budget=cons.memory_budget, time_limit=60, exact_min_budget=False)
+    assert exact.status == "optimal"
+    assert bound is not None and full.compute_us < bound <= exact.simulation.compute_us + 1e-9
+
+
+@pytest.mark.parametrize("seed", [1, 3])
+def test_no_lower_bound_within_a_budget_no_schedule_meets(seed):
+    spec = layered_spec(8, seed)
+    network, start, full, cons = _setup(spec, 0.7)
+    assert compute_lower_bound_within(network, cons, baseline_us=full.compute_us) is None
+    assert solve(spec, "milp", memory_budget=cons.memory_budget, time_limit=60, exact_min_budget=False).status == "infeasible"
+
+
+def test_lower_bound_within_budget_needs_a_plain_network():
+    """Implementation choice, in-place and derived tensors: no bound (it would not hold)."""
+    spec = random_spec(3, forward_ops=6)
+    network, start, full, cons = _setup(spec, 0.8)
+    assert not eviction._plain(network)
+    assert compute_lower_bound_within(network, cons, baseline_us=full.compute_us) is None

@@ -23,7 +23,9 @@
 6. **Refine**: when the whole network's MILP is small enough, warm-start it from the best
    schedule (a highspy MIP start) and let HiGHS improve it in the remaining time; its dual
    bound is reported. Otherwise the bound is :mod:`.bounds`' (every op once, fastest
-   implementation). The refinement stops when HiGHS proves its gap, or earlier by
+   implementation), on plain networks with a budget raised by the recomputation the
+   budget forces at the step store-all exceeds it most
+   (:func:`..eviction.compute_lower_bound_within`). The refinement stops when HiGHS proves its gap, or earlier by
    :mod:`..stopping`'s rule (no improvement of the engine's best for a share of the time
    spent so far); ``details["stopped"]`` and the message say why the search ended.
 
@@ -45,7 +47,7 @@ from ..milp.engine import _heuristics, _start_for, heuristic_names, least_peak_w
 from ..milp.codec import decisions_from_solution, decode
 from ..milp.highs import run_highs
 from ..milp.model import MIB, build_model
-from ..eviction import evict_to_budget, least_peak_within_cap
+from ..eviction import compute_lower_bound_within, evict_to_budget, least_peak_within_cap
 from ..local_search import improve
 from ..outcome import MethodOutcome, SearchContext
 from ..progress import ProgressInfo
@@ -631,6 +633,9 @@ def _finish(network, constraints, ctx, run, candidates, details, deadline, watch
         lower = float(peak_lower_bound(network, allowed))
     else:
         lower = compute_lower_bound(network, allowed)
+        within = compute_lower_bound_within(network, constraints, baseline_us=ctx.baseline_us)
+        if within is not None:  # plain networks: the recomputation the budget forces somewhere
+            lower = max(lower, within)
     details["simple_lower_bound"] = lower
     floor = model = None
     refine = _fits_refinement(network, ctx.options)
