@@ -22,6 +22,10 @@ machine, method ``auto``) but ``--time-limit`` for the search:
 * ``checkpoint``: eager with ``torch.utils.checkpoint`` on every block (non-reentrant);
 * ``at checkpoint's time``: the lowest peak within the overhead checkpoint measured.
 
+A cap the runtime cannot keep against eager's step (its own store-all step is slower than
+``1 + cap`` times eager's) trains the model as eager PyTorch; such a row says "eager: no
+room" and has no planned figures (it is eager's step by construction).
+
 Targets (``docs/runtime.md``): allocator / planned <= 1.05 for every schedule; measured
 time <= (1 + cap) x eager x 1.10; ``at checkpoint's time`` below checkpoint's allocator
 peak at no more time. Models: the repository's small zoo and bench models, and kinds it
@@ -255,9 +259,7 @@ def measure_model(name: str, rounds: int, time_limit: float) -> list[dict]:
             continue
         plan = fast.plan_for(x)
         modules[label] = fast
-        rows.append({"model": name, "strategy": label, "cap": options.get("max_overhead", 0.0),
-                     "planned": plan.planned_activation_peak, "planned_overhead": plan.simulation.overhead,
-                     "planned_vs_eager": (1 + plan.simulation.overhead) * _runtime_over_eager(model, x, plan),
+        rows.append({"model": name, "strategy": label, "cap": options.get("max_overhead", 0.0), **_planned(model, x, plan),
                      "live": monetdsl.measure(fast, x, probe="live").peak, "allocator": _alloc_peak(fast, x),
                      "plan_seconds": time.perf_counter() - t0})
     blocked = isinstance(model, Blocks)
@@ -279,9 +281,7 @@ def measure_model(name: str, rounds: int, time_limit: float) -> list[dict]:
             plan = fast.plan_for(x)
             t = _interleaved(model, x, {"at checkpoint's time": fast}, rounds, checkpointed=True)
             cpu, wall = _ratios(t, "at checkpoint's time")
-            rows.append({"model": name, "strategy": "at checkpoint's time", "cap": cap, "planned": plan.planned_activation_peak,
-                         "planned_overhead": plan.simulation.overhead,
-                         "planned_vs_eager": (1 + plan.simulation.overhead) * _runtime_over_eager(model, x, plan),
+            rows.append({"model": name, "strategy": "at checkpoint's time", "cap": cap, **_planned(model, x, plan),
                          "live": monetdsl.measure(fast, x, probe="live").peak,
                          "allocator": _alloc_peak(fast, x), "time_vs_eager": cpu, "wall_vs_eager": wall,
                          "checkpoint_time_vs_eager": _ratios(t, "checkpoint")[0],
@@ -320,6 +320,15 @@ def _ratios(times: dict, key: str) -> tuple[float, float]:
     return times[key][0] / times["eager"][0], times[key][1] / times["eager"][1]
 
 
+def _planned(model, x, plan) -> dict:
+    """The plan's own figures; a plan that trains as eager PyTorch (no schedule fits the cap
+    against eager's step) has none: it is eager's step, by construction."""
+    if plan.runs_eager:
+        return {"runs_eager": True, "planned_vs_eager": 1.0}
+    return {"planned": plan.planned_activation_peak, "planned_overhead": plan.simulation.overhead,
+            "planned_vs_eager": (1 + plan.simulation.overhead) * _runtime_over_eager(model, x, plan)}
+
+
 def _runtime_over_eager(model, x, plan) -> float:
     """The runtime's fastest step over eager's, as planning measured it (measured now when
     the plan needed none: store-all plans)."""
@@ -343,7 +352,7 @@ def table(rows: list[dict]) -> str:
         ratio = r["allocator"] / r["planned"] if r.get("planned") else None
         target = (1 + r["cap"]) * 1.10 if "cap" in r else None
         lines.append("| " + " | ".join([
-            r["model"], r["strategy"], _fmt(r.get("planned"), "bytes"), _fmt(r.get("live"), "bytes"), _fmt(r.get("allocator"), "bytes"),
+            r["model"], r["strategy"] + (" (eager: no room)" if r.get("runs_eager") else ""), _fmt(r.get("planned"), "bytes"), _fmt(r.get("live"), "bytes"), _fmt(r.get("allocator"), "bytes"),
             _fmt(ratio, "ratio"), _fmt(r.get("planned_overhead"), "pct"), _fmt(r.get("planned_vs_eager"), "x"),
             _fmt(r.get("time_vs_eager"), "x"), _fmt(r.get("wall_vs_eager"), "x"), _fmt(target, "x"), _fmt(r.get("vs_eager_peak"), "ratio"), _fmt(r.get("vs_checkpoint_peak"), "ratio")]) + " |")
     return head + "\n".join(lines) + "\n"
