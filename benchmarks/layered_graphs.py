@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -119,7 +120,8 @@ def main(argv=None) -> int:
         lines += ["## Wall time against the limit (budget 0.8x store-all)", "", head, *[_limit_line(r) for r in data["limits"]], ""]
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     data["when"] = when
-    text = "\n".join(["# Seeded layered Checkmate-format graphs", "", f"{when}; {machine()}; `{command}`.", "", *lines])
+    load = "load average {:.1f} / {:.1f} / {:.1f} (1 / 5 / 15 min) at the end".format(*os.getloadavg())
+    text = "\n".join(["# Seeded layered Checkmate-format graphs", "", f"{when}; {machine()}; {load}; `{command}`.", "", *lines])
     _atomic(out / "layered_graphs.md", lambda f: f.write(text.encode()))
     _atomic(out / "layered_graphs.json", lambda f: f.write(json.dumps(data, indent=1).encode()))
     print("wrote", out / "layered_graphs.md")

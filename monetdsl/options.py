@@ -64,6 +64,7 @@ ENGINE_OPTIONS: dict[str, EngineOption] = {
     "gap": EngineOption("a relative optimality gap in [0, 1) (0.01 = 1 %, or text such as '1%')", lambda value: True),
     "backend": EngineOption("the HiGHS interface: 'highspy' or 'scipy'", _one_of("highspy", "scipy")),
     "polish": EngineOption("True or False: spend the time left on the fastest schedule at the least peak", _flag),
+    "evict": EngineOption("True or False: let the hybrid engine start from store-all with tensors evicted around its peak", _flag),
     "refine": EngineOption("True or False: let the hybrid engine refine its schedule with the joint MILP", _flag),
     "refine_max_ops": EngineOption("a positive whole number: the largest network the hybrid engine refines", _whole(1)),
     "target_ops": EngineOption("a positive whole number: forward ops per block of the hybrid engine", _whole(1)),

@@ -47,10 +47,13 @@ from ..simulator import chosen_impls, simulate
 from .compose import forward_closure, sticky_tensors
 from .subnet import SINK, SOURCE, SOURCE_VIEWS, BlockNet
 
-__all__ = ["Option", "BlockMenu", "MenuCache", "build_menu", "build_menus", "extend_menu", "extend_menus", "evaluate_option", "option_schedule", "pareto"]
+__all__ = ["MIN_SECONDS_PER_KIND", "Option", "BlockMenu", "MenuCache", "build_menu", "build_menus", "extend_menu", "extend_menus", "evaluate_option", "option_schedule", "pareto"]
 
 #: keep caps (fractions of what the block's fastest option keeps) of the menu grid
 SAVED_FRACTIONS = (0.75, 0.5, 0.35, 0.2, 0.1)
+#: the least time a block kind's first menu gets, whatever the share (one small MILP
+#: and the heuristics): with many kinds the first menus take at least this many seconds each
+MIN_SECONDS_PER_KIND = 0.5
 #: relative gap of the menu MILPs: an option 0.1 % slower than optimal is as good
 MENU_GAP = 1e-3
 
@@ -480,7 +483,7 @@ def build_menus(
     share = time_budget * max(1, min(workers, len(todo)))
     seeds = seeds or {}
     stop = stop if workers <= 1 else None  # an event does not cross into spawned processes
-    jobs = [(bn, max(0.5, share * w / total), max(0.5, min(4.0, share * w / total / 3)), grid, tuple(seeds.get(bn.fingerprint, ())), stop)
+    jobs = [(bn, max(MIN_SECONDS_PER_KIND, share * w / total), max(0.5, min(4.0, share * w / total / 3)), grid, tuple(seeds.get(bn.fingerprint, ())), stop)
             for bn, w in zip(todo, weights)]
     menus = _pool_map(_build_one, jobs, workers)
     for menu in menus:

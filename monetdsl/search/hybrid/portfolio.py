@@ -40,7 +40,7 @@ def restricted_first(network: Network, constraints: ResolvedConstraints, ctx: Se
         # no local search here: the full search polishes the best start it has, this
         # one's schedule included, and the time goes to its block menus instead
         inner = replace(ctx, time_limit=share * limit, options={**ctx.options, "polish": False})
-        first = run_hybrid(network, narrow, inner)
+        first = run_hybrid(network, narrow, inner, may_skip_blocks=False)  # its block options seed the full search
     except SpecError as exc:  # e.g. a first implementation that overwrites a block's input
         first, note = None, exc.diagnostics[0].message
     if first is not None and ctx.stopped:  # asked to stop: the restricted search's best is the answer
