@@ -70,12 +70,10 @@ def test_the_hybrid_ends_before_a_generous_limit_and_says_why():
     assert f"stopped: {result.details['stopped']}" in result.message
 
 
-def test_the_local_search_ends_when_the_watched_search_stalls_and_reports_its_gains():
-    """Under a watch that says "stalled" from the start, the local search returns its start
-    (rebuilt, never worse) at once and says why; under one that never stops, every
-    improvement it finds reaches the watch."""
-    import time
-
+def test_the_local_search_stops_paying_on_its_own_clock():
+    """Under a stop rule the local search ends once its own best has not improved for the
+    rule's share of its running time, never worse than its start and saying why; with the
+    rule off it runs to its other limits."""
     from monetdsl.search.impl_choice import cheapest_impls, no_recompute_compute_us
     from monetdsl.search.local_search import improve
     from monetdsl.search.simulator import simulate
@@ -86,12 +84,12 @@ def test_the_local_search_ends_when_the_watched_search_stalls_and_reports_its_ga
     constraints = resolve_constraints(network, spec.constraints, memory_budget=solve(spec, "store-all").simulation.peak_bytes)
     baseline = no_recompute_compute_us(network, cheapest_impls(network))
     start = solve(spec, "recompute-all")
-    stalled = StallWatch(StopRule(stall_share=0.25, min_stall_seconds=1.0), begin=time.perf_counter() - 100)
-    stalled.observe(start.simulation.compute_us, now=stalled.begin)
-    quick = improve(network, start.schedule, constraints, baseline_us=baseline, time_limit=30.0, watch=stalled)
-    assert quick.stalled is not None and quick.evaluations <= 1
-    assert simulate(network, quick.schedule, constraints=constraints, baseline_us=baseline).compute_us <= start.simulation.compute_us + 1e-9
-    open_ended = StallWatch(StopRule.from_options({"stall_share": None}))
-    full = improve(network, start.schedule, constraints, baseline_us=baseline, time_limit=5.0, watch=open_ended, max_kicks=3)
-    assert full.stalled is None and full.moves  # recompute-all within the store-all budget: holding tensors pays
-    assert open_ended.best == full.simulation.compute_us < start.simulation.compute_us
+    # a tiny minimum stall: the search ends at its first quiet spell, long before the limit
+    quick = improve(network, start.schedule, constraints, baseline_us=baseline, time_limit=600.0,
+                    rule=StopRule(stall_share=0.25, min_stall_seconds=0.05))
+    assert quick.stalled is not None and quick.stalled.startswith("no improvement")
+    replay = simulate(network, quick.schedule, constraints=constraints, baseline_us=baseline)
+    assert replay.ok and replay.compute_us == quick.simulation.compute_us < start.simulation.compute_us
+    full = improve(network, start.schedule, constraints, baseline_us=baseline, time_limit=600.0,
+                   rule=StopRule.from_options({"stall_share": None}), max_kicks=3)
+    assert full.stalled is None and full.kicks <= 3

@@ -14,7 +14,7 @@ import torch
 
 from ..ir import Spec
 from ..tracing.api import TraceResult, trace_graph, with_costs
-from .estimated_workspace import measure_workspaces
+from .kept_workspaces import estimated_workspaces
 from .measure import measure_costs
 from .store import MeasurementStore
 
@@ -38,12 +38,14 @@ def profiled_cost_model(device: str, repeats: int = MEASURE_REPEATS) -> str:
             " implementation; workspaces from the allocator's peak)")
 
 
-def with_estimated_workspaces(trace: TraceResult) -> TraceResult:
+def with_estimated_workspaces(trace: TraceResult, store: MeasurementStore | None = None) -> TraceResult:
     """``trace`` with every implementation's workspace: the temporaries its runtime step
     allocates, run on FakeTensors of the traced shapes; a step that cannot run on
-    FakeTensors keeps workspace 0 and a note says so. ``trace`` is untouched."""
+    FakeTensors keeps workspace 0 and a note says so. With ``store``, the estimates of a
+    graph estimated before are read back from it (:mod:`.kept_workspaces`). ``trace`` is
+    untouched."""
     start = time.perf_counter()
-    report = measure_workspaces(trace.built)
+    report = estimated_workspaces(trace.built, store)
     result = with_costs(trace, report.network, trace.cost_model, report.notes)
     result.built.workspace = report
     result.total_seconds += time.perf_counter() - start
@@ -69,8 +71,9 @@ def trace_model(model, example_inputs, *, repeats: int = MEASURE_REPEATS, store:
 
     ``options`` are :func:`~monetdsl.tracing.trace_graph`'s (``loss``, ``name``,
     ``device``, ``profile``, ``optimizer``, ``dtype``). With ``profile=True`` every op and
-    implementation is measured on ``device`` (``repeats`` runs each, kept in ``store``)."""
-    result = with_estimated_workspaces(trace_graph(model, example_inputs, **options))
+    implementation is measured on ``device`` (``repeats`` runs each, kept in ``store``).
+    Given a ``store``, the workspace estimates are kept there too."""
+    result = with_estimated_workspaces(trace_graph(model, example_inputs, **options), store)
     return profile_trace(result, options.get("device", "P100"), repeats, store) if options.get("profile") else result
 
 

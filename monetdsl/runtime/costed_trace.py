@@ -17,22 +17,23 @@ __all__ = ["trace_for_runtime", "timed_trace", "trace_for_plan"]
 
 
 def trace_for_runtime(model: torch.nn.Module, inputs, *, optimizer: str, device: str | None = None, profile: bool = False,
-                      calibrate: bool = True):
+                      calibrate: bool = True, store=None):
     """Trace ``model`` on ``inputs`` ending at its output; the cost model follows the inputs'
     device (its roofline preset, or with ``profile`` every op and alternative timed on it,
     then, with ``calibrate``, corrected by timing store-all training steps in place:
-    :mod:`.calibrate`)."""
+    :mod:`.calibrate`). ``store`` (a :class:`~monetdsl.costs.MeasurementStore`): where
+    the workspace estimates (and with ``profile`` the measurements) are kept."""
     from ..costs import trace_model
     from ..tracing.capture import CaptureError
 
     on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
     preset = device or ("cuda" if on_cuda else "cpu")
     try:
-        traced = trace_model(model, list(inputs), loss="output", device=preset, optimizer=optimizer, profile=profile)
+        traced = trace_model(model, list(inputs), loss="output", device=preset, optimizer=optimizer, profile=profile, store=store)
     except CaptureError:
         if preset != "cuda" or profile:
             raise
-        return trace_model(model, list(inputs), loss="output", device="A100", optimizer=optimizer)
+        return trace_model(model, list(inputs), loss="output", device="A100", optimizer=optimizer, store=store)
     if profile and calibrate:
         from .calibrate import calibrate as calibrate_in_place
 
@@ -44,12 +45,13 @@ def timed_trace(model: torch.nn.Module, inputs, *, optimizer: str, cache_dir: st
     """``model`` traced with every op and implementation measured on its inputs' device
     (time and allocator-measured memory, alone and in place: :mod:`.measured_costs`), the
     measurements kept by op signature in ``cache_dir`` (default: the user's cache
-    directory), so only ops never measured on this machine are run."""
+    directory), so only ops never measured on this machine are run; the graph's workspace
+    estimates are kept there too."""
     from ..costs import MeasurementStore
     from .measured_costs import measured_trace
 
-    plain = trace_for_runtime(model, inputs, optimizer=optimizer)
     store = MeasurementStore(cache_dir) if cache_dir is not None else MeasurementStore()
+    plain = trace_for_runtime(model, inputs, optimizer=optimizer, store=store)
     return measured_trace(model, inputs, plain, optimizer=optimizer, store=store)
 
 

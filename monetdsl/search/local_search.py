@@ -24,8 +24,10 @@ a move is taken only when the replay is valid, within the constraints, and bette
 (compute then peak, or peak then compute with the memory objective). The search is
 first-improvement hill climbing, then iterated: random kicks of a few moves followed by
 climbing again, until the deadline (seeded, so a run is repeatable on an idle machine), or,
-given the caller's :class:`~.stopping.StallWatch`, until the whole search has stopped
-paying (:mod:`.stopping`; the local search's own improvements count).
+given a :class:`~.stopping.StopRule`, once it has stopped paying: no improvement of its
+best for the rule's share of its own running time (:mod:`.stopping`). Its clock starts
+with it, not with the search that calls it: the moves it makes are ones the phases before
+it cannot, so a stall of those phases says nothing about what it will find.
 
     >>> from monetdsl.grammar.parser import parse_spec
     >>> from monetdsl.search.baselines import recompute_all
@@ -58,7 +60,7 @@ from ..validate import ResolvedConstraints
 from .carry_plan import schedule_from_carry
 from .schedule_builder import backward_reads
 from .simulator import Simulation, simulate
-from .stopping import StallWatch
+from .stopping import StallWatch, StopRule
 
 __all__ = ["improve", "LocalSearchResult", "carry_of"]
 
@@ -83,7 +85,7 @@ class LocalSearchResult:
     evaluations: int = 0
     kicks: int = 0
     seconds: float = 0.0
-    #: why the search ended before its deadline by the caller's stall watch, or None
+    #: why the search ended before its deadline by the stop rule, or None
     stalled: str | None = None
 
 
@@ -116,8 +118,8 @@ class _Search:
         self.evaluations = 0
 
     def time_up(self) -> bool:
-        """The deadline has passed, the caller asked the search to stop, or the watched
-        search has stopped paying (the reason is kept in ``stalled``)."""
+        """The deadline has passed, the caller asked the search to stop, or the search has
+        stopped paying under its stop rule (the reason is kept in ``stalled``)."""
         if time.perf_counter() >= self.deadline or (self.stop is not None and self.stop.is_set()):
             return True
         if self.watch is not None and self.stalled is None:
@@ -125,7 +127,7 @@ class _Search:
         return self.stalled is not None
 
     def found_better(self, sim: Simulation) -> None:
-        """Tell the watch (if any) of a new best schedule."""
+        """Tell the stall watch (if any) of a new best schedule."""
         if self.watch is not None:
             self.watch.observe(float(sim.peak_bytes) if self.objective == "memory" else sim.compute_us)
 
@@ -313,7 +315,7 @@ def improve(
     seed: int = 0,
     max_kicks: int | None = None,
     stop=None,
-    watch: StallWatch | None = None,
+    rule: StopRule | None = None,
 ) -> LocalSearchResult:
     """The best schedule the moves reach from ``schedule`` within ``time_limit`` seconds.
 
@@ -323,12 +325,12 @@ def improve(
 
     ``schedule`` must replay validly; the result is never worse than it (it is returned
     unchanged when no move helps). ``stop`` (anything with ``is_set()``) ends it early;
-    so does ``watch`` (the calling search's :class:`~.stopping.StallWatch`, told of every
-    improvement found here) when it says the search has stopped paying.
+    so does ``rule`` (a :class:`~.stopping.StopRule`, timed from this call) once the search
+    has stopped paying.
     """
     begin = time.perf_counter()
     search = _Search(network, constraints, baseline_us, objective, begin + time_limit, schedule.spec_path, schedule.fingerprint, stop,
-                     watch)
+                     None if rule is None else StallWatch(rule, begin))
     impls = {op.name: schedule.impls.get(op.name, op.impls[0].name) for op in (*network.forward_ops, *network.backward_ops)}
     current_sim = simulate(network, schedule, constraints=constraints, baseline_us=baseline_us)
     best = (schedule, current_sim)
@@ -336,6 +338,7 @@ def improve(
     rebuilt = search.build(impls, plan)
     if rebuilt is not None and search.key(rebuilt[1]) <= search.key(current_sim):
         best = rebuilt
+    search.found_better(best[1])
     result = LocalSearchResult(best[0], best[1])
     if not current_sim.ok:
         result.seconds = time.perf_counter() - begin

@@ -415,10 +415,10 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
         details["local_search"] = []
         for k, start in enumerate(starts):
             share = (_left(ctx, deadline)) * (POLISH_SHARE if _fits_refinement(network, options) else 1.0) / (len(starts) - k)
-            if share <= 0.2 or watch.reason() is not None:
+            if share <= 0.2:
                 break
             polished = improve(network, start[1], constraints, baseline_us=ctx.baseline_us, time_limit=share, objective=objective,
-                               max_kicks=options.get("kicks"), stop=ctx.stop, watch=watch)
+                               max_kicks=options.get("kicks"), stop=ctx.stop, rule=watch.rule)
             details["local_search"].append(_polish_record(start, polished, objective))
             if _value(polished.simulation, objective) < _value(run[2], objective) - 1e-9:
                 run = (start[0] + "+local", polished.schedule, polished.simulation)
@@ -465,11 +465,12 @@ def _without_blocks(network, constraints, ctx, heuristics, prior, details, deadl
     if run is not None and ctx.options.get("polish", True) and _left(ctx, deadline) > 0.2:
         watch.observe(_value(run[2], objective))
         polished = improve(network, run[1], constraints, baseline_us=ctx.baseline_us, time_limit=_left(ctx, deadline),
-                           objective=objective, max_kicks=ctx.options.get("kicks"), stop=ctx.stop, watch=watch)
+                           objective=objective, max_kicks=ctx.options.get("kicks"), stop=ctx.stop, rule=watch.rule)
         details["local_search"].append(_polish_record(run, polished, objective))
         if _value(polished.simulation, objective) < _value(run[2], objective) - 1e-9:
             run = (run[0] + "+local", polished.schedule, polished.simulation)
             candidates.append(run)
+        watch.observe(_value(run[2], objective))
     result = _finish(network, constraints, ctx, run, candidates, details, deadline, watch)
     details["seconds"] = round(time.perf_counter() - begin, 3)
     return result
