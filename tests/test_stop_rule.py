@@ -6,7 +6,7 @@ import pytest
 
 from monetdsl.grammar.parser import parse_spec
 from monetdsl.search.solve import HEURISTICS, solve
-from monetdsl.search.stopping import StallWatch, StopRule
+from monetdsl.search.stopping import StallStop, StallWatch, StopRule
 from monetdsl.synth import resnet_stack, transformer_stack
 
 
@@ -93,3 +93,28 @@ def test_the_local_search_stops_paying_on_its_own_clock():
     full = improve(network, start.schedule, constraints, baseline_us=baseline, time_limit=600.0,
                    rule=StopRule.from_options({"stall_share": None}), max_kicks=3)
     assert full.stalled is None and full.kicks <= 3
+
+
+def test_stall_stop_says_why_it_stops():
+    watch = StallWatch(StopRule(stall_share=0.25, min_stall_seconds=1.0), begin=0.0)
+    watch.observe(10.0, now=0.0)  # long ago: stalled by now
+    stalled = StallStop(watch)
+    assert stalled.is_set() and stalled.reason.startswith("no improvement")
+
+    class Asked:
+        def is_set(self):
+            return True
+
+    fresh = StallWatch(StopRule(), begin=None)
+    asked = StallStop(fresh, Asked())
+    assert asked.is_set() and asked.reason is None  # the caller stopped it, not the rule
+    assert not StallStop(StallWatch(StopRule())).is_set()  # nothing found yet: goes on
+
+
+def test_the_milp_second_phase_stops_paying_and_keeps_the_least_peak():
+    """The memory objective's second phase (the fastest schedule at the least peak) runs
+    under the stall rule: stopped at its first report it keeps the first phase's peak."""
+    spec = _spec("resnet", 1)
+    eager = solve(spec, "milp", max_overhead=0.2, time_limit=60, options={"stall_share": 0.0, "min_stall": 0.0})
+    assert eager.status == "optimal" and eager.simulation.peak_bytes == eager.min_feasible_budget
+    assert eager.details.get("polish_status") == "optimal" or eager.details["polish_stopped"].startswith("no improvement")

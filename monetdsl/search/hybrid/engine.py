@@ -51,7 +51,7 @@ from ..eviction import compute_lower_bound_within, evict_to_budget, least_peak_w
 from ..local_search import improve
 from ..outcome import MethodOutcome, SearchContext
 from ..progress import ProgressInfo
-from ..stopping import StallWatch, StopRule
+from ..stopping import EXACT_MIN_STALL_SECONDS, StallWatch, StopRule
 from ..simulator import Simulation, simulate
 from .bounds import compute_lower_bound, peak_lower_bound
 from .chain import ChainModel
@@ -751,15 +751,20 @@ def _refine(network, constraints, ctx, run, deadline, details, watch: StallWatch
     gap = 0.0 if objective == "memory" else ctx.options.get("gap", 1e-4)
     in_bytes = (lambda v: None if v is None else model.fixed_bytes + v * MIB) if objective == "memory" else (lambda v: v)
 
+    # the MILP's own stall clock, from now: the phases before it cannot make its moves
+    own = StallWatch(StopRule.from_options(ctx.options, EXACT_MIN_STALL_SECONDS))
+    own.observe(None if run is None else _value(run[2], objective))
+
     def observe(elapsed, incumbent, bound, _gap) -> None:  # HiGHS reports many times a second
         watch.observe(in_bytes(incumbent))
+        own.observe(in_bytes(incumbent))
         if ctx.progress is not None:
             best, low = watch.best, in_bytes(bound)
             gap_now = None if best is None or low is None else max(0.0, best - low) / max(best, 1e-12)
             ctx.progress(ProgressInfo("hybrid", "refinement MILP", time.perf_counter() - watch.begin, best, low, gap_now,
                                       "bytes" if objective == "memory" else "us"))
 
-    stop = _StopRequest(ctx, watch, info)
+    stop = _StopRequest(ctx, own, info)
 
     milp = run_highs(
         model.builder, time_limit=left, rel_gap=gap, abs_gap=0.25 / MIB if objective == "memory" else 1e-6,

@@ -32,6 +32,7 @@ from ..outcome import MethodOutcome, SearchContext
 from ..progress import ProgressInfo
 from .. import known
 from ..simulator import Simulation, chosen_impls, simulate
+from ..stopping import StallStop, StallWatch, StopRule
 from .codec import Accounting, canonical, decisions_from_solution, decode, encode, evaluate
 from .highs import MilpRun, run_highs
 from .model import MIB, BuildTimeout, JointModel, build_model
@@ -148,20 +149,38 @@ def highs_seconds(model: JointModel, time_left: float) -> float:
     return max(0.1, time_left - TRANSFER_SHARE * model.stats.get("build_seconds", 0.0))
 
 
-def _run(model: JointModel, ctx: SearchContext, time_limit: float, start, label: str, phase: str, *, exact: bool = False) -> MilpRun:
+def _run(model: JointModel, ctx: SearchContext, time_limit: float, start, label: str, phase: str, *, exact: bool = False,
+         stalling: StallStop | None = None) -> MilpRun:
+    """HiGHS on ``model``; with ``stalling``, its incumbents go to the stall watch, which
+    ends the run once the search has stopped paying (:mod:`..stopping`)."""
     time_limit = highs_seconds(model, time_limit)
     gap = 0.0 if exact else ctx.options.get("gap", DEFAULT_GAP)
     abs_gap = 0.25 / MIB if model.objective == "memory" else 1e-6
+    progress = _progress_adapter(ctx, model, label, phase)
+    if stalling is not None:
+        convert, _ = _units(model)
+        report = progress
+
+        def progress(elapsed, incumbent, bound, gap_now):
+            stalling.watch.observe(convert(incumbent))
+            if report is not None:
+                report(elapsed, incumbent, bound, gap_now)
+
     return run_highs(
         model.builder,
         time_limit=time_limit,
         rel_gap=gap,
         abs_gap=abs_gap,
         start=start,
-        progress=_progress_adapter(ctx, model, label, phase),
+        progress=progress,
         backend=ctx.options.get("backend", "highspy"),
-        stop=ctx.stop,
+        stop=ctx.stop if stalling is None else stalling,
     )
+
+
+def _stalling(ctx: SearchContext) -> StallStop:
+    """A stall watch for one HiGHS run of the joint MILP, its clock starting now."""
+    return StallStop(StallWatch(StopRule.from_options(ctx.options)), ctx.stop)
 
 
 def _decoded(model: JointModel, run: MilpRun, ctx: SearchContext) -> tuple[Schedule, Accounting]:
@@ -440,8 +459,11 @@ def _polish(network, constraints, ctx, pins, label, outcome, peak, remaining) ->
         return
     first = simulate(network, outcome.schedule, constraints=cons, baseline_us=ctx.baseline_us)
     start = _start_for(model, [("phase 1", outcome.schedule, first)])
-    run = _run(model, ctx, remaining, None if start is None else start[1], label, "fastest at that peak")
+    stalling = _stalling(ctx)  # the peak is settled: this phase only trims compute, while it pays
+    run = _run(model, ctx, remaining, None if start is None else start[1], label, "fastest at that peak", stalling=stalling)
     outcome.details["polish_status"] = run.status
+    if stalling.reason is not None and run.status != "optimal":
+        outcome.details["polish_stopped"] = stalling.reason
     if run.x is None:
         return
     schedule, accounting = _decoded(model, run, ctx)
