@@ -11,8 +11,10 @@ Per model (the zoo and benchmark models of :mod:`monetdsl.models`, on CPU):
   is read back: tracing, replay and lowering remain);
 * **quality**: the planned peak at the cap against the one a full search finds on the same
   traced graph in ``--reference`` seconds (the same method with the stall rule off, so it
-  uses its whole limit: ``options={"stall_share": None}``). Positive: the default plan's
-  peak is that much above the full search's.
+  uses its whole limit: ``options={"stall_share": None}``), under the cap the plan's search
+  had (the runtime turns the caller's cap against eager's step into a cap for the search,
+  :mod:`monetdsl.runtime.eager_reference`; ``search cap`` in the JSON). Positive: the
+  default plan's peak is that much above the full search's.
 
 ``--specs`` adds the shipped ``.monet`` specs: ``monetdsl.search.solve.solve`` with default
 options against the full search, on the spec's own costs.
@@ -100,9 +102,17 @@ def child(name: str, cache_dir: str, reference: float) -> dict:
     row = {"seconds": seconds, "forward_ops": len(plan.spec.network.forward_ops), "peak": plan.planned_peak,
            "compute_us": plan.simulation.compute_us, "threads": torch.get_num_threads()}
     if reference > 0:
-        full = solve(plan.spec, "auto", max_overhead=CAP, time_limit=reference, options={"stall_share": None})
+        from monetdsl.planning import Constraints
+        from monetdsl.runtime.eager_reference import cap_against_eager
+
+        # the cap the plan's search had (read back from the measurement store, not timed again)
+        searched = cap_against_eager(model, x, plan.trace, plan.spec, Constraints(max_overhead=CAP), optimizer="adam",
+                                     cache_dir=cache_dir)
+        method = "auto" if searched.max_overhead is not None else "store-all"
+        full = solve(plan.spec, method, max_overhead=searched.max_overhead, time_limit=reference, options={"stall_share": None}
+                     if method == "auto" else None)
         row.update(reference_peak=full.simulation.peak_bytes, reference_seconds=full.solve_seconds,
-                   method=full.details.get("chosen", full.method))
+                   method=full.details.get("chosen", full.method), search_cap=searched.max_overhead)
     return row
 
 
@@ -122,7 +132,7 @@ def measure_model(name: str, reference: float) -> dict:
     assert warm["peak"] == cold["peak"], "the warm run planned another schedule"
     return {"kind": "model", "ops": cold["forward_ops"], "cold_s": cold["seconds"], "warm_s": warm["seconds"],
             "peak": cold["peak"], "reference_peak": warm.get("reference_peak"), "reference_s": warm.get("reference_seconds"),
-            "method": warm.get("method"), "threads": cold["threads"]}
+            "method": warm.get("method"), "threads": cold["threads"], "search_cap": warm.get("search_cap")}
 
 
 def measure_spec(name: str, reference: float) -> dict:
@@ -150,13 +160,14 @@ def _cell(value, fmt: str) -> str:
 def table(rows: dict) -> str:
     from monetdsl.units import human_bytes
 
-    lines = ["| model | forward ops | method | cold s | warm s | planned peak | full search peak (s) | quality | date |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | forward ops | method | search cap | cold s | warm s | planned peak | full search peak (s) | quality | date |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         quality = None if r.get("reference_peak") is None else (r["peak"] - r["reference_peak"]) / r["reference_peak"]
         ref = "-" if r.get("reference_peak") is None else f"{human_bytes(r['reference_peak'])} ({r['reference_s']:.0f} s)"
         label = name if r["kind"] == "model" else f"spec {name.removeprefix('spec:')}"
-        lines.append(f"| {label} | {r['ops']} | {r.get('method') or '-'} | {_cell(r['cold_s'], '.1f')} | {_cell(r['warm_s'], '.1f')}"
+        cap = "-" if r.get("search_cap") is None else f"{r['search_cap']:.1%}"
+        lines.append(f"| {label} | {r['ops']} | {r.get('method') or '-'} | {cap} | {_cell(r['cold_s'], '.1f')} | {_cell(r['warm_s'], '.1f')}"
                      f" | {human_bytes(r['peak'])} | {ref} | {_cell(quality, '+.2%')} | {r['date']} |")
     return "\n".join(lines)
 
