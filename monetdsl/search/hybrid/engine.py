@@ -51,7 +51,7 @@ from ..eviction import compute_lower_bound_within, evict_to_budget, least_peak_w
 from ..local_search import improve
 from ..outcome import MethodOutcome, SearchContext
 from ..progress import ProgressInfo
-from ..stopping import EXACT_MIN_STALL_SECONDS, StallWatch, StopRule
+from ..stopping import EXACT_MIN_STALL_SECONDS, LOCAL_MIN_STALL_SECONDS, StallWatch, StopRule
 from ..simulator import Simulation, simulate
 from .bounds import compute_lower_bound, peak_lower_bound
 from .chain import ChainModel
@@ -418,7 +418,8 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
             if share <= 0.2:
                 break
             polished = improve(network, start[1], constraints, baseline_us=ctx.baseline_us, time_limit=share, objective=objective,
-                               max_kicks=options.get("kicks"), stop=ctx.stop, rule=watch.rule)
+                               max_kicks=options.get("kicks"), stop=ctx.stop,
+                               rule=StopRule.from_options(options, LOCAL_MIN_STALL_SECONDS))
             details["local_search"].append(_polish_record(start, polished, objective))
             if _value(polished.simulation, objective) < _value(run[2], objective) - 1e-9:
                 run = (start[0] + "+local", polished.schedule, polished.simulation)
@@ -465,7 +466,8 @@ def _without_blocks(network, constraints, ctx, heuristics, prior, details, deadl
     if run is not None and ctx.options.get("polish", True) and _left(ctx, deadline) > 0.2:
         watch.observe(_value(run[2], objective))
         polished = improve(network, run[1], constraints, baseline_us=ctx.baseline_us, time_limit=_left(ctx, deadline),
-                           objective=objective, max_kicks=ctx.options.get("kicks"), stop=ctx.stop, rule=watch.rule)
+                           objective=objective, max_kicks=ctx.options.get("kicks"), stop=ctx.stop,
+                           rule=StopRule.from_options(ctx.options, LOCAL_MIN_STALL_SECONDS))
         details["local_search"].append(_polish_record(run, polished, objective))
         if _value(polished.simulation, objective) < _value(run[2], objective) - 1e-9:
             run = (run[0] + "+local", polished.schedule, polished.simulation)
