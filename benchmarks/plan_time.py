@@ -13,8 +13,10 @@ Per model (the zoo and benchmark models of :mod:`monetdsl.models`, on CPU):
   traced graph in ``--reference`` seconds (the same method with the stall rule off, so it
   uses its whole limit: ``options={"stall_share": None}``), under the cap the plan's search
   had (the runtime turns the caller's cap against eager's step into a cap for the search,
-  :mod:`monetdsl.runtime.eager_reference`; ``search cap`` in the JSON). Positive: the
-  default plan's peak is that much above the full search's.
+  :mod:`monetdsl.runtime.eager_reference`; ``search cap`` in the JSON; ``-`` and method
+  ``eager`` or ``store-all`` when no room was left to recompute, nothing was searched and
+  there is nothing to compare). Positive: the default plan's peak is that much above the
+  full search's.
 
 ``--specs`` adds the shipped ``.monet`` specs: ``monetdsl.search.solve.solve`` with default
 options against the full search, on the spec's own costs.
@@ -108,11 +110,14 @@ def child(name: str, cache_dir: str, reference: float) -> dict:
         # the cap the plan's search had (read back from the measurement store, not timed again)
         searched = cap_against_eager(model, x, plan.trace, plan.spec, Constraints(max_overhead=CAP), optimizer="adam",
                                      cache_dir=cache_dir)
-        method = "auto" if searched.max_overhead is not None else "store-all"
-        full = solve(plan.spec, method, max_overhead=searched.max_overhead, time_limit=reference, options={"stall_share": None}
-                     if method == "auto" else None)
-        row.update(reference_peak=full.simulation.peak_bytes, reference_seconds=full.solve_seconds,
-                   method=full.details.get("chosen", full.method), search_cap=searched.max_overhead)
+        if searched.max_overhead is None:  # no room to recompute: eager's own step or store-all, nothing searched
+            row.update(reference_peak=plan.planned_peak, reference_seconds=0.0,
+                       method="eager" if getattr(searched, "eager", False) else "store-all", search_cap=None)
+        else:
+            full = solve(plan.spec, "auto", max_overhead=searched.max_overhead, time_limit=reference,
+                         options={"stall_share": None})
+            row.update(reference_peak=full.simulation.peak_bytes, reference_seconds=full.solve_seconds,
+                       method=full.details.get("chosen", full.method), search_cap=searched.max_overhead)
     return row
 
 
