@@ -6,7 +6,7 @@ pass and when, and which implementation each operator uses. Specs and schedules 
 
 Data flows one way: spec text -> IR (:mod:`monetdsl.ir`) -> search -> schedule -> runtime.
 """
-from .errors import CapWarning, Diagnostic, MonetError, OptionError, OutputError, PlanningWarning, ScheduleError, SolveError, SpecError, SpecSyntaxError
+from .errors import CapWarning, Diagnostic, EstimatedCostsWarning, MonetError, OptionError, OutputError, PlanningWarning, ScheduleError, SolveError, SpecError, SpecSyntaxError
 from .grammar import (
     format_schedule,
     format_spec,
@@ -75,6 +75,7 @@ __all__ = [
     "OutputError",
     "PlanningWarning",
     "CapWarning",
+    "EstimatedCostsWarning",
     "Network",
     "Spec",
     "Schedule",

@@ -13,6 +13,7 @@ __all__ = [
     "Diagnostic",
     "PlanningWarning",
     "CapWarning",
+    "EstimatedCostsWarning",
     "MonetError",
     "SpecSyntaxError",
     "SpecError",
@@ -105,4 +106,26 @@ class PlanningWarning(UserWarning):
 class CapWarning(UserWarning):
     """An overhead cap no schedule that recomputes can keep against eager PyTorch's step
     on this model and machine (the runtime's own fastest step is already that slow): the
-    plan recomputes nothing."""
+    model trains as eager PyTorch."""
+
+
+class EstimatedCostsWarning(UserWarning):
+    """A schedule file given to ``monetdsl.optimize`` was solved on estimated costs (a
+    roofline and FakeTensor workspaces), not on this machine's: its peak here can differ
+    from the one it was planned for."""
+
+
+def warn_at_user(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the first caller outside monetdsl (the user's line),
+    however deep in planning the warning is raised."""
+    import os
+    import sys
+    import warnings
+
+    ours = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    torch_module = sys.modules.get("torch")
+    theirs = os.path.dirname(os.path.abspath(torch_module.__file__)) + os.sep if torch_module else ours
+    frame, level = sys._getframe(1), 1  # level k: sys._getframe(k) here, stacklevel k + 1 for warn
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith((ours, theirs)):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)

@@ -69,6 +69,7 @@ def _with_stored_ratio(tmp_path, ratio: float, cap: float):
 def test_a_cap_the_runtime_cannot_keep_against_eager_trains_as_eager_and_says_so(tmp_path, monkeypatch):
     plan, warned = _with_stored_ratio(tmp_path, 1.5, 0.2)
     assert len(warned) == 1 and "x1.50 of eager" in str(warned[0].message) and "runs as eager" in str(warned[0].message)
+    assert warned[0].filename == __file__  # the user's call, not monetdsl's internals
     assert plan.simulation.recompute_us == 0 and not any(stage.recompute for stage in plan.schedule.stages)
     network = plan.spec.network
     assert plan.runs_eager and all(plan.schedule.impls.get(op.name, op.impls[0].name) == op.impls[0].name

@@ -43,7 +43,7 @@ def test_infeasible_budget_reports_a_minimum_that_solves_when_passed_back(which)
     if low.min_feasible_budget_exact:
         assert f"exactly {human_bytes(budget)} ({budget} B)" in low.message
     else:
-        assert "was not proved" in low.message and f"({budget} B; pass it as the budget)" in low.message
+        assert "was not proved" in low.message and f"({budget} B; pass it as the budget, e.g. '{budget}B')" in low.message
         assert low.details["min_budget_lower_bound"] <= budget
     back = solve(spec, "auto", memory_budget=budget, time_limit=limit)
     assert back.success and back.simulation.ok and back.simulation.peak_bytes <= budget

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -369,3 +370,20 @@ def test_tensor_keyword_arguments_run_as_their_positions():
         optimized(x, mask=mask, scale=2.0)
     with pytest.raises(monetdsl.MonetError, match="unexpected keyword argument 'nope'"):
         optimized(x, nope=mask)
+
+
+def test_a_schedule_file_solved_on_estimated_costs_is_flagged_at_the_users_line(tmp_path):
+    """A CLI schedule is solved on a roofline and FakeTensor workspaces: on a real device
+    its peak can differ from its plan, and optimize says so where the user called it."""
+    spec, schedule = tmp_path / "tiny.monet", tmp_path / "tiny.schedule.monet"
+    assert main(["trace", f"{__name__}:Tiny", "--input", "3x8", "--loss", "output", "-o", str(spec)]) == 0
+    assert main(["solve", str(spec), "--method", "store-all", "-q", "-o", str(schedule)]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monetdsl.optimize(Tiny(), torch.randn(3, 8), schedule=str(schedule))
+    flagged = [w for w in caught if issubclass(w.category, monetdsl.EstimatedCostsWarning)]
+    assert len(flagged) == 1 and flagged[0].filename == __file__ and "roofline" in str(flagged[0].message)
+    with warnings.catch_warnings(record=True) as caught:  # planned here, on measured costs: nothing to flag
+        warnings.simplefilter("always")
+        monetdsl.optimize(Tiny(), torch.randn(3, 8), budget="1MiB", cache_dir=None)
+    assert not [w for w in caught if issubclass(w.category, monetdsl.EstimatedCostsWarning)]

@@ -61,13 +61,14 @@ def test_a_second_process_reads_the_schedule_back_and_other_constraints_miss(tmp
     assert len(solves) == 2 and len(list(tmp_path.glob("*.schedule.monet"))) == 2
 
 
-def test_the_default_directory_is_the_users_cache_and_none_turns_it_off(tmp_path, solves):
+def test_the_default_directory_is_the_users_cache_and_none_turns_it_off(tmp_path, solves, monkeypatch):
+    monkeypatch.setenv("MONETDSL_CACHE", str(tmp_path / "mine"))  # empty: other tests fill the session's
     x = torch.randn(3, 8)
     monetdsl.optimize(Tiny(), x, budget="1MiB", cache_dir=None)
     assert not schedule_cache.user_cache_dir().exists()
     schedule_cache.forget()
-    monetdsl.optimize(Tiny(), x, budget="1MiB")  # the conftest points MONETDSL_CACHE at a fresh folder
-    assert schedule_cache.user_cache_dir() == Path(os.environ["MONETDSL_CACHE"]) / "plans"  # beside the measurements
+    monetdsl.optimize(Tiny(), x, budget="1MiB")  
+    assert schedule_cache.user_cache_dir() == tmp_path / "mine" / "plans"  # beside the measurements
     assert len(list(schedule_cache.user_cache_dir().glob("*.schedule.monet"))) == 1
     with pytest.raises(monetdsl.MonetError, match="cache_dir must be a directory path or None"):
         monetdsl.optimize(Tiny(), x, budget="1MiB", cache_dir=3)

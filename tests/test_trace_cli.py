@@ -144,3 +144,9 @@ def test_large_shipped_specs_are_deterministic_and_valid(entry):
     spec = load_spec(ROOT / "specs" / entry.filename)
     validate_spec(spec)
     assert main(["check", str(ROOT / "specs" / entry.filename)]) == 0
+
+
+def test_a_file_path_as_target_gets_the_module_form(capsys):
+    assert main(["trace", "/tmp/somewhere/models.py:Net", "--input", "2x4"]) == 2
+    err = capsys.readouterr().err
+    assert "run from /tmp/somewhere" in err and "write models:Net" in err and "Traceback" not in err

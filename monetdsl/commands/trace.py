@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -67,6 +68,10 @@ def load_target(target: str):
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         raise usage_error(f"{target}: write the target as package.module:factory")
+    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+        folder, _, file = module_name.rpartition(os.sep if os.sep in module_name else "/")
+        raise usage_error(f"{target}: the target is a module name, not a file: run from {folder or '.'} (or put it on"
+                          f" PYTHONPATH) and write {file.removesuffix('.py')}:{attr}")
     cwd = str(Path.cwd())
     if cwd not in sys.path:
         sys.path.insert(0, cwd)

@@ -80,7 +80,8 @@ def schedule_from_file(spec: Spec, source: str | Schedule) -> tuple[Schedule, Si
         raise ScheduleError(Diagnostic(
             f"this schedule was made for another graph (fingerprint {schedule.fingerprint}); the model traces to"
             f" {spec.fingerprint}. Solve again for this model and these inputs (monetdsl.optimize with a budget,"
-            f" or monetdsl solve on its spec)", path, schedule.line))
+            f" or monetdsl solve on the spec of `monetdsl trace ... --loss output`: the training loop computes the"
+            f" loss, so the graph ends at the model's output)", path, schedule.line))
     constraints = resolve_constraints(spec.network, spec.constraints, path=spec.path, source=spec.source)
     simulation = simulate(spec.network, schedule, constraints=constraints, fingerprint=spec.fingerprint)
     if not simulation.valid:

@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import statistics
 import time
-import warnings
 from dataclasses import dataclass, replace
 
 import torch
 
 from ..costs import MeasurementStore
 from ..costs.signature import machine_signature
-from ..errors import CapWarning
+from ..errors import CapWarning, warn_at_user
 from ..search.impl_choice import cheapest_impls
 from ..validate import resolve_constraints
 from .calibrate import CALIBRATION_NOTE, backward_seeds, state_restored, store_all_schedule
@@ -152,17 +151,16 @@ def cap_against_eager(model: torch.nn.Module, inputs, trace, spec, constraints, 
     try:
         reference = eager_reference(model, inputs, trace, spec, optimizer=optimizer, store=store)
     except Exception as exc:  # noqa: BLE001 - the plan goes on against the runtime's own baseline, and says so
-        warnings.warn(f"monetdsl: eager's step could not be timed next to the runtime's ({type(exc).__name__}: "
-                      f"{str(exc)[:80]}); the overhead cap is planned against the runtime's store-all step", CapWarning,
-                      stacklevel=2)
+        warn_at_user(f"monetdsl: eager's step could not be timed next to the runtime's ({type(exc).__name__}: "
+                     f"{str(exc)[:80]}); the overhead cap is planned against the runtime's store-all step", CapWarning)
         return constraints
     cap = reference.search_cap(constraints.max_overhead)
     if cap is None:
         eager = _eager_schedule(spec, trace)
         runs = "the model runs as eager PyTorch (no memory saved)" if eager is not None else "the plan keeps every tensor"
-        warnings.warn(f"monetdsl: the runtime's fastest step measured x{reference.runtime_over_eager:.2f} of eager PyTorch's"
-                      f" on this model and machine, so no schedule that recomputes fits max_overhead="
-                      f"{constraints.max_overhead:.1%} of eager's step; {runs}", CapWarning, stacklevel=2)
+        warn_at_user(f"monetdsl: the runtime's fastest step measured x{reference.runtime_over_eager:.2f} of eager PyTorch's"
+                     f" on this model and machine, so no schedule that recomputes fits max_overhead="
+                     f"{constraints.max_overhead:.1%} of eager's step; {runs}", CapWarning)
         if eager is None:
             return replace(constraints, max_overhead=None, method="store-all")
         return replace(constraints, max_overhead=None, schedule=eager, eager=True)

@@ -123,7 +123,8 @@ class MeasuredStep:
     def summary(self) -> str:
         from ..units import human_bytes
 
-        text = f"measured peak {human_bytes(self.peak)} ({self.peak} B, probe {self.probe})"
+        text = (f"measured peak {human_bytes(self.peak)} ({self.peak} B, probe {self.probe}) above the step's start"
+                " (parameters, their gradients, optimizer state and inputs, which a budget counts too, excluded)")
         if self.planned:
             text += f"; planned {human_bytes(self.planned)} ({self.planned} B); measured/planned {self.ratio:.4f}"
         return text

@@ -9,11 +9,12 @@ program and the executor's step plan, gathered in a :class:`RuntimePlan`.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..errors import ScheduleError
+from ..errors import EstimatedCostsWarning, ScheduleError, warn_at_user
 from ..ir import Schedule, Spec
 from ..lowering.graphs import ArgPath, arg_path
 from ..lowering.program import Program, lower
@@ -133,6 +134,12 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
             ph = facts.captured.placeholders[node.name]
             sources[names[node]] = (ph.kind, ph.name, ph.index)
     network = spec.network
+    if isinstance(constraints.schedule, (str, os.PathLike)) and not _on_meta(inputs) \
+            and not trace.cost_model.startswith("measured"):
+        warn_at_user(f"monetdsl: this schedule was solved on estimated costs ({trace.cost_model.split(' (')[0]}), not on"
+                     " this machine's, so its peak here can differ from its plan (library workspaces, this device's"
+                     " kernels); monetdsl.optimize(model, inputs, budget=...) plans on measured costs",
+                     EstimatedCostsWarning)
     if constraints.schedule is not None:
         avoid = frozenset()
     elif avoid is None:
@@ -154,6 +161,11 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
     return RuntimePlan(trace, spec, schedule, simulation, program, steps, output, output_path, input_names, sources, updates,
                        weight_checks=weights_divided_by(trace, impls, sources), avoided=frozenset(avoid),
                        runs_eager=constraints.eager)
+
+
+def _on_meta(inputs) -> bool:
+    """Inputs on the meta device: nothing runs, so there is no machine to differ from."""
+    return any(isinstance(t, torch.Tensor) and t.is_meta for t in inputs)
 
 
 def _output_of(trace, network) -> tuple[str, ArgPath]:
