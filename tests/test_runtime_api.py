@@ -387,3 +387,9 @@ def test_a_schedule_file_solved_on_estimated_costs_is_flagged_at_the_users_line(
         warnings.simplefilter("always")
         monetdsl.optimize(Tiny(), torch.randn(3, 8), budget="1MiB", cache_dir=None)
     assert not [w for w in caught if issubclass(w.category, monetdsl.EstimatedCostsWarning)]
+
+
+def test_a_plan_prints_as_a_summary():
+    plan = monetdsl.optimize(Tiny(), torch.randn(3, 8), method="recompute-all", profile=False, cache_dir=None).plans[0]
+    text = repr(plan)
+    assert text.startswith("<RuntimePlan tiny: planned peak") and "recomputes" in text and len(text) < 300

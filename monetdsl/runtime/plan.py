@@ -106,6 +106,21 @@ class RuntimePlan:
         """The planned peak above fixed memory (parameters, gradients, optimizer state, inputs)."""
         return self.simulation.peak_bytes - self.simulation.fixed_bytes
 
+    def __repr__(self) -> str:
+        """What a user wants to see of a plan: its peak, its overhead and what it recomputes
+        (the fields hold whole graphs; ``plan.schedule`` prints as the schedule file)."""
+        from ..units import human_bytes
+
+        name = self.spec.network.name
+        if self.runs_eager:
+            return f"<RuntimePlan {name}: trains as eager PyTorch (no schedule that recomputes fits the cap)>"
+        recomputed = sorted({op for stage in self.schedule.stages for op in stage.recompute})
+        others = [op for op, impl in self.schedule.impls.items() if impl != self.spec.network.op(op).impls[0].name]
+        return (f"<RuntimePlan {name}: planned peak {human_bytes(self.simulation.peak_bytes)}"
+                f" ({human_bytes(self.planned_activation_peak)} above fixed memory), overhead"
+                f" {self.simulation.overhead:+.1%}; recomputes {len(recomputed)} of"
+                f" {len(self.spec.network.forward_ops)} forward ops; {len(others)} ops use an alternative implementation>")
+
 
 def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, optimizer: str, cache_dir=None,
                trace=None, profile: bool | None = None, avoid: frozenset | None = None, progress=None) -> RuntimePlan:
