@@ -62,7 +62,7 @@ def test_a_second_process_reads_the_schedule_back_and_other_constraints_miss(tmp
 
 
 def test_the_default_directory_is_the_users_cache_and_none_turns_it_off(tmp_path, solves, monkeypatch):
-    monkeypatch.setenv("MONETDSL_CACHE", str(tmp_path / "mine"))  # empty: other tests fill the session's
+    monkeypatch.setenv("MONETDSL_CACHE", str(tmp_path / "mine"))  # empty: other tests fill the shared one
     x = torch.randn(3, 8)
     monetdsl.optimize(Tiny(), x, budget="1MiB", cache_dir=None)
     assert not schedule_cache.user_cache_dir().exists()
