@@ -537,7 +537,7 @@ def _infeasible(network, constraints, ctx, pins, label, begin, details, candidat
 def not_proved_minimum(best: int, lower: int | None) -> str:
     """The words for a minimum budget the search could not prove: the best replayed peak
     (a budget that works) and the proved lower bound."""
-    words = (f"; the minimum feasible budget was not proved within the time limit: the best schedule found peaks at"
+    words = (f"; the minimum feasible budget was not proved before the search stopped: the best schedule found peaks at"
              f" {human_bytes(best)} ({best} B; pass it as the budget, e.g. '{best}B')")
     if lower is not None:
         words += f", and every schedule needs at least {human_bytes(lower)} ({lower} B, proved)"
