@@ -127,25 +127,24 @@ def _bn_forward(ctx: OpContext, saved):
     return {"y": y, "mean": mean, "invstd": invstd}
 
 
-def _bn_from_output(ctx: OpContext, saved: dict, grads: dict) -> dict:
-    dx, dw, db = mops.bn_backward_from_output(grads["y"], saved["y"], saved["invstd"], saved.get("w"), saved.get("b"))
+def _norm_grads(ctx: OpContext, dx, dw, db) -> dict:
+    """A normalisation's input gradient, and its weight's and bias's where it has them."""
     out = {"x": dx}
     if "w" in ctx.attrs["affine"]:
         out["w"] = dw
     if "b" in ctx.attrs["affine"]:
         out["b"] = db
     return out
+
+
+def _bn_from_output(ctx: OpContext, saved: dict, grads: dict) -> dict:
+    return _norm_grads(ctx, *mops.bn_backward_from_output(grads["y"], saved["y"], saved["invstd"], saved.get("w"),
+                                                          saved.get("b")))
 
 
 def _ln_from_output(ctx: OpContext, saved: dict, grads: dict) -> dict:
-    dx, dw, db = mops.layer_norm_backward_from_output(grads["y"], saved["y"], saved["rstd"], saved.get("w"), saved.get("b"),
-                                                      list(ctx.attrs["normalized_shape"]))
-    out = {"x": dx}
-    if "w" in ctx.attrs["affine"]:
-        out["w"] = dw
-    if "b" in ctx.attrs["affine"]:
-        out["b"] = db
-    return out
+    return _norm_grads(ctx, *mops.layer_norm_backward_from_output(grads["y"], saved["y"], saved["rstd"], saved.get("w"),
+                                                                  saved.get("b"), list(ctx.attrs["normalized_shape"])))
 
 
 def _rms_backward(alt: str):

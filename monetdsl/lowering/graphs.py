@@ -33,6 +33,7 @@ __all__ = [
     "call_node",
     "local_backward",
     "owner_adapter",
+    "run_group",
     "example_of",
 ]
 
@@ -179,7 +180,10 @@ def _signature(members: Sequence[fx.Node], arg_nodes: Sequence[fx.Node], outputs
     return (tuple(parts), metas, outs)
 
 
-def _run_group(members: Sequence[fx.Node], arg_nodes: Sequence[fx.Node], values: Sequence, outputs: Sequence[fx.Node]):
+def run_group(members: Sequence[fx.Node], arg_nodes: Sequence[fx.Node], values: Sequence, outputs: Sequence[fx.Node],
+              owner: str = "the group") -> list:
+    """Run the captured calls ``members`` on ``values`` of ``arg_nodes``; the ``outputs``'
+    values, in order (``owner`` names the group in errors)."""
     env: dict = dict(zip(arg_nodes, values))
 
     def value_of(n):
@@ -187,7 +191,7 @@ def _run_group(members: Sequence[fx.Node], arg_nodes: Sequence[fx.Node], values:
             return env[n]
         if n.target is operator.getitem and n.args[0] in env:
             return env[n.args[0]][n.args[1]]
-        raise LoweringError(f"{n.name} is not available inside the group")
+        raise LoweringError(f"{n.name} is not available inside {owner}")
 
     for node in members:
         env[node] = call_node(node, value_of)
@@ -221,7 +225,7 @@ def local_backward(
     def joint(*flat):
         args, grads = flat[:n_args], flat[n_args:]
         leaves = [a.detach().requires_grad_(i in wanted and (a.is_floating_point() or a.is_complex())) for i, a in enumerate(args)]
-        outs = _run_group(members, arg_nodes, leaves, outputs)
+        outs = run_group(members, arg_nodes, leaves, outputs)
         diff = [(outs[i], g) for i, g in zip(grads_given, grads) if isinstance(outs[i], torch.Tensor) and outs[i].requires_grad]
         inputs = [leaves[i] for i in wanted if leaves[i].requires_grad]
         got = iter(torch.autograd.grad([o for o, _ in diff], inputs, [g for _, g in diff], allow_unused=True) if diff and inputs else ())

@@ -25,7 +25,7 @@ from ..ir import Network, grad_name
 from ..tracing.joint import tensor_args
 from ..tracing.to_ir import OpRecord
 from .alternatives import ADOPTING, RECOMPUTE, OpContext, backward_function, forward_function
-from .graphs import ArgPath, LoweringError, arg_path, call_node, example_of, local_backward, owner_adapter
+from .graphs import ArgPath, LoweringError, arg_path, example_of, local_backward, owner_adapter, run_group
 from .step_source import StepSource
 
 __all__ = ["StepFn", "GradTarget", "AccumulatedGrad", "Program", "lower"]
@@ -117,18 +117,7 @@ class _OpLowering:
     # -- forward --------------------------------------------------------------------------
     def call(self, args: list) -> list:
         """Run the captured call(s) on argument values; returns the named outputs in order."""
-        env = dict(zip(self.arg_nodes, args))
-
-        def value_of(n):
-            if n in env:
-                return env[n]
-            if n.target is operator.getitem and n.args[0] in env:
-                return env[n.args[0]][n.args[1]]
-            raise LoweringError(f"{self.record.name}: {n.name} is not available")
-
-        for node in self.members:
-            env[node] = call_node(node, value_of)
-        return [value_of(v) for v in self.out_nodes]
+        return run_group(self.members, self.arg_nodes, args, self.out_nodes, owner=self.record.name)
 
     def compiled_call(self) -> Callable[[list], list]:
         """:meth:`call` without per-call interpretation: the argument template of a single

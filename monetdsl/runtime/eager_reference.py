@@ -39,7 +39,7 @@ import torch
 from ..costs import MeasurementStore
 from ..costs.signature import machine_signature
 from ..errors import CapWarning, warn_at_user
-from ..search.impl_choice import cheapest_impls
+from ..search.impl_choice import cheapest_impls, first_impls
 from ..validate import resolve_constraints
 from .calibrate import CALIBRATION_NOTE, backward_seeds, state_restored, store_all_schedule
 
@@ -173,7 +173,7 @@ def _eager_schedule(spec, trace):
     implementation out (eager would not be what was planned)."""
     network = spec.network
     allowed = resolve_constraints(network, spec.constraints, path=spec.path, source=spec.source).allowed_impls
-    first = {op.name: op.impls[0].name for op in (*network.forward_ops, *network.backward_ops)}
+    first = first_impls(network)
     if any(name in allowed and impl not in allowed[name] for name, impl in first.items()):
         return None
     return store_all_schedule(network, first, trace.spec.fingerprint)

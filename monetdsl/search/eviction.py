@@ -57,6 +57,7 @@ from ..ir import Network, Schedule
 from ..validate import ResolvedConstraints
 from .baselines import store_all
 from .carry_plan import schedule_from_carry
+from .impl_choice import first_impls
 from .milp.highs import run_highs
 from .milp.linear import Expr, ModelBuilder
 from .local_search import carry_of
@@ -515,7 +516,7 @@ def compute_lower_bound_within(network: Network, constraints: ResolvedConstraint
     if not sim.valid:
         return None
     evictor = _Evictor(network, constraints, baseline_us, float("inf"), None)
-    impls = {op.name: op.impls[0].name for op in (*network.forward_ops, *network.backward_ops)}
+    impls = first_impls(network)
     sizes = evictor.evictable(impls)
     line = _Timeline(evictor, start, sim)
     windows = evictor.windows(line, sizes, impls)

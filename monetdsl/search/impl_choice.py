@@ -31,7 +31,12 @@ import math
 from ..graph import index
 from ..ir import Network
 
-__all__ = ["cheapest_impls", "no_recompute_compute_us", "undominated_backward_impls"]
+__all__ = ["cheapest_impls", "first_impls", "no_recompute_compute_us", "undominated_backward_impls"]
+
+
+def first_impls(network: Network) -> dict[str, str]:
+    """Every op's first implementation: PyTorch's own, what autograd does."""
+    return {op.name: op.impls[0].name for op in (*network.forward_ops, *network.backward_ops)}
 
 
 def cheapest_impls(network: Network, allowed: dict[str, tuple[str, ...]] | None = None) -> dict[str, str]:
