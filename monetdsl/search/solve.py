@@ -31,6 +31,8 @@ from ..validate import ResolvedConstraints, resolve_constraints
 from .baselines import chen_sqrt, recompute_all, store_all
 from .checkmate import checkmate, checkmate_lp
 from .chen import chen_greedy
+from .eviction import compute_lower_bound_within
+from .hybrid.bounds import compute_lower_bound, peak_lower_bound
 from .hybrid.engine import hybrid
 from . import known
 from .impl_choice import cheapest_impls, no_recompute_compute_us, undominated_backward_impls
@@ -337,6 +339,27 @@ def _status_words(status: str, gap: float | None, bound: float | None, objective
     return ("time limit reached" if status == "time_limit" else "feasible") + proof
 
 
+def _bound_from_the_network(spec: Spec, constraints: ResolvedConstraints, ctx: SearchContext, simulation: Simulation,
+                            outcome: MethodOutcome, common: dict) -> None:
+    """Give an unproved schedule a gap when its method stopped before a bound of its own
+    (a MILP stopped before its root relaxation, a heuristic): the network's simple bounds
+    (every op once at its fastest; the least memory of the most demanding step; for plain
+    networks under a budget, the recomputation the budget forces) hold for every
+    schedule, so the gap they give is true, if loose."""
+    network = spec.network
+    if ctx.objective == "memory":
+        bound, value = float(peak_lower_bound(network, constraints.allowed_impls)), float(simulation.peak_bytes)
+    else:
+        bound, value = compute_lower_bound(network, constraints.allowed_impls), simulation.compute_us
+        within = compute_lower_bound_within(network, constraints, baseline_us=ctx.baseline_us)
+        if within is not None:
+            bound = max(bound, within)
+    bound = min(bound, value)
+    common["lower_bound"] = bound
+    common["gap"] = max(0.0, value - bound) / max(abs(value), 1e-12)
+    common["details"]["bound_source"] = "network"
+
+
 def _solve_searching(spec: Spec, method: str, constraints: ResolvedConstraints, ctx: SearchContext, exact_min_budget: bool) -> SolveResult:
     start = time.perf_counter()
     narrowed = undominated_backward_impls(spec.network, constraints.allowed_impls)  # same optima, a smaller search
@@ -363,7 +386,9 @@ def _solve_searching(spec: Spec, method: str, constraints: ResolvedConstraints, 
     if planned[0] is not None and (planned[0] != simulation.peak_bytes or abs(planned[1] - simulation.compute_us) > 1e-6 * max(1.0, simulation.compute_us)):
         details["accounting_mismatch"] = {"milp_peak_bytes": planned[0], "simulator_peak_bytes": simulation.peak_bytes}
     if simulation.ok:
-        words = _status_words(outcome.status, outcome.gap, outcome.lower_bound, ctx.objective)
+        if outcome.status != "optimal" and outcome.lower_bound is None:
+            _bound_from_the_network(spec, searched, ctx, simulation, outcome, common)
+        words = _status_words(outcome.status, common["gap"], common["lower_bound"], ctx.objective)
         message = f"{method}: {words}; {simulation.summary()} [{elapsed:.2f} s]"
         if outcome.message:
             message += f" ({outcome.message})"
