@@ -33,7 +33,7 @@ from ..catalogue import CATALOGUE
 from ..catalogue.linear import CONV_WEIGHT_GRAD_INTO, matmul_weight_grad_into
 from . import ops as _ops  # noqa: F401 - registers torch.ops.monetdsl
 
-__all__ = ["OpContext", "FORWARD", "RECOMPUTE", "BACKWARD", "forward_function", "backward_function"]
+__all__ = ["OpContext", "FORWARD", "RECOMPUTE", "AUTOGRAD_FORWARDS", "BACKWARD", "forward_function", "backward_function"]
 
 aten = torch.ops.aten
 mops = torch.ops.monetdsl
@@ -332,6 +332,10 @@ FORWARD[("dropout", "rng_replay")] = _dropout_seed
 FORWARD[("add", "inplace")] = _add_inplace
 FORWARD[("sdpa", "math")] = _sdpa_math
 FORWARD[("linear_cross_entropy", "grads_in_forward")] = _linear_ce_grads_in_forward
+
+#: first forward alternatives with a function of their own that record, under autograd,
+#: the same backward as the captured call (eager's kernel; the mask times the scale)
+AUTOGRAD_FORWARDS = {("batch_norm", "default"), ("dropout", "bool_mask")}
 
 #: alternatives whose recomputation differs from their first forward (handled by ``saved``)
 RECOMPUTE = {("batch_norm", "default"), ("dropout", "bool_mask"), ("dropout", "bit_mask"), ("dropout", "rng_replay")}

@@ -21,10 +21,11 @@ import torch
 import torch.fx as fx
 
 from ..catalogue.base import GradTarget
-from ..ir import Network, grad_name
+from ..ir import Network, TensorKind, grad_name
 from ..tracing.joint import tensor_args
 from ..tracing.to_ir import OpRecord
-from .alternatives import ADOPTING, RECOMPUTE, OpContext, backward_function, forward_function
+from .alternatives import ADOPTING, AUTOGRAD_FORWARDS, RECOMPUTE, OpContext, backward_function, forward_function
+from .autograd_saves import saves_only
 from .graphs import ArgPath, LoweringError, arg_path, example_of, local_backward, owner_adapter, run_group
 from .step_source import StepSource
 
@@ -60,6 +61,10 @@ class StepFn:
     overwrites: str | None = None
     accumulates: dict = field(default_factory=dict)
     adopts: bool = False
+    #: a forward step that, run with grad enabled, records PyTorch's own backward for the
+    #: op, saving only what the op's chosen backward implementations read
+    #: (:mod:`.autograd_saves`): it may run in a stretch under autograd
+    records_autograd: bool = False
 
     def scratch_targets(self, device) -> dict[str, GradTarget]:
         """Zeroed stand-ins for the gradients the step adds into (timing, workspace probes)."""
@@ -84,6 +89,8 @@ class Program:
     recompute: dict[str, StepFn] = field(default_factory=dict)
     backward: dict[str, StepFn] = field(default_factory=dict)
     output_paths: dict[str, ArgPath] = field(default_factory=dict)
+    #: (shape, dtype) of every tensor as traced, by name (zeros for a gradient nothing reached)
+    layouts: dict[str, tuple] = field(default_factory=dict)
 
 
 class _OpLowering:
@@ -238,7 +245,40 @@ def lower(trace, network: Network, impls: dict[str, str]) -> Program:
             if str(exc).startswith(bop.name):
                 raise
             raise LoweringError(f"{bop.name} ({impl.name}): {exc}") from None
+    node_of = value_nodes(trace.built)
+    program.layouts = {name: (tuple(v.shape), v.dtype) for name, node in node_of.items()
+                       if isinstance(v := node.meta.get("val"), torch.Tensor)}
+    _mark_autograd_steps(program, lowerings, impls, node_of)
     return program
+
+
+def _mark_autograd_steps(program: Program, lowerings: dict, impls: dict[str, str], node_of: dict) -> None:
+    """Set :attr:`StepFn.records_autograd` on the first-forward steps whose op runs PyTorch's
+    own implementation forward and backward and whose autograd graph saves only what
+    those backward implementations read (:func:`.autograd_saves.saves_only`)."""
+    network = program.network
+    tensors = network.tensors
+    backward_of: dict[str, list] = {}
+    for bop in network.backward_ops:
+        backward_of.setdefault(bop.of, []).append(bop)
+    for op in network.forward_ops:
+        step, bops = program.forward.get(op.name), backward_of.get(op.name)
+        if step is None or not bops or step.overwrites is not None:
+            continue
+        low = lowerings[op.name]
+        impl = impls.get(op.name, op.impls[0].name)
+        if impl != op.impls[0].name or any(impls.get(b.name, b.impls[0].name) != b.impls[0].name for b in bops):
+            continue
+        if low.kind is not None and forward_function(low.kind.name, impl) is not None \
+                and (low.kind.name, impl) not in AUTOGRAD_FORWARDS:
+            continue
+        chosen = [b.impl(b.impls[0].name) for b in bops]
+        allowed = {n for i in chosen for n in i.reads if tensors[n].kind is not TensorKind.GRADIENT}
+        allowed |= {n for n in step.reads if tensors[n].is_fixed}
+        grads = {n for b in bops for n in b.outputs}
+        wanted = [n for n in step.reads if grad_name(n) in grads]
+        examples = {n: example_of(node_of[n]) for n in step.reads}
+        step.records_autograd = saves_only(step.fn, step.reads, step.writes, examples, wanted, allowed)
 
 
 # ------------------------------------------------------------------------------ forward steps

@@ -15,6 +15,10 @@ alternatives (the first of every op, the second, ..., and the profile's fastest)
 every step where it runs, and gives each implementation its median in-place time plus
 its share of the step's time outside the steps (the executor's own work per step: on a
 tiny model, where a kernel takes microseconds, that work is what a recomputation costs).
+The first schedule (PyTorch's own implementations) is also timed without an observer,
+its stretches running through autograd's engine (:mod:`.stretches`); what that saves is
+taken off the in-place times of the backward steps in them (not below
+:data:`STRETCH_FLOOR` of their step-by-step time).
 Implementations that no store-all schedule runs (in-place forwards, which store-all never
 picks because their input is kept) are scaled by their op's in-place / alone ratio, and
 recomputation times by their implementation's. The model's buffers, gradients and random
@@ -41,7 +45,7 @@ from ..search.impl_choice import cheapest_impls
 from ..search.schedule_builder import build_schedule
 from ..search.simulator import chosen_impls, simulate
 
-__all__ = ["Calibration", "StepClock", "calibrate", "in_place_times", "with_in_place_times", "calibration_schedules",
+__all__ = ["Calibration", "StepClock", "STRETCH_FLOOR", "calibrate", "in_place_times", "with_in_place_times", "calibration_schedules",
            "state_restored", "backward_seeds", "store_all_schedule", "CALIBRATION_NOTE"]
 
 #: what the cost-model line of a calibrated trace adds
@@ -148,6 +152,7 @@ def in_place_times(model: torch.nn.Module, inputs, trace, *, optimizer: str, rou
     device = "cuda" if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else "cpu"
     samples: dict[tuple[str, str], list[float]] = defaultdict(list)  # (op, impl) -> us, first forwards and backward steps
     notes: list[str] = []
+    savings: dict = {}  # (op, impl) -> us a backward step saves in a stretch (the first schedule with stretches)
     with state_restored(model, device):
         for label, schedule in calibration_schedules(network, trace.spec.fingerprint):
             clock = StepClock(device)
@@ -170,7 +175,45 @@ def in_place_times(model: torch.nn.Module, inputs, trace, *, optimizer: str, rou
             for (phase, op), times in clock.samples.items():
                 if phase != "recompute":  # recomputations are scaled from their first forward's ratio
                     samples[(op, impls[op])].extend(t + between for t in times)
-    return {key: statistics.median(times) for key, times in samples.items()}, notes
+            if not savings:
+                savings = _stretch_savings(module, inputs, network, impls, wall / rounds, rounds, clock.sync)
+    medians = {key: statistics.median(times) for key, times in samples.items()}
+    for key, saved in savings.items():
+        if key in medians:
+            medians[key] = max(medians[key] - saved, STRETCH_FLOOR * medians[key])
+    return medians, notes
+
+
+#: a backward step in a stretch costs at least this share of its step-by-step time
+STRETCH_FLOOR = 0.1
+
+
+def _stretch_savings(module, inputs, network, impls: dict, observed_us: float, rounds: int, sync) -> dict:
+    """What running the schedule's stretches through autograd's engine
+    (:mod:`.stretches`) saves per backward step in them, against running every step on
+    its own as the observed rounds did: the same schedule's steps timed without an
+    observer, the difference per round shared by the stretches' backward steps
+    ((op, implementation) -> us). Step-by-step times are what a recomputing schedule pays
+    (a recomputed op is in no stretch); a store-all schedule of PyTorch's own
+    implementations pays these, so the search sees what the first implementations cost
+    where they are stored."""
+    plan = module.plans[0] if module.plans else None
+    if plan is None or not plan.steps.stretches:
+        return {}
+    stretch_ops = {op for s in plan.steps.stretches for op in s.ops}
+    bops = [b.name for b in network.backward_ops if b.of in stretch_ops]
+    observe, module._observe = module._observe, None
+    try:
+        wall = 0.0
+        for round_ in range(rounds + 1):  # the first warms up
+            start = time.perf_counter()
+            torch.autograd.backward(*backward_seeds(module(*inputs)))
+            sync()
+            wall += (time.perf_counter() - start) * 1e6 if round_ else 0.0
+    finally:
+        module._observe = observe
+    saved = max(0.0, observed_us - wall / rounds) / len(bops) if bops else 0.0
+    return {(b, impls[b]): saved for b in bops} if saved > 0 else {}
 
 
 @contextlib.contextmanager

@@ -28,10 +28,11 @@ from typing import Callable
 import torch
 
 from ..graph import index
-from ..ir import Network, Schedule, TensorKind
+from ..ir import Network, Schedule, TensorKind, grad_name
 from ..search.simulator import chosen_impls
 from ..lowering.program import AccumulatedGrad, GradTarget, Program, StepFn
 from .straight_line import StraightLine, generate
+from .stretches import composite_steps, find_stretches
 
 __all__ = ["PlannedStep", "StepPlan", "plan_steps", "Executor", "StepState"]
 
@@ -62,7 +63,20 @@ class StepPlan:
     param_grads: dict[str, str]  # gradient name -> fixed tensor it belongs to
     writers: Counter  # gradient name -> number of backward ops writing it
     carried_after_forward: tuple[str, ...]
-    code: StraightLine | None = None  # the steps as straight-line Python (made by plan_steps)
+    code: StraightLine | None = None  # the steps as straight-line Python, stretches under autograd (made by plan_steps)
+    stretches: tuple = ()  # runs of stored ops whose backward autograd's engine runs (:mod:`.stretches`)
+    stretched: list[PlannedStep] | None = None  # ``backward`` with each stretch's stages as one step
+    stepwise_code: StraightLine | None = None  # every step on its own (for observers: each step seen)
+
+    @property
+    def whole_autograd(self) -> bool:
+        """Whether the whole backward is one stretch from the network's output with nothing
+        entered from outside: autograd's graph is then the whole training step, and the
+        output can carry it to the caller's ``backward()`` (one engine pass, as eager)."""
+        if self.stretched is None or len(self.stretched) != 1 or len(self.stretches) != 1:
+            return False
+        (stretch,) = self.stretches
+        return not stretch.entered and len(stretch.roots) == 1 and grad_name(stretch.roots[0]) in self.seeds
 
 
 def plan_steps(network: Network, schedule: Schedule, program: Program) -> StepPlan:
@@ -116,7 +130,9 @@ def plan_steps(network: Network, schedule: Schedule, program: Program) -> StepPl
     backward = _gradient_lifetimes(backward, tensors, writers, param_grads, set(idx.seeds()))
     del impls
     plan = StepPlan(forward, backward, idx.seeds(), param_grads, writers, tuple(sorted(set(schedule.forward_keep) | outputs)))
-    plan.code = generate(plan, {n for n, t in tensors.items() if t.is_fixed})
+    plan.stretches = tuple(find_stretches(network, schedule, program))
+    plan.stretched = composite_steps(backward, list(plan.stretches), program.layouts) if plan.stretches else None
+    plan.code = generate(plan, {n for n, t in tensors.items() if t.is_fixed}, stretched=True)
     return plan
 
 
@@ -160,6 +176,8 @@ class StepState:
     fixed: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)  # the model's parameters by name, at the forward
     hooks: bool = False
+    graph: dict = field(default_factory=dict)  # per stretch: what its forward recorded; the parameters it reads
+    code: StraightLine | None = None  # the code the forward ran (the backward runs the same)
 
 
 class Executor:
@@ -180,15 +198,40 @@ class Executor:
         self.observe = observe
         self.before = getattr(observe, "before_step", None)
 
-    def _code(self) -> StraightLine:
-        if self.plan.code is None:  # a plan made by hand, not by plan_steps
-            self.plan.code = generate(self.plan, {n for n, t in self.network.tensors.items() if t.is_fixed})
-        return self.plan.code
+    def _code(self, stretched: bool) -> StraightLine:
+        """The plan's code: stretches under autograd (``stretched``, without an observer),
+        or every step on its own (an observer sees every step; a stretch's backward is one
+        engine call no observer could see into)."""
+        plan = self.plan
+        if (not stretched or self.observe is not None) and plan.stretches:
+            if plan.stepwise_code is None:
+                plan.stepwise_code = generate(plan, self._fixed_names(), stretched=False)
+            return plan.stepwise_code
+        if plan.code is None:  # a plan made by hand, not by plan_steps
+            plan.code = generate(plan, self._fixed_names(), stretched=True)
+        return plan.code
+
+    def _fixed_names(self) -> set[str]:
+        return {n for n, t in self.network.tensors.items() if t.is_fixed}
 
     # -- forward ---------------------------------------------------------------------------
-    def forward(self, fixed: dict) -> StepState:
-        state = StepState(fixed=fixed)
-        self._code().forward(state.env, fixed, self.observe, self.before)
+    def forward(self, fixed: dict, param_of: Callable[[str], torch.Tensor] | None = None, *, hooks: bool = False) -> StepState:
+        """Stage 0. ``param_of(name)``: the model's parameter of that name, which the
+        plan's stretches read (so autograd's engine accumulates its ``.grad``); without
+        it, or when gradient ``hooks`` (DDP) listen, every step runs on its own."""
+        code = self._code(param_of is not None and not hooks)
+        state = StepState(fixed=fixed, hooks=hooks, code=code)
+        if code is self.plan.code:
+            for stretch in self.plan.stretches:
+                for name in stretch.params:
+                    param = state.graph[name] = param_of(name)
+                    if param is None:
+                        raise RuntimeError(f"{name}: the model has no such parameter any more")
+        grad_mode = torch.is_grad_enabled()
+        try:
+            code.forward(state.env, fixed, self.observe, self.before, state.graph)
+        finally:  # a stretch's ops turn grad mode on; an error inside one must not leave it on
+            torch._C._set_grad_enabled(grad_mode)
         return state
 
     # -- backward --------------------------------------------------------------------------
@@ -198,8 +241,10 @@ class Executor:
         env = state.env
         env.update(seeds)  # held by the caller until the backward ends, as the memory model says
         sink = _GradientSink(self.plan, param_of, state.hooks)
-        self._code().backward(env, state.fixed, sink, self.observe, self.before)
+        code = state.code if state.code is not None else self._code(False)
+        code.backward(env, state.fixed, sink, self.observe, self.before, state.graph)
         env.clear()
+        state.graph.clear()
 
 
 class _GradientSink:

@@ -202,6 +202,10 @@ class OptimizedModule(torch.nn.Module):
             return self._orig_mod(*given, **kwargs)
         if plan.weight_checks:
             plan = self._plan_for_weights(plan, inputs)
+        if plan.steps.whole_autograd and self._observe is None:
+            out = self._autograd_pass(plan, inputs)
+            if out is not None:
+                return out
         return _ScheduledStep.apply(self, plan, self._anchor, *inputs)
 
     def _fixed(self, plan: RuntimePlan, inputs, params: dict, buffers: dict) -> dict:
@@ -230,15 +234,38 @@ class OptimizedModule(torch.nn.Module):
     def _forward_pass(self, plan: RuntimePlan, inputs):
         executor = Executor(plan.spec.network, plan.steps, self._observe)
         params, buffers = self._model_tensors(plan)
+        hooks = _ddp_active() or _has_grad_hooks(params.values())
+        keys = plan.model_tensors.param_keys
         with torch.no_grad(), _no_autocast():
             fixed = self._fixed(plan, inputs, params, buffers)
-            state = executor.forward(fixed)
+            state = executor.forward(fixed, lambda name: params.get(keys.get(name)), hooks=hooks)
             plan.buffer_updates.apply(fixed)
         state.params = params
-        state.hooks = _ddp_active() or _has_grad_hooks(params.values())
         self._last_state_hooks = state.hooks
         out = plan.output_path.materialize(state.env[plan.output])
         return state, out.detach()
+
+    def _autograd_pass(self, plan: RuntimePlan, inputs):
+        """A plan whose backward is all one stretch from the output (``StepPlan.whole_autograd``):
+        the forward runs as planned and the output keeps autograd's graph, so the caller's
+        ``backward()`` is one engine pass that writes ``.grad`` as eager's does; nothing
+        is carried in the environment (the graph holds what its formulas saved). ``None``
+        when gradient hooks or DDP listen (they run step by step)."""
+        params, buffers = self._model_tensors(plan)
+        if _ddp_active() or _has_grad_hooks(params.values()):
+            return None
+        executor = Executor(plan.spec.network, plan.steps, None)
+        keys = plan.model_tensors.param_keys
+        with torch.no_grad(), _no_autocast():
+            fixed = self._fixed(plan, inputs, params, buffers)
+            state = executor.forward(fixed, lambda name: params.get(keys.get(name)))
+            plan.buffer_updates.apply(fixed)
+        self._last_state_hooks = False
+        owner = state.env.pop(plan.output)
+        state.env.clear()
+        state.graph.clear()
+        with torch.enable_grad():
+            return plan.output_path.materialize(owner)
 
     def _backward_pass(self, plan: RuntimePlan, state: StepState, grad: torch.Tensor) -> None:
         executor = Executor(plan.spec.network, plan.steps, self._observe)

@@ -23,7 +23,7 @@ so tests and profilers see every step as an interpreted loop would show it.
 >>> plan = StepPlan([PlannedStep(0, "forward", double, release_after=("x",))], [], (), {}, Counter(), ("y",))
 >>> code = generate(plan, fixed_names={"w"})
 >>> env = {"x": torch.ones(2)}
->>> code.forward(env, {}, None, None)
+>>> code.forward(env, {}, None, None, {})
 >>> sorted(env), env["y"].tolist()
 (['y'], [2.0, 2.0])
 """
@@ -34,8 +34,13 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from torch.autograd.graph import get_gradient_edge
+
+from .stretches import Enter
+
 if TYPE_CHECKING:
     from .executor import PlannedStep, StepPlan
+    from .stretches import Stretch
 
 __all__ = ["StraightLine", "generate", "accumulate_gradient"]
 
@@ -72,23 +77,46 @@ def _whole_storage(t: torch.Tensor) -> bool:
     return t._base is None or (t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size())
 
 
-def generate(plan: StepPlan, fixed_names: set[str]) -> StraightLine:
+def generate(plan: StepPlan, fixed_names: set[str], *, stretched: bool = True) -> StraightLine:
     """The straight-line passes of ``plan``; ``fixed_names`` are the tensors read from
-    ``fixed`` (parameters, buffers, inputs), every other name lives in ``env``."""
-    namespace: dict = {"accumulate_gradient": accumulate_gradient}
-    writer = _Writer(plan, fixed_names, namespace)
-    lines = ["def forward_pass(env, fixed, observe, before):"]
+    ``fixed`` (parameters, buffers, inputs), every other name lives in ``env``.
+    ``stretched``: the plan's stretches run under autograd (:mod:`.stretches`); else every
+    step runs on its own."""
+    namespace: dict = {"accumulate_gradient": accumulate_gradient, "set_grad": torch._C._set_grad_enabled,
+                       "is_grad": torch.is_grad_enabled, "edge": get_gradient_edge, "enter": Enter.apply,
+                       "anchor": _ANCHOR}
+    stretches = plan.stretches if stretched and plan.stretched is not None else ()
+    writer = _Writer(plan, fixed_names, namespace, stretches)
+    lines = ["def forward_pass(env, fixed, observe, before, graph):"]
+    if stretches:
+        lines += ["    grad0 = is_grad()", "    al = {}"]
+    grad_on = False
     for k, planned in enumerate(plan.forward):
-        lines += writer.forward_step(f"F{k}", planned)
+        stretch = writer.stretch_of.get(planned.step.op)
+        if (stretch is not None) != grad_on:
+            grad_on = stretch is not None
+            lines.append("    set_grad(True)" if grad_on else "    set_grad(grad0)")
+        lines += writer.forward_step(f"F{k}", planned, stretch)
+    if grad_on:
+        lines.append("    set_grad(grad0)")
     lines.append("    pass")
-    lines += ["", "", "def backward_pass(env, fixed, sink, observe, before):", "    exclusive = set()"]
-    for k, planned in enumerate(plan.backward):
+    lines += ["", "", "def backward_pass(env, fixed, sink, observe, before, graph):", "    exclusive = set()"]
+    for k, planned in enumerate(plan.stretched if stretches else plan.backward):
         name = f"B{k}"
-        lines += writer.forward_step(name, planned) if planned.kind == "recompute" else writer.backward_step(name, planned)
+        if planned.kind == "recompute":
+            lines += writer.forward_step(name, planned)
+        elif planned.kind == "stretch":
+            lines += writer.stretch_step(name, planned)
+        else:
+            lines += writer.backward_step(name, planned)
     lines.append("    pass")
     source = "\n".join(lines) + "\n"
     exec(compile(source, "<monetdsl straight-line plan>", "exec"), namespace)  # noqa: S102 - our own generated code
     return StraightLine(namespace["forward_pass"], namespace["backward_pass"], source)
+
+
+#: the storage-less tensor every stretch's :class:`~.stretches.Enter` hangs off
+_ANCHOR = torch.empty(0, requires_grad=True)
 
 
 class _Writer:
@@ -96,16 +124,17 @@ class _Writer:
     the step's label (``F3``: the fourth forward step's :class:`PlannedStep`, ``F3_fn``
     its function)."""
 
-    def __init__(self, plan: StepPlan, fixed_names: set[str], namespace: dict):
+    def __init__(self, plan: StepPlan, fixed_names: set[str], namespace: dict, stretches=()):
         self.plan = plan
         self.fixed = fixed_names
         self.ns = namespace
+        self.stretch_of = {op: s for s in stretches for op in s.ops}
         written = [n for planned in (*plan.forward, *plan.backward) for n in (*planned.step.writes, planned.step.overwrites) if n]
         clash = sorted(set(written) & fixed_names)
         if clash:
             raise ValueError(f"steps write fixed tensors {clash}: they would shadow the model's own")
         # gradients some later step adds into: whether their storage is the pass's own matters
-        self.added_into = {n for planned in plan.backward for n in planned.accumulate}
+        self.added_into = {n for planned in (*plan.backward, *(plan.stretched or ())) for n in planned.accumulate}
 
     def value(self, name: str) -> str:
         return f"fixed[{name!r}]" if name in self.fixed else f"env[{name!r}]"
@@ -119,24 +148,48 @@ class _Writer:
         tail = [f"    if observe is not None: observe({label}, env)"]
         return head, tail
 
-    def forward_step(self, label: str, planned: PlannedStep) -> list[str]:
+    def forward_step(self, label: str, planned: PlannedStep, stretch: Stretch | None = None) -> list[str]:
         step = planned.step
         head, tail = self._around(label, planned)
-        body = [f"    r = {label}_fn({', '.join(self.value(n) for n in step.reads)})"]
+        body, read = [], {}
+        if stretch is not None:
+            body, read = self._enter(stretch, step.op)
+        body.append(f"    r = {label}_fn({', '.join(read.get(n) or self.value(n) for n in step.reads)})")
         if step.overwrites is not None:
             body.append(f"    env.pop({step.overwrites!r}, None)")
         body += [f"    env[{n!r}] = r[{i}]" for i, n in enumerate(step.writes) if n not in planned.keep_existing]
+        if stretch is not None:  # the gradient edges of the tensors whose gradient comes from outside
+            for i, n in enumerate(step.writes):
+                if n in stretch.roots:
+                    j = stretch.roots.index(n)
+                    body.append(f"    S{stretch.index}r[{j}] = edge(r[{i}]) if r[{i}].grad_fn is not None else None")
+            body += [f"    del al[{n!r}]" for n in stretch.alias_last.get(step.op, ())]
         body.append("    r = None")  # no reference may outlive the releases below
         body += [f"    env.pop({n!r}, None)" for n in planned.release_after]
         return head + body + tail
 
+    def _enter(self, stretch: Stretch, op: str) -> tuple[list[str], dict]:
+        """Lines that start a stretch at its first op and enter the tensors from outside
+        whose gradient it writes; and how this op reads them (parameters as the model's
+        own, from ``graph``; the others as their aliases)."""
+        k = stretch.index
+        lines = []
+        if op == stretch.ops[0]:
+            lines += [f"    S{k}r = [None] * {len(stretch.roots)}", f"    S{k}g = [None] * {len(stretch.entered)}",
+                      f"    graph[{k}] = (S{k}r, S{k}g)"]
+        names = stretch.enter_before.get(op, ())
+        if names:
+            positions = tuple(stretch.entered.index(n) for n in names)
+            lines.append(f"    e = enter(anchor, S{k}g, {positions!r}, {''.join(f'{self.value(n)}.detach(), ' for n in names)})")
+            lines += [f"    al[{n!r}] = e[{j}]" for j, n in enumerate(names)]
+            lines.append("    e = None")
+        read = {n: f"al[{n!r}]" for n in stretch.entered}
+        read.update({n: f"graph[{n!r}]" for n in stretch.params})
+        return lines, read
+
     def backward_step(self, label: str, planned: PlannedStep) -> list[str]:
         step = planned.step
         head, tail = self._around(label, planned)
-        param_grads = self.plan.param_grads
-        # which outputs need to know whether they share an input's storage
-        needs_fresh = any(n in param_grads or n in planned.accumulate or n in self.added_into
-                          for n in step.writes if n not in step.accumulates)
         args = [f"a{i}" for i in range(len(step.reads))]
         body = [f"    {a} = {self.value(n)}" for a, n in zip(args, step.reads)]
         call = ", ".join(args)
@@ -148,6 +201,31 @@ class _Writer:
                 targets.append(f"{g!r}: t{j}")
             call += (", " if call else "") + f"into={{{', '.join(targets)}}}"
         body.append(f"    r = {label}_fn({call})")
+        return head + body + self._deliver(planned, args) + tail
+
+    def stretch_step(self, label: str, planned: PlannedStep) -> list[str]:
+        """A stretch's backward: its roots' gradients read, everything its stages release
+        dropped (autograd holds what it saved), one engine call, the gradients delivered."""
+        step = planned.step
+        self.ns[label] = planned
+        self.ns[f"{label}_fn"] = step.fn
+        args = [f"a{i}" for i in range(len(step.reads))]
+        body = [f"    # {label}: {step.op} (stage {planned.stage} on, one autograd call)"]
+        body += [f"    {a} = env[{n!r}]" for a, n in zip(args, step.reads)]
+        body += [f"    env.pop({n!r}, None)" for n in planned.release_before]
+        body.append(f"    if before is not None: before({label}, env)")
+        body.append(f"    r = {label}_fn(graph{''.join(', ' + a for a in args)})")
+        return body + self._deliver(planned, args) + [f"    if observe is not None: observe({label}, env)"]
+
+    def _deliver(self, planned: PlannedStep, args: list[str]) -> list[str]:
+        """The lines after a backward step's call: each gradient it wrote set, added into
+        an earlier writer's or handed to the sink, then the releases."""
+        step = planned.step
+        param_grads = self.plan.param_grads
+        # which outputs need to know whether they share an input's storage
+        needs_fresh = any(n in param_grads or n in planned.accumulate or n in self.added_into
+                          for n in step.writes if n not in step.accumulates)
+        body = []
         if needs_fresh:
             body.append(f"    ptrs = ({''.join(f'{a}.untyped_storage().data_ptr(), ' for a in args)})")
         if args:
@@ -180,4 +258,4 @@ class _Writer:
             if name in self.added_into:
                 body.append(f"    exclusive.discard({name!r})")
         body += [f"    env.pop({n!r}, None)" for n in planned.release_after]
-        return head + body + tail
+        return body

@@ -1,0 +1,260 @@
+"""Stretches: runs of stored ops whose backward is autograd's own, run by autograd's engine.
+
+Step by step, every backward op of the schedule is a Python call: arguments rebuilt, the
+op's traced local backward called, gradients moved. Eager PyTorch's backward is one call
+into autograd's C++ engine. On a small model that difference is the runtime's whole
+overhead (a 22-op CNN: x1.2-1.3 of eager's step; an unrolled GRU of a few hundred tiny ops:
+x12). Where the schedule does what eager does anyway, the runtime can do it the same way:
+
+* a **stretch** is a maximal run of consecutive backward stages that recompute nothing
+  and whose backward ops belong to forward ops that are stored (never recomputed) and run
+  PyTorch's own implementation forward and backward, with an autograd graph that saves
+  only what those backward implementations read
+  (:attr:`~monetdsl.lowering.program.StepFn.records_autograd`); every backward op of such
+  a forward op lies in the same stretch, and a stretch has at least
+  :data:`MIN_STRETCH_OPS` forward ops;
+* its forward ops run with grad enabled. Tensors from outside whose gradient the stretch
+  writes enter as leaves (parameters: their detached alias made to require grad) or
+  through :class:`Enter` (an alias with a graph node that holds no storage, so an
+  activation the plan frees is not kept alive by the graph); parameters are read as the
+  model's own; of every tensor it makes whose gradient comes from outside (the
+  **roots**) the gradient edge is kept;
+* its backward stages become one step: ``torch.autograd.backward`` from the roots with
+  their gradients. The engine accumulates the parameters' ``.grad`` itself (as eager's
+  does: stolen when there is none, added in place otherwise), and the entered tensors'
+  gradients land in the stretch's box when it reaches :class:`Enter`; those are
+  delivered as any step's are (set, or added into an earlier writer's). The schedule's
+  releases of the stretch happen before the call (autograd holds what it saved and frees
+  it as it goes).
+
+With DDP or gradient hooks listening the plan runs step by step (its sink delivers every
+parameter's gradient once, whole), and so it does for an observer, which sees every step.
+
+The schedule's frees and recomputations outside stretches stay explicit. Gradients equal
+eager's: the graph is eager's own formulas on the same values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ir import Network, Schedule, TensorKind, grad_name
+from ..lowering.program import Program, StepFn
+
+__all__ = ["MIN_STRETCH_OPS", "Stretch", "Enter", "find_stretches", "composite_steps", "run_stretch"]
+
+#: a stretch of one op saves one Python backward step and costs an entry and an engine
+#: call: only runs of at least this many forward ops are worth it
+MIN_STRETCH_OPS = 2
+
+
+@dataclass(frozen=True)
+class Stretch:
+    """One stretch: its forward ops (in forward order); its roots (tensors it makes whose
+    gradient, read by its backward, comes from outside or is a seed); the parameters whose
+    gradient it writes (read as the model's own parameters, so the engine accumulates
+    their ``.grad`` as eager's does); the other tensors from outside whose gradient it
+    writes (``entered`` through :class:`Enter`, the forward op before which each is
+    entered, and the op that reads each one's alias last); its backward stages."""
+
+    index: int
+    ops: tuple[str, ...]
+    roots: tuple[str, ...]
+    params: tuple[str, ...]
+    entered: tuple[str, ...]
+    enter_before: dict  # forward op -> names entered right before it
+    alias_last: dict  # forward op -> entered names whose alias it reads last
+    stages: tuple[int, ...]  # backward stage indices (0-based in schedule.stages)
+
+    @property
+    def writes(self) -> tuple[str, ...]:
+        """The gradients its backward step returns (the parameters' go to ``.grad``)."""
+        return tuple(grad_name(n) for n in self.entered)
+
+
+class Enter(torch.autograd.Function):
+    """Aliases of tensors from outside a stretch that require grad, hanging off a
+    storage-less anchor: the node saves nothing, so an activation the plan frees is not
+    kept alive by the graph. Its backward, when the engine reaches it, puts each alias's
+    gradient in the stretch's ``box`` at its position and stops there."""
+
+    @staticmethod
+    def forward(ctx, anchor, box, positions, *values):
+        ctx.box, ctx.positions = box, positions
+        return tuple(v.view_as(v) for v in values)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        box, ctx.box = ctx.box, None  # the node outlives the call (a kept output's grad_fn reaches it): keep no gradient
+        for i, g in zip(ctx.positions, grads):
+            box[i] = g
+        return (None, None, None, *(None for _ in grads))
+
+
+def find_stretches(network: Network, schedule: Schedule, program: Program) -> list[Stretch]:
+    """The schedule's stretches (module docstring)."""
+    recomputed = {n for stage in schedule.stages for n in stage.recompute}
+    eligible = {op.name for op in network.forward_ops
+                if op.name not in recomputed and program.forward[op.name].records_autograd}
+    of = {bop.name: bop.of for bop in network.backward_ops}
+    stage_of = {stage.backward: t for t, stage in enumerate(schedule.stages)}
+    bops_of: dict[str, list[str]] = {}
+    for bop in network.backward_ops:
+        bops_of.setdefault(bop.of, []).append(bop.name)
+    while True:
+        groups, current = [], []
+        for t, stage in enumerate(schedule.stages):
+            if not stage.recompute and of.get(stage.backward) in eligible:
+                current.append(t)
+            elif current:
+                groups.append(current)
+                current = []
+        if current:
+            groups.append(current)
+        group_of = {t: g for g, ts in enumerate(groups) for t in ts}
+        split = {op for op in eligible
+                 if len({group_of.get(stage_of.get(b)) for b in bops_of[op]}) != 1 or any(b not in stage_of for b in bops_of[op])}
+        split |= _early_additions(network, schedule, groups, of)
+        if not split:
+            break
+        eligible -= split
+    order = {op.name: k for k, op in enumerate(network.forward_ops)}
+    stretches = []
+    for stages in groups:
+        ops = sorted({of[schedule.stages[t].backward] for t in stages}, key=order.__getitem__)
+        if len(ops) >= MIN_STRETCH_OPS:
+            stretches.append(_stretch(len(stretches), network, ops, stages, schedule))
+    return stretches
+
+
+def _early_additions(network: Network, schedule: Schedule, groups: list[list[int]], of: dict) -> set[str]:
+    """Ops to take out of their stretch because the engine would hold a gradient the plan
+    does not: a tensor from outside whose gradient exists before the stretch (an earlier
+    writer made it) gets the stretch's part in the engine's buffer from its first
+    contribution until the whole stretch is done, while the plan adds each part as it is
+    made. That is the same memory only when the one stage that writes it is the
+    stretch's last; the ops of earlier writing stages run step by step."""
+    writers_at: dict[str, list[int]] = {}
+    for t, stage in enumerate(schedule.stages):
+        for g in network.op(stage.backward).outputs:
+            writers_at.setdefault(g, []).append(t)
+    tensors = network.tensors
+    out = set()
+    for stages in groups:
+        first, last = stages[0], stages[-1]
+        ops = {of[schedule.stages[t].backward] for t in stages}
+        made = {n for op in ops for n in network.op(op).outputs}
+        for op in ops:
+            for name in network.op(op).inputs:
+                g = grad_name(name)
+                if name in made or tensors[name].kind is TensorKind.PARAM or g not in writers_at:
+                    continue
+                if not any(t < first for t in writers_at[g]):
+                    continue
+                inside = [t for t in writers_at[g] if first <= t <= last]
+                out.update(of[schedule.stages[t].backward] for t in inside if t != last)
+        for name in made:  # a root's gradient comes in from outside: the engine adds the stretch's parts out of place
+            inside = [t for t in writers_at.get(grad_name(name), ()) if first <= t <= last]
+            if inside and any(t < first for t in writers_at[grad_name(name)]):
+                out.update(of[schedule.stages[t].backward] for t in inside)
+    return out
+
+
+def _stretch(index: int, network: Network, ops: list[str], stages: list[int], schedule: Schedule) -> Stretch:
+    tensors = network.tensors
+    inside_bops = {schedule.stages[t].backward for t in stages}
+    made = {n for op in ops for n in network.op(op).outputs}
+    written_inside = {n for b in inside_bops for n in network.op(b).outputs}
+    written_outside = {n for bop in network.backward_ops if bop.name not in inside_bops for n in bop.outputs}
+    seeds = {grad_name(n) for n in network.outputs}
+    roots = tuple(n for op in ops for n in network.op(op).outputs
+                  if grad_name(n) in written_outside or grad_name(n) in seeds)
+    outside = tuple(dict.fromkeys(n for op in ops for n in network.op(op).inputs
+                                  if n not in made and grad_name(n) in written_inside))
+    params = tuple(n for n in outside if tensors[n].kind is TensorKind.PARAM)
+    entered = tuple(n for n in outside if n not in params)
+    enter_before: dict[str, list[str]] = {}
+    alias_last: dict[str, list[str]] = {}
+    for name in entered:
+        readers = [op for op in ops if name in network.op(op).inputs]
+        enter_before.setdefault(readers[0], []).append(name)
+        alias_last.setdefault(readers[-1], []).append(name)
+    return Stretch(index, tuple(ops), roots, params, entered, {k: tuple(v) for k, v in enter_before.items()},
+                   {k: tuple(v) for k, v in alias_last.items()}, tuple(stages))
+
+
+def composite_steps(backward: list, stretches: list[Stretch], layouts: dict) -> list:
+    """The planned backward steps with each stretch's stages replaced by one step of kind
+    ``"stretch"`` (its :class:`StepFn` reads the roots' gradients and writes the entered
+    tensors' gradients; its ``release_before`` holds every other name the stages
+    released, popped before the engine runs)."""
+    from .executor import PlannedStep
+
+    by_stage = {}
+    for k, s in enumerate(stretches):
+        for t in s.stages:
+            by_stage[t + 1] = k
+    out, done = [], set()
+    for planned in backward:
+        k = by_stage.get(planned.stage)
+        if k is None:
+            out.append(planned)
+            continue
+        if k in done:
+            continue
+        done.add(k)
+        stretch = stretches[k]
+        members = [p for p in backward if by_stage.get(p.stage) == k]
+        writes = stretch.writes
+        released = dict.fromkeys(n for p in members for n in (*p.release_before, *p.release_after, *p.grad_release))
+        params = {grad_name(n) for n in stretch.params}
+        first_writer = {}
+        for p in members:
+            for n in p.step.writes:
+                first_writer.setdefault(n, p)
+        accumulate = frozenset(n for n in writes if n in first_writer[n].accumulate)
+        reads = tuple(grad_name(n) for n in stretch.roots)
+        step = StepFn(f"stretch{k}", reads, writes, _stretch_fn(k, [layouts[n] for n in stretch.entered]))
+        out.append(PlannedStep(members[0].stage, "stretch", step,
+                               release_before=tuple(n for n in released if n not in writes and n not in params),
+                               accumulate=accumulate,
+                               grad_release=tuple(n for n in released if n in writes)))
+    return out
+
+
+def _stretch_fn(index: int, entered: list[tuple]):
+    """The stretch's step: ``fn(graph, *root gradients) -> entered tensors' gradients``
+    (``graph``: what the forward recorded, by stretch)."""
+    zeros = list(entered)
+
+    def fn(graph, *grads):
+        return run_stretch(graph.pop(index), grads, zeros)
+
+    return fn
+
+
+def run_stretch(recorded, grads, zeros) -> tuple:
+    """One stretch's backward through autograd's engine: ``recorded`` (the roots' gradient
+    edges, the box the entered tensors' gradients land in) as the forward left it,
+    ``grads`` the roots' gradients. The engine accumulates the parameters' ``.grad`` as
+    in eager training. A gradient the engine does not reach is zeros (``zeros``: shape and
+    dtype per entered tensor); one that is part of a larger storage (a slice of an
+    incoming gradient) is copied, as the memory model gives every gradient a storage of
+    its own."""
+    roots, box = recorded
+    outputs, seeds = [], []
+    for edge, grad in zip(roots, grads):
+        if edge is not None:
+            outputs.append(edge)
+            seeds.append(grad)
+    if outputs:
+        torch.autograd.backward(outputs, seeds)
+    result = []
+    for g, (shape, dtype) in zip(box, zeros):
+        if g is None:
+            g = torch.zeros(shape, dtype=dtype, device=seeds[0].device if seeds else "cpu")
+        elif g.untyped_storage().nbytes() > g.numel() * g.element_size():
+            g = g.clone(memory_format=torch.contiguous_format)
+        result.append(g)
+    return tuple(result)

@@ -1,0 +1,169 @@
+"""Stretches: stored ops with PyTorch's own implementations run under autograd, their
+backward one call into the engine (``monetdsl/runtime/stretches.py``).
+
+What must hold: gradients, outputs and buffers equal eager's bit for bit; the measured peak
+stays the plan's (autograd saves only what the plan keeps, the engine holds no gradient the
+plan does not); an observer still sees every step; an op whose graph would save more than
+its backward implementations read stays out.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import monetdsl
+from monetdsl.lowering.autograd_saves import saves_only
+from monetdsl.models import SmallCNN, tiny_gpt
+from monetdsl.runtime.plan import trace_for_runtime
+from monetdsl.search import solve
+from monetdsl.search.baselines import chen_sqrt_checkpoints
+from .runtime_helpers import Reduced, budget_ladder, eager_step, first_impls, schedule_with, twins
+
+
+def _optimized(model, x, trace, schedule, observe=None):
+    optimized = monetdsl.optimize(model, schedule=schedule)
+    optimized._observe = observe
+    return optimized, optimized.plan_for(x, trace=trace)
+
+
+def _assert_same_step(optimized, reference, x, seed):
+    out1, grads1 = eager_step(optimized, [x], seed)
+    out2, grads2 = eager_step(reference, [x], seed)
+    assert torch.equal(out1, out2)
+    assert grads1.keys() == grads2.keys()
+    for name in grads2:
+        assert torch.equal(grads1[name], grads2[name]), name
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    model, reference = twins(SmallCNN)
+    torch.manual_seed(3)
+    x = torch.randn(8, 3, 32, 32)
+    return model, reference, x, trace_for_runtime(model, [x], optimizer="adam")
+
+
+def test_store_all_of_pytorch_implementations_is_one_autograd_graph(cnn):
+    model, reference, x, trace = cnn
+    network = trace.spec.network
+    optimized, plan = _optimized(model, x, trace, schedule_with(trace.spec, first_impls(network), keep="all"))
+    assert plan.steps.whole_autograd
+    (stretch,) = plan.steps.stretches
+    assert set(stretch.ops) == {op.name for op in network.forward_ops}
+    out = optimized(x)
+    assert out.grad_fn is not None, "the output carries autograd's graph to the caller's backward"
+    del out
+    reference(x)  # the same running-statistics update
+    for seed in (5, 6):  # .grad None, then gradients present
+        _assert_same_step(optimized, reference, x, seed)
+        model.zero_grad(set_to_none=False)
+        reference.zero_grad(set_to_none=False)
+    for (n1, b1), (_, b2) in zip(model.named_buffers(), reference.named_buffers()):
+        assert torch.equal(b1, b2), n1
+    measured = monetdsl.measure(optimized, x, probe="live", warmup=0)
+    assert measured.planned * 0.98 <= measured.peak <= measured.planned * 1.02, measured.summary()
+
+
+def test_recomputing_schedules_mix_stretches_and_steps(cnn):
+    """Chen's checkpoints: the stored segments' ops run under autograd, the recomputed ones
+    step by step, and the two meet at entered tensors (their gradients added as planned)."""
+    model, reference, x, trace = cnn
+    network = trace.spec.network
+    schedule = schedule_with(trace.spec, first_impls(network), keep=set(chen_sqrt_checkpoints(network)), promote="needed")
+    optimized, plan = _optimized(model, x, trace, schedule)
+    assert any(stage.recompute for stage in schedule.stages)
+    for seed in (7, 8):
+        _assert_same_step(optimized, reference, x, seed)
+    measured = monetdsl.measure(optimized, x, probe="live", warmup=0)
+    assert measured.peak <= measured.planned * 1.02, measured.summary()
+
+
+def test_an_observer_sees_every_step(cnn):
+    model, reference, x, trace = cnn
+    network = trace.spec.network
+    seen = []
+    optimized, plan = _optimized(model, x, trace, schedule_with(trace.spec, first_impls(network), keep="all"),
+                                 observe=lambda planned, env: seen.append(planned.step.op))
+    assert plan.steps.stretches
+    _assert_same_step(optimized, reference, x, 9)
+    assert set(seen) >= {bop.name for bop in network.backward_ops}
+
+
+def test_solved_schedules_keep_their_planned_peak():
+    """A GPT with its loss inside: from store-all to a hybrid budget the solver's schedules
+    cut stretches at recomputations and at residual joins, and the engine holds no
+    gradient the plan does not (the measured peak of live tensors is the plan's)."""
+    model, reference = twins(tiny_gpt)
+    torch.manual_seed(2)
+    x = torch.randint(0, 512, (4, 32))
+    with torch.no_grad():
+        shape = tuple(model(x).shape)
+    reduced = Reduced(model, shape)
+    trace = trace_for_runtime(reduced, [x], optimizer="adam")
+    for budget in budget_ladder(trace.spec)[:2]:
+        result = solve(trace.spec, memory_budget=budget, time_limit=4, options={"kicks": 3, "refine": False})
+        optimized = monetdsl.optimize(reduced, schedule=result.schedule)
+        plan = optimized.plan_for(x, trace=trace)
+        assert plan.steps.stretches
+        measured = monetdsl.measure(optimized, x, probe="live", warmup=0)
+        assert measured.peak <= measured.planned * 1.02, (budget, measured.summary())
+
+
+class _GRUHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru, self.head = nn.GRU(6, 8, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.gru(x)[0][:, -1])
+
+
+def test_gradients_added_across_stretches_stay_as_planned():
+    """A GRU whose hidden-state products add their weight gradients into ``.grad``
+    (``into_grad``, no stretch) splits into a stretch per time step; the input
+    projection's gradient is added into by every one. The engine would hold each
+    stretch's part from its first contribution to the stretch's end: only the stage that
+    writes last stays in the stretch, and the measured peak is the plan's."""
+    model, reference = twins(_GRUHead)
+    torch.manual_seed(4)
+    x = torch.randn(4, 6, 6)
+    trace = trace_for_runtime(model, [x], optimizer="adam")
+    network = trace.spec.network
+    impls = first_impls(network)
+    impls.update({b.name: "into_grad" for b in network.backward_ops if "into_grad" in b.impl_names and "matmul" in b.name})
+    assert any(v == "into_grad" for v in impls.values())
+    optimized, plan = _optimized(model, x, trace, schedule_with(trace.spec, impls, keep="all"))
+    assert len(plan.steps.stretches) > 1 and any(s.entered for s in plan.steps.stretches)
+    for seed in (1, 2):
+        out1, grads1 = eager_step(optimized, [x], seed)
+        out2, grads2 = eager_step(reference, [x], seed)
+        torch.testing.assert_close(out1, out2)
+        for name in grads2:
+            torch.testing.assert_close(grads1[name], grads2[name], msg=name)
+    # the allocator: no convolution here, so no library workspace the roofline plan leaves out
+    measured = monetdsl.measure(optimized, x, probe="allocator", warmup=0)
+    assert measured.peak <= measured.planned * 1.02, measured.summary()
+
+
+def test_an_op_whose_graph_saves_an_intermediate_stays_out():
+    """``sin(exp(x))`` as one step: autograd saves ``exp(x)``, which is neither a read nor
+    a write of the step; a convolution saves its input, which a plan that reads only the
+    weight does not keep."""
+    x = torch.empty(32, 32)
+
+    def fused(v):
+        return (torch.sin(torch.exp(v)),)
+
+    assert not saves_only(fused, ("x",), ("y",), {"x": x}, ["x"], {"x", "y"})
+    assert saves_only(lambda v: (torch.exp(v),), ("x",), ("y",), {"x": x}, ["x"], {"y"})
+    image, weight = torch.empty(2, 3, 8, 8), torch.empty(4, 3, 3, 3)
+
+    def conv(v, w):
+        return (torch.nn.functional.conv2d(v, w),)
+
+    examples = {"x": image, "w": weight}
+    assert saves_only(conv, ("x", "w"), ("y",), examples, ["x", "w"], {"x", "w"})
+    assert not saves_only(conv, ("x", "w"), ("y",), examples, ["x", "w"], {"w"})
