@@ -130,7 +130,7 @@ def plan_steps(network: Network, schedule: Schedule, program: Program) -> StepPl
     backward = _gradient_lifetimes(backward, tensors, writers, param_grads, set(idx.seeds()))
     del impls
     plan = StepPlan(forward, backward, idx.seeds(), param_grads, writers, tuple(sorted(set(schedule.forward_keep) | outputs)))
-    plan.stretches = tuple(find_stretches(network, schedule, program))
+    plan.stretches = tuple(find_stretches(network, schedule, program, backward))
     plan.stretched = composite_steps(backward, list(plan.stretches), program.layouts) if plan.stretches else None
     plan.code = generate(plan, {n for n, t in tensors.items() if t.is_fixed}, stretched=True)
     return plan

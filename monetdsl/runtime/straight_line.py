@@ -177,12 +177,8 @@ class _Writer:
         if op == stretch.ops[0]:
             lines += [f"    S{k}r = [None] * {len(stretch.roots)}", f"    S{k}g = [None] * {len(stretch.entered)}",
                       f"    graph[{k}] = (S{k}r, S{k}g)"]
-        names = stretch.enter_before.get(op, ())
-        if names:
-            positions = tuple(stretch.entered.index(n) for n in names)
-            lines.append(f"    e = enter(anchor, S{k}g, {positions!r}, {''.join(f'{self.value(n)}.detach(), ' for n in names)})")
-            lines += [f"    al[{n!r}] = e[{j}]" for j, n in enumerate(names)]
-            lines.append("    e = None")
+        for n in stretch.enter_before.get(op, ()):  # one node each (:class:`~.stretches.Enter`)
+            lines.append(f"    al[{n!r}] = enter(anchor, S{k}g, ({stretch.entered.index(n)},), {self.value(n)}.detach())[0]")
         read = {n: f"al[{n!r}]" for n in stretch.entered}
         read.update({n: f"graph[{n!r}]" for n in stretch.params})
         return lines, read

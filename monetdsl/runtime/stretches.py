@@ -41,6 +41,7 @@ import torch
 
 from ..ir import Network, Schedule, TensorKind, grad_name
 from ..lowering.program import Program, StepFn
+from ..search.simulator import simulate
 
 __all__ = ["MIN_STRETCH_OPS", "Stretch", "Enter", "find_stretches", "composite_steps", "run_stretch"]
 
@@ -77,7 +78,10 @@ class Enter(torch.autograd.Function):
     """Aliases of tensors from outside a stretch that require grad, hanging off a
     storage-less anchor: the node saves nothing, so an activation the plan frees is not
     kept alive by the graph. Its backward, when the engine reaches it, puts each alias's
-    gradient in the stretch's ``box`` at its position and stops there."""
+    gradient in the stretch's ``box`` at its position and stops there. The runtime
+    enters one tensor per node: the engine runs a node once all its gradients are in,
+    and a gradient (a slice of a larger one) waiting there for another would hold
+    memory the plan does not count."""
 
     @staticmethod
     def forward(ctx, anchor, box, positions, *values):
@@ -88,12 +92,22 @@ class Enter(torch.autograd.Function):
     def backward(ctx, *grads):
         box, ctx.box = ctx.box, None  # the node outlives the call (a kept output's grad_fn reaches it): keep no gradient
         for i, g in zip(ctx.positions, grads):
-            box[i] = g
+            box[i] = _owning(g)
         return (None, None, None, *(None for _ in grads))
 
 
-def find_stretches(network: Network, schedule: Schedule, program: Program) -> list[Stretch]:
-    """The schedule's stretches (module docstring)."""
+def _owning(g: torch.Tensor) -> torch.Tensor:
+    """``g``, or a copy when it is part of a larger storage (a slice of the gradient a
+    ``cat`` received): the memory model gives every gradient a storage of its own and
+    frees the incoming one after the step, and a slice would hold all of it."""
+    if g.untyped_storage().nbytes() > g.numel() * g.element_size():
+        return g.clone(memory_format=torch.contiguous_format)
+    return g
+
+
+def find_stretches(network: Network, schedule: Schedule, program: Program, backward: list) -> list[Stretch]:
+    """The schedule's stretches (module docstring); ``backward``: the planned backward
+    steps (:class:`~.executor.PlannedStep`, what each releases)."""
     recomputed = {n for stage in schedule.stages for n in stage.recompute}
     eligible = {op.name for op in network.forward_ops
                 if op.name not in recomputed and program.forward[op.name].records_autograd}
@@ -102,6 +116,7 @@ def find_stretches(network: Network, schedule: Schedule, program: Program) -> li
     bops_of: dict[str, list[str]] = {}
     for bop in network.backward_ops:
         bops_of.setdefault(bop.of, []).append(bop.name)
+    eligible -= _joint_gradients_over_peak(network, eligible, bops_of, stage_of, _stage_headroom(network, schedule), backward)
     while True:
         groups, current = [], []
         for t, stage in enumerate(schedule.stages):
@@ -126,6 +141,41 @@ def find_stretches(network: Network, schedule: Schedule, program: Program) -> li
         if len(ops) >= MIN_STRETCH_OPS:
             stretches.append(_stretch(len(stretches), network, ops, stages, schedule))
     return stretches
+
+
+def _stage_headroom(network: Network, schedule: Schedule) -> dict[int, int]:
+    """Per backward stage (0-based): the planned peak less the stage's own highest step."""
+    simulation = simulate(network, schedule)
+    highest: dict[int, int] = {}
+    for step in simulation.steps:
+        if step.stage > 0:
+            highest[step.stage - 1] = max(highest.get(step.stage - 1, 0), step.peak)
+    return {t: simulation.peak_bytes - peak for t, peak in highest.items()}
+
+
+def _joint_gradients_over_peak(network: Network, ops: set[str], bops_of: dict, stage_of: dict, headroom: dict,
+                               backward: list) -> set[str]:
+    """Ops to take out of stretches because autograd runs their backward as one node where
+    the plan runs one backward op at a time (a convolution's weight gradient, then its
+    input gradient): the node makes every gradient at once while it still holds every
+    input, so beside what the plan has at each of those stages it may hold all the op's
+    gradients and whatever the plan frees between them (the convolution's input, read
+    by the weight gradient only). Where the plan's peak has no room for that at one of
+    those stages, the op runs step by step."""
+    tensors = network.tensors
+    released = {p.stage - 1: sum(tensors[n].nbytes for n in (*p.release_before, *p.release_after))
+                for p in backward if p.kind == "backward"}
+    out = set()
+    for op in ops:
+        bops = bops_of.get(op, ())
+        if len(bops) < 2:
+            continue
+        stages = sorted(stage_of[b] for b in bops if b in stage_of)
+        extra = sum(tensors[n].nbytes for b in bops for n in network.op(b).outputs)
+        extra += sum(released.get(t, 0) for t in stages[:-1])
+        if any(headroom.get(t, 0) < extra for t in stages):
+            out.add(op)
+    return out
 
 
 def _early_additions(network: Network, schedule: Schedule, groups: list[list[int]], of: dict) -> set[str]:
@@ -252,9 +302,5 @@ def run_stretch(recorded, grads, zeros) -> tuple:
         torch.autograd.backward(outputs, seeds)
     result = []
     for g, (shape, dtype) in zip(box, zeros):
-        if g is None:
-            g = torch.zeros(shape, dtype=dtype, device=seeds[0].device if seeds else "cpu")
-        elif g.untyped_storage().nbytes() > g.numel() * g.element_size():
-            g = g.clone(memory_format=torch.contiguous_format)
-        result.append(g)
+        result.append(g if g is not None else torch.zeros(shape, dtype=dtype, device=seeds[0].device if seeds else "cpu"))
     return tuple(result)
