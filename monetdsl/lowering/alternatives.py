@@ -33,7 +33,7 @@ from ..catalogue import CATALOGUE
 from ..catalogue.linear import CONV_WEIGHT_GRAD_INTO, matmul_weight_grad_into
 from . import ops as _ops  # noqa: F401 - registers torch.ops.monetdsl
 
-__all__ = ["OpContext", "FORWARD", "RECOMPUTE", "AUTOGRAD_FORWARDS", "BACKWARD", "forward_function", "backward_function"]
+__all__ = ["OpContext", "FORWARD", "RECOMPUTE", "AUTOGRAD_FORWARDS", "SPLIT_BACKWARDS", "BACKWARD", "forward_function", "backward_function"]
 
 aten = torch.ops.aten
 mops = torch.ops.monetdsl
@@ -336,6 +336,14 @@ FORWARD[("linear_cross_entropy", "grads_in_forward")] = _linear_ce_grads_in_forw
 #: first forward alternatives with a function of their own that record, under autograd,
 #: the same backward as the captured call (eager's kernel; the mask times the scale)
 AUTOGRAD_FORWARDS = {("batch_norm", "default"), ("dropout", "bool_mask")}
+
+#: kinds whose PyTorch backward the runtime runs with other kernels than autograd's: a
+#: convolution's input gradient as a transposed convolution, its weight gradient alone
+#: (:func:`~monetdsl.lowering.graphs.local_backward`), which is what their measured
+#: workspaces and times are; autograd's combined ``convolution_backward`` allocated more on
+#: the CPU (grouped and depthwise convolutions most) and ran slower, so they stay out of
+#: stretches
+SPLIT_BACKWARDS = frozenset({"conv"})
 
 #: alternatives whose recomputation differs from their first forward (handled by ``saved``)
 RECOMPUTE = {("batch_norm", "default"), ("dropout", "bool_mask"), ("dropout", "bit_mask"), ("dropout", "rng_replay")}
