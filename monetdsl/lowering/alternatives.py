@@ -340,10 +340,11 @@ AUTOGRAD_FORWARDS = {("batch_norm", "default"), ("dropout", "bool_mask")}
 #: kinds whose PyTorch backward the runtime runs with other kernels than autograd's: a
 #: convolution's input gradient as a transposed convolution, its weight gradient alone
 #: (:func:`~monetdsl.lowering.graphs.local_backward`), which is what their measured
-#: workspaces and times are; autograd's combined ``convolution_backward`` allocated more on
-#: the CPU (grouped and depthwise convolutions most) and ran slower, so they stay out of
-#: stretches
-SPLIT_BACKWARDS = frozenset({"conv"})
+#: workspaces and times are. Autograd's combined ``convolution_backward`` allocated more
+#: than the plan on the CPU (grouped, depthwise and transposed convolutions), so they stay
+#: out of stretches (recording them as nodes that run the runtime's own steps cost more
+#: Python than the stretch saved)
+SPLIT_BACKWARDS = {"conv": "convolution"}  # kind -> the aten call it captures (also outside the catalogue)
 
 #: alternatives whose recomputation differs from their first forward (handled by ``saved``)
 RECOMPUTE = {("batch_norm", "default"), ("dropout", "bool_mask"), ("dropout", "bit_mask"), ("dropout", "rng_replay")}

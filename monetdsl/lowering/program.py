@@ -22,11 +22,10 @@ import torch.fx as fx
 
 from ..catalogue.base import GradTarget
 from ..ir import Network, TensorKind, grad_name
-from ..tracing.joint import tensor_args
+from ..tracing.joint import packet_name, tensor_args
 from ..tracing.to_ir import OpRecord
 from .alternatives import ADOPTING, AUTOGRAD_FORWARDS, RECOMPUTE, SPLIT_BACKWARDS, OpContext, backward_function, forward_function
 from .autograd_saves import saves_only
-from .planned_node import NodeSteps
 from .graphs import ArgPath, LoweringError, arg_path, example_of, local_backward, owner_adapter, run_group
 from .step_source import StepSource
 
@@ -66,9 +65,6 @@ class StepFn:
     #: op, saving only what the op's chosen backward implementations read
     #: (:mod:`.autograd_saves`): it may run in a stretch under autograd
     records_autograd: bool = False
-    #: how such a step runs in a stretch when it is not by itself (``None``: ``fn``; else
-    #: ``fn`` recorded as one node that runs the op's own backward steps, :mod:`.planned_node`)
-    autograd_fn: Callable | None = None
 
     def scratch_targets(self, device) -> dict[str, GradTarget]:
         """Zeroed stand-ins for the gradients the step adds into (timing, workspace probes)."""
@@ -256,18 +252,6 @@ def lower(trace, network: Network, impls: dict[str, str]) -> Program:
     return program
 
 
-def _planned_node(step: StepFn, backward: list[StepFn], allowed: set[str]) -> Callable | None:
-    """``step`` recorded as a :class:`~.planned_node.PlannedNode` running ``backward``, or
-    None when those steps read more than the op's reads, writes and their gradients."""
-    known = set(step.reads) | set(step.writes)
-    saved = tuple(n for n in dict.fromkeys(r for b in backward for r in b.reads) if n in known)
-    grads = {grad_name(n) for n in step.writes}
-    if any(r not in known and r not in grads for b in backward for r in b.reads) or any(b.accumulates for b in backward) \
-            or not set(saved) <= allowed | {n for n in step.reads}:
-        return None
-    return NodeSteps(step.fn, step.reads, step.writes, tuple((b.fn, b.reads, b.writes) for b in backward), saved).record
-
-
 def _mark_autograd_steps(program: Program, lowerings: dict, impls: dict[str, str], node_of: dict) -> None:
     """Set :attr:`StepFn.records_autograd` on the first-forward steps whose op runs PyTorch's
     own implementation forward and backward and whose autograd graph saves only what
@@ -287,9 +271,8 @@ def _mark_autograd_steps(program: Program, lowerings: dict, impls: dict[str, str
             continue
         chosen = [b.impl(b.impls[0].name) for b in bops]
         allowed = {n for i in chosen for n in i.reads if tensors[n].kind is not TensorKind.GRADIENT}
-        if low.kind is not None and low.kind.name in SPLIT_BACKWARDS:
-            step.autograd_fn = _planned_node(step, [program.backward[b.name] for b in bops], allowed)
-            step.records_autograd = step.autograd_fn is not None
+        if (low.kind is not None and low.kind.name in SPLIT_BACKWARDS) or any(
+                packet_name(getattr(m, "target", None)) in SPLIT_BACKWARDS.values() for m in low.members):
             continue
         if low.kind is not None and forward_function(low.kind.name, impl) is not None \
                 and (low.kind.name, impl) not in AUTOGRAD_FORWARDS:

@@ -193,12 +193,13 @@ def _stretch_savings(module, inputs, network, impls: dict, observed_us: float, r
     (:mod:`.stretches`) saves per backward step in them, against running every step on
     its own as the observed rounds did: the same schedule's steps timed without an
     observer, the difference per round shared by the stretches' backward steps
-    ((op, implementation) -> us). Step-by-step times are what a recomputing schedule pays
-    (a recomputed op is in no stretch); a store-all schedule of PyTorch's own
-    implementations pays these, so the search sees what the first implementations cost
-    where they are stored."""
+    ((op, implementation) -> us). Only where the schedule is one autograd graph
+    (``StepPlan.whole_autograd``): there every backward op is in it, and the search sees
+    what PyTorch's own store-all costs; where stretches are pieces between other steps,
+    what one saves depends on the pieces, and the step-by-step times stay (a recomputed
+    op is in no stretch either)."""
     plan = module.plans[0] if module.plans else None
-    if plan is None or not plan.steps.stretches:
+    if plan is None or not plan.steps.whole_autograd:
         return {}
     stretch_ops = {op for s in plan.steps.stretches for op in s.ops}
     bops = [b.name for b in network.backward_ops if b.of in stretch_ops]

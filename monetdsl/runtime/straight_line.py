@@ -154,11 +154,7 @@ class _Writer:
         body, read = [], {}
         if stretch is not None:
             body, read = self._enter(stretch, step.op)
-        fn = f"{label}_fn"
-        if stretch is not None and step.autograd_fn is not None:
-            fn = f"{label}_afn"
-            self.ns[fn] = step.autograd_fn
-        body.append(f"    r = {fn}({', '.join(read.get(n) or self.value(n) for n in step.reads)})")
+        body.append(f"    r = {label}_fn({', '.join(read.get(n) or self.value(n) for n in step.reads)})")
         if step.overwrites is not None:
             body.append(f"    env.pop({step.overwrites!r}, None)")
         body += [f"    env[{n!r}] = r[{i}]" for i, n in enumerate(step.writes) if n not in planned.keep_existing]
