@@ -8,7 +8,6 @@ its backward implementations read stays out.
 """
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

@@ -3,8 +3,7 @@
 Step by step, every backward op of the schedule is a Python call: arguments rebuilt, the
 op's traced local backward called, gradients moved. Eager PyTorch's backward is one call
 into autograd's C++ engine. On a small model that difference is the runtime's whole
-overhead (a 22-op CNN: x1.2-1.3 of eager's step; an unrolled GRU of a few hundred tiny ops:
-x12). Where the schedule does what eager does anyway, the runtime can do it the same way:
+overhead (an unrolled GRU of a few hundred tiny ops: x12 of eager's step). Where the schedule does what eager does anyway, the runtime can do it the same way:
 
 * a **stretch** is a maximal run of consecutive backward stages that recompute nothing
   and whose backward ops belong to forward ops that are stored (never recomputed) and run
@@ -13,12 +12,11 @@ x12). Where the schedule does what eager does anyway, the runtime can do it the 
   (:attr:`~monetdsl.lowering.program.StepFn.records_autograd`); every backward op of such
   a forward op lies in the same stretch, and a stretch has at least
   :data:`MIN_STRETCH_OPS` forward ops;
-* its forward ops run with grad enabled. Tensors from outside whose gradient the stretch
-  writes enter as leaves (parameters: their detached alias made to require grad) or
-  through :class:`Enter` (an alias with a graph node that holds no storage, so an
-  activation the plan frees is not kept alive by the graph); parameters are read as the
-  model's own; of every tensor it makes whose gradient comes from outside (the
-  **roots**) the gradient edge is kept;
+* its forward ops run with grad enabled. Parameters are read as the model's own;
+  other tensors from outside whose gradient the stretch writes enter through
+  :class:`Enter` (an alias with a graph node that holds no storage, so an activation the
+  plan frees is not kept alive by the graph); of every tensor it makes whose gradient
+  comes from outside (the **roots**) the gradient edge is kept;
 * its backward stages become one step: ``torch.autograd.backward`` from the roots with
   their gradients. The engine accumulates the parameters' ``.grad`` itself (as eager's
   does: stolen when there is none, added in place otherwise), and the entered tensors'
@@ -31,7 +29,9 @@ With DDP or gradient hooks listening the plan runs step by step (its sink delive
 parameter's gradient once, whole), and so it does for an observer, which sees every step.
 
 The schedule's frees and recomputations outside stretches stay explicit. Gradients equal
-eager's: the graph is eager's own formulas on the same values.
+eager's: the graph is eager's own formulas on the same values. Where the engine would hold
+memory the plan does not have room for, the ops concerned run step by step (the rules
+below, each found by the allocator probe of ``benchmarks/fidelity.py``).
 """
 from __future__ import annotations
 
