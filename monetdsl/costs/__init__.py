@@ -10,8 +10,8 @@ from .measure import CostReport, Measured, apply_entries, measure_costs, run_mea
 from .probes import AllocatorProbe, CudaProbe, device_probe
 from .signature import machine_signature, op_signature
 from .store import MeasurementStore
-from .traced import MEASURE_REPEATS, profile_trace, profiled_cost_model, trace, trace_model, with_estimated_workspaces
+from .traced import MEASURE_REPEATS, measured_report, profile_trace, profiled_cost_model, trace, trace_model, with_estimated_workspaces
 
 __all__ = ["user_cache_dir", "CostReport", "Measured", "apply_entries", "measure_costs", "run_measured", "AllocatorProbe",
            "CudaProbe", "device_probe", "machine_signature", "op_signature", "MeasurementStore",
-           "MEASURE_REPEATS", "profile_trace", "profiled_cost_model", "trace", "trace_model", "with_estimated_workspaces"]
+           "MEASURE_REPEATS", "measured_report", "profile_trace", "profiled_cost_model", "trace", "trace_model", "with_estimated_workspaces"]

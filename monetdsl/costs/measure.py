@@ -87,6 +87,19 @@ class CostReport:
     watched: bool = True  # whether the allocator was watched (workspaces measured)
     kept: set = field(default_factory=set)  # signatures whose entry is in the store
 
+    def unmeasured_workspaces(self) -> int:
+        """How many (op, implementation) steps have no allocator-measured workspace (the
+        allocator was not watched, or the step could not run): only these need the
+        FakeTensor estimate (:mod:`.estimated_workspace`), which a measured one replaces."""
+        missing = 0
+        for op in self.network.forward_ops:
+            found = self.entries.get(op.name, {}).get("forward", {})
+            missing += sum(1 for impl in op.impls if (found.get(impl.name) or {}).get("workspace") is None)
+        for bop in self.network.backward_ops:
+            found = self.entries.get(bop.of, {}).get("backward", {}).get(bop.local_name, {})
+            missing += sum(1 for impl in bop.impls if (found.get(impl.name) or {}).get("workspace") is None)
+        return missing
+
 
 def _random_like(val: torch.Tensor, device: str, positive: bool) -> torch.Tensor:
     """A real tensor with the traced value's shape, strides and dtype: floats random

@@ -2,8 +2,9 @@
 
 :func:`trace_model` is what ``monetdsl trace`` and ``monetdsl.trace`` run: the graph
 (:func:`monetdsl.tracing.trace_graph`, roofline times), every implementation's workspace
-estimated on FakeTensors (:mod:`.estimated_workspace`), and with ``profile=True`` every
-op and implementation measured on the device (:mod:`.measure`).
+estimated on FakeTensors (:mod:`.estimated_workspace`), or with ``profile=True`` every
+op and implementation measured on the device (:mod:`.measure`), the estimates made only
+for the steps whose workspace the allocator could not measure.
 """
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ import torch
 from ..ir import Spec
 from ..tracing.api import TraceResult, trace_graph, with_costs
 from .kept_workspaces import estimated_workspaces
-from .measure import measure_costs
+from .measure import CostReport, apply_entries, measure_costs
 from .store import MeasurementStore
 
-__all__ = ["trace_model", "trace", "profile_trace", "with_estimated_workspaces", "profiled_cost_model",
+__all__ = ["trace_model", "trace", "profile_trace", "measured_report", "with_estimated_workspaces", "profiled_cost_model",
            "device_description", "MEASURE_REPEATS"]
 
 #: timed runs per step (after one warm-up): the median is steady by then on small ops,
@@ -59,22 +60,44 @@ def profile_trace(trace: TraceResult, device: str, repeats: int = MEASURE_REPEAT
     user's cache directory). ``trace`` is untouched; steps that cannot be run keep their
     estimates, with a note."""
     start = time.perf_counter()
-    report = measure_costs(trace.built, device, store if store is not None else MeasurementStore(), repeats)
+    trace, report = measured_report(trace, device, store if store is not None else MeasurementStore(), repeats)
     result = with_costs(trace, report.network, profiled_cost_model(device, repeats), report.notes)
     result.total_seconds += time.perf_counter() - start
     return result
 
 
+def measured_report(trace: TraceResult, device: str, store: MeasurementStore | None,
+                    repeats: int = MEASURE_REPEATS) -> tuple[TraceResult, CostReport]:
+    """``trace``'s ops measured on ``device`` (:func:`~.measure.measure_costs`), as the
+    trace the measurements apply to and the report.
+
+    A measured workspace replaces the FakeTensor estimate, so the estimates (seconds on a
+    large graph: every step run on FakeTensors) are made only when some step's workspace
+    could not be measured (no allocator to watch, a step that failed to run), and only
+    when ``trace`` does not carry them already; the returned trace then carries them and
+    the report's network is the estimates with the measurements over them."""
+    report = measure_costs(trace.built, device, store, repeats)
+    if report.unmeasured_workspaces() and trace.built.workspace is None:
+        trace = with_estimated_workspaces(trace, store)
+        report.network = apply_entries(trace.built.network, report.entries)
+    return trace, report
+
+
 def trace_model(model, example_inputs, *, repeats: int = MEASURE_REPEATS, store: MeasurementStore | None = None,
-                **options) -> TraceResult:
+                estimate_workspaces: bool = True, **options) -> TraceResult:
     """Trace one training step of ``model`` and describe it as a spec with its costs.
 
     ``options`` are :func:`~monetdsl.tracing.trace_graph`'s (``loss``, ``name``,
     ``device``, ``profile``, ``optimizer``, ``dtype``). With ``profile=True`` every op and
-    implementation is measured on ``device`` (``repeats`` runs each, kept in ``store``).
-    Given a ``store``, the workspace estimates are kept there too."""
-    result = with_estimated_workspaces(trace_graph(model, example_inputs, **options), store)
-    return profile_trace(result, options.get("device", "P100"), repeats, store) if options.get("profile") else result
+    implementation is measured on ``device`` (``repeats`` runs each, kept in ``store``),
+    and the FakeTensor workspace estimates are made only for what the allocator could not
+    measure (:func:`measured_report`). Given a ``store``, the workspace estimates are kept
+    there too. ``estimate_workspaces=False`` leaves them out (every workspace 0): for a
+    caller that measures the costs itself and estimates only what it could not measure."""
+    traced = trace_graph(model, example_inputs, **options)
+    if options.get("profile"):
+        return profile_trace(traced, options.get("device", "P100"), repeats, store)
+    return with_estimated_workspaces(traced, store) if estimate_workspaces else traced
 
 
 def trace(model, example_inputs, **options) -> Spec:

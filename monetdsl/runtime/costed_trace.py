@@ -17,19 +17,21 @@ __all__ = ["trace_for_runtime", "timed_trace", "trace_for_plan"]
 
 
 def trace_for_runtime(model: torch.nn.Module, inputs, *, optimizer: str, device: str | None = None, profile: bool = False,
-                      calibrate: bool = True, store=None):
+                      calibrate: bool = True, store=None, estimate_workspaces: bool = True):
     """Trace ``model`` on ``inputs`` ending at its output; the cost model follows the inputs'
     device (its roofline preset, or with ``profile`` every op and alternative timed on it,
     then, with ``calibrate``, corrected by timing store-all training steps in place:
     :mod:`.calibrate`). ``store`` (a :class:`~monetdsl.costs.MeasurementStore`): where
-    the workspace estimates (and with ``profile`` the measurements) are kept."""
+    the workspace estimates (and with ``profile`` the measurements) are kept.
+    ``estimate_workspaces=False``: no FakeTensor estimates (the caller measures)."""
     from ..costs import trace_model
     from ..tracing.capture import CaptureError
 
     on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
     preset = device or ("cuda" if on_cuda else "cpu")
     try:
-        traced = trace_model(model, list(inputs), loss="output", device=preset, optimizer=optimizer, profile=profile, store=store)
+        traced = trace_model(model, list(inputs), loss="output", device=preset, optimizer=optimizer, profile=profile, store=store,
+                             estimate_workspaces=estimate_workspaces)
     except CaptureError:
         if preset != "cuda" or profile:
             raise
@@ -45,13 +47,14 @@ def timed_trace(model: torch.nn.Module, inputs, *, optimizer: str, cache_dir: st
     """``model`` traced with every op and implementation measured on its inputs' device
     (time and allocator-measured memory, alone and in place: :mod:`.measured_costs`), the
     measurements kept by op signature in ``cache_dir`` (default: the user's cache
-    directory), so only ops never measured on this machine are run; the graph's workspace
-    estimates are kept there too."""
+    directory), so only ops never measured on this machine are run. The FakeTensor
+    workspace estimates are made (and kept there) only when a step's workspace could not
+    be measured."""
     from ..costs import MeasurementStore
     from .measured_costs import measured_trace
 
     store = MeasurementStore(cache_dir) if cache_dir is not None else MeasurementStore()
-    plain = trace_for_runtime(model, inputs, optimizer=optimizer, store=store)
+    plain = trace_for_runtime(model, inputs, optimizer=optimizer, store=store, estimate_workspaces=False)
     return measured_trace(model, inputs, plain, optimizer=optimizer, store=store)
 
 

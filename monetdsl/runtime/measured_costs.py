@@ -21,7 +21,7 @@ from collections import defaultdict
 
 import torch
 
-from ..costs import MeasurementStore, measure_costs, profiled_cost_model
+from ..costs import MeasurementStore, measured_report, profiled_cost_model
 from ..tracing.api import with_costs
 from .calibrate import CALIBRATION_NOTE, in_place_times, with_in_place_times
 
@@ -111,7 +111,7 @@ def measured_trace(model: torch.nn.Module, inputs, trace, *, optimizer: str, sto
     untouched."""
     store = store if store is not None else MeasurementStore()
     device = device_of(inputs)
-    report = measure_costs(trace.built, device, store)
+    trace, report = measured_report(trace, device, store)
     measured = with_costs(trace, report.network, profiled_cost_model(device), report.notes)
     in_place = _stored_in_place(report.network, report.entries)
     notes: list[str] = []
