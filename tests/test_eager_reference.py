@@ -11,7 +11,8 @@ import torch
 import monetdsl
 from monetdsl.costs import MeasurementStore
 from monetdsl.runtime import schedule_cache
-from monetdsl.runtime.eager_reference import EagerReference, _key, eager_reference, measure_reference
+from monetdsl.runtime.eager_reference import (REFERENCE_ROUNDS, REFERENCE_SECONDS, EagerReference, _key, eager_reference,
+                                              enough_pairs, measure_reference)
 
 from .runtime_models import KindsCNN
 
@@ -27,6 +28,18 @@ def test_the_search_cap_keeps_eager_relative_time_within_the_cap_and_never_loose
         assert (1 + allowed) * ratio <= 1 + cap + 1e-12  # planned time against eager's
         if ratio >= 1:
             assert allowed == pytest.approx((1 + cap) / ratio - 1)
+
+
+def test_the_pairs_stop_when_the_ratio_is_known_and_never_on_one_pair():
+    steady = [1.10, 1.105, 1.098]
+    noisy = [1.0, 1.3, 0.9, 1.25]
+    assert not enough_pairs(steady[:2], 0.1)  # two pairs say nothing of the spread
+    assert enough_pairs(steady, 0.1)
+    assert not enough_pairs(noisy, 0.1)  # the interval is wider than the tolerance
+    assert enough_pairs(noisy * 3, 0.1)  # ... until the round count is reached
+    assert len(noisy * 3) >= REFERENCE_ROUNDS
+    assert not enough_pairs(noisy[:1], REFERENCE_SECONDS + 1)  # out of time, but one pair is no ratio
+    assert enough_pairs(noisy[:2], REFERENCE_SECONDS + 1)
 
 
 def test_measuring_leaves_the_model_as_it_was():

@@ -14,15 +14,17 @@ forward and autograd, which is the step the cap is measured against), and a
 :class:`~monetdsl.errors.CapWarning` says so.
 
 ``r`` is measured once per graph and machine, eager steps interleaved with the runtime's
-store-all steps on the model's own inputs (the median of the pairs' ratios; 11 pairs, or
-as many as fit in 3 s, at least 3), and kept in
+store-all steps on the model's own inputs (the median of the pairs' ratios), and kept in
 the :class:`~monetdsl.costs.MeasurementStore`. On a CPU the steps are timed in the
 process's CPU time: on a shared machine wall time says more about the other processes
 than about the two steps (medians of 7 wall-time pairs on a 2-core machine with other
 jobs gave 0.79 once and 1.13-1.27 after it, for one model); with several intra-op
 threads it counts their work for both steps alike. It applies where the costs were measured
 on the device (the default on a real device); a plan on roofline estimates has no eager
-step to compare with.
+step to compare with. The pairs stop (:func:`enough_pairs`) once the ratio is known within
+:data:`REFERENCE_TOLERANCE` (a 95 % confidence interval of the pairs' mean ratio, at
+least 3 pairs), after 11 pairs, or once 3 s went into them (at least 2 pairs: a
+ResNet-18's pair takes seconds on a CPU, and a third would add as much to planning).
 
 >>> reference = EagerReference(eager_us=2000.0, runtime_us=2200.0)
 >>> round(reference.search_cap(0.15), 4), reference.search_cap(0.05)
@@ -43,13 +45,19 @@ from ..search.impl_choice import cheapest_impls, first_impls
 from ..validate import resolve_constraints
 from .calibrate import CALIBRATION_NOTE, backward_seeds, state_restored, store_all_schedule
 
-__all__ = ["EagerReference", "REFERENCE_ROUNDS", "REFERENCE_SECONDS", "measure_reference", "eager_reference", "cap_against_eager"]
+__all__ = ["EagerReference", "REFERENCE_ROUNDS", "REFERENCE_SECONDS", "REFERENCE_TOLERANCE", "enough_pairs", "measure_reference",
+           "eager_reference", "cap_against_eager"]
 
 #: interleaved (eager, runtime) step pairs timed, after one warm-up pair, at most ...
 REFERENCE_ROUNDS = 11
-#: ... and no more once this many seconds went into them (at least 3 pairs): planning time
-#: matters, a 3 ms step pair costs 70 ms for all 11, a 1 s one would cost 24 s
+#: ... and no more once this many seconds went into them (at least 2 pairs): planning time
+#: matters, a 3 ms step pair costs 70 ms for all 11, a 1 s one would cost 24 s ...
 REFERENCE_SECONDS = 3.0
+#: ... or once the ratio is known within this share of it (the half-width of a 95 %
+#: confidence interval of the mean ratio, from 3 pairs on): a cap moves by about as much
+REFERENCE_TOLERANCE = 0.02
+#: Student's t at 97.5 % by degrees of freedom (n - 1 pairs), for the interval above
+_T975 = {2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,23 @@ class EagerReference:
         does not fit."""
         allowed = (1.0 + cap) / self.runtime_over_eager - 1.0
         return None if allowed < 0 else min(cap, allowed)
+
+
+def enough_pairs(ratios: list[float], seconds: float, rounds: int = REFERENCE_ROUNDS) -> bool:
+    """Whether the timed pairs so far (their runtime / eager ratios, ``seconds`` spent on
+    them) are enough: ``rounds`` of them; 2 or more once :data:`REFERENCE_SECONDS` went by;
+    3 or more whose mean ratio is known within :data:`REFERENCE_TOLERANCE` (95 %).
+
+    >>> enough_pairs([1.10, 1.11, 1.10], 0.1), enough_pairs([1.0, 1.3, 1.1], 0.1), enough_pairs([1.0, 1.3], 3.5)
+    (True, False, True)
+    """
+    n = len(ratios)
+    if n >= rounds or (n >= 2 and seconds >= REFERENCE_SECONDS):
+        return True
+    if n < 3:
+        return False
+    half_width = _T975.get(n - 1, 2.2) * statistics.stdev(ratios) / n ** 0.5
+    return half_width <= REFERENCE_TOLERANCE * statistics.median(ratios)
 
 
 def _device_of(inputs) -> str:
@@ -106,15 +131,12 @@ def measure_reference(model: torch.nn.Module, inputs, trace, spec=None, *, optim
     with state_restored(model, device):
         runtime = OptimizedModule(model, Constraints(None, None, schedule, "auto"), optimizer=optimizer, announce=False)
         runtime.plan_for(*inputs, trace=trace)
+        seconds(model), seconds(runtime)  # the warm-up pair
         eager, ours = [], []
         began = time.perf_counter()
-        for round_ in range(rounds + 1):  # the first pair warms up
-            pair = seconds(model), seconds(runtime)
-            if round_:
-                eager.append(pair[0])
-                ours.append(pair[1])
-            if round_ >= 3 and time.perf_counter() - began > REFERENCE_SECONDS:
-                break
+        while not enough_pairs([b / a for a, b in zip(eager, ours)], time.perf_counter() - began, rounds):
+            eager.append(seconds(model))
+            ours.append(seconds(runtime))
     ratio = statistics.median(b / a for a, b in zip(eager, ours))
     return EagerReference(statistics.median(eager) * 1e6, statistics.median(ours) * 1e6, ratio)
 
