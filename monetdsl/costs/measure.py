@@ -13,7 +13,9 @@ mark above the memory at its start (its inputs, already allocated) less the byte
 memory model allocates for its outputs: library temporaries (oneDNN's weight reorders,
 cuDNN's and cuBLAS's workspaces), the runtime's own copies and a kernel's scratch are all
 in it, where the FakeTensor estimate (:mod:`monetdsl.costs.estimated_workspace`) sees tensors only.
-The time is the median of ``repeats`` runs after one warm-up; the workspace the largest of
+The time is the median of up to ``repeats`` runs after one warm-up (two runs that agree
+within :data:`AGREEMENT` are enough: a third would not move their median far, and on a
+large graph every run of every step is planning time); the workspace the largest of
 their peaks.
 
 Ops are measured once per signature (:mod:`.signature`): repeated layers inside one model,
@@ -32,7 +34,10 @@ from .probes import device_probe
 from .signature import op_signature
 from .store import MeasurementStore
 
-__all__ = ["CostReport", "measure_costs", "apply_entries", "run_measured", "Measured"]
+__all__ = ["CostReport", "measure_costs", "apply_entries", "run_measured", "Measured", "AGREEMENT"]
+
+#: two timed runs whose times differ by at most this share of the faster are enough
+AGREEMENT = 0.1
 
 
 @dataclass(frozen=True)
@@ -49,10 +54,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_measured(fn, device: str, repeats: int = 3, setup=None, probe=None, warmup: int = 1) -> Measured:
+def run_measured(fn, device: str, repeats: int = 3, setup=None, probe=None, warmup: int = 1,
+                 agreement: float | None = None) -> Measured:
     """``fn()`` (or ``fn(setup())``, ``setup`` outside the measured region: fresh copies
     for in-place alternatives) run ``warmup`` times, then ``repeats`` times timed and, with
-    ``probe``, watched: the median time and the largest peak."""
+    ``probe``, watched: the median time and the largest peak. With ``agreement``, the
+    timed runs stop after two whose times differ by at most that share of the faster."""
     def once():
         arg = setup() if setup is not None else None
         _sync(device)
@@ -67,9 +74,16 @@ def run_measured(fn, device: str, repeats: int = 3, setup=None, probe=None, warm
 
     for _ in range(warmup):
         once()
-    samples = [once() for _ in range(max(repeats, 1))]
+    samples = [once() for _ in range(max(min(repeats, 2) if agreement is not None else repeats, 1))]
+    while len(samples) < repeats and not _agree([t for t, _ in samples], agreement):
+        samples.append(once())
     peaks = [p for _, p in samples if p is not None]
     return Measured(round(statistics.median(t for t, _ in samples), 3), max(peaks) if peaks else None)
+
+
+def _agree(times: list[float], agreement: float | None) -> bool:
+    """Whether the timed runs so far are enough (two or more within ``agreement``)."""
+    return agreement is not None and len(times) >= 2 and max(times) <= (1 + agreement) * max(min(times), 1e-9)
 
 
 @dataclass
@@ -234,7 +248,7 @@ def _measure_op(low, op, bops, node_of, device, repeats, probe) -> tuple[dict, l
                 step = _backward_step(low, bop, impl, first=impl.name == bop.impls[0].name)
                 reads = [values[n] for n in step.reads]
                 fn = step.with_scratch_targets(device)
-                got = run_measured(lambda fn=fn, reads=reads: fn(*reads), device, repeats, probe=probe)
+                got = run_measured(lambda fn=fn, reads=reads: fn(*reads), device, repeats, probe=probe, agreement=AGREEMENT)
                 steps[impl.name] = {"time_us": got.time_us, "workspace": _workspace(got.peak, bop.new_output_bytes(impl, tensors))}
             except Exception as exc:  # noqa: BLE001 - reported, never hidden
                 notes.append(f"{bop.name} impl {impl.name}: not measured ({type(exc).__name__}: {str(exc)[:80]}); estimate kept")
@@ -261,7 +275,8 @@ def _measure_forward(low, op, impl, values: _OpValues, device: str, repeats: int
         return [v.clone() if n == impl.overwrites else v for n, v in zip(step.reads, found)]
 
     def measured(step, own: dict) -> Measured:
-        return run_measured(lambda args: step.fn(*args), device, repeats, setup=lambda: arguments(step, own), probe=probe)
+        return run_measured(lambda args: step.fn(*args), device, repeats, setup=lambda: arguments(step, own), probe=probe,
+                            agreement=AGREEMENT)
 
     first = _forward_step(low, op, impl, recompute=False)
     got = measured(first, {})

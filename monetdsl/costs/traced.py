@@ -16,14 +16,15 @@ import torch
 from ..ir import Spec
 from ..tracing.api import TraceResult, trace_graph, with_costs
 from .kept_workspaces import estimated_workspaces
-from .measure import CostReport, apply_entries, measure_costs
+from .measure import AGREEMENT, CostReport, apply_entries, measure_costs
 from .store import MeasurementStore
 
 __all__ = ["trace_model", "trace", "profile_trace", "measured_report", "with_estimated_workspaces", "profiled_cost_model",
            "device_description", "MEASURE_REPEATS"]
 
-#: timed runs per step (after one warm-up): the median is steady by then on small ops,
-#: and planning time matters
+#: timed runs per step at most (after one warm-up; two when they agree,
+#: :data:`~.measure.AGREEMENT`): the median is steady by then on small ops, and planning
+#: time matters
 MEASURE_REPEATS = 3
 
 
@@ -35,8 +36,8 @@ def device_description(device: str) -> str:
 def profiled_cost_model(device: str, repeats: int = MEASURE_REPEATS) -> str:
     """The cost-model line of a spec measured on ``device`` (the same on every run of one
     machine: the runtime keys its caches on it)."""
-    return (f"measured on {device_description(device)} (median of {repeats} runs after a warm-up run, per op and"
-            " implementation; workspaces from the allocator's peak)")
+    return (f"measured on {device_description(device)} (median of up to {repeats} runs after a warm-up run, two when"
+            f" they agree within {AGREEMENT:.0%}, per op and implementation; workspaces from the allocator's peak)")
 
 
 def with_estimated_workspaces(trace: TraceResult, store: MeasurementStore | None = None) -> TraceResult:
