@@ -69,31 +69,52 @@ def _all_ops(network: Network) -> list:
 
 
 def calibration_schedules(network: Network, fingerprint: str) -> list[tuple[str, object]]:
-    """Valid store-all schedules that together run as many implementations as they can:
-    PyTorch's (the first) of every op; for each k, the k-th implementation of every
-    forward op that has one (backward ones chosen cheapest among the compatible), then of
-    every backward op; and the cheapest of all. Each keeps every forward tensor its
-    backward reads (an in-place forward makes the builder recompute what it overwrote)."""
+    """Few valid store-all schedules that together run every implementation a store-all
+    schedule can run: PyTorch's (the first) of every op; then, while some implementation
+    has not run, one that pins every op to an implementation not yet run (forward and
+    backward together; else the forward ops, else the backward ones; the other ops choose
+    the cheapest compatible); then the k-th implementation of every forward op, and of
+    every backward op, for each k, when it runs one not run yet; and always the cheapest
+    of all (the search's baseline). Each keeps every forward tensor its backward reads (an
+    in-place forward makes the builder recompute what it overwrote). Every schedule is a
+    lowering and two training steps of the whole model: pinning forward and backward ops
+    together, and only to what has not run, needs fewer than pinning the k-th of one side
+    at a time (6 schedules against 8 on a ResNet-50, against 9 on a ResNet-18, the same
+    implementations run)."""
     idx = index(network)
     ops = _all_ops(network)
-    depth = max(len(op.impls) for op in ops)
-    found, seen = [], set()
-    variants = [("implementation 1 of every op", {op.name: (op.impls[0].name,) for op in ops})]
-    for k in range(1, depth):
+    forward = {op.name for op in network.forward_ops}
+    found, ran, seen = [], set(), set()
+
+    def add(label: str, allowed, always: bool = False) -> bool:
+        """Add the store-all schedule of ``allowed`` when it runs an implementation not run
+        yet (or ``always``); whether it was added."""
+        impls = cheapest_impls(network, allowed)
+        key = tuple(sorted(impls.items()))
+        if key in seen or not (always or set(impls.items()) - ran):
+            return False
+        schedule = store_all_schedule(network, impls, fingerprint, idx)
+        if schedule is None:
+            return False
+        seen.add(key)
+        ran.update(impls.items())
+        found.append((label, schedule))
+        return True
+
+    add("implementation 1 of every op", {op.name: (op.impls[0].name,) for op in ops})
+    while True:
+        todo = {op.name: (next(i.name for i in op.impls if (op.name, i.name) not in ran),) for op in ops
+                if any((op.name, i.name) not in ran for i in op.impls)}
+        sides = [("every op", todo), ("every forward op", {n: p for n, p in todo.items() if n in forward}),
+                 ("every backward op", {n: p for n, p in todo.items() if n not in forward})]
+        if not any(pins and add(f"an implementation not run yet of {label}", pins) for label, pins in sides):
+            break
+    for k in range(1, max(len(op.impls) for op in ops)):
         for side, group in (("forward", network.forward_ops), ("backward", network.backward_ops)):
             pins = {op.name: (op.impls[k].name,) for op in group if len(op.impls) > k}
             if pins:
-                variants.append((f"implementation {k + 1} of every {side} op", pins))
-    variants.append(("the fastest implementations", None))
-    for label, allowed in variants:
-        impls = cheapest_impls(network, allowed)
-        key = tuple(sorted(impls.items()))
-        if key in seen:
-            continue
-        schedule = store_all_schedule(network, impls, fingerprint, idx)
-        if schedule is not None:
-            seen.add(key)
-            found.append((label, schedule))
+                add(f"implementation {k + 1} of every {side} op", pins)
+    add("the fastest implementations", None, always=True)
     return found
 
 
