@@ -80,6 +80,8 @@ ENGINE_OPTIONS: dict[str, EngineOption] = {
     "stall_share": EngineOption("a number >= 0, or None: the hybrid engine stops after this share of its running time without"
                                 " improving (None: it searches until the time limit)", lambda value: value is None or _at_least_zero(value)),
     "min_stall": EngineOption("a number of seconds >= 0: the least time the hybrid engine waits for an improvement", _at_least_zero),
+    "tolerance": EngineOption("a fraction >= 0, or None: the hybrid engine stops once its best is within this share above"
+                              " a proved lower bound (None or 0: never for that)", lambda value: value is None or _at_least_zero(value)),
 }
 
 #: how the command line spells each option in messages

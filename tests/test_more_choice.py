@@ -126,3 +126,4 @@ def test_hybrid_with_every_implementation_is_no_worse_than_restricted_to_the_fir
     assert full.simulation.compute_us <= restricted.simulation.compute_us + 1e-6
     replay = simulate(network, full.schedule)
     assert replay.valid and replay.peak_bytes <= budget
+

@@ -118,3 +118,23 @@ def test_the_milp_second_phase_stops_paying_and_keeps_the_least_peak():
     eager = solve(spec, "milp", max_overhead=0.2, time_limit=60, options={"stall_share": 0.0, "min_stall": 0.0})
     assert eager.status == "optimal" and eager.simulation.peak_bytes == eager.min_feasible_budget
     assert eager.details.get("polish_status") == "optimal" or eager.details["polish_stopped"].startswith("no improvement")
+
+
+def test_a_best_within_the_tolerance_of_the_lower_bound_ends_the_hybrid():
+    """A schedule proved within the tolerance of a lower bound is good enough: the hybrid
+    stops there, says so, and its result is that close to the bound and no worse than
+    any heuristic; the full search (``stall_share=None``) ignores the tolerance."""
+    assert StopRule.from_options({}).tolerance == 0.01
+    assert StopRule.from_options({"stall_share": None}).tolerance == 0.0
+    assert StopRule.from_options({"tolerance": None}).tolerance == 0.0
+    spec = _spec("resnet", 4)
+    cap = 0.2
+    tolerance = 3.0  # wide enough for the first schedule composed (the simple bound is far below the optimum here)
+    result = solve(spec, "hybrid", max_overhead=cap, time_limit=60, options={"target_ops": 7, "tolerance": tolerance})
+    assert result.success and result.simulation.overhead <= cap + 1e-9
+    assert "of the lower bound" in result.details["stopped"] and f"stopped: {result.details['stopped']}" in result.message
+    assert result.simulation.peak_bytes <= (1 + tolerance) * result.details["simple_lower_bound"]
+    for name in HEURISTICS:
+        other = solve(spec, name, max_overhead=cap, exact_min_budget=False)
+        if other.success:
+            assert result.simulation.peak_bytes <= other.simulation.peak_bytes, name

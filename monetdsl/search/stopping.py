@@ -8,6 +8,18 @@ incumbent for :data:`STALL_SHARE` of the time spent so far (and at least
 the next improvement; one that found its last improvement after 8 s stops at 10.7 s (8 s
 is 3/4 of 10.7 s), one still improving at 40 s runs on.
 
+A search that knows a lower bound every schedule obeys also stops once its best is within
+:data:`TOLERANCE` of it (``best <= (1 + TOLERANCE) x bound``): no schedule, a full search's
+included, is then more than that share better, and the targets are about 1 %.
+
+    >>> watch = StallWatch(StopRule(), begin=0.0, bound=400.0)
+    >>> watch.observe(405.0, now=1.0)
+    >>> watch.reason(now=1.0) is None    # 1.25 % above the bound
+    True
+    >>> watch.observe(403.0, now=2.0)
+    >>> watch.reason(now=2.0)
+    'within 0.75 % of the lower bound (tolerance 1 %)'
+
 The incumbent the rule watches is the best value of the whole search, phases before the
 current one included (a refinement that only restates the local search's schedule is not
 an improvement). The rule never changes which schedule is returned; it only decides when
@@ -27,7 +39,7 @@ import time
 from dataclasses import dataclass
 
 __all__ = ["StopRule", "StallWatch", "StallStop", "STALL_SHARE", "MIN_STALL_SECONDS", "LOCAL_MIN_STALL_SECONDS", "EXACT_MIN_STALL_SECONDS",
-           "MIN_GAIN"]
+           "MIN_GAIN", "TOLERANCE"]
 
 #: a search stops after this share of its running time without an improvement
 STALL_SHARE = 0.25
@@ -45,6 +57,8 @@ EXACT_MIN_STALL_SECONDS = 5.0
 #: improvements smaller than this (relative) do not reset the clock: the targets are
 #: about 1 %, and HiGHS polishes the last microsecond for minutes
 MIN_GAIN = 1e-4
+#: a best within this share above a proved lower bound is good enough (``tolerance`` option)
+TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -54,27 +68,32 @@ class StopRule:
     stall_share: float = STALL_SHARE
     min_stall_seconds: float = MIN_STALL_SECONDS
     min_gain: float = MIN_GAIN
+    tolerance: float = TOLERANCE
 
     @classmethod
     def from_options(cls, options: dict, min_stall_seconds: float = MIN_STALL_SECONDS) -> "StopRule":
         """The rule a search's ``options`` ask for (``stall_share``, ``min_stall``, by
-        default ``min_stall_seconds``); ``stall_share=None`` turns the stall rule off (the
-        search runs to its limit)."""
+        default ``min_stall_seconds``, ``tolerance``); ``stall_share=None`` turns the rule
+        off, the tolerance included (the search runs to its limit)."""
         share = options.get("stall_share", STALL_SHARE)
+        tolerance = options.get("tolerance", TOLERANCE)
         return cls(
             stall_share=float("inf") if share is None else float(share),
             min_stall_seconds=float(options.get("min_stall", min_stall_seconds)),
+            tolerance=0.0 if share is None or tolerance is None else float(tolerance),
         )
 
 
 class StallWatch:
     """One search's best value against the clock (minimisation)."""
 
-    def __init__(self, rule: StopRule, begin: float | None = None):
+    def __init__(self, rule: StopRule, begin: float | None = None, bound: float | None = None):
         self.rule = rule
         self.begin = time.perf_counter() if begin is None else begin
         self.best: float | None = None
         self.improved_at = self.begin
+        #: a lower bound every schedule obeys, when known (the tolerance is measured from it)
+        self.bound = bound
 
     def observe(self, value: float | None, now: float | None = None) -> None:
         """Record a value found (an improvement when lower than the best by the minimum gain)."""
@@ -86,8 +105,20 @@ class StallWatch:
         if self.best is None or value < self.best:
             self.best = value
 
+    def good_enough(self) -> str | None:
+        """Why the best is good enough (within the tolerance above the bound), or None."""
+        if self.best is None or self.bound is None or self.bound <= 0 or self.rule.tolerance <= 0:
+            return None
+        above = self.best / self.bound - 1.0
+        if above > self.rule.tolerance:
+            return None
+        return f"within {max(0.0, above):.2%} of the lower bound (tolerance {self.rule.tolerance:.0%})".replace("%", " %")
+
     def reason(self, now: float | None = None) -> str | None:
         """Why the search should stop now, or None to go on."""
+        enough = self.good_enough()
+        if enough is not None:
+            return enough
         now = time.perf_counter() if now is None else now
         elapsed = now - self.begin
         quiet = now - self.improved_at

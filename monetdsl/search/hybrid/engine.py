@@ -60,7 +60,7 @@ from .decompose import DEFAULT_TARGET_OPS, Decomposition, decompose, decompose_a
 from .menus import DEFAULT_CACHE, MIN_SECONDS_PER_KIND, BlockMenu, MenuCache, build_menus, extend_menus, pareto
 from .subnet import BlockNet, SubnetError, block_network
 
-__all__ = ["hybrid", "HybridRun", "run_hybrid", "REFINE_MAX_FORWARD_OPS"]
+__all__ = ["hybrid", "HybridRun", "run_hybrid", "simple_lower_bound", "REFINE_MAX_FORWARD_OPS"]
 
 #: the refinement runs the whole network's MILP only up to this many forward ops (above,
 #: building the model alone takes longer than the search is worth; see docs/milp.md §11)
@@ -277,6 +277,8 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     budget = constraints.memory_budget
     cap_us = _cap_us(constraints, ctx)
     watch = StallWatch(StopRule.from_options(options), begin)
+    if watch.rule.tolerance > 0:
+        watch.bound = simple_lower_bound(network, constraints, ctx, cheap=True)
 
     def report(phase: str, best: float | None = None, bound: float | None = None):
         watch.observe(best)
@@ -410,7 +412,9 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     run = _pick(candidates, objective, budget, cap_us)
     report("composed", None if run is None else _value(run[2], objective))
     # 5. local search on the carry plan (moves across block boundaries the DP cannot make)
-    if run is not None and options.get("polish", True):
+    if run is not None and options.get("polish", True) and watch.good_enough() is not None:
+        details["local_search"] = f"skipped: {watch.good_enough()}"
+    elif run is not None and options.get("polish", True):
         starts = _starts(candidates, objective, budget, cap_us, POLISH_STARTS)
         details["local_search"] = []
         for k, start in enumerate(starts):
@@ -463,8 +467,9 @@ def _without_blocks(network, constraints, ctx, heuristics, prior, details, deadl
     candidates = list(heuristics) + _prior_candidate(network, constraints, ctx, prior)
     run = _pick(candidates, objective, budget, cap_us)
     details["local_search"] = []
-    if run is not None and ctx.options.get("polish", True) and _left(ctx, deadline) > 0.2:
+    if run is not None:
         watch.observe(_value(run[2], objective))
+    if run is not None and ctx.options.get("polish", True) and _left(ctx, deadline) > 0.2 and watch.good_enough() is None:
         polished = improve(network, run[1], constraints, baseline_us=ctx.baseline_us, time_limit=_left(ctx, deadline),
                            objective=objective, max_kicks=ctx.options.get("kicks"), stop=ctx.stop,
                            rule=StopRule.from_options(ctx.options, LOCAL_MIN_STALL_SECONDS))
@@ -554,6 +559,9 @@ def _complete_menus(kinds: dict, menus: dict, until: float, cache: MenuCache, wo
         watch, composed_value = paying
         watch.observe(composed_value(menus))
     while pending and until - time.perf_counter() >= 1.0:
+        if paying is not None and watch.good_enough() is not None:
+            details["menus_stopped"] = watch.good_enough()
+            break
         left = until - time.perf_counter()
         if paying is None:
             menus = extend_menus(pending, menus, time_budget=left, cache=cache, workers=workers, stop=stop)
@@ -631,17 +639,13 @@ def _left(ctx: SearchContext, deadline: float) -> float:
 
 def _finish(network, constraints, ctx, run, candidates, details, deadline, watch: StallWatch) -> HybridRun:
     objective = ctx.objective
-    allowed = constraints.allowed_impls
-    if objective == "memory":
-        lower = float(peak_lower_bound(network, allowed))
-    else:
-        lower = compute_lower_bound(network, allowed)
-        within = compute_lower_bound_within(network, constraints, baseline_us=ctx.baseline_us)
-        if within is not None:  # plain networks: the recomputation the budget forces somewhere
-            lower = max(lower, within)
+    lower = simple_lower_bound(network, constraints, ctx)
     details["simple_lower_bound"] = lower
     floor = model = None
     refine = _fits_refinement(network, ctx.options)
+    if run is not None and watch.good_enough() is not None:
+        details["good_enough"] = watch.good_enough()
+        refine = False
     if run is None and objective == "compute" and constraints.memory_budget is not None and refine and _left(ctx, deadline) > 0.5:
         run, floor, model = _least_peak_first(network, constraints, ctx, candidates, deadline, details)
         refine = not model.builder.conflicts and not (floor.exact and (floor.bytes is None or floor.bytes > constraints.memory_budget))
@@ -674,7 +678,7 @@ def _finish(network, constraints, ctx, run, candidates, details, deadline, watch
         status, gap = "optimal", 0.0
         message += "; the peak equals the lower bound, so it is minimal"
     details["origin"] = origin
-    details["stopped"] = _why_stopped(status, details.get("refine"), deadline)
+    details["stopped"] = _why_stopped(status, details.get("refine"), deadline, details.get("good_enough"))
     message += f"; stopped: {details['stopped']}"
     hr = HybridRun(schedule, sim, origin, details, lower, gap, status, message)
     if objective == "memory":
@@ -686,10 +690,12 @@ def _finish(network, constraints, ctx, run, candidates, details, deadline, watch
     return hr
 
 
-def _why_stopped(status: str, refine: dict | None, deadline: float) -> str:
+def _why_stopped(status: str, refine: dict | None, deadline: float, good_enough: str | None = None) -> str:
     """Why the search ended, in words (``details["stopped"]``)."""
     if status == "optimal":
         return "proved optimal"
+    if good_enough is not None:
+        return good_enough
     if refine is not None and refine.get("stopped"):
         return refine["stopped"]
     if time.perf_counter() >= deadline:
@@ -697,6 +703,21 @@ def _why_stopped(status: str, refine: dict | None, deadline: float) -> str:
     if refine is None:
         return "every phase done (the network is too large for the refinement MILP)"
     return f"refinement MILP ended ({refine.get('status')})"
+
+
+def simple_lower_bound(network: Network, constraints: ResolvedConstraints, ctx: SearchContext, cheap: bool = False) -> float:
+    """A lower bound every schedule obeys, cheap on any graph: the least peak of the most
+    demanding step (memory objective), or every op once at its fastest, raised on plain
+    networks by the recomputation the budget forces (compute; not with ``cheap``: that
+    takes a search of its own)."""
+    allowed = constraints.allowed_impls
+    if ctx.objective == "memory":
+        return float(peak_lower_bound(network, allowed))
+    lower = compute_lower_bound(network, allowed)
+    if cheap:
+        return lower
+    within = compute_lower_bound_within(network, constraints, baseline_us=ctx.baseline_us)
+    return lower if within is None else max(lower, within)
 
 
 def _refinement_model(network, constraints, ctx):
@@ -754,7 +775,7 @@ def _refine(network, constraints, ctx, run, deadline, details, watch: StallWatch
     in_bytes = (lambda v: None if v is None else model.fixed_bytes + v * MIB) if objective == "memory" else (lambda v: v)
 
     # the MILP's own stall clock, from now: the phases before it cannot make its moves
-    own = StallWatch(StopRule.from_options(ctx.options, EXACT_MIN_STALL_SECONDS))
+    own = StallWatch(StopRule.from_options(ctx.options, EXACT_MIN_STALL_SECONDS), bound=watch.bound)
     own.observe(None if run is None else _value(run[2], objective))
 
     def observe(elapsed, incumbent, bound, _gap) -> None:  # HiGHS reports many times a second

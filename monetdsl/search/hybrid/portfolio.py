@@ -5,7 +5,10 @@ the same time; on ResNet-50 the full search alone ended up to 14 % above the sam
 restricted to PyTorch's implementations. So the search restricted to each op's first
 implementation (:mod:`..restrict`) runs first, within a quarter of the time and without
 the local search, and the full search starts from its block options and its schedule: it
-ends no worse than the restricted one did.
+ends no worse than the restricted one did (its block options seed the full search's
+menus even when it found no schedule of its own). When the restricted search's schedule is
+within the stop rule's tolerance of a lower bound on the full network
+(:mod:`..stopping`), no schedule is more than that better and the full search is skipped.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ from ...ir import Network
 from ...validate import ResolvedConstraints
 from ..outcome import SearchContext
 from ..restrict import first_impl_pins, has_alternatives
-from .engine import HybridRun, run_hybrid
+from ..stopping import StallWatch, StopRule
+from .engine import HybridRun, run_hybrid, simple_lower_bound
 
 __all__ = ["restricted_first", "RESTRICTED_SHARE"]
 
@@ -46,6 +50,12 @@ def restricted_first(network: Network, constraints: ResolvedConstraints, ctx: Se
     if first is not None and ctx.stopped:  # asked to stop: the restricted search's best is the answer
         first.details["restricted"] = {"stopped": "before the full search"}
         return first
+    enough = _good_enough(network, constraints, ctx, first)
+    if enough is not None:  # no schedule is more than the tolerance better: the full search is not needed
+        first.details["restricted"] = {"stopped": f"before the full search: {enough}"}
+        first.message = first.message.replace(f"stopped: {first.details.get('stopped')}", f"stopped: {enough}")
+        first.details["stopped"] = enough
+        return first
     left = max(0.5, limit - (time.perf_counter() - begin))
     full = run_hybrid(network, constraints, replace(ctx, time_limit=left), prior=first)
     if first is None:
@@ -57,3 +67,13 @@ def restricted_first(network: Network, constraints: ResolvedConstraints, ctx: Se
             "compute": None if first.simulation is None else first.simulation.compute_us,
         }
     return full
+
+
+def _good_enough(network: Network, constraints: ResolvedConstraints, ctx: SearchContext, run: HybridRun | None) -> str | None:
+    """Why ``run``'s schedule is good enough for the whole network (within the stop rule's
+    tolerance of a lower bound on every implementation), or None."""
+    if run is None or run.simulation is None or not run.simulation.ok or StopRule.from_options(ctx.options).tolerance <= 0:
+        return None
+    watch = StallWatch(StopRule.from_options(ctx.options), bound=simple_lower_bound(network, constraints, ctx, cheap=True))
+    watch.observe(float(run.simulation.peak_bytes) if ctx.objective == "memory" else run.simulation.compute_us)
+    return watch.good_enough()
