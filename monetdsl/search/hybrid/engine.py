@@ -27,7 +27,9 @@
    budget forces at the step store-all exceeds it most
    (:func:`..eviction.compute_lower_bound_within`). The refinement stops when HiGHS proves its gap, or earlier by
    :mod:`..stopping`'s rule (no improvement of the engine's best for a share of the time
-   spent so far); ``details["stopped"]`` and the message say why the search ended.
+   spent so far, or a best within its tolerance of the simple lower bound, which also
+   ends the menus' completion and skips the local search); ``details["stopped"]`` and the
+   message say why the search ended.
 
 With the memory objective (``--min-memory``) the engine looks for the smallest internal
 budget whose plan replays within the overhead cap, and reports the best peak found and a
@@ -412,8 +414,9 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     run = _pick(candidates, objective, budget, cap_us)
     report("composed", None if run is None else _value(run[2], objective))
     # 5. local search on the carry plan (moves across block boundaries the DP cannot make)
-    if run is not None and options.get("polish", True) and watch.good_enough() is not None:
-        details["local_search"] = f"skipped: {watch.good_enough()}"
+    enough = watch.good_enough()
+    if run is not None and options.get("polish", True) and enough is not None:
+        details["local_search"] = f"skipped: {enough}"
     elif run is not None and options.get("polish", True):
         starts = _starts(candidates, objective, budget, cap_us, POLISH_STARTS)
         details["local_search"] = []
@@ -559,8 +562,9 @@ def _complete_menus(kinds: dict, menus: dict, until: float, cache: MenuCache, wo
         watch, composed_value = paying
         watch.observe(composed_value(menus))
     while pending and until - time.perf_counter() >= 1.0:
-        if paying is not None and watch.good_enough() is not None:
-            details["menus_stopped"] = watch.good_enough()
+        enough = watch.good_enough() if paying is not None else None
+        if enough is not None:
+            details["menus_stopped"] = enough
             break
         left = until - time.perf_counter()
         if paying is None:
@@ -643,8 +647,9 @@ def _finish(network, constraints, ctx, run, candidates, details, deadline, watch
     details["simple_lower_bound"] = lower
     floor = model = None
     refine = _fits_refinement(network, ctx.options)
-    if run is not None and watch.good_enough() is not None:
-        details["good_enough"] = watch.good_enough()
+    enough = None if run is None else watch.good_enough()
+    if enough is not None:
+        details["good_enough"] = enough
         refine = False
     if run is None and objective == "compute" and constraints.memory_budget is not None and refine and _left(ctx, deadline) > 0.5:
         run, floor, model = _least_peak_first(network, constraints, ctx, candidates, deadline, details)
