@@ -100,3 +100,31 @@ def test_a_schedule_solved_on_calibrated_times_trains_like_eager(profiled):
     optimized(x).square().sum().backward()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=lambda m, name=name: f"{name}: {m} (impls {found.schedule.impls})")
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "tiny_gpt", "transformer_block"])
+def test_calibration_runs_every_implementation_that_pinning_one_side_at_a_time_would_with_no_more_schedules(name):
+    """What pinning the k-th implementation of every forward op, then of every backward op,
+    would time in place, the calibration schedules time too, in no more schedules."""
+    from pathlib import Path
+
+    from monetdsl.grammar import load_spec
+    from monetdsl.runtime.calibrate import store_all_schedule
+    from monetdsl.search.impl_choice import cheapest_impls
+
+    spec = load_spec(Path(__file__).resolve().parent.parent / "specs" / f"{name}.monet")
+    network = spec.network
+    run = set()
+    found = calibration_schedules(network, spec.fingerprint)
+    for _, schedule in found:
+        run |= set(chosen_impls(network, schedule).items())
+    one_side = []
+    ops = [*network.forward_ops, *network.backward_ops]
+    for k in range(max(len(op.impls) for op in ops)):
+        for group in (network.forward_ops, network.backward_ops):
+            pins = {op.name: (op.impls[k].name,) for op in group if len(op.impls) > k}
+            impls = cheapest_impls(network, pins)
+            if pins and store_all_schedule(network, impls, spec.fingerprint) is not None:
+                one_side.append(impls)
+    assert set().union(*(set(impls.items()) for impls in one_side)) <= run
+    assert len(found) <= len({tuple(sorted(i.items())) for i in one_side}) + 1  # + the fastest implementations
