@@ -416,7 +416,7 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     # 5. local search on the carry plan (moves across block boundaries the DP cannot make)
     enough = watch.good_enough()
     if run is not None and options.get("polish", True) and enough is not None:
-        details["local_search"] = f"skipped: {enough}"
+        details["local_search"] = [{"skipped": enough}]
     elif run is not None and options.get("polish", True):
         starts = _starts(candidates, objective, budget, cap_us, POLISH_STARTS)
         details["local_search"] = []
