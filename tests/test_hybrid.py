@@ -177,7 +177,8 @@ def test_identical_blocks_are_solved_once_and_menus_are_cached():
     baseline = no_recompute_compute_us(network, cheapest_impls(network))
     # the stall rule off: menus complete in both runs (with it, the second run would go on
     # completing the menus the first one stopped growing)
-    ctx = SearchContext("r6.monet", spec.fingerprint, baseline, "compute", 20.0,
+    # a generous limit (the search ends when the menus are complete): a loaded machine must not cut them short
+    ctx = SearchContext("r6.monet", spec.fingerprint, baseline, "compute", 120.0,
                         {"target_ops": 7, "refine": False, "rounds": 0, "polish": False, "stall_share": None})
     cache = MenuCache()
     first = run_hybrid(network, constraints, ctx, cache=cache)
