@@ -32,6 +32,8 @@ __all__ = [
     "arg_path",
     "call_node",
     "local_backward",
+    "local_backwards",
+    "adopt_local_backward",
     "owner_adapter",
     "run_group",
     "example_of",
@@ -396,6 +398,18 @@ def _input_grad_as_transposed(graph: fx.Graph, node: fx.Node, backward: set) -> 
         if user.args[1] == 0:
             user.replace_all_uses_with(dgrad)  # the call and its getitems are left unused
     return True
+
+
+def local_backwards() -> dict:
+    """The local backwards traced (or adopted) in this process, by the key
+    :func:`local_backward` caches them under: what a later process may adopt."""
+    return dict(_CACHE)
+
+
+def adopt_local_backward(key: tuple, local: LocalBackward) -> None:
+    """Use ``local`` for the group of calls ``key`` names instead of tracing it (one kept
+    by an earlier process; tracing it costs tens of milliseconds and TorchDynamo's import)."""
+    _CACHE.setdefault(key, local)
 
 
 # ------------------------------------------------------------------------------ owner adapters
