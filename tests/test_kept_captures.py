@@ -98,7 +98,8 @@ def test_another_shape_or_setting_or_requires_grad_is_another_key(tmp_path, capt
 
 
 def test_what_the_key_cannot_see_is_never_keyed():
-    """Hooks, a loss function of the caller's, a class made inside a function: traced every time."""
+    """Hooks, a loss function of the caller's, a class made inside a function, an fx
+    GraphModule: traced every time."""
     model, x = Net(), torch.randn(2, 3, 8, 8)
     handle = model.bn.register_forward_hook(lambda module, args, out: out * 2)
     assert capture_key(model, [x], "output") is None
@@ -117,6 +118,8 @@ def test_what_the_key_cannot_see_is_never_keyed():
         return Scaled()
 
     assert capture_key(made_here(2.0), [torch.randn(2, 3)], "output") is None
+    graph_module = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(3, 3)))
+    assert capture_key(graph_module, [torch.randn(2, 3)], "output") is None  # generated code, in no file
 
 
 _MODULE = '''

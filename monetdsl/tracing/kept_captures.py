@@ -121,6 +121,8 @@ def _class_name(cls: type) -> str:
 def _module_facts(name: str, module: nn.Module, sources: dict) -> tuple:
     if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
         raise _NoKey(f"{name or 'the model'} has hooks")
+    if isinstance(module, torch.fx.GraphModule):  # its code is generated, in no source file
+        raise _NoKey(f"{name or 'the model'} is an fx GraphModule")
     _class_sources(type(module), sources)
     settings, tensors, functions = [], [], []
     for key, value in sorted(module.__dict__.items()):
@@ -142,7 +144,11 @@ def _module_facts(name: str, module: nn.Module, sources: dict) -> tuple:
             continue  # a submodule held outside _modules is traced through; its own entry is in the tree walk
         else:
             raise _NoKey(f"{name or 'the model'}.{key} is a {type(value).__name__}")
-    return (name, _class_name(type(module)), module.training, module.extra_repr(),
+    try:
+        shown = module.extra_repr()
+    except Exception:  # noqa: BLE001 - a module that cannot describe itself is not keyed
+        raise _NoKey(f"{name or 'the model'}.extra_repr() fails") from None
+    return (name, _class_name(type(module)), module.training, shown,
             tuple(settings), tuple(tensors), tuple(functions))
 
 
