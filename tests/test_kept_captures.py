@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Net(torch.nn.Module):
-    """A small model with a norm, a buffer update and a residual."""
+    """A small model with a norm, a buffer update, a residual and a view."""
 
     def __init__(self, width: int = 8):
         super().__init__()
@@ -39,7 +39,7 @@ class Net(torch.nn.Module):
 
     def forward(self, x):
         y = torch.relu(self.bn(self.conv(x)))
-        return self.head((y + y.square()).mean((2, 3)))
+        return self.head((y + y.square()).flatten(2).mean(2))  # a view: its gradient goes through an owner adapter
 
 
 @pytest.fixture
@@ -238,16 +238,21 @@ def test_two_writers_of_one_entry_leave_a_whole_one(tmp_path):
 
 
 def test_a_warm_plan_trains_like_pytorch_without_tracing_or_make_fx(tmp_path, captures, monkeypatch):
-    """The second plan rebuilds the capture and adopts the kept local backwards: nothing is
-    traced, and a training step writes the gradients plain PyTorch computes."""
+    """The second plan rebuilds the capture and adopts the kept local backwards and owner
+    adapters: nothing is traced, and a training step writes the gradients plain PyTorch
+    computes."""
     torch.manual_seed(0)
     model, x = Net(), torch.randn(2, 3, 8, 8)
     reference = Net()
     reference.load_state_dict(model.state_dict())
-    monetdsl.optimize(model, x, budget="64MiB", cache_dir=tmp_path, profile=False)
-    assert captures == [1] and list((tmp_path / "traces").glob("*.backwards.json"))
+    cold = monetdsl.optimize(model, x, budget="64MiB", cache_dir=tmp_path, profile=False)
+    cold(x).sum().backward()  # its first step keeps the owner adapters it traced
+    model.zero_grad()
+    (path,) = (tmp_path / "traces").glob("*.backwards.json")
+    assert captures == [1] and {"backward", "adapter"} <= {e["kind"] for e in json.loads(path.read_text().splitlines()[0])["graphs"]}
     schedule_cache.forget()
     monkeypatch.setattr(graphs, "_CACHE", {})  # as a new process starts
+    monkeypatch.setattr(graphs, "_ADAPTERS", {})
 
     def no_make_fx(*args, **kwargs):
         raise AssertionError("a kept local backward was traced again")

@@ -34,6 +34,8 @@ __all__ = [
     "local_backward",
     "local_backwards",
     "adopt_local_backward",
+    "owner_adapter_graphs",
+    "adopt_owner_adapter_graph",
     "owner_adapter",
     "run_group",
     "example_of",
@@ -414,6 +416,18 @@ def adopt_local_backward(key: tuple, local: LocalBackward) -> None:
 
 # ------------------------------------------------------------------------------ owner adapters
 _ADAPTERS: dict = {}
+
+
+def owner_adapter_graphs() -> dict:
+    """The owner adapters' traced graphs made (or adopted) in this process, by the key
+    :class:`_Adapter` caches them under: what a later process may adopt."""
+    return dict(_ADAPTERS)
+
+
+def adopt_owner_adapter_graph(key: tuple, module: fx.GraphModule) -> None:
+    """Use ``module`` for the owner adapter ``key`` names instead of tracing it (one kept
+    by an earlier process)."""
+    _ADAPTERS.setdefault(key, module)
 
 
 def owner_adapter(owner_example: torch.Tensor, paths: Sequence[ArgPath]) -> Callable | None:

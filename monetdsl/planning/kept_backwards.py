@@ -1,22 +1,23 @@
-"""The lowering's traced local backwards, kept between processes beside the captured step.
+"""The lowering's traced backward graphs, kept between processes beside the captured step.
 
 Lowering a schedule traces PyTorch's backward of every op group it runs with autograd's
-formulas (:func:`monetdsl.lowering.graphs.local_backward`: ``make_fx`` on FakeTensors,
-tens of milliseconds a group, and TorchDynamo's import on first use). A second process
+formulas (:func:`monetdsl.lowering.graphs.local_backward`), and a step traces the
+backward of the view chains from a storage owner to its views on first use (the owner
+adapters, :func:`monetdsl.lowering.graphs.owner_adapter`): ``make_fx`` on FakeTensors,
+tens of milliseconds each, and TorchDynamo's import on first use. A second process
 planning the same model needs the same graphs: they are kept as data
 (:mod:`monetdsl.tracing.graph_text`) in one file per captured step, named by the key its
 capture is kept under (:func:`monetdsl.tracing.kept_captures.capture_key`), and adopted
-before the plan's costs are estimated and its schedule lowered (both lower op groups).
+before the plan's costs are estimated and its schedule lowered.
 
 A file is written atomically with a checksum line; one that is damaged, of another
 format or for another key is ignored, and so is each graph in it that does not rebuild
-to the same data (the lowering then traces that group again). The key a graph is kept
-under is the lowering's own description of the group (its calls, the layouts of what
-they read), so a graph is only ever used for a group it was traced for.
+to the same data (the lowering then traces it again). A graph is kept under the
+lowering's own key for it (the group's calls and the layouts of what they read; the
+view chain and the gradients' layouts), so it is only ever used where it was traced for.
 """
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
 
@@ -24,8 +25,10 @@ import torch
 import torch.fx as fx
 
 from ..io import atomic_write, checksum_intact, with_checksum
-from ..lowering.graphs import LocalBackward, adopt_local_backward, local_backwards
-from ..tracing.graph_text import UnkeepableGraph, data_digest, graph_from_data, graph_to_data
+from ..lowering.graphs import (LocalBackward, adopt_local_backward, adopt_owner_adapter_graph, local_backwards,
+                               owner_adapter_graphs)
+from ..tracing.graph_text import (UnkeepableGraph, data_digest, graph_from_data, graph_to_data, value_from_data,
+                                  value_to_data)
 
 __all__ = ["FORMAT", "adopt_kept_backwards", "keep_backwards"]
 
@@ -37,29 +40,47 @@ def _path(directory: Path, key: str) -> Path:
     return directory / f"{key[:24]}-v{FORMAT}.backwards.json"
 
 
-def _entry(key: tuple, local: LocalBackward) -> dict | None:
-    text = repr(key)
+def _graph_entry(kind: str, key: tuple, module: fx.GraphModule, **fields) -> dict | None:
     try:
-        if ast.literal_eval(text) != key:
+        data = value_to_data(key)
+        if value_from_data(data) != key:
             return None
-        graph = graph_to_data(local.module.graph, meta=False)
-    except (UnkeepableGraph, ValueError, SyntaxError):
+        graph = graph_to_data(module.graph, meta=False)
+    except (UnkeepableGraph, KeyError, TypeError, ValueError):
         return None
-    return {"key": text, "graph": graph, "digest": data_digest(graph), "args_read": list(local.args_read),
-            "outputs_read": list(local.outputs_read), "grads_given": list(local.grads_given), "wanted": list(local.wanted)}
+    return {"kind": kind, "key": data, "graph": graph, "digest": data_digest(graph), **fields}
 
 
-def _local(entry: dict) -> tuple[tuple, LocalBackward] | None:
+def _entries() -> list[dict]:
+    """Every backward and adapter graph of this process, as data (those that can be)."""
+    entries = [_graph_entry("backward", key, local.module, args_read=list(local.args_read),
+                            outputs_read=list(local.outputs_read), grads_given=list(local.grads_given),
+                            wanted=list(local.wanted)) for key, local in local_backwards().items()]
+    entries += [_graph_entry("adapter", key, module) for key, module in owner_adapter_graphs().items()]
+    return [e for e in entries if e is not None]
+
+
+def _adopt(entry: dict) -> tuple | None:
+    """Adopt one entry; its (kind, key), or None when it does not rebuild to its data."""
     try:
-        key = ast.literal_eval(entry["key"])
+        key = value_from_data(entry["key"])
         graph = graph_from_data(entry["graph"])
         if data_digest(entry["graph"]) != entry["digest"] or data_digest(graph_to_data(graph, meta=False)) != entry["digest"]:
             return None
-        local = LocalBackward(fx.GraphModule(torch.nn.Module(), graph), tuple(entry["args_read"]), tuple(entry["outputs_read"]),
-                              tuple(entry["grads_given"]), tuple(entry["wanted"]))
+        module = fx.GraphModule(torch.nn.Module(), graph)
+        if not isinstance(key, tuple):
+            return None
+        if entry["kind"] == "backward":
+            local = LocalBackward(module, tuple(entry["args_read"]), tuple(entry["outputs_read"]),
+                                  tuple(entry["grads_given"]), tuple(entry["wanted"]))
+            adopt_local_backward(key, local)
+        elif entry["kind"] == "adapter":
+            adopt_owner_adapter_graph(key, module)
+        else:
+            return None
     except Exception:  # noqa: BLE001 - a graph that does not rebuild is traced again
         return None
-    return (key, local) if isinstance(key, tuple) else None
+    return entry["kind"], key
 
 
 def _read(directory: Path, key: str) -> list:
@@ -80,32 +101,27 @@ def _read(directory: Path, key: str) -> list:
 
 
 def adopt_kept_backwards(directory: Path | None, key: str | None) -> frozenset:
-    """Adopt the local backwards kept under the capture key ``key`` (nothing when either
-    is None); the lowering's keys of those adopted."""
+    """Adopt the backward and adapter graphs kept under the capture key ``key`` (nothing
+    when either is None); the (kind, lowering key) of those adopted."""
     if directory is None or key is None:
         return frozenset()
-    adopted = []
-    for entry in _read(directory, key):
-        found = _local(entry) if isinstance(entry, dict) else None
-        if found is not None:
-            adopt_local_backward(*found)
-            adopted.append(found[0])
-    return frozenset(adopted)
+    adopted = (_adopt(entry) if isinstance(entry, dict) else None for entry in _read(directory, key))
+    return frozenset(a for a in adopted if a is not None)
+
+
+def _made() -> set:
+    return {("backward", k) for k in local_backwards()} | {("adapter", k) for k in owner_adapter_graphs()}
 
 
 def keep_backwards(directory: Path | None, key: str | None, adopted: frozenset) -> None:
-    """Keep, under the capture key ``key``, the local backwards this process has traced or
-    adopted (lowering and measuring this graph's ops trace those it needs; a process
-    usually plans one model, and a graph kept for another is only unused), when any is
-    new beside those ``adopted`` from the file. A directory that cannot be written is
-    skipped: the file only saves time."""
-    if directory is None or key is None:
+    """Keep, under the capture key ``key``, the backward and adapter graphs this process
+    has traced or adopted (estimating, measuring, lowering and running this model's ops
+    trace those it needs; a process usually plans one model, and a graph kept for another
+    is only unused), when any is new beside those ``adopted`` from the file. A directory
+    that cannot be written is skipped: the file only saves time."""
+    if directory is None or key is None or not _made() - adopted:
         return
-    made = local_backwards()
-    if not set(made) - adopted:
-        return
-    entries = [e for e in (_entry(key, local) for key, local in made.items()) if e is not None]
-    text = json.dumps({"format": FORMAT, "key": key, "graphs": entries}, separators=(",", ":")) + "\n"
+    text = json.dumps({"format": FORMAT, "key": key, "graphs": _entries()}, separators=(",", ":")) + "\n"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write(_path(directory, key), with_checksum(text))

@@ -93,6 +93,9 @@ class RuntimePlan:
     avoided: frozenset = frozenset()
     #: the schedule is autograd's own (no cap fits the runtime: Constraints.eager): the model runs itself
     runs_eager: bool = False
+    #: called once, after the first training step's backward: keeps the graphs that step
+    #: traced (the owner adapters) for the next process (:mod:`monetdsl.planning.kept_backwards`)
+    after_first_step: object = None
 
     @functools.cached_property
     def model_tensors(self) -> ModelTensors:
@@ -184,7 +187,8 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
     updates = buffer_updates(trace)
     return RuntimePlan(trace, spec, schedule, simulation, program, steps, output, output_path, input_names, sources, updates,
                        weight_checks=weights_divided_by(trace, impls, sources), avoided=frozenset(avoid),
-                       runs_eager=constraints.eager)
+                       runs_eager=constraints.eager,
+                       after_first_step=functools.partial(keep_backwards, kept_dir, capture, adopted))
 
 
 def _on_meta(inputs) -> bool:

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-__all__ = ["UnkeepableGraph", "RecordedTensor", "graph_to_data", "graph_from_data", "data_digest"]
+__all__ = ["UnkeepableGraph", "RecordedTensor", "graph_to_data", "graph_from_data", "data_digest", "value_to_data",
+           "value_from_data"]
 
 #: the node metadata the planner reads (the tracer leaves more, unused)
 _META_KEYS = ("val", "seq_nr", "partitioner_tag", "nn_module_stack", "stack_trace")
@@ -156,6 +157,19 @@ def graph_to_data(graph: fx.Graph, *, meta: bool = True) -> list:
             entry["meta"] = _meta(node)
         nodes.append(entry)
     return nodes
+
+
+def value_to_data(value) -> Any:
+    """A value made of numbers, strings, tuples, lists, dtypes and devices (a cache key)
+    as JSON-able data; :class:`UnkeepableGraph` for anything else."""
+    if isinstance(value, fx.Node):
+        raise UnkeepableGraph("a graph node is not a plain value")
+    return _arg(value)
+
+
+def value_from_data(data) -> Any:
+    """The value :func:`value_to_data` wrote."""
+    return _unarg(data, {})
 
 
 def data_digest(data) -> str:
