@@ -98,7 +98,7 @@ def _own_code() -> str:
 def _plain(value) -> bool:
     if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
         return True
-    return isinstance(value, (tuple, list, frozenset)) and all(_plain(v) for v in value)
+    return isinstance(value, (tuple, list)) and all(_plain(v) for v in value)  # a set's repr follows hash order
 
 
 def _tensor_facts(t: torch.Tensor) -> tuple:
