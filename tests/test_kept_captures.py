@@ -246,7 +246,8 @@ def test_a_warm_plan_trains_like_pytorch_without_tracing_or_make_fx(tmp_path, ca
     reference = Net()
     reference.load_state_dict(model.state_dict())
     cold = monetdsl.optimize(model, x, budget="64MiB", cache_dir=tmp_path, profile=False)
-    cold(x).sum().backward()  # its first step keeps the owner adapters it traced
+    cold(x).sum().backward()  # its first step traces the owner adapters, kept when the process exits:
+    kept_backwards._add_adapters_at_exit()
     model.zero_grad()
     (path,) = (tmp_path / "traces").glob("*.backwards.json")
     assert captures == [1] and {"backward", "adapter"} <= {e["kind"] for e in json.loads(path.read_text().splitlines()[0])["graphs"]}
@@ -290,14 +291,18 @@ torch.manual_seed(0)
 model, x = Net(), torch.randn(2, 3, 8, 8)
 fast = monetdsl.optimize(model, x, budget="64MiB", cache_dir=sys.argv[1], profile=False)
 print("dynamo" if "torch._dynamo" in sys.modules else "no dynamo")
+fast(x).sum().backward()
 """
 
 
 def test_a_second_process_plans_without_importing_dynamo(tmp_path):
-    """Planning (the step's own custom ops aside: torch imports TorchDynamo on their first call)."""
+    """Planning (the step's own custom ops aside: torch imports TorchDynamo on their first
+    call). The first process adds the owner adapters its step traced when it exits."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     runs = [subprocess.run([sys.executable, "-c", _WARM_CHILD, str(tmp_path), str(ROOT / "tests")], env=env,
                            capture_output=True, text=True, timeout=300) for _ in range(2)]
     for run in runs:
         assert run.returncode == 0, run.stderr[-2000:]
     assert [r.stdout.strip().splitlines()[-1] for r in runs] == ["dynamo", "no dynamo"]
+    (path,) = (tmp_path / "traces").glob("*.backwards.json")  # with the adapters the first step traced, at its exit
+    assert "adapter" in {e["kind"] for e in json.loads(path.read_text().splitlines()[0])["graphs"]}

@@ -18,6 +18,7 @@ view chain and the gradients' layouts), so it is only ever used where it was tra
 """
 from __future__ import annotations
 
+import atexit
 import json
 from pathlib import Path
 
@@ -113,17 +114,45 @@ def _made() -> set:
     return {("backward", k) for k in local_backwards()} | {("adapter", k) for k in owner_adapter_graphs()}
 
 
+#: files to complete at exit with the owner adapters traced after they were written
+_AT_EXIT: dict = {}
+
+
 def keep_backwards(directory: Path | None, key: str | None, adopted: frozenset) -> None:
     """Keep, under the capture key ``key``, the backward and adapter graphs this process
-    has traced or adopted (estimating, measuring, lowering and running this model's ops
-    trace those it needs; a process usually plans one model, and a graph kept for another
-    is only unused), when any is new beside those ``adopted`` from the file. A directory
-    that cannot be written is skipped: the file only saves time."""
-    if directory is None or key is None or not _made() - adopted:
+    has traced or adopted (estimating, measuring and lowering this model's ops trace
+    those it needs; a process usually plans one model, and a graph kept for another is
+    only unused), when any is new beside those ``adopted`` from the file. A directory
+    that cannot be written is skipped: the file only saves time.
+
+    The owner adapters are traced by the training steps, later; they are added to the
+    file when the process exits (not after a step: a step may be measured, and writing
+    the file would count in its peak)."""
+    if directory is None or key is None:
         return
-    text = json.dumps({"format": FORMAT, "key": key, "graphs": _entries()}, separators=(",", ":")) + "\n"
+    if _made() - adopted:
+        _write(directory, key, _entries())
+    if not _AT_EXIT:
+        atexit.register(_add_adapters_at_exit)
+    _AT_EXIT[_path(directory, key)] = (directory, key, frozenset(_made()) | adopted)
+
+
+def _write(directory: Path, key: str, entries: list, *, create: bool = True) -> None:
+    text = json.dumps({"format": FORMAT, "key": key, "graphs": entries}, separators=(",", ":")) + "\n"
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
         atomic_write(_path(directory, key), with_checksum(text))
     except OSError:
         pass
+
+
+def _add_adapters_at_exit() -> None:
+    """Add to each file written in this process the owner adapters traced since."""
+    adapters = owner_adapter_graphs()
+    for directory, key, known in _AT_EXIT.values():
+        new = [_graph_entry("adapter", k, module) for k, module in adapters.items() if ("adapter", k) not in known]
+        new = [e for e in new if e is not None]
+        if new:
+            # a directory removed since (a temporary one) stays removed
+            _write(directory, key, [e for e in _read(directory, key) if isinstance(e, dict)] + new, create=False)

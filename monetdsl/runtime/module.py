@@ -279,9 +279,6 @@ class OptimizedModule(torch.nn.Module):
 
         with torch.no_grad(), _no_autocast():
             executor.backward(state, {f"grad({plan.output})": seed}, param_of)
-        if plan.after_first_step is not None:
-            done, plan.after_first_step = plan.after_first_step, None
-            done()
 
 
 def _as_positional(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:

@@ -93,9 +93,6 @@ class RuntimePlan:
     avoided: frozenset = frozenset()
     #: the schedule is autograd's own (no cap fits the runtime: Constraints.eager): the model runs itself
     runs_eager: bool = False
-    #: called once, after the first training step's backward: keeps the graphs that step
-    #: traced (the owner adapters) for the next process (:mod:`monetdsl.planning.kept_backwards`)
-    after_first_step: object = None
 
     @functools.cached_property
     def model_tensors(self) -> ModelTensors:
@@ -180,15 +177,14 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
     schedule, simulation = schedule_for(spec, constraints, schedule_dir, costs=trace.cost_model, progress=progress)
     impls = chosen_impls(network, schedule)
     program = lower(trace, network, impls)
-    keep_backwards(kept_dir, capture, adopted)
+    keep_backwards(kept_dir, capture, adopted)  # and, at exit, the owner adapters its steps traced
     steps = plan_steps(network, schedule, program)
     output, output_path = _output_of(trace, network)
     input_names = tuple(n for n, (kind, _, _) in sources.items() if kind == "input")
     updates = buffer_updates(trace)
     return RuntimePlan(trace, spec, schedule, simulation, program, steps, output, output_path, input_names, sources, updates,
                        weight_checks=weights_divided_by(trace, impls, sources), avoided=frozenset(avoid),
-                       runs_eager=constraints.eager,
-                       after_first_step=functools.partial(keep_backwards, kept_dir, capture, adopted))
+                       runs_eager=constraints.eager)
 
 
 def _on_meta(inputs) -> bool:
