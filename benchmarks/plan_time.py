@@ -7,8 +7,9 @@ Per model (the zoo and benchmark models of :mod:`monetdsl.models`, on CPU):
   x, max_overhead=CAP)`` with default options, then one training step (forward and
   backward); the time from the call to the end of the step (imports excluded; tracing,
   the search, lowering and the step included);
-* **warm**: a second fresh process on the same cache directory does the same (the schedule
-  is read back: tracing, replay and lowering remain);
+* **warm**: a second fresh process on the same cache directory does the same (the captured
+  step, the schedule and the costs are read back: replay, lowering and the step remain);
+  ``warm: planning`` is the part until ``optimize`` returns, before the first step;
 * **quality**: the planned peak at the cap against the one a full search finds on the same
   traced graph in ``--reference`` seconds (the same method with the stall rule off, so it
   uses its whole limit: ``options={"stall_share": None}``), under the cap the plan's search
@@ -97,12 +98,13 @@ def child(name: str, cache_dir: str, reference: float) -> dict:
     x = _inputs(kind)
     begin = time.perf_counter()
     fast = monetdsl.optimize(model, x, max_overhead=CAP, cache_dir=cache_dir)
+    planned = time.perf_counter() - begin
     out = fast(*x)
     (out if out.dim() == 0 else out.float().square().mean()).backward()
     seconds = time.perf_counter() - begin
     plan = fast.plans[0]
-    row = {"seconds": seconds, "forward_ops": len(plan.spec.network.forward_ops), "peak": plan.planned_peak,
-           "compute_us": plan.simulation.compute_us, "threads": torch.get_num_threads()}
+    row = {"seconds": seconds, "plan_seconds": planned, "forward_ops": len(plan.spec.network.forward_ops),
+           "peak": plan.planned_peak, "compute_us": plan.simulation.compute_us, "threads": torch.get_num_threads()}
     if reference > 0:
         from monetdsl.planning import Constraints
         from monetdsl.runtime.eager_reference import cap_against_eager
@@ -136,6 +138,7 @@ def measure_model(name: str, reference: float) -> dict:
         warm = _run_child(name, cache_dir, reference)
     assert warm["peak"] == cold["peak"], "the warm run planned another schedule"
     return {"kind": "model", "ops": cold["forward_ops"], "cold_s": cold["seconds"], "warm_s": warm["seconds"],
+            "warm_plan_s": warm["plan_seconds"],
             "peak": cold["peak"], "reference_peak": warm.get("reference_peak"), "reference_s": warm.get("reference_seconds"),
             "method": warm.get("method"), "threads": cold["threads"], "search_cap": warm.get("search_cap")}
 
@@ -165,15 +168,16 @@ def _cell(value, fmt: str) -> str:
 def table(rows: dict) -> str:
     from monetdsl.units import human_bytes
 
-    lines = ["| model | forward ops | method | search cap | cold s | warm s | planned peak | full search peak (s) | quality | date |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | forward ops | method | search cap | cold s | warm s | warm: planning s | planned peak | full search peak (s)"
+             " | quality | date |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         quality = None if r.get("reference_peak") is None else (r["peak"] - r["reference_peak"]) / r["reference_peak"]
         ref = "-" if r.get("reference_peak") is None else f"{human_bytes(r['reference_peak'])} ({r['reference_s']:.0f} s)"
         label = name if r["kind"] == "model" else f"spec {name.removeprefix('spec:')}"
         cap = "-" if r.get("search_cap") is None else f"{r['search_cap']:.1%}"
         lines.append(f"| {label} | {r['ops']} | {r.get('method') or '-'} | {cap} | {_cell(r['cold_s'], '.1f')} | {_cell(r['warm_s'], '.1f')}"
-                     f" | {human_bytes(r['peak'])} | {ref} | {_cell(quality, '+.2%')} | {r['date']} |")
+                     f" | {_cell(r.get('warm_plan_s'), '.1f')} | {human_bytes(r['peak'])} | {ref} | {_cell(quality, '+.2%')} | {r['date']} |")
     return "\n".join(lines)
 
 

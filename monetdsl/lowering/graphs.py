@@ -32,6 +32,10 @@ __all__ = [
     "arg_path",
     "call_node",
     "local_backward",
+    "local_backwards",
+    "adopt_local_backward",
+    "owner_adapter_graphs",
+    "adopt_owner_adapter_graph",
     "owner_adapter",
     "run_group",
     "example_of",
@@ -398,8 +402,32 @@ def _input_grad_as_transposed(graph: fx.Graph, node: fx.Node, backward: set) -> 
     return True
 
 
+def local_backwards() -> dict:
+    """The local backwards traced (or adopted) in this process, by the key
+    :func:`local_backward` caches them under: what a later process may adopt."""
+    return dict(_CACHE)
+
+
+def adopt_local_backward(key: tuple, local: LocalBackward) -> None:
+    """Use ``local`` for the group of calls ``key`` names instead of tracing it (one kept
+    by an earlier process; tracing it costs tens of milliseconds and TorchDynamo's import)."""
+    _CACHE.setdefault(key, local)
+
+
 # ------------------------------------------------------------------------------ owner adapters
 _ADAPTERS: dict = {}
+
+
+def owner_adapter_graphs() -> dict:
+    """The owner adapters' traced graphs made (or adopted) in this process, by the key
+    :class:`_Adapter` caches them under: what a later process may adopt."""
+    return dict(_ADAPTERS)
+
+
+def adopt_owner_adapter_graph(key: tuple, module: fx.GraphModule) -> None:
+    """Use ``module`` for the owner adapter ``key`` names instead of tracing it (one kept
+    by an earlier process)."""
+    _ADAPTERS.setdefault(key, module)
 
 
 def owner_adapter(owner_example: torch.Tensor, paths: Sequence[ArgPath]) -> Callable | None:

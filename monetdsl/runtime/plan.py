@@ -19,7 +19,9 @@ from ..ir import Schedule, Spec
 from ..lowering.graphs import ArgPath, arg_path
 from ..lowering.program import Program, lower
 from ..planning import Constraints, clear_caches, schedule_cache, schedule_for
+from ..planning.kept_backwards import adopt_kept_backwards, keep_backwards
 from ..search.progress import ProgressInfo
+from ..tracing.kept_captures import capture_key
 from ..search.simulator import Simulation, chosen_impls
 from .buffer_updates import BufferUpdates, buffer_updates
 from .costed_trace import trace_for_plan, trace_for_runtime
@@ -133,12 +135,18 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
     ``avoid``: norm ops whose backward may not divide by their weight (:mod:`.scale_weights`);
     by default those whose weight has a zero now. A schedule file is used as it is.
     ``cache_dir``: where solved schedules (:data:`~.schedule_cache.USER_CACHE`, a path, or
-    None: memory only) and the measured costs are kept. ``progress``: the search's progress
+    None: memory only) and the measured costs are kept; the captured step and the
+    lowering's local backwards are kept in its ``traces`` directory
+    (:mod:`monetdsl.tracing.kept_captures`, :mod:`monetdsl.planning.kept_backwards`),
+    so a second process plans without tracing. ``progress``: the search's progress
     callback."""
     schedule_dir = schedule_cache.resolve_cache_dir(cache_dir)  # measurements: their own default for USER_CACHE
+    kept_dir = None if schedule_dir is None else schedule_dir / "traces"  # captured steps and their local backwards
+    capture = capture_key(model, inputs, "output") if kept_dir is not None else None
+    adopted = adopt_kept_backwards(kept_dir, capture)
     if trace is None:
         trace = trace_for_plan(model, inputs, constraints, optimizer=optimizer, profile=profile,
-                                cache_dir=None if cache_dir is schedule_cache.USER_CACHE else cache_dir)
+                               cache_dir=None if cache_dir is schedule_cache.USER_CACHE else cache_dir, capture_cache=kept_dir)
     spec = trace.spec
     if progress is not None:
         progress(ProgressInfo("monetdsl", f"traced {len(spec.network.forward_ops)} ops, planning", 0.0, None, None, None, "us"))
@@ -169,6 +177,7 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
     schedule, simulation = schedule_for(spec, constraints, schedule_dir, costs=trace.cost_model, progress=progress)
     impls = chosen_impls(network, schedule)
     program = lower(trace, network, impls)
+    keep_backwards(kept_dir, capture, adopted)  # and, at exit, the owner adapters its steps traced
     steps = plan_steps(network, schedule, program)
     output, output_path = _output_of(trace, network)
     input_names = tuple(n for n, (kind, _, _) in sources.items() if kind == "input")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
@@ -23,6 +24,7 @@ from .capture import CaptureError, capture, make_fake_inputs
 from .costs import PRESETS, Roofline, preset
 from .fixed_memory import OPTIMIZERS, fixed_items
 from .joint import analyse
+from .kept_captures import capture_key, keep_capture, recall_capture
 from .to_ir import BuiltNetwork, build_network
 
 __all__ = ["TraceResult", "trace_graph", "with_costs", "DTYPES", "strip_loss_ops"]
@@ -93,7 +95,7 @@ def trace_graph(
     profile: bool = False,
     optimizer: str = "adam",
     dtype: str | torch.dtype | None = None,
-
+    capture_cache: Path | None = None,
 ) -> TraceResult:
     """Trace one training step of ``model`` and describe it as a spec with roofline times
     and no workspaces (the costing stage adds them: :func:`monetdsl.costs.trace_model`).
@@ -102,7 +104,9 @@ def trace_graph(
     nothing of their size is allocated. ``device``: a roofline preset (``cpu``, ``P100``,
     ``V100``, ``A100``, ``H100``) or, with ``profile=True``, the device the costs will be
     measured on (``cpu`` or ``cuda``; checked here). ``dtype`` casts the model and
-    floating inputs first.
+    floating inputs first. ``capture_cache``: a directory where the captured step is
+    kept and read back by a key of the model's and inputs' cheap facts
+    (:mod:`.kept_captures`), so a second process need not trace it; None: trace.
     """
     start = time.perf_counter()
     if optimizer not in OPTIMIZERS:
@@ -132,8 +136,12 @@ def trace_graph(
             roofline = Roofline(_cuda_preset() if device == "cuda" else preset(device))
         except KeyError:
             raise option_error(f"unknown device {device!r}; use one of {', '.join(PRESETS)} or cuda", "monetdsl trace") from None
-    fake, _ = make_fake_inputs(inputs)
-    captured = capture(model, fake, loss)
+    key = capture_key(model, inputs, loss) if capture_cache is not None else None
+    captured = recall_capture(capture_cache, key, model)
+    if captured is None:
+        fake, _ = make_fake_inputs(inputs)
+        captured = capture(model, fake, loss)
+        keep_capture(capture_cache, key, captured)
     facts = analyse(captured)
     net_name = _network_name(model, name)
     built = build_network(facts, net_name, roofline)
@@ -144,7 +152,8 @@ def trace_graph(
     cost_model = roofline.describe()
     constraints = Constraints(never_recompute=tuple(Pattern(n) for n in built.never_recompute))
     spec = Spec(built.network, constraints, path=f"<trace {net_name}>")
-    shapes = ", ".join("x".join(str(d) for d in f.shape) + f" {str(f.dtype).replace('torch.', '')}" for f in fake)
+    shapes = ", ".join("x".join(str(d) for d in shape) + f" {str(dt).replace('torch.', '')}" for shape, dt in
+                       ((tuple(i.shape), i.dtype) if isinstance(i, torch.Tensor) else i for i in inputs))
     header = [
         f"{net_name}: one training step traced by monetdsl trace (torch {torch.__version__})",
         f"inputs {shapes}; loss {captured.loss}; optimizer {optimizer}",
