@@ -261,8 +261,8 @@ def backward_overwrite_problem(network: Network, bop: BackwardOp, impl: Backward
         return f"its output {out_name} is a parameter gradient or a view"
     if out.storage_bytes != tensor.storage_bytes:
         return f"its output {out_name} ({out.storage_bytes} B) and {target} ({tensor.storage_bytes} B) differ in size"
-    if tuple(idx.gradient_writers.get(out_name, ())) != (bop.name,):
-        return f"{out_name} has other writers, which add into it"
+    if tuple(idx.gradient_writers.get(out_name, ())) != (bop.name,) or out_name in idx.seeds():
+        return f"{out_name} has other writers (or is a seed), which add into it"
     order = idx.backward_order
     later = order[order.index(bop.name) + 1:] if bop.name in order else ()
     for name in later:

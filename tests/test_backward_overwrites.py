@@ -149,3 +149,48 @@ def test_an_in_place_backward_as_fast_dominates_its_out_of_place_twin():
     drop-in; slower, both stay (and the ReLU's twins read different tensors: both stay)."""
     assert undominated_backward_impls(spec(sliced_time=3).network) == {"c.dgrad": ("sliced_inplace",)}
     assert undominated_backward_impls(spec(sliced_time=4).network) == {}
+
+
+def _with_overwriting_twins(spec, seed: int):
+    """``spec`` with, for some backward implementations, a twin that writes its result over
+    a gradient it reads wherever the memory model allows it (a little slower or not)."""
+    import dataclasses
+    import random
+
+    from monetdsl.validate import backward_overwrite_problem
+
+    rng = random.Random(seed)
+    network = spec.network
+    backward = []
+    for bop in network.backward_ops:
+        impls = list(bop.impls)
+        for impl in bop.impls:
+            for g in sorted(r for r in impl.reads if network.tensors[r].kind.value == "gradient"):
+                twin = dataclasses.replace(impl, name=f"{impl.name}_ow", overwrites=g, time_us=impl.time_us + rng.choice([0, 1]))
+                if backward_overwrite_problem(network, bop, twin) is None and rng.random() < 0.7:
+                    impls.append(twin)
+                    break
+        backward.append(dataclasses.replace(bop, impls=tuple(impls)))
+    changed = dataclasses.replace(network, backward_ops=tuple(backward))
+    return parse_spec(format_spec(dataclasses.replace(spec, network=changed)), "random.monet"), len(
+        [i for b in backward for i in b.impls if i.overwrites])
+
+
+def _random_with_twins(count: int = 12) -> list:
+    """The first ``count`` random networks (3 forward ops) where some backward step may
+    overwrite a gradient (about one in ten)."""
+    from monetdsl.synth import random_spec
+
+    found = []
+    for seed in range(1000):
+        spec, twins = _with_overwriting_twins(random_spec(seed, forward_ops=3, max_impls=2), seed)
+        if twins:
+            found.append(pytest.param(spec, id=str(seed)))
+        if len(found) == count:
+            break
+    return found
+
+
+@pytest.mark.parametrize("spec_with_twins", _random_with_twins())
+def test_random_networks_with_overwriting_twins_match_the_exhaustive_search(spec_with_twins):
+    check_against_exhaustive(spec_with_twins)

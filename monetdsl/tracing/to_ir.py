@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from ..catalogue import CATALOGUE, kind_for
 from ..catalogue.base import Binding, OpKind
+from ..graph import index
 from ..ir import DTYPE_BITS, BackwardImpl, BackwardOp, ForwardImpl, ForwardOp, Network, Tensor, TensorKind, grad_name, shape_bytes
 from ..validate import backward_overwrite_problem
 from .costs import MATMUL_KINDS, Roofline, node_flops
@@ -408,14 +409,31 @@ _DERIVED = Tensor("<derived>", TensorKind.ACTIVATION, 0)
 def _legal_overwrites(network: Network) -> Network:
     """``network`` without the backward implementations that would overwrite a gradient
     the memory model does not let them (read later, another writer of their output, a
-    size change): the catalogue offers them by role, the graph decides."""
+    size change) or that may share its tensor at run time: the catalogue offers them by
+    role, the graph decides."""
     backward = []
     for bop in network.backward_ops:
-        keep = tuple(i for i in bop.impls if i.overwrites is None or backward_overwrite_problem(network, bop, i) is None)
+        keep = tuple(i for i in bop.impls if i.overwrites is None
+                     or (backward_overwrite_problem(network, bop, i) is None and not _may_be_shared(network, i.overwrites)))
         backward.append(bop if len(keep) == len(bop.impls) else replace(bop, impls=keep))
     if all(a is b for a, b in zip(backward, network.backward_ops)):
         return network
     return Network(network.name, network.tensors, network.forward_ops, tuple(backward), network.outputs, network.fixed)
+
+
+def _may_be_shared(network: Network, gradient: str) -> bool:
+    """Whether, at run time, ``gradient`` may be the very tensor of another gradient: a
+    step that writes several activation gradients may hand them all one tensor (an
+    addition's backward passes its incoming gradient to both inputs), and one that reads a
+    seed may pass the caller's tensor on. Writing over it would change the other."""
+    tensors, idx = network.tensors, index(network)
+    seeds = set(idx.seeds())
+    for name in idx.gradient_writers.get(gradient, ()):
+        bop = idx.backward_ops[name]
+        activation_grads = [o for o in bop.outputs if not (tensors[o].grad_of is not None and tensors[tensors[o].grad_of].is_fixed)]
+        if len(activation_grads) > 1 or any(seeds & i.reads for i in bop.impls):
+            return True
+    return False
 
 
 def _rms_norm_binding(group):
