@@ -134,3 +134,23 @@ def test_a_gradient_with_another_user_is_not_written_over():
     out = overwriting.conv_dgrad_sliced_inplace(ctx, {"w": inputs["w"]}, {"y": alone})["x"]
     torch.testing.assert_close(out, want)
     assert out.data_ptr() == alone.data_ptr()
+
+
+def test_measured_costs_time_them_on_a_fresh_copy_of_the_gradient():
+    """Measuring runs each step several times; one that writes over its incoming gradient
+    gets a new copy each time (the example stays as it was) and is measured like the others."""
+    from monetdsl.costs.measure import measure_costs
+
+    x = torch.randn(6, 3, 8, 8)
+    trace = trace_for_runtime(Block(), [x], optimizer="sgd")
+    given = []  # every gradient the in-place input gradient is run on, kept alive so ids stay distinct
+    real = overwriting.conv_input_grad_over_output
+    with mock.patch.object(overwriting, "conv_input_grad_over_output", lambda g, w, a: given.append(g) or real(g, w, a)):
+        report = measure_costs(trace.built, "cpu", repeats=2)
+    assert not report.notes, report.notes
+    assert len(given) >= 2 * 3 and len({id(g) for g in given}) == len(given)  # two convolutions, warm-up and repeats
+    network = report.network
+    for bop in network.backward_ops:
+        for impl in bop.impls:
+            if impl.overwrites is not None:
+                assert impl.time_us > 0 and bop.new_output_bytes(impl, network.tensors) == 0
