@@ -223,12 +223,14 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/monet_table.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(HEADER, flush=True)
+    load_before = os.getloadavg()[0]
     rows = measure(models, overheads, args.frontier, args.time_limit, not args.no_checkmate)
+    load = f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = "\n".join([
         "# MONeT's five models: memory within an overhead cap",
         "",
-        f"{when}; {machine()}; `{command}` ({args.time_limit:g} s per solve).",
+        f"{when}; {machine()}; {load}; `{command}` ({args.time_limit:g} s per solve).",
         "",
         "Peaks are planned (the simulator's replay of each schedule), overheads against PyTorch's",
         "time (first implementations, nothing recomputed); ratios against PyTorch's planned",
@@ -240,7 +242,8 @@ def main(argv=None) -> int:
         "",
     ])
     _atomic(out / "monet_table.md", lambda f: f.write(text.encode()))
-    _atomic(out / "monet_table.json", lambda f: f.write(json.dumps({"when": when, "command": command, "rows": rows}, indent=1).encode()))
+    _atomic(out / "monet_table.json", lambda f: f.write(json.dumps({"when": when, "command": command, "load": load, "rows": rows},
+                                                                    indent=1).encode()))
     for path in plot(rows, out):
         print("wrote", path)
     print("wrote", out / "monet_table.md")

@@ -187,7 +187,13 @@ class BackwardImpl:
     ``accumulates`` names outputs (gradients of fixed tensors: parameter gradients) that
     this implementation adds straight into their resident storage (``.grad``), piece by
     piece, instead of returning a new tensor that is then added in: such an output
-    allocates nothing; the pieces are the workspace."""
+    allocates nothing; the pieces are the workspace.
+
+    ``overwrites`` names a gradient the implementation reads whose storage its first
+    output takes (an input gradient written over the output gradient, slice by slice or
+    element by element): that output allocates nothing and the overwritten gradient is
+    gone after the step. Legal only where the step is the gradient's last reader and the
+    two have the same size (``validate.backward_overwrite_problem``)."""
 
     name: str
     reads: frozenset[str]
@@ -195,6 +201,7 @@ class BackwardImpl:
     workspace: int = 0
     line: int = field(default=0, compare=False)
     accumulates: frozenset[str] = frozenset()
+    overwrites: str | None = None
 
 
 @dataclass(frozen=True)
@@ -209,8 +216,17 @@ class BackwardOp(_Alternatives):
 
     def new_output_bytes(self, impl: BackwardImpl, tensors: dict[str, Tensor]) -> int:
         """Bytes the step allocates for its outputs when it runs ``impl``: every output but
-        those the implementation accumulates into resident storage."""
-        return sum(tensors[o].storage_bytes for o in self.outputs if o not in impl.accumulates)
+        those the implementation accumulates into resident storage and the one it writes
+        over a gradient it reads."""
+        return sum(tensors[o].storage_bytes for o in self.outputs
+                   if o not in impl.accumulates and o != self.overwriting_output(impl))
+
+    def overwriting_output(self, impl: BackwardImpl) -> str | None:
+        """The output that takes the storage of the gradient ``impl`` overwrites (the
+        first output not accumulated), or None."""
+        if impl.overwrites is None:
+            return None
+        return next((o for o in self.outputs if o not in impl.accumulates), None)
 
     @property
     def local_name(self) -> str:

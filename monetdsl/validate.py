@@ -15,9 +15,9 @@ import networkx as nx
 
 from .errors import Diagnostic, SpecError
 from .graph import backward_dag, forward_dag, index
-from .ir import Constraints, Network, Spec, TensorKind
+from .ir import BackwardImpl, BackwardOp, Constraints, Network, Spec, TensorKind
 
-__all__ = ["ResolvedConstraints", "validate_network", "validate_spec", "resolve_constraints", "match_names"]
+__all__ = ["ResolvedConstraints", "validate_network", "validate_spec", "resolve_constraints", "match_names", "backward_overwrite_problem"]
 
 
 class _Report:
@@ -111,6 +111,10 @@ def validate_network(network: Network, path: str = "<input>", source: str = "") 
             if tensors[out].kind is not TensorKind.GRADIENT:
                 report(f"backward op {bop.name} outputs {out}, which is not a gradient", bop.line)
         for impl in bop.impls:
+            if impl.overwrites is not None:
+                problem = backward_overwrite_problem(network, bop, impl)
+                if problem is not None:
+                    report(f"backward op {bop.name} impl {impl.name} overwrites {impl.overwrites}: {problem}", impl.line or bop.line)
             for name in sorted(impl.accumulates):
                 of = tensors[name].grad_of if name in tensors else None
                 if of is None or not tensors[of].is_fixed:
@@ -231,6 +235,40 @@ def _check_in_place(network: Network, idx, op, impl, report) -> None:
     later = [r for r in idx.forward_readers.get(target, ()) if r != op.name and idx.position.get(r, -1) > idx.position.get(op.name, -1)]
     if later:
         report(f"{where}, which {later[0]} reads later in the forward pass; this implementation can never run", impl.line)
+
+
+def backward_overwrite_problem(network: Network, bop: BackwardOp, impl: BackwardImpl) -> str | None:
+    """Why backward implementation ``impl`` of ``bop`` may not write its output over the
+    gradient it ``overwrites`` (None when it may). The memory model counts such a step as
+    allocating nothing for that output and the gradient as gone after it, which is exact
+    only when the step is the gradient's last reader in the fixed backward order, the two
+    storages have the same size, and nothing else writes the output (a second writer
+    would add into storage the step has taken)."""
+    tensors, idx = network.tensors, index(network)
+    target = impl.overwrites
+    if target not in impl.reads:
+        return "it does not read it"
+    tensor = tensors[target]
+    if tensor.kind is not TensorKind.GRADIENT or tensor.view_of is not None:
+        return "only a gradient that owns its storage can be overwritten"
+    if target in idx.seeds():
+        return "it is the gradient of a network output, which the caller holds to the end"
+    out_name = bop.overwriting_output(impl)
+    if out_name is None:
+        return "the op has no output that is not accumulated"
+    out = tensors[out_name]
+    if out.view_of is not None or (out.grad_of is not None and tensors[out.grad_of].is_fixed):
+        return f"its output {out_name} is a parameter gradient or a view"
+    if out.storage_bytes != tensor.storage_bytes:
+        return f"its output {out_name} ({out.storage_bytes} B) and {target} ({tensor.storage_bytes} B) differ in size"
+    if tuple(idx.gradient_writers.get(out_name, ())) != (bop.name,) or out_name in idx.seeds():
+        return f"{out_name} has other writers (or is a seed), which add into it"
+    order = idx.backward_order
+    later = order[order.index(bop.name) + 1:] if bop.name in order else ()
+    for name in later:
+        if any(target in other.reads for other in idx.backward_ops[name].impls):
+            return f"{name} reads it later"
+    return None
 
 
 def validate_spec(spec: Spec) -> None:

@@ -64,7 +64,10 @@ def test_alternatives_match_autograd(name, case):
                 for role in ("w", "b"):  # affine parameters are always resident
                     if role in inputs and role not in saved:
                         saved[role] = inputs[role]
-                grads = kind.backward(step.name, balt.name, {"y": g}, saved, attrs)
+                incoming = g.clone() if balt.overwrites else g  # an in-place backward consumes its gradient
+                grads = kind.backward(step.name, balt.name, {"y": incoming}, saved, attrs)
+                if balt.overwrites:  # written over the incoming gradient's storage
+                    assert grads[step.grads[0]].data_ptr() == incoming.data_ptr()
                 for role in step.grads:
                     if role not in float_roles:
                         continue

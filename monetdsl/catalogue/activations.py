@@ -3,7 +3,10 @@
 * **ReLU, LeakyReLU (slope > 0), hardtanh (ReLU6)**: the backward needs only *where* the
   input was in the linear region, which the input, the output, or a 1-bit mask all tell.
   So the forward may keep any of them, and it may run in place (the output overwrites
-  the input) when the backward reads the output or the mask.
+  the input) when the backward reads the output or the mask. Their backward from the
+  output or the mask may also write the input gradient over the output gradient
+  (``from_output_inplace``, ``from_mask_inplace``) where that gradient dies at this step:
+  the step then allocates nothing.
 * **tanh, sigmoid**: the derivative is a function of the output (1 - y^2, y (1 - y)),
   so the backward reads the output and the forward may run in place.
 * **GELU, SiLU**: the derivative needs the input; recomputing them costs one cheap
@@ -19,7 +22,11 @@ import torch.nn.functional as F
 from .base import BackwardAlt, BackwardStep, Binding, ForwardAlt, OpKind
 from .packing import pack_bits, unpack_bits
 
-__all__ = ["ClampActivation", "OutputActivation", "InputActivation"]
+__all__ = ["ClampActivation", "OutputActivation", "InputActivation", "INPLACE_BACKWARD"]
+
+#: ReLU-family backward alternatives that also come written over the incoming gradient
+#: (``NAME_inplace``): one pass over each element, reading it before writing it
+INPLACE_BACKWARD = ("from_output", "from_mask")
 
 
 class ClampActivation(OpKind):
@@ -64,6 +71,9 @@ class ClampActivation(OpKind):
         if self.autograd_reads == "x" and self._output_ok(binding.attrs):
             alts.append(from_output)
         alts.append(from_mask)
+        # the same, written over the incoming gradient where it dies here (no new storage)
+        alts += [BackwardAlt(f"{a.name}_inplace", a.reads, f"{a.doc}, written over the output gradient", overwrites="y")
+                 for a in alts if a.name in INPLACE_BACKWARD]
         return (BackwardStep("backward", ("x",), tuple(alts)),)
 
     def derived_type(self, role, binding, y_dtype, y_shape):
@@ -99,6 +109,9 @@ class ClampActivation(OpKind):
 
     def backward(self, step, alt, grads, saved, attrs):
         g = grads["y"]
+        if alt.endswith("_inplace"):
+            result = self.backward(step, alt[: -len("_inplace")], grads, saved, attrs)["x"]
+            return {"x": g.copy_(result)}
         if alt == "from_input":
             region = self._region(saved["x"], attrs, False)
         elif alt == "from_output":

@@ -18,7 +18,9 @@ Conventions the tracer relies on:
   together keep exactly what PyTorch's autograd keeps (the tracer checks this against
   the captured graph and falls back to the op's generic description when it does not
   hold);
-* a forward alternative with ``overwrites="x"`` writes its output into ``x``'s storage.
+* a forward alternative with ``overwrites="x"`` writes its output into ``x``'s storage;
+  a backward alternative with ``overwrites="y"`` writes its input gradient into the
+  storage of ``y``'s incoming gradient (the reference implementations do that too).
 """
 from __future__ import annotations
 
@@ -55,12 +57,16 @@ class BackwardAlt:
 
     ``accumulates`` are parameter roles whose gradient the alternative adds straight into
     the resident ``.grad``, in pieces, instead of returning it (the tracer offers the
-    alternative only when those roles are parameters)."""
+    alternative only when those roles are parameters). ``overwrites`` is an output role
+    whose incoming gradient the alternative writes its result over (its storage becomes
+    the input gradient's; the tracer keeps the alternative only where the memory model
+    allows it: ``validate.backward_overwrite_problem``)."""
 
     name: str
     reads: tuple[str, ...]
     doc: str = ""
     accumulates: tuple[str, ...] = ()
+    overwrites: str | None = None
 
 
 @dataclass(frozen=True)

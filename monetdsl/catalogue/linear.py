@@ -23,6 +23,16 @@ positions), large in the first layers. On a 2-core CPU it ran 3.4x faster than o
 weight-gradient kernel plus the add for 512x512x3x3 at 2x2 (1.7 ms against 5.8 ms), and
 slower at 16x16 with 64 channels (2.2 ms against 0.8 ms): the planner picks by measured
 time and memory.
+
+A convolution that keeps its input's shape (stride 1, as many output channels as input
+channels, padding that keeps the size: VGG's 64->64, 128->128... layers) may also write its
+input gradient over its output gradient (``sliced_inplace``): samples do not mix in a
+convolution, so the input gradient of a slice of the batch needs only that slice of the
+output gradient, and is copied over it once made. The step then allocates one slice
+(``DGRAD_SLICE_BYTES``) instead of a second gradient the size of the first; the weight
+gradient step, which reads the output gradient too, runs before it. A convolution that
+changes the shape gets no such alternative: its input gradient needs a storage of another
+size, and the memory model frees a gradient's storage whole, not slice by slice.
 """
 from __future__ import annotations
 
@@ -33,11 +43,16 @@ import torch.nn.grad as nn_grad
 
 from .base import BackwardAlt, BackwardStep, Binding, ForwardAlt, OpKind
 
-__all__ = ["Convolution", "MatMul", "WGRAD_CHUNK_BYTES", "CONV_WEIGHT_GRAD_INTO", "conv_weight_grad", "conv_weight_grad_into",
-           "conv_weight_grad_im2col", "conv_weight_grad_im2col_into", "matmul_weight_grad_into"]
+__all__ = ["Convolution", "MatMul", "WGRAD_CHUNK_BYTES", "DGRAD_SLICE_BYTES", "CONV_WEIGHT_GRAD_INTO", "conv_weight_grad",
+           "conv_weight_grad_into", "conv_weight_grad_im2col", "conv_weight_grad_im2col_into", "matmul_weight_grad_into",
+           "conv_keeps_shape", "conv_input_grad_over_output"]
 
 #: bytes of weight gradient one convolution chunk makes before it is added into ``.grad``
 WGRAD_CHUNK_BYTES = 1 << 20
+
+#: bytes of input gradient one batch slice of ``sliced_inplace`` makes before it is copied
+#: over the output gradient (64 MiB: a few samples of a 224x224x64 layer, few enough calls)
+DGRAD_SLICE_BYTES = 1 << 26
 
 _CONV_INPUT = {1: nn_grad.conv1d_input, 2: nn_grad.conv2d_input, 3: nn_grad.conv3d_input}
 _CONV_WEIGHT = {1: nn_grad.conv1d_weight, 2: nn_grad.conv2d_weight, 3: nn_grad.conv3d_weight}
@@ -73,14 +88,21 @@ class Convolution(OpKind):
             if len(binding.attrs["shape"]) in (3, 4):
                 alts.append(BackwardAlt("im2col_into_grad", ("x",), "weight gradient by one matrix product of the unfolded"
                                         " input, added into .grad", accumulates=("w",)))
+        dgrad = [BackwardAlt("default", ("w",))]
+        if conv_keeps_shape(binding.attrs):
+            dgrad.append(BackwardAlt("sliced_inplace", ("w",), "input gradient written over the output gradient, batch slice"
+                                     " by batch slice", overwrites="y"))
         return (
             BackwardStep("wgrad", wgrad, tuple(alts)),
-            BackwardStep("dgrad", ("x",), (BackwardAlt("default", ("w",)),)),
+            BackwardStep("dgrad", ("x",), tuple(dgrad)),
         )
 
     def temporary_traffic(self, alt, binding, itemsize):
         """``im2col_into_grad`` writes the unfolded input, copies it and the output gradient
-        into the product's layouts, and the product reads both copies."""
+        into the product's layouts, and the product reads both copies; ``sliced_inplace``
+        reads each slice back and writes it over the output gradient."""
+        if alt == "sliced_inplace":
+            return 2 * itemsize * math.prod(binding.attrs["shape"])
         if alt != "im2col_into_grad":
             return 0
         attrs = binding.attrs
@@ -112,6 +134,8 @@ class Convolution(OpKind):
                 out["b"] = g.sum([0] + list(range(2, g.dim())))
             return out
         if step == "dgrad":
+            if alt == "sliced_inplace":
+                return {"x": conv_input_grad_over_output(g, saved["w"], attrs)}
             return {"x": _CONV_INPUT[n](attrs["shape"], saved["w"], g, **common)}
         raise KeyError(step)
 
@@ -125,6 +149,8 @@ class Convolution(OpKind):
             ((2, 4, 7, 6), (6, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1),
             ((2, 4, 9, 8), (4, 1, 3, 3), (2, 2), (1, 1), (1, 1), 4),  # depthwise
             ((2, 3, 11), (5, 3, 3), (2,), (0,), (2,), 1),
+            ((3, 4, 7, 6), (4, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1),  # keeps its shape: input gradient in place
+            ((2, 4, 9, 8), (4, 2, 3, 3), (1, 1), (2, 2), (2, 2), 2),  # the same, grouped and dilated
         ]:
             x = torch.randn(shape, generator=g, dtype=torch.float64)
             w = torch.randn(w_shape, generator=g, dtype=torch.float64)
@@ -202,6 +228,36 @@ class MatMul(OpKind):
             ({"a": a, "b": b}, {"a_shape": (5, 4), "b_shape": (4, 3)}),
             ({"a": a3, "b": b3}, {"a_shape": (2, 5, 4), "b_shape": (2, 4, 6)}),
         ]
+
+
+def _conv_output_size(attrs: dict) -> tuple[int, ...]:
+    x_shape, w_shape = attrs["shape"], attrs["w_shape"]
+    spatial = tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
+                    for size, k, s, p, d in zip(x_shape[2:], w_shape[2:], attrs["stride"], attrs["padding"], attrs["dilation"]))
+    return (x_shape[0], w_shape[0], *spatial)
+
+
+def conv_keeps_shape(attrs: dict) -> bool:
+    """Whether the convolution's output has its input's shape (so its input gradient can
+    take the output gradient's storage)."""
+    return not attrs.get("transposed", False) and _conv_output_size(attrs) == tuple(attrs["shape"])
+
+
+def conv_input_grad_over_output(g: torch.Tensor, w: torch.Tensor, attrs: dict) -> torch.Tensor:
+    """The input gradient of a shape-keeping convolution written over its output gradient
+    ``g`` (returned), ``DGRAD_SLICE_BYTES`` of samples at a time: each slice is the
+    transposed convolution of that slice of ``g`` with the weight (the data-gradient kernel
+    the runtime uses for the whole batch), made in a temporary and copied back."""
+    n = g.dim() - 2
+    per_sample = max(1, g[0].numel() * g.element_size())
+    step = max(1, DGRAD_SLICE_BYTES // per_sample)
+    for i0 in range(0, g.shape[0], step):
+        part = g[i0:i0 + step]
+        made = torch.ops.aten.convolution(part, w, None, list(attrs["stride"]), list(attrs["padding"]), list(attrs["dilation"]),
+                                          True, [0] * n, attrs["groups"])
+        part.copy_(made)
+        del made
+    return g
 
 
 def conv_weight_grad(x: torch.Tensor, g: torch.Tensor, attrs: dict) -> torch.Tensor:

@@ -248,12 +248,21 @@ def _measure_op(low, op, bops, node_of, device, repeats, probe) -> tuple[dict, l
                 step = _backward_step(low, bop, impl, first=impl.name == bop.impls[0].name)
                 reads = [values[n] for n in step.reads]
                 fn = step.with_scratch_targets(device)
-                got = run_measured(lambda fn=fn, reads=reads: fn(*reads), device, repeats, probe=probe, agreement=AGREEMENT)
+                if impl.overwrites is None:
+                    got = run_measured(lambda fn=fn, reads=reads: fn(*reads), device, repeats, probe=probe, agreement=AGREEMENT)
+                else:  # it writes over that gradient: a fresh copy before every run, as for a forward in place
+                    got = run_measured(lambda args, fn=fn: fn(*args), device, repeats, probe=probe, agreement=AGREEMENT,
+                                       setup=_fresh_copy_of(impl.overwrites, step.reads, reads))
                 steps[impl.name] = {"time_us": got.time_us, "workspace": _workspace(got.peak, bop.new_output_bytes(impl, tensors))}
             except Exception as exc:  # noqa: BLE001 - reported, never hidden
                 notes.append(f"{bop.name} impl {impl.name}: not measured ({type(exc).__name__}: {str(exc)[:80]}); estimate kept")
     values.clear()
     return entry, notes
+
+
+def _fresh_copy_of(target: str, names, values: list):
+    """A ``setup`` for :func:`run_measured`: ``values`` with a new copy of ``target``'s."""
+    return lambda: [v.clone() if n == target else v for n, v in zip(names, values)]
 
 
 def _workspace(peak: int | None, planned: int) -> int | None:

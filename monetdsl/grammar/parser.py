@@ -889,6 +889,9 @@ class _Builder:
             derived: list[str] = []
             for attr in raw_impl.attrs:
                 if attr.kind == "overwrites":
+                    if attr.value.grad_of is not None:
+                        self.error(f"impl {raw_impl.name} of forward op {raw.name} cannot overwrite a gradient ({attr.value})", attr.value)
+                        ok = False
                     overwrites = attr.value
                 elif attr.kind == "outputs":
                     for out in attr.value:
@@ -964,12 +967,14 @@ class _Builder:
         ok = True
         common_reads: list[Ident] = []
         outputs: list[Ident] = []
-        defaults = {"time": None, "workspace": 0, "accumulates": ()}
+        defaults = {"time": None, "workspace": 0, "accumulates": (), "overwrites": None}
         for attr in raw.attrs:
             if attr.kind == "reads":
                 common_reads.extend(attr.value)
             elif attr.kind == "accumulates":
                 defaults["accumulates"] = tuple(attr.value)
+            elif attr.kind == "overwrites":
+                defaults["overwrites"] = attr.value
             elif attr.kind == "outputs":
                 outputs.extend(out.ref for out in attr.value)
             elif attr.kind == "time":
@@ -1008,6 +1013,8 @@ class _Builder:
                     values["workspace"] = self._bytes(attr.value, f"workspace of {full} impl {raw_impl.name}") or 0
                 elif attr.kind == "accumulates":
                     values["accumulates"] = tuple(attr.value)
+                elif attr.kind == "overwrites":
+                    values["overwrites"] = attr.value
                 else:
                     self.error(
                         f"{attr.kind.replace('_', ' ')} is not an attribute of a backward implementation ({full} impl {raw_impl.name})",
@@ -1023,8 +1030,13 @@ class _Builder:
                 if ref not in outputs:
                     self.error(f"backward op {full} (impl {raw_impl.name}) accumulates {ref}, which the op does not produce", ref)
                     ok = False
+            target = values["overwrites"]
+            if target is not None and target not in reads:
+                self.error(f"backward op {full} (impl {raw_impl.name}) overwrites {target}, which it does not read", target)
+                ok = False
             impls.append(BackwardImpl(str(raw_impl.name), frozenset(str(r) for r in reads), values["time"], values["workspace"],
-                                      raw_impl.name.line, frozenset(str(r) for r in values["accumulates"])))
+                                      raw_impl.name.line, frozenset(str(r) for r in values["accumulates"]),
+                                      str(target) if target is not None else None))
         if not ok:
             return None
         return BackwardOp(full, tuple(str(o) for o in outputs), tuple(impls), str(parent) if parent is not None else None, raw.line or where.line)

@@ -195,9 +195,11 @@ def _backward_op_lines(bop: BackwardOp, network: Network, declared: set[str], ne
 
 
 def _accumulates(impl: BackwardImpl, network: Network) -> str:
-    if not impl.accumulates:
-        return ""
-    return f" accumulates ({', '.join(_sorted_refs(impl.accumulates, network))})"
+    """The in-place attributes of a backward implementation: what it overwrites, accumulates."""
+    text = f" overwrites {_ref(impl.overwrites, network)}" if impl.overwrites is not None else ""
+    if impl.accumulates:
+        text += f" accumulates ({', '.join(_sorted_refs(impl.accumulates, network))})"
+    return text
 
 
 def format_network(network: Network) -> str:

@@ -30,8 +30,10 @@ import torch
 
 from ..catalogue.dropout import draw_seed
 from ..catalogue import CATALOGUE
+from ..catalogue.activations import INPLACE_BACKWARD
 from ..catalogue.linear import CONV_WEIGHT_GRAD_INTO, matmul_weight_grad_into
 from . import ops as _ops  # noqa: F401 - registers torch.ops.monetdsl
+from .overwriting import clamp_backward_inplace, conv_dgrad_sliced_inplace
 
 __all__ = ["OpContext", "FORWARD", "RECOMPUTE", "AUTOGRAD_FORWARDS", "SPLIT_BACKWARDS", "BACKWARD", "forward_function", "backward_function"]
 
@@ -355,6 +357,9 @@ BACKWARD: dict[tuple[str, str], Callable] = {}
 for _kind in ("relu", "leaky_relu", "hardtanh"):
     for _alt in ("from_input", "from_output", "from_mask"):
         BACKWARD[(_kind, _alt)] = _clamp_backward(_kind, _alt)
+    for _alt in INPLACE_BACKWARD:  # written over the incoming gradient
+        BACKWARD[(_kind, f"{_alt}_inplace")] = clamp_backward_inplace(_kind, _alt, _clamp_backward(_kind, _alt))
+BACKWARD[("conv", "sliced_inplace")] = conv_dgrad_sliced_inplace
 BACKWARD[("batch_norm", "from_output")] = _bn_from_output
 BACKWARD[("layer_norm", "from_output")] = _ln_from_output
 BACKWARD[("rms_norm", "from_input")] = _rms_backward("from_input")

@@ -20,7 +20,9 @@ Execution model, in short:
   same gradient allocates a temporary that is added into it; gradients of fixed tensors
   (parameter gradients) are temporaries that go to fixed memory, unless the
   implementation ``accumulates`` them (added into the resident gradient piece by piece:
-  no new bytes, the pieces are its workspace). The seeds (gradients of
+  no new bytes, the pieces are its workspace). A backward implementation that
+  ``overwrites`` a gradient it reads (its last reader) writes its first output into that
+  gradient's storage: no new bytes, and the overwritten gradient is gone. The seeds (gradients of
   the network outputs) are the caller's: allocated when the backward starts, held to its end.
 * An in-place implementation destroys the input it overwrites (and any view of it): the
   input must not be read later in the stage nor be carried.
@@ -427,6 +429,11 @@ class _Replay:
             if kind == "backward":
                 if out in impl.accumulates:
                     continue  # added into its resident storage piece by piece: nothing new
+                if out == op.overwriting_output(impl):
+                    sid = self._take_gradient(where, op, impl, line)
+                    if sid is not None:
+                        pending.append((out, sid, True))
+                    continue
                 merge = tensor.grad_of is not None and self.tensors[tensor.grad_of].is_fixed
                 sid = mem.new(tensor.storage_bytes)
                 pending.append((out, sid, not (merge or duplicate)))
@@ -488,6 +495,19 @@ class _Replay:
             )
         hint = f"keep it earlier or recompute {producer} first" if producer else "it is never produced"
         return f"{where}: {verb} {op.name} needs {name}, which is not present ({hint})"
+
+    def _take_gradient(self, where, op, impl, line) -> int | None:
+        """The storage of the gradient a backward implementation writes over (it stops
+        being present); None when it is missing (reported as a missing read)."""
+        target = impl.overwrites
+        sid = self.mem.storage_of.get(target)
+        if sid is None:
+            return None
+        if target in self.seeds or self.gradient_readers[target] > 1 or self.mem.aliases(target):
+            self.error(f"{where}: {op.name} ({impl.name}) overwrites {target}, which is still needed after this step", line)
+        self.mem.users[sid].discard(target)
+        self.mem.storage_of.pop(target, None)
+        return sid
 
     def _check_overwrite(self, where, op, impl, target, pos, last_use, line) -> None:
         if last_use.get(target, -1) > pos:

@@ -11,14 +11,16 @@ other op gets one implementation that reads what the captured backward reads.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
 
 from ..catalogue import CATALOGUE, kind_for
 from ..catalogue.base import Binding, OpKind
+from ..graph import index
 from ..ir import DTYPE_BITS, BackwardImpl, BackwardOp, ForwardImpl, ForwardOp, Network, Tensor, TensorKind, grad_name, shape_bytes
+from ..validate import backward_overwrite_problem
 from .costs import MATMUL_KINDS, Roofline, node_flops
 from .joint import FusedCrossEntropy, FusedLinearCrossEntropy, JointFacts, tensor_args, is_alias, packet_name
 from .naming import NameAllocator, module_path, op_names
@@ -163,7 +165,8 @@ class _Builder:
             self.notes.append(f"{len(self.facts.unattributed)} backward node(s) read forward tensors but belong to no op: "
                               + ", ".join(n.name for n in self.facts.unattributed[:5]))
         self.notes.extend(f"{r.name}: {r.note}" for r in self.records if r.note)
-        network = Network(self.name, self.tensors, tuple(forward_ops), tuple(backward_ops), (self.name_of(self.facts.loss),), ())
+        network = _legal_overwrites(Network(self.name, self.tensors, tuple(forward_ops), tuple(backward_ops),
+                                            (self.name_of(self.facts.loss),), ()))
         return BuiltNetwork(network, self.records, never_recompute, self.notes, self.facts, dict(self.value_name))
 
     # helpers -------------------------------------------------------------------------------
@@ -374,6 +377,11 @@ class _Builder:
                 if any(tensors[self.name_of(binding.inputs[r])].kind is not TensorKind.PARAM
                        or owners.count(self.name_of(binding.inputs[r])) > 1 for r in alt.accumulates if r in roles):
                     continue  # only a parameter's gradient, reaching the op through one argument, is added in place
+                overwrites = None
+                if alt.overwrites is not None:
+                    overwrites = grad_name(record.role_names.get(alt.overwrites, ""))
+                    if overwrites not in grad_reads:
+                        continue  # that output's gradient does not flow here
                 reads = [record.role_names[r] for r in alt.reads] + (extra_fixed if i == 0 and j == 0 else [])
                 read_bytes = sum(tensors[n].nbytes for n in set(reads))
                 own = kind.flops("backward", alt.name, binding)
@@ -389,12 +397,43 @@ class _Builder:
                 workspace = sum(tensors[record.role_names[r]].nbytes for r in kind.workspace_roles(alt.name))
                 moved += 2 * workspace  # written once and read once more
                 time_us = self.roofline.time_us(flops, moved, dtype, matmul)
-                impls.append(BackwardImpl(alt.name, frozenset(reads + grad_reads), time_us, workspace, accumulates=accumulates))
+                impls.append(BackwardImpl(alt.name, frozenset(reads + grad_reads), time_us, workspace, accumulates=accumulates,
+                                          overwrites=overwrites))
             bops.append(BackwardOp(f"{record.name}.{step.name}", tuple(outs), tuple(impls), record.name))
         return bops
 
 
 _DERIVED = Tensor("<derived>", TensorKind.ACTIVATION, 0)
+
+
+def _legal_overwrites(network: Network) -> Network:
+    """``network`` without the backward implementations that would overwrite a gradient
+    the memory model does not let them (read later, another writer of their output, a
+    size change) or that may share its tensor at run time: the catalogue offers them by
+    role, the graph decides."""
+    backward = []
+    for bop in network.backward_ops:
+        keep = tuple(i for i in bop.impls if i.overwrites is None
+                     or (backward_overwrite_problem(network, bop, i) is None and not _may_be_shared(network, i.overwrites)))
+        backward.append(bop if len(keep) == len(bop.impls) else replace(bop, impls=keep))
+    if all(a is b for a, b in zip(backward, network.backward_ops)):
+        return network
+    return Network(network.name, network.tensors, network.forward_ops, tuple(backward), network.outputs, network.fixed)
+
+
+def _may_be_shared(network: Network, gradient: str) -> bool:
+    """Whether, at run time, ``gradient`` may be the very tensor of another gradient: a
+    step that writes several activation gradients may hand them all one tensor (an
+    addition's backward passes its incoming gradient to both inputs), and one that reads a
+    seed may pass the caller's tensor on. Writing over it would change the other."""
+    tensors, idx = network.tensors, index(network)
+    seeds = set(idx.seeds())
+    for name in idx.gradient_writers.get(gradient, ()):
+        bop = idx.backward_ops[name]
+        activation_grads = [o for o in bop.outputs if not (tensors[o].grad_of is not None and tensors[tensors[o].grad_of].is_fixed)]
+        if len(activation_grads) > 1 or any(seeds & i.reads for i in bop.impls):
+            return True
+    return False
 
 
 def _rms_norm_binding(group):

@@ -238,7 +238,8 @@ def block_network(network: Network, block: Block, constraints: ResolvedConstrain
         op_local[bop.name] = lname
         impls = tuple(
             BackwardImpl(i.name, frozenset(tensor(r) for r in i.reads), i.time_us, i.workspace,
-                         accumulates=frozenset(tensor(r) for r in i.accumulates)) for i in bop.impls
+                         accumulates=frozenset(tensor(r) for r in i.accumulates),
+                         overwrites=tensor(i.overwrites) if i.overwrites is not None else None) for i in bop.impls
         )
         local_bops.append(BackwardOp(lname, tuple(tensor(o) for o in bop.outputs), impls, of=of))
         usable = allowed.get(bop.name)
@@ -290,7 +291,8 @@ def _fingerprint(sub: Network, pins, never, keep) -> str:
         )
         parts.append(("F", op.name, op.inputs, op.outputs, impls))
     for bop in sub.backward_ops:
-        impls = tuple((i.name, tuple(sorted(i.reads)), repr(i.time_us), i.workspace, tuple(sorted(i.accumulates))) for i in bop.impls)
+        impls = tuple((i.name, tuple(sorted(i.reads)), repr(i.time_us), i.workspace, tuple(sorted(i.accumulates)), i.overwrites)
+                      for i in bop.impls)
         parts.append(("B", bop.name, bop.of, bop.outputs, impls))
     parts.append(("O", sub.outputs))
     parts.append(("P", tuple(sorted((k, tuple(v)) for k, v in pins.items())), tuple(sorted(never)), tuple(sorted(keep))))
