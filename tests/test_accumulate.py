@@ -130,7 +130,7 @@ def test_dominated_backward_implementations_are_left_out_of_the_search():
     assert undominated_backward_impls(spec(into_time=2).network, {"a.wgrad": ("default",)}) == {}  # a pin is respected
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10**6))
 def test_the_narrowed_search_keeps_the_exhaustive_optimum(seed):
     """``solve`` searches without dominated backward implementations: at every budget of

@@ -252,6 +252,7 @@ def test_engine_finishes_menus_the_first_share_left_incomplete(monkeypatch):
     assert result.simulation.ok
 
 
+@pytest.mark.slow  # an exact MILP of 21 ops: a minute on a loaded machine
 def test_hybrid_on_a_small_network_is_near_the_exact_optimum():
     """Never below the optimum (it is a schedule), and near it; the 2 % target is measured
     in benchmarks/hybrid.py (the block MILPs run under time limits, so a loaded machine

@@ -27,7 +27,7 @@ def _graph(which: str):
     return parse_spec(resnet_stack(3, batch=2, channels=8, side=8), path="resnet3.monet"), 4  # three blocks, the chain DP
 
 
-@pytest.mark.parametrize("which", ["random-18", "resnet-3"])
+@pytest.mark.parametrize("which", ["random-18", pytest.param("resnet-3", marks=pytest.mark.slow)])
 def test_infeasible_budget_reports_a_minimum_that_solves_when_passed_back(which):
     spec, limit = _graph(which)
     assert len(spec.network.forward_ops) > 16

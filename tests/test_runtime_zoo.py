@@ -29,7 +29,9 @@ ZOO = {
 _TRACED: dict = {}
 
 
-@pytest.fixture(scope="module", params=sorted(ZOO))
+# the attention model plans and runs slowest; test_runtime_training and test_runtime_alternatives
+# cover it in every suite run, these ladders with -m slow
+@pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.slow) if n == "gpt" else n for n in sorted(ZOO)])
 def zoo(request):
     if request.param not in _TRACED:
         factory, make_input = ZOO[request.param]
