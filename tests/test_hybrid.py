@@ -158,7 +158,7 @@ def _budget(spec, fraction: float) -> int:
 def test_hybrid_schedules_replay_within_the_budget_and_beat_the_heuristics(which):
     spec = _stack(*which)
     budget = _budget(spec, 0.35)
-    result = solve(spec, "hybrid", memory_budget=budget, time_limit=8, options={"target_ops": 7, "refine": False})
+    result = solve(spec, "hybrid", memory_budget=budget, time_limit=4, options={"target_ops": 7, "refine": False})
     assert result.success and result.simulation.ok  # solve() replayed it in the simulator
     assert result.simulation.peak_bytes <= budget
     assert result.details["blocks"] > 1
@@ -296,15 +296,15 @@ def test_refinement_proves_the_optimum_on_a_small_network():
 def test_hybrid_infeasible_budget_reports_a_feasible_one():
     spec = _stack("resnet", 3)
     low = solve(spec, "recompute-all").simulation.peak_bytes
-    result = solve(spec, "hybrid", memory_budget=low // 3, time_limit=8, options={"refine": False})
+    result = solve(spec, "hybrid", memory_budget=low // 3, time_limit=4, options={"refine": False})
     assert result.status == "infeasible" and not result.success
     assert result.min_feasible_budget is not None and result.min_feasible_budget > low // 3
-    assert solve(spec, "hybrid", memory_budget=result.min_feasible_budget, time_limit=8, options={"refine": False}).success
+    assert solve(spec, "hybrid", memory_budget=result.min_feasible_budget, time_limit=4, options={"refine": False}).success
 
 
 def test_hybrid_minimum_memory_under_an_overhead_cap():
     spec = _stack("resnet", 3)
-    result = solve(spec, "hybrid", max_overhead=0.3, time_limit=8, options={"refine": False})
+    result = solve(spec, "hybrid", max_overhead=0.3, time_limit=4, options={"refine": False})
     assert result.success and result.simulation.overhead <= 0.3 + 1e-9
     assert result.simulation.peak_bytes < solve(spec, "store-all").simulation.peak_bytes
     assert result.lower_bound <= result.simulation.peak_bytes

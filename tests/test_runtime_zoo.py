@@ -29,9 +29,12 @@ ZOO = {
 _TRACED: dict = {}
 
 
-# the attention model plans and runs slowest; test_runtime_training and test_runtime_alternatives
-# cover it in every suite run, these ladders with -m slow
-@pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.slow) if n == "gpt" else n for n in sorted(ZOO)])
+# the attention and residual models plan and run slowest: test_runtime_training trains
+# both against eager in every suite run, these ladders run with -m slow
+SLOW_ZOO = ("gpt", "resnet")
+
+
+@pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.slow) if n in SLOW_ZOO else n for n in sorted(ZOO)])
 def zoo(request):
     if request.param not in _TRACED:
         factory, make_input = ZOO[request.param]
