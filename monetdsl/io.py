@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import re
 import stat
@@ -41,6 +42,8 @@ __all__ = [
     "atomic_write",
     "with_checksum",
     "checksum_intact",
+    "write_checked_json",
+    "read_checked_json",
 ]
 
 _MARK = "# checksum "
@@ -271,6 +274,31 @@ def _digest(text: str) -> str:
 def with_checksum(text: str) -> str:
     """Append the checksum line that marks a file as unedited monetdsl output."""
     return text + f"{_MARK}{_digest(text)} (monetdsl rewrites this file only while it is unedited)\n"
+
+
+def write_checked_json(path: str | Path, data) -> None:
+    """Write ``data`` as compact JSON with a checksum line, atomically, creating the folder:
+    the form of the entries the caches keep (:func:`read_checked_json` reads them back)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, with_checksum(json.dumps(data, separators=(",", ":")) + "\n"))
+
+
+def read_checked_json(path: str | Path) -> dict | None:
+    """The JSON object :func:`write_checked_json` wrote at ``path``, or None when there is
+    none, or it was damaged or edited since (its checksum line does not match), or it is
+    not an object: a cache entry that cannot be trusted is not read."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not checksum_intact(text):
+        return None
+    try:
+        data = json.loads(text.rstrip("\n").rpartition("\n")[0])
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def checksum_intact(text: str) -> bool:

@@ -19,13 +19,12 @@ view chain and the gradients' layouts), so it is only ever used where it was tra
 from __future__ import annotations
 
 import atexit
-import json
 from pathlib import Path
 
 import torch
 import torch.fx as fx
 
-from ..io import atomic_write, checksum_intact, with_checksum
+from ..io import read_checked_json, write_checked_json
 from ..lowering.graphs import (LocalBackward, adopt_local_backward, adopt_owner_adapter_graph, local_backwards,
                                owner_adapter_graphs)
 from ..tracing.graph_text import (UnkeepableGraph, data_digest, graph_from_data, graph_to_data, value_from_data,
@@ -85,17 +84,8 @@ def _adopt(entry: dict) -> tuple | None:
 
 
 def _read(directory: Path, key: str) -> list:
-    try:
-        text = _path(directory, key).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return []
-    if not checksum_intact(text):
-        return []
-    try:
-        data = json.loads(text.rstrip("\n").rpartition("\n")[0])
-    except ValueError:
-        return []
-    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("key") != key:
+    data = read_checked_json(_path(directory, key))
+    if data is None or data.get("format") != FORMAT or data.get("key") != key:
         return []
     entries = data.get("graphs")
     return entries if isinstance(entries, list) else []
@@ -138,11 +128,10 @@ def keep_backwards(directory: Path | None, key: str | None, adopted: frozenset) 
 
 
 def _write(directory: Path, key: str, entries: list, *, create: bool = True) -> None:
-    text = json.dumps({"format": FORMAT, "key": key, "graphs": entries}, separators=(",", ":")) + "\n"
+    if not create and not directory.is_dir():
+        return  # removed since it was written (a temporary one): it stays removed
     try:
-        if create:
-            directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(_path(directory, key), with_checksum(text))
+        write_checked_json(_path(directory, key), {"format": FORMAT, "key": key, "graphs": entries})
     except OSError:
         pass
 

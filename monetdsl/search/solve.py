@@ -31,9 +31,7 @@ from ..validate import ResolvedConstraints, resolve_constraints
 from .baselines import chen_sqrt, recompute_all, store_all
 from .checkmate import checkmate, checkmate_lp
 from .chen import chen_greedy
-from .eviction import compute_lower_bound_within
-from .hybrid.bounds import compute_lower_bound, peak_lower_bound
-from .hybrid.engine import hybrid
+from .hybrid.engine import hybrid, simple_lower_bound
 from . import known
 from .impl_choice import cheapest_impls, no_recompute_compute_us, undominated_backward_impls
 from .milp.engine import DEFAULT_TIME_LIMIT, _heuristics, minimum_budget, solve_joint
@@ -340,21 +338,13 @@ def _status_words(status: str, gap: float | None, bound: float | None, objective
 
 
 def _bound_from_the_network(spec: Spec, constraints: ResolvedConstraints, ctx: SearchContext, simulation: Simulation,
-                            outcome: MethodOutcome, common: dict) -> None:
+                            common: dict) -> None:
     """Give an unproved schedule a gap when its method stopped before a bound of its own
-    (a MILP stopped before its root relaxation, a heuristic): the network's simple bounds
-    (every op once at its fastest; the least memory of the most demanding step; for plain
-    networks under a budget, the recomputation the budget forces) hold for every
-    schedule, so the gap they give is true, if loose."""
-    network = spec.network
-    if ctx.objective == "memory":
-        bound, value = float(peak_lower_bound(network, constraints.allowed_impls)), float(simulation.peak_bytes)
-    else:
-        bound, value = compute_lower_bound(network, constraints.allowed_impls), simulation.compute_us
-        within = compute_lower_bound_within(network, constraints, baseline_us=ctx.baseline_us)
-        if within is not None:
-            bound = max(bound, within)
-    bound = min(bound, value)
+    (a MILP stopped before its root relaxation, a heuristic): the network's simple bound
+    (:func:`.hybrid.engine.simple_lower_bound`) holds for every schedule, so the gap it
+    gives is true, if loose."""
+    value = float(simulation.peak_bytes) if ctx.objective == "memory" else simulation.compute_us
+    bound = min(simple_lower_bound(spec.network, constraints, ctx), value)
     common["lower_bound"] = bound
     common["gap"] = max(0.0, value - bound) / max(abs(value), 1e-12)
     common["details"]["bound_source"] = "network"
@@ -387,7 +377,7 @@ def _solve_searching(spec: Spec, method: str, constraints: ResolvedConstraints, 
         details["accounting_mismatch"] = {"milp_peak_bytes": planned[0], "simulator_peak_bytes": simulation.peak_bytes}
     if simulation.ok:
         if outcome.status != "optimal" and outcome.lower_bound is None:
-            _bound_from_the_network(spec, searched, ctx, simulation, outcome, common)
+            _bound_from_the_network(spec, searched, ctx, simulation, common)
         words = _status_words(outcome.status, common["gap"], common["lower_bound"], ctx.objective)
         message = f"{method}: {words}; {simulation.summary()} [{elapsed:.2f} s]"
         if outcome.message:

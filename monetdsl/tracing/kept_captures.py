@@ -36,7 +36,6 @@ import dataclasses
 import functools
 import hashlib
 import inspect
-import json
 import os
 import sys
 import time
@@ -46,7 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..io import atomic_write, checksum_intact, with_checksum
+from ..io import read_checked_json, write_checked_json
 from .capture import Captured, Placeholder
 from .graph_text import UnkeepableGraph, data_digest, graph_from_data, graph_to_data
 
@@ -202,8 +201,7 @@ def keep_capture(directory: Path | None, key: str | None, captured: Captured) ->
              "placeholders": {name: [p.name, p.kind, p.requires_grad, p.index] for name, p in captured.placeholders.items()},
              "loss": captured.loss, "leaf_modules": sorted(captured.leaf_modules), "notes": list(captured.notes)}
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(_path(directory, key), with_checksum(json.dumps(entry, separators=(",", ":")) + "\n"))
+        write_checked_json(_path(directory, key), entry)
     except OSError:
         pass
 
@@ -214,14 +212,10 @@ def recall_capture(directory: Path | None, key: str | None, model: nn.Module) ->
     if directory is None or key is None:
         return None
     start = time.perf_counter()
-    try:
-        text = _path(directory, key).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return None
-    if not checksum_intact(text):
+    entry = read_checked_json(_path(directory, key))
+    if entry is None:
         return None
     try:
-        entry = json.loads(text.rstrip("\n").rpartition("\n")[0])
         if entry["format"] != FORMAT or entry["key"] != key or data_digest(entry["graph"]) != entry["digest"]:
             return None
         graph = graph_from_data(entry["graph"], {_class_name(type(m)): type(m) for m in model.modules()})
