@@ -27,9 +27,24 @@ from ..tracing.to_ir import OpRecord
 from .alternatives import ADOPTING, AUTOGRAD_FORWARDS, RECOMPUTE, SPLIT_BACKWARDS, OpContext, backward_function, forward_function
 from .autograd_saves import saves_only
 from .graphs import ArgPath, LoweringError, arg_path, example_of, local_backward, owner_adapter, run_group
-from .step_source import StepSource
+from .step_source import StepSource, kernel_of
 
-__all__ = ["StepFn", "GradTarget", "AccumulatedGrad", "Program", "lower"]
+__all__ = ["StepFn", "DirectCall", "GradTarget", "AccumulatedGrad", "Program", "lower"]
+
+
+@dataclass(frozen=True)
+class DirectCall:
+    """A forward step that is one captured call, spelled out so a pass's generated code
+    can write the call itself (:mod:`monetdsl.runtime.forward_code`) instead of calling
+    the step: ``target`` (an aten overload's C++ entry), its positional and keyword
+    arguments as templates (leaves: ``ArgPath`` for a tensor argument, anything else a
+    constant; lists and tuples nest), and per write the item of the result it is
+    (``None``: the result itself)."""
+
+    target: Callable
+    args: tuple
+    kwargs: dict
+    picks: tuple
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,9 @@ class StepFn:
     #: op, saving only what the op's chosen backward implementations read
     #: (:mod:`.autograd_saves`): it may run in a stretch under autograd
     records_autograd: bool = False
+    #: the step as one call with its arguments' paths (a forward step that is a single
+    #: captured call), for code that writes the call inline; ``fn`` does the same
+    direct: DirectCall | None = None
 
     def scratch_targets(self, device) -> dict[str, GradTarget]:
         """Zeroed stand-ins for the gradients the step adds into (timing, workspace probes)."""
@@ -174,9 +192,9 @@ class _OpLowering:
         for w in writes:
             out = self.out_nodes[self.out_names.index(w)]
             if out is node:
-                picks.append("r")
+                picks.append(None)
             elif out.target is operator.getitem and out.args[0] is node and isinstance(out.args[1], int):
-                picks.append(f"r[{out.args[1]}]")
+                picks.append(out.args[1])
             else:
                 return None
         args = [source.param(p.owner) if p.is_identity else f"{source.const(p.materialize, 'path')}({source.param(p.owner)})"
@@ -195,7 +213,19 @@ class _OpLowering:
         except ValueError:  # keywords that cannot be written as Python: the interpreted call runs it
             return None
         source.assign("r", call)
-        return source.build(picks, self.record.name)
+        fn = source.build(["r" if k is None else f"r[{k}]" for k in picks], self.record.name)
+
+        def template(a):
+            if isinstance(a, fx.Node):
+                return self.paths[self.arg_index[a]]
+            if isinstance(a, (list, tuple)) and any(isinstance(b, fx.Node) for b in a):
+                return type(a)(template(b) for b in a)
+            return a
+
+        fn.direct = DirectCall(kernel_of(node.target), tuple(template(a) for a in node.args),
+                               {k: template(v) for k, v in node.kwargs.items()},
+                               tuple(picks))
+        return fn
 
     def outputs_by_role(self, outs: list) -> dict:
         return {self.out_role[k]: v for k, v in enumerate(outs) if k in self.out_role}
@@ -324,7 +354,7 @@ def _forward_step(low: _OpLowering, op, impl, *, recompute: bool) -> StepFn:
             by_name = {names_by_role[role]: value for role, value in outs.items() if role in names_by_role}
             return tuple(by_name[w] for w in writes)
 
-    return StepFn(op.name, reads, writes, fn, impl.overwrites)
+    return StepFn(op.name, reads, writes, fn, impl.overwrites, direct=getattr(direct, "direct", None))
 
 
 def _arg_getters(paths, reads) -> list[Callable]:

@@ -36,6 +36,7 @@ import torch
 
 from torch.autograd.graph import get_gradient_edge
 
+from .forward_code import ViewLocals
 from .stretches import Enter
 
 if TYPE_CHECKING:
@@ -77,16 +78,19 @@ def _whole_storage(t: torch.Tensor) -> bool:
     return t._base is None or (t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size())
 
 
-def generate(plan: StepPlan, fixed_names: set[str], *, stretched: bool = True) -> StraightLine:
+def generate(plan: StepPlan, fixed_names: set[str], *, stretched: bool = True, inline: bool = True) -> StraightLine:
     """The straight-line passes of ``plan``; ``fixed_names`` are the tensors read from
     ``fixed`` (parameters, buffers, inputs), every other name lives in ``env``.
     ``stretched``: the plan's stretches run under autograd (:mod:`.stretches`); else every
-    step runs on its own."""
+    step runs on its own. ``inline``: forward steps that are one captured call are written
+    into the pass, each argument view made once (:mod:`.forward_code`); else every step
+    is called as its function, which derives its arguments' views itself (the same values,
+    for comparing the two)."""
     namespace: dict = {"accumulate_gradient": accumulate_gradient, "set_grad": torch._C._set_grad_enabled,
                        "is_grad": torch.is_grad_enabled, "edge": get_gradient_edge, "enter": Enter.apply,
                        "anchor": _ANCHOR}
     stretches = plan.stretches if stretched and plan.stretched is not None else ()
-    writer = _Writer(plan, fixed_names, namespace, stretches)
+    writer = _Writer(plan, fixed_names, namespace, stretches, inline)
     lines = ["def forward_pass(env, fixed, observe, before, graph):"]
     if stretches:
         lines += ["    grad0 = is_grad()", "    al = {}"]
@@ -95,8 +99,10 @@ def generate(plan: StepPlan, fixed_names: set[str], *, stretched: bool = True) -
         stretch = writer.stretch_of.get(planned.step.op)
         if (stretch is not None) != grad_on:
             grad_on = stretch is not None
+            lines += writer.views.forget_all()  # views taken in the other grad mode
             lines.append("    set_grad(True)" if grad_on else "    set_grad(grad0)")
         lines += writer.forward_step(f"F{k}", planned, stretch)
+    lines += writer.views.forget_all()
     if grad_on:
         lines.append("    set_grad(grad0)")
     lines.append("    pass")
@@ -105,6 +111,7 @@ def generate(plan: StepPlan, fixed_names: set[str], *, stretched: bool = True) -
         name = f"B{k}"
         if planned.kind == "recompute":
             lines += writer.forward_step(name, planned)
+            lines += writer.views.forget_all()  # the backward steps between release what they like
         elif planned.kind == "stretch":
             lines += writer.stretch_step(name, planned)
         else:
@@ -124,11 +131,13 @@ class _Writer:
     the step's label (``F3``: the fourth forward step's :class:`PlannedStep`, ``F3_fn``
     its function)."""
 
-    def __init__(self, plan: StepPlan, fixed_names: set[str], namespace: dict, stretches=()):
+    def __init__(self, plan: StepPlan, fixed_names: set[str], namespace: dict, stretches=(), inline: bool = True):
         self.plan = plan
+        self.inline = inline
         self.fixed = fixed_names
         self.ns = namespace
         self.stretch_of = {op: s for s in stretches for op in s.ops}
+        self.views = ViewLocals(namespace)  # forward steps' argument views, made once each
         written = [n for planned in (*plan.forward, *plan.backward) for n in (*planned.step.writes, planned.step.overwrites) if n]
         clash = sorted(set(written) & fixed_names)
         if clash:
@@ -143,7 +152,7 @@ class _Writer:
         self.ns[label] = planned
         self.ns[f"{label}_fn"] = planned.step.fn
         head = [f"    # {label}: {planned.step.op} ({planned.kind}, stage {planned.stage})"]
-        head += [f"    env.pop({n!r}, None)" for n in planned.release_before]
+        head += self._pops(planned.release_before)
         head.append(f"    if before is not None: before({label}, env)")
         tail = [f"    if observe is not None: observe({label}, env)"]
         return head, tail
@@ -154,19 +163,42 @@ class _Writer:
         body, read = [], {}
         if stretch is not None:
             body, read = self._enter(stretch, step.op)
-        body.append(f"    r = {label}_fn({', '.join(read.get(n) or self.value(n) for n in step.reads)})")
+
+        def value_of(n: str) -> str:
+            return read.get(n) or self.value(n)
+
+        if step.direct is not None and self.inline:  # the call itself, its arguments' views made once per pass
+            call = self.views.call(step.direct, value_of, body)
+            outputs = ["r" if k is None else f"r[{k}]" for k in step.direct.picks]
+        else:
+            call = f"{label}_fn({', '.join(value_of(n) for n in step.reads)})"
+            outputs = [f"r[{i}]" for i in range(len(step.writes))]
+        body.append(f"    r = {call}")
         if step.overwrites is not None:
-            body.append(f"    env.pop({step.overwrites!r}, None)")
-        body += [f"    env[{n!r}] = r[{i}]" for i, n in enumerate(step.writes) if n not in planned.keep_existing]
+            body += self._pops([step.overwrites])
+        for out, n in zip(outputs, step.writes):
+            if n not in planned.keep_existing:
+                body += self.views.forget(self.value(n))
+                body.append(f"    env[{n!r}] = {out}")
         if stretch is not None:  # the gradient edges of the tensors whose gradient comes from outside
-            for i, n in enumerate(step.writes):
+            for out, n in zip(outputs, step.writes):
                 if n in stretch.roots:
                     j = stretch.roots.index(n)
-                    body.append(f"    S{stretch.index}r[{j}] = edge(r[{i}]) if r[{i}].grad_fn is not None else None")
-            body += [f"    del al[{n!r}]" for n in stretch.alias_last.get(step.op, ())]
+                    body.append(f"    S{stretch.index}r[{j}] = edge({out}) if {out}.grad_fn is not None else None")
+            for n in stretch.alias_last.get(step.op, ()):
+                body += self.views.forget(f"al[{n!r}]")
+                body.append(f"    del al[{n!r}]")
         body.append("    r = None")  # no reference may outlive the releases below
-        body += [f"    env.pop({n!r}, None)" for n in planned.release_after]
+        body += self._pops(planned.release_after)
         return head + body + tail
+
+    def _pops(self, names) -> list[str]:
+        """Lines releasing ``names`` from the environment, with the views made of them."""
+        lines = []
+        for n in names:
+            lines += self.views.forget(self.value(n))
+            lines.append(f"    env.pop({n!r}, None)")
+        return lines
 
     def _enter(self, stretch: Stretch, op: str) -> tuple[list[str], dict]:
         """Lines that start a stretch at its first op and enter the tensors from outside
@@ -178,6 +210,7 @@ class _Writer:
             lines += [f"    S{k}r = [None] * {len(stretch.roots)}", f"    S{k}g = [None] * {len(stretch.entered)}",
                       f"    graph[{k}] = (S{k}r, S{k}g)"]
         for n in stretch.enter_before.get(op, ()):  # one node each (:class:`~.stretches.Enter`)
+            lines += self.views.forget(f"al[{n!r}]")
             lines.append(f"    al[{n!r}] = enter(anchor, S{k}g, ({stretch.entered.index(n)},), {self.value(n)}.detach())[0]")
         read = {n: f"al[{n!r}]" for n in stretch.entered}
         read.update({n: f"graph[{n!r}]" for n in stretch.params})
