@@ -6,7 +6,10 @@ straight-line code generated both ways (:func:`monetdsl.runtime.straight_line.ge
 ``inline=True`` / ``inline=False``: the same values, bit for bit), swapped in turn and
 interleaved with eager's step in one process. A step is the model's forward and
 ``backward`` from a tensor of ones; forward and backward are timed apart, in process CPU
-time (the step's own cost on a shared machine), the first round a warm-up; medians.
+time (the step's own cost on a shared machine), the first round a warm-up; medians. For
+the GRU also the cell as a plain PyTorch loop of the traced graph's out-of-place ops
+(``plain loop``): what the unrolled ops cost without the runtime, against ``nn.GRU``'s
+C++ cell.
 
     python benchmarks/forward_code.py [--models gru,decoder] [--rounds 40] [--output benchmarks/results/forward_code.md]
 """
@@ -40,6 +43,28 @@ def _timed_step(module, x) -> tuple[float, float]:
     return t1 - t0, time.process_time() - t1
 
 
+class _PlainGRULoop(torch.nn.Module):
+    """The GRU classifier's forward as a Python loop of out-of-place ops, on its weights."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx):
+        m, gru = self.model, self.model.gru
+        x = m.emb(idx)
+        width = gru.hidden_size
+        steps = (torch.matmul(x, gru.weight_ih_l0.t()) + gru.bias_ih_l0).unbind(1)
+        h = x.new_zeros(x.shape[0], width)
+        for gates in steps:
+            i_r, i_z, i_n = gates.split(width, 1)
+            h_r, h_z, h_n = torch.addmm(gru.bias_hh_l0, h, gru.weight_hh_l0.t()).split(width, 1)
+            r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+            n = torch.tanh(i_n + r * h_n)
+            h = (h - n) * z + n
+        return m.fc(h)
+
+
 def measure_model(name: str, rounds: int) -> dict:
     factory, batch = MODELS[name]
     torch.manual_seed(0)
@@ -51,12 +76,13 @@ def measure_model(name: str, rounds: int) -> dict:
     steps = plan.steps
     fixed = {n for n, t in plan.spec.network.tensors.items() if t.is_fixed}
     codes = {"inline": generate(steps, fixed), "called": generate(steps, fixed, inline=False)}
-    samples = {k: [] for k in ("eager", *codes)}
+    others = {"eager": model, **({"plain loop": _PlainGRULoop(model)} if name == "gru" else {})}
+    samples = {k: [] for k in (*others, *codes)}
     for r in range(rounds + 1):
         for key in samples:
             if key in codes:
                 steps.code = codes[key]
-            sample = _timed_step(model if key == "eager" else fast, x)
+            sample = _timed_step(others.get(key, fast), x)
             if r:
                 samples[key].append(sample)
     steps.code = codes["inline"]
@@ -65,17 +91,19 @@ def measure_model(name: str, rounds: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | forward ops | eager fwd / bwd (ms) | called fwd / bwd (ms) | inline fwd / bwd (ms) | called step vs eager | inline step vs eager |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | forward ops | eager fwd / bwd (ms) | plain loop fwd / bwd (ms) | called fwd / bwd (ms) | inline fwd / bwd (ms)"
+             " | called step vs eager | inline step vs eager |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def ms(key):
+            if key not in r:
+                return "—"
             f, b = r[key]
             return f"{f * 1e3:.2f} / {b * 1e3:.2f}"
 
         def ratio(key):
             return f"x{sum(r[key]) / sum(r['eager']):.2f}"
 
-        lines.append(f"| {r['model']} | {r['ops']} | {ms('eager')} | {ms('called')} | {ms('inline')} | {ratio('called')} | {ratio('inline')} |")
+        lines.append(f"| {r['model']} | {r['ops']} | {ms('eager')} | {ms('plain loop')} | {ms('called')} | {ms('inline')} | {ratio('called')} | {ratio('inline')} |")
     return "\n".join(lines) + "\n"
 
 
