@@ -77,6 +77,9 @@ def measure_model(name: str, rounds: int) -> dict:
     fixed = {n for n, t in plan.spec.network.tensors.items() if t.is_fixed}
     codes = {"inline": generate(steps, fixed), "called": generate(steps, fixed, inline=False)}
     others = {"eager": model, **({"plain loop": _PlainGRULoop(model)} if name == "gru" else {})}
+    with torch.no_grad():
+        for other in others.values():
+            torch.testing.assert_close(other(x), model(x))  # the plain loop computes the model's forward
     samples = {k: [] for k in (*others, *codes)}
     for r in range(rounds + 1):
         for key in samples:
