@@ -3,9 +3,10 @@
 
 What must hold: the inline code computes what the steps called one by one compute, bit
 for bit, under schedules that store, recompute and mix stretches with steps; a view made
-once does not outlive its owner (the live peak stays the plan's); an unrolled recurrent
-layer's autograd graph slices its input projection once, as eager's does, and trains as
-eager does.
+once does not outlive its owner (the live peak stays the plan's); a call entered through
+a Python binding reaches the overload that was captured; an unrolled recurrent layer's
+autograd graph slices its input projection once, as eager's does, and trains as eager
+does.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import monetdsl
 from monetdsl.runtime.plan import trace_for_runtime
 from monetdsl.runtime.straight_line import generate
 from monetdsl.search.baselines import chen_sqrt_checkpoints
+from torch.utils._python_dispatch import TorchDispatchMode
 from .runtime_helpers import eager_step, first_impls, schedule_with, twins
 
 
@@ -97,3 +99,33 @@ def test_inline_steps_compute_what_called_steps_compute(gru, keep):
         assert torch.equal(grads1[name], grads2[name]), name
     measured = monetdsl.measure(optimized, x, probe="live", warmup=0)
     assert measured.peak <= measured.planned * 1.02, measured.summary()
+
+
+class _Overloads(TorchDispatchMode):
+    """The aten overloads called inside the ``with`` block."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_python_bindings_reach_the_captured_overloads(gru):
+    """The inline pass enters ``add``, ``addmm``, ``split``, ``view``... through their Python
+    bindings: it must call the overloads the steps called one by one call, no other."""
+    model, _, x, trace = gru
+    network = trace.spec.network
+    optimized = monetdsl.optimize(model, schedule=schedule_with(trace.spec, first_impls(network), keep="all"))
+    plan = optimized.plan_for(x, trace=trace)
+    fixed = {n for n, t in network.tensors.items() if t.is_fixed}
+    seen = []
+    for inline in (True, False):
+        plan.steps.code = generate(plan.steps, fixed, inline=inline)
+        with _Overloads() as overloads:
+            optimized(x)
+        seen.append(overloads.seen)
+    assert seen[0] == seen[1]
+    assert {str(op) for op in seen[0]} >= {"aten.addmm.default", "aten.split.Tensor", "aten.unbind.int", "aten.sigmoid.default"}

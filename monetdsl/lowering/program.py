@@ -27,7 +27,7 @@ from ..tracing.to_ir import OpRecord
 from .alternatives import ADOPTING, AUTOGRAD_FORWARDS, RECOMPUTE, SPLIT_BACKWARDS, OpContext, backward_function, forward_function
 from .autograd_saves import saves_only
 from .graphs import ArgPath, LoweringError, arg_path, example_of, local_backward, owner_adapter, run_group
-from .step_source import StepSource, kernel_of
+from .step_source import StepSource
 
 __all__ = ["StepFn", "DirectCall", "GradTarget", "AccumulatedGrad", "Program", "lower"]
 
@@ -36,7 +36,7 @@ __all__ = ["StepFn", "DirectCall", "GradTarget", "AccumulatedGrad", "Program", "
 class DirectCall:
     """A forward step that is one captured call, spelled out so a pass's generated code
     can write the call itself (:mod:`monetdsl.runtime.forward_code`) instead of calling
-    the step: ``target`` (an aten overload's C++ entry), its positional and keyword
+    the step: ``target`` (the captured callable: an aten overload), its positional and keyword
     arguments as templates (leaves: ``ArgPath`` for a tensor argument, anything else a
     constant; lists and tuples nest), and per write the item of the result it is
     (``None``: the result itself)."""
@@ -222,7 +222,7 @@ class _OpLowering:
                 return type(a)(template(b) for b in a)
             return a
 
-        fn.direct = DirectCall(kernel_of(node.target), tuple(template(a) for a in node.args),
+        fn.direct = DirectCall(node.target, tuple(template(a) for a in node.args),
                                {k: template(v) for k, v in node.kwargs.items()},
                                tuple(picks))
         return fn
