@@ -138,3 +138,47 @@ def test_a_best_within_the_tolerance_of_the_lower_bound_ends_the_hybrid():
         other = solve(spec, name, max_overhead=cap, exact_min_budget=False)
         if other.success:
             assert result.simulation.peak_bytes <= other.simulation.peak_bytes, name
+
+
+def test_without_a_time_limit_the_hybrid_searches_a_share_sized_to_the_network():
+    """No time limit given: a share of 0.1 s per forward op (at least 10 s, at most 60 s);
+    a limit the caller gives, or the stall rule off (a reference search), keeps its own."""
+    from monetdsl.search.hybrid.time_share import MIN_SIZED_SECONDS, sized_time_limit
+
+    network = _spec("resnet", 4).network
+    ops = len(network.forward_ops)
+    assert sized_time_limit(network, None, {}) == (MIN_SIZED_SECONDS, f"the time share sized to the network (10.0 s for {ops} forward ops)")
+    assert sized_time_limit(network, None, {"seconds_per_op": 1.0})[0] == min(60.0, max(10.0, float(ops)))
+    assert sized_time_limit(network, None, {"seconds_per_op": 100.0}) == (60.0, None)
+    assert sized_time_limit(network, 7.0, {}) == (7.0, None)
+    assert sized_time_limit(network, None, {"stall_share": None}) == (60.0, None)
+    assert sized_time_limit(network, None, {"seconds_per_op": None}) == (60.0, None)
+
+
+def test_a_short_share_skips_the_restricted_search_when_the_menus_are_out_of_reach():
+    """Under a share sized to the network that the block menus cannot fit, the search
+    restricted to the first implementations is skipped (the full one skips its blocks for
+    the eviction's schedule), says so, and the result is still no worse than any heuristic."""
+    from dataclasses import replace
+
+    from monetdsl.search.hybrid.engine import block_kinds, menus_out_of_reach
+    from monetdsl.search.hybrid.portfolio import restricted_first
+    from monetdsl.search.impl_choice import cheapest_impls, no_recompute_compute_us
+    from monetdsl.search.outcome import SearchContext
+    from monetdsl.search.restrict import has_alternatives
+    from monetdsl.validate import resolve_constraints
+
+    spec = _spec("transformer", 2)
+    network, cap = spec.network, 0.2
+    constraints = resolve_constraints(network, spec.constraints, max_overhead=cap)
+    options = {"target_ops": 7}
+    assert has_alternatives(network, constraints.allowed_impls) and menus_out_of_reach(block_kinds(network, constraints, options), 1.5)
+    ctx = SearchContext("t2.monet", spec.fingerprint, no_recompute_compute_us(network, cheapest_impls(network)), "memory", 1.5, options)
+    short = restricted_first(network, constraints, ctx, short=True)
+    assert "out of reach" in short.details["restricted"]["skipped"]
+    given = restricted_first(network, constraints, replace(ctx, time_limit=1.5))  # the caller's limit: the portfolio as before
+    assert "skipped" not in given.details["restricted"]
+    for name in HEURISTICS:
+        other = solve(spec, name, max_overhead=cap, exact_min_budget=False)
+        if other.success:
+            assert short.simulation.peak_bytes <= other.simulation.peak_bytes, name

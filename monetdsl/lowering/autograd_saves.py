@@ -11,6 +11,11 @@ the program is lowered: the step runs on meta tensors shaped like the traced val
 tensor autograd saves, and each saved storage is matched to the step's reads and writes.
 A saved intermediate (a fused group's inner value) or a read the plan frees keeps the op
 out of stretches; it then runs step by step as before.
+
+Running an op on meta tensors can import TorchDynamo (Python meta kernels, one to several
+seconds), so a plan read back from the caches takes each verdict from the previous
+process (:mod:`monetdsl.planning.kept_verdicts`) under :func:`saves_key`: the op's calls,
+the layouts of what it reads and writes, and what it may save.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from typing import Callable, Iterable
 
 import torch
 
-__all__ = ["TINY_SAVED_BYTES", "saves_only"]
+__all__ = ["TINY_SAVED_BYTES", "saves_only", "saves_key"]
 
 #: saved tensors that are neither a read nor a write of the step (a scalar the formula
 #: made) are tolerated up to this size: they are bytes, not activations
@@ -66,3 +71,14 @@ def saves_only(fn: Callable, reads: tuple[str, ...], writes: tuple[str, ...], ex
         return True
     except Exception:  # noqa: BLE001 - an op that cannot run on meta tensors stays step by step
         return False
+
+
+def saves_key(calls: Iterable[str], reads: tuple[str, ...], writes: tuple[str, ...], examples: dict[str, torch.Tensor],
+              wanted: Iterable[str], allowed: set[str]) -> str:
+    """Everything :func:`saves_only`'s verdict on a step depends on, as text: the step's
+    calls (``calls``, its aten ops in order), each read's layout (shape, strides, dtype)
+    and whether it requires grad, its writes and the storages it may save (the torch
+    version and the lowering's code are the kept file's own key)."""
+    wanted = set(wanted)
+    layouts = [(n, tuple(examples[n].shape), tuple(examples[n].stride()), str(examples[n].dtype), n in wanted) for n in reads]
+    return repr((tuple(calls), layouts, tuple(writes), tuple(sorted(allowed))))

@@ -25,7 +25,7 @@ from ..ir import Network, TensorKind, grad_name
 from ..tracing.joint import packet_name, tensor_args
 from ..tracing.to_ir import OpRecord
 from .alternatives import ADOPTING, AUTOGRAD_FORWARDS, RECOMPUTE, SPLIT_BACKWARDS, OpContext, backward_function, forward_function
-from .autograd_saves import saves_only
+from .autograd_saves import saves_key, saves_only
 from .graphs import ArgPath, LoweringError, arg_path, example_of, local_backward, owner_adapter, run_group
 from .step_source import StepSource
 
@@ -249,9 +249,13 @@ def value_nodes(built) -> dict | None:
     return {name: node for node, name in built.value_names.items()}
 
 
-def lower(trace, network: Network, impls: dict[str, str]) -> Program:
+def lower(trace, network: Network, impls: dict[str, str], autograd_verdicts: dict[str, bool] | None = None) -> Program:
     """Lower every op of ``trace`` (a :class:`~monetdsl.tracing.TraceResult` whose network
-    is ``network``, possibly with the loss stripped) with implementations ``impls``."""
+    is ``network``, possibly with the loss stripped) with implementations ``impls``.
+
+    ``autograd_verdicts``: :func:`.autograd_saves.saves_only`'s verdicts by
+    :func:`.autograd_saves.saves_key`, read from a previous process; those found are used
+    instead of running the check, and the new ones are added to it."""
     facts, value_names = trace.built.facts, trace.built.value_names
     if facts is None:
         raise LoweringError("this trace does not carry its joint graph; trace the model again")
@@ -278,11 +282,12 @@ def lower(trace, network: Network, impls: dict[str, str]) -> Program:
     node_of = value_nodes(trace.built)
     program.layouts = {name: (tuple(v.shape), v.dtype) for name, node in node_of.items()
                        if isinstance(v := node.meta.get("val"), torch.Tensor)}
-    _mark_autograd_steps(program, lowerings, impls, node_of)
+    _mark_autograd_steps(program, lowerings, impls, node_of, autograd_verdicts)
     return program
 
 
-def _mark_autograd_steps(program: Program, lowerings: dict, impls: dict[str, str], node_of: dict) -> None:
+def _mark_autograd_steps(program: Program, lowerings: dict, impls: dict[str, str], node_of: dict,
+                         verdicts: dict[str, bool] | None = None) -> None:
     """Set :attr:`StepFn.records_autograd` on the first-forward steps whose op runs PyTorch's
     own implementation forward and backward and whose autograd graph saves only what
     those backward implementations read (:func:`.autograd_saves.saves_only`)."""
@@ -311,7 +316,21 @@ def _mark_autograd_steps(program: Program, lowerings: dict, impls: dict[str, str
         grads = {n for b in bops for n in b.outputs}
         wanted = [n for n in step.reads if grad_name(n) in grads]
         examples = {n: example_of(node_of[n]) for n in step.reads}
-        step.records_autograd = saves_only(step.fn, step.reads, step.writes, examples, wanted, allowed)
+        if verdicts is None:
+            step.records_autograd = saves_only(step.fn, step.reads, step.writes, examples, wanted, allowed)
+            continue
+        key = saves_key(map(_call_text, low.members), step.reads, step.writes, examples, wanted, allowed)
+        if key not in verdicts:
+            verdicts[key] = saves_only(step.fn, step.reads, step.writes, examples, wanted, allowed)
+        step.records_autograd = verdicts[key]
+
+
+def _call_text(node) -> str:
+    """A member call as text: its target and constant arguments (values as ``%``)."""
+    if not isinstance(node, fx.Node):
+        return repr(node)
+    constants = fx.map_arg((node.args, node.kwargs), lambda _: "%")
+    return f"{node.target}{constants!r}"
 
 
 # ------------------------------------------------------------------------------ forward steps

@@ -20,6 +20,7 @@ from ..lowering.graphs import ArgPath, arg_path
 from ..lowering.program import Program, lower
 from ..planning import Constraints, clear_caches, schedule_cache, schedule_for
 from ..planning.kept_backwards import adopt_kept_backwards, keep_backwards
+from ..planning.kept_verdicts import adopt_autograd_verdicts, keep_autograd_verdicts
 from ..search.progress import ProgressInfo
 from ..tracing.kept_captures import capture_key
 from ..search.simulator import Simulation, chosen_impls
@@ -176,7 +177,10 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
                                     cache_dir=None if cache_dir is schedule_cache.USER_CACHE else cache_dir)
     schedule, simulation = schedule_for(spec, constraints, schedule_dir, costs=trace.cost_model, progress=progress)
     impls = chosen_impls(network, schedule)
-    program = lower(trace, network, impls)
+    verdicts = adopt_autograd_verdicts(kept_dir, capture)  # what autograd saves: checked once, kept
+    known = 0 if verdicts is None else len(verdicts)
+    program = lower(trace, network, impls, verdicts)
+    keep_autograd_verdicts(kept_dir, capture, verdicts, known)
     keep_backwards(kept_dir, capture, adopted)  # and, at exit, the owner adapters its steps traced
     steps = plan_steps(network, schedule, program)
     output, output_path = _output_of(trace, network)

@@ -31,6 +31,9 @@
    ends the menus' completion and skips the local search); ``details["stopped"]`` and the
    message say why the search ended.
 
+Without a time limit from the caller, the engine's limit is a share sized to the network
+(:mod:`.time_share`), which its phases divide as above.
+
 With the memory objective (``--min-memory``) the engine looks for the smallest internal
 budget whose plan replays within the overhead cap, and reports the best peak found and a
 lower bound; it is exact only when the refinement MILP proves it.
@@ -39,7 +42,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ...errors import SpecError
 from ...ir import Network, Schedule
@@ -61,8 +64,9 @@ from .chain_dp import evaluate_plan, reconstruct, solve_chain
 from .decompose import DEFAULT_TARGET_OPS, Decomposition, decompose, decompose_at
 from .menus import DEFAULT_CACHE, MIN_SECONDS_PER_KIND, BlockMenu, MenuCache, build_menus, extend_menus, pareto
 from .subnet import BlockNet, SubnetError, block_network
+from .time_share import sized_time_limit
 
-__all__ = ["hybrid", "HybridRun", "run_hybrid", "simple_lower_bound", "REFINE_MAX_FORWARD_OPS"]
+__all__ = ["hybrid", "HybridRun", "run_hybrid", "simple_lower_bound", "menus_out_of_reach", "block_kinds", "REFINE_MAX_FORWARD_OPS"]
 
 #: the refinement runs the whole network's MILP only up to this many forward ops (above,
 #: building the model alone takes longer than the search is worth; see docs/milp.md §11)
@@ -317,10 +321,9 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
         # a candidate, not yet the watched best: the block menus' completion stops when the
         # composed plans stop improving among themselves, not when they trail this start
         heuristics.append(evicted)
-        floor = len(kinds) * MIN_SECONDS_PER_KIND
-        if may_skip_blocks and floor > MENU_SHARE_MAX * limit:
-            details["blocks_skipped"] = (f"{len(kinds)} kinds of block need {floor:.0f} s or more for their menus; the eviction's"
-                                         " schedule fits the constraints")
+        if may_skip_blocks and menus_out_of_reach(len(kinds), limit):
+            details["blocks_skipped"] = (f"{len(kinds)} kinds of block need {len(kinds) * MIN_SECONDS_PER_KIND:.0f} s or more"
+                                         " for their menus; the eviction's schedule fits the constraints")
             return _without_blocks(network, constraints, ctx, heuristics, prior, details, deadline, watch, begin)
     fixed = network.fixed_bytes
     if objective == "memory" or budget is None:
@@ -439,6 +442,19 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     result.block_menus = [menus[bn.fingerprint] for bn in nets]
     result.block_sizes = tuple(b.size for b in parts.blocks)
     return result
+
+
+def menus_out_of_reach(kinds: int, limit: float) -> bool:
+    """Whether ``kinds`` kinds of block need more time for their first menus than the
+    menus may take of ``limit`` seconds (then the blocks are skipped when the eviction's
+    schedule fits)."""
+    return kinds * MIN_SECONDS_PER_KIND > MENU_SHARE_MAX * limit
+
+
+def block_kinds(network: Network, constraints: ResolvedConstraints, options: dict) -> int:
+    """How many kinds of block (distinct sub-networks) the engine cuts ``network`` into."""
+    parts = decompose(network, target_ops=int(options.get("target_ops", DEFAULT_TARGET_OPS)))
+    return len({bn.fingerprint for bn in _block_nets(network, constraints, parts)[1]})
 
 
 def _cap_us(constraints: ResolvedConstraints, ctx: SearchContext) -> float | None:
@@ -862,8 +878,15 @@ def hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchContex
         return outcome
     from .portfolio import restricted_first  # the portfolio runs this module's pipeline
 
-    hr = restricted_first(network, constraints, ctx)
+    limit, sized = sized_time_limit(network, ctx.time_limit, ctx.options)
+    ctx = replace(ctx, time_limit=limit)
+    hr = restricted_first(network, constraints, ctx, short=sized is not None)
     details = dict(hr.details)
+    if sized is not None:
+        details["time_limit"] = limit
+        if details.get("stopped") == "time limit":  # say which limit: the caller gave none
+            details["stopped"] = sized
+            hr.message = hr.message.replace("stopped: time limit", f"stopped: {sized}")
     if hr.schedule is None:
         outcome = MethodOutcome(None, hr.status, hr.message, details=details)
         outcome.min_feasible_budget = hr.min_feasible_budget

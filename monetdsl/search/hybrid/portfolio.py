@@ -21,7 +21,7 @@ from ...validate import ResolvedConstraints
 from ..outcome import SearchContext
 from ..restrict import first_impl_pins, has_alternatives
 from ..stopping import StallWatch, StopRule
-from .engine import HybridRun, run_hybrid, simple_lower_bound
+from .engine import HybridRun, block_kinds, menus_out_of_reach, run_hybrid, simple_lower_bound
 
 __all__ = ["restricted_first", "RESTRICTED_SHARE"]
 
@@ -30,15 +30,27 @@ __all__ = ["restricted_first", "RESTRICTED_SHARE"]
 RESTRICTED_SHARE = 0.25
 
 
-def restricted_first(network: Network, constraints: ResolvedConstraints, ctx: SearchContext) -> HybridRun:
+def restricted_first(network: Network, constraints: ResolvedConstraints, ctx: SearchContext, short: bool = False) -> HybridRun:
     """The search restricted to each op's first implementation, then the full search
-    started from what it found (networks without a choice run the full search only)."""
+    started from what it found (networks without a choice run the full search only).
+
+    ``short``: the time limit is a share sized to the network (:mod:`.time_share`), not
+    the caller's; when the full search's block menus are out of its reach (it then skips
+    its blocks for the eviction's schedule when that fits), the restricted search, whose
+    purpose is to seed those menus, is skipped too: its own menus would take several
+    times its share (24 kinds of block on ResNet-50, 12 s or more against 4 s)."""
     allowed = constraints.allowed_impls
     share = float(ctx.options.get("restricted_share", RESTRICTED_SHARE))
     if share <= 0 or not has_alternatives(network, allowed):
         return run_hybrid(network, constraints, ctx)
     begin = time.perf_counter()
     limit = ctx.time_limit or 60.0
+    if short:
+        kinds = block_kinds(network, constraints, ctx.options)
+        if menus_out_of_reach(kinds, limit):
+            full = run_hybrid(network, constraints, ctx)
+            full.details["restricted"] = {"skipped": f"{kinds} kinds of block: the menus are out of reach of {limit:.1f} s"}
+            return full
     narrow = replace(constraints, allowed_impls={**allowed, **first_impl_pins(network, allowed)})
     try:
         # no local search here: the full search polishes the best start it has, this
