@@ -878,7 +878,7 @@ def hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchContex
         return outcome
     from .portfolio import restricted_first  # the portfolio runs this module's pipeline
 
-    limit, sized = sized_time_limit(network, ctx.time_limit, ctx.options)
+    limit, sized = sized_time_limit(network, ctx.time_limit, ctx.options, refines=_fits_refinement(network, ctx.options))
     ctx = replace(ctx, time_limit=limit)
     hr = restricted_first(network, constraints, ctx, short=sized is not None)
     details = dict(hr.details)
