@@ -7,9 +7,9 @@ runs even when the stop rule (:mod:`..stopping`) would let it end sooner: the me
 completion and the local search keep finding improvements of a few hundredths of a
 percent for most of a minute. Those are far below the 1 % the plans are judged by. On
 the costed graphs of a ResNet-18-like model (68 forward ops) and of ResNet-50 (174), the
-schedules found in a tenth of a second per forward op were within 0.7 % and 0.4 % of
-the best any 60-s search found (their eviction start and restricted search do most of
-the work), so without an explicit ``time_limit`` the engine gets
+schedules found in a tenth of a second per forward op planned peaks 0.3 % and 0.4-0.6 %
+above a full 60-s search's (1.7 % on another costing of the first; the eviction start
+does most of the work), in a fifth of the time, so without an explicit ``time_limit`` the engine gets
 :data:`SECONDS_PER_FORWARD_OP` per forward op, at least :data:`MIN_SIZED_SECONDS` and at
 most :data:`~..outcome.DEFAULT_TIME_LIMIT`.
 
