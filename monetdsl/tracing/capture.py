@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import Diagnostic, MonetError
+from .gru_steps import two_dimensional_gru_steps
 
 __all__ = ["CaptureError", "Captured", "Placeholder", "capture", "LOSSES", "make_fake_inputs", "TrainStep"]
 
@@ -271,7 +272,8 @@ def _recurrent_layers_as_cells(model: nn.Module):
     becomes one fused layer op whose workspace the FakeTensors give as empty: the plan would
     miss it and its backward cannot run from a recorded value. Unrolled into cells, every
     step's activations are ordinary tensors the search can keep or recompute (the classic
-    way to checkpoint an RNN). Models without recurrent layers are captured unchanged.
+    way to checkpoint an RNN); a GRU's steps keep a 2-D hidden state, as eager's cell does
+    (:mod:`.gru_steps`). Models without recurrent layers are captured unchanged.
     """
     if not any(isinstance(m, nn.RNNBase) for m in model.modules()):
         yield
@@ -283,7 +285,7 @@ def _recurrent_layers_as_cells(model: nn.Module):
         no_onednn = torch.backends.mkldnn.flags(enabled=False)
         no_onednn.__enter__()
     try:
-        with torch._dynamo.config.patch(allow_rnn=True):
+        with torch._dynamo.config.patch(allow_rnn=True), two_dimensional_gru_steps():
             yield
     finally:
         with warnings.catch_warnings():
