@@ -10,7 +10,8 @@ and up to three reductions per step that the replayed step pays for and eager do
 
 :func:`two_dimensional_gru_steps` swaps in a decomposition with the same arithmetic, in
 the same order as eager's cell, on a ``(batch, hidden)`` state: each step is ``addmm``,
-``split`` and the gate arithmetic, and the layer's output is the steps stacked. Layers,
+``split`` and the gate arithmetic, the input projection's gates are split and unbound
+once for the sequence, and the layer's output is the steps stacked. Layers,
 directions, ``batch_first`` and dropout are handled by torch's own helper, unchanged.
 """
 from __future__ import annotations
@@ -36,8 +37,9 @@ def gru_layer_2d(inp, hidden, params, has_biases, reverse=False):
     if reverse:
         projected = projected.flip(0)
     outputs = []
-    for step_gates in projected:
-        input_reset, input_update, input_new = step_gates.chunk(3, 1)
+    # the input gates are split once for the whole sequence, not once a step (one view call
+    # and one autograd node a step less; eager's cell splits each step in C++)
+    for input_reset, input_update, input_new in zip(*(gate.unbind(0) for gate in projected.chunk(3, 2))):
         hidden_reset, hidden_update, hidden_new = F.linear(hidden, hh_weight, hh_bias).chunk(3, 1)
         reset = (hidden_reset + input_reset).sigmoid()
         update = (hidden_update + input_update).sigmoid()
