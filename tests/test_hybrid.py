@@ -236,6 +236,44 @@ def test_grid_points_the_time_budget_misses_stay_pending_and_extend_menu_solves_
         ), option.origin
 
 
+def test_a_least_peak_solve_cut_short_is_solved_again_and_reaches_the_full_menus_least_peak(monkeypatch):
+    """On a busy machine a block's least-peak MILP can run out of its per-solve time
+    unproved; every grid budget lies above what it found, so finishing the grid alone
+    never reaches the block's least peak. The menu asks for the solve again first."""
+    from monetdsl.search.hybrid import menus as menus_module
+
+    bn = _first_block("resnet", 3)
+    full = menus_module.build_menu(bn, time_budget=120, per_solve=30)
+    least = lambda menu: min(max(o.fwd_peak, o.bwd_peak) for o in menu.options)  # noqa: E731
+    original = menus_module._Solver.solve
+    cut_once = {"done": False}
+
+    def out_of_time_once(self, objective, *args, **kwargs):  # the first least-peak solve finds nothing in time
+        if objective == "memory" and not kwargs.get("fresh") and not cut_once["done"]:
+            cut_once["done"] = True
+            return None, "time_limit", None
+        return original(self, objective, *args, **kwargs)
+
+    monkeypatch.setattr(menus_module._Solver, "solve", out_of_time_once)
+    cut = menus_module.build_menu(bn, time_budget=120, per_solve=30)
+    monkeypatch.setattr(menus_module._Solver, "solve", original)
+    assert cut.pending[0] == menus_module.LEAST_PEAK_REQUEST
+    assert least(cut) > least(full)  # the heuristics alone do not reach it on this block
+    finished = menus_module.extend_menu(bn, cut, cut.pending, time_budget=120, per_solve=30)
+    assert finished.complete
+    assert least(finished) == least(full)
+    for option in finished.options:
+        assert menus_module.evaluate_option(bn, menus_module.option_schedule(bn, option), "check") is not None
+
+
+def test_menu_slices_take_the_pending_points_of_each_kind_in_turn():
+    from monetdsl.search.hybrid.engine import _menu_slice
+
+    pending = {"a": ("net a", [1, 2, 3]), "b": ("net b", [4]), "c": ("net c", [5, 6])}
+    assert _menu_slice(pending, 4) == {"a": ("net a", [1, 2]), "b": ("net b", [4]), "c": ("net c", [5])}
+    assert _menu_slice(pending, 10) == {k: v for k, v in pending.items()}
+
+
 def test_engine_finishes_menus_the_first_share_left_incomplete(monkeypatch):
     from monetdsl.search.hybrid import engine
 

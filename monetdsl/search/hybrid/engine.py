@@ -52,7 +52,7 @@ from ..milp.engine import _heuristics, _start_for, heuristic_names, least_peak_w
 from ..milp.codec import decisions_from_solution, decode
 from ..milp.highs import run_highs
 from ..milp.model import MIB, build_model
-from ..eviction import compute_lower_bound_within, evict_to_budget, least_peak_within_cap
+from ..eviction import compute_lower_bound_within, evicted_start
 from ..local_search import improve
 from ..outcome import MethodOutcome, SearchContext
 from ..progress import ProgressInfo
@@ -523,21 +523,13 @@ def _evicted_store_all(network, constraints, ctx, heuristics, time_limit: float,
     skips within 5 % of PyTorch's time: 6.39 GiB against 6.82 GiB); elsewhere it is one
     more start for the local search. For a budget with the compute objective, and for a
     cap with the memory objective."""
-    if not ctx.options.get("evict", True) or time_limit <= 0.2:
+    if not ctx.options.get("evict", True):
         return None
     store = next(((s, sim) for name, s, sim in heuristics if name == "store-all"), None)
     if store is None:
         return None
-    if ctx.objective == "memory":
-        if constraints.max_overhead is None:
-            return None
-        found = least_peak_within_cap(network, store[0], constraints, baseline_us=ctx.baseline_us,
-                                      floor=peak_lower_bound(network, constraints.allowed_impls), time_limit=time_limit, stop=ctx.stop)
-    elif constraints.memory_budget is None or store[1].ok:
-        return None
-    else:
-        found = evict_to_budget(network, store[0], constraints, baseline_us=ctx.baseline_us, time_limit=time_limit,
-                                exact_cover=True, stop=ctx.stop)
+    found = evicted_start(network, store, constraints, objective=ctx.objective, baseline_us=ctx.baseline_us, time_limit=time_limit,
+                          floor=peak_lower_bound(network, constraints.allowed_impls), stop=ctx.stop)
     if found is None:
         return None
     details["eviction"] = {"fits": found.simulation.ok, "peak": found.simulation.peak_bytes, "compute": found.simulation.compute_us,
