@@ -290,6 +290,26 @@ def test_engine_finishes_menus_the_first_share_left_incomplete(monkeypatch):
     assert result.simulation.ok
 
 
+def test_whether_the_menus_are_in_reach_is_judged_by_the_whole_limit_when_given(monkeypatch):
+    """The full search after the restricted one gets what that one left; on a busy machine
+    the restricted one overruns its share, and judged by the rest the full search skipped
+    its blocks. Judged by the whole limit (``reach_limit``) it keeps them."""
+    from monetdsl.search.hybrid import engine
+
+    monkeypatch.setattr(engine, "MIN_SECONDS_PER_KIND", 2.0)  # the kinds need more than 60 % of 4 s
+    spec = _stack("resnet", 3)
+    network = spec.network
+    constraints = resolve_constraints(network, spec.constraints, memory_budget=_budget(spec, 0.6))
+    baseline = no_recompute_compute_us(network, cheapest_impls(network))
+    options = {"target_ops": 7, "refine": False, "rounds": 0, "polish": False}
+    ctx = SearchContext("r3.monet", spec.fingerprint, baseline, "compute", 4.0, options)
+    skipped = run_hybrid(network, constraints, ctx, cache=MenuCache())
+    assert "blocks_skipped" in skipped.details and skipped.simulation.ok
+    kept = run_hybrid(network, constraints, ctx, cache=MenuCache(), reach_limit=600.0)
+    assert "blocks_skipped" not in kept.details and kept.details["blocks"] > 1
+    assert kept.simulation.ok and kept.simulation.peak_bytes <= constraints.memory_budget
+
+
 @pytest.mark.slow  # an exact MILP of 21 ops: a minute on a loaded machine
 def test_hybrid_on_a_small_network_is_near_the_exact_optimum():
     """Never below the optimum (it is a schedule), and near it; the 2 % target is measured
