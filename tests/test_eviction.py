@@ -158,3 +158,20 @@ def test_lower_bound_within_budget_needs_a_plain_network():
     network, start, full, cons = _setup(spec, 0.8)
     assert not eviction._plain(network)
     assert compute_lower_bound_within(network, cons, baseline_us=full.compute_us) is None
+
+
+def test_the_milp_starts_from_the_eviction_where_the_other_heuristics_are_far_off():
+    """At 0.8x the store-all peak of a layered graph only recompute-all of the other
+    heuristics fits; the eviction's schedule is HiGHS's start, so the search holds an
+    incumbent near it from the first second, and what it returns replays within the budget."""
+    spec = layered_spec(50, 0)
+    store = solve(spec, "store-all").simulation
+    budget = int(0.8 * store.peak_bytes)
+    result = solve(spec, "milp", memory_budget=budget, time_limit=8)
+    assert result.details["start"] == "eviction"
+    assert result.simulation.ok and result.simulation.peak_bytes <= budget
+    recompute_all = solve(spec, "recompute-all").simulation
+    assert result.simulation.compute_us < recompute_all.compute_us
+    assert result.gap is not None
+    plain = solve(spec, "milp", memory_budget=budget, time_limit=8, options={"evict": False})
+    assert plain.details.get("start") != "eviction"

@@ -236,6 +236,44 @@ def test_grid_points_the_time_budget_misses_stay_pending_and_extend_menu_solves_
         ), option.origin
 
 
+def test_a_least_peak_solve_cut_short_is_solved_again_and_reaches_the_full_menus_least_peak(monkeypatch):
+    """On a busy machine a block's least-peak MILP can run out of its per-solve time
+    unproved; every grid budget lies above what it found, so finishing the grid alone
+    never reaches the block's least peak. The menu asks for the solve again first."""
+    from monetdsl.search.hybrid import menus as menus_module
+
+    bn = _first_block("resnet", 3)
+    full = menus_module.build_menu(bn, time_budget=120, per_solve=30)
+    least = lambda menu: min(max(o.fwd_peak, o.bwd_peak) for o in menu.options)  # noqa: E731
+    original = menus_module._Solver.solve
+    cut_once = {"done": False}
+
+    def out_of_time_once(self, objective, *args, **kwargs):  # the first least-peak solve finds nothing in time
+        if objective == "memory" and not kwargs.get("fresh") and not cut_once["done"]:
+            cut_once["done"] = True
+            return None, "time_limit", None
+        return original(self, objective, *args, **kwargs)
+
+    monkeypatch.setattr(menus_module._Solver, "solve", out_of_time_once)
+    cut = menus_module.build_menu(bn, time_budget=120, per_solve=30)
+    monkeypatch.setattr(menus_module._Solver, "solve", original)
+    assert cut.pending[0] == menus_module.LEAST_PEAK_REQUEST
+    assert least(cut) > least(full)  # the heuristics alone do not reach it on this block
+    finished = menus_module.extend_menu(bn, cut, cut.pending, time_budget=120, per_solve=30)
+    assert finished.complete
+    assert least(finished) == least(full)
+    for option in finished.options:
+        assert menus_module.evaluate_option(bn, menus_module.option_schedule(bn, option), "check") is not None
+
+
+def test_menu_slices_take_the_pending_points_of_each_kind_in_turn():
+    from monetdsl.search.hybrid.engine import _menu_slice
+
+    pending = {"a": ("net a", [1, 2, 3]), "b": ("net b", [4]), "c": ("net c", [5, 6])}
+    assert _menu_slice(pending, 4) == {"a": ("net a", [1, 2]), "b": ("net b", [4]), "c": ("net c", [5])}
+    assert _menu_slice(pending, 10) == {k: v for k, v in pending.items()}
+
+
 def test_engine_finishes_menus_the_first_share_left_incomplete(monkeypatch):
     from monetdsl.search.hybrid import engine
 
@@ -250,6 +288,26 @@ def test_engine_finishes_menus_the_first_share_left_incomplete(monkeypatch):
     assert result.details["menu_points_pending"] > 0
     assert result.details["menu_points_left"] == 0
     assert result.simulation.ok
+
+
+def test_whether_the_menus_are_in_reach_is_judged_by_the_whole_limit_when_given(monkeypatch):
+    """The full search after the restricted one gets what that one left; on a busy machine
+    the restricted one overruns its share, and judged by the rest the full search skipped
+    its blocks. Judged by the whole limit (``reach_limit``) it keeps them."""
+    from monetdsl.search.hybrid import engine
+
+    monkeypatch.setattr(engine, "MIN_SECONDS_PER_KIND", 2.0)  # the kinds need more than 60 % of 4 s
+    spec = _stack("resnet", 3)
+    network = spec.network
+    constraints = resolve_constraints(network, spec.constraints, memory_budget=_budget(spec, 0.6))
+    baseline = no_recompute_compute_us(network, cheapest_impls(network))
+    options = {"target_ops": 7, "refine": False, "rounds": 0, "polish": False}
+    ctx = SearchContext("r3.monet", spec.fingerprint, baseline, "compute", 4.0, options)
+    skipped = run_hybrid(network, constraints, ctx, cache=MenuCache())
+    assert "blocks_skipped" in skipped.details and skipped.simulation.ok
+    kept = run_hybrid(network, constraints, ctx, cache=MenuCache(), reach_limit=600.0)
+    assert "blocks_skipped" not in kept.details and kept.details["blocks"] > 1
+    assert kept.simulation.ok and kept.simulation.peak_bytes <= constraints.memory_budget
 
 
 @pytest.mark.slow  # an exact MILP of 21 ops: a minute on a loaded machine

@@ -63,7 +63,7 @@ from .milp.linear import Expr, ModelBuilder
 from .local_search import carry_of
 from .simulator import Simulation, simulate
 
-__all__ = ["evict_to_budget", "least_peak_within_cap", "compute_lower_bound_within", "EvictionResult"]
+__all__ = ["evict_to_budget", "least_peak_within_cap", "evicted_start", "compute_lower_bound_within", "EvictionResult"]
 
 #: the lowest-peak bisection keeps the exact cover while one takes less than this
 #: share of its time (then greedy covers)
@@ -481,6 +481,27 @@ def least_peak_within_cap(
     if best is not None:
         best.rounds, best.seconds = tries, time.perf_counter() - begin
     return best
+
+
+def evicted_start(network: Network, store: tuple[Schedule, Simulation], constraints: ResolvedConstraints, *, objective: str,
+                  baseline_us: float, time_limit: float, floor: int, stop=None) -> EvictionResult | None:
+    """Store-all (``store``: its schedule and replay) evicted to what the search asks: for
+    a budget with the compute objective, the cheapest eviction that fits it
+    (:func:`evict_to_budget`, exact cover); for a cap with the memory objective, the
+    lowest budget whose eviction stays within the cap (:func:`least_peak_within_cap`,
+    ``floor`` a peak no schedule beats). None when there is nothing to evict to (no cap,
+    no budget, or store-all fits already) or nothing was found; the result may not fit
+    (its simulation says)."""
+    if time_limit <= 0.2:
+        return None
+    if objective == "memory":
+        if constraints.max_overhead is None:
+            return None
+        return least_peak_within_cap(network, store[0], constraints, baseline_us=baseline_us, floor=floor, time_limit=time_limit,
+                                     stop=stop)
+    if constraints.memory_budget is None or store[1].ok:
+        return None
+    return evict_to_budget(network, store[0], constraints, baseline_us=baseline_us, time_limit=time_limit, exact_cover=True, stop=stop)
 
 
 def _plain(network: Network) -> bool:

@@ -20,6 +20,18 @@ included, is then more than that share better, and the targets are about 1 %.
     >>> watch.reason(now=2.0)
     'within 0.75 % of the lower bound (tolerance 1 %)'
 
+The clock need not count seconds. A rule counted in seconds ends a search earlier on a
+busy machine, where each second does less; counted in work (solves, evaluations), the
+search stops at the same point whatever the machine's speed, and only its time limit
+depends on it. ``clock`` gives the watch its own measure and ``unit`` names it:
+
+    >>> work = StallWatch(StopRule(min_stall_seconds=4), begin=0, clock=lambda: 0, unit="solves")
+    >>> work.observe(100.0, now=30)        # the last improvement, after 30 solves
+    >>> work.reason(now=38) is None        # 8 quiet solves, of 38: under a quarter
+    True
+    >>> work.reason(now=40)
+    'no improvement in the last 10 solves of 40'
+
 The incumbent the rule watches is the best value of the whole search, phases before the
 current one included (a refinement that only restates the local search's schedule is not
 an improvement). The rule never changes which schedule is returned; it only decides when
@@ -66,7 +78,7 @@ class StopRule:
     """The tolerances of the stop rule (see the module docstring)."""
 
     stall_share: float = STALL_SHARE
-    min_stall_seconds: float = MIN_STALL_SECONDS
+    min_stall_seconds: float = MIN_STALL_SECONDS  # in the watch's unit (seconds unless it counts work)
     min_gain: float = MIN_GAIN
     tolerance: float = TOLERANCE
 
@@ -87,9 +99,12 @@ class StopRule:
 class StallWatch:
     """One search's best value against the clock (minimisation)."""
 
-    def __init__(self, rule: StopRule, begin: float | None = None, bound: float | None = None):
+    def __init__(self, rule: StopRule, begin: float | None = None, bound: float | None = None, clock=None, unit: str = "s"):
         self.rule = rule
-        self.begin = time.perf_counter() if begin is None else begin
+        #: what "now" is when the caller does not say (seconds by default; any count of work)
+        self.clock = time.perf_counter if clock is None else clock
+        self.unit = unit
+        self.begin = self.clock() if begin is None else begin
         self.best: float | None = None
         self.improved_at = self.begin
         #: a lower bound every schedule obeys, when known (the tolerance is measured from it)
@@ -99,7 +114,7 @@ class StallWatch:
         """Record a value found (an improvement when lower than the best by the minimum gain)."""
         if value is None:
             return
-        now = time.perf_counter() if now is None else now
+        now = self.clock() if now is None else now
         if self.best is None or value < self.best - self.rule.min_gain * max(abs(self.best), 1e-12):
             self.improved_at = now
         if self.best is None or value < self.best:
@@ -119,11 +134,13 @@ class StallWatch:
         enough = self.good_enough()
         if enough is not None:
             return enough
-        now = time.perf_counter() if now is None else now
+        now = self.clock() if now is None else now
         elapsed = now - self.begin
         quiet = now - self.improved_at
         if self.best is not None and quiet >= max(self.rule.min_stall_seconds, self.rule.stall_share * elapsed):
-            return f"no improvement in the last {quiet:.1f} s of {elapsed:.1f} s"
+            if self.unit == "s":
+                return f"no improvement in the last {quiet:.1f} s of {elapsed:.1f} s"
+            return f"no improvement in the last {quiet:g} {self.unit} of {elapsed:g}"
         return None
 
 

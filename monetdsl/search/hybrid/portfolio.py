@@ -69,7 +69,7 @@ def restricted_first(network: Network, constraints: ResolvedConstraints, ctx: Se
         first.details["stopped"] = enough
         return first
     left = max(0.5, limit - (time.perf_counter() - begin))
-    full = run_hybrid(network, constraints, replace(ctx, time_limit=left), prior=first)
+    full = run_hybrid(network, constraints, replace(ctx, time_limit=left), prior=first, reach_limit=limit)
     if first is None:
         full.details["restricted"] = {"skipped": note}
     else:

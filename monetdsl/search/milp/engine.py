@@ -54,6 +54,10 @@ TRANSFER_SHARE = 0.2
 HEURISTICS_MAX_FORWARD_OPS = 250
 #: relative optimality gap at which HiGHS stops (0.01 %)
 DEFAULT_GAP = 1e-4
+#: share of the time limit the eviction from store-all may take as a MIP start: on large
+#: layered graphs no other heuristic fits a tight budget but recompute-all (a 400-node
+#: Checkmate graph at 0.8x the store-all peak: HiGHS held recompute-all's 4.27x for 60 s)
+EVICTION_SHARE = 0.15
 #: the candidates' name for a schedule an earlier search of this graph reported (:mod:`..known`)
 KNOWN = "earlier minimum-budget search"
 
@@ -102,6 +106,26 @@ def _heuristics(network: Network, constraints: ResolvedConstraints, ctx: SearchC
                 continue
         found.append((KNOWN, schedule, sim))
     return found
+
+
+def _with_eviction(network: Network, constraints: ResolvedConstraints, ctx: SearchContext, pins, candidates: list,
+                   time_limit: float) -> list:
+    """``candidates`` and store-all with tensors evicted to the budget (or, with the memory
+    objective, to the lowest budget within the cap; :func:`..eviction.evicted_start`) when
+    that fits: the MIP start and fallback where the other heuristics are far off. Not
+    with ``pins`` (the eviction keeps store-all's implementations) or
+    ``options={"evict": False}``."""
+    from ..eviction import evicted_start
+    from ..hybrid.bounds import peak_lower_bound
+
+    store = next(((s, sim) for name, s, sim in candidates if name == "store-all"), None)
+    if pins or store is None or not ctx.options.get("evict", True):
+        return candidates
+    found = evicted_start(network, store, constraints, objective=ctx.objective, baseline_us=ctx.baseline_us, time_limit=time_limit,
+                          floor=peak_lower_bound(network, constraints.allowed_impls), stop=ctx.stop)
+    if found is None or not found.simulation.ok:
+        return candidates
+    return [*candidates, ("eviction", found.schedule, found.simulation)]
 
 
 def _objective_value(sim: Simulation, objective: str) -> float:
@@ -343,6 +367,7 @@ def solve_joint(
         return _unbuilt(network, constraints, ctx, pins, str(exc))
     details: dict = {"model": model.stats}
     candidates = _heuristics(network, constraints, ctx, pins, heuristic_names(network))
+    candidates = _with_eviction(network, constraints, ctx, pins, candidates, EVICTION_SHARE * limit)
     fitting = [c for c in candidates if c[2].ok]
     if model.builder.conflicts:
         return _infeasible(network, constraints, ctx, pins, label, begin, details, candidates)
@@ -488,6 +513,7 @@ def _unbuilt(network, constraints, ctx, pins, why: str) -> MethodOutcome:
     """The time limit came before the model was built: the best heuristic that fits, or
     none, with the least peak found as a budget that works (not proved minimal)."""
     candidates = _heuristics(network, constraints, ctx, pins, heuristic_names(network))
+    candidates = _with_eviction(network, constraints, ctx, pins, candidates, EVICTION_SHARE * (ctx.time_limit or DEFAULT_TIME_LIMIT))
     details = {"model": "not built", "not_proved": why}
     fitting = [c for c in candidates if c[2].ok]
     if fitting:

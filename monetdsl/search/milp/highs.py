@@ -92,11 +92,13 @@ def run_highs(
     relax: bool = False,
     seed: int = 0,
     stop=None,
+    lp_solver: str | None = None,
 ) -> MilpRun:
     """Solve the model built by ``builder`` (minimisation).
 
     ``start`` is a complete feasible column vector (highspy only); ``relax`` drops
-    integrality (the LP relaxation). ``abs_gap`` is in objective units. ``stop`` (anything
+    integrality (the LP relaxation); ``lp_solver`` is HiGHS's ``solver`` option for an LP
+    (``"ipm"``, ``"simplex"``; highspy only; None lets HiGHS choose). ``abs_gap`` is in objective units. ``stop`` (anything
     with ``is_set()``) interrupts HiGHS at its next callback once set; the run then ends as
     at a time limit, with the incumbent (highspy only; scipy runs to its limit).
     """
@@ -116,7 +118,7 @@ def run_highs(
     if backend == "scipy":
         run = _run_scipy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap)
     else:
-        run = _run_highspy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap, start, progress, seed, stop)
+        run = _run_highspy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap, start, progress, seed, stop, lp_solver)
         if start is not None and integrality.any() and run.status == "optimal" and _start_came_back(c, run, start):
             run = _verified_without_start(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap, progress, seed, run, stop)
     if run.objective is not None:
@@ -187,7 +189,8 @@ def _run_scipy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap) 
     return MilpRun("error", None, None, None, None, seconds, None, "scipy", res.message)
 
 
-def _run_highspy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap, start, progress, seed, stop=None) -> MilpRun:
+def _run_highspy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap, start, progress, seed, stop=None,
+                 lp_solver: str | None = None) -> MilpRun:
     import highspy
 
     with _quiet_stdout():
@@ -198,6 +201,8 @@ def _run_highspy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap
     h.setOptionValue("mip_abs_gap", float(abs_gap))
     h.setOptionValue("random_seed", int(seed))
     h.setOptionValue("mip_feasibility_tolerance", FEASIBILITY_TOL)
+    if lp_solver is not None and not integrality.any():
+        h.setOptionValue("solver", lp_solver)
     inf = highspy.kHighsInf
     lp = highspy.HighsLp()
     lp.num_col_ = len(c)
