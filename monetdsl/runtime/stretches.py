@@ -46,10 +46,10 @@ from ..search.simulator import simulate
 __all__ = ["MIN_STRETCH_OPS", "Stretch", "Enter", "find_stretches", "composite_steps", "run_stretch"]
 
 #: a stretch saves a Python backward step per op and costs an engine call, a node per
-#: entered tensor and grad mode in its forward: on the 2-core CPU the runs between a
-#: CNN's convolutions (a batch norm, its ReLU, a pool: three to five ops) came out slower
-#: than step by step (small CNN x1.25 against x1.15 of eager's step), so only runs of at
-#: least this many forward ops are made
+#: entered tensor and grad mode in its forward: on the 2-core CPU runs of three to five
+#: ops (a batch norm, its ReLU, a pool, between convolutions run step by step) came out
+#: slower than step by step (small CNN x1.25 against x1.15 of eager's step), so only runs
+#: of at least this many forward ops are made
 MIN_STRETCH_OPS = 6
 
 
