@@ -16,6 +16,7 @@ import torch.nn as nn
 import monetdsl
 from monetdsl.lowering.autograd_saves import saves_only
 from monetdsl.models import SmallCNN, tiny_gpt
+from monetdsl.models.small import TinyUNet
 from monetdsl.runtime.plan import trace_for_runtime
 from monetdsl.search import solve
 from monetdsl.search.baselines import chen_sqrt_checkpoints
@@ -138,6 +139,27 @@ def test_convolutions_run_under_autograd_within_the_plan():
     optimized, plan = _optimized(model, x, trace, schedule_with(trace.spec, first_impls(network), keep="all"))
     assert plan.steps.whole_autograd
     assert {"conv1", "conv2"} <= {op for s in plan.steps.stretches for op in s.ops}
+    for seed in (4, 5):
+        _assert_same_step(optimized, reference, x, seed)
+    model.zero_grad(set_to_none=False)
+    measured = monetdsl.measure(optimized, x, probe="allocator", warmup=1)
+    assert measured.peak <= measured.planned * 1.02, measured.summary()
+
+
+def test_convolutions_in_a_stretch_allocate_as_measured_costs_plan():
+    """A UNet (convolutions, a transposed convolution, a skip ``cat`` whose backward hands
+    the convolutions slices of its gradient): at store-all with PyTorch's implementations,
+    planned on this machine's measured costs (the workspaces the allocator saw), the
+    convolutions in the stretch run autograd's combined backward kernel and the
+    allocator's peak is the plan's; the step is eager's."""
+    model, reference = twins(TinyUNet)
+    torch.manual_seed(3)
+    x = torch.randn(4, 3, 32, 32)
+    trace = trace_for_runtime(model, [x], optimizer="adam", profile=True)
+    network = trace.spec.network
+    optimized, plan = _optimized(model, x, trace, schedule_with(trace.spec, first_impls(network), keep="all"))
+    convolutions = {op.name for op in network.forward_ops if any("wgrad" in b.name for b in network.backward_ops if b.of == op.name)}
+    assert convolutions & {op for s in plan.steps.stretches for op in s.ops}
     for seed in (4, 5):
         _assert_same_step(optimized, reference, x, seed)
     model.zero_grad(set_to_none=False)
