@@ -35,11 +35,14 @@ pre-norm decoder (SDPA, GELU, LayerNorm, tied head), a depthwise-separable CNN a
 classifier.
 
     python benchmarks/fidelity.py [--models densenet,unet,...] [--rounds 7] [--time-limit 15] [--output benchmarks/results/fidelity.md]
+
+With ``--output``, the rows are also written as JSON beside the report (``fidelity.json``).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -387,6 +390,10 @@ def main() -> None:
                   f" load average {os.getloadavg()[0]:.1f} at the end; `{command}`\n\n"
                   + text)
         atomic_write(args.output, report)
+        facts = {"date": str(datetime.date.today()), "machine": f"{platform.machine()} {os.cpu_count()} cores",
+                 "threads": torch.get_num_threads(), "torch": torch.__version__, "malloc": malloc,
+                 "load_average_at_end": round(os.getloadavg()[0], 2), "command": command, "rows": rows}
+        atomic_write(Path(args.output).with_suffix(".json"), json.dumps(facts, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":

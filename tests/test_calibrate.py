@@ -1,11 +1,13 @@
 """In-place calibration of profiled step times (monetdsl.runtime.calibrate)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from monetdsl.graph import index
-from monetdsl.runtime.calibrate import CALIBRATION_NOTE, calibrate, calibration_schedules
+from monetdsl.runtime.calibrate import CALIBRATION_NOTE, MAX_ROUNDS, ROUNDS_SECONDS, _timed_steps, calibrate, calibration_schedules
 from monetdsl.runtime.plan import trace_for_runtime
 from monetdsl.search.simulator import chosen_impls, simulate
 
@@ -128,3 +130,29 @@ def test_calibration_runs_every_implementation_that_pinning_one_side_at_a_time_w
                 one_side.append(impls)
     assert set().union(*(set(impls.items()) for impls in one_side)) <= run
     assert len(found) <= len({tuple(sorted(i.items())) for i in one_side}) + 1  # + the fastest implementations
+
+
+class _Slow(torch.nn.Module):
+    """A step that takes longer than the calibration's time for extra rounds."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.linear, self.seconds = torch.nn.Linear(4, 4), seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return self.linear(x)
+
+
+def test_calibration_times_small_models_for_more_rounds():
+    """A model whose steps are short is timed for more rounds than asked (never more than
+    the most allowed); one whose single step outlasts the time for extra rounds gets the
+    rounds asked, so large models plan no slower. The warm-up step is never counted."""
+    x = torch.randn(2, 4)
+    fast = torch.nn.Linear(4, 4)
+    warmed = []
+    walls = _timed_steps(fast, [x], 1, lambda: None, lambda: warmed.append(True))
+    assert warmed == [True] and 1 < len(walls) <= MAX_ROUNDS
+    assert len(_timed_steps(fast, [x], 3, lambda: None, most=3)) == 3
+    slow = _Slow(ROUNDS_SECONDS)
+    assert len(_timed_steps(slow, [x], 2, lambda: None)) == 2

@@ -16,6 +16,7 @@ import torch.nn as nn
 import monetdsl
 from monetdsl.lowering.autograd_saves import saves_only
 from monetdsl.models import SmallCNN, tiny_gpt
+from monetdsl.models.small import TinyUNet
 from monetdsl.runtime.plan import trace_for_runtime
 from monetdsl.search import solve
 from monetdsl.search.baselines import chen_sqrt_checkpoints
@@ -125,18 +126,43 @@ def test_an_observer_sees_every_step(mlp):
     assert set(seen) >= {bop.name for bop in network.backward_ops}
 
 
-def test_convolutions_run_step_by_step():
-    """A CNN: its convolutions keep the runtime's own backward (and workspaces), the runs
-    between them are too short to gain, and the step is eager's bit for bit."""
-    model, reference = twins(SmallCNN)
+def _store_all_of_pytorch_implementations(factory, batch: int, profile: bool):
+    """Store-all of PyTorch's implementations for ``factory``'s model (on measured costs
+    when ``profile``), checked: two steps equal eager's twin's, and the allocator's peak
+    (the kernels' scratch included) is within the plan. Returns the plan and the ops
+    with a weight gradient (convolutions, linear layers) that are in its stretches."""
+    model, reference = twins(factory)
     torch.manual_seed(3)
-    x = torch.randn(8, 3, 32, 32)
-    trace = trace_for_runtime(model, [x], optimizer="adam")
+    x = torch.randn(batch, 3, 32, 32)
+    trace = trace_for_runtime(model, [x], optimizer="adam", profile=profile)
     network = trace.spec.network
     optimized, plan = _optimized(model, x, trace, schedule_with(trace.spec, first_impls(network), keep="all"))
-    assert not {"conv1", "conv2"} & {op for s in plan.steps.stretches for op in s.ops}
-    assert not plan.program.forward["conv1"].records_autograd
-    _assert_same_step(optimized, reference, x, 4)
+    weighted = {b.of for b in network.backward_ops if "wgrad" in b.name}
+    for seed in (4, 5):
+        _assert_same_step(optimized, reference, x, seed)
+    model.zero_grad(set_to_none=False)
+    measured = monetdsl.measure(optimized, x, probe="allocator", warmup=1)
+    assert measured.peak <= measured.planned * 1.02, measured.summary()
+    return plan, weighted & {op for s in plan.steps.stretches for op in s.ops}
+
+
+def test_convolutions_run_under_autograd_within_the_plan():
+    """A CNN (convolutions, batch norm, ReLU, max-pool, dropout, linear): with PyTorch's
+    implementations store-all is one autograd graph, every convolution's backward is
+    autograd's combined kernel, the step is eager's bit for bit, and the allocator sees
+    the planned peak."""
+    plan, in_stretches = _store_all_of_pytorch_implementations(SmallCNN, 8, profile=False)
+    assert plan.steps.whole_autograd and {"conv1", "conv2"} <= in_stretches
+
+
+def test_convolutions_in_a_stretch_allocate_as_measured_costs_plan():
+    """A UNet (convolutions, a transposed convolution, a skip ``cat`` whose backward hands
+    the convolutions slices of its gradient): at store-all with PyTorch's implementations,
+    planned on this machine's measured costs (the workspaces the allocator saw), the
+    convolutions in the stretch run autograd's combined backward kernel, the allocator's
+    peak is the plan's and the step is eager's."""
+    _, in_stretches = _store_all_of_pytorch_implementations(TinyUNet, 4, profile=True)
+    assert in_stretches
 
 
 def test_solved_schedules_keep_their_planned_peak():

@@ -35,7 +35,7 @@ from ..catalogue.linear import CONV_WEIGHT_GRAD_INTO, matmul_weight_grad_into
 from . import ops as _ops  # noqa: F401 - registers torch.ops.monetdsl
 from .overwriting import clamp_backward_inplace, conv_dgrad_sliced_inplace
 
-__all__ = ["OpContext", "FORWARD", "RECOMPUTE", "AUTOGRAD_FORWARDS", "SPLIT_BACKWARDS", "BACKWARD", "forward_function", "backward_function"]
+__all__ = ["OpContext", "FORWARD", "RECOMPUTE", "AUTOGRAD_FORWARDS", "BACKWARD", "forward_function", "backward_function"]
 
 aten = torch.ops.aten
 mops = torch.ops.monetdsl
@@ -338,15 +338,6 @@ FORWARD[("linear_cross_entropy", "grads_in_forward")] = _linear_ce_grads_in_forw
 #: first forward alternatives with a function of their own that record, under autograd,
 #: the same backward as the captured call (eager's kernel; the mask times the scale)
 AUTOGRAD_FORWARDS = {("batch_norm", "default"), ("dropout", "bool_mask")}
-
-#: kinds whose PyTorch backward the runtime runs with other kernels than autograd's: a
-#: convolution's input gradient as a transposed convolution, its weight gradient alone
-#: (:func:`~monetdsl.lowering.graphs.local_backward`), which is what their measured
-#: workspaces and times are. Autograd's combined ``convolution_backward`` allocated more
-#: than the plan on the CPU (grouped, depthwise and transposed convolutions), so they stay
-#: out of stretches (recording them as nodes that run the runtime's own steps cost more
-#: Python than the stretch saved)
-SPLIT_BACKWARDS = {"conv": "convolution"}  # kind -> the aten call it captures (also outside the catalogue)
 
 #: alternatives whose recomputation differs from their first forward (handled by ``saved``)
 RECOMPUTE = {("batch_norm", "default"), ("dropout", "bool_mask"), ("dropout", "bit_mask"), ("dropout", "rng_replay")}

@@ -22,9 +22,9 @@ import torch.fx as fx
 
 from ..catalogue.base import GradTarget
 from ..ir import Network, TensorKind, grad_name
-from ..tracing.joint import packet_name, tensor_args
+from ..tracing.joint import tensor_args
 from ..tracing.to_ir import OpRecord
-from .alternatives import ADOPTING, AUTOGRAD_FORWARDS, RECOMPUTE, SPLIT_BACKWARDS, OpContext, backward_function, forward_function
+from .alternatives import ADOPTING, AUTOGRAD_FORWARDS, RECOMPUTE, OpContext, backward_function, forward_function
 from .autograd_saves import saves_key, saves_only
 from .graphs import ArgPath, LoweringError, arg_path, example_of, local_backward, owner_adapter, run_group
 from .step_source import StepSource
@@ -306,9 +306,6 @@ def _mark_autograd_steps(program: Program, lowerings: dict, impls: dict[str, str
             continue
         chosen = [b.impl(b.impls[0].name) for b in bops]
         allowed = {n for i in chosen for n in i.reads if tensors[n].kind is not TensorKind.GRADIENT}
-        if (low.kind is not None and low.kind.name in SPLIT_BACKWARDS) or any(
-                packet_name(getattr(m, "target", None)) in SPLIT_BACKWARDS.values() for m in low.members):
-            continue
         if low.kind is not None and forward_function(low.kind.name, impl) is not None \
                 and (low.kind.name, impl) not in AUTOGRAD_FORWARDS:
             continue

@@ -18,7 +18,8 @@ tiny model, where a kernel takes microseconds, that work is what a recomputation
 The first schedule (PyTorch's own implementations) is also timed without an observer,
 its stretches running through autograd's engine (:mod:`.stretches`); what that saves is
 taken off the in-place times of the backward steps in them (not below
-:data:`STRETCH_FLOOR` of their step-by-step time).
+:data:`STRETCH_FLOOR` of their step-by-step time). Each schedule is timed for the
+rounds asked and, on a model whose steps are short, for more (:data:`ROUNDS_SECONDS`).
 Implementations that no store-all schedule runs (in-place forwards, which store-all never
 picks because their input is kept) are scaled by their op's in-place / alone ratio, and
 recomputation times by their implementation's. The model's buffers, gradients and random
@@ -45,7 +46,7 @@ from ..search.impl_choice import cheapest_impls
 from ..search.schedule_builder import build_schedule
 from ..search.simulator import chosen_impls, simulate
 
-__all__ = ["Calibration", "StepClock", "STRETCH_FLOOR", "calibrate", "in_place_times", "with_in_place_times", "calibration_schedules",
+__all__ = ["Calibration", "StepClock", "STRETCH_FLOOR", "ROUNDS_SECONDS", "MAX_ROUNDS", "calibrate", "in_place_times", "with_in_place_times", "calibration_schedules",
            "state_restored", "backward_seeds", "store_all_schedule", "CALIBRATION_NOTE"]
 
 #: what the cost-model line of a calibrated trace adds
@@ -181,23 +182,16 @@ def in_place_times(model: torch.nn.Module, inputs, trace, *, optimizer: str, rou
             impls = chosen_impls(network, schedule)
             try:
                 module.plan_for(*inputs, trace=trace)
-                wall = 0.0
-                for round_ in range(rounds + 1):  # the first warms up
-                    if round_ == 1:
-                        clock.samples.clear()
-                    start = time.perf_counter()
-                    torch.autograd.backward(*backward_seeds(module(*inputs)))
-                    clock.sync()
-                    wall += (time.perf_counter() - start) * 1e6 if round_ else 0.0
+                walls = _timed_steps(module, inputs, rounds, clock.sync, clock.samples.clear)
             except Exception as exc:  # noqa: BLE001 - reported; the other schedules still calibrate
                 notes.append(f"calibration schedule '{label}' not run ({type(exc).__name__}: {str(exc)[:80]})")
                 continue
-            between = _between_steps(wall, clock.samples)
+            between = _between_steps(sum(walls), clock.samples)
             for (phase, op), times in clock.samples.items():
                 if phase != "recompute":  # recomputations are scaled from their first forward's ratio
                     samples[(op, impls[op])].extend(t + between for t in times)
             if not savings:
-                savings = _stretch_savings(module, inputs, network, impls, wall / rounds, rounds, clock.sync)
+                savings = _stretch_savings(module, inputs, network, impls, walls, clock.sync)
     medians = {key: statistics.median(times) for key, times in samples.items()}
     for key, saved in savings.items():
         if key in medians:
@@ -208,33 +202,55 @@ def in_place_times(model: torch.nn.Module, inputs, trace, *, optimizer: str, rou
 #: a backward step in a stretch costs at least this share of its step-by-step time
 STRETCH_FLOOR = 0.1
 
+#: a calibration schedule is timed for at least the rounds asked and, while its steps
+#: take less than this many seconds in all, up to :data:`MAX_ROUNDS`: on a small model
+#: (a few ms a step) one timed step decided between implementations a few us apart, and
+#: the load of a shared machine picked a different store-all at every run; a large
+#: model's single step already takes longer than this
+ROUNDS_SECONDS = 0.25
+MAX_ROUNDS = 15
 
-def _stretch_savings(module, inputs, network, impls: dict, observed_us: float, rounds: int, sync) -> dict:
+
+def _timed_steps(module, inputs, rounds: int, sync, warmed=lambda: None, most: int = MAX_ROUNDS) -> list[float]:
+    """Training steps of ``module`` after one warm-up (``warmed`` called after it): at
+    least ``rounds``, more while they took under :data:`ROUNDS_SECONDS` (at most
+    ``most``); each step's wall time in us."""
+    walls: list[float] = []
+    began = None
+    while len(walls) < max(rounds, 1) or (len(walls) < most and time.perf_counter() - began < ROUNDS_SECONDS):
+        start = time.perf_counter()
+        torch.autograd.backward(*backward_seeds(module(*inputs)))
+        sync()
+        if began is None:  # the warm-up
+            warmed()
+            began = time.perf_counter()
+        else:
+            walls.append((time.perf_counter() - start) * 1e6)
+    return walls
+
+
+def _stretch_savings(module, inputs, network, impls: dict, observed: list[float], sync) -> dict:
     """What running the schedule's stretches through autograd's engine
     (:mod:`.stretches`) saves per backward step in them, against running every step on
-    its own as the observed rounds did: the same schedule's steps timed without an
-    observer, the difference per round shared by the stretches' backward steps
-    ((op, implementation) -> us). Only where the schedule is one autograd graph
-    (``StepPlan.whole_autograd``): there every backward op is in it, and the search sees
-    what PyTorch's own store-all costs; where stretches are pieces between other steps,
-    what one saves depends on the pieces, and the step-by-step times stay (a recomputed
-    op is in no stretch either)."""
+    its own as the ``observed`` steps did (us each): as many steps of the same schedule
+    timed without an observer, the difference of the medians shared by the stretches'
+    backward steps
+    ((op, implementation) -> us). The search then sees what PyTorch's own store-all
+    costs, and prefers PyTorch's implementations where stretches form: a per-op time
+    cannot say that a stretch broken by one other implementation saves less (its pieces
+    may fall under :data:`~.stretches.MIN_STRETCH_OPS`), so a schedule that mixes pays
+    what the eager reference measures (:mod:`.eager_reference`)."""
     plan = module.plans[0] if module.plans else None
-    if plan is None or not plan.steps.whole_autograd:
+    if plan is None or not plan.steps.stretches:
         return {}
     stretch_ops = {op for s in plan.steps.stretches for op in s.ops}
     bops = [b.name for b in network.backward_ops if b.of in stretch_ops]
     observe, module._observe = module._observe, None
     try:
-        wall = 0.0
-        for round_ in range(rounds + 1):  # the first warms up
-            start = time.perf_counter()
-            torch.autograd.backward(*backward_seeds(module(*inputs)))
-            sync()
-            wall += (time.perf_counter() - start) * 1e6 if round_ else 0.0
+        unobserved = _timed_steps(module, inputs, len(observed), sync, most=len(observed))
     finally:
         module._observe = observe
-    saved = max(0.0, observed_us - wall / rounds) / len(bops) if bops else 0.0
+    saved = max(0.0, statistics.median(observed) - statistics.median(unobserved)) / len(bops) if bops else 0.0
     return {(b, impls[b]): saved for b in bops} if saved > 0 else {}
 
 

@@ -46,10 +46,10 @@ from ..search.simulator import simulate
 __all__ = ["MIN_STRETCH_OPS", "Stretch", "Enter", "find_stretches", "composite_steps", "run_stretch"]
 
 #: a stretch saves a Python backward step per op and costs an engine call, a node per
-#: entered tensor and grad mode in its forward: on the 2-core CPU the runs between a
-#: CNN's convolutions (a batch norm, its ReLU, a pool: three to five ops) came out slower
-#: than step by step (small CNN x1.25 against x1.15 of eager's step), so only runs of at
-#: least this many forward ops are made
+#: entered tensor and grad mode in its forward: on the 2-core CPU runs of three to five
+#: ops (a batch norm, its ReLU, a pool, between convolutions run step by step) came out
+#: slower than step by step (small CNN x1.25 against x1.15 of eager's step), so only runs
+#: of at least this many forward ops are made
 MIN_STRETCH_OPS = 6
 
 
@@ -120,7 +120,7 @@ def find_stretches(network: Network, schedule: Schedule, program: Program, backw
     for bop in network.backward_ops:
         bops_of.setdefault(bop.of, []).append(bop.name)
     headroom = _stage_headroom(network, schedule)
-    eligible -= _joint_gradients_over_peak(network, eligible, bops_of, stage_of, headroom, backward)
+    eligible -= _joint_gradients_over_peak(network, eligible, bops_of, stage_of, headroom, backward, schedule.impls)
     while True:
         groups, current = [], []
         for t, stage in enumerate(schedule.stages):
@@ -159,14 +159,17 @@ def _stage_headroom(network: Network, schedule: Schedule) -> dict[int, int]:
 
 
 def _joint_gradients_over_peak(network: Network, ops: set[str], bops_of: dict, stage_of: dict, headroom: dict,
-                               backward: list) -> set[str]:
+                               backward: list, impls: dict) -> set[str]:
     """Ops to take out of stretches because autograd runs their backward as one node where
     the plan runs one backward op at a time (a convolution's weight gradient, then its
     input gradient): the node makes every gradient at once while it still holds every
     input, so beside what the plan has at each of those stages it may hold all the op's
-    gradients and whatever the plan frees between them (the convolution's input, read
-    by the weight gradient only). Where the plan's peak has no room for that at one of
-    those stages, the op runs step by step."""
+    gradients, whatever the plan frees between them (the convolution's input, read by
+    the weight gradient only) and the scratch of the one kernel that makes them (for
+    ``convolution_backward`` on the CPU, the weight gradient's own: charged as the
+    largest workspace of the op's backward steps, less the workspace the plan already
+    holds at that stage). Where the plan's peak has no room for
+    that at one of those stages, the op runs step by step."""
     tensors = network.tensors
     released = {p.stage - 1: sum(tensors[n].nbytes for n in (*p.release_before, *p.release_after))
                 for p in backward if p.kind == "backward"}
@@ -178,7 +181,10 @@ def _joint_gradients_over_peak(network: Network, ops: set[str], bops_of: dict, s
         stages = sorted(stage_of[b] for b in bops if b in stage_of)
         extra = sum(tensors[n].nbytes for b in bops for n in network.op(b).outputs)
         extra += sum(released.get(t, 0) for t in stages[:-1])
-        if any(headroom.get(t, 0) < extra for t in stages):
+        workspace = {stage_of[b]: network.op(b).impl(impls.get(b, network.op(b).impls[0].name)).workspace
+                     for b in bops if b in stage_of}
+        scratch = max(workspace.values(), default=0)  # the one kernel's, beyond what each stage's own step holds
+        if any(headroom.get(t, 0) < extra + scratch - workspace.get(t, 0) for t in stages):
             out.add(op)
     return out
 
