@@ -11,7 +11,7 @@ schedules found in a tenth of a second per forward op planned peaks 0.3 % and 0.
 above a full 60-s search's (1.7 % on another costing of the first; the eviction start
 does most of the work), in a fifth of the time, so without an explicit ``time_limit`` the engine gets
 :data:`SECONDS_PER_FORWARD_OP` per forward op, at least :data:`MIN_SIZED_SECONDS` and at
-most :data:`~..outcome.DEFAULT_TIME_LIMIT`.
+most :data:`~..milp.engine.DEFAULT_TIME_LIMIT`.
 
 Networks small enough for the engine's refinement MILP (up to 40 forward ops) keep the
 default minute: there the MILP, warm-started, finds what the phases before it miss, and
@@ -26,6 +26,7 @@ search sooner when it stops paying); so is the default minute when the stop rule
 from __future__ import annotations
 
 from ...ir import Network
+from ..milp.engine import DEFAULT_TIME_LIMIT
 
 __all__ = ["SECONDS_PER_FORWARD_OP", "MIN_SIZED_SECONDS", "DEFAULT_TIME_LIMIT", "sized_time_limit"]
 
@@ -33,8 +34,6 @@ __all__ = ["SECONDS_PER_FORWARD_OP", "MIN_SIZED_SECONDS", "DEFAULT_TIME_LIMIT", 
 SECONDS_PER_FORWARD_OP = 0.1
 #: ... but at least this many (the local search needs a few seconds per start)
 MIN_SIZED_SECONDS = 10.0
-#: the time limit of a search without one, whatever its size
-DEFAULT_TIME_LIMIT = 60.0
 
 
 def sized_time_limit(network: Network, time_limit: float | None, options: dict, refines: bool = False) -> tuple[float, str | None]:
