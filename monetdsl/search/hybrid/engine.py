@@ -48,11 +48,11 @@ from ...errors import SpecError
 from ...ir import Network, Schedule
 from ...units import human_bytes
 from ...validate import ResolvedConstraints
-from ..milp.engine import _heuristics, _start_for, heuristic_names, least_peak_within, minimum_budget, not_proved_minimum, solve_joint, without_budget
+from ..milp.engine import DEFAULT_TIME_LIMIT, _heuristics, evicted_candidate, _start_for, heuristic_names, least_peak_within, minimum_budget, not_proved_minimum, solve_joint, without_budget
 from ..milp.codec import decisions_from_solution, decode
 from ..milp.highs import run_highs
 from ..milp.model import MIB, build_model
-from ..eviction import compute_lower_bound_within, evicted_start
+from ..eviction import compute_lower_bound_within
 from ..local_search import improve
 from ..outcome import MethodOutcome, SearchContext
 from ..progress import ProgressInfo
@@ -288,7 +288,7 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
     busy machine that one overran its share, and GoogLeNet's full search, left 30 s,
     skipped its 37 kinds of block and ended 27 % above the same search on a quiet one)."""
     begin = time.perf_counter()
-    limit = ctx.time_limit or 60.0
+    limit = ctx.time_limit or DEFAULT_TIME_LIMIT
     deadline = begin + 0.97 * limit  # the composition and the replay after the deadline fit in the rest
     options = ctx.options
     details: dict = {}
@@ -527,13 +527,7 @@ def _evicted_store_all(network, constraints, ctx, heuristics, time_limit: float,
     skips within 5 % of PyTorch's time: 6.39 GiB against 6.82 GiB); elsewhere it is one
     more start for the local search. For a budget with the compute objective, and for a
     cap with the memory objective."""
-    if not ctx.options.get("evict", True):
-        return None
-    store = next(((s, sim) for name, s, sim in heuristics if name == "store-all"), None)
-    if store is None:
-        return None
-    found = evicted_start(network, store, constraints, objective=ctx.objective, baseline_us=ctx.baseline_us, time_limit=time_limit,
-                          floor=peak_lower_bound(network, constraints.allowed_impls), stop=ctx.stop)
+    found = evicted_candidate(network, constraints, ctx, heuristics, time_limit)
     if found is None:
         return None
     details["eviction"] = {"fits": found.simulation.ok, "peak": found.simulation.peak_bytes, "compute": found.simulation.compute_us,

@@ -18,6 +18,7 @@ from dataclasses import replace
 from ...errors import SpecError
 from ...ir import Network
 from ...validate import ResolvedConstraints
+from ..milp.engine import DEFAULT_TIME_LIMIT
 from ..outcome import SearchContext
 from ..restrict import first_impl_pins, has_alternatives
 from ..stopping import StallWatch, StopRule
@@ -44,7 +45,7 @@ def restricted_first(network: Network, constraints: ResolvedConstraints, ctx: Se
     if share <= 0 or not has_alternatives(network, allowed):
         return run_hybrid(network, constraints, ctx)
     begin = time.perf_counter()
-    limit = ctx.time_limit or 60.0
+    limit = ctx.time_limit or DEFAULT_TIME_LIMIT
     if short:
         kinds = block_kinds(network, constraints, ctx.options)
         if menus_out_of_reach(kinds, limit):

@@ -115,17 +115,26 @@ def _with_eviction(network: Network, constraints: ResolvedConstraints, ctx: Sear
     that fits: the MIP start and fallback where the other heuristics are far off. Not
     with ``pins`` (the eviction keeps store-all's implementations) or
     ``options={"evict": False}``."""
+    found = None if pins else evicted_candidate(network, constraints, ctx, candidates, time_limit)
+    if found is None or not found.simulation.ok:
+        return candidates
+    return [*candidates, ("eviction", found.schedule, found.simulation)]
+
+
+def evicted_candidate(network: Network, constraints: ResolvedConstraints, ctx: SearchContext, candidates: list,
+                      time_limit: float):
+    """The store-all among ``candidates`` evicted as the search asks
+    (:func:`..eviction.evicted_start`, floored at the network's peak lower bound), whether
+    or not it fits; None without a store-all candidate, with ``options={"evict": False}``
+    or when there is nothing to evict to."""
     from ..eviction import evicted_start
     from ..hybrid.bounds import peak_lower_bound
 
     store = next(((s, sim) for name, s, sim in candidates if name == "store-all"), None)
-    if pins or store is None or not ctx.options.get("evict", True):
-        return candidates
-    found = evicted_start(network, store, constraints, objective=ctx.objective, baseline_us=ctx.baseline_us, time_limit=time_limit,
-                          floor=peak_lower_bound(network, constraints.allowed_impls), stop=ctx.stop)
-    if found is None or not found.simulation.ok:
-        return candidates
-    return [*candidates, ("eviction", found.schedule, found.simulation)]
+    if store is None or not ctx.options.get("evict", True):
+        return None
+    return evicted_start(network, store, constraints, objective=ctx.objective, baseline_us=ctx.baseline_us, time_limit=time_limit,
+                         floor=peak_lower_bound(network, constraints.allowed_impls), stop=ctx.stop)
 
 
 def _objective_value(sim: Simulation, objective: str) -> float:
