@@ -1,0 +1,38 @@
+"""Which runs to turn into batch-sliced segments: the widest blocks, within a time allowance.
+
+A segment cannot keep anything inside its run, so its backward always recomputes the run's
+forward: slicing costs that forward's time whatever the search then does. The segments
+worth that price are the blocks that hold a network's largest step (VGG-16's first block,
+where one op holds its 2.1 GiB input and output at once). :func:`widest_blocks` takes the
+candidate blocks (:func:`.runs.blocks` of every per-sample run) by the size of their largest
+single-op step, the largest first, while their recomputed forwards fit in ``allowance_us``
+(the benchmark gives it the whole overhead cap: the search then spends what is left of the
+cap on checkpointing the rest).
+"""
+from __future__ import annotations
+
+from ..ir import Network
+from .runs import Run, block_width, blocks, per_sample_runs
+
+__all__ = ["widest_blocks"]
+
+
+def widest_blocks(network: Network, allowance_us: float, max_blocks: int | None = None) -> list[Run]:
+    """Blocks to slice, widest first, whose forwards together take at most ``allowance_us``.
+
+    Stops at the first block that does not fit (a narrower one would not lower the floor
+    the wider one sets) and after ``max_blocks``."""
+    candidates = [piece for run in per_sample_runs(network) for piece in blocks(network, run)]
+    candidates.sort(key=lambda run: -block_width(network, run))
+    chosen: list[Run] = []
+    spent = 0.0
+    for run in candidates:
+        if max_blocks is not None and len(chosen) >= max_blocks:
+            break
+        forward_us = sum(network.op(name).impls[0].time_us for name in run.ops)
+        if spent + forward_us > allowance_us:
+            break
+        chosen.append(run)
+        spent += forward_us
+    chosen.sort(key=lambda run: [op.name for op in network.forward_ops].index(run.ops[0]))
+    return chosen
