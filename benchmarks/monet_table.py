@@ -8,7 +8,11 @@ peak within the cap from:
 * ``no alternatives``: the same search on the spec reduced to each op's first (PyTorch)
   implementation (:func:`monetdsl.search.restrict.reduced_spec`);
 * ``checkmate-lp``: Checkmate's LP relaxation with rounding, where it finishes in time
-  (at the 10 % cap only).
+  (at the 10 % cap only);
+* ``sliced segments`` (``--sliced``): the same search on the full spec with its widest
+  blocks of per-sample ops made batch-sliced segments (:mod:`monetdsl.slicing`; the blocks
+  whose forced recomputation fits in the cap, widest first,
+  :func:`monetdsl.slicing.widest_blocks`).
 
 Overheads are against PyTorch's time (every op once with its first implementation), as
 MONeT reports them; the full spec's cap is converted to its own baseline so that every
@@ -23,6 +27,7 @@ plot per model (``monet_pareto_MODEL.png``: memory against overhead).
     python benchmarks/monet_table.py                       # all five, 60 s per solve
     python benchmarks/monet_table.py --models vgg16 --time-limit 20 --no-checkmate
     python benchmarks/monet_table.py --overheads 0.05,0.10 --frontier
+    python benchmarks/monet_table.py --models vgg16 --no-checkmate --sliced
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ from monetdsl.grammar import load_spec  # noqa: E402
 from monetdsl.search.impl_choice import no_recompute_compute_us  # noqa: E402
 from monetdsl.search.restrict import reduced_spec  # noqa: E402
 from monetdsl.search.solve import solve  # noqa: E402
+from monetdsl.slicing import segment_name, sliced_spec, widest_blocks  # noqa: E402
 
 GIB = 2**30
 MODELS = ["resnet50", "googlenet", "unet", "mobilenet_v2", "vgg16"]
@@ -100,7 +106,8 @@ def run_one(spec, method: str, cap_vs_pytorch: float, pytorch_us: float, time_li
     row = {"status": result.status, "seconds": round(seconds, 2), "peak": None, "overhead": None, "gap": result.gap,
            "lower_bound": result.lower_bound}
     if result.success and sim is not None and sim.ok:
-        row.update(peak=sim.peak_bytes, overhead=sim.compute_us / pytorch_us - 1, origin=result.details.get("origin"))
+        row.update(peak=sim.peak_bytes, overhead=sim.compute_us / pytorch_us - 1, origin=result.details.get("origin"),
+                   impls=dict(result.schedule.impls))
         if "restricted" in result.details:
             row["restricted_pass"] = result.details["restricted"]
     if keep_details:
@@ -108,23 +115,41 @@ def run_one(spec, method: str, cap_vs_pytorch: float, pytorch_us: float, time_li
     return row
 
 
-def _run_in_child(model: str, reduced: bool, method: str, cap_vs_pytorch: float, pytorch_us: float, time_limit: float,
-                  keep_details: bool) -> dict:
+def spec_variant(model: str, variant: str, cap_vs_pytorch: float, pytorch_us: float):
+    """The spec a column searches: ``full``, ``reduced`` (first implementations) or
+    ``sliced`` (full, with its widest blocks as batch-sliced segments), and the segments."""
     spec = load_spec(ROOT / "specs" / f"{model}.monet")
-    return run_one(reduced_spec(spec) if reduced else spec, method, cap_vs_pytorch, pytorch_us, time_limit, keep_details)
+    if variant == "reduced":
+        return reduced_spec(spec), []
+    if variant == "sliced":
+        runs = widest_blocks(spec.network, cap_vs_pytorch * pytorch_us)
+        return sliced_spec(spec, runs), [segment_name(run) for run in runs]
+    return spec, []
 
 
-def run_fresh(model: str, reduced: bool, method: str, cap_vs_pytorch: float, pytorch_us: float, time_limit: float,
+def _run_in_child(model: str, variant: str, method: str, cap_vs_pytorch: float, pytorch_us: float, time_limit: float,
+                  keep_details: bool) -> dict:
+    spec, segments = spec_variant(model, variant, cap_vs_pytorch, pytorch_us)
+    row = run_one(spec, method, cap_vs_pytorch, pytorch_us, time_limit, keep_details)
+    if variant == "sliced":
+        row["segments"] = segments
+        if row.get("peak") is not None:
+            row["slices"] = {name: (row["impls"].get(name), row["impls"].get(name + ".backward")) for name in segments}
+    row.pop("impls", None)
+    return row
+
+
+def run_fresh(model: str, variant: str, method: str, cap_vs_pytorch: float, pytorch_us: float, time_limit: float,
               keep_details: bool = False) -> dict:
     """:func:`run_one` in a new process, as a user's command runs: the block menus and the
     schedules a search of the same graph found earlier are kept per process
     (``hybrid.menus.DEFAULT_CACHE``, :mod:`monetdsl.search.known`), and a second cap solved
     in the same process would start from the first one's."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_run_in_child, model, reduced, method, cap_vs_pytorch, pytorch_us, time_limit, keep_details).result()
+        return pool.submit(_run_in_child, model, variant, method, cap_vs_pytorch, pytorch_us, time_limit, keep_details).result()
 
 
-def measure(models, overheads, frontier, time_limit, checkmate) -> list[dict]:
+def measure(models, overheads, frontier, time_limit, checkmate, sliced=False) -> list[dict]:
     rows = []
     for model in models:
         spec = load_spec(ROOT / "specs" / f"{model}.monet")
@@ -133,10 +158,12 @@ def measure(models, overheads, frontier, time_limit, checkmate) -> list[dict]:
         pytorch_peak = solve(reduced, "store-all").simulation.peak_bytes
         for cap in caps_for(model, overheads, frontier):
             row = {"model": model, "cap": cap, "pytorch_peak": pytorch_peak, "pytorch_us": pytorch_us, "monet": monet_point(model, cap)}
-            row["full"] = run_fresh(model, False, "hybrid", cap, pytorch_us, time_limit, keep_details=True)
-            row["reduced"] = run_fresh(model, True, "hybrid", cap, pytorch_us, time_limit, keep_details=True)
+            row["full"] = run_fresh(model, "full", "hybrid", cap, pytorch_us, time_limit, keep_details=True)
+            row["reduced"] = run_fresh(model, "reduced", "hybrid", cap, pytorch_us, time_limit, keep_details=True)
             if checkmate and abs(cap - HEADLINE_CAP) < 1e-9:
-                row["checkmate_lp"] = run_fresh(model, False, "checkmate-lp", cap, pytorch_us, time_limit, keep_details=True)
+                row["checkmate_lp"] = run_fresh(model, "full", "checkmate-lp", cap, pytorch_us, time_limit, keep_details=True)
+            if sliced:
+                row["sliced"] = run_fresh(model, "sliced", "hybrid", cap, pytorch_us, time_limit, keep_details=True)
             rows.append(row)
             print(_line(row), flush=True)
     return rows
@@ -170,12 +197,24 @@ def _line(row: dict) -> str:
     full, reduced = row["full"], row["reduced"]
     choice = f"{reduced['peak'] / full['peak']:.2f}x" if full.get("peak") and reduced.get("peak") else "—"
     cells += [choice, _monet(row["monet"]), f"{full['seconds']:.0f} / {reduced['seconds']:.0f}", _gap(full)]
+    cells.append(_sliced_cell(row["sliced"], p) if "sliced" in row else "not run")
     return "| " + " | ".join(cells) + " |"
 
 
+def _sliced_cell(run: dict, pytorch_peak: int) -> str:
+    cell = _cell(run, pytorch_peak)
+    if run.get("slices"):
+        used = ", ".join(f"{name} {fwd}/{bwd}" for name, (fwd, bwd) in run["slices"].items())
+        cell += f"; {used}; {run['seconds']:.0f} s"
+    elif not run.get("segments"):
+        cell += "; no block fits the cap"
+    return cell
+
+
 HEADER = ("| model | cap (vs PyTorch) | PyTorch store-all | monetdsl (hybrid, full spec) | same search, no alternatives"
-          " | checkmate-lp | choice worth | MONeT (published, P100) | solve s (full / reduced) | gap (full) |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+          " | checkmate-lp | choice worth | MONeT (published, P100) | solve s (full / reduced) | gap (full)"
+          " | with batch-sliced segments (forward/backward slices; solve s) |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def plot(rows: list[dict], out: Path) -> list[str]:
@@ -193,7 +232,8 @@ def plot(rows: list[dict], out: Path) -> list[str]:
         pytorch_peak = mine[0]["pytorch_peak"]
         fig, ax = plt.subplots(figsize=(5.5, 4))
         for key, label, style in (("full", "monetdsl (full spec)", "o-"), ("reduced", "without alternatives", "s--"),
-                                  ("checkmate_lp", "checkmate-lp", "^:")):
+                                  ("checkmate_lp", "checkmate-lp", "^:"),
+                                  ("sliced", "with batch-sliced segments", "d-.")):
             pts = sorted((r[key]["overhead"] * 100, r[key]["peak"] / pytorch_peak) for r in mine if r.get(key) and r[key].get("peak"))
             if pts:
                 ax.plot(*zip(*pts), style, label=label)
@@ -229,6 +269,7 @@ def main(argv=None) -> int:
     parser.add_argument("--overheads", default=None, help="comma-separated caps against PyTorch, e.g. 0.05,0.1")
     parser.add_argument("--frontier", action="store_true", help="also every positive overhead of MONeT's points")
     parser.add_argument("--no-checkmate", action="store_true", help="skip checkmate-lp")
+    parser.add_argument("--sliced", action="store_true", help="also the full spec with its widest blocks as batch-sliced segments")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--plot-only", metavar="JSON", help="redraw the plots from a results file, solve nothing")
     args = parser.parse_args(argv)
@@ -249,7 +290,7 @@ def main(argv=None) -> int:
     command = "python benchmarks/monet_table.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(HEADER, flush=True)
     load_before = os.getloadavg()[0]
-    rows = measure(models, overheads, args.frontier, args.time_limit, not args.no_checkmate)
+    rows = measure(models, overheads, args.frontier, args.time_limit, not args.no_checkmate, args.sliced)
     load = f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = "\n".join([
@@ -261,6 +302,9 @@ def main(argv=None) -> int:
         "time (first implementations, nothing recomputed); ratios against PyTorch's planned",
         "store-all peak. \"choice worth\": the peak without alternatives over the peak with them.",
         "MONeT's figures are its README's (P100 measurements, Gurobi up to 24 h).",
+        "The last column (`--sliced`) searches the full spec with its widest blocks of per-sample",
+        "ops made batch-sliced segments (docs/search.md, \"Batch-sliced segments\"); the other",
+        "columns search the spec as shipped, without segments.",
         "",
         HEADER,
         *[_line(r) for r in rows],

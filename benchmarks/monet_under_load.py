@@ -72,7 +72,7 @@ def one(model: str, cap: float, time_limit: float, busy: int) -> dict:
     for label, loops in (("quiet", 0), ("loaded", busy)):
         with BusyLoops(loops):
             load_before = os.getloadavg()[0]
-            run = run_fresh(model, False, "hybrid", cap, pytorch_us, time_limit, keep_details=True)
+            run = run_fresh(model, "full", "hybrid", cap, pytorch_us, time_limit, keep_details=True)
             run["load"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
         row[label] = run
     return row
