@@ -252,3 +252,22 @@ def test_the_allocator_holds_what_the_segment_plans(slices, allocator):
     measured = allocator.peak() - base
     bound = segment_costs(network, run, slices).backward_workspace
     assert measured <= bound <= 1.4 * measured  # an upper bound, and a close one
+
+
+def test_the_slice_command_writes_a_spec_that_checks(tmp_path, capsys):
+    from monetdsl.cli import main
+
+    out = tmp_path / "vgg.sliced.monet"
+    assert main(["slice", str(SPECS / "vgg16.monet"), "-o", str(out)]) == 0
+    sliced = load_spec(out)
+    segment = sliced.network.op("features.0..features.4")
+    assert segment.impl_names == ("sliced4", "sliced8", "sliced16", "sliced32")  # narrower than the block's 4.2 GiB step
+    assert main(["check", str(out)]) == 0
+    assert main(["slice", str(SPECS / "vgg16.monet"), "--segments", "features.5..features.9", "--slices", "8,16",
+                 "-o", str(out)]) == 0
+    assert load_spec(out).network.op("features.5..features.9").impl_names == ("sliced8", "sliced16")
+    capsys.readouterr()
+    assert main(["slice", str(SPECS / "vgg16.monet"), "--segments", "features.4..features.2"]) == 2
+    assert "not a chain of per-sample ops" in capsys.readouterr().err
+    assert main(["slice", str(SPECS / "vgg16.monet"), "--slices", "0"]) == 2
+    assert main(["slice", str(SPECS / "vgg16.monet"), "--allowance", "1%"]) == 2
