@@ -11,8 +11,9 @@ peak within the cap from:
   (at the 10 % cap only);
 * ``sliced segments`` (``--sliced``): the same search on the full spec with its widest
   blocks of per-sample ops made batch-sliced segments (:mod:`monetdsl.slicing`; the blocks
-  whose forced recomputation fits in the cap, widest first,
-  :func:`monetdsl.slicing.widest_blocks`).
+  whose forced recomputation fits in the cap and which are wider than every op outside
+  the blocks, widest first, :func:`monetdsl.slicing.widest_blocks`); not solved where no
+  block qualifies.
 
 Overheads are against PyTorch's time (every op once with its first implementation), as
 MONeT reports them; the full spec's cap is converted to its own baseline so that every
@@ -130,6 +131,8 @@ def spec_variant(model: str, variant: str, cap_vs_pytorch: float, pytorch_us: fl
 def _run_in_child(model: str, variant: str, method: str, cap_vs_pytorch: float, pytorch_us: float, time_limit: float,
                   keep_details: bool) -> dict:
     spec, segments = spec_variant(model, variant, cap_vs_pytorch, pytorch_us)
+    if variant == "sliced" and not segments:
+        return {"status": "no segment", "seconds": 0.0, "peak": None, "segments": []}
     row = run_one(spec, method, cap_vs_pytorch, pytorch_us, time_limit, keep_details)
     if variant == "sliced":
         row["segments"] = segments
@@ -202,12 +205,12 @@ def _line(row: dict) -> str:
 
 
 def _sliced_cell(run: dict, pytorch_peak: int) -> str:
+    if not run.get("segments"):
+        return "no block both fits the cap and is wider than the ops outside blocks"
     cell = _cell(run, pytorch_peak)
     if run.get("slices"):
         used = ", ".join(f"{name} {fwd}/{bwd}" for name, (fwd, bwd) in run["slices"].items())
         cell += f"; {used}; {run['seconds']:.0f} s"
-    elif not run.get("segments"):
-        cell += "; no block fits the cap"
     return cell
 
 

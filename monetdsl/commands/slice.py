@@ -93,7 +93,8 @@ def run(args) -> int:
             raise usage_error(f"--allowance takes a fraction such as 10%, not {args.allowance!r}") from None
         runs = widest_blocks(network, allowance * no_recompute_compute_us(network))
         if not runs:
-            raise usage_error(f"no block of per-sample ops fits an allowance of {args.allowance}")
+            raise usage_error(f"no block of per-sample ops both fits an allowance of {args.allowance} and is wider"
+                              " than every op outside the blocks; name one with --segments (--list shows them)")
     text = format_spec(sliced_spec(spec, runs, counts))
     print("segments: " + ", ".join(segment_name(r) for r in runs), file=sys.stderr)
     if args.output is None:

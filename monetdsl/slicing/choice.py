@@ -7,7 +7,9 @@ where one op holds its 2.1 GiB input and output at once). :func:`widest_blocks` 
 candidate blocks (:func:`.runs.blocks` of every per-sample run) by the size of their largest
 single-op step, the largest first, while their recomputed forwards fit in ``allowance_us``
 (the benchmark gives it the whole overhead cap: the search then spends what is left of the
-cap on checkpointing the rest).
+cap on checkpointing the rest) and while the block is wider than every op that no block
+holds (a batch norm between two convolutions holds its input and output too: slicing
+blocks narrower than that cannot lower the floor, only cost their recomputation).
 """
 from __future__ import annotations
 
@@ -21,13 +23,16 @@ def widest_blocks(network: Network, allowance_us: float, max_blocks: int | None 
     """Blocks to slice, widest first, whose forwards together take at most ``allowance_us``.
 
     Stops at the first block that does not fit (a narrower one would not lower the floor
-    the wider one sets) and after ``max_blocks``."""
+    the wider one sets), at the first no wider than an op outside every block, and after
+    ``max_blocks``."""
     candidates = [piece for run in per_sample_runs(network) for piece in blocks(network, run)]
     candidates.sort(key=lambda run: -block_width(network, run))
+    in_blocks = {name for run in candidates for name in run.ops}
+    floor = max((_op_width(network, op) for op in network.forward_ops if op.name not in in_blocks), default=0)
     chosen: list[Run] = []
     spent = 0.0
     for run in candidates:
-        if max_blocks is not None and len(chosen) >= max_blocks:
+        if (max_blocks is not None and len(chosen) >= max_blocks) or block_width(network, run) <= floor:
             break
         forward_us = sum(network.op(name).impls[0].time_us for name in run.ops)
         if spent + forward_us > allowance_us:
@@ -36,3 +41,9 @@ def widest_blocks(network: Network, allowance_us: float, max_blocks: int | None 
         spent += forward_us
     chosen.sort(key=lambda run: [op.name for op in network.forward_ops].index(run.ops[0]))
     return chosen
+
+
+def _op_width(network: Network, op) -> int:
+    """Bytes of an op's non-fixed inputs and outputs: what its step holds at least."""
+    tensors = network.tensors
+    return sum(tensors[name].storage_bytes for name in (*op.inputs, *op.outputs) if not tensors[name].is_fixed)
