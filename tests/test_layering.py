@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "monetdsl"
 STAGES = ("tracing", "lowering", "costs", "search", "planning", "runtime")
 #: what every stage may use; it uses no stage
 FOUNDATION = frozenset({"errors", "units", "io", "ir", "grammar", "graph", "validate", "options", "catalogue", "synth",
-                        "importers", "models"})
+                        "importers", "models", "slicing"})
 #: above every stage: they may import anything
 TOP = frozenset({"commands", "cli", "__main__", "__init__"})
 

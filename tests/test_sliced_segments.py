@@ -271,3 +271,17 @@ def test_the_slice_command_writes_a_spec_that_checks(tmp_path, capsys):
     assert "not a chain of per-sample ops" in capsys.readouterr().err
     assert main(["slice", str(SPECS / "vgg16.monet"), "--slices", "0"]) == 2
     assert main(["slice", str(SPECS / "vgg16.monet"), "--allowance", "1%"]) == 2
+
+
+def test_only_blocks_that_set_the_floor_are_chosen():
+    from monetdsl.search.impl_choice import no_recompute_compute_us
+    from monetdsl.slicing import widest_blocks
+
+    vgg = load_spec(SPECS / "vgg16.monet").network
+    baseline = no_recompute_compute_us(vgg)
+    # the first block's forward is 5 % of the step: it fits 10 %, the second block does not fit beside it
+    assert [run.ops[0] for run in widest_blocks(vgg, 0.10 * baseline)] == ["features.0"]
+    assert widest_blocks(vgg, 0.04 * baseline) == []
+    # a batch norm between convolutions is as wide as any block: nothing is worth slicing
+    small = load_spec(SPECS / "small_cnn.monet").network
+    assert widest_blocks(small, no_recompute_compute_us(small)) == []
