@@ -24,8 +24,9 @@ derived tensors, e.g. max-pool indices) and ``g_i`` the slice of its gradient,
 * backward: ``sum_i s_i`` (autograd keeps at most every intermediate of the slice) ``+
   max_i (g_i + g_{i-1} + v_i)`` (the gradient flowing in and out of the op being
   differentiated, ``g_0`` the slice of the input gradient when the input has one, the
-  last op's incoming gradient a view of the segment's) ``+`` the parameters' bytes (the
-  slice's parameter gradients before they are added in);
+  last op's incoming gradient a view of the segment's) ``+`` the parameters' bytes twice
+  (the sums of the parameter gradients so far and the slice's own before they are added
+  in; once for one slice);
 
 with ``w_i``/``v_i`` the workspaces of the ops' first (PyTorch's) implementations, taken
 whole (a bound: they rarely shrink with the batch). It is an upper bound of what PyTorch's
@@ -109,7 +110,8 @@ def segment_costs(network: Network, run: Run, slices: int, kernel_fee_us: float 
         own_ws = max((bop.impls[0].workspace for bop in backward if bop.of == op.name), default=0)
         flowing.append(incoming + outgoing + own_ws)
     params = sum(tensors[name].nbytes for op in ops for name in op.inputs if tensors[name].kind is TensorKind.PARAM)
-    backward_ws = sum(out_slices) + max(flowing) + params
+    # the sums of the parameter gradients so far, and the slice's own before they are added
+    backward_ws = sum(out_slices) + max(flowing) + params * (1 if slices == 1 else 2)
     launches = (slices - 1) * kernel_fee_us
     forward_us = sum(op.impls[0].time_us for op in ops) + launches * len(ops)
     backward_us = forward_us + sum(bop.impls[0].time_us for bop in backward) + launches * len(backward)
