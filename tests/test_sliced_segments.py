@@ -9,6 +9,7 @@ PyTorch's gradients.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -200,6 +201,7 @@ def allocator():
         pytest.skip(f"allocator counter unavailable: {exc}")
 
 
+@functools.lru_cache(maxsize=1)
 def _traced_block(batch: int):
     from monetdsl.runtime.plan import trace_for_runtime
 
