@@ -67,6 +67,7 @@ class StepPlan:
     stretches: tuple = ()  # runs of stored ops whose backward autograd's engine runs (:mod:`.stretches`)
     stretched: list[PlannedStep] | None = None  # ``backward`` with each stretch's stages as one step
     stepwise_code: StraightLine | None = None  # every step on its own (for observers: each step seen)
+    engine_overshoot: int = 0  # bytes the stretches' engine calls reach above the simulated peak
 
     @property
     def whole_autograd(self) -> bool:
@@ -79,8 +80,10 @@ class StepPlan:
         return not stretch.entered and len(stretch.roots) == 1 and grad_name(stretch.roots[0]) in self.seeds
 
 
-def plan_steps(network: Network, schedule: Schedule, program: Program) -> StepPlan:
-    """The executable order of a (valid) schedule with the simulator's release points."""
+def plan_steps(network: Network, schedule: Schedule, program: Program, engine_room: int = 0) -> StepPlan:
+    """The executable order of a (valid) schedule with the simulator's release points;
+    ``engine_room``: the bytes its stretches' engine calls may add to the planned peak
+    (:func:`~.stretches.find_stretches`; what they add is ``StepPlan.engine_overshoot``)."""
     idx = index(network)
     tensors = network.tensors
     impls = chosen_impls(network, schedule)
@@ -130,7 +133,8 @@ def plan_steps(network: Network, schedule: Schedule, program: Program) -> StepPl
     backward = _gradient_lifetimes(backward, tensors, writers, param_grads, set(idx.seeds()))
     del impls
     plan = StepPlan(forward, backward, idx.seeds(), param_grads, writers, tuple(sorted(set(schedule.forward_keep) | outputs)))
-    plan.stretches = tuple(find_stretches(network, schedule, program, backward))
+    stretches, plan.engine_overshoot = find_stretches(network, schedule, program, backward, engine_room)
+    plan.stretches = tuple(stretches)
     plan.stretched = composite_steps(backward, list(plan.stretches), program.layouts) if plan.stretches else None
     plan.code = generate(plan, {n for n, t in tensors.items() if t.is_fixed}, stretched=True)
     return plan

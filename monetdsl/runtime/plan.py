@@ -30,6 +30,7 @@ from .eager_random import pins_keeping_eager_dropout
 from .eager_reference import cap_against_eager
 from .executor import StepPlan, plan_steps
 from .scale_weights import pins_avoiding_from_output, weights_divided_by, zero_weight_ops
+from .stretches import ENGINE_ROOM
 
 #: ``Constraints``, ``trace_for_runtime``, ``schedule_for`` and ``clear_caches`` live in
 #: :mod:`monetdsl.planning` and :mod:`.costed_trace`; they are importable here too
@@ -102,12 +103,14 @@ class RuntimePlan:
 
     @property
     def planned_peak(self) -> int:
-        return self.simulation.peak_bytes
+        """The simulated peak, and what the stretches' engine calls add to it
+        (:data:`~.stretches.ENGINE_ROOM`)."""
+        return self.simulation.peak_bytes + self.steps.engine_overshoot
 
     @property
     def planned_activation_peak(self) -> int:
         """The planned peak above fixed memory (parameters, gradients, optimizer state, inputs)."""
-        return self.simulation.peak_bytes - self.simulation.fixed_bytes
+        return self.planned_peak - self.simulation.fixed_bytes
 
     def __repr__(self) -> str:
         """What a user wants to see of a plan: its peak, its overhead and what it recomputes
@@ -119,7 +122,7 @@ class RuntimePlan:
             return f"<RuntimePlan {name}: trains as eager PyTorch (no schedule that recomputes fits the cap)>"
         recomputed = sorted({op for stage in self.schedule.stages for op in stage.recompute})
         others = [op for op, impl in self.schedule.impls.items() if impl != self.spec.network.op(op).impls[0].name]
-        return (f"<RuntimePlan {name}: planned peak {human_bytes(self.simulation.peak_bytes)}"
+        return (f"<RuntimePlan {name}: planned peak {human_bytes(self.planned_peak)}"
                 f" ({human_bytes(self.planned_activation_peak)} above fixed memory), overhead"
                 f" {self.simulation.overhead:+.1%}; recomputes {len(recomputed)} of"
                 f" {len(self.spec.network.forward_ops)} forward ops; {len(others)} ops use an alternative implementation>")
@@ -182,13 +185,20 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
     program = lower(trace, network, impls, verdicts)
     keep_autograd_verdicts(kept_dir, capture, verdicts, known)
     keep_backwards(kept_dir, capture, adopted)  # and, at exit, the owner adapters its steps traced
-    steps = plan_steps(network, schedule, program)
+    steps = plan_steps(network, schedule, program, _engine_room(simulation, constraints.budget))
     output, output_path = _output_of(trace, network)
     input_names = tuple(n for n, (kind, _, _) in sources.items() if kind == "input")
     updates = buffer_updates(trace)
     return RuntimePlan(trace, spec, schedule, simulation, program, steps, output, output_path, input_names, sources, updates,
                        weight_checks=weights_divided_by(trace, impls, sources), avoided=frozenset(avoid),
                        runs_eager=constraints.eager)
+
+
+def _engine_room(simulation: Simulation, budget: int | None) -> int:
+    """The bytes a plan's stretches may add to its simulated peak: a share of the peak
+    above fixed memory (:data:`~.stretches.ENGINE_ROOM`), never past a budget."""
+    room = int(ENGINE_ROOM * (simulation.peak_bytes - simulation.fixed_bytes))
+    return room if budget is None else max(0, min(room, budget - simulation.peak_bytes))
 
 
 def _on_meta(inputs) -> bool:
