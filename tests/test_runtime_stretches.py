@@ -17,6 +17,7 @@ import monetdsl
 from monetdsl.lowering.autograd_saves import saves_only
 from monetdsl.models import SmallCNN, tiny_gpt
 from monetdsl.models.small import TinyUNet
+from monetdsl.runtime.executor import plan_steps
 from monetdsl.runtime.plan import trace_for_runtime
 from monetdsl.search import solve
 from monetdsl.search.baselines import chen_sqrt_checkpoints
@@ -239,3 +240,26 @@ def test_an_op_whose_graph_saves_an_intermediate_stays_out():
     examples = {"x": image, "w": weight}
     assert saves_only(conv, ("x", "w"), ("y",), examples, ["x", "w"], {"x", "w"})
     assert not saves_only(conv, ("x", "w"), ("y",), examples, ["x", "w"], {"w"})
+
+
+def test_a_layer_whose_combined_backward_passes_the_peak_runs_the_plans_steps_in_its_stretch():
+    """A UNet at store-all: autograd's combined convolution backward would hold a layer's
+    input beside gradients the plan makes after freeing it. With no room above the plan's
+    peak, such layers are recorded as planned nodes (their backward the plan's own steps,
+    in its order), the whole backward stays one autograd graph, the step is eager's bit
+    for bit and the live peak is the plan's."""
+    model, reference = twins(TinyUNet)
+    torch.manual_seed(3)
+    x = torch.randn(4, 3, 32, 32)
+    trace = trace_for_runtime(model, [x], optimizer="adam")
+    network = trace.spec.network
+    optimized, plan = _optimized(model, x, trace, schedule_with(trace.spec, first_impls(network), keep="all"))
+    assert plan.steps.engine_overshoot > 0, "the combined backward goes past the plan's peak here"
+    plan.steps = plan_steps(network, plan.schedule, plan.program, engine_room=0)
+    nodes = {op for s in plan.steps.stretches for op in s.nodes}
+    assert nodes and plan.steps.whole_autograd and plan.steps.engine_overshoot == 0
+    assert all(any(b.of == op and "wgrad" in b.name for b in network.backward_ops) for op in nodes)
+    for seed in (4, 5):
+        _assert_same_step(optimized, reference, x, seed)
+    measured = monetdsl.measure(optimized, x, probe="live", warmup=1)
+    assert measured.peak == measured.planned, measured.summary()

@@ -37,6 +37,7 @@ import torch
 from torch.autograd.graph import get_gradient_edge
 
 from .forward_code import ViewLocals
+from .planned_nodes import PlannedNode
 from .stretches import Enter
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ def generate(plan: StepPlan, fixed_names: set[str], *, stretched: bool = True, i
     is called as its function, which derives its arguments' views itself (the same values,
     for comparing the two)."""
     namespace: dict = {"accumulate_gradient": accumulate_gradient, "set_grad": torch._C._set_grad_enabled,
-                       "is_grad": torch.is_grad_enabled, "edge": get_gradient_edge, "enter": Enter.apply,
+                       "is_grad": torch.is_grad_enabled, "edge": get_gradient_edge, "enter": Enter.apply, "node": PlannedNode.apply,
                        "anchor": _ANCHOR}
     stretches = plan.stretches if stretched and plan.stretched is not None else ()
     writer = _Writer(plan, fixed_names, namespace, stretches, inline)
@@ -167,7 +168,12 @@ class _Writer:
         def value_of(n: str) -> str:
             return read.get(n) or self.value(n)
 
-        if step.direct is not None and self.inline:  # the call itself, its arguments' views made once per pass
+        node = stretch.nodes.get(step.op) if stretch is not None and stretch.nodes else None
+        if node is not None:  # its backward the plan's own steps (:mod:`.planned_nodes`)
+            self.ns[f"{label}_node"] = node
+            call = f"node({label}_node, {', '.join(value_of(n) for n in step.reads)})"
+            outputs = [f"r[{i}]" for i in range(len(step.writes))]
+        elif step.direct is not None and self.inline:  # the call itself, its arguments' views made once per pass
             call = self.views.call(step.direct, value_of, body)
             outputs = ["r" if k is None else f"r[{k}]" for k in step.direct.picks]
         else:

@@ -42,6 +42,7 @@ import torch
 from ..ir import Network, Schedule, TensorKind, grad_name
 from ..lowering.program import Program, StepFn
 from ..search.simulator import simulate
+from .planned_nodes import node_spec, planned_node_overshoot
 
 __all__ = ["MIN_STRETCH_OPS", "ENGINE_ROOM", "Stretch", "Enter", "find_stretches", "composite_steps", "run_stretch"]
 
@@ -79,6 +80,7 @@ class Stretch:
     enter_before: dict  # forward op -> names entered right before it
     alias_last: dict  # forward op -> entered names whose alias it reads last
     stages: tuple[int, ...]  # backward stage indices (0-based in schedule.stages)
+    nodes: dict = None  # forward op -> its NodeSpec: recorded as a planned node (:mod:`.planned_nodes`)
 
     @property
     def writes(self) -> tuple[str, ...]:
@@ -133,6 +135,12 @@ def find_stretches(network: Network, schedule: Schedule, program: Program, backw
         bops_of.setdefault(bop.of, []).append(bop.name)
     headroom = _stage_headroom(network, schedule)
     overshoot = _joint_overshoot(network, eligible, bops_of, stage_of, headroom, backward, schedule.impls)
+    nodes = {}
+    for op in [op for op, over in overshoot.items() if over > room]:
+        spec = node_spec(network, program, op, bops_of[op], stage_of)
+        if spec is not None:
+            overshoot[op] = planned_node_overshoot(network, bops_of[op], stage_of, headroom)
+            nodes[op] = spec
     eligible -= {op for op, over in overshoot.items() if over > room}
     while True:
         groups, current = [], []
@@ -157,7 +165,8 @@ def find_stretches(network: Network, schedule: Schedule, program: Program, backw
     for stages in groups:
         ops = sorted({of[schedule.stages[t].backward] for t in stages}, key=order.__getitem__)
         if len(ops) >= MIN_STRETCH_OPS:
-            stretches.append(_stretch(len(stretches), network, ops, stages, schedule))
+            stretches.append(_stretch(len(stretches), network, ops, stages, schedule,
+                                      {op: nodes[op] for op in ops if op in nodes}))
     inside = {op for s in stretches for op in s.ops}
     return stretches, max((max(over, 0) for op, over in overshoot.items() if op in inside), default=0)
 
@@ -294,7 +303,7 @@ def _early_additions(network: Network, schedule: Schedule, groups: list[list[int
     return out
 
 
-def _stretch(index: int, network: Network, ops: list[str], stages: list[int], schedule: Schedule) -> Stretch:
+def _stretch(index: int, network: Network, ops: list[str], stages: list[int], schedule: Schedule, nodes: dict) -> Stretch:
     tensors = network.tensors
     inside_bops = {schedule.stages[t].backward for t in stages}
     made = {n for op in ops for n in network.op(op).outputs}
@@ -314,7 +323,7 @@ def _stretch(index: int, network: Network, ops: list[str], stages: list[int], sc
         enter_before.setdefault(readers[0], []).append(name)
         alias_last.setdefault(readers[-1], []).append(name)
     return Stretch(index, tuple(ops), roots, params, entered, {k: tuple(v) for k, v in enter_before.items()},
-                   {k: tuple(v) for k, v in alias_last.items()}, tuple(stages))
+                   {k: tuple(v) for k, v in alias_last.items()}, tuple(stages), nodes)
 
 
 def composite_steps(backward: list, stretches: list[Stretch], layouts: dict) -> list:
