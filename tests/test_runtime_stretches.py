@@ -245,21 +245,51 @@ def test_an_op_whose_graph_saves_an_intermediate_stays_out():
 def test_a_layer_whose_combined_backward_passes_the_peak_runs_the_plans_steps_in_its_stretch():
     """A UNet at store-all: autograd's combined convolution backward would hold a layer's
     input beside gradients the plan makes after freeing it. With no room above the plan's
-    peak, such layers are recorded as planned nodes (their backward the plan's own steps,
-    in its order), the whole backward stays one autograd graph, the step is eager's bit
-    for bit and the live peak is the plan's."""
+    peak (a schedule given, whose budget the runtime does not know), such layers are
+    recorded as planned nodes (their backward the plan's own steps, in its order), the
+    whole backward stays one autograd graph, the step is eager's bit for bit and the live
+    peak is the plan's."""
     model, reference = twins(TinyUNet)
     torch.manual_seed(3)
     x = torch.randn(4, 3, 32, 32)
     trace = trace_for_runtime(model, [x], optimizer="adam")
     network = trace.spec.network
     optimized, plan = _optimized(model, x, trace, schedule_with(trace.spec, first_impls(network), keep="all"))
-    assert plan.steps.engine_overshoot > 0, "the combined backward goes past the plan's peak here"
-    plan.steps = plan_steps(network, plan.schedule, plan.program, engine_room=0)
+    unbounded = plan_steps(network, plan.schedule, plan.program, engine_room=plan.planned_peak)
+    assert unbounded.engine_overshoot > 0 and not any(s.nodes for s in unbounded.stretches), \
+        "autograd's combined backward goes past the plan's peak here"
     nodes = {op for s in plan.steps.stretches for op in s.nodes}
     assert nodes and plan.steps.whole_autograd and plan.steps.engine_overshoot == 0
     assert all(any(b.of == op and "wgrad" in b.name for b in network.backward_ops) for op in nodes)
     for seed in (4, 5):
         _assert_same_step(optimized, reference, x, seed)
+    measured = monetdsl.measure(optimized, x, probe="live", warmup=1)
+    assert measured.peak == measured.planned, measured.summary()
+
+
+def test_ops_with_other_backward_implementations_stay_in_the_stretch():
+    """A CNN whose pools take their gradient from the indices alone and whose ReLUs from
+    their input (autograd's own nodes would save more): each runs in the stretch as a
+    planned node, so store-all is still one autograd graph; gradients match eager's and
+    the live peak is the plan's."""
+    model, reference = twins(SmallCNN)
+    torch.manual_seed(3)
+    x = torch.randn(8, 3, 32, 32)
+    trace = trace_for_runtime(model, [x], optimizer="adam")
+    network = trace.spec.network
+    impls = first_impls(network)
+    chosen = {b.name: alt for b in network.backward_ops for alt in ("from_indices", "from_input")
+              if alt in b.impl_names and b.of.startswith(("pool", "relu"))}
+    assert len(chosen) == 4
+    impls.update(chosen)
+    optimized, plan = _optimized(model, x, trace, schedule_with(trace.spec, impls, keep="all"))
+    nodes = {op for s in plan.steps.stretches for op in s.nodes}
+    assert {network.op(b).of for b in chosen} <= nodes and plan.steps.whole_autograd
+    for seed in (6, 7):
+        out1, grads1 = eager_step(optimized, [x], seed)
+        out2, grads2 = eager_step(reference, [x], seed)
+        torch.testing.assert_close(out1, out2)
+        for name in grads2:
+            torch.testing.assert_close(grads1[name], grads2[name], msg=name)
     measured = monetdsl.measure(optimized, x, probe="live", warmup=1)
     assert measured.peak == measured.planned, measured.summary()

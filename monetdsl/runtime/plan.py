@@ -185,7 +185,7 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
     program = lower(trace, network, impls, verdicts)
     keep_autograd_verdicts(kept_dir, capture, verdicts, known)
     keep_backwards(kept_dir, capture, adopted)  # and, at exit, the owner adapters its steps traced
-    steps = plan_steps(network, schedule, program, _engine_room(simulation, constraints.budget))
+    steps = plan_steps(network, schedule, program, _engine_room(simulation, constraints))
     output, output_path = _output_of(trace, network)
     input_names = tuple(n for n, (kind, _, _) in sources.items() if kind == "input")
     updates = buffer_updates(trace)
@@ -194,11 +194,14 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
                        runs_eager=constraints.eager)
 
 
-def _engine_room(simulation: Simulation, budget: int | None) -> int:
+def _engine_room(simulation: Simulation, constraints: Constraints) -> int:
     """The bytes a plan's stretches may add to its simulated peak: a share of the peak
-    above fixed memory (:data:`~.stretches.ENGINE_ROOM`), never past a budget."""
+    above fixed memory (:data:`~.stretches.ENGINE_ROOM`), never past a budget; none for
+    a schedule file (the budget it was solved for is not known here)."""
+    if constraints.schedule is not None:
+        return 0
     room = int(ENGINE_ROOM * (simulation.peak_bytes - simulation.fixed_bytes))
-    return room if budget is None else max(0, min(room, budget - simulation.peak_bytes))
+    return room if constraints.budget is None else max(0, min(room, constraints.budget - simulation.peak_bytes))
 
 
 def _on_meta(inputs) -> bool:

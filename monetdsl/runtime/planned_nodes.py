@@ -49,10 +49,10 @@ class PlannedNode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: NodeSpec, *values):
         ctx.spec = spec
-        ctx.held = {n: v for n, v in zip(spec.reads, values) if n in spec.held}
         ctx.set_materialize_grads(False)
-        out = spec.forward(*values)
-        return tuple(out)
+        out = tuple(spec.forward(*values))
+        ctx.held = {n: v for n, v in zip((*spec.reads, *spec.writes), (*values, *out)) if n in spec.held}
+        return out
 
     @staticmethod
     def backward(ctx, *grads):
@@ -73,25 +73,34 @@ class PlannedNode(torch.autograd.Function):
 
 def node_spec(network: Network, program, op: str, bops: list[str], stage_of: dict) -> NodeSpec | None:
     """The :class:`NodeSpec` of ``op`` with backward ops ``bops``, or None when a planned
-    node cannot run it: its backward steps must fill consecutive stages, read only the
-    op's inputs and its outputs' gradients (a node holding its own outputs would keep
-    itself alive), and add into nothing themselves."""
+    node cannot run it: its backward steps must fill consecutive stages and read only the
+    op's inputs, its outputs' gradients and outputs that carry no gradient (an index, a
+    mask: a node holding a differentiable output of its own would keep itself alive),
+    and neither it nor they may write in place or add into ``.grad`` themselves."""
     stages = sorted(stage_of.get(b, -1) for b in bops)
-    if stages[0] < 0 or stages != list(range(stages[0], stages[-1] + 1)):
+    if not bops or stages[0] < 0 or stages != list(range(stages[0], stages[-1] + 1)):
         return None
     forward = program.forward[op]
-    outputs = {grad_name(n) for n in network.op(op).outputs}
+    tensors = network.tensors
+    readable = set(forward.reads) | {grad_name(n) for n in forward.writes}
+    readable |= {n for n in forward.writes if not _differentiable(tensors[n].dtype)}
     ordered = sorted(bops, key=stage_of.__getitem__)
     steps = [program.backward[b] for b in ordered]
-    if any(s.accumulates or not set(s.reads) <= set(forward.reads) | outputs for s in steps):
+    if forward.overwrites is not None or any(s.accumulates or s.overwrites is not None or not set(s.reads) <= readable
+                                             for s in steps):
         return None
     planned = []
     for k, s in enumerate(steps):
         later = {n for t in steps[k + 1:] for n in t.reads}
         drop = tuple(n for n in s.reads if n not in later)
         planned.append((s.fn, s.reads, s.writes, drop))
-    held = tuple(n for n in forward.reads if any(n in s.reads for s in steps))
+    held = tuple(n for n in (*forward.reads, *forward.writes) if any(n in s.reads for s in steps))
     return NodeSpec(forward.fn, forward.reads, forward.writes, held, tuple(planned))
+
+
+def _differentiable(dtype: str | None) -> bool:
+    """Whether autograd gives a tensor of this IR dtype a gradient (floating and complex)."""
+    return dtype is None or dtype.startswith(("f", "bf", "tf", "c"))
 
 
 def planned_node_overshoot(network: Network, bops: list[str], stage_of: dict, headroom: dict) -> int:

@@ -31,7 +31,10 @@ parameter's gradient once, whole), and so it does for an observer, which sees ev
 The schedule's frees and recomputations outside stretches stay explicit. Gradients equal
 eager's: the graph is eager's own formulas on the same values. Where the engine would hold
 memory the plan does not have room for, the ops concerned run step by step (the rules
-below, each found by the allocator probe of ``benchmarks/fidelity.py``).
+below, each found by the allocator probe of ``benchmarks/fidelity.py``), or, for a layer
+whose one backward node would make its gradients beside an input the plan frees first,
+as a planned node in the stretch (:mod:`.planned_nodes`: its backward the plan's own
+steps, in the plan's order).
 """
 from __future__ import annotations
 
@@ -126,8 +129,8 @@ def find_stretches(network: Network, schedule: Schedule, program: Program, backw
     runs step by step); ``backward``: the planned backward steps
     (:class:`~.executor.PlannedStep`, what each releases)."""
     recomputed = {n for stage in schedule.stages for n in stage.recompute}
-    eligible = {op.name for op in network.forward_ops
-                if op.name not in recomputed and program.forward[op.name].records_autograd}
+    stored = [op.name for op in network.forward_ops if op.name not in recomputed]
+    eligible = {op for op in stored if program.forward[op].records_autograd}
     of = {bop.name: bop.of for bop in network.backward_ops}
     stage_of = {stage.backward: t for t, stage in enumerate(schedule.stages)}
     bops_of: dict[str, list[str]] = {}
@@ -135,12 +138,16 @@ def find_stretches(network: Network, schedule: Schedule, program: Program, backw
         bops_of.setdefault(bop.of, []).append(bop.name)
     headroom = _stage_headroom(network, schedule)
     overshoot = _joint_overshoot(network, eligible, bops_of, stage_of, headroom, backward, schedule.impls)
+    # planned nodes: layers autograd's own node would take past the room, and layers whose
+    # chosen implementations are not autograd's (a pool's backward from its indices alone)
+    candidates = [op for op, over in overshoot.items() if over > room] + [op for op in stored if op not in eligible]
     nodes = {}
-    for op in [op for op, over in overshoot.items() if over > room]:
-        spec = node_spec(network, program, op, bops_of[op], stage_of)
+    for op in candidates:
+        spec = node_spec(network, program, op, bops_of.get(op, []), stage_of)
         if spec is not None:
             overshoot[op] = planned_node_overshoot(network, bops_of[op], stage_of, headroom)
             nodes[op] = spec
+            eligible.add(op)
     eligible -= {op for op, over in overshoot.items() if over > room}
     while True:
         groups, current = [], []
