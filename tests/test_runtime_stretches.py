@@ -127,6 +127,15 @@ def test_an_observer_sees_every_step(mlp):
     assert set(seen) >= {bop.name for bop in network.backward_ops}
 
 
+def _assert_close_step(optimized, reference, x, seed):
+    """Outputs and gradients within rounding of eager's (other implementations)."""
+    out1, grads1 = eager_step(optimized, [x], seed)
+    out2, grads2 = eager_step(reference, [x], seed)
+    torch.testing.assert_close(out1, out2)
+    for name in grads2:
+        torch.testing.assert_close(grads1[name], grads2[name], msg=name)
+
+
 def _store_all_of_pytorch_implementations(factory, batch: int, profile: bool):
     """Store-all of PyTorch's implementations for ``factory``'s model (on measured costs
     when ``profile``), checked: two steps equal eager's twin's, and the allocator's peak
@@ -211,11 +220,7 @@ def test_gradients_added_across_stretches_stay_as_planned():
     optimized, plan = _optimized(model, x, trace, schedule_with(trace.spec, impls, keep="all"))
     assert plan.steps.stretches
     for seed in (1, 2):
-        out1, grads1 = eager_step(optimized, [x], seed)
-        out2, grads2 = eager_step(reference, [x], seed)
-        torch.testing.assert_close(out1, out2)
-        for name in grads2:
-            torch.testing.assert_close(grads1[name], grads2[name], msg=name)
+        _assert_close_step(optimized, reference, x, seed)
     # the allocator: no convolution here, so no library workspace the roofline plan leaves out
     measured = monetdsl.measure(optimized, x, probe="allocator", warmup=0)
     assert measured.peak <= measured.planned * 1.02, measured.summary()
@@ -286,10 +291,6 @@ def test_ops_with_other_backward_implementations_stay_in_the_stretch():
     nodes = {op for s in plan.steps.stretches for op in s.nodes}
     assert {network.op(b).of for b in chosen} <= nodes and plan.steps.whole_autograd
     for seed in (6, 7):
-        out1, grads1 = eager_step(optimized, [x], seed)
-        out2, grads2 = eager_step(reference, [x], seed)
-        torch.testing.assert_close(out1, out2)
-        for name in grads2:
-            torch.testing.assert_close(grads1[name], grads2[name], msg=name)
+        _assert_close_step(optimized, reference, x, seed)
     measured = monetdsl.measure(optimized, x, probe="live", warmup=1)
     assert measured.peak == measured.planned, measured.summary()

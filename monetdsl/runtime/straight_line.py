@@ -168,7 +168,7 @@ class _Writer:
         def value_of(n: str) -> str:
             return read.get(n) or self.value(n)
 
-        node = stretch.nodes.get(step.op) if stretch is not None and stretch.nodes else None
+        node = stretch.nodes.get(step.op) if stretch is not None else None
         if node is not None:  # its backward the plan's own steps (:mod:`.planned_nodes`)
             self.ns[f"{label}_node"] = node
             call = f"node({label}_node, {', '.join(value_of(n) for n in step.reads)})"

@@ -38,7 +38,7 @@ steps, in the plan's order).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -83,7 +83,7 @@ class Stretch:
     enter_before: dict  # forward op -> names entered right before it
     alias_last: dict  # forward op -> entered names whose alias it reads last
     stages: tuple[int, ...]  # backward stage indices (0-based in schedule.stages)
-    nodes: dict = None  # forward op -> its NodeSpec: recorded as a planned node (:mod:`.planned_nodes`)
+    nodes: dict = field(default_factory=dict)  # forward op -> its NodeSpec: recorded as a planned node (:mod:`.planned_nodes`)
 
     @property
     def writes(self) -> tuple[str, ...]:
