@@ -81,7 +81,7 @@ ENGINE_OPTIONS: dict[str, EngineOption] = {
                                 " improving (None: it searches until the time limit)", lambda value: value is None or _at_least_zero(value)),
     "min_stall": EngineOption("a number of seconds >= 0: the least time the hybrid engine waits for an improvement", _at_least_zero),
     "seconds_per_op": EngineOption("a number of seconds >= 0, or None: without a time limit, the hybrid engine searches this"
-                                   " long per forward op (at least 10 s, at most 60 s; None or 0: 60 s)",
+                                   " long per forward op (at least 3 s, at most 60 s; None or 0: 60 s)",
                                    lambda value: value is None or _at_least_zero(value)),
     "tolerance": EngineOption("a fraction >= 0, or None: the hybrid engine stops once its best is within this share above"
                               " a proved lower bound (None or 0: never for that)", lambda value: value is None or _at_least_zero(value)),

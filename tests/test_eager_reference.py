@@ -11,8 +11,8 @@ import torch
 import monetdsl
 from monetdsl.costs import MeasurementStore
 from monetdsl.runtime import schedule_cache
-from monetdsl.runtime.eager_reference import (REFERENCE_ROUNDS, REFERENCE_SECONDS, EagerReference, _key, eager_reference,
-                                              enough_pairs, measure_reference)
+from monetdsl.runtime.eager_reference import (REFERENCE_ROUNDS, REFERENCE_SECONDS, EagerReference, _key, _pairs_key, eager_reference,
+                                              enough_pairs, measure_reference, reference_of)
 
 from .runtime_models import KindsCNN
 
@@ -119,3 +119,41 @@ def test_a_cap_is_tightened_by_the_runtimes_ratio_to_eager(tmp_path, monkeypatch
     assert not warned
     assert asked[-1] == pytest.approx(1.3 / 1.1 - 1, abs=1e-6)
     assert plan.simulation.overhead <= 1.3 / 1.1 - 1 + 1e-6
+
+
+def test_the_fastest_step_of_each_side_makes_the_reference():
+    pairs = [(0.010, 0.013), (0.030, 0.011), (0.012, 0.050)]  # a loaded machine slows either side at random
+    reference = reference_of(pairs)
+    assert reference.eager_us == pytest.approx(10_000.0) and reference.runtime_us == pytest.approx(11_000.0)
+    assert reference.runtime_over_eager == pytest.approx(1.1)
+
+
+def test_a_calibrated_plan_takes_its_reference_from_the_calibration_steps(tmp_path, monkeypatch):
+    """The calibration's eager pairs (PyTorch's store-all against eager) scaled by the
+    planned compute of the fastest store-all over PyTorch's: no steps of the reference's own."""
+    from monetdsl.runtime import eager_reference as reference_module
+    from monetdsl.runtime.calibrate import store_all_schedule
+    from monetdsl.search.impl_choice import cheapest_impls, first_impls
+    from monetdsl.search.simulator import simulate
+    from monetdsl.validate import resolve_constraints
+
+    def no_steps(*args, **kwargs):
+        raise AssertionError("the reference timed steps of its own")
+
+    monkeypatch.setattr(reference_module, "measure_reference", no_steps)
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = monetdsl.optimize(KindsCNN().train(), x, max_overhead=0.3, cache_dir=tmp_path).plans[0]
+    assert not any("could not be timed" in str(w.message) for w in caught)
+    store = MeasurementStore(tmp_path)
+    pairs = store.get(_pairs_key(plan.trace, "cpu"))
+    kept = store.get(_key(plan.trace, plan.spec, "cpu"))
+    assert pairs is not None and pairs["eager_us"] > 0 and pairs["runtime_us"] > 0
+    network, fingerprint = plan.spec.network, plan.trace.spec.fingerprint
+    allowed = resolve_constraints(network, plan.spec.constraints).allowed_impls  # the plan's pins (dropout's masks)
+    fastest = simulate(network, store_all_schedule(network, cheapest_impls(network, allowed), fingerprint)).compute_us
+    pytorch = simulate(network, store_all_schedule(network, first_impls(network), fingerprint)).compute_us
+    assert kept["ratio"] == pytest.approx(pairs["ratio"] * fastest / pytorch)
+    assert kept["runtime_us"] == pytest.approx(pairs["runtime_us"] * fastest / pytorch)

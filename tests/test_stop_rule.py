@@ -141,25 +141,27 @@ def test_a_best_within_the_tolerance_of_the_lower_bound_ends_the_hybrid():
 
 
 def test_without_a_time_limit_the_hybrid_searches_a_share_sized_to_the_network():
-    """No time limit given: a share of 0.1 s per forward op (at least 10 s, at most 60 s);
+    """No time limit given: a share of 0.05 s per forward op (at least 3 s, at most 60 s);
     a limit the caller gives, the stall rule off (a reference search), or a network the
     refinement MILP covers keeps its own."""
     from monetdsl.search.hybrid.engine import REFINE_MAX_FORWARD_OPS
-    from monetdsl.search.hybrid.time_share import MIN_SIZED_SECONDS, sized_time_limit
+    from monetdsl.search.hybrid.time_share import MIN_SIZED_SECONDS, SECONDS_PER_FORWARD_OP, sized_time_limit
 
     network = _spec("resnet", 8).network
     ops = len(network.forward_ops)
     assert ops > REFINE_MAX_FORWARD_OPS
-    assert sized_time_limit(network, None, {}) == (MIN_SIZED_SECONDS, f"the time share sized to the network (10.0 s for {ops} forward ops)")
+    sized = max(MIN_SIZED_SECONDS, SECONDS_PER_FORWARD_OP * ops)
+    assert sized < 60.0
+    assert sized_time_limit(network, None, {}) == (sized, f"the time share sized to the network ({sized:.1f} s for {ops} forward ops)")
     assert sized_time_limit(network, None, {}, refines=True) == (60.0, None)
-    assert sized_time_limit(network, None, {"seconds_per_op": 1.0})[0] == min(60.0, max(10.0, float(ops)))
+    assert sized_time_limit(network, None, {"seconds_per_op": 1.0})[0] == min(60.0, max(MIN_SIZED_SECONDS, float(ops)))
     assert sized_time_limit(network, None, {"seconds_per_op": 100.0}) == (60.0, None)
     assert sized_time_limit(network, 7.0, {}) == (7.0, None)
     assert sized_time_limit(network, None, {"stall_share": None}) == (60.0, None)
     assert sized_time_limit(network, None, {"seconds_per_op": None}) == (60.0, None)
     spec, cap = _spec("resnet", 8), 0.2
     result = solve(spec, "hybrid", max_overhead=cap, options={"target_ops": 7})  # no time limit: the sized share
-    assert result.success and result.details["time_limit"] == MIN_SIZED_SECONDS
+    assert result.success and result.details["time_limit"] == sized
     for name in HEURISTICS:
         other = solve(spec, name, max_overhead=cap, exact_min_budget=False)
         if other.success:

@@ -43,10 +43,12 @@ AGREEMENT = 0.1
 @dataclass(frozen=True)
 class Measured:
     """One step's median time (us) and the allocator's peak above its start (bytes; None
-    when the allocator cannot be watched)."""
+    when the allocator cannot be watched); ``output``: what the warm-up run returned, when
+    asked for (a forward's outputs and derived tensors, without running it once more)."""
 
     time_us: float
     peak: int | None
+    output: object = field(default=None, compare=False, repr=False)
 
 
 def _sync(device: str) -> None:
@@ -55,11 +57,21 @@ def _sync(device: str) -> None:
 
 
 def run_measured(fn, device: str, repeats: int = 3, setup=None, probe=None, warmup: int = 1,
-                 agreement: float | None = None) -> Measured:
+                 agreement: float | None = None, keep_warmup: bool = False) -> Measured:
     """``fn()`` (or ``fn(setup())``, ``setup`` outside the measured region: fresh copies
     for in-place alternatives) run ``warmup`` times, then ``repeats`` times timed and, with
     ``probe``, watched: the median time and the largest peak. With ``agreement``, the
-    timed runs stop after two whose times differ by at most that share of the faster."""
+    timed runs stop after two whose times differ by at most that share of the faster.
+    ``keep_warmup``: the first warm-up run's result is returned as ``output``."""
+    kept = []
+
+    def warm():
+        arg = setup() if setup is not None else None
+        result = fn(arg) if setup is not None else fn()
+        _sync(device)
+        if keep_warmup and not kept:
+            kept.append(result)
+
     def once():
         arg = setup() if setup is not None else None
         _sync(device)
@@ -73,12 +85,13 @@ def run_measured(fn, device: str, repeats: int = 3, setup=None, probe=None, warm
         return elapsed, probe.stop() if probe is not None else None
 
     for _ in range(warmup):
-        once()
+        warm()
     samples = [once() for _ in range(max(min(repeats, 2) if agreement is not None else repeats, 1))]
     while len(samples) < repeats and not _agree([t for t, _ in samples], agreement):
         samples.append(once())
     peaks = [p for _, p in samples if p is not None]
-    return Measured(round(statistics.median(t for t, _ in samples), 3), max(peaks) if peaks else None)
+    return Measured(round(statistics.median(t for t, _ in samples), 3), max(peaks) if peaks else None,
+                    kept[0] if kept else None)
 
 
 def _agree(times: list[float], agreement: float | None) -> bool:
@@ -283,15 +296,14 @@ def _measure_forward(low, op, impl, values: _OpValues, device: str, repeats: int
         found = [own[n] if n in own else values[n] for n in step.reads]
         return [v.clone() if n == impl.overwrites else v for n, v in zip(step.reads, found)]
 
-    def measured(step, own: dict) -> Measured:
+    def measured(step, own: dict, keep: bool = False) -> Measured:
         return run_measured(lambda args: step.fn(*args), device, repeats, setup=lambda: arguments(step, own), probe=probe,
-                            agreement=AGREEMENT)
+                            agreement=AGREEMENT, keep_warmup=keep)
 
     first = _forward_step(low, op, impl, recompute=False)
-    got = measured(first, {})
+    got = measured(first, {}, keep=True)  # its warm-up's outputs are what a backward alternative reads
     workspace = _workspace(got.peak, planned)
-    results = first.fn(*arguments(first, {}))
-    own = dict(zip(first.writes, results))
+    own = dict(zip(first.writes, got.output))
     for name, value in own.items():
         values.setdefault(name, value)  # what a backward alternative reads: the first alternative deriving it
     again = None

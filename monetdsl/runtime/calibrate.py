@@ -46,8 +46,11 @@ from ..search.impl_choice import cheapest_impls
 from ..search.schedule_builder import build_schedule
 from ..search.simulator import chosen_impls, simulate
 
-__all__ = ["Calibration", "StepClock", "STRETCH_FLOOR", "ROUNDS_SECONDS", "MAX_ROUNDS", "calibrate", "in_place_times", "with_in_place_times", "calibration_schedules",
+__all__ = ["Calibration", "StepClock", "FIRST_LABEL", "paired_with_eager", "STRETCH_FLOOR", "ROUNDS_SECONDS", "MAX_ROUNDS", "calibrate", "in_place_times", "with_in_place_times", "calibration_schedules",
            "state_restored", "backward_seeds", "store_all_schedule", "CALIBRATION_NOTE"]
+
+#: the label of the first calibration schedule: PyTorch's own implementations, store-all
+FIRST_LABEL = "implementation 1 of every op"
 
 #: what the cost-model line of a calibrated trace adds
 CALIBRATION_NOTE = "corrected in place (store-all training steps through the runtime)"
@@ -102,7 +105,7 @@ def calibration_schedules(network: Network, fingerprint: str) -> list[tuple[str,
         found.append((label, schedule))
         return True
 
-    add("implementation 1 of every op", {op.name: (op.impls[0].name,) for op in ops})
+    add(FIRST_LABEL, {op.name: (op.impls[0].name,) for op in ops})
     while True:
         todo = {op.name: (next(i.name for i in op.impls if (op.name, i.name) not in ran),) for op in ops
                 if any((op.name, i.name) not in ran for i in op.impls)}
@@ -164,9 +167,16 @@ def calibrate(model: torch.nn.Module, inputs, trace, *, optimizer: str, rounds: 
     return with_in_place_times(trace, in_place, notes)
 
 
-def in_place_times(model: torch.nn.Module, inputs, trace, *, optimizer: str, rounds: int = 2) -> tuple[dict, list[str]]:
+def in_place_times(model: torch.nn.Module, inputs, trace, *, optimizer: str, rounds: int = 2,
+                   eager_pairs: list | None = None) -> tuple[dict, list[str]]:
     """The median in-place time (us) of every (op, implementation) a calibration schedule
-    runs, first forwards and backward steps, and notes on schedules that could not run."""
+    runs, first forwards and backward steps, and notes on schedules that could not run.
+
+    ``eager_pairs``: a list that receives, as ``(eager, runtime)`` seconds in the eager
+    reference's clock (:func:`paired_with_eager`), eager PyTorch's steps interleaved with
+    the unobserved steps of the first schedule (PyTorch's implementations, store-all), which
+    the stretch savings time anyway: the eager reference
+    (:mod:`.eager_reference`) then needs no lowering and no steps of its own."""
     from .module import OptimizedModule
     from ..planning import Constraints
 
@@ -190,8 +200,13 @@ def in_place_times(model: torch.nn.Module, inputs, trace, *, optimizer: str, rou
             for (phase, op), times in clock.samples.items():
                 if phase != "recompute":  # recomputations are scaled from their first forward's ratio
                     samples[(op, impls[op])].extend(t + between for t in times)
-            if not savings:
-                savings = _stretch_savings(module, inputs, network, impls, walls, clock.sync)
+            if eager_pairs is not None and not eager_pairs and label == FIRST_LABEL:
+                unobserved = _unobserved(module, lambda: paired_with_eager(model, module, inputs, device, eager_pairs))
+                savings = _stretch_savings(module, network, impls, walls, unobserved)
+            elif not savings:
+                savings = _stretch_savings(module, network, impls, walls,
+                                           _unobserved(module, lambda: _timed_steps(module, inputs, len(walls), clock.sync,
+                                                                                    most=len(walls))))
     medians = {key: statistics.median(times) for key, times in samples.items()}
     for key, saved in savings.items():
         if key in medians:
@@ -229,27 +244,61 @@ def _timed_steps(module, inputs, rounds: int, sync, warmed=lambda: None, most: i
     return walls
 
 
-def _stretch_savings(module, inputs, network, impls: dict, observed: list[float], sync) -> dict:
+def _unobserved(module, timed):
+    """``timed()`` (steps of ``module``, a list of their wall times in us) run without the
+    module's observer: as a training step runs."""
+    observe, module._observe = module._observe, None
+    try:
+        return timed()
+    finally:
+        module._observe = observe
+
+
+def paired_with_eager(model, module, inputs, device: str, pairs: list) -> list[float]:
+    """Eager steps of ``model`` interleaved with steps of ``module`` (after one warm-up
+    pair), appended to ``pairs`` as ``(eager, runtime)`` seconds in the eager reference's
+    clock (process CPU time on a CPU: on a shared machine wall time says more about the
+    other processes than about the two steps; wall time on CUDA) until
+    :func:`~.eager_reference.enough_pairs`; returns the runtime steps' wall times (us)."""
+    from .eager_reference import enough_pairs
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    clock = time.perf_counter if device.startswith("cuda") else time.process_time
+    walls: list[float] = []
+
+    def step(of) -> float:
+        sync()
+        start, wall = clock(), time.perf_counter()
+        torch.autograd.backward(*backward_seeds(of(*inputs)))
+        sync()
+        if of is module:
+            walls.append((time.perf_counter() - wall) * 1e6)
+        return clock() - start
+
+    step(model), step(module)  # the warm-up pair
+    walls.clear()
+    began = time.perf_counter()
+    while not enough_pairs([b / a for a, b in pairs], time.perf_counter() - began):
+        pairs.append((step(model), step(module)))
+    return walls
+
+
+def _stretch_savings(module, network, impls: dict, observed: list[float], unobserved: list[float]) -> dict:
     """What running the schedule's stretches through autograd's engine
     (:mod:`.stretches`) saves per backward step in them, against running every step on
-    its own as the ``observed`` steps did (us each): as many steps of the same schedule
-    timed without an observer, the difference of the medians shared by the stretches'
-    backward steps
+    its own as the ``observed`` steps did (us each): the difference of the medians of
+    the ``unobserved`` steps (the same schedule without an observer) and the observed
+    ones, shared by the stretches' backward steps
     ((op, implementation) -> us). The search then sees what PyTorch's own store-all
     costs, and prefers PyTorch's implementations where stretches form: a per-op time
     cannot say that a stretch broken by one other implementation saves less (its pieces
     may fall under :data:`~.stretches.MIN_STRETCH_OPS`), so a schedule that mixes pays
     what the eager reference measures (:mod:`.eager_reference`)."""
     plan = module.plans[0] if module.plans else None
-    if plan is None or not plan.steps.stretches:
+    if plan is None or not plan.steps.stretches or not unobserved:
         return {}
     stretch_ops = {op for s in plan.steps.stretches for op in s.ops}
     bops = [b.name for b in network.backward_ops if b.of in stretch_ops]
-    observe, module._observe = module._observe, None
-    try:
-        unobserved = _timed_steps(module, inputs, len(observed), sync, most=len(observed))
-    finally:
-        module._observe = observe
     saved = max(0.0, statistics.median(observed) - statistics.median(unobserved)) / len(bops) if bops else 0.0
     return {(b, impls[b]): saved for b in bops} if saved > 0 else {}
 

@@ -13,18 +13,26 @@ zero no schedule that recomputes fits: the model then trains as eager PyTorch (i
 forward and autograd, which is the step the cap is measured against), and a
 :class:`~monetdsl.errors.CapWarning` says so.
 
-``r`` is measured once per graph and machine, eager steps interleaved with the runtime's
-store-all steps on the model's own inputs (the median of the pairs' ratios), and kept in
-the :class:`~monetdsl.costs.MeasurementStore`. On a CPU the steps are timed in the
-process's CPU time: on a shared machine wall time says more about the other processes
-than about the two steps (medians of 7 wall-time pairs on a 2-core machine with other
-jobs gave 0.79 once and 1.13-1.27 after it, for one model); with several intra-op
-threads it counts their work for both steps alike. It applies where the costs were measured
-on the device (the default on a real device); a plan on roofline estimates has no eager
-step to compare with. The pairs stop (:func:`enough_pairs`) once the ratio is known within
-:data:`REFERENCE_TOLERANCE` (a 95 % confidence interval of the pairs' mean ratio, at
-least 3 pairs), after 11 pairs, or once 3 s went into them (at least 2 pairs: a
-ResNet-18's pair takes seconds on a CPU, and a third would add as much to planning).
+``r`` is measured once per graph and machine and kept in the
+:class:`~monetdsl.costs.MeasurementStore`. Where the costs are calibrated in place
+(:mod:`.calibrate`), the calibration's first schedule, PyTorch's implementations at
+store-all, is stepped without an observer interleaved with eager steps anyway (for the
+stretch savings); that pair's ratio (:func:`keep_calibration_pairs`), times the planned
+compute of the store-all with the fastest allowed implementations over PyTorch's
+store-all's on the calibrated costs (measured in those same steps), is ``r``: no
+lowering and no steps of its own. A graph whose in-place times were all read back from the
+store (its layers calibrated in another model) times its own pairs: eager steps
+interleaved with the runtime's store-all steps of the fastest implementations. Either way
+``r`` is the ratio of each side's fastest step (:func:`reference_of`), not a median: on a
+shared machine the load only slows steps down, and a median moved with it. On a CPU the
+steps are timed in the process's CPU time: wall time says more about the other processes
+than about the two steps; with several intra-op threads it counts their work for both
+steps alike. It applies where the costs were measured on the device (the default on a
+real device); a plan on roofline estimates has no eager step to compare with. The pairs
+stop (:func:`enough_pairs`) once the ratio is known within :data:`REFERENCE_TOLERANCE` (a
+95 % confidence interval of the pairs' mean ratio, at least 3 pairs), after 11 pairs, or
+once 3 s went into them (at least 2 pairs: a ResNet-18's pair takes seconds on a CPU, and
+a third would add as much to planning).
 
 >>> reference = EagerReference(eager_us=2000.0, runtime_us=2200.0)
 >>> round(reference.search_cap(0.15), 4), reference.search_cap(0.05)
@@ -43,10 +51,11 @@ from ..costs.signature import machine_signature
 from ..errors import CapWarning, warn_at_user
 from ..search.impl_choice import cheapest_impls, first_impls
 from ..validate import resolve_constraints
+from ..search.simulator import simulate
 from .calibrate import CALIBRATION_NOTE, backward_seeds, state_restored, store_all_schedule
 
 __all__ = ["EagerReference", "REFERENCE_ROUNDS", "REFERENCE_SECONDS", "REFERENCE_TOLERANCE", "enough_pairs", "measure_reference",
-           "eager_reference", "cap_against_eager"]
+           "eager_reference", "reference_of", "keep_calibration_pairs", "cap_against_eager"]
 
 #: interleaved (eager, runtime) step pairs timed, after one warm-up pair, at most ...
 REFERENCE_ROUNDS = 11
@@ -137,8 +146,22 @@ def measure_reference(model: torch.nn.Module, inputs, trace, spec=None, *, optim
         while not enough_pairs([b / a for a, b in zip(eager, ours)], time.perf_counter() - began, rounds):
             eager.append(seconds(model))
             ours.append(seconds(runtime))
-    ratio = statistics.median(b / a for a, b in zip(eager, ours))
-    return EagerReference(statistics.median(eager) * 1e6, statistics.median(ours) * 1e6, ratio)
+    return reference_of(list(zip(eager, ours)))
+
+
+def reference_of(pairs: list[tuple[float, float]]) -> EagerReference:
+    """The reference of interleaved ``(eager, runtime)`` step pairs (seconds): each side's
+    fastest step, and their ratio. Another process can only slow a step down (it takes
+    the cores, the caches, and on a CPU an intra-op thread spinning for a descheduled one
+    counts CPU time), so the fastest of a few steps is the least disturbed, where a
+    median or a mean ratio moves with the load: on a 2-core machine shared with three
+    other jobs, two medians of pair ratios of one small CNN's steps were 5.4 and 1.0.
+
+    >>> reference_of([(1.0, 1.2), (2.0, 1.1), (1.1, 3.0)]).runtime_over_eager
+    1.1
+    """
+    eager, ours = min(a for a, _ in pairs), min(b for _, b in pairs)
+    return EagerReference(eager * 1e6, ours * 1e6, ours / eager)
 
 
 def _key(trace, spec, device: str) -> str:
@@ -147,17 +170,57 @@ def _key(trace, spec, device: str) -> str:
     return f"eager reference in {clock}; graph {trace.spec.fingerprint}{pins}; {machine_signature(device)}"
 
 
+def _pairs_key(trace, device: str) -> str:
+    clock = "wall time" if device == "cuda" else "process CPU time"
+    return f"eager against PyTorch's store-all in {clock}; graph {trace.spec.fingerprint}; {machine_signature(device)}"
+
+
+def keep_calibration_pairs(store: MeasurementStore, trace, device: str, pairs: list) -> None:
+    """Keep the ``(eager, runtime)`` step pairs the calibration timed on its first schedule
+    (PyTorch's implementations, store-all; :func:`~.calibrate.paired_with_eager`) for
+    :func:`eager_reference`: :func:`reference_of` them."""
+    if len(pairs) >= 2 and all(a > 0 for a, _ in pairs):
+        found = reference_of(pairs)
+        store.put(_pairs_key(trace, device), {"eager_us": found.eager_us, "runtime_us": found.runtime_us,
+                                              "ratio": found.runtime_over_eager})
+
+
+def _from_calibration_pairs(trace, spec, device: str, store: MeasurementStore) -> EagerReference | None:
+    """The reference from the calibration's pairs: their ratio, of PyTorch's store-all
+    against eager, times the planned compute of the store-all with the fastest
+    implementations ``spec``'s pins allow over PyTorch's store-all's, both on the
+    calibrated costs (which were measured in those same steps); None without pairs."""
+    found = store.get(_pairs_key(trace, device))
+    if found is None or not {"eager_us", "runtime_us", "ratio"} <= set(found) or found["eager_us"] <= 0:
+        return None
+    network = spec.network
+    allowed = resolve_constraints(network, spec.constraints, path=spec.path, source=spec.source).allowed_impls
+    fastest = store_all_schedule(network, cheapest_impls(network, allowed), trace.spec.fingerprint)
+    pytorch = store_all_schedule(network, first_impls(network), trace.spec.fingerprint)
+    if fastest is None or pytorch is None:
+        return None
+    planned = simulate(network, pytorch).compute_us
+    if planned <= 0:
+        return None
+    scale = simulate(network, fastest).compute_us / planned
+    return EagerReference(found["eager_us"], found["runtime_us"] * scale, found["ratio"] * scale)
+
+
 def eager_reference(model: torch.nn.Module, inputs, trace, spec=None, *, optimizer: str,
                     store: MeasurementStore | None = None) -> EagerReference:
     """The stored reference of this graph (with ``spec``'s pins) on this machine, else one
-    measured now (and kept)."""
+    from the calibration's pairs (:func:`keep_calibration_pairs`), else one measured now;
+    kept."""
     store = store if store is not None else MeasurementStore()
     spec = spec if spec is not None else trace.spec
-    key = _key(trace, spec, _device_of(inputs))
+    device = _device_of(inputs)
+    key = _key(trace, spec, device)
     found = store.get(key)
     if found is not None and {"eager_us", "runtime_us", "ratio"} <= set(found) and found["eager_us"] > 0:
         return EagerReference(found["eager_us"], found["runtime_us"], found["ratio"])
-    reference = measure_reference(model, inputs, trace, spec, optimizer=optimizer)
+    reference = _from_calibration_pairs(trace, spec, device, store)
+    if reference is None:
+        reference = measure_reference(model, inputs, trace, spec, optimizer=optimizer)
     store.put(key, {"eager_us": reference.eager_us, "runtime_us": reference.runtime_us, "ratio": reference.runtime_over_eager})
     return reference
 
