@@ -155,3 +155,35 @@ def test_a_concatenations_gradient_parts_own_their_memory(method, allocator):
     cat_grads = optimized.plans[0].program.backward["cat.backward"]
     values = [torch.randn(4, 16, 16, 16)]
     assert all(g.untyped_storage().nbytes() == g.numel() * 4 for g in cat_grads.fn(*values))
+
+
+class _Clock:
+    """``time.perf_counter`` of :mod:`monetdsl.costs.measure`, advanced by the measured
+    function itself: each call of ``run`` takes the next of ``durations`` (seconds)."""
+
+    def __init__(self, durations):
+        self.now, self.durations, self.calls = 0.0, list(durations), 0
+
+    def perf_counter(self):
+        return self.now
+
+    def run(self):
+        self.now += self.durations[min(self.calls, len(self.durations) - 1)]
+        self.calls += 1
+        return self.calls
+
+
+@pytest.mark.parametrize("durations, runs, median_us", [
+    ([1.0e-3, 1.05e-3], 2, 1025.0),  # the warm-up agrees with the first run: both are samples, nothing more
+    ([9.0e-3, 1.0e-3, 1.05e-3], 3, 1025.0),  # a slow first call: not a sample; two runs that agree
+    ([9.0e-3, 1.0e-3, 2.0e-3, 1.1e-3], 4, 1100.0),  # the first two disagree: a third, the median of three
+])
+def test_a_step_is_run_no_more_than_its_time_needs_and_a_slow_warm_up_is_no_sample(monkeypatch, durations, runs, median_us):
+    from monetdsl.costs import measure
+
+    clock = _Clock(durations)
+    monkeypatch.setattr(measure.time, "perf_counter", clock.perf_counter)
+    got = measure.run_measured(clock.run, "cpu", repeats=3, agreement=measure.AGREEMENT, keep_warmup=True)
+    assert clock.calls == runs
+    assert got.time_us == pytest.approx(median_us)
+    assert got.output == 1  # the warm-up's own result

@@ -15,8 +15,8 @@ cuDNN's and cuBLAS's workspaces), the runtime's own copies and a kernel's scratc
 in it, where the FakeTensor estimate (:mod:`monetdsl.costs.estimated_workspace`) sees tensors only.
 The time is the median of up to ``repeats`` runs after one warm-up (two runs that agree
 within :data:`AGREEMENT` are enough: a third would not move their median far, and on a
-large graph every run of every step is planning time); the workspace the largest of
-their peaks.
+large graph every run of every step is planning time; the warm-up and the first run are
+enough when they agree so); the workspace the largest of the watched runs' peaks.
 
 Ops are measured once per signature (:mod:`.signature`): repeated layers inside one model,
 and every op already in the :class:`~.store.MeasurementStore`, cost nothing.
@@ -61,37 +61,38 @@ def run_measured(fn, device: str, repeats: int = 3, setup=None, probe=None, warm
     """``fn()`` (or ``fn(setup())``, ``setup`` outside the measured region: fresh copies
     for in-place alternatives) run ``warmup`` times, then ``repeats`` times timed and, with
     ``probe``, watched: the median time and the largest peak. With ``agreement``, the
-    timed runs stop after two whose times differ by at most that share of the faster.
+    timed runs stop after two whose times differ by at most that share of the faster,
+    and a first timed run that agrees so with the last warm-up run is enough (the warm-up
+    paid nothing extra: both are samples; the peak is the watched run's).
     ``keep_warmup``: the first warm-up run's result is returned as ``output``."""
     kept = []
 
-    def warm():
-        arg = setup() if setup is not None else None
-        result = fn(arg) if setup is not None else fn()
-        _sync(device)
-        if keep_warmup and not kept:
-            kept.append(result)
-
-    def once():
+    def once(watched: bool = True):
         arg = setup() if setup is not None else None
         _sync(device)
-        if probe is not None:
+        if watched and probe is not None:
             probe.start()
         start = time.perf_counter()
         result = fn(arg) if setup is not None else fn()
         _sync(device)
         elapsed = (time.perf_counter() - start) * 1e6
+        if not watched and keep_warmup and not kept:
+            kept.append(result)
         del result
-        return elapsed, probe.stop() if probe is not None else None
+        return elapsed, probe.stop() if watched and probe is not None else None
 
-    for _ in range(warmup):
-        warm()
-    samples = [once() for _ in range(max(min(repeats, 2) if agreement is not None else repeats, 1))]
-    while len(samples) < repeats and not _agree([t for t, _ in samples], agreement):
-        samples.append(once())
+    warm = [once(watched=False)[0] for _ in range(warmup)]
+    samples = [once()]
+    if agreement is not None and warm and _agree([warm[-1], samples[0][0]], agreement):
+        times = [warm[-1], samples[0][0]]
+    else:
+        while len(samples) < max(min(repeats, 2) if agreement is not None else repeats, 1):
+            samples.append(once())
+        while len(samples) < repeats and not _agree([t for t, _ in samples], agreement):
+            samples.append(once())
+        times = [t for t, _ in samples]
     peaks = [p for _, p in samples if p is not None]
-    return Measured(round(statistics.median(t for t, _ in samples), 3), max(peaks) if peaks else None,
-                    kept[0] if kept else None)
+    return Measured(round(statistics.median(times), 3), max(peaks) if peaks else None, kept[0] if kept else None)
 
 
 def _agree(times: list[float], agreement: float | None) -> bool:

@@ -23,8 +23,8 @@ __all__ = ["trace_model", "trace", "profile_trace", "measured_report", "with_est
            "device_description", "MEASURE_REPEATS"]
 
 #: timed runs per step at most (after one warm-up; two when they agree,
-#: :data:`~.measure.AGREEMENT`): the median is steady by then on small ops, and planning
-#: time matters
+#: :data:`~.measure.AGREEMENT`, one when it agrees with the warm-up): the median is steady
+#: by then on small ops, and planning time matters
 MEASURE_REPEATS = 3
 
 
@@ -37,7 +37,8 @@ def profiled_cost_model(device: str, repeats: int = MEASURE_REPEATS) -> str:
     """The cost-model line of a spec measured on ``device`` (the same on every run of one
     machine: the runtime keys its caches on it)."""
     return (f"measured on {device_description(device)} (median of up to {repeats} runs after a warm-up run, two when"
-            f" they agree within {AGREEMENT:.0%}, per op and implementation; workspaces from the allocator's peak)")
+            f" they agree within {AGREEMENT:.0%}, the warm-up and one when those agree, per op and implementation;"
+            " workspaces from the allocator's peak)")
 
 
 def with_estimated_workspaces(trace: TraceResult, store: MeasurementStore | None = None) -> TraceResult:
