@@ -141,7 +141,7 @@ def test_a_best_within_the_tolerance_of_the_lower_bound_ends_the_hybrid():
 
 
 def test_without_a_time_limit_the_hybrid_searches_a_share_sized_to_the_network():
-    """No time limit given: a share of 0.05 s per forward op (at least 3 s, at most 60 s);
+    """No time limit given: a share of 0.1 s per forward op (at least 3 s, at most 60 s);
     a limit the caller gives, the stall rule off (a reference search), or a network the
     refinement MILP covers keeps its own."""
     from monetdsl.search.hybrid.engine import REFINE_MAX_FORWARD_OPS

@@ -16,7 +16,8 @@ every step where it runs, and gives each implementation its median in-place time
 its share of the step's time outside the steps (the executor's own work per step: on a
 tiny model, where a kernel takes microseconds, that work is what a recomputation costs).
 The first schedule (PyTorch's own implementations) is also timed without an observer,
-its stretches running through autograd's engine (:mod:`.stretches`); what that saves is
+its stretches running through autograd's engine (:mod:`.stretches`), and, for the eager
+reference (:mod:`.eager_reference`), interleaved with eager PyTorch's steps; what that saves is
 taken off the in-place times of the backward steps in them (not below
 :data:`STRETCH_FLOOR` of their step-by-step time). Each schedule is timed for the
 rounds asked and, on a model whose steps are short, for more (:data:`ROUNDS_SECONDS`).

@@ -9,12 +9,13 @@ percent for most of a minute. Those are far below the 1 % the plans are judged b
 the costed graphs of a ResNet-18-like model (68 forward ops) and of ResNet-50 (174), the
 schedules found in a tenth of a second per forward op planned peaks 0.3 % and 0.4-0.6 %
 above a full 60-s search's (1.7 % on another costing of the first; the eviction start
-does most of the work), in a fifth of the time; in a twentieth of a second per op (3.4 s
-and 8.7 s) the same peaks as in a tenth, on one costing of each under a loaded machine
-(the search's phases end sooner than their shares there: the eviction start and the
-first local-search start find them). So without an explicit ``time_limit`` the engine
-gets :data:`SECONDS_PER_FORWARD_OP` per forward op, at least :data:`MIN_SIZED_SECONDS`
-and at most :data:`~..milp.engine.DEFAULT_TIME_LIMIT`.
+does most of the work), in a fifth of the time, so without an explicit ``time_limit`` the
+engine gets :data:`SECONDS_PER_FORWARD_OP` per forward op, at least
+:data:`MIN_SIZED_SECONDS` and at most :data:`~..milp.engine.DEFAULT_TIME_LIMIT`. The
+minimum is short: on the ResNet-18-like graph the phases end on their own after about
+5 s of their 6.8 s (every phase done; planned peaks 185.8 MiB, against 185.3-185.8 MiB
+in 10 s, 185.8-186.0 MiB in 3.4 s and 184.6 MiB in the minute: one costing, two runs
+each, a loaded machine), so a graph of 41-99 ops no longer waits for a 10-s floor.
 
 Networks small enough for the engine's refinement MILP (up to 40 forward ops) keep the
 default minute: there the MILP, warm-started, finds what the phases before it miss, and
@@ -34,7 +35,7 @@ from ..milp.engine import DEFAULT_TIME_LIMIT
 __all__ = ["SECONDS_PER_FORWARD_OP", "MIN_SIZED_SECONDS", "DEFAULT_TIME_LIMIT", "sized_time_limit"]
 
 #: seconds of search per forward op when no time limit was given (``seconds_per_op`` option)
-SECONDS_PER_FORWARD_OP = 0.05
+SECONDS_PER_FORWARD_OP = 0.1
 #: ... but at least this many (the eviction start and one local-search start)
 MIN_SIZED_SECONDS = 3.0
 
