@@ -151,11 +151,11 @@ def measure_reference(model: torch.nn.Module, inputs, trace, spec=None, *, optim
 
 def reference_of(pairs: list[tuple[float, float]]) -> EagerReference:
     """The reference of interleaved ``(eager, runtime)`` step pairs (seconds): each side's
-    fastest step, and their ratio. Another process can only slow a step down (it takes
-    the cores, the caches, and on a CPU an intra-op thread spinning for a descheduled one
-    counts CPU time), so the fastest of a few steps is the least disturbed, where a
-    median or a mean ratio moves with the load: on a 2-core machine shared with three
-    other jobs, two medians of pair ratios of one small CNN's steps were 5.4 and 1.0.
+    fastest step, and their ratio. Another process can only add to a step's time (it
+    takes the cores and the caches, and on a CPU an intra-op thread spinning for a
+    descheduled one counts CPU time), so each side's fastest step is its least disturbed.
+    Under heavy load neither this nor a median of the pairs' ratios is steady (a small
+    CNN at load average 7-10 on 2 cores: 1.2-3.9 and 1.3-3.3 over eight repetitions).
 
     >>> reference_of([(1.0, 1.2), (2.0, 1.1), (1.1, 3.0)]).runtime_over_eager
     1.1
