@@ -155,7 +155,7 @@ def reference_of(pairs: list[tuple[float, float]]) -> EagerReference:
     takes the cores and the caches, and on a CPU an intra-op thread spinning for a
     descheduled one counts CPU time), so each side's fastest step is its least disturbed.
     Under heavy load neither this nor a median of the pairs' ratios is steady (a small
-    CNN at load average 7-10 on 2 cores: 1.2-3.9 and 1.3-3.3 over eight repetitions).
+    CNN at load average 7-10 on 2 cores: 1.0-3.9 and 1.0-3.3 over eleven repetitions).
 
     >>> reference_of([(1.0, 1.2), (2.0, 1.1), (1.1, 3.0)]).runtime_over_eager
     1.1
