@@ -16,11 +16,12 @@ every step where it runs, and gives each implementation its median in-place time
 its share of the step's time outside the steps (the executor's own work per step: on a
 tiny model, where a kernel takes microseconds, that work is what a recomputation costs).
 The first schedule (PyTorch's own implementations) is also timed without an observer,
-its stretches running through autograd's engine (:mod:`.stretches`), and, for the eager
-reference (:mod:`.eager_reference`), interleaved with eager PyTorch's steps; what that saves is
+its stretches running through autograd's engine (:mod:`.stretches`); what that saves is
 taken off the in-place times of the backward steps in them (not below
 :data:`STRETCH_FLOOR` of their step-by-step time). Each schedule is timed for the
 rounds asked and, on a model whose steps are short, for more (:data:`ROUNDS_SECONDS`).
+The last one (the fastest implementations alone) can also be timed without an observer
+interleaved with eager PyTorch's steps, for the eager reference (:mod:`.eager_reference`).
 Implementations that no store-all schedule runs (in-place forwards, which store-all never
 picks because their input is kept) are scaled by their op's in-place / alone ratio, and
 recomputation times by their implementation's. The model's buffers, gradients and random
@@ -47,11 +48,17 @@ from ..search.impl_choice import cheapest_impls
 from ..search.schedule_builder import build_schedule
 from ..search.simulator import chosen_impls, simulate
 
-__all__ = ["Calibration", "StepClock", "FIRST_LABEL", "paired_with_eager", "STRETCH_FLOOR", "ROUNDS_SECONDS", "MAX_ROUNDS", "calibrate", "in_place_times", "with_in_place_times", "calibration_schedules",
+__all__ = ["Calibration", "StepClock", "EagerPairs", "paired_with_eager", "STRETCH_FLOOR", "ROUNDS_SECONDS", "MAX_ROUNDS", "calibrate", "in_place_times", "with_in_place_times", "calibration_schedules",
            "state_restored", "backward_seeds", "store_all_schedule", "CALIBRATION_NOTE"]
 
-#: the label of the first calibration schedule: PyTorch's own implementations, store-all
-FIRST_LABEL = "implementation 1 of every op"
+@dataclass
+class EagerPairs:
+    """Eager PyTorch's steps interleaved with the runtime's steps of one store-all schedule
+    (:func:`paired_with_eager`): ``(eager, runtime)`` seconds in the eager reference's
+    clock, and the schedule's implementations (op -> implementation)."""
+
+    pairs: list = field(default_factory=list)
+    impls: dict = field(default_factory=dict)
 
 #: what the cost-model line of a calibrated trace adds
 CALIBRATION_NOTE = "corrected in place (store-all training steps through the runtime)"
@@ -106,7 +113,7 @@ def calibration_schedules(network: Network, fingerprint: str) -> list[tuple[str,
         found.append((label, schedule))
         return True
 
-    add(FIRST_LABEL, {op.name: (op.impls[0].name,) for op in ops})
+    add("implementation 1 of every op", {op.name: (op.impls[0].name,) for op in ops})
     while True:
         todo = {op.name: (next(i.name for i in op.impls if (op.name, i.name) not in ran),) for op in ops
                 if any((op.name, i.name) not in ran for i in op.impls)}
@@ -169,15 +176,14 @@ def calibrate(model: torch.nn.Module, inputs, trace, *, optimizer: str, rounds: 
 
 
 def in_place_times(model: torch.nn.Module, inputs, trace, *, optimizer: str, rounds: int = 2,
-                   eager_pairs: list | None = None) -> tuple[dict, list[str]]:
+                   eager_pairs: EagerPairs | None = None) -> tuple[dict, list[str]]:
     """The median in-place time (us) of every (op, implementation) a calibration schedule
     runs, first forwards and backward steps, and notes on schedules that could not run.
 
-    ``eager_pairs``: a list that receives, as ``(eager, runtime)`` seconds in the eager
-    reference's clock (:func:`paired_with_eager`), eager PyTorch's steps interleaved with
-    the unobserved steps of the first schedule (PyTorch's implementations, store-all), which
-    the stretch savings time anyway: the eager reference
-    (:mod:`.eager_reference`) then needs no lowering and no steps of its own."""
+    ``eager_pairs``: filled with eager PyTorch's steps interleaved with the unobserved
+    steps of the last schedule, store-all with the fastest implementations
+    (:func:`paired_with_eager`): the eager reference (:mod:`.eager_reference`) then needs
+    no lowering of its own."""
     from .module import OptimizedModule
     from ..planning import Constraints
 
@@ -186,6 +192,7 @@ def in_place_times(model: torch.nn.Module, inputs, trace, *, optimizer: str, rou
     samples: dict[tuple[str, str], list[float]] = defaultdict(list)  # (op, impl) -> us, first forwards and backward steps
     notes: list[str] = []
     savings: dict = {}  # (op, impl) -> us a backward step saves in a stretch (the first schedule with stretches)
+    fastest = cheapest_impls(network)  # the combination the eager reference is timed on (the search's baseline)
     with state_restored(model, device):
         for label, schedule in calibration_schedules(network, trace.spec.fingerprint):
             clock = StepClock(device)
@@ -201,13 +208,13 @@ def in_place_times(model: torch.nn.Module, inputs, trace, *, optimizer: str, rou
             for (phase, op), times in clock.samples.items():
                 if phase != "recompute":  # recomputations are scaled from their first forward's ratio
                     samples[(op, impls[op])].extend(t + between for t in times)
-            if eager_pairs is not None and not eager_pairs and label == FIRST_LABEL:
-                unobserved = _unobserved(module, lambda: paired_with_eager(model, module, inputs, device, eager_pairs))
-                savings = _stretch_savings(module, network, impls, walls, unobserved)
-            elif not savings:
+            if not savings:
                 savings = _stretch_savings(module, network, impls, walls,
                                            _unobserved(module, lambda: _timed_steps(module, inputs, len(walls), clock.sync,
                                                                                     most=len(walls))))
+            if eager_pairs is not None and not eager_pairs.pairs and impls == fastest:
+                _unobserved(module, lambda: paired_with_eager(model, module, inputs, device, eager_pairs.pairs))
+                eager_pairs.impls = dict(impls)
     medians = {key: statistics.median(times) for key, times in samples.items()}
     for key, saved in savings.items():
         if key in medians:
@@ -255,33 +262,28 @@ def _unobserved(module, timed):
         module._observe = observe
 
 
-def paired_with_eager(model, module, inputs, device: str, pairs: list) -> list[float]:
+def paired_with_eager(model, module, inputs, device: str, pairs: list) -> None:
     """Eager steps of ``model`` interleaved with steps of ``module`` (after one warm-up
     pair), appended to ``pairs`` as ``(eager, runtime)`` seconds in the eager reference's
     clock (process CPU time on a CPU: on a shared machine wall time says more about the
     other processes than about the two steps; wall time on CUDA) until
-    :func:`~.eager_reference.enough_pairs`; returns the runtime steps' wall times (us)."""
+    :func:`~.eager_reference.enough_pairs`."""
     from .eager_reference import enough_pairs
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     clock = time.perf_counter if device.startswith("cuda") else time.process_time
-    walls: list[float] = []
 
-    def step(of) -> float:
+    def seconds(of) -> float:
         sync()
-        start, wall = clock(), time.perf_counter()
+        start = clock()
         torch.autograd.backward(*backward_seeds(of(*inputs)))
         sync()
-        if of is module:
-            walls.append((time.perf_counter() - wall) * 1e6)
         return clock() - start
 
-    step(model), step(module)  # the warm-up pair
-    walls.clear()
+    seconds(model), seconds(module)  # the warm-up pair
     began = time.perf_counter()
     while not enough_pairs([b / a for a, b in pairs], time.perf_counter() - began):
-        pairs.append((step(model), step(module)))
-    return walls
+        pairs.append((seconds(model), seconds(module)))
 
 
 def _stretch_savings(module, network, impls: dict, observed: list[float], unobserved: list[float]) -> dict:

@@ -15,12 +15,14 @@ forward and autograd, which is the step the cap is measured against), and a
 
 ``r`` is measured once per graph and machine and kept in the
 :class:`~monetdsl.costs.MeasurementStore`. Where the costs are calibrated in place
-(:mod:`.calibrate`), the calibration's first schedule, PyTorch's implementations at
-store-all, is stepped without an observer interleaved with eager steps anyway (for the
-stretch savings); that pair's ratio (:func:`keep_calibration_pairs`), times the planned
-compute of the store-all with the fastest allowed implementations over PyTorch's
-store-all's on the calibrated costs (measured in those same steps), is ``r``: no
-lowering and no steps of its own. A graph whose in-place times were all read back from the
+(:mod:`.calibrate`), the calibration's last schedule, store-all with the fastest
+implementations alone, is stepped without an observer interleaved with eager steps
+(:func:`keep_calibration_pairs`): that is ``r``, with no lowering of its own; under pins
+that rule some of those implementations out, it is scaled by the planned compute of the
+fastest store-all the pins allow over the timed one's, on the calibrated costs. The
+runtime's step is what is timed, not a sum of per-op times: a per-op time cannot say
+that a stretch through autograd's engine (:mod:`.stretches`) broken by another
+implementation saves less. A graph whose in-place times were all read back from the
 store (its layers calibrated in another model) times its own pairs: eager steps
 interleaved with the runtime's store-all steps of the fastest implementations. Either way
 ``r`` is the ratio of each side's fastest step (:func:`reference_of`), not a median: on a
@@ -172,37 +174,38 @@ def _key(trace, spec, device: str) -> str:
 
 def _pairs_key(trace, device: str) -> str:
     clock = "wall time" if device == "cuda" else "process CPU time"
-    return f"eager against PyTorch's store-all in {clock}; graph {trace.spec.fingerprint}; {machine_signature(device)}"
+    return f"eager against the calibration's fastest store-all in {clock}; graph {trace.spec.fingerprint}; {machine_signature(device)}"
 
 
-def keep_calibration_pairs(store: MeasurementStore, trace, device: str, pairs: list) -> None:
-    """Keep the ``(eager, runtime)`` step pairs the calibration timed on its first schedule
-    (PyTorch's implementations, store-all; :func:`~.calibrate.paired_with_eager`) for
-    :func:`eager_reference`: :func:`reference_of` them."""
-    if len(pairs) >= 2 and all(a > 0 for a, _ in pairs):
-        found = reference_of(pairs)
-        store.put(_pairs_key(trace, device), {"eager_us": found.eager_us, "runtime_us": found.runtime_us,
-                                              "ratio": found.runtime_over_eager})
+def keep_calibration_pairs(store: MeasurementStore, trace, device: str, eager) -> None:
+    """Keep the step pairs the calibration timed on its store-all schedule of the fastest
+    implementations (``eager``: an :class:`~.calibrate.EagerPairs`) for
+    :func:`eager_reference`: :func:`reference_of` them, and that schedule's planned
+    compute on ``trace``'s calibrated costs (what a later run reads back, too)."""
+    network = trace.spec.network
+    timed = store_all_schedule(network, eager.impls, trace.spec.fingerprint) if eager.impls else None
+    if timed is None or len(eager.pairs) < 2 or not all(a > 0 for a, _ in eager.pairs):
+        return
+    found = reference_of(eager.pairs)
+    store.put(_pairs_key(trace, device), {"eager_us": found.eager_us, "runtime_us": found.runtime_us,
+                                          "ratio": found.runtime_over_eager,
+                                          "planned_us": simulate(network, timed).compute_us})
 
 
 def _from_calibration_pairs(trace, spec, device: str, store: MeasurementStore) -> EagerReference | None:
-    """The reference from the calibration's pairs: their ratio, of PyTorch's store-all
-    against eager, times the planned compute of the store-all with the fastest
-    implementations ``spec``'s pins allow over PyTorch's store-all's, both on the
-    calibrated costs (which were measured in those same steps); None without pairs."""
+    """The reference from the calibration's pairs: their ratio, times the planned compute
+    of the store-all with the fastest implementations ``spec``'s pins allow over the timed
+    schedule's, both on the calibrated costs; None without pairs."""
     found = store.get(_pairs_key(trace, device))
-    if found is None or not {"eager_us", "runtime_us", "ratio"} <= set(found) or found["eager_us"] <= 0:
+    if found is None or not {"eager_us", "runtime_us", "ratio", "planned_us"} <= set(found) \
+            or found["eager_us"] <= 0 or found["planned_us"] <= 0:
         return None
     network = spec.network
     allowed = resolve_constraints(network, spec.constraints, path=spec.path, source=spec.source).allowed_impls
     fastest = store_all_schedule(network, cheapest_impls(network, allowed), trace.spec.fingerprint)
-    pytorch = store_all_schedule(network, first_impls(network), trace.spec.fingerprint)
-    if fastest is None or pytorch is None:
+    if fastest is None:
         return None
-    planned = simulate(network, pytorch).compute_us
-    if planned <= 0:
-        return None
-    scale = simulate(network, fastest).compute_us / planned
+    scale = simulate(network, fastest).compute_us / found["planned_us"]
     return EagerReference(found["eager_us"], found["runtime_us"] * scale, found["ratio"] * scale)
 
 

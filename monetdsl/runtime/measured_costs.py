@@ -23,7 +23,7 @@ import torch
 
 from ..costs import MeasurementStore, measured_report, profiled_cost_model
 from ..tracing.api import with_costs
-from .calibrate import CALIBRATION_NOTE, in_place_times, with_in_place_times
+from .calibrate import CALIBRATION_NOTE, EagerPairs, in_place_times, with_in_place_times
 from .eager_reference import keep_calibration_pairs
 
 __all__ = ["measured_trace", "measured_cost_model", "device_of", "IN_PLACE_ROUNDS"]
@@ -117,12 +117,14 @@ def measured_trace(model: torch.nn.Module, inputs, trace, *, optimizer: str, sto
     in_place = _stored_in_place(report.network, report.entries)
     notes: list[str] = []
     if in_place is None:
-        pairs: list = []  # eager's steps beside PyTorch's store-all, for the eager reference
+        pairs = EagerPairs()  # eager's steps beside the fastest store-all's, for the eager reference
         samples, notes = in_place_times(model, list(inputs), measured, optimizer=optimizer, rounds=IN_PLACE_ROUNDS,
                                         eager_pairs=pairs)
-        keep_calibration_pairs(store, measured, device, pairs)
         # planned on the pooled medians, as the next run reads them back: a schedule this run
         # solves replays on that run's costs exactly, so its cache entry is reused
         in_place, medians = _pooled_in_place(report.network, report, samples)
         _store_in_place(report.network, report, medians, store)
+        calibrated = with_in_place_times(measured, in_place, notes).trace
+        keep_calibration_pairs(store, calibrated, device, pairs)
+        return calibrated
     return with_in_place_times(measured, in_place, notes).trace
