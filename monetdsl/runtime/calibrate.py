@@ -262,13 +262,13 @@ def _unobserved(module, timed):
         module._observe = observe
 
 
-def paired_with_eager(model, module, inputs, device: str, pairs: list) -> None:
+def paired_with_eager(model, module, inputs, device: str, pairs: list, rounds: int | None = None) -> None:
     """Eager steps of ``model`` interleaved with steps of ``module`` (after one warm-up
     pair), appended to ``pairs`` as ``(eager, runtime)`` seconds in the eager reference's
     clock (process CPU time on a CPU: on a shared machine wall time says more about the
     other processes than about the two steps; wall time on CUDA) until
-    :func:`~.eager_reference.enough_pairs`."""
-    from .eager_reference import enough_pairs
+    :func:`~.eager_reference.enough_pairs` (with ``rounds`` pairs at most, default its own)."""
+    from .eager_reference import REFERENCE_ROUNDS, enough_pairs
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     clock = time.perf_counter if device.startswith("cuda") else time.process_time
@@ -282,7 +282,7 @@ def paired_with_eager(model, module, inputs, device: str, pairs: list) -> None:
 
     seconds(model), seconds(module)  # the warm-up pair
     began = time.perf_counter()
-    while not enough_pairs([b / a for a, b in pairs], time.perf_counter() - began):
+    while not enough_pairs([b / a for a, b in pairs], time.perf_counter() - began, rounds or REFERENCE_ROUNDS):
         pairs.append((seconds(model), seconds(module)))
 
 

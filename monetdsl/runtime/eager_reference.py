@@ -43,7 +43,6 @@ a third would add as much to planning).
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -54,7 +53,7 @@ from ..errors import CapWarning, warn_at_user
 from ..search.impl_choice import cheapest_impls, first_impls
 from ..validate import resolve_constraints
 from ..search.simulator import simulate
-from .calibrate import CALIBRATION_NOTE, backward_seeds, state_restored, store_all_schedule
+from .calibrate import CALIBRATION_NOTE, paired_with_eager, state_restored, store_all_schedule
 
 __all__ = ["EagerReference", "REFERENCE_ROUNDS", "REFERENCE_SECONDS", "REFERENCE_TOLERANCE", "enough_pairs", "measure_reference",
            "eager_reference", "reference_of", "keep_calibration_pairs", "cap_against_eager"]
@@ -129,26 +128,12 @@ def measure_reference(model: torch.nn.Module, inputs, trace, spec=None, *, optim
     if schedule is None:
         raise ValueError("no store-all schedule of the fastest implementations is valid")
     device = _device_of(inputs)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    clock = time.perf_counter if device == "cuda" else time.process_time
-
-    def seconds(module) -> float:
-        sync()
-        start = clock()
-        torch.autograd.backward(*backward_seeds(module(*inputs)))
-        sync()
-        return clock() - start
-
+    pairs: list = []
     with state_restored(model, device):
         runtime = OptimizedModule(model, Constraints(None, None, schedule, "auto"), optimizer=optimizer, announce=False)
         runtime.plan_for(*inputs, trace=trace)
-        seconds(model), seconds(runtime)  # the warm-up pair
-        eager, ours = [], []
-        began = time.perf_counter()
-        while not enough_pairs([b / a for a, b in zip(eager, ours)], time.perf_counter() - began, rounds):
-            eager.append(seconds(model))
-            ours.append(seconds(runtime))
-    return reference_of(list(zip(eager, ours)))
+        paired_with_eager(model, runtime, inputs, device, pairs, rounds)
+    return reference_of(pairs)
 
 
 def reference_of(pairs: list[tuple[float, float]]) -> EagerReference:
