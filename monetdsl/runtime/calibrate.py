@@ -213,7 +213,8 @@ def in_place_times(model: torch.nn.Module, inputs, trace, *, optimizer: str, rou
                                            _unobserved(module, lambda: _timed_steps(module, inputs, len(walls), clock.sync,
                                                                                     most=len(walls))))
             if eager_pairs is not None and not eager_pairs.pairs and impls == fastest:
-                _unobserved(module, lambda: paired_with_eager(model, module, inputs, device, eager_pairs.pairs))
+                _unobserved(module, lambda: paired_with_eager(model, module, inputs, device, eager_pairs.pairs,
+                                                              module_warm=True))
                 eager_pairs.impls = dict(impls)
     medians = {key: statistics.median(times) for key, times in samples.items()}
     for key, saved in savings.items():
@@ -262,12 +263,15 @@ def _unobserved(module, timed):
         module._observe = observe
 
 
-def paired_with_eager(model, module, inputs, device: str, pairs: list, rounds: int | None = None) -> None:
+def paired_with_eager(model, module, inputs, device: str, pairs: list, rounds: int | None = None,
+                      module_warm: bool = False) -> None:
     """Eager steps of ``model`` interleaved with steps of ``module`` (after one warm-up
-    pair), appended to ``pairs`` as ``(eager, runtime)`` seconds in the eager reference's
-    clock (process CPU time on a CPU: on a shared machine wall time says more about the
-    other processes than about the two steps; wall time on CUDA) until
-    :func:`~.eager_reference.enough_pairs` (with ``rounds`` pairs at most, default its own)."""
+    pair, or one eager warm-up step when ``module`` has just run steps: each side's
+    fastest step is what counts, :func:`~.eager_reference.reference_of`), appended to
+    ``pairs`` as ``(eager, runtime)`` seconds in the eager reference's clock (process CPU
+    time on a CPU: on a shared machine wall time says more about the other processes than
+    about the two steps; wall time on CUDA) until :func:`~.eager_reference.enough_pairs`
+    (with ``rounds`` pairs at most, default its own)."""
     from .eager_reference import REFERENCE_ROUNDS, enough_pairs
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -280,7 +284,9 @@ def paired_with_eager(model, module, inputs, device: str, pairs: list, rounds: i
         sync()
         return clock() - start
 
-    seconds(model), seconds(module)  # the warm-up pair
+    seconds(model)  # the warm-up
+    if not module_warm:
+        seconds(module)
     began = time.perf_counter()
     while not enough_pairs([b / a for a, b in pairs], time.perf_counter() - began, rounds or REFERENCE_ROUNDS):
         pairs.append((seconds(model), seconds(module)))
