@@ -41,7 +41,9 @@ refinement MILP fits, that MILP gets the first :data:`EXACT_FIRST_SHARE` of the 
 its own (:func:`hybrid`): blocks cannot see that a batch-sliced segment's recomputation
 frees the whole network's cap, and on VGG-16 with its first block sliced (37 ops, 10 %
 cap, 60 s) the pipeline ended at 4.7-5.2 GiB, its refinement given 8 s, while the MILP
-alone reached 4.3 GiB; the pipeline then runs in the rest and the lower peak is kept.
+alone reached 4.3 GiB. The pipeline then runs in the rest, without the pass restricted to
+the first implementations (the MILP searched every implementation, and on the busy
+machine that pass overran its share by 30 s), and the lower peak is kept.
 """
 from __future__ import annotations
 
@@ -950,9 +952,10 @@ def hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchContex
     exact = _exact_first(network, constraints, ctx)
     if exact is not None and exact.status == "optimal":
         return exact
-    hr = restricted_first(network, constraints, ctx if exact is None else
-                          replace(ctx, time_limit=max(0.5, limit - exact.details["exact_first"]["seconds"])),
-                          short=sized is not None)
+    if exact is not None:  # the MILP searched every implementation: the rest goes to the pipeline itself
+        left = max(0.5, limit - exact.details["exact_first"]["seconds"])
+        ctx = replace(ctx, time_limit=left, options={**ctx.options, "restricted_share": 0})
+    hr = restricted_first(network, constraints, ctx, short=sized is not None)
     if exact is not None:
         hr = _lower_peak(network, constraints, ctx, exact, hr)
     details = dict(hr.details)
