@@ -4,18 +4,19 @@ Not a test: it measures. For each shipped MONeT-scale spec (P100 roofline costs)
 overhead cap (10 % and MONeT's own overhead nearest below it, by default), the least
 peak within the cap from:
 
-* ``monetdsl``: ``--method hybrid`` on the full spec (every implementation);
-* ``no alternatives``: the same search on the spec reduced to each op's first (PyTorch)
-  implementation (:func:`monetdsl.search.restrict.reduced_spec`);
+* ``monetdsl``: ``--method hybrid`` on the spec as shipped (every implementation; VGG-16's
+  first block a batch-sliced segment, as ``monetdsl trace`` writes it by default);
+* ``no alternatives``: the same search on PyTorch's own ops with their first (PyTorch)
+  implementations: the op-by-op spec (``specs/MODEL_no_segments.monet`` where the shipped
+  one has segments) reduced by :func:`monetdsl.search.restrict.reduced_spec`;
 * ``checkmate-lp``: Checkmate's LP relaxation with rounding, where it finishes in time
   (at the 10 % cap only);
-* ``sliced segments`` (``--sliced``): the same search on the full spec with its widest
-  blocks of per-sample ops made batch-sliced segments (:mod:`monetdsl.slicing`; the blocks
-  whose forced recomputation fits in the cap and which are wider than every op outside
-  the blocks, widest first, :func:`monetdsl.slicing.widest_blocks`); not solved where no
-  block qualifies.
+* ``without segments``: where the shipped spec has segments, the same search on the
+  op-by-op spec with every implementation (what implementation choice alone gives).
 
-Overheads are against PyTorch's time (every op once with its first implementation), as
+Each column's caps are solved smallest first in one new process (:func:`walk_caps`): a
+larger cap starts from the schedules the smaller ones found, so a column's peak never
+rises with the cap. Overheads are against PyTorch's time (every op once with its first implementation), as
 MONeT reports them; the full spec's cap is converted to its own baseline so that every
 search gets the same absolute compute allowance. Memory ratios are PyTorch's store-all
 peak (first implementations) over the peak found. MONeT's published points (GB and
@@ -28,7 +29,6 @@ plot per model (``monet_pareto_MODEL.png``: memory against overhead).
     python benchmarks/monet_table.py                       # all five, 60 s per solve
     python benchmarks/monet_table.py --models vgg16 --time-limit 20 --no-checkmate
     python benchmarks/monet_table.py --overheads 0.05,0.10 --frontier
-    python benchmarks/monet_table.py --models vgg16 --no-checkmate --sliced
 """
 from __future__ import annotations
 
@@ -53,7 +53,6 @@ from monetdsl.grammar import load_spec  # noqa: E402
 from monetdsl.search.impl_choice import no_recompute_compute_us  # noqa: E402
 from monetdsl.search.restrict import reduced_spec  # noqa: E402
 from monetdsl.search.solve import solve  # noqa: E402
-from monetdsl.slicing import segment_name, sliced_spec, widest_blocks  # noqa: E402
 
 GIB = 2**30
 MODELS = ["resnet50", "googlenet", "unet", "mobilenet_v2", "vgg16"]
@@ -116,28 +115,35 @@ def run_one(spec, method: str, cap_vs_pytorch: float, pytorch_us: float, time_li
     return row
 
 
-def spec_variant(model: str, variant: str, cap_vs_pytorch: float, pytorch_us: float):
-    """The spec a column searches: ``full``, ``reduced`` (first implementations) or
-    ``sliced`` (full, with its widest blocks as batch-sliced segments), and the segments."""
-    spec = load_spec(ROOT / "specs" / f"{model}.monet")
-    if variant == "reduced":
-        return reduced_spec(spec), []
-    if variant == "sliced":
-        runs = widest_blocks(spec.network, cap_vs_pytorch * pytorch_us)
-        return sliced_spec(spec, runs), [segment_name(run) for run in runs]
-    return spec, []
+def op_by_op_path(model: str) -> Path:
+    """The model's spec with PyTorch's ops one by one: ``MODEL_no_segments.monet`` where the
+    shipped spec has batch-sliced segments (``monetdsl trace --no-segments``), else the
+    shipped spec itself."""
+    plain = ROOT / "specs" / f"{model}_no_segments.monet"
+    return plain if plain.exists() else ROOT / "specs" / f"{model}.monet"
+
+
+def spec_variant(model: str, variant: str):
+    """The spec a column searches: ``full`` (as shipped), ``reduced`` (op by op, first
+    implementations) or ``no_segments`` (op by op, every implementation)."""
+    if variant == "full":
+        return load_spec(ROOT / "specs" / f"{model}.monet")
+    spec = load_spec(op_by_op_path(model))
+    return reduced_spec(spec) if variant == "reduced" else spec
+
+
+def segments_of(spec) -> list[str]:
+    """The batch-sliced segments of a spec: its ops whose implementations are all ``slicedK``."""
+    return [op.name for op in spec.network.forward_ops if all(name.startswith("sliced") for name in op.impl_names)]
 
 
 def _run_in_child(model: str, variant: str, method: str, cap_vs_pytorch: float, pytorch_us: float, time_limit: float,
                   keep_details: bool) -> dict:
-    spec, segments = spec_variant(model, variant, cap_vs_pytorch, pytorch_us)
-    if variant == "sliced" and not segments:
-        return {"status": "no segment", "seconds": 0.0, "peak": None, "segments": []}
+    spec = spec_variant(model, variant)
     row = run_one(spec, method, cap_vs_pytorch, pytorch_us, time_limit, keep_details)
-    if variant == "sliced":
-        row["segments"] = segments
-        if row.get("peak") is not None:
-            row["slices"] = {name: (row["impls"].get(name), row["impls"].get(name + ".backward")) for name in segments}
+    segments = segments_of(spec)
+    if segments and row.get("peak") is not None:
+        row["slices"] = {name: (row["impls"].get(name), row["impls"].get(name + ".backward")) for name in segments}
     row.pop("impls", None)
     return row
 
@@ -152,21 +158,36 @@ def run_fresh(model: str, variant: str, method: str, cap_vs_pytorch: float, pyto
         return pool.submit(_run_in_child, model, variant, method, cap_vs_pytorch, pytorch_us, time_limit, keep_details).result()
 
 
-def measure(models, overheads, frontier, time_limit, checkmate, sliced=False) -> list[dict]:
+def _caps_in_child(model: str, variant: str, caps: list[float], pytorch_us: float, time_limit: float) -> list[dict]:
+    return [_run_in_child(model, variant, "hybrid", cap, pytorch_us, time_limit, True) for cap in caps]
+
+
+def walk_caps(model: str, variant: str, caps: list[float], pytorch_us: float, time_limit: float) -> list[dict]:
+    """The hybrid at every cap of ``caps``, smallest first, in one new process: a schedule
+    within a smaller cap is within the larger ones, and the searches of the same graph in
+    one process start from the schedules found before (:mod:`monetdsl.search.known`), so
+    the least peak found never rises with the cap."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_caps_in_child, model, variant, sorted(caps), pytorch_us, time_limit).result()
+
+
+def measure(models, overheads, frontier, time_limit, checkmate) -> list[dict]:
     rows = []
     for model in models:
-        spec = load_spec(ROOT / "specs" / f"{model}.monet")
-        reduced = reduced_spec(spec)
+        has_segments = op_by_op_path(model) != ROOT / "specs" / f"{model}.monet"
+        reduced = spec_variant(model, "reduced")
         pytorch_us = no_recompute_compute_us(reduced.network)
         pytorch_peak = solve(reduced, "store-all").simulation.peak_bytes
-        for cap in caps_for(model, overheads, frontier):
+        caps = caps_for(model, overheads, frontier)
+        columns = {"full": walk_caps(model, "full", caps, pytorch_us, time_limit),
+                   "reduced": walk_caps(model, "reduced", caps, pytorch_us, time_limit)}
+        if has_segments:
+            columns["no_segments"] = walk_caps(model, "no_segments", caps, pytorch_us, time_limit)
+        for k, cap in enumerate(caps):
             row = {"model": model, "cap": cap, "pytorch_peak": pytorch_peak, "pytorch_us": pytorch_us, "monet": monet_point(model, cap)}
-            row["full"] = run_fresh(model, "full", "hybrid", cap, pytorch_us, time_limit, keep_details=True)
-            row["reduced"] = run_fresh(model, "reduced", "hybrid", cap, pytorch_us, time_limit, keep_details=True)
+            row.update({name: runs[k] for name, runs in columns.items()})
             if checkmate and abs(cap - HEADLINE_CAP) < 1e-9:
                 row["checkmate_lp"] = run_fresh(model, "full", "checkmate-lp", cap, pytorch_us, time_limit, keep_details=True)
-            if sliced:
-                row["sliced"] = run_fresh(model, "sliced", "hybrid", cap, pytorch_us, time_limit, keep_details=True)
             rows.append(row)
             print(_line(row), flush=True)
     return rows
@@ -199,25 +220,21 @@ def _line(row: dict) -> str:
     cells.append(_cell(row.get("checkmate_lp"), p) if "checkmate_lp" in row else "not run")
     full, reduced = row["full"], row["reduced"]
     choice = f"{reduced['peak'] / full['peak']:.2f}x" if full.get("peak") and reduced.get("peak") else "—"
-    cells += [choice, _monet(row["monet"]), f"{full['seconds']:.0f} / {reduced['seconds']:.0f}", _gap(full)]
-    cells.append(_sliced_cell(row["sliced"], p) if "sliced" in row else "not run")
+    cells += [choice, _monet(row["monet"]), f"{full['seconds']:.0f} / {reduced['seconds']:.0f}", _gap(full), _slices(full)]
+    cells.append(_cell(row["no_segments"], p) + f"; {row['no_segments']['seconds']:.0f} s" if "no_segments" in row else "no segments")
     return "| " + " | ".join(cells) + " |"
 
 
-def _sliced_cell(run: dict, pytorch_peak: int) -> str:
-    if not run.get("segments"):
-        return "no block both fits the cap and is wider than the ops outside blocks"
-    cell = _cell(run, pytorch_peak)
-    if run.get("slices"):
-        used = ", ".join(f"{name} {fwd}/{bwd}" for name, (fwd, bwd) in run["slices"].items())
-        cell += f"; {used}; {run['seconds']:.0f} s"
-    return cell
+def _slices(run: dict) -> str:
+    if not run.get("slices"):
+        return "—"
+    return ", ".join(f"{name} {fwd}/{bwd}" for name, (fwd, bwd) in run["slices"].items())
 
 
-HEADER = ("| model | cap (vs PyTorch) | PyTorch store-all | monetdsl (hybrid, full spec) | same search, no alternatives"
-          " | checkmate-lp | choice worth | MONeT (published, P100) | solve s (full / reduced) | gap (full)"
-          " | with batch-sliced segments (forward/backward slices; solve s) |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| model | cap (vs PyTorch) | PyTorch store-all | monetdsl (hybrid, spec as shipped) | same search, PyTorch's ops,"
+          " no alternatives | checkmate-lp | choice worth | MONeT (published, P100) | solve s (full / reduced) | gap (full)"
+          " | segments' forward/backward slices | without segments (op by op, every implementation; solve s) |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def plot(rows: list[dict], out: Path) -> list[str]:
@@ -236,7 +253,7 @@ def plot(rows: list[dict], out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         for key, label, style in (("full", "monetdsl (full spec)", "o-"), ("reduced", "without alternatives", "s--"),
                                   ("checkmate_lp", "checkmate-lp", "^:"),
-                                  ("sliced", "with batch-sliced segments", "d-.")):
+                                  ("no_segments", "without batch-sliced segments", "d-.")):
             pts = sorted((r[key]["overhead"] * 100, r[key]["peak"] / pytorch_peak) for r in mine if r.get(key) and r[key].get("peak"))
             if pts:
                 ax.plot(*zip(*pts), style, label=label)
@@ -272,7 +289,6 @@ def main(argv=None) -> int:
     parser.add_argument("--overheads", default=None, help="comma-separated caps against PyTorch, e.g. 0.05,0.1")
     parser.add_argument("--frontier", action="store_true", help="also every positive overhead of MONeT's points")
     parser.add_argument("--no-checkmate", action="store_true", help="skip checkmate-lp")
-    parser.add_argument("--sliced", action="store_true", help="also the full spec with its widest blocks as batch-sliced segments")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--plot-only", metavar="JSON", help="redraw the plots from a results file, solve nothing")
     args = parser.parse_args(argv)
@@ -293,7 +309,7 @@ def main(argv=None) -> int:
     command = "python benchmarks/monet_table.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(HEADER, flush=True)
     load_before = os.getloadavg()[0]
-    rows = measure(models, overheads, args.frontier, args.time_limit, not args.no_checkmate, args.sliced)
+    rows = measure(models, overheads, args.frontier, args.time_limit, not args.no_checkmate)
     load = f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = "\n".join([
@@ -305,9 +321,12 @@ def main(argv=None) -> int:
         "time (first implementations, nothing recomputed); ratios against PyTorch's planned",
         "store-all peak. \"choice worth\": the peak without alternatives over the peak with them.",
         "MONeT's figures are its README's (P100 measurements, Gurobi up to 24 h).",
-        "The last column (`--sliced`) searches the full spec with its widest blocks of per-sample",
-        "ops made batch-sliced segments (docs/search.md, \"Batch-sliced segments\"); the other",
-        "columns search the spec as shipped, without segments.",
+        "The main column searches the spec as shipped: VGG-16's first block is a batch-sliced segment",
+        "there, as `monetdsl trace` writes it (docs/search.md, \"Batch-sliced segments\"). \"No",
+        "alternatives\" is PyTorch's own ops and implementations (the spec traced with",
+        "`--no-segments`, reduced); the last column, where the shipped spec has segments, searches",
+        "that op-by-op spec with every implementation. Each column solves its caps smallest first in",
+        "one process: a larger cap starts from the schedules the smaller ones found (they fit it).",
         "",
         HEADER,
         *[_line(r) for r in rows],

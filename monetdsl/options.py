@@ -77,6 +77,10 @@ ENGINE_OPTIONS: dict[str, EngineOption] = {
     "restricted_share": EngineOption(
         "a fraction in [0, 1): the hybrid engine's time for the search restricted to each op's first implementation"
         " (0: none)", lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1),
+    "exact_first": EngineOption(
+        "a fraction in [0, 1): with the memory objective, the hybrid engine's time for the whole network's MILP first,"
+        " on networks it refines (0: none)",
+        lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1),
     "stall_share": EngineOption("a number >= 0, or None: the hybrid engine stops after this share of its running time without"
                                 " improving (None: it searches until the time limit)", lambda value: value is None or _at_least_zero(value)),
     "min_stall": EngineOption("a number of seconds >= 0: the least time the hybrid engine waits for an improvement", _at_least_zero),

@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from monetdsl import models  # noqa: E402
 from monetdsl.models.shipped import SHIPPED  # noqa: E402
 from monetdsl.costs import trace_model  # noqa: E402
+from monetdsl.tracing import with_segments  # noqa: E402
 
 
 def trace_text(entry) -> tuple[str, float]:
@@ -30,6 +31,8 @@ def trace_text(entry) -> tuple[str, float]:
     inputs = [(shape, getattr(torch, dtype)) for shape, dtype in entry.inputs]
     start = time.perf_counter()
     result = trace_model(model, inputs, device=entry.device, optimizer=entry.optimizer, name=entry.name)
+    if entry.segments:
+        result = with_segments(result)
     return result.text(), time.perf_counter() - start
 
 

@@ -25,6 +25,7 @@ SHIPPED_SPEC_NAMES = (
     "transformer_block",
     "unet",
     "vgg16",
+    "vgg16_no_segments",
 )
 
 SHIPPED_SPEC_FILES = tuple(SPECS_DIR / f"{name}.monet" for name in SHIPPED_SPEC_NAMES)

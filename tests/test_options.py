@@ -69,7 +69,7 @@ def test_values_are_converted_once_whatever_their_form():
 def test_every_engine_option_is_documented_and_accepted():
     good = {"gap": 0.01, "backend": "scipy", "polish": False, "evict": True, "refine": True, "refine_max_ops": 10, "target_ops": 8,
             "workers": 1, "menu_seconds": 2.5, "grid": 2, "rounds": 0, "kicks": None, "dp_backend": "numba",
-            "restricted_share": 0.25,
+            "restricted_share": 0.25, "exact_first": 0.6,
             "stall_share": None, "min_stall": 0.5, "tolerance": 0.01, "seconds_per_op": 0.2}
     assert set(good) == set(ENGINE_OPTIONS)
     assert check_search_options(options=good).options == good

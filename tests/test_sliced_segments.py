@@ -68,7 +68,7 @@ def test_the_chain_and_vgg_blocks_are_found():
     (run,) = per_sample_runs(network)
     assert run.ops == ("a", "b", "c", "d", "e") and run.source == "x"  # the loss reduces the batch
     assert [b.ops for b in blocks(network, run)] == [("a", "b", "c", "d", "e")]
-    vgg = load_spec(SPECS / "vgg16.monet").network
+    vgg = load_spec(SPECS / "vgg16_no_segments.monet").network
     first = blocks(vgg, per_sample_runs(vgg)[0])
     assert first[0].ops == tuple(f"features.{i}" for i in range(5)) and first[0].result == "features.4"
     assert first[1].ops == tuple(f"features.{i}" for i in range(5, 10)) and first[1].source == "features.4"
@@ -134,7 +134,7 @@ def test_the_searches_find_the_exhaustive_optimum_with_a_segment(method):
 
 
 def test_slicing_lowers_vgg16s_floor():
-    spec = load_spec(SPECS / "vgg16.monet")
+    spec = load_spec(SPECS / "vgg16_no_segments.monet")
     first = blocks(spec.network, per_sample_runs(spec.network)[0])[0]
     sliced = sliced_spec(spec, [first])
     costs = segment_costs(spec.network, first, 16)
@@ -264,26 +264,26 @@ def test_the_slice_command_writes_a_spec_that_checks(tmp_path, capsys):
     from monetdsl.cli import main
 
     out = tmp_path / "vgg.sliced.monet"
-    assert main(["slice", str(SPECS / "vgg16.monet"), "-o", str(out)]) == 0
+    assert main(["slice", str(SPECS / "vgg16_no_segments.monet"), "-o", str(out)]) == 0
     sliced = load_spec(out)
     segment = sliced.network.op("features.0..features.4")
     assert segment.impl_names == ("sliced4", "sliced8", "sliced16", "sliced32")  # narrower than the block's 4.2 GiB step
     assert main(["check", str(out)]) == 0
-    assert main(["slice", str(SPECS / "vgg16.monet"), "--segments", "features.5..features.9", "--slices", "8,16",
+    assert main(["slice", str(SPECS / "vgg16_no_segments.monet"), "--segments", "features.5..features.9", "--slices", "8,16",
                  "-o", str(out)]) == 0
     assert load_spec(out).network.op("features.5..features.9").impl_names == ("sliced8", "sliced16")
     capsys.readouterr()
-    assert main(["slice", str(SPECS / "vgg16.monet"), "--segments", "features.4..features.2"]) == 2
+    assert main(["slice", str(SPECS / "vgg16_no_segments.monet"), "--segments", "features.4..features.2"]) == 2
     assert "not a chain of per-sample ops" in capsys.readouterr().err
-    assert main(["slice", str(SPECS / "vgg16.monet"), "--slices", "0"]) == 2
-    assert main(["slice", str(SPECS / "vgg16.monet"), "--allowance", "1%"]) == 2
+    assert main(["slice", str(SPECS / "vgg16_no_segments.monet"), "--slices", "0"]) == 2
+    assert main(["slice", str(SPECS / "vgg16_no_segments.monet"), "--allowance", "1%"]) == 2
 
 
 def test_only_blocks_that_set_the_floor_are_chosen():
     from monetdsl.search.impl_choice import no_recompute_compute_us
     from monetdsl.slicing import widest_blocks
 
-    vgg = load_spec(SPECS / "vgg16.monet").network
+    vgg = load_spec(SPECS / "vgg16_no_segments.monet").network
     baseline = no_recompute_compute_us(vgg)
     # the first block's forward is 5 % of the step: it fits 10 %, the second block does not fit beside it
     assert [run.ops[0] for run in widest_blocks(vgg, 0.10 * baseline)] == ["features.0"]
@@ -291,3 +291,49 @@ def test_only_blocks_that_set_the_floor_are_chosen():
     # a batch norm between convolutions is as wide as any block: nothing is worth slicing
     small = load_spec(SPECS / "small_cnn.monet").network
     assert widest_blocks(small, no_recompute_compute_us(small)) == []
+
+
+def test_the_shipped_vgg16_is_its_op_by_op_spec_with_the_widest_segments():
+    from monetdsl.grammar.printer import format_spec
+    from monetdsl.slicing import with_widest_segments
+
+    shipped = load_spec(SPECS / "vgg16.monet")
+    sliced, runs = with_widest_segments(load_spec(SPECS / "vgg16_no_segments.monet"))
+    assert [run.ops[0] for run in runs] == ["features.0"]
+    assert format_spec(shipped).replace("vgg16", "?") == format_spec(sliced).replace("vgg16_no_segments", "?")
+    unchanged, none = with_widest_segments(load_spec(SPECS / "small_cnn.monet"))
+    assert none == [] and format_spec(unchanged) == format_spec(load_spec(SPECS / "small_cnn.monet"))
+
+
+TINY_VGG = """
+import torch.nn as nn
+
+
+def tiny_vgg():
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4),
+                         nn.Conv2d(32, 256, 3, padding=1), nn.ReLU(), nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4), nn.Flatten(),
+                         nn.Linear(256 * 4 * 4, 10))
+"""
+
+
+def test_trace_writes_the_widest_blocks_as_segments_unless_told_not_to(tmp_path, monkeypatch):
+    from monetdsl.cli import main
+    from monetdsl.slicing.choice import _op_width
+
+    (tmp_path / "tiny_vgg_model.py").write_text(TINY_VGG)
+    monkeypatch.chdir(tmp_path)
+    args = ["trace", "tiny_vgg_model:tiny_vgg", "--input", "16x3x128x128", "--device", "P100"]
+    assert main([*args, "-o", "sliced.monet"]) == 0
+    assert main([*args, "--no-segments", "-o", "plain.monet"]) == 0
+    sliced, plain = load_spec(tmp_path / "sliced.monet"), load_spec(tmp_path / "plain.monet")
+    # the two stages at 128x128 and 64x64 are wider than the 16x16 stage; their forwards fit 10 %
+    assert "# batch-sliced segments: 0..4, 5..7 " in (tmp_path / "sliced.monet").read_text()
+    assert sliced.network.op("0..4").impl_names[0].startswith("sliced") and not sliced.network.has_op("0")
+    assert plain.network.has_op("0") and not plain.network.has_op("0..4")
+    # op 2 holds its 128x128 input and output at once in every schedule of the op-by-op spec
+    floor = plain.network.fixed_bytes + _op_width(plain.network, plain.network.op("2"))
+    least = solve(sliced, "milp", objective="memory", time_limit=30, options={"gap": 0.0})
+    assert least.status == "optimal" and least.simulation.peak_bytes < floor
+    assert main(["check", str(tmp_path / "sliced.monet")]) == 0

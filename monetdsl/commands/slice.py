@@ -11,8 +11,8 @@ import sys
 
 from ..grammar import load_spec
 from ..grammar.printer import format_spec
-from ..search.impl_choice import no_recompute_compute_us
-from ..slicing import Run, block_width, blocks, per_sample_runs, segment_name, sliced_spec, widest_blocks
+from ..slicing import (DEFAULT_ALLOWANCE, Run, block_width, blocks, per_sample_runs, segment_name, sliced_spec,
+                       with_widest_segments)
 from ..units import human_bytes, parse_fraction
 from .common import add_parser, usage_error, write_after_work
 
@@ -35,7 +35,7 @@ def register(subparsers) -> None:
     parser.add_argument("--list", action="store_true", help="list the candidate blocks and write nothing")
     parser.add_argument("--segments", help="comma-separated FIRST..LAST op names (default: the widest blocks"
                         " within --allowance)")
-    parser.add_argument("--allowance", default="10%", help="recomputation the automatic choice may force, as a"
+    parser.add_argument("--allowance", default=f"{DEFAULT_ALLOWANCE:.0%}", help="recomputation the automatic choice may force, as a"
                         " fraction of the no-recompute time (default 10%%)")
     parser.add_argument("--slices", help="comma-separated slice counts to offer (default: those whose working"
                         " set is below the block's widest step)")
@@ -86,16 +86,17 @@ def run(args) -> int:
         return 0
     if args.segments:
         runs = named_segments(network, args.segments)
+        sliced = sliced_spec(spec, runs, counts)
     else:
         try:
             allowance = parse_fraction(args.allowance)
         except Exception:
             raise usage_error(f"--allowance takes a fraction such as 10%, not {args.allowance!r}") from None
-        runs = widest_blocks(network, allowance * no_recompute_compute_us(network))
+        sliced, runs = with_widest_segments(spec, allowance, counts)
         if not runs:
             raise usage_error(f"no block of per-sample ops both fits an allowance of {args.allowance} and is wider"
                               " than every op outside the blocks; name one with --segments (--list shows them)")
-    text = format_spec(sliced_spec(spec, runs, counts))
+    text = format_spec(sliced)
     print("segments: " + ", ".join(segment_name(r) for r in runs), file=sys.stderr)
     if args.output is None:
         sys.stdout.write(text)

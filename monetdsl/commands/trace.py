@@ -40,6 +40,9 @@ def register(subparsers) -> None:
                         " ends at the model's output, as monetdsl.optimize traces it); or package.module:function"
                         " taking the model's output")
     parser.add_argument("--name", help="network name (default: from the model's class)")
+    parser.add_argument("--no-segments", action="store_true", help="write every op on its own; by default the widest"
+                        " blocks of per-sample ops (convolutions, activations, pooling) whose recomputation fits in"
+                        " 10%% of the step become batch-sliced segments (docs/search.md)")
     parser.add_argument("-o", "--output", help="where to write the spec (default: stdout); a different file already"
                         " there is kept as NAME.bak")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (summary, or errors)")
@@ -91,6 +94,7 @@ def run(args) -> int:
     import torch.nn as nn
 
     from ..costs import trace_model
+    from ..tracing import with_segments
 
     inputs = [parse_input(t) for t in args.input]
     if args.output:
@@ -108,6 +112,8 @@ def run(args) -> int:
         name = getattr(factory, "__name__", None)  # monetdsl.models:small_cnn -> small_cnn
     result = trace_model(model, inputs, loss=loss, name=name, device=args.device, profile=args.profile,
                          optimizer=args.optimizer, dtype=args.dtype, repeats=args.repeats)
+    if not args.no_segments:
+        result = with_segments(result)
     text = result.text()
     net = result.network
     summary = {

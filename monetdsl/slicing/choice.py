@@ -10,13 +10,20 @@ single-op step, the largest first, while their recomputed forwards fit in ``allo
 cap on checkpointing the rest) and while the block is wider than every op that no block
 holds (a batch norm between two convolutions holds its input and output too: slicing
 blocks narrower than that cannot lower the floor, only cost their recomputation).
+:func:`with_widest_segments` applies that choice to a spec with the default allowance, 10 %
+of the spec's no-recompute time: what ``monetdsl trace`` writes unless told not to, and
+what ``monetdsl slice`` writes without ``--segments``.
 """
 from __future__ import annotations
 
-from ..ir import Network
+from ..ir import Network, Spec
 from .runs import Run, block_width, blocks, per_sample_runs
+from .segment import sliced_spec
 
-__all__ = ["widest_blocks"]
+__all__ = ["DEFAULT_ALLOWANCE", "widest_blocks", "with_widest_segments"]
+
+#: the recomputation the default choice may force, as a fraction of the no-recompute time
+DEFAULT_ALLOWANCE = 0.10
 
 
 def widest_blocks(network: Network, allowance_us: float, max_blocks: int | None = None) -> list[Run]:
@@ -41,6 +48,17 @@ def widest_blocks(network: Network, allowance_us: float, max_blocks: int | None 
         spent += forward_us
     chosen.sort(key=lambda run: [op.name for op in network.forward_ops].index(run.ops[0]))
     return chosen
+
+
+def with_widest_segments(spec: Spec, allowance: float = DEFAULT_ALLOWANCE,
+                         slice_counts=None) -> tuple[Spec, list[Run]]:
+    """``spec`` with :func:`widest_blocks` (within ``allowance`` of its no-recompute time)
+    as batch-sliced segments offering ``slice_counts`` (default: :func:`.segment.offered_costs`'
+    choice), and those blocks; ``spec`` itself when no block qualifies."""
+    from ..search.impl_choice import no_recompute_compute_us  # the search package imports much
+
+    runs = widest_blocks(spec.network, allowance * no_recompute_compute_us(spec.network))
+    return (sliced_spec(spec, runs, slice_counts), runs) if runs else (spec, [])
 
 
 def _op_width(network: Network, op) -> int:

@@ -3,8 +3,8 @@
 
 Import cost: this package imports torch; the rest of monetdsl does not need it.
 """
-from .api import DTYPES, TraceResult, trace_graph, with_costs
+from .api import DTYPES, TraceResult, trace_graph, with_costs, with_segments
 from .capture import CaptureError
 from .costs import PRESETS, DevicePreset, Roofline
 
-__all__ = ["trace_graph", "with_costs", "TraceResult", "CaptureError", "PRESETS", "DevicePreset", "Roofline", "DTYPES"]
+__all__ = ["trace_graph", "with_costs", "with_segments", "TraceResult", "CaptureError", "PRESETS", "DevicePreset", "Roofline", "DTYPES"]

@@ -27,7 +27,7 @@ from .joint import analyse
 from .kept_captures import capture_key, keep_capture, recall_capture
 from .to_ir import BuiltNetwork, build_network
 
-__all__ = ["TraceResult", "trace_graph", "with_costs", "DTYPES", "strip_loss_ops"]
+__all__ = ["TraceResult", "trace_graph", "with_costs", "with_segments", "DTYPES", "strip_loss_ops"]
 
 #: --dtype spellings
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64}
@@ -175,6 +175,28 @@ def with_costs(trace: TraceResult, network: Network, cost_model: str, notes: Seq
     header = [f"costs: {cost_model}" if line.startswith("costs: ") else line for line in trace.header]
     header += [f"note: {note}" for note in notes]
     result = TraceResult(spec, built, cost_model, trace.capture_seconds, trace.total_seconds, header)
+    spec.source = result.text()
+    return result
+
+
+def with_segments(trace: TraceResult) -> TraceResult:
+    """``trace`` with its widest blocks of per-sample ops as batch-sliced segments
+    (:func:`monetdsl.slicing.with_widest_segments`: within 10 % of the no-recompute time,
+    only blocks wider than every other op), named in a header line; ``trace`` itself when
+    no block qualifies. What ``monetdsl trace`` writes unless ``--no-segments``.
+    ``built`` is kept as traced (the ops one by one, as its records describe them): the
+    traced runtime (``monetdsl.optimize``) does not lower segments; a segment is run by
+    :class:`monetdsl.runtime.sliced_segment.SlicedSegment`."""
+    from ..slicing import DEFAULT_ALLOWANCE, segment_name, with_widest_segments
+
+    sliced, runs = with_widest_segments(trace.spec)
+    if not runs:
+        return trace
+    names = ", ".join(segment_name(run) for run in runs)
+    header = [*trace.header, f"batch-sliced segments: {names} (the widest blocks within {DEFAULT_ALLOWANCE:.0%} of the"
+              " no-recompute time; --no-segments writes their ops one by one)"]
+    spec = Spec(sliced.network, sliced.constraints, path=trace.spec.path)
+    result = TraceResult(spec, trace.built, trace.cost_model, trace.capture_seconds, trace.total_seconds, header)
     spec.source = result.text()
     return result
 
