@@ -79,7 +79,7 @@ ENGINE_OPTIONS: dict[str, EngineOption] = {
         " (0: none)", lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1),
     "exact_first": EngineOption(
         "a fraction in [0, 1): with the memory objective, the hybrid engine's time for the whole network's MILP first,"
-        " on networks it refines (0: none)",
+        " on networks it refines (by default 0.6 where a batch-sliced segment is, none elsewhere; 0: none)",
         lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1),
     "stall_share": EngineOption("a number >= 0, or None: the hybrid engine stops after this share of its running time without"
                                 " improving (None: it searches until the time limit)", lambda value: value is None or _at_least_zero(value)),

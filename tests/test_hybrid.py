@@ -369,12 +369,17 @@ def test_hybrid_minimum_memory_under_an_overhead_cap():
 
 
 def test_least_peak_on_a_network_the_milp_fits_is_the_exact_optimum():
-    # small_cnn: 13 forward ops in several blocks; the whole network's MILP runs first
+    # small_cnn: 13 forward ops in several blocks; by default the block pipeline finds the
+    # least peak, and with ``exact_first`` the whole network's MILP, run first, proves it
     spec = load_spec(SPECS / "small_cnn.monet")
     exact = solve(spec, "milp", objective="memory", max_overhead=0.1, time_limit=60, options={"gap": 0.0})
-    result = solve(spec, "hybrid", objective="memory", max_overhead=0.1, time_limit=60)
-    assert exact.status == "optimal" and result.status == "optimal"
-    assert result.simulation.peak_bytes == exact.simulation.peak_bytes and result.simulation.overhead <= 0.1 + 1e-9
+    assert exact.status == "optimal"
+    pipeline = solve(spec, "hybrid", objective="memory", max_overhead=0.1, time_limit=60)
+    first = solve(spec, "hybrid", objective="memory", max_overhead=0.1, time_limit=60, options={"exact_first": 0.6})
+    assert first.status == "optimal" and "exact_first" in first.details
+    assert "exact_first" not in pipeline.details
+    for result in (pipeline, first):
+        assert result.simulation.peak_bytes == exact.simulation.peak_bytes and result.simulation.overhead <= 0.1 + 1e-9
 
 
 def test_auto_runs_hybrid_on_larger_networks_and_says_why():

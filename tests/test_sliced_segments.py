@@ -20,7 +20,10 @@ from monetdsl.errors import SpecError
 from monetdsl.grammar import load_spec, parse_schedule, parse_spec
 from monetdsl.search import simulate, solve
 from monetdsl.search.exhaustive import best_within, exhaustive_front
+from monetdsl.search.hybrid.engine import _exact_first
+from monetdsl.search.outcome import SearchContext
 from monetdsl.slicing import Run, blocks, per_sample_runs, segment_costs, sliced_spec
+from monetdsl.validate import resolve_constraints
 from monetdsl.runtime.sliced_segment import SlicedSegment, slice_bounds
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
@@ -131,6 +134,19 @@ def test_the_searches_find_the_exhaustive_optimum_with_a_segment(method):
         result = solve(spec, "milp" if method == "milp" else "hybrid", memory_budget=point.peak_bytes, time_limit=30,
                        options={"gap": 0.0} if method == "milp" else None)
         assert result.simulation.compute_us == pytest.approx(best_within(front, point.peak_bytes).compute_us, abs=1e-9)
+
+
+def test_the_hybrids_least_peak_runs_the_whole_networks_milp_first_only_where_a_segment_is():
+    sliced = sliced_spec(chain_spec(), [chain_run()], slice_counts=(1, 2, 8))
+    lowest = min(p.peak_bytes for p in exhaustive_front(sliced.network))
+    for spec, runs_first in ((sliced, True), (chain_spec(), False)):
+        constraints = resolve_constraints(spec.network, spec.constraints)
+        ctx = SearchContext("chain.monet", spec.fingerprint, 1.0, "memory", 20.0)
+        outcome = _exact_first(spec.network, constraints, ctx)
+        assert (outcome is not None) is runs_first
+        if runs_first:
+            assert outcome.status == "optimal"
+            assert simulate(spec.network, outcome.schedule, constraints=constraints).peak_bytes == lowest
 
 
 def test_slicing_lowers_vgg16s_floor():

@@ -40,6 +40,7 @@ splits over the slices.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 from ..errors import SpecError
@@ -51,7 +52,7 @@ from ..validate import validate_network
 from .runs import Run, batch_input, block_width
 
 __all__ = ["DEFAULT_SLICES", "DEFAULT_KERNEL_FEE_US", "SegmentCosts", "segment_costs", "offered_costs", "segment_name",
-           "sliced_network", "sliced_spec"]
+           "is_segment", "sliced_network", "sliced_spec"]
 
 #: slice counts a segment may be offered (those above the batch are left out)
 DEFAULT_SLICES = (1, 2, 4, 8, 16, 32)
@@ -77,6 +78,12 @@ def _slice_bytes(tensor: Tensor, rows: int) -> int:
 def segment_name(run: Run) -> str:
     """The segment op's name: its first and last op, ``features.0..features.4``."""
     return f"{run.ops[0]}..{run.ops[-1]}"
+
+
+def is_segment(op: ForwardOp) -> bool:
+    """Whether ``op`` is a batch-sliced segment: every implementation is ``slicedK``, as
+    :func:`sliced_network` writes them (a spec keeps no other mark of it)."""
+    return bool(op.impls) and all(re.fullmatch(r"sliced[0-9]+", impl.name) for impl in op.impls)
 
 
 def _input_has_gradient(network: Network, run: Run) -> bool:

@@ -37,8 +37,8 @@ Without a time limit from the caller, the engine's limit is a share sized to the
 With the memory objective (``--min-memory``) the engine looks for the smallest internal
 budget whose plan replays within the overhead cap, and reports the best peak found and a
 lower bound; it is exact only when the refinement MILP proves it. On a network the
-refinement MILP fits, that MILP gets the first :data:`EXACT_FIRST_SHARE` of the time, on
-its own (:func:`hybrid`): blocks cannot see that a batch-sliced segment's recomputation
+refinement MILP fits and that has a batch-sliced segment, that MILP gets the first
+:data:`EXACT_FIRST_SHARE` of the time, on its own (:func:`hybrid`): blocks cannot see that a batch-sliced segment's recomputation
 frees the whole network's cap, and on VGG-16 with its first block sliced (37 ops, 10 %
 cap, 60 s) the pipeline ended at 4.7-5.2 GiB, its refinement given 8 s, while the MILP
 alone reached 4.3 GiB. The pipeline then runs in the rest, without the pass restricted to
@@ -54,6 +54,7 @@ from dataclasses import dataclass, field, replace
 from ...errors import SpecError
 from ...ir import Network, Schedule
 from ...units import human_bytes
+from ...slicing import is_segment
 from ...validate import ResolvedConstraints
 from ..milp.engine import DEFAULT_TIME_LIMIT, _heuristics, evicted_candidate, _start_for, heuristic_names, least_peak_within, minimum_budget, not_proved_minimum, solve_joint, without_budget
 from ..milp.codec import decisions_from_solution, decode
@@ -116,8 +117,9 @@ MIN_STALL_SOLVES_PER_KIND = 2
 #: ... and it does not stop at all while the best is more than this share above the simple
 #: lower bound: only the menus' time (``MENU_SHARE_MAX``) ends it then
 FAR_FROM_BOUND = 0.10
-#: with the memory objective, on a network the refinement MILP fits, the share of the time
-#: the whole network's MILP gets first (``options={"exact_first": 0}`` skips it)
+#: with the memory objective, on a network the refinement MILP fits and that has a
+#: batch-sliced segment, the share of the time the whole network's MILP gets first
+#: (``options={"exact_first": share}`` sets it for any network, 0 skips it)
 EXACT_FIRST_SHARE = 0.6
 
 
@@ -905,7 +907,10 @@ def _exact_first(network: Network, constraints: ResolvedConstraints, ctx: Search
     """The whole network's MILP within :data:`EXACT_FIRST_SHARE` of the time, with the
     memory objective on a network the refinement fits; None otherwise or when it finds no
     schedule."""
-    share = float(ctx.options.get("exact_first", EXACT_FIRST_SHARE))
+    given = ctx.options.get("exact_first")
+    if given is None and not any(is_segment(op) for op in network.forward_ops):
+        return None  # block menus see every op's choices themselves; the MILP first would cost small plans its share
+    share = float(EXACT_FIRST_SHARE if given is None else given)
     if ctx.objective != "memory" or share <= 0 or not _fits_refinement(network, ctx.options):
         return None
     begin = time.perf_counter()
