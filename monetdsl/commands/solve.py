@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def default_output(spec_path: str) -> Path:
 
 
 def run(args) -> int:
+    started = time.perf_counter()  # --time-limit bounds the command: reading the spec counts
     gap = {} if args.gap is None else {"gap": args.gap}
     checked = cli_search_options(args, methods=METHODS, options={"backend": args.solver, **gap})
     if args.output and args.no_write:
@@ -89,11 +91,14 @@ def run(args) -> int:
             raise OutputError(replace(exc.diagnostics[0], message=exc.diagnostics[0].message + "; choose another place with -o,"
                                       " or pass --no-write")) from None
     progress = None if args.quiet or args.json else StderrProgress()
+    time_limit = checked.time_limit
+    if time_limit is not None:  # what reading the spec left (a large spec takes about a second)
+        time_limit = max(0.1, time_limit - (time.perf_counter() - started))
     try:
         with stop_on_interrupt() as stop:
             result = solve(
                 spec, checked.method, memory_budget=checked.memory_budget, max_overhead=checked.max_overhead,
-                time_limit=checked.time_limit, options=checked.options, objective="memory" if args.min_memory else None,
+                time_limit=time_limit, options=checked.options, objective="memory" if args.min_memory else None,
                 progress=progress, spelling=CLI_SPELLING, stop=stop,
             )
     finally:

@@ -28,7 +28,7 @@ from ..ir import Network
 from ..validate import ResolvedConstraints
 from .carry_plan import schedule_from_carry
 from .impl_choice import cheapest_impls
-from .milp.engine import BUILD_SHARE, DEFAULT_TIME_LIMIT, highs_seconds, minimum_budget, solve_joint
+from .milp.engine import BUILD_SHARE, DEFAULT_TIME_LIMIT, highs_seconds, minimum_budget, presolve_fits, solve_joint
 from .milp.highs import run_highs
 from .milp.model import MIB, BuildTimeout, build_model
 from .outcome import MethodOutcome, SearchContext
@@ -87,10 +87,11 @@ def checkmate_lp(network: Network, constraints: ResolvedConstraints, ctx: Search
             continue
         left = highs_seconds(model, deadline - time.perf_counter())
         if left <= 0.1:
-            details["lp"].append({"budget_factor": factor, "status": "no time left"})
+            details["lp"].append({"budget_factor": factor, "status": "no time left", "rows": model.stats.get("rows"),
+                                  "nonzeros": model.stats.get("nonzeros")})
             break
         run = run_highs(model.builder, time_limit=left, relax=True, backend=ctx.options.get("backend", "highspy"),
-                        stop=ctx.stop, lp_solver=LP_SOLVER)
+                        stop=ctx.stop, lp_solver=LP_SOLVER, presolve=presolve_fits(model, left))
         details["lp"].append({"budget_factor": factor, "status": run.status, "seconds": round(run.seconds, 3),
                               "rows": model.stats.get("rows"), "nonzeros": model.stats.get("nonzeros")})
         if run.x is None:

@@ -439,14 +439,21 @@ class MenuCache:
 DEFAULT_CACHE = MenuCache()
 
 
+def _within(budget: float, until: float | None) -> float:
+    """``budget`` seconds, or fewer when the wall-clock instant ``until`` (``time.time()``,
+    the same in the worker processes) comes first: each kind's least time
+    (:data:`MIN_SECONDS_PER_KIND`) must not carry the menus past the search's limit."""
+    return budget if until is None else max(0.0, min(budget, until - time.time()))
+
+
 def _build_one(args) -> BlockMenu:
-    bn, budget, per_solve, grid, seeds, stop = args
-    return build_menu(bn, time_budget=budget, per_solve=per_solve, grid=grid, seeds=seeds, stop=stop)
+    bn, budget, per_solve, grid, seeds, stop, until = args
+    return build_menu(bn, time_budget=_within(budget, until), per_solve=per_solve, grid=grid, seeds=seeds, stop=stop)
 
 
 def _extend_one(args) -> BlockMenu:
-    bn, menu, requests, budget, stop = args
-    return extend_menu(bn, menu, requests, time_budget=budget, stop=stop)
+    bn, menu, requests, budget, stop, until = args
+    return extend_menu(bn, menu, requests, time_budget=_within(budget, until), stop=stop)
 
 
 def _pool_map(function, jobs, workers: int):
@@ -461,10 +468,11 @@ def _pool_map(function, jobs, workers: int):
 
 def extend_menus(
     requests: dict[str, tuple[BlockNet, list]], menus: dict[str, BlockMenu], *, time_budget: float,
-    cache: MenuCache | None = None, workers: int = 1, stop=None,
+    cache: MenuCache | None = None, workers: int = 1, stop=None, until: float | None = None,
 ) -> dict[str, BlockMenu]:
     """Add targeted options (``requests[fingerprint] = (block net, [(budget, cap, fresh)])``).
-    ``stop`` (anything with ``is_set()``) ends the solves early, in this process only."""
+    ``stop`` (anything with ``is_set()``) ends the solves early, in this process only;
+    no solve starts after ``until`` (a ``time.time()`` instant)."""
     cache = cache if cache is not None else DEFAULT_CACHE
     items = [(fp, bn, reqs) for fp, (bn, reqs) in requests.items() if reqs]
     if not items:
@@ -473,7 +481,7 @@ def extend_menus(
     total = sum(weights)
     share = time_budget * max(1, min(workers, len(items)))
     stop = stop if workers <= 1 else None  # an event does not cross into spawned processes
-    jobs = [(bn, menus[fp], reqs, max(0.3, share * w / total), stop) for (fp, bn, reqs), w in zip(items, weights)]
+    jobs = [(bn, menus[fp], reqs, max(0.3, share * w / total), stop, until) for (fp, bn, reqs), w in zip(items, weights)]
     result = dict(menus)
     for menu in _pool_map(_extend_one, jobs, workers):
         cache.put(menu)
@@ -490,6 +498,7 @@ def build_menus(
     grid: int = 2,
     seeds: dict[str, list[Option]] | None = None,
     stop=None,
+    until: float | None = None,
 ) -> dict[str, BlockMenu]:
     """Menus of every block kind (one representative :class:`BlockNet` per fingerprint).
 
@@ -497,6 +506,9 @@ def build_menus(
     size (forward ops squared, as the MILP grows), and spread over ``workers`` processes.
     ``seeds``: known options by fingerprint (:func:`build_menu`).
     ``stop`` (anything with ``is_set()``) ends the solves early, in this process only.
+    ``until`` (a ``time.time()`` instant): no MILP solve starts after it, whatever each
+    kind's least share; a kind reached later gets the heuristics' options and its whole
+    grid pending.
     """
     cache = cache if cache is not None else DEFAULT_CACHE
     result: dict[str, BlockMenu] = {}
@@ -514,7 +526,8 @@ def build_menus(
     share = time_budget * max(1, min(workers, len(todo)))
     seeds = seeds or {}
     stop = stop if workers <= 1 else None  # an event does not cross into spawned processes
-    jobs = [(bn, max(MIN_SECONDS_PER_KIND, share * w / total), max(0.5, min(4.0, share * w / total / 3)), grid, tuple(seeds.get(bn.fingerprint, ())), stop)
+    jobs = [(bn, max(MIN_SECONDS_PER_KIND, share * w / total), max(0.5, min(4.0, share * w / total / 3)), grid, tuple(seeds.get(bn.fingerprint, ())), stop,
+             until)
             for bn, w in zip(todo, weights)]
     menus = _pool_map(_build_one, jobs, workers)
     for menu in menus:

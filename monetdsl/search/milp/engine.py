@@ -48,8 +48,16 @@ DEFAULT_TIME_LIMIT = 60.0
 #: model that large to HiGHS and presolving it take a comparable time again, which the
 #: limit has to leave room for
 BUILD_SHARE = 0.5
-#: share of the build time kept back for passing the model to HiGHS (:func:`highs_seconds`)
-TRANSFER_SHARE = 0.2
+#: share of the build time kept back, out of a run's time, for decoding HiGHS's incumbent
+#: and replaying it (:func:`highs_seconds`): a 400-node Checkmate graph built in 6-7 s
+#: took 0.5-1.0 s to decode and 0.3-0.6 s more to replay and check
+AFTER_SHARE = 0.25
+#: HiGHS's presolve does not stop for a time limit or a callback, and takes one to two
+#: times as long as building the model did (a 400-node Checkmate graph built in 10.4 s:
+#: HiGHS's first callback 11.1 s after it started; UNet's model built in 7.4 s: a run
+#: limited to 12.0 s took 13.8 s); a run left less than this multiple of the build time
+#: runs without it (:func:`presolve_fits`), where the callbacks stop it in time
+PRESOLVE_ROOM = 2.5
 #: Chen's greedy search and revolve run as heuristics up to this many forward ops
 HEURISTICS_MAX_FORWARD_OPS = 250
 #: relative optimality gap at which HiGHS stops (0.01 %)
@@ -176,16 +184,34 @@ def _progress_adapter(ctx: SearchContext, model: JointModel, label: str, phase: 
 
 
 def highs_seconds(model: JointModel, time_left: float) -> float:
-    """HiGHS's own time limit when ``time_left`` remains: its clock starts once the model
-    is passed to it, which takes about a fifth of the time building the model took (a
-    400-node Checkmate graph: 1.5 s after 10.7 s), so that much is kept back."""
-    return max(0.1, time_left - TRANSFER_SHARE * model.stats.get("build_seconds", 0.0))
+    """The time limit of a HiGHS run (:func:`.highs.run_highs`, which counts passing the
+    model over) when ``time_left`` remains for the run and what follows it: decoding its
+    incumbent and replaying it take about a quarter of the time building the model took
+    (:data:`AFTER_SHARE`), so that much is kept back."""
+    return max(0.1, time_left - AFTER_SHARE * model.stats.get("build_seconds", 0.0))
+
+
+def room_for_another(model: JointModel, seconds: float, least: float = 0.2) -> bool:
+    """Whether ``seconds`` leave room for a second model the size of ``model`` (the
+    minimum's proof, the fastest schedule at the least peak): building it, a HiGHS run
+    as long again, and decoding (at least ``least`` seconds). Building checks its
+    deadline only between stages: started with too little time, UNet's second model
+    overran the limit by 1.3 s."""
+    return seconds > max(least, (2.0 + AFTER_SHARE) * model.stats.get("build_seconds", 0.0))
+
+
+def presolve_fits(model: JointModel, seconds: float) -> bool:
+    """Whether a HiGHS run of ``seconds`` on ``model`` has room for its presolve
+    (:data:`PRESOLVE_ROOM`)."""
+    return seconds >= PRESOLVE_ROOM * model.stats.get("build_seconds", 0.0)
 
 
 def _run(model: JointModel, ctx: SearchContext, time_limit: float, start, label: str, phase: str, *, exact: bool = False,
          stalling: StallStop | None = None) -> MilpRun:
-    """HiGHS on ``model``; with ``stalling``, its incumbents go to the stall watch, which
-    ends the run once the search has stopped paying (:mod:`..stopping`)."""
+    """HiGHS on ``model`` within ``time_limit`` seconds, decoding included (without its
+    presolve when that would not fit, :func:`presolve_fits`); with ``stalling``, its
+    incumbents go to the stall watch, which ends the run once the search has stopped
+    paying (:mod:`..stopping`)."""
     time_limit = highs_seconds(model, time_limit)
     gap = 0.0 if exact else ctx.options.get("gap", DEFAULT_GAP)
     abs_gap = 0.25 / MIB if model.objective == "memory" else 1e-6
@@ -208,6 +234,7 @@ def _run(model: JointModel, ctx: SearchContext, time_limit: float, start, label:
         progress=progress,
         backend=ctx.options.get("backend", "highspy"),
         stop=ctx.stop if stalling is None else stalling,
+        presolve=presolve_fits(model, time_limit),
     )
 
 
@@ -273,7 +300,7 @@ def minimum_budget(
     peak = sim.peak_bytes
     exact = _proved(model, run, peak)
     remaining = limit - (time.perf_counter() - begin)
-    if run.status == "optimal" and not exact and remaining > 0.2:
+    if run.status == "optimal" and not exact and room_for_another(model, remaining):
         exact, better = certify_minimum(network, cons, ctx, peak, pins=pins, time_limit=remaining)
         if better is not None:
             schedule, peak = better
@@ -376,7 +403,8 @@ def solve_joint(
         return _unbuilt(network, constraints, ctx, pins, str(exc))
     details: dict = {"model": model.stats}
     candidates = _heuristics(network, constraints, ctx, pins, heuristic_names(network))
-    candidates = _with_eviction(network, constraints, ctx, pins, candidates, EVICTION_SHARE * limit)
+    left = limit - (time.perf_counter() - begin)
+    candidates = _with_eviction(network, constraints, ctx, pins, candidates, min(EVICTION_SHARE * limit, 0.5 * left))
     fitting = [c for c in candidates if c[2].ok]
     if model.builder.conflicts:
         return _infeasible(network, constraints, ctx, pins, label, begin, details, candidates)
@@ -463,7 +491,7 @@ def solve_joint(
                 details.pop(key, None)
         exact = _proved(model, run, peak)
         remaining = limit - (time.perf_counter() - begin)
-        if status == "optimal" and not exact and remaining > 0.2:
+        if status == "optimal" and not exact and room_for_another(model, remaining):
             exact, better = certify_minimum(network, constraints, ctx, peak, pins=pins, time_limit=remaining)
             if better is not None:  # tolerance hid a lower peak: take it (minimal when the bound says so)
                 outcome.schedule, peak = better
@@ -474,7 +502,7 @@ def solve_joint(
         outcome.min_feasible_budget_exact = exact
         remaining = limit - (time.perf_counter() - begin)
         details["proof_seconds"] = round(time.perf_counter() - begin, 3)
-        if remaining > 0.5 and ctx.options.get("polish", True) and not ctx.stopped:
+        if room_for_another(model, remaining, 0.5) and ctx.options.get("polish", True) and not ctx.stopped:
             _polish(network, constraints, ctx, pins, label, outcome, peak, remaining)
     return outcome
 

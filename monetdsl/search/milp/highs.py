@@ -93,17 +93,24 @@ def run_highs(
     seed: int = 0,
     stop=None,
     lp_solver: str | None = None,
+    presolve: bool = True,
 ) -> MilpRun:
-    """Solve the model built by ``builder`` (minimisation).
+    """Solve the model built by ``builder`` (minimisation), within ``time_limit`` seconds
+    of this call: turning the model into HiGHS's matrix and passing it over (seconds on a
+    large model) count against the limit, and HiGHS gets what is left of it.
 
     ``start`` is a complete feasible column vector (highspy only); ``relax`` drops
     integrality (the LP relaxation); ``lp_solver`` is HiGHS's ``solver`` option for an LP
-    (``"ipm"``, ``"simplex"``; highspy only; None lets HiGHS choose). ``abs_gap`` is in objective units. ``stop`` (anything
-    with ``is_set()``) interrupts HiGHS at its next callback once set; the run then ends as
-    at a time limit, with the incumbent (highspy only; scipy runs to its limit).
+    (``"ipm"``, ``"simplex"``; highspy only; None lets HiGHS choose). ``abs_gap`` is in
+    objective units. ``presolve=False`` turns HiGHS's presolve off (highspy only): it
+    stops for neither a time limit nor a callback, and on a large model it alone can take
+    longer than the time left. ``stop`` (anything with ``is_set()``) interrupts HiGHS at
+    its next callback once set; the run then ends as at a time limit, with the incumbent
+    (highspy only; scipy runs to its limit).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    until = time.perf_counter() + time_limit
     c, a, rl, ru, cl, cu, integrality = builder.matrix()
     if relax:
         integrality = np.zeros_like(integrality)
@@ -116,11 +123,11 @@ def run_highs(
                   _gap(None if incumbent is None else incumbent + offset, None if bound is None else bound + offset))
 
     if backend == "scipy":
-        run = _run_scipy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap)
+        run = _run_scipy(c, a, rl, ru, cl, cu, integrality, until, rel_gap, abs_gap)
     else:
-        run = _run_highspy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap, start, progress, seed, stop, lp_solver)
+        run = _run_highspy(c, a, rl, ru, cl, cu, integrality, until, rel_gap, abs_gap, start, progress, seed, stop, lp_solver, presolve)
         if start is not None and integrality.any() and run.status == "optimal" and _start_came_back(c, run, start):
-            run = _verified_without_start(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap, progress, seed, run, stop)
+            run = _verified_without_start(c, a, rl, ru, cl, cu, integrality, until, rel_gap, abs_gap, progress, seed, run, stop, presolve)
     if run.objective is not None:
         run.objective += offset
     if run.bound is not None:
@@ -146,11 +153,12 @@ def _start_came_back(c: np.ndarray, run: MilpRun, start: np.ndarray) -> bool:
     return abs(worth - run.objective) > scale or worth >= float(c @ start) - scale
 
 
-def _verified_without_start(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap, progress, seed, first: MilpRun, stop=None) -> MilpRun:
-    """Solve again without the start in the time left: its optimum, when it proves one;
-    else the better of the two points (the first run's claim is then unconfirmed)."""
-    remaining = max(time_limit - first.seconds, 1e-3)
-    again = _run_highspy(c, a, rl, ru, cl, cu, integrality, remaining, rel_gap, abs_gap, None, progress, seed, stop)
+def _verified_without_start(c, a, rl, ru, cl, cu, integrality, until, rel_gap, abs_gap, progress, seed, first: MilpRun, stop=None,
+                            presolve: bool = True) -> MilpRun:
+    """Solve again without the start in the time left (until ``until``, a
+    ``time.perf_counter()`` instant): its optimum, when it proves one; else the better of
+    the two points (the first run's claim is then unconfirmed)."""
+    again = _run_highspy(c, a, rl, ru, cl, cu, integrality, until, rel_gap, abs_gap, None, progress, seed, stop, None, presolve)
     again.seconds += first.seconds
     if again.status == "optimal":
         return again
@@ -159,13 +167,19 @@ def _verified_without_start(c, a, rl, ru, cl, cu, integrality, time_limit, rel_g
     return first
 
 
-def _run_scipy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap) -> MilpRun:
+def _seconds_until(until: float) -> float:
+    """HiGHS's own time limit when it must stop by ``until`` (a ``time.perf_counter()``
+    instant): its clock starts when it starts solving, after the model was passed."""
+    return max(until - time.perf_counter(), 1e-3)
+
+
+def _run_scipy(c, a, rl, ru, cl, cu, integrality, until, rel_gap, abs_gap) -> MilpRun:
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     begin = time.perf_counter()
     constraints = [LinearConstraint(a, rl, ru)] if a.shape[0] else []
     options = {
-        "time_limit": max(time_limit, 1e-3),
+        "time_limit": _seconds_until(until),
         "mip_rel_gap": rel_gap,
         "disp": False,
         "presolve": True,
@@ -189,14 +203,13 @@ def _run_scipy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap) 
     return MilpRun("error", None, None, None, None, seconds, None, "scipy", res.message)
 
 
-def _run_highspy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap, start, progress, seed, stop=None,
-                 lp_solver: str | None = None) -> MilpRun:
+def _run_highspy(c, a, rl, ru, cl, cu, integrality, until, rel_gap, abs_gap, start, progress, seed, stop=None,
+                 lp_solver: str | None = None, presolve: bool = True) -> MilpRun:
     import highspy
 
     with _quiet_stdout():
         h = highspy.Highs()
     h.setOptionValue("output_flag", False)
-    h.setOptionValue("time_limit", float(max(time_limit, 1e-3)))
     h.setOptionValue("mip_rel_gap", float(rel_gap))
     h.setOptionValue("mip_abs_gap", float(abs_gap))
     h.setOptionValue("random_seed", int(seed))
@@ -229,11 +242,20 @@ def _run_highspy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap
         solution.col_value = [float(v) for v in start]
         solution.value_valid = True
         h.setSolution(solution)
+    h.setOptionValue("time_limit", float(_seconds_until(until)))
+    if not presolve:
+        h.setOptionValue("presolve", "off")
     begin = time.perf_counter()
-    if (progress is not None or stop is not None) and is_mip:
+
+    def past_limit() -> bool:
+        """HiGHS checks its own limit only now and then (not within presolve's long
+        passes): each callback checks the instant too."""
+        return (stop is not None and stop.is_set()) or time.perf_counter() > until
+
+    if is_mip:
 
         def report(event) -> None:
-            if stop is not None and stop.is_set():
+            if past_limit():
                 event.data_in.user_interrupt = True
             if progress is None:
                 return
@@ -243,14 +265,14 @@ def _run_highspy(c, a, rl, ru, cl, cu, integrality, time_limit, rel_gap, abs_gap
             progress(time.perf_counter() - begin, incumbent, bound, _gap(incumbent, bound))
 
         h.cbMipInterrupt += report
-    if stop is not None:  # an LP (checkmate-lp's relaxation) calls these, a MIP the one above
 
-        def interrupt(event) -> None:
-            if stop.is_set():
-                event.data_in.user_interrupt = True
+    def interrupt(event) -> None:
+        if past_limit():
+            event.data_in.user_interrupt = True
 
-        h.cbSimplexInterrupt += interrupt
-        h.cbIpmInterrupt += interrupt
+    # an LP (checkmate-lp's relaxation, a MIP's root relaxation) calls these
+    h.cbSimplexInterrupt += interrupt
+    h.cbIpmInterrupt += interrupt
     h.run()
     seconds = time.perf_counter() - begin
     status = h.getModelStatus()
