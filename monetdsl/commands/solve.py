@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -93,7 +94,7 @@ def run(args) -> int:
     progress = None if args.quiet or args.json else StderrProgress()
     time_limit = checked.time_limit
     if time_limit is not None:  # what reading the spec left (a large spec takes about a second)
-        time_limit = max(0.1, time_limit - (time.perf_counter() - started))
+        time_limit = max(0.1, math.floor(10 * (time_limit - (time.perf_counter() - started))) / 10)
     try:
         with stop_on_interrupt() as stop:
             result = solve(
