@@ -4,7 +4,9 @@ Not a test: it measures. Each row runs the command line in a new process (spec p
 the search, the replay and writing the schedule included), and subtracts the start-up
 of a process that imports the command and solves a two-op spec by store-all
 (``specs/tiny_chain.monet`` within a budget it meets, measured once beforehand, the median of three) to give the
-time the command itself took past the limit.
+time the command itself took past the limit. The start-up is measured again right before
+each row (once, and the median of three at the start for the header), as the machine's
+load changes.
 
 Graphs: MONeT's five specs (``--max-overhead 10%``) and the seeded layered
 Checkmate-format graphs of :func:`monetdsl.synth.layered_training_graph` imported with
@@ -44,6 +46,9 @@ LAYERED = {"layered100": 50, "layered400": 200, "layered1000": 500}
 #: methods that search: MONeT's specs run only these (the plain ones end in well under a
 #: second with only an overhead cap, having no budget to miss)
 SEARCHERS = ["milp", "hybrid", "checkmate", "checkmate-lp"]
+#: what each row keeps of the result's details (where the time went)
+DETAIL_KEYS = ("seconds", "stopped", "blocks_skipped", "menu_seconds", "menu_points_left", "model", "fallback", "restricted",
+               "solver_seconds", "exact_min_budget", "lp")
 
 
 def _cli(*args: str) -> list[str]:
@@ -54,10 +59,10 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def start_up_seconds() -> float:
+def start_up_seconds(repeats: int = 3) -> float:
     """Median wall time of a process that imports the command and solves a tiny spec."""
     times = []
-    for _ in range(3):
+    for _ in range(repeats):
         t = time.perf_counter()
         subprocess.run(_cli("solve", str(ROOT / "specs" / "tiny_chain.monet"), "--method", "store-all", "--budget", "1TiB",
                             "--no-write", "-q"), env=_env(), capture_output=True, check=True)
@@ -76,7 +81,8 @@ def layered_file(name: str, folder: Path) -> tuple[Path, list[str]]:
     return spec, ["--budget", f"{int(0.8 * store)}B"]
 
 
-def run_row(spec: Path, flags: list[str], method: str, limit: float, start_up: float, folder: Path) -> dict:
+def run_row(spec: Path, flags: list[str], method: str, limit: float, folder: Path) -> dict:
+    start_up = start_up_seconds(1)  # right before the row: the machine's load changes
     command = _cli("solve", str(spec), "--method", method, "--time-limit", f"{limit:g}", *flags, "--json", "-q",
                    "-o", str(folder / f"{spec.stem}.{method}.schedule.monet"))
     t = time.perf_counter()
@@ -86,13 +92,15 @@ def run_row(spec: Path, flags: list[str], method: str, limit: float, start_up: f
         data = json.loads(done.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
         data = {"status": f"exit {done.returncode}", "message": done.stderr.strip()[-200:]}
-    return {"spec": spec.stem, "method": method, "limit": limit, "wall": round(wall, 2),
+    return {"spec": spec.stem, "method": method, "limit": limit, "wall": round(wall, 2), "start_up": round(start_up, 2),
             "past_limit": round(wall - start_up - limit, 2), "status": data.get("status"),
-            "solve_seconds": data.get("solve_seconds"), "message": (data.get("message") or "")[:160]}
+            "solve_seconds": data.get("solve_seconds"), "message": (data.get("message") or "")[:160],
+            "details": {k: v for k, v in (data.get("details") or {}).items() if k in DETAIL_KEYS}}
 
 
 def _line(r: dict) -> str:
-    return (f"| {r['spec']} | {r['method']} | {r['limit']:g} | {r['wall']:.1f} | {r['past_limit']:+.1f} | {r['status']} |"
+    return (f"| {r['spec']} | {r['method']} | {r['limit']:g} | {r['wall']:.1f} | {r['start_up']:.1f} | {r['past_limit']:+.1f} |"
+            f" {r['status']} |"
             f" {r['message']} |")
 
 
@@ -113,7 +121,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/time_limits.py " + " ".join(sys.argv[1:] if argv is None else argv)
     start_up = start_up_seconds()
-    head = "| spec | method | limit s | wall s | past the limit s | status | message |\n|---|---|---|---|---|---|---|"
+    head = ("| spec | method | limit s | wall s | start-up s | past the limit s | status | message |\n"
+            "|---|---|---|---|---|---|---|---|")
     print(f"start-up {start_up:.2f} s\n{head}", flush=True)
     rows = []
     load_before = os.getloadavg()
@@ -127,7 +136,7 @@ def main(argv=None) -> int:
                 spec, flags = ROOT / "specs" / f"{name}.monet", ["--max-overhead", "10%"]
                 chosen = [m for m in methods if m in SEARCHERS]
             for method in chosen:
-                row = run_row(spec, flags, method, args.time_limit, start_up, folder)
+                row = run_row(spec, flags, method, args.time_limit, folder)
                 rows.append(row)
                 print(_line(row), flush=True)
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -139,7 +148,7 @@ def main(argv=None) -> int:
         f"{when}; {machine()}; {load} (the machine is shared with other jobs); `{command}`.", "",
         f"Each row is one `monetdsl solve SPEC --method M --time-limit {args.time_limit:g} ... --json -o FILE` in a new"
         f" process. \"past the limit\" is its wall time less the limit and less the start-up of a process that solves"
-        f" a two-op spec by store-all ({start_up:.2f} s, median of three). MONeT's specs: `--max-overhead 10%`;"
+        f" a two-op spec by store-all, measured right before the row (at the start {start_up:.2f} s, median of three). MONeT's specs: `--max-overhead 10%`;"
         " layered graphs (seed 0): `--budget` 0.8x the store-all peak.", "",
         f"Largest time past the limit: {worst:+.1f} s.", "",
         head, *[_line(r) for r in rows], "",

@@ -101,6 +101,10 @@ FLOOR_SHARE = 0.5
 #: share of the time limit the eviction from store-all may take (its exact cover takes
 #: 4-7 s on a 1,000-node graph on the loaded 2-core machine; HiGHS's best so far after)
 EVICTION_SHARE = 0.25
+#: share of the time limit after which the costly heuristics (Chen's greedy search,
+#: revolve) are not started: with the replays of the others they took about 3 s of
+#: ResNet-50's restricted search, a quarter of a 20-s limit, at load 9 on 2 cores
+HEURISTICS_SHARE = 0.05
 #: bytes of DP table the engine allows itself (L x L x slots float64)
 TABLE_BYTES = 160 * 2**20
 #: with the stall rule on, the menus' first share is sized to the network (seconds per
@@ -360,7 +364,7 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
         menu_budget = min(menu_budget, max(FIRST_MENU_SECONDS, FIRST_MENU_SECONDS_PER_OP * len(network.forward_ops)))
     # the heuristics first: they set the DP's memory span, which composing during the
     # menus' completion needs; the menus' time is counted from when they start
-    heuristics = _heuristics(network, constraints, ctx, None, heuristic_names(network))
+    heuristics = _heuristics(network, constraints, ctx, None, heuristic_names(network), until=begin + HEURISTICS_SHARE * limit)
     details["heuristics"] = {name: {"peak": sim.peak_bytes, "compute": sim.compute_us} for name, _, sim in heuristics}
     store_peak = max((sim.peak_bytes for _, _, sim in heuristics), default=network.fixed_bytes)
     evicted = _evicted_store_all(network, constraints, ctx, heuristics, EVICTION_SHARE * limit, details)
@@ -379,6 +383,7 @@ def run_hybrid(network: Network, constraints: ResolvedConstraints, ctx: SearchCo
         span = max(1, min(int((budget - fixed) * 1.5), store_peak - fixed + (budget - fixed)))
     found: list[tuple[Schedule, Simulation]] = []
     t = time.perf_counter()
+    details["setup_seconds"] = round(t - begin, 3)  # the heuristics, the eviction, the blocks: before any menu
     builds_before = cache.builds
     seeds = _prior_options(nets, prior, tuple(b.size for b in parts.blocks), details) if prior is not None else {}
     menus = build_menus(list(kinds.values()), time_budget=menu_budget, cache=cache, workers=workers, grid=int(options.get("grid", 2)),

@@ -281,10 +281,13 @@ class _Solver:
         return schedule, run.status, value
 
 
-def _heuristic_schedules(bn: BlockNet) -> list[tuple[str, Schedule]]:
+def _heuristic_schedules(bn: BlockNet, quick: bool = False) -> list[tuple[str, Schedule]]:
+    """The block's heuristic schedules; ``quick``: only store-all and recompute-all (a
+    menu with no time left still needs an option that keeps and one that keeps nothing)."""
     cons = bn.constraints()
     found = []
-    for name, method in (("store-all", store_all), ("recompute-all", recompute_all), ("chen-greedy", chen_greedy), ("revolve", revolve)):
+    methods = (("store-all", store_all), ("recompute-all", recompute_all), ("chen-greedy", chen_greedy), ("revolve", revolve))
+    for name, method in methods[:2] if quick else methods:
         try:
             found.append((name, method(bn.network, cons, spec_path="block", fingerprint="0")))
         except Exception:  # noqa: BLE001 - a heuristic that cannot handle the block is skipped
@@ -312,7 +315,8 @@ def build_menu(bn: BlockNet, *, time_budget: float = 10.0, per_solve: float = 4.
     begin = time.perf_counter()
     solver = _Solver(bn, begin + time_budget, per_solve, stop)
     options: list[Option] = list(seeds)
-    for option in seeds:
+    quick = time_budget <= 0  # the search's time is spent: the two options every menu needs, no MILP
+    for option in () if quick else seeds:
         solver.remember(option.origin, option_schedule(bn, option))
     notes: list[str] = []
 
@@ -324,8 +328,9 @@ def build_menu(bn: BlockNet, *, time_budget: float = 10.0, per_solve: float = 4.
             options.append(option)
         return option
 
-    for name, schedule in _heuristic_schedules(bn):
-        solver.remember(name, schedule)
+    for name, schedule in _heuristic_schedules(bn, quick):
+        if not quick:
+            solver.remember(name, schedule)
         add(schedule, name)
     fastest = min((o for o in options), key=lambda o: (o.fwd_time + o.bwd_time, o.bwd_peak), default=None)
     fixed = bn.network.fixed_bytes

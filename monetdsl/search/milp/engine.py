@@ -82,10 +82,17 @@ class MinimumBudget:
     details: dict = field(default_factory=dict)
 
 
-def _heuristics(network: Network, constraints: ResolvedConstraints, ctx: SearchContext, pins, names=None) -> list[tuple[str, Schedule, Simulation]]:
+#: the heuristics that replay many candidate schedules each (seconds on ResNet-50 on a
+#: busy machine): :func:`_heuristics` leaves them out once its ``until`` has passed
+COSTLY_HEURISTICS = ("chen-greedy", "revolve")
+
+
+def _heuristics(network: Network, constraints: ResolvedConstraints, ctx: SearchContext, pins, names=None,
+                until: float | None = None) -> list[tuple[str, Schedule, Simulation]]:
     """Every cheap method's schedule (or those in ``names``) with its simulation (valid ones
     only), and the schedules behind the minimum budgets reported earlier for this graph
-    (:mod:`..known`) that satisfy the pins."""
+    (:mod:`..known`) that satisfy the pins. ``until`` (a ``time.perf_counter()`` instant):
+    the :data:`COSTLY_HEURISTICS` are not started after it."""
     from ..solve import HEURISTICS, METHODS
 
     pinned = constraints
@@ -97,6 +104,8 @@ def _heuristics(network: Network, constraints: ResolvedConstraints, ctx: SearchC
         )
     found = []
     for name in HEURISTICS if names is None else names:
+        if until is not None and name in COSTLY_HEURISTICS and time.perf_counter() > until:
+            continue
         try:
             schedule = METHODS[name](network, pinned, spec_path=ctx.spec_path, fingerprint=ctx.fingerprint)
         except Exception:  # noqa: BLE001 - a heuristic's failure must not stop the MILP
