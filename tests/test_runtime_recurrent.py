@@ -48,3 +48,31 @@ def test_a_recurrent_model_trains_like_eager_under_recomputation(kind, layers):
             torch.testing.assert_close(p.grad, q.grad, msg=name)
         model.zero_grad()
         reference.zero_grad()
+
+
+@pytest.mark.parametrize("kind, layers", [(nn.GRU, 1), (nn.LSTM, 2)])
+def test_a_budget_below_store_all_peaks_as_planned(kind, layers):
+    """Under a budget that makes the plan recompute, each cell's gradient of its time step
+    of the input projection is written into a zero projection-sized gradient, as the plan
+    charges it: the live and the allocator peaks equal the plan, the gradients eager's, and
+    the runs of cells left to autograd's engine hold no more than the plan (the engine
+    forms that gradient through the backward of ``split`` and ``unbind``, whose scratch the
+    plan does not charge)."""
+    torch.manual_seed(0)
+    model = Recurrent(kind, layers)
+    reference = copy.deepcopy(model)
+    x = torch.randn(3, 12, 6)
+    full = monetdsl.optimize(model, (x,), method="store-all", cache_dir=None, profile=False).plan_for(x)
+    optimized = monetdsl.optimize(model, (x,), budget=int(full.planned_peak * 0.85), cache_dir=None, profile=False)
+    plan = optimized.plan_for(x)
+    assert any(stage.recompute for stage in plan.schedule.stages)
+    assert any(step.part_gradients for step in plan.program.backward.values()), "a cell reads one time step"
+    for probe in ("live", "allocator"):
+        measured = monetdsl.measure(optimized, (x,), probe=probe)
+        assert measured.planned == plan.planned_activation_peak
+        assert measured.peak == measured.planned, (probe, measured.summary())
+    loss = optimized(x).sum()
+    loss.backward()
+    reference(x).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)

@@ -21,7 +21,7 @@ from .locations import user_cache_dir
 __all__ = ["MeasurementStore", "signature_digest", "FORMAT"]
 
 #: bumped when the meaning of a stored entry changes (older entries are then misses)
-FORMAT = 2
+FORMAT = 3
 
 
 def signature_digest(signature: str) -> str:

@@ -26,7 +26,7 @@ from ..tracing.joint import tensor_args
 from ..tracing.to_ir import OpRecord
 from .alternatives import ADOPTING, AUTOGRAD_FORWARDS, RECOMPUTE, OpContext, backward_function, forward_function
 from .autograd_saves import saves_key, saves_only
-from .graphs import ArgPath, LoweringError, arg_path, example_of, local_backward, owner_adapter, run_group
+from .graphs import ArgPath, LoweringError, arg_path, example_of, is_part_scatter, local_backward, owner_adapter, run_group
 from .step_source import StepSource
 
 __all__ = ["StepFn", "DirectCall", "GradTarget", "AccumulatedGrad", "Program", "lower"]
@@ -83,6 +83,11 @@ class StepFn:
     #: the step as one call with its arguments' paths (a forward step that is a single
     #: captured call), for code that writes the call inline; ``fn`` does the same
     direct: DirectCall | None = None
+    #: a backward step that makes an owner's gradient from one part of it by writing into
+    #: zeros (:func:`~.graphs.owner_adapter`, one time step of a recurrent layer's input
+    #: projection): gradient name -> (the owner's bytes, the part's bytes). Autograd's
+    #: engine forms such a gradient otherwise (:mod:`monetdsl.runtime.stretches`)
+    part_gradients: dict = field(default_factory=dict)
 
     def scratch_targets(self, device) -> dict[str, GradTarget]:
         """Zeroed stand-ins for the gradients the step adds into (timing, workspace probes)."""
@@ -491,8 +496,14 @@ def _backward_step(low: _OpLowering, bop, impl, *, first: bool) -> StepFn:
             return _owner_grads(plans, [role_grads.get(r) for r in wanted_roles], shapes, skip)
 
     adopts = bool(into_paths) and (kind, impl.name) in ADOPTING and all(path.is_identity for _, path in into_paths.values())
-    step = StepFn(bop.name, reads, writes, fn, accumulates=accumulated, adopts=adopts)
-    return step
+    parts = {g: (_bytes(example_of(_owner_node(low, positions[0]))), _bytes(example_of(low.arg_nodes[positions[0]])))
+             for g, positions, adapter in adapters if g not in accumulated and is_part_scatter(adapter)}
+    step = StepFn(bop.name, reads, writes, fn, accumulates=accumulated, adopts=adopts, part_gradients=parts)
+    return step  # the accumulating form's fn reads it
+
+
+def _bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _direct_backward(label: str, reads: tuple[str, ...], arg_reads: list[ArgPath], value_reads: tuple[str, ...],

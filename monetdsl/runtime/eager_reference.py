@@ -56,7 +56,7 @@ from ..search.simulator import simulate
 from .calibrate import CALIBRATION_NOTE, paired_with_eager, state_restored, store_all_schedule
 
 __all__ = ["EagerReference", "REFERENCE_ROUNDS", "REFERENCE_SECONDS", "REFERENCE_TOLERANCE", "enough_pairs", "measure_reference",
-           "eager_reference", "reference_of", "keep_calibration_pairs", "cap_against_eager"]
+           "time_against_eager", "eager_reference", "reference_of", "keep_calibration_pairs", "cap_against_eager"]
 
 #: interleaved (eager, runtime) step pairs timed, after one warm-up pair, at most ...
 REFERENCE_ROUNDS = 11
@@ -118,15 +118,22 @@ def measure_reference(model: torch.nn.Module, inputs, trace, spec=None, *, optim
     schedule with the fastest implementations on ``trace``'s costs that ``spec``'s pins
     allow (default: the trace's spec; see the module docstring); the model's state is
     left as it was."""
-    from .module import OptimizedModule
-    from ..planning import Constraints
-
     spec = spec if spec is not None else trace.spec
     network = spec.network
     allowed = resolve_constraints(network, spec.constraints, path=spec.path, source=spec.source).allowed_impls
     schedule = store_all_schedule(network, cheapest_impls(network, allowed), trace.spec.fingerprint)
     if schedule is None:
         raise ValueError("no store-all schedule of the fastest implementations is valid")
+    return time_against_eager(model, inputs, trace, schedule, optimizer=optimizer, rounds=rounds)
+
+
+def time_against_eager(model: torch.nn.Module, inputs, trace, schedule, *, optimizer: str,
+                       rounds: int = REFERENCE_ROUNDS) -> EagerReference:
+    """Eager steps of ``model`` interleaved with the runtime's steps of ``schedule``
+    (:func:`reference_of` their pairs); the model's state is left as it was."""
+    from .module import OptimizedModule
+    from ..planning import Constraints
+
     device = _device_of(inputs)
     pairs: list = []
     with state_restored(model, device):

@@ -25,6 +25,8 @@ from ..search.progress import ProgressInfo
 from ..tracing.kept_captures import capture_key
 from ..search.simulator import Simulation, chosen_impls
 from .buffer_updates import BufferUpdates, buffer_updates
+from .calibrate import CALIBRATION_NOTE
+from .cap_check import schedule_holding_cap
 from .costed_trace import trace_for_plan, trace_for_runtime
 from .eager_random import pins_keeping_eager_dropout
 from .eager_reference import cap_against_eager
@@ -176,9 +178,14 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
         pins += pins_keeping_eager_dropout(network)
     if pins:
         spec = replace(spec, constraints=replace(spec.constraints, impls=spec.constraints.impls + pins))
-    constraints = cap_against_eager(model, inputs, trace, spec, constraints, optimizer=optimizer,
-                                    cache_dir=None if cache_dir is schedule_cache.USER_CACHE else cache_dir)
+    asked_cap = constraints.max_overhead if constraints.schedule is None else None
+    store_dir = None if cache_dir is schedule_cache.USER_CACHE else cache_dir
+    constraints = cap_against_eager(model, inputs, trace, spec, constraints, optimizer=optimizer, cache_dir=store_dir)
     schedule, simulation = schedule_for(spec, constraints, schedule_dir, costs=trace.cost_model, progress=progress)
+    if asked_cap is not None and constraints.max_overhead is not None and CALIBRATION_NOTE in trace.cost_model:
+        schedule, simulation = schedule_holding_cap(model, inputs, trace, spec, constraints, (schedule, simulation), asked_cap,
+                                                    optimizer=optimizer, schedule_dir=schedule_dir, cache_dir=store_dir,
+                                                    progress=progress)
     impls = chosen_impls(network, schedule)
     verdicts = adopt_autograd_verdicts(kept_dir, capture)  # what autograd saves: checked once, kept
     known = 0 if verdicts is None else len(verdicts)

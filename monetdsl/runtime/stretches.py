@@ -149,6 +149,8 @@ def find_stretches(network: Network, schedule: Schedule, program: Program, backw
             nodes[op] = spec
             eligible.add(op)
     eligible -= {op for op, over in overshoot.items() if over > room}
+    part_writes = {stage_of[b]: program.backward[b].part_gradients for b in stage_of
+                   if b in program.backward and program.backward[b].part_gradients}  # stage -> {gradient: (owner, part)}
     while True:
         groups, current = [], []
         for t, stage in enumerate(schedule.stages):
@@ -163,7 +165,7 @@ def find_stretches(network: Network, schedule: Schedule, program: Program, backw
         split = {op for op in eligible
                  if len({group_of.get(stage_of.get(b)) for b in bops_of[op]}) != 1 or any(b not in stage_of for b in bops_of[op])}
         split |= _early_additions(network, schedule, groups, of)
-        split |= _held_root_gradients(network, schedule, groups, of, headroom)
+        split |= _held_root_gradients(network, schedule, groups, of, headroom, part_writes)
         if not split:
             break
         eligible -= split
@@ -242,14 +244,28 @@ def _joint_scratch(network: Network, bops: list[str], workspace: dict, stage_of:
     return max(workspace.values())
 
 
-def _held_root_gradients(network: Network, schedule: Schedule, groups: list[list[int]], of: dict, headroom: dict) -> set[str]:
+def _held_root_gradients(network: Network, schedule: Schedule, groups: list[list[int]], of: dict, headroom: dict,
+                         part_writes: dict) -> set[str]:
     """Ops to take out of their stretch because the gradients it starts from stay alive
     until its engine call returns (the caller holds them), where the plan frees each after
     its last reader: at a later stage of the stretch without room for them, the stretch
     ends before that stage's op. The network output's gradient is held by the caller to
-    the end in the plan too."""
+    the end in the plan too.
+
+    Gradients made of parts (``part_writes``: stage -> {gradient: (owner bytes, part
+    bytes)}, the time steps of a recurrent layer's input projection) count as the engine
+    holds them: it keeps the parts it has received and forms the owner's gradient once,
+    when the last is in, through autograd's backward of the alias calls (the parts
+    stacked beside the result). The plan holds the whole gradient from its first writer
+    on and a temporary at each later writer, room the engine does not use; where the
+    stretch writes only one part, the plan holds just the result where the engine also
+    holds the stacked parts and zero pieces beside it (at most the owner's bytes)."""
     tensors = network.tensors
     seeds = {grad_name(n) for n in network.outputs}
+    written_at: dict[str, list[int]] = {}
+    for t, stage in enumerate(schedule.stages):
+        for g in network.op(stage.backward).outputs:
+            written_at.setdefault(g, []).append(t)
     out = set()
     for stages in groups:
         first, last = stages[0], stages[-1]
@@ -264,12 +280,42 @@ def _held_root_gradients(network: Network, schedule: Schedule, groups: list[list
                 readers = [t for t in stages if g in _reads(network, schedule, schedule.stages[t].backward)]
                 if readers:
                     held_from[max(readers) + 1] = held_from.get(max(readers) + 1, 0) + tensors[g].nbytes
+        extra = _part_gradients_in_engine(stages, part_writes, written_at)
         held = 0
         for t in range(first, last + 1):
             held += held_from.get(t, 0)
-            if held and headroom.get(t, 0) < held:
+            needed = held + extra.get(t, 0)
+            if needed > 0 and headroom.get(t, 0) < needed:
                 out.add(of[schedule.stages[t].backward])
     return out
+
+
+def _part_gradients_in_engine(stages: list[int], part_writes: dict, written_at: dict) -> dict[int, int]:
+    """Per stage of a stretch: the bytes the engine holds beyond the plan (negative: fewer)
+    for the gradients the stretch makes from parts (:func:`_held_root_gradients`)."""
+    parts: dict[str, list[tuple[int, int, int]]] = {}
+    for t in stages:
+        for g, (owner, part) in part_writes.get(t, {}).items():
+            parts.setdefault(g, []).append((t, owner, part))
+    extra: dict[int, int] = {}
+    for g, written in parts.items():
+        if len(written) == 1:
+            t, owner, _ = written[0]
+            extra[t] = extra.get(t, 0) + owner
+            continue
+        if any(t < stages[0] for t in written_at.get(g, ())):
+            continue  # the gradient exists before the stretch: the plan's whole one is real
+        formed = written[-1][0]
+        writer_stages = {t for t, _, _ in written[1:-1]}
+        received, k = 0, 0
+        for t in range(written[0][0], formed):
+            while k < len(written) and written[k][0] <= t:
+                received += written[k][2]
+                k += 1
+            owner = written[0][1]
+            credit = max(0, owner - received) + (owner if t in writer_stages else 0)
+            extra[t] = extra.get(t, 0) - credit
+    return extra
 
 
 def _reads(network: Network, schedule: Schedule, bop: str) -> frozenset:
