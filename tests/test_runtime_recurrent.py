@@ -57,13 +57,14 @@ def test_a_budget_below_store_all_peaks_as_planned(kind, layers):
     charges it: the live and the allocator peaks equal the plan, the gradients eager's, and
     the runs of cells left to autograd's engine hold no more than the plan (the engine
     forms that gradient through the backward of ``split`` and ``unbind``, whose scratch the
-    plan does not charge)."""
+    plan does not charge; an LSTM cell whose backward reads the zero initial state, which
+    the schedule recomputes, runs step by step, as autograd's graph would hold it)."""
     torch.manual_seed(0)
     model = Recurrent(kind, layers)
     reference = copy.deepcopy(model)
     x = torch.randn(3, 12, 6)
     full = monetdsl.optimize(model, (x,), method="store-all", cache_dir=None, profile=False).plan_for(x)
-    optimized = monetdsl.optimize(model, (x,), budget=int(full.planned_peak * 0.85), cache_dir=None, profile=False)
+    optimized = monetdsl.optimize(model, (x,), budget=int(full.planned_peak * 0.9), cache_dir=None, profile=False)
     plan = optimized.plan_for(x)
     assert any(stage.recompute for stage in plan.schedule.stages)
     assert any(step.part_gradients for step in plan.program.backward.values()), "a cell reads one time step"

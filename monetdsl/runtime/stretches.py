@@ -149,6 +149,7 @@ def find_stretches(network: Network, schedule: Schedule, program: Program, backw
             nodes[op] = spec
             eligible.add(op)
     eligible -= {op for op, over in overshoot.items() if over > room}
+    eligible -= _reading_recomputed(network, schedule, eligible, recomputed)
     part_writes = {stage_of[b]: program.backward[b].part_gradients for b in stage_of
                    if b in program.backward and program.backward[b].part_gradients}  # stage -> {gradient: (owner, part)}
     while True:
@@ -178,6 +179,19 @@ def find_stretches(network: Network, schedule: Schedule, program: Program, backw
                                       {op: nodes[op] for op in ops if op in nodes}))
     inside = {op for s in stretches for op in s.ops}
     return stretches, max((max(over, 0) for op, over in overshoot.items() if op in inside), default=0)
+
+
+def _reading_recomputed(network: Network, schedule: Schedule, ops: set[str], recomputed: set[str]) -> set[str]:
+    """Ops whose backward reads a tensor that another op makes and the schedule recomputes
+    (an LSTM's zero initial state): autograd's graph saves the forward pass's copy until
+    the stretch's backward, where the plan frees it and makes it again when needed."""
+    made_by = {n: op.name for op in network.forward_ops for n in op.outputs}
+    out = set()
+    for bop in network.backward_ops:
+        if bop.of in ops and any(made_by.get(n, bop.of) != bop.of and made_by[n] in recomputed
+                                 for n in _reads(network, schedule, bop.name)):
+            out.add(bop.of)
+    return out
 
 
 def _stage_headroom(network: Network, schedule: Schedule) -> dict[int, int]:
