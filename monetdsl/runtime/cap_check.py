@@ -48,9 +48,10 @@ def _key(trace, schedule, device: str) -> str:
 
 
 def check_capped_schedule(model, inputs, trace, schedule, cap: float, *, optimizer: str,
-                          store: MeasurementStore, measure=time_against_eager) -> CapCheck:
-    """``schedule``'s step over eager's (stored, else measured now with ``measure`` and
-    kept) against ``cap``."""
+                          store: MeasurementStore, measure=None) -> CapCheck:
+    """``schedule``'s step over eager's (stored, else measured now with ``measure``,
+    default :func:`~.eager_reference.time_against_eager`, and kept) against ``cap``."""
+    measure = measure if measure is not None else time_against_eager
     device = "cuda" if any(getattr(t, "is_cuda", False) for t in inputs) else "cpu"
     key = _key(trace, schedule, device)
     found = store.get(key)
@@ -62,7 +63,7 @@ def check_capped_schedule(model, inputs, trace, schedule, cap: float, *, optimiz
 
 
 def schedule_holding_cap(model, inputs, trace, spec, constraints, found: tuple, cap: float, *, optimizer: str,
-                         schedule_dir, cache_dir=None, progress=None, measure=time_against_eager) -> tuple:
+                         schedule_dir, cache_dir=None, progress=None, measure=None) -> tuple:
     """``found`` (the solved ``(schedule, simulation)`` for ``constraints``, whose cap the
     search got from the caller's ``cap`` against eager's step), or, when it recomputes and
     measures over ``cap`` (:class:`CapCheck`), the store-all schedule the cap was planned
