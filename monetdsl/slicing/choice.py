@@ -16,11 +16,13 @@ what ``monetdsl slice`` writes without ``--segments``.
 """
 from __future__ import annotations
 
+import math
+
 from ..ir import Network, Spec
 from .runs import Run, block_width, blocks, per_sample_runs
 from .segment import sliced_spec
 
-__all__ = ["DEFAULT_ALLOWANCE", "widest_blocks", "with_widest_segments"]
+__all__ = ["DEFAULT_ALLOWANCE", "fastest_step_us", "widest_blocks", "with_widest_segments"]
 
 #: the recomputation the default choice may force, as a fraction of the no-recompute time
 DEFAULT_ALLOWANCE = 0.10
@@ -55,10 +57,16 @@ def with_widest_segments(spec: Spec, allowance: float = DEFAULT_ALLOWANCE,
     """``spec`` with :func:`widest_blocks` (within ``allowance`` of its no-recompute time)
     as batch-sliced segments offering ``slice_counts`` (default: :func:`.segment.offered_costs`'
     choice), and those blocks; ``spec`` itself when no block qualifies."""
-    from ..search.impl_choice import no_recompute_compute_us  # the search package imports much
-
-    runs = widest_blocks(spec.network, allowance * no_recompute_compute_us(spec.network))
+    runs = widest_blocks(spec.network, allowance * fastest_step_us(spec.network))
     return (sliced_spec(spec, runs, slice_counts), runs) if runs else (spec, [])
+
+
+def fastest_step_us(network: Network) -> float:
+    """The time of a training step that recomputes nothing, every op at its fastest
+    implementation: the base of the allowance. (The searches' own no-recompute baseline
+    also repairs choices whose derived tensors do not match; that is at least this, so
+    the allowance never lets more recomputation through than the caps the searches see.)"""
+    return math.fsum(min(impl.time_us for impl in op.impls) for op in (*network.forward_ops, *network.backward_ops))
 
 
 def _op_width(network: Network, op) -> int:
