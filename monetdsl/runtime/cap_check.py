@@ -15,14 +15,16 @@ against (itself measured within the cap, or the model would train as eager PyTor
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..costs import MeasurementStore
 from ..costs.signature import machine_signature
+from ..errors import CapWarning, warn_at_user
 from ..grammar.printer import format_schedule
+from ..planning import schedule_for
 from .eager_reference import time_against_eager
 
-__all__ = ["CAP_SLACK", "CapCheck", "check_capped_schedule"]
+__all__ = ["CAP_SLACK", "CapCheck", "check_capped_schedule", "schedule_holding_cap"]
 
 #: a schedule holds its cap when it measures at most (1 + cap) x this x eager's step: the
 #: median ratio of a few interleaved pairs moves by a few percent on a shared machine
@@ -69,11 +71,6 @@ def schedule_holding_cap(model, inputs, trace, spec, constraints, found: tuple, 
     measures over ``cap`` (:class:`CapCheck`), the store-all schedule the cap was planned
     against, with a :class:`~monetdsl.errors.CapWarning`. With a budget as well, the
     schedule stays (store-all may not fit it) and the warning says what it measured."""
-    from dataclasses import replace
-
-    from ..errors import CapWarning, warn_at_user
-    from ..planning import schedule_for
-
     schedule, simulation = found
     if not any(stage.recompute for stage in schedule.stages):
         return found
