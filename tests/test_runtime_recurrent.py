@@ -50,7 +50,7 @@ def test_a_recurrent_model_trains_like_eager_under_recomputation(kind, layers):
         reference.zero_grad()
 
 
-@pytest.mark.parametrize("kind, layers", [(nn.GRU, 1), (nn.LSTM, 2)])
+@pytest.mark.parametrize("kind, layers", [(nn.GRU, 1), pytest.param(nn.LSTM, 2, marks=pytest.mark.slow)])  # LSTM: 30 s
 def test_a_budget_below_store_all_peaks_as_planned(kind, layers):
     """Under a budget that makes the plan recompute, each cell's gradient of its time step
     of the input projection is written into a zero projection-sized gradient, as the plan
