@@ -160,6 +160,7 @@ def test_lower_bound_within_budget_needs_a_plain_network():
     assert compute_lower_bound_within(network, cons, baseline_us=full.compute_us) is None
 
 
+@pytest.mark.slow  # 16 s: builds a 400-node model
 def test_the_milp_starts_from_the_eviction_where_the_other_heuristics_are_far_off():
     """At 0.8x the store-all peak of a layered graph only recompute-all of the other
     heuristics fits; the eviction's schedule is HiGHS's start, so the search holds an
