@@ -53,6 +53,7 @@ from monetdsl.grammar import load_spec  # noqa: E402
 from monetdsl.search.impl_choice import no_recompute_compute_us  # noqa: E402
 from monetdsl.search.restrict import reduced_spec  # noqa: E402
 from monetdsl.search.solve import solve  # noqa: E402
+from monetdsl.slicing import is_segment  # noqa: E402
 
 GIB = 2**30
 MODELS = ["resnet50", "googlenet", "unet", "mobilenet_v2", "vgg16"]
@@ -133,8 +134,8 @@ def spec_variant(model: str, variant: str):
 
 
 def segments_of(spec) -> list[str]:
-    """The batch-sliced segments of a spec: its ops whose implementations are all ``slicedK``."""
-    return [op.name for op in spec.network.forward_ops if all(name.startswith("sliced") for name in op.impl_names)]
+    """The batch-sliced segments of a spec."""
+    return [op.name for op in spec.network.forward_ops if is_segment(op)]
 
 
 def _run_in_child(model: str, variant: str, method: str, cap_vs_pytorch: float, pytorch_us: float, time_limit: float,

@@ -54,6 +54,8 @@ from .runs import Run, batch_input, block_width
 __all__ = ["DEFAULT_SLICES", "DEFAULT_KERNEL_FEE_US", "SegmentCosts", "segment_costs", "offered_costs", "segment_name",
            "is_segment", "sliced_network", "sliced_spec"]
 
+#: a segment's implementation names: the slice count after the word (written and read here only)
+SLICED_IMPL = "sliced{slices}"
 #: slice counts a segment may be offered (those above the batch are left out)
 DEFAULT_SLICES = (1, 2, 4, 8, 16, 32)
 #: the roofline's per-kernel overhead on the shipped specs' P100 preset
@@ -83,7 +85,7 @@ def segment_name(run: Run) -> str:
 def is_segment(op: ForwardOp) -> bool:
     """Whether ``op`` is a batch-sliced segment: every implementation is ``slicedK``, as
     :func:`sliced_network` writes them (a spec keeps no other mark of it)."""
-    return bool(op.impls) and all(re.fullmatch(r"sliced[0-9]+", impl.name) for impl in op.impls)
+    return bool(op.impls) and all(re.fullmatch(SLICED_IMPL.format(slices="[0-9]+"), impl.name) for impl in op.impls)
 
 
 def _input_has_gradient(network: Network, run: Run) -> bool:
@@ -153,11 +155,11 @@ def _segment_ops(network: Network, run: Run, slice_counts, kernel_fee_us) -> tup
     costs = offered_costs(network, run, slice_counts, kernel_fee_us)
     name = segment_name(run)
     forward = ForwardOp(name, (run.source, *params), (run.result,),
-                        tuple(ForwardImpl(f"sliced{c.slices}", c.forward_us, c.forward_workspace) for c in costs))
+                        tuple(ForwardImpl(SLICED_IMPL.format(slices=c.slices), c.forward_us, c.forward_workspace) for c in costs))
     outputs = ((grad_name(run.source),) if _input_has_gradient(network, run) else ()) + param_grads
     reads = frozenset({grad_name(run.result), run.source, *params})
     backward = BackwardOp(f"{name}.backward", outputs,
-                          tuple(BackwardImpl(f"sliced{c.slices}", reads, c.backward_us, c.backward_workspace,
+                          tuple(BackwardImpl(SLICED_IMPL.format(slices=c.slices), reads, c.backward_us, c.backward_workspace,
                                              accumulates=frozenset(param_grads)) for c in costs), of=name)
     return forward, backward
 
