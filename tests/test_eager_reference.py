@@ -137,9 +137,11 @@ def test_the_fastest_step_of_each_side_makes_the_reference():
 def test_a_calibrated_plan_takes_its_reference_from_the_calibration_steps(tmp_path, monkeypatch):
     """The calibration's eager pairs (its store-all of the fastest implementations against
     eager), scaled by the planned compute of the fastest store-all the plan's pins allow
-    over the timed one's: no lowering and no steps of the reference's own."""
+    over the timed one's: no lowering and no steps of the reference's own. (Pairs timed
+    on what the calibrated costs no longer find fastest are not kept: next test.)"""
     from monetdsl.runtime import eager_reference as reference_module
-    from monetdsl.runtime.calibrate import store_all_schedule
+    from monetdsl.runtime.calibrate import EagerPairs, store_all_schedule
+    from monetdsl.runtime.eager_reference import keep_calibration_pairs
     from monetdsl.search.impl_choice import cheapest_impls
     from monetdsl.search.simulator import simulate
     from monetdsl.validate import resolve_constraints
@@ -147,20 +149,43 @@ def test_a_calibrated_plan_takes_its_reference_from_the_calibration_steps(tmp_pa
     def no_steps(*args, **kwargs):
         raise AssertionError("the reference timed steps of its own")
 
-    monkeypatch.setattr(reference_module, "measure_reference", no_steps)
     torch.manual_seed(0)
     x = torch.randn(4, 3, 16, 16)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        plan = monetdsl.optimize(KindsCNN().train(), x, max_overhead=0.3, cache_dir=tmp_path).plans[0]
-    assert not any("could not be timed" in str(w.message) for w in caught)
-    store = MeasurementStore(tmp_path)
+    model = KindsCNN().train()
+    plan = monetdsl.optimize(model, x, max_overhead=0.3, cache_dir=tmp_path / "plan").plans[0]
+    network, fingerprint = plan.trace.spec.network, plan.trace.spec.fingerprint
+    store = MeasurementStore(tmp_path / "reference")
+    keep_calibration_pairs(store, plan.trace, "cpu", EagerPairs([(0.010, 0.012), (0.011, 0.0125)], cheapest_impls(network)))
     pairs = store.get(_pairs_key(plan.trace, "cpu"))
+    assert pairs is not None and pairs["ratio"] == pytest.approx(1.2)
+    monkeypatch.setattr(reference_module, "measure_reference", no_steps)
+    reference = eager_reference(model, [x], plan.trace, plan.spec, optimizer="adam", store=store)
     kept = store.get(_key(plan.trace, plan.spec, "cpu"))
-    assert pairs is not None and pairs["eager_us"] > 0 and pairs["runtime_us"] > 0
-    network, fingerprint = plan.spec.network, plan.trace.spec.fingerprint
     allowed = resolve_constraints(network, plan.spec.constraints).allowed_impls  # the plan's pins (dropout's masks)
     pinned = simulate(network, store_all_schedule(network, cheapest_impls(network, allowed), fingerprint)).compute_us
     assert pairs["planned_us"] > 0
-    assert kept["ratio"] == pytest.approx(pairs["ratio"] * pinned / pairs["planned_us"])
+    assert reference.runtime_over_eager == kept["ratio"] == pytest.approx(pairs["ratio"] * pinned / pairs["planned_us"])
     assert kept["runtime_us"] == pytest.approx(pairs["runtime_us"] * pinned / pairs["planned_us"])
+
+
+def test_calibration_pairs_timed_on_other_implementations_than_the_calibrated_fastest_are_not_kept(tmp_path):
+    """The calibration times its fastest store-all on the costs measured alone; where the
+    calibrated costs pick other implementations (a stretch's savings), those pairs time
+    another baseline (other implementations cut the stretch) and the reference is
+    measured on the calibrated fastest instead."""
+    from monetdsl.runtime.calibrate import EagerPairs
+    from monetdsl.runtime.eager_reference import keep_calibration_pairs
+    from monetdsl.search.impl_choice import cheapest_impls
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    plan = monetdsl.optimize(KindsCNN().train(), x, method="store-all", cache_dir=tmp_path / "plan").plans[0]
+    network = plan.trace.spec.network
+    fastest = cheapest_impls(network)
+    other = next((op.name, impl.name) for op in (*network.forward_ops, *network.backward_ops) for impl in op.impls
+                 if impl.name != fastest[op.name])
+    pairs = [(0.010, 0.011), (0.010, 0.012)]
+    for impls, kept in ((fastest, True), ({**fastest, other[0]: other[1]}, False)):
+        store = MeasurementStore(tmp_path / str(kept))
+        keep_calibration_pairs(store, plan.trace, "cpu", EagerPairs(list(pairs), dict(impls)))
+        assert (store.get(_pairs_key(plan.trace, "cpu")) is not None) is kept
