@@ -87,3 +87,17 @@ class KindsLoss(nn.Module):
         if self.fc.bias is None:
             return F.cross_entropy(rows, self.target, reduction=self.reduction, ignore_index=2)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).contiguous() * 1.5, self.target, reduction="none", ignore_index=2)
+
+
+class GRUHead(nn.Module):
+    """A one-layer GRU over a short sequence and a linear head on its last output: an
+    unrolled recurrent graph of many small ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(6, 8, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])

@@ -14,7 +14,6 @@ from collections import Counter
 
 import pytest
 import torch
-import torch.nn as nn
 
 import monetdsl
 from monetdsl.runtime.plan import trace_for_runtime
@@ -22,17 +21,7 @@ from monetdsl.runtime.straight_line import generate
 from monetdsl.search.baselines import chen_sqrt_checkpoints
 from torch.utils._python_dispatch import TorchDispatchMode
 from .runtime_helpers import eager_step, first_impls, schedule_with, twins
-
-
-class _GRU(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.rnn = nn.GRU(6, 8, batch_first=True)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        out, _ = self.rnn(x)
-        return self.head(out[:, -1])
+from .runtime_models import GRUHead as _GRU
 
 
 @pytest.fixture(scope="module")

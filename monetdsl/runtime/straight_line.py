@@ -38,6 +38,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from .forward_code import ViewLocals
 from .planned_nodes import PlannedNode
+from .scripted_runs import ScriptedRun, scripted_runs
 from .stretches import Enter
 
 if TYPE_CHECKING:
@@ -79,30 +80,40 @@ def _whole_storage(t: torch.Tensor) -> bool:
     return t._base is None or (t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size())
 
 
-def generate(plan: StepPlan, fixed_names: set[str], *, stretched: bool = True, inline: bool = True) -> StraightLine:
+def generate(plan: StepPlan, fixed_names: set[str], *, stretched: bool = True, inline: bool = True,
+             scripted: bool = True) -> StraightLine:
     """The straight-line passes of ``plan``; ``fixed_names`` are the tensors read from
     ``fixed`` (parameters, buffers, inputs), every other name lives in ``env``.
     ``stretched``: the plan's stretches run under autograd (:mod:`.stretches`); else every
     step runs on its own. ``inline``: forward steps that are one captured call are written
     into the pass, each argument view made once (:mod:`.forward_code`); else every step
     is called as its function, which derives its arguments' views itself (the same values,
-    for comparing the two)."""
+    for comparing the two). ``scripted``: runs of a stretch's inline forward calls run
+    traced by TorchScript (:mod:`.scripted_runs`); else each is its own Python call."""
     namespace: dict = {"accumulate_gradient": accumulate_gradient, "set_grad": torch._C._set_grad_enabled,
                        "is_grad": torch.is_grad_enabled, "edge": get_gradient_edge, "enter": Enter.apply, "node": PlannedNode.apply,
-                       "anchor": _ANCHOR}
+                       "anchor": _ANCHOR, "ScriptedRun": ScriptedRun}
     stretches = plan.stretches if stretched and plan.stretched is not None else ()
     writer = _Writer(plan, fixed_names, namespace, stretches, inline)
     lines = ["def forward_pass(env, fixed, observe, before, graph):"]
     if stretches:
         lines += ["    grad0 = is_grad()", "    al = {}"]
     grad_on = False
-    for k, planned in enumerate(plan.forward):
+    runs = writer.scripted_runs() if scripted else {}
+    k = 0
+    while k < len(plan.forward):
+        planned = plan.forward[k]
         stretch = writer.stretch_of.get(planned.step.op)
         if (stretch is not None) != grad_on:
             grad_on = stretch is not None
             lines += writer.views.forget_all()  # views taken in the other grad mode
             lines.append("    set_grad(True)" if grad_on else "    set_grad(grad0)")
+        if k in runs:
+            lines += writer.scripted_run(f"F{k}", plan.forward[k:runs[k]], stretch)
+            k = runs[k]
+            continue
         lines += writer.forward_step(f"F{k}", planned, stretch)
+        k += 1
     lines += writer.views.forget_all()
     if grad_on:
         lines.append("    set_grad(grad0)")
@@ -118,6 +129,7 @@ def generate(plan: StepPlan, fixed_names: set[str], *, stretched: bool = True, i
         else:
             lines += writer.backward_step(name, planned)
     lines.append("    pass")
+    lines += ["", "", *writer.functions]
     source = "\n".join(lines) + "\n"
     exec(compile(source, "<monetdsl straight-line plan>", "exec"), namespace)  # noqa: S102 - our own generated code
     return StraightLine(namespace["forward_pass"], namespace["backward_pass"], source)
@@ -139,6 +151,7 @@ class _Writer:
         self.ns = namespace
         self.stretch_of = {op: s for s in stretches for op in s.ops}
         self.views = ViewLocals(namespace)  # forward steps' argument views, made once each
+        self.functions: list[str] = []  # functions the passes call (traced runs), written after them
         written = [n for planned in (*plan.forward, *plan.backward) for n in (*planned.step.writes, planned.step.overwrites) if n]
         clash = sorted(set(written) & fixed_names)
         if clash:
@@ -197,6 +210,55 @@ class _Writer:
         body.append("    r = None")  # no reference may outlive the releases below
         body += self._pops(planned.release_after)
         return head + body + tail
+
+    def scripted_runs(self) -> dict[int, int]:
+        """The runs of forward steps to trace (:func:`~.scripted_runs.scripted_runs`)."""
+        return scripted_runs(self.plan.forward, self.stretch_of) if self.inline and self.stretch_of else {}
+
+    def scripted_run(self, label: str, steps: list[PlannedStep], stretch: Stretch) -> list[str]:
+        """A run of a stretch's forward calls as one traced function (:mod:`.scripted_runs`):
+        its Python function written beside the passes, called with the tensors from
+        before the run; the tensors it leaves are put in the environment."""
+        views = ViewLocals(self.ns)  # the run's own views: every tensor it reads is an argument
+        inputs: dict[str, str] = {}  # expression in the pass -> the run's argument
+        made: dict[str, str] = {}  # tensor written in the run -> its local in the run
+        body = []
+
+        def value_of(n: str) -> str:
+            if n in made:
+                return made[n]
+            expression = f"graph[{n!r}]" if n in stretch.params else f"al[{n!r}]" if n in stretch.entered else self.value(n)
+            return inputs.setdefault(expression, f"i{len(inputs)}")
+
+        for planned in steps:
+            direct = planned.step.direct
+            body.append(f"    r = {views.call(direct, value_of, body)}")
+            for k, n in zip(direct.picks, planned.step.writes):
+                made[n] = f"v{len(made)}"
+                body.append(f"    {made[n]} = {'r' if k is None else f'r[{k}]'}")
+        released = {n for planned in steps for n in planned.release_after}
+        kept = [n for n in made if n not in released or n in stretch.roots]
+        fn = f"{label}_run"
+        self.functions += [f"def {fn}_py({', '.join(inputs.values())}):", *body,
+                           f"    return ({''.join(made[n] + ', ' for n in kept)})", "",
+                           f"{fn} = ScriptedRun({fn}_py)", ""]
+        lines = [f"    # {label}: {steps[0].step.op} .. {steps[-1].step.op} ({len(steps)} calls, traced)"]
+        lines += self._pops(steps[0].release_before)
+        for planned in steps:
+            lines += self._enter(stretch, planned.step.op)[0]
+        lines.append(f"    r = {fn}({', '.join(inputs)})")
+        for j, n in enumerate(kept):
+            lines += self.views.forget(self.value(n))
+            lines.append(f"    env[{n!r}] = r[{j}]")
+            if n in stretch.roots:
+                lines.append(f"    S{stretch.index}r[{stretch.roots.index(n)}] = edge(r[{j}]) if r[{j}].grad_fn is not None else None")
+        lines.append("    r = None")
+        for n in (n for planned in steps for n in stretch.alias_last.get(planned.step.op, ())):
+            lines += self.views.forget(f"al[{n!r}]")
+            lines.append(f"    del al[{n!r}]")
+        lines += self._pops(n for n in released if n not in made)
+        lines += self._pops(n for n in released if n in made and n in kept)
+        return lines
 
     def _pops(self, names) -> list[str]:
         """Lines releasing ``names`` from the environment, with the views made of them."""
