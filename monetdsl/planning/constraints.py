@@ -21,7 +21,10 @@ class Constraints:
     plan is PyTorch's own step (``schedule`` is then store-all with PyTorch's
     implementations, what autograd keeps), run by the model itself: set when no schedule
     that recomputes meets the overhead cap against eager's step
-    (:mod:`monetdsl.runtime.eager_reference`)."""
+    (:mod:`monetdsl.runtime.eager_reference`). ``engine_room``: ``schedule`` is one
+    monetdsl made to time what a solved plan of it runs (calibration, the eager
+    reference), so its stretches get a solved plan's room above the simulated peak
+    (:data:`monetdsl.runtime.stretches.ENGINE_ROOM`); a caller's schedule gets none."""
 
     budget: int | None = None
     max_overhead: float | None = None
@@ -29,6 +32,7 @@ class Constraints:
     method: str = "auto"
     time_limit: float | None = None
     eager: bool = False
+    engine_room: bool = False
 
     def describe(self) -> str:
         parts = []

@@ -196,7 +196,7 @@ def in_place_times(model: torch.nn.Module, inputs, trace, *, optimizer: str, rou
     with state_restored(model, device):
         for label, schedule in calibration_schedules(network, trace.spec.fingerprint):
             clock = StepClock(device)
-            module = OptimizedModule(model, Constraints(None, None, schedule, "auto"), optimizer=optimizer, observe=clock)
+            module = OptimizedModule(model, Constraints(None, None, schedule, "auto", engine_room=True), optimizer=optimizer, observe=clock)
             impls = chosen_impls(network, schedule)
             try:
                 module.plan_for(*inputs, trace=trace)

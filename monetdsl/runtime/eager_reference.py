@@ -137,7 +137,7 @@ def time_against_eager(model: torch.nn.Module, inputs, trace, schedule, *, optim
     device = _device_of(inputs)
     pairs: list = []
     with state_restored(model, device):
-        runtime = OptimizedModule(model, Constraints(None, None, schedule, "auto"), optimizer=optimizer, announce=False)
+        runtime = OptimizedModule(model, Constraints(None, None, schedule, "auto", engine_room=True), optimizer=optimizer, announce=False)
         runtime.plan_for(*inputs, trace=trace)
         paired_with_eager(model, runtime, inputs, device, pairs, rounds)
     return reference_of(pairs)

@@ -7,7 +7,8 @@ signature:
    its allocator-measured workspace;
 2. the times in place, inside store-all training steps run by the executor
    (:mod:`.calibrate`), which differ from the alone times by what a real step adds
-   (pages faulted in, cold caches, the executor's own work).
+   (pages faulted in, cold caches, the executor's own work), and what an implementation
+   that cuts a stretch of autograd's engine costs besides (:mod:`.stretch_cuts`).
 
 The second needs the whole model, so it runs only when some op of the graph has no
 in-place times stored yet; its medians are then stored with each op's entry (ops of one
@@ -25,6 +26,7 @@ from ..costs import MeasurementStore, measured_report, profiled_cost_model
 from ..tracing.api import with_costs
 from .calibrate import CALIBRATION_NOTE, EagerPairs, in_place_times, with_in_place_times
 from .eager_reference import keep_calibration_pairs
+from .stretch_cuts import charge_stretch_cuts
 
 __all__ = ["measured_trace", "measured_cost_model", "device_of", "IN_PLACE_ROUNDS"]
 
@@ -92,6 +94,19 @@ def _pooled_in_place(network, report, in_place: dict) -> tuple[dict, dict]:
     return pooled, medians
 
 
+def _kin(network, report):
+    """(op, implementation) -> what shares its stored in-place time: the op's signature,
+    its backward op's local name, the implementation."""
+    local = {op.name: (op.name, "forward") for op in network.forward_ops}
+    local.update({bop.name: (bop.of, bop.local_name) for bop in network.backward_ops})
+
+    def kin(pair):
+        forward_op, role = local[pair[0]]
+        return report.signatures.get(forward_op, forward_op), role, pair[1]
+
+    return kin
+
+
 def _store_in_place(network, report, medians: dict, store: MeasurementStore) -> None:
     """Each kept signature's entry with its median in-place times."""
     done = set()
@@ -123,6 +138,11 @@ def measured_trace(model: torch.nn.Module, inputs, trace, *, optimizer: str, sto
         # planned on the pooled medians, as the next run reads them back: a schedule this run
         # solves replays on that run's costs exactly, so its cache entry is reused
         in_place, medians = _pooled_in_place(report.network, report, samples)
+        charged, cut_notes = charge_stretch_cuts(model, list(inputs), measured, in_place, optimizer=optimizer,
+                                                 kin=_kin(report.network, report))
+        if cut_notes:
+            notes = [*notes, *cut_notes]
+            in_place, medians = _pooled_in_place(report.network, report, charged)
         _store_in_place(report.network, report, medians, store)
         calibrated = with_in_place_times(measured, in_place, notes).trace
         keep_calibration_pairs(store, calibrated, device, pairs)

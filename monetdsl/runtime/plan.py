@@ -204,8 +204,9 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
 def _engine_room(simulation: Simulation, constraints: Constraints) -> int:
     """The bytes a plan's stretches may add to its simulated peak: a share of the peak
     above fixed memory (:data:`~.stretches.ENGINE_ROOM`), never past a budget; none for
-    a schedule file (the budget it was solved for is not known here)."""
-    if constraints.schedule is not None:
+    a caller's schedule (the budget it was solved for is not known here), but as much
+    for one monetdsl times as a solved plan's (``Constraints.engine_room``)."""
+    if constraints.schedule is not None and not constraints.engine_room:
         return 0
     room = int(ENGINE_ROOM * (simulation.peak_bytes - simulation.fixed_bytes))
     return room if constraints.budget is None else max(0, min(room, constraints.budget - simulation.peak_bytes))

@@ -51,7 +51,9 @@ class PlannedNode(torch.autograd.Function):
         ctx.spec = spec
         ctx.set_materialize_grads(False)
         out = tuple(spec.forward(*values))
-        ctx.held = {n: v for n, v in zip((*spec.reads, *spec.writes), (*values, *out)) if n in spec.held}
+        ctx.held = {n: v for n, v in zip(spec.reads, values) if n in spec.held}
+        # its own outputs held as detached aliases: the output itself would keep this node alive
+        ctx.held.update((n, v.detach()) for n, v in zip(spec.writes, out) if n in spec.held)
         return out
 
     @staticmethod
@@ -71,23 +73,26 @@ class PlannedNode(torch.autograd.Function):
         return (None, *(held.pop(grad_name(n), None) for n in spec.reads))
 
 
-def node_spec(network: Network, program, op: str, bops: list[str], stage_of: dict) -> NodeSpec | None:
+def node_spec(network: Network, program, op: str, bops: list[str], stage_of: dict, impls: dict) -> NodeSpec | None:
     """The :class:`NodeSpec` of ``op`` with backward ops ``bops``, or None when a planned
     node cannot run it: its backward steps must fill consecutive stages and read only the
-    op's inputs, its outputs' gradients and outputs that carry no gradient (an index, a
-    mask: a node holding a differentiable output of its own would keep itself alive),
-    and neither it nor they may write in place or add into ``.grad`` themselves."""
+    op's inputs, its outputs (a ReLU's or batch norm's backward from its output; held as
+    detached aliases, so the node does not keep itself alive) and its outputs'
+    gradients, and neither it nor they (``impls``: the schedule's) may write in place or
+    add into ``.grad`` themselves. A backward written over its output's gradient
+    (``from_output_inplace``) is refused: the engine may hand the same gradient tensor to
+    another node (an ``add``'s backward passes its incoming one to both inputs), where
+    the plan gives every gradient a storage of its own."""
     stages = sorted(stage_of.get(b, -1) for b in bops)
     if not bops or stages[0] < 0 or stages != list(range(stages[0], stages[-1] + 1)):
         return None
     forward = program.forward[op]
-    tensors = network.tensors
-    readable = set(forward.reads) | {grad_name(n) for n in forward.writes}
-    readable |= {n for n in forward.writes if not _differentiable(tensors[n].dtype)}
+    readable = set(forward.reads) | set(forward.writes) | {grad_name(n) for n in forward.writes}
     ordered = sorted(bops, key=stage_of.__getitem__)
     steps = [program.backward[b] for b in ordered]
-    if forward.overwrites is not None or any(s.accumulates or s.overwrites is not None or not set(s.reads) <= readable
-                                             for s in steps):
+    overwriting = any(network.op(b).impl(impls.get(b, network.op(b).impls[0].name)).overwrites is not None for b in bops)
+    if overwriting or forward.overwrites is not None or any(s.accumulates or s.overwrites is not None
+                                                            or not set(s.reads) <= readable for s in steps):
         return None
     planned = []
     for k, s in enumerate(steps):
@@ -96,11 +101,6 @@ def node_spec(network: Network, program, op: str, bops: list[str], stage_of: dic
         planned.append((s.fn, s.reads, s.writes, drop))
     held = tuple(n for n in (*forward.reads, *forward.writes) if any(n in s.reads for s in steps))
     return NodeSpec(forward.fn, forward.reads, forward.writes, held, tuple(planned))
-
-
-def _differentiable(dtype: str | None) -> bool:
-    """Whether autograd gives a tensor of this IR dtype a gradient (floating and complex)."""
-    return dtype is None or dtype.startswith(("f", "bf", "tf", "c"))
 
 
 def planned_node_overshoot(network: Network, bops: list[str], stage_of: dict, headroom: dict) -> int:

@@ -143,7 +143,7 @@ def find_stretches(network: Network, schedule: Schedule, program: Program, backw
     candidates = [op for op, over in overshoot.items() if over > room] + [op for op in stored if op not in eligible]
     nodes = {}
     for op in candidates:
-        spec = node_spec(network, program, op, bops_of.get(op, []), stage_of)
+        spec = node_spec(network, program, op, bops_of.get(op, []), stage_of, schedule.impls)
         if spec is not None:
             overshoot[op] = planned_node_overshoot(network, bops_of[op], stage_of, headroom)
             nodes[op] = spec
