@@ -9,7 +9,7 @@ import torch
 import monetdsl
 from monetdsl.models.small import TinyMobile
 from monetdsl.planning import Constraints
-from monetdsl.runtime.calibrate import store_all_schedule, with_in_place_times
+from monetdsl.runtime.calibrate import EagerPairs, store_all_schedule, with_in_place_times
 from monetdsl.runtime.plan import _engine_room, trace_for_runtime
 from monetdsl.runtime.stretch_cuts import charge_stretch_cuts, cut_implementations
 from monetdsl.runtime.stretches import ENGINE_ROOM
@@ -77,7 +77,8 @@ def test_implementations_that_cut_the_stretch_are_charged_what_the_cut_measured(
     cuts the stretch. When their store-all measures slower than its planned compute by a
     tenth of PyTorch's step, which measures as planned, the cuts are charged that tenth:
     the costed time of the schedule that cuts is that much higher than before, above
-    PyTorch's own store-all, and the fastest store-all is PyTorch's again."""
+    PyTorch's own store-all, and the fastest store-all is PyTorch's again; eager's steps,
+    timed beside the mix, are timed again beside it (the eager reference's pairs)."""
     model, _, x, trace = mobile
     network = trace.spec.network
     cutting = {b.name: "from_output_inplace" for b in network.backward_ops if "from_output_inplace" in b.impl_names}
@@ -94,9 +95,12 @@ def test_implementations_that_cut_the_stretch_are_charged_what_the_cut_measured(
         timed.append(other.plans[0].schedule.impls)
         return before["own"], before["mix"] + extra
 
-    charged, notes = charge_stretch_cuts(model, [x], trace, in_place, optimizer="adam", timer=timer)
+    stale = [(1.0, 9.0)] * 3
+    pairs = EagerPairs(list(stale), dict(mix))
+    charged, notes = charge_stretch_cuts(model, [x], trace, in_place, optimizer="adam", timer=timer, eager_pairs=pairs)
     after = with_in_place_times(trace, charged).trace.spec.network
     assert len(timed) == 1 and notes
+    assert pairs.impls == own and len(pairs.pairs) >= 2 and pairs.pairs[:3] != stale
     assert no_recompute_compute_us(after, mix) == pytest.approx(before["mix"] + extra)
     assert no_recompute_compute_us(after, own) == pytest.approx(before["own"])
     assert cheapest_impls(after) == own

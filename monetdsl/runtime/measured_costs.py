@@ -139,7 +139,7 @@ def measured_trace(model: torch.nn.Module, inputs, trace, *, optimizer: str, sto
         # solves replays on that run's costs exactly, so its cache entry is reused
         in_place, medians = _pooled_in_place(report.network, report, samples)
         charged, cut_notes = charge_stretch_cuts(model, list(inputs), measured, in_place, optimizer=optimizer,
-                                                 kin=_kin(report.network, report))
+                                                 kin=_kin(report.network, report), eager_pairs=pairs)
         if cut_notes:
             notes = [*notes, *cut_notes]
             in_place, medians = _pooled_in_place(report.network, report, charged)

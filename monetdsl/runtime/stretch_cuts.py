@@ -27,7 +27,7 @@ import time
 import torch
 
 from ..search.impl_choice import cheapest_impls, first_impls, no_recompute_compute_us
-from .calibrate import backward_seeds, state_restored, store_all_schedule, with_in_place_times
+from .calibrate import backward_seeds, paired_with_eager, state_restored, store_all_schedule, with_in_place_times
 
 __all__ = ["CHARGE_ROUNDS", "CUT_NOISE", "PAIRED_SECONDS", "cut_implementations", "charge_stretch_cuts"]
 
@@ -64,13 +64,18 @@ def cut_implementations(network, plan, impls: dict) -> list[tuple[str, str]]:
 
 
 def charge_stretch_cuts(model: torch.nn.Module, inputs, trace, in_place: dict, *, optimizer: str,
-                        kin=None, timer=None) -> tuple[dict, list[str]]:
+                        kin=None, timer=None, eager_pairs=None) -> tuple[dict, list[str]]:
     """``in_place`` ((op, implementation) -> in-place us, what
     :func:`~.calibrate.with_in_place_times` reads) with the cuts of the fastest store-all
     charged (module docstring), and notes. ``kin(pair)``: pairs that share one stored
     time (an op signature's) get the same charge; default, each pair alone.
     ``timer(reference, mix, inputs, device)``: the step times (us) of PyTorch's store-all
-    and of the mix, default :func:`_paired_medians`. The model's state is left as it was."""
+    and of the mix, default :func:`_paired_medians`. ``eager_pairs``
+    (:class:`~.calibrate.EagerPairs`, eager's steps beside the calibration's fastest
+    store-all on the profile's times): timed again beside the fastest store-all on the
+    charged in-place times when that is another one, so the eager reference is the step
+    the search plans against. The
+    model's state is left as it was."""
     from .module import OptimizedModule
     from ..planning import Constraints
 
@@ -85,11 +90,13 @@ def charge_stretch_cuts(model: torch.nn.Module, inputs, trace, in_place: dict, *
     charged, notes, looked = dict(in_place), [], set()
 
     def module_of(schedule):
-        module = OptimizedModule(model, Constraints(None, None, schedule, "auto", engine_room=True), optimizer=optimizer, announce=False)
+        constraints = Constraints(None, None, schedule, "auto", engine_room=True)
+        module = OptimizedModule(model, constraints, optimizer=optimizer, announce=False)
         return module, module.plan_for(*inputs, trace=trace)
 
     with state_restored(model, device):
         reference, _ = module_of(own)
+        modules = {tuple(sorted(first.items())): reference}
         for _ in range(CHARGE_ROUNDS):
             costed = with_in_place_times(trace, charged).trace.spec.network
             impls = cheapest_impls(costed)
@@ -101,6 +108,7 @@ def charge_stretch_cuts(model: torch.nn.Module, inputs, trace, in_place: dict, *
             if schedule is None:
                 break
             mix, plan = module_of(schedule)
+            modules[key] = mix
             cut = cut_implementations(network, plan, impls)
             if not cut:
                 break
@@ -116,7 +124,27 @@ def charge_stretch_cuts(model: torch.nn.Module, inputs, trace, in_place: dict, *
                         charged[(op.name, impl.name)] = costed.op(op.name).impl(impl.name).time_us + share
             notes.append(f"{len(cut)} implementations that cut a stretch charged {share:.0f} us each (their store-all"
                          f" measured {mix_us:.0f} us a step, PyTorch's own {own_us:.0f} us)")
+        if eager_pairs is not None and eager_pairs.pairs:
+            _pair_fastest_again(model, inputs, trace, charged, eager_pairs, modules, module_of, device)
     return charged, notes
+
+
+def _pair_fastest_again(model, inputs, trace, charged: dict, eager_pairs, modules: dict, module_of, device: str) -> None:
+    """``eager_pairs`` timed again beside the fastest store-all on the ``charged`` times,
+    when that is not the one they were timed beside."""
+    impls = cheapest_impls(with_in_place_times(trace, charged).trace.spec.network)
+    if impls == eager_pairs.impls:
+        return
+    key = tuple(sorted(impls.items()))
+    module = modules.get(key)
+    if module is None:
+        schedule = store_all_schedule(trace.spec.network, impls, trace.spec.fingerprint)
+        if schedule is None:
+            return
+        module, _ = module_of(schedule)
+    eager_pairs.pairs.clear()
+    paired_with_eager(model, module, inputs, device, eager_pairs.pairs)
+    eager_pairs.impls = dict(impls)
 
 
 def _paired_medians(first, second, inputs, device: str) -> tuple[float, float]:
