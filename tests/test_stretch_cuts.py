@@ -48,7 +48,7 @@ def test_backwards_from_the_output_run_as_planned_nodes_in_the_stretch(mobile):
     plan = optimized.plan_for(x, trace=trace)
     nodes = {op for s in plan.steps.stretches for op in s.nodes}
     assert {network.op(b).of for b in chosen} <= nodes and plan.steps.whole_autograd
-    assert cut_implementations(network, plan, impls) == []
+    assert sorted(cut_implementations(network, plan, impls)) == sorted(chosen.items())  # charged like cuts
     for seed in (1, 2):
         out1, grads1 = eager_step(optimized, [x], seed)
         out2, grads2 = eager_step(reference, [x], seed)

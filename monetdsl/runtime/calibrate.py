@@ -18,7 +18,9 @@ tiny model, where a kernel takes microseconds, that work is what a recomputation
 The first schedule (PyTorch's own implementations) is also timed without an observer,
 its stretches running through autograd's engine (:mod:`.stretches`); what that saves is
 taken off the in-place times of the backward steps in them (not below
-:data:`STRETCH_FLOOR` of their step-by-step time). Each schedule is timed for the
+:data:`STRETCH_FLOOR` of their step-by-step time); what another implementation that
+cuts a stretch costs besides is measured on the fastest store-all afterwards
+(:mod:`.stretch_cuts`). Each schedule is timed for the
 rounds asked and, on a model whose steps are short, for more (:data:`ROUNDS_SECONDS`).
 The last one (the fastest implementations alone) can also be timed without an observer
 interleaved with eager PyTorch's steps, for the eager reference (:mod:`.eager_reference`).

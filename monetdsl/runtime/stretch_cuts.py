@@ -15,7 +15,9 @@ two small CNNs where PyTorch's own measured x1.00-1.05.
 (interleaved steps, medians) and, when the mix is slower than its planned compute says
 by more than PyTorch's own is, charges the difference to the implementations that ran
 outside every stretch while PyTorch's would not have (the **cuts**), shared equally,
-then looks again at the new fastest store-all (at most :data:`CHARGE_ROUNDS` times). The
+then looks again at the new fastest store-all (at most :data:`CHARGE_ROUNDS` times).
+Implementations that run in a stretch as planned nodes count with the cuts: a planned
+node runs the plan's steps in Python, and its cost is measured the same way. The
 search then chooses PyTorch's implementation where the alternative's memory is not
 worth the stretch it cuts, and the fastest store-all is the measured-fastest.
 """
@@ -45,11 +47,12 @@ PAIRED_SECONDS = 0.5
 
 
 def cut_implementations(network, plan, impls: dict) -> list[tuple[str, str]]:
-    """The (op, implementation) pairs of ``impls`` that are not PyTorch's own and whose
-    forward op runs outside every stretch of ``plan`` (a :class:`~.plan.RuntimePlan` of
-    the store-all schedule with ``impls``)."""
+    """The (op, implementation) pairs of ``impls`` that are not PyTorch's own and whose op
+    runs the plan's own steps in Python: outside every stretch of ``plan`` (a
+    :class:`~.plan.RuntimePlan` of the store-all schedule with ``impls``), or inside one
+    as a planned node (:mod:`.planned_nodes`, which costs Python per step too)."""
     first = first_impls(network)
-    inside = {op for stretch in plan.steps.stretches for op in stretch.ops}
+    inside = {op for stretch in plan.steps.stretches for op in stretch.ops if op not in stretch.nodes}
     bops_of: dict[str, list[str]] = {}
     for bop in network.backward_ops:
         bops_of.setdefault(bop.of, []).append(bop.name)
