@@ -52,8 +52,9 @@ BUILD_SHARE = 0.5
 #: and replaying it (:func:`highs_seconds`), and for HiGHS's last pass between two
 #: callbacks: a 400-node Checkmate graph built in 6-7 s took 0.5-1.0 s to decode and
 #: 0.3-0.6 s more to replay and check; ResNet-50 under Checkmate's pins, built in 17.6 s,
-#: 2.9 s to decode and 1.0 s to replay and write, and HiGHS ended 1.5 s past its limit
-AFTER_SHARE = 0.35
+#: 2.9 s to decode and 1.0 s to replay and write, and HiGHS ended 1.5 s past its limit;
+#: UNet's model (built in 2.8 s, presolve on) ended 0.6-1.2 s past a 10-s limit
+AFTER_SHARE = 0.6
 #: HiGHS's presolve does not stop for a time limit or a callback, and takes one to three
 #: times as long as building the model did (a 400-node Checkmate graph built in 10.4 s:
 #: HiGHS's first callback 11.1 s after it started; UNet's model, built in 7.4 s: a run
@@ -63,10 +64,11 @@ AFTER_SHARE = 0.35
 PRESOLVE_ROOM = 4.0
 #: a MIP run without presolve (:func:`presolve_fits`) still spends about the build time in
 #: HiGHS's setup of the branch and bound before its first callback, which no limit stops
-#: (ResNet-50 under Checkmate's pins, built in 14.6 s: 11-13 s, with the feasibility jump
-#: and symmetry detection off); a run left less than this multiple of the build time is
-#: not started (:func:`root_fits`), its best start is the answer
-ROOT_ROOM = 1.0
+#: (ResNet-50 under Checkmate's pins, built in 14.6 s: 11-17 s, with the feasibility jump
+#: and symmetry detection off; MobileNetV2's, built in 10.9 s, 16-17 s on a busy machine);
+#: a run left less than this multiple of the build time is not started
+#: (:func:`root_fits`), its best start is the answer
+ROOT_ROOM = 1.5
 #: Chen's greedy search and revolve run as heuristics up to this many forward ops
 HEURISTICS_MAX_FORWARD_OPS = 250
 #: relative optimality gap at which HiGHS stops (0.01 %)
@@ -244,7 +246,7 @@ def _run(model: JointModel, ctx: SearchContext, time_limit: float, start, label:
         rows, built = model.stats.get("rows", 0), model.stats.get("build_seconds", 0.0)
         return MilpRun("time_limit", None, None, None, None, 0.0, 0, ctx.options.get("backend", "highspy"),
                        f"HiGHS was not started: {time_limit:.1f} s were left, and on a model of {rows:,} rows (built in"
-                       f" {built:.1f} s) its setup alone takes about as long as the build, without stopping for the limit",
+                       f" {built:.1f} s) its setup alone, which no limit stops, takes up to {ROOT_ROOM:g} times as long as the build",
                        started=False)
     gap = 0.0 if exact else ctx.options.get("gap", DEFAULT_GAP)
     abs_gap = 0.25 / MIB if model.objective == "memory" else 1e-6
