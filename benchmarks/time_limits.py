@@ -48,7 +48,7 @@ LAYERED = {"layered100": 50, "layered400": 200, "layered1000": 500}
 SEARCHERS = ["milp", "hybrid", "checkmate", "checkmate-lp"]
 #: what each row keeps of the result's details (where the time went)
 DETAIL_KEYS = ("seconds", "stopped", "blocks_skipped", "menu_seconds", "menu_points_left", "model", "fallback", "restricted",
-               "solver_seconds", "exact_min_budget", "lp")
+               "solver_seconds", "solver_not_started", "exact_min_budget", "lp")
 
 
 def _cli(*args: str) -> list[str]:

@@ -108,3 +108,56 @@ def test_a_large_model_left_little_time_runs_without_presolve_and_no_second_mode
     assert not room_for_another(built_in_10s, 20.0) and room_for_another(built_in_10s, 30.0)
     small = SimpleNamespace(stats={"build_seconds": 0.01})
     assert presolve_fits(small, 0.1) and room_for_another(small, 0.3) and not room_for_another(small, 0.1)
+
+
+@pytest.mark.parametrize("stage", ["decisions", "legality", "gradients", "memory", "in_place", "objective_rows"])
+def test_the_model_build_stops_inside_a_stage_whose_run_passes_the_deadline(layered100, stage, monkeypatch):
+    """The deadline is checked within each stage's loops, not only between stages: a
+    deadline that passes as a stage starts ends the build before that stage finishes."""
+    from monetdsl.search.milp import model as milp_model
+
+    spec, budget = layered100
+    original = getattr(milp_model._Builder, stage)
+    finished = []
+
+    def passing_the_deadline(self, *args, **kwargs):
+        self.deadline = float("-inf")
+        result = original(self, *args, **kwargs)
+        finished.append(stage)
+        return result
+
+    monkeypatch.setattr(milp_model._Builder, stage, passing_the_deadline)
+    with pytest.raises(milp_model.BuildTimeout):
+        milp_model.build_model(spec.network, memory_budget=budget, deadline=float("inf"))
+    assert finished == []
+
+
+def test_a_milp_left_less_time_than_its_setup_needs_answers_with_its_best_start_and_says_why(layered100, monkeypatch):
+    """A model that took long to build is not handed to HiGHS with less time left than
+    its setup takes (the setup stops for no limit): the best heuristic is the answer,
+    replayed, and the message says why."""
+    from monetdsl.search.milp import engine
+
+    spec, budget = layered100
+    build = engine.build_model
+
+    def slow_to_build(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.stats["build_seconds"] = 1e6
+        return model
+
+    monkeypatch.setattr(engine, "build_model", slow_to_build)
+    result = solve(spec, "checkmate", memory_budget=budget, time_limit=30.0)
+    assert result.status == "time_limit"
+    assert "HiGHS was not started" in result.message and "best heuristic schedule" in result.message
+    assert result.details["solver_not_started"].startswith("HiGHS was not started")
+    assert _replayed(spec, result) <= budget
+
+
+def test_a_run_without_room_for_its_setup_is_not_started():
+    from types import SimpleNamespace
+
+    from monetdsl.search.milp.engine import ROOT_ROOM, root_fits
+
+    built_in_10s = SimpleNamespace(stats={"build_seconds": 10.0})
+    assert root_fits(built_in_10s, ROOT_ROOM * 10.0) and not root_fits(built_in_10s, ROOT_ROOM * 10.0 - 0.5)

@@ -91,7 +91,7 @@ def checkmate_lp(network: Network, constraints: ResolvedConstraints, ctx: Search
                                   "nonzeros": model.stats.get("nonzeros")})
             break
         run = run_highs(model.builder, time_limit=left, relax=True, backend=ctx.options.get("backend", "highspy"),
-                        stop=ctx.stop, lp_solver=LP_SOLVER, presolve=presolve_fits(model, left))
+                        stop=ctx.stop, lp_solver=LP_SOLVER, uninterruptible=presolve_fits(model, left))
         details["lp"].append({"budget_factor": factor, "status": run.status, "seconds": round(run.seconds, 3),
                               "rows": model.stats.get("rows"), "nonzeros": model.stats.get("nonzeros")})
         if run.x is None:

@@ -49,9 +49,12 @@ DEFAULT_TIME_LIMIT = 60.0
 #: limit has to leave room for
 BUILD_SHARE = 0.5
 #: share of the build time kept back, out of a run's time, for decoding HiGHS's incumbent
-#: and replaying it (:func:`highs_seconds`): a 400-node Checkmate graph built in 6-7 s
-#: took 0.5-1.0 s to decode and 0.3-0.6 s more to replay and check
-AFTER_SHARE = 0.25
+#: and replaying it (:func:`highs_seconds`), and for HiGHS's last pass between two
+#: callbacks: a 400-node Checkmate graph built in 6-7 s took 0.5-1.0 s to decode and
+#: 0.3-0.6 s more to replay and check; ResNet-50 under Checkmate's pins, built in 17.6 s,
+#: 2.9 s to decode and 1.0 s to replay and write, and HiGHS ended 1.5 s past its limit;
+#: UNet's model (built in 2.8 s, presolve on) ended 0.6-1.2 s past a 10-s limit
+AFTER_SHARE = 0.6
 #: HiGHS's presolve does not stop for a time limit or a callback, and takes one to three
 #: times as long as building the model did (a 400-node Checkmate graph built in 10.4 s:
 #: HiGHS's first callback 11.1 s after it started; UNet's model, built in 7.4 s: a run
@@ -59,6 +62,13 @@ AFTER_SHARE = 0.25
 #: 6.8 s: a run limited to about 18 s took 21.6 s); a run left less than this multiple of
 #: the build time runs without it (:func:`presolve_fits`), where the callbacks stop it in time
 PRESOLVE_ROOM = 4.0
+#: a MIP run without presolve (:func:`presolve_fits`) still spends about the build time in
+#: HiGHS's setup of the branch and bound before its first callback, which no limit stops
+#: (ResNet-50 under Checkmate's pins, built in 14.6 s: 11-17 s, with the feasibility jump
+#: and symmetry detection off; MobileNetV2's, built in 10.9 s, 16-17 s on a busy machine);
+#: a run left less than this multiple of the build time is not started
+#: (:func:`root_fits`), its best start is the answer
+ROOT_ROOM = 1.5
 #: Chen's greedy search and revolve run as heuristics up to this many forward ops
 HEURISTICS_MAX_FORWARD_OPS = 250
 #: relative optimality gap at which HiGHS stops (0.01 %)
@@ -217,13 +227,27 @@ def presolve_fits(model: JointModel, seconds: float) -> bool:
     return seconds >= PRESOLVE_ROOM * model.stats.get("build_seconds", 0.0)
 
 
+def root_fits(model: JointModel, seconds: float) -> bool:
+    """Whether a HiGHS run of ``seconds`` on ``model`` gets past its setup, which no
+    limit stops (:data:`ROOT_ROOM`)."""
+    return seconds >= ROOT_ROOM * model.stats.get("build_seconds", 0.0)
+
+
 def _run(model: JointModel, ctx: SearchContext, time_limit: float, start, label: str, phase: str, *, exact: bool = False,
          stalling: StallStop | None = None) -> MilpRun:
     """HiGHS on ``model`` within ``time_limit`` seconds, decoding included (without its
-    presolve when that would not fit, :func:`presolve_fits`); with ``stalling``, its
-    incumbents go to the stall watch, which ends the run once the search has stopped
-    paying (:mod:`..stopping`)."""
+    presolve and other passes no limit stops when that would not fit,
+    :func:`presolve_fits`; not at all when its setup would not, :func:`root_fits`: the run
+    then ends at once with status ``time_limit``, no solution and a message saying why);
+    with ``stalling``, its incumbents go to the stall watch, which ends the run once the
+    search has stopped paying (:mod:`..stopping`)."""
     time_limit = highs_seconds(model, time_limit)
+    if not root_fits(model, time_limit):
+        rows, built = model.stats.get("rows", 0), model.stats.get("build_seconds", 0.0)
+        return MilpRun("time_limit", None, None, None, None, 0.0, 0, ctx.options.get("backend", "highspy"),
+                       f"HiGHS was not started: {time_limit:.1f} s were left, and on a model of {rows:,} rows (built in"
+                       f" {built:.1f} s) its setup alone, which no limit stops, takes up to {ROOT_ROOM:g} times as long as the build",
+                       started=False)
     gap = 0.0 if exact else ctx.options.get("gap", DEFAULT_GAP)
     abs_gap = 0.25 / MIB if model.objective == "memory" else 1e-6
     progress = _progress_adapter(ctx, model, label, phase)
@@ -245,7 +269,7 @@ def _run(model: JointModel, ctx: SearchContext, time_limit: float, start, label:
         progress=progress,
         backend=ctx.options.get("backend", "highspy"),
         stop=ctx.stop if stalling is None else stalling,
-        presolve=presolve_fits(model, time_limit),
+        uninterruptible=presolve_fits(model, time_limit),
     )
 
 
@@ -424,6 +448,8 @@ def solve_joint(
         details["start"] = start[0]
     run = _run(model, ctx, max(0.1, limit - (time.perf_counter() - begin)), None if start is None else start[1], label, "search")
     details.update(solver_status=run.status, nodes=run.nodes, backend=run.backend, solver_seconds=round(run.seconds, 3))
+    if not run.started:
+        details["solver_not_started"] = run.message
     convert, unit = _units(model)
     if run.status == "infeasible":
         return _infeasible(network, constraints, ctx, pins, label, begin, details, candidates)
@@ -443,9 +469,11 @@ def solve_joint(
             message = (
                 f"the time limit ({limit:g} s) ended the MILP search before it found a schedule; this is the best"
                 f" heuristic schedule ({name})"
-            )
+            ) if run.started else f"{run.message}; this is the best heuristic schedule ({name})"
             return MethodOutcome(schedule, "time_limit", message, bound, gap, details={**details, "fallback": name})
         message = f"the time limit ({limit:g} s) ended the MILP search before it found a schedule, and no heuristic schedule fits"
+        if not run.started:
+            message = f"{run.message}, and no heuristic schedule fits"
         if bound is not None:
             message += f"; every schedule needs at least {_fmt(bound, unit)}" if objective == "memory" else f"; lower bound {_fmt(bound, unit)}"
         return MethodOutcome(None, "time_limit", message, bound, None, details=details)

@@ -24,12 +24,18 @@ import numpy as np
 
 from .linear import ModelBuilder
 
-__all__ = ["MilpRun", "run_highs", "BACKENDS"]
+__all__ = ["MilpRun", "run_highs", "BACKENDS", "UNINTERRUPTIBLE_PASSES"]
 
 BACKENDS = ("highspy", "scipy")
 #: integrality and row tolerance of MIP solutions. Memory is in MiB inside the model, so
 #: HiGHS's default (1e-6) would let a schedule one byte over the budget pass
 FEASIBILITY_TOL = 1e-9
+
+#: HiGHS's MIP passes besides presolve that check neither its time limit nor a callback,
+#: turned off with ``run_highs(uninterruptible=False)``. On ResNet-50's model under
+#: Checkmate's pins (735,000 rows) with presolve off, a run limited to 7 s took 31 s:
+#: the feasibility jump 15 s of it, symmetry detection 8 s
+UNINTERRUPTIBLE_PASSES = ("mip_heuristic_run_feasibility_jump", "mip_detect_symmetry")
 
 #: ``progress(elapsed_s, incumbent, bound, gap)``; incumbent/gap are None before one exists
 Progress = Callable[[float, float | None, float | None, float | None], None]
@@ -52,6 +58,8 @@ class MilpRun:
     nodes: int | None
     backend: str
     message: str = ""
+    #: False when the caller judged the time too short to start HiGHS (``message`` says why)
+    started: bool = True
 
 
 @contextlib.contextmanager
@@ -93,7 +101,7 @@ def run_highs(
     seed: int = 0,
     stop=None,
     lp_solver: str | None = None,
-    presolve: bool = True,
+    uninterruptible: bool = True,
 ) -> MilpRun:
     """Solve the model built by ``builder`` (minimisation), within ``time_limit`` seconds
     of this call: turning the model into HiGHS's matrix and passing it over (seconds on a
@@ -102,9 +110,9 @@ def run_highs(
     ``start`` is a complete feasible column vector (highspy only); ``relax`` drops
     integrality (the LP relaxation); ``lp_solver`` is HiGHS's ``solver`` option for an LP
     (``"ipm"``, ``"simplex"``; highspy only; None lets HiGHS choose). ``abs_gap`` is in
-    objective units. ``presolve=False`` turns HiGHS's presolve off (highspy only): it
-    stops for neither a time limit nor a callback, and on a large model it alone can take
-    longer than the time left. ``stop`` (anything with ``is_set()``) interrupts HiGHS at
+    objective units. ``uninterruptible=False`` turns off HiGHS's passes that stop for
+    neither a time limit nor a callback (highspy only; :data:`UNINTERRUPTIBLE_PASSES`): on
+    a large model any one of them alone can take longer than the time left. ``stop`` (anything with ``is_set()``) interrupts HiGHS at
     its next callback once set; the run then ends as at a time limit, with the incumbent
     (highspy only; scipy runs to its limit).
     """
@@ -125,9 +133,10 @@ def run_highs(
     if backend == "scipy":
         run = _run_scipy(c, a, rl, ru, cl, cu, integrality, until, rel_gap, abs_gap)
     else:
-        run = _run_highspy(c, a, rl, ru, cl, cu, integrality, until, rel_gap, abs_gap, start, progress, seed, stop, lp_solver, presolve)
+        run = _run_highspy(c, a, rl, ru, cl, cu, integrality, until, rel_gap, abs_gap, start, progress, seed, stop, lp_solver, uninterruptible)
         if start is not None and integrality.any() and run.status == "optimal" and _start_came_back(c, run, start):
-            run = _verified_without_start(c, a, rl, ru, cl, cu, integrality, until, rel_gap, abs_gap, progress, seed, run, stop, presolve)
+            run = _verified_without_start(c, a, rl, ru, cl, cu, integrality, until, rel_gap, abs_gap, progress, seed, run, stop,
+                                         uninterruptible)
     if run.objective is not None:
         run.objective += offset
     if run.bound is not None:
@@ -154,11 +163,11 @@ def _start_came_back(c: np.ndarray, run: MilpRun, start: np.ndarray) -> bool:
 
 
 def _verified_without_start(c, a, rl, ru, cl, cu, integrality, until, rel_gap, abs_gap, progress, seed, first: MilpRun, stop=None,
-                            presolve: bool = True) -> MilpRun:
+                            uninterruptible: bool = True) -> MilpRun:
     """Solve again without the start in the time left (until ``until``, a
     ``time.perf_counter()`` instant): its optimum, when it proves one; else the better of
     the two points (the first run's claim is then unconfirmed)."""
-    again = _run_highspy(c, a, rl, ru, cl, cu, integrality, until, rel_gap, abs_gap, None, progress, seed, stop, None, presolve)
+    again = _run_highspy(c, a, rl, ru, cl, cu, integrality, until, rel_gap, abs_gap, None, progress, seed, stop, None, uninterruptible)
     again.seconds += first.seconds
     if again.status == "optimal":
         return again
@@ -204,7 +213,7 @@ def _run_scipy(c, a, rl, ru, cl, cu, integrality, until, rel_gap, abs_gap) -> Mi
 
 
 def _run_highspy(c, a, rl, ru, cl, cu, integrality, until, rel_gap, abs_gap, start, progress, seed, stop=None,
-                 lp_solver: str | None = None, presolve: bool = True) -> MilpRun:
+                 lp_solver: str | None = None, uninterruptible: bool = True) -> MilpRun:
     import highspy
 
     with _quiet_stdout():
@@ -243,8 +252,11 @@ def _run_highspy(c, a, rl, ru, cl, cu, integrality, until, rel_gap, abs_gap, sta
         solution.value_valid = True
         h.setSolution(solution)
     h.setOptionValue("time_limit", float(_seconds_until(until)))
-    if not presolve:
+    if not uninterruptible:
         h.setOptionValue("presolve", "off")
+        if is_mip:
+            for option in UNINTERRUPTIBLE_PASSES:
+                h.setOptionValue(option, False)
     begin = time.perf_counter()
 
     def past_limit() -> bool:

@@ -79,7 +79,18 @@ class Expr:
         return Expr(-self.const, {c: -v for c, v in self.terms.items()})
 
     def __sub__(self, other: "Expr | float | int") -> "Expr":
-        return self + (-Expr.of(other))
+        # written out rather than ``self + (-other)``: every row is a difference, and the
+        # negated copy was a third of a large model's build (the same values: IEEE
+        # subtraction is the addition of the negation)
+        other = Expr.of(other)
+        terms = dict(self.terms)
+        for col, coef in other.terms.items():
+            value = terms.get(col, 0.0) - coef
+            if value == 0.0:
+                terms.pop(col, None)
+            else:
+                terms[col] = value
+        return Expr(self.const - other.const, terms)
 
     def __rsub__(self, other: "Expr | float | int") -> "Expr":
         return Expr.of(other) + (-self)
