@@ -156,3 +156,66 @@ def test_calibration_times_small_models_for_more_rounds():
     assert len(_timed_steps(fast, [x], 3, lambda: None, most=3)) == 3
     slow = _Slow(ROUNDS_SECONDS)
     assert len(_timed_steps(slow, [x], 2, lambda: None)) == 2
+
+
+@pytest.fixture(scope="module")
+def repeated_layers(tmp_path_factory):
+    """A traced network of repeated identical layers and its ops' signatures."""
+    from monetdsl.costs import MeasurementStore, measured_report
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[m for _ in range(4) for m in (torch.nn.Linear(32, 32), torch.nn.ReLU())])
+    store = MeasurementStore(tmp_path_factory.mktemp("store"))
+    plain = trace_for_runtime(model, [torch.randn(8, 32)], optimizer="sgd", store=store, estimate_workspaces=False)
+    trace, report = measured_report(plain, "cpu", store)
+    return trace.spec, report.signatures
+
+
+def _run_by_key(network, found, groups):
+    from monetdsl.runtime.calibrate import pooling_keys
+
+    keys = pooling_keys(network, groups)
+    return [{(keys[op], impl) for op, impl in chosen_impls(network, schedule).items()} for _, schedule in found]
+
+
+def test_grouped_ops_time_several_implementations_in_one_step_and_no_fewer(repeated_layers):
+    """Ops of one signature are pinned to different implementations not run yet, so every
+    (signature, implementation) pair the ungrouped schedules time is timed, in fewer
+    schedules; every schedule is a valid store-all."""
+    spec, groups = repeated_layers
+    network = spec.network
+    assert len(set(groups.values())) < len(network.forward_ops)  # the layers repeat
+    plain = calibration_schedules(network, spec.fingerprint)
+    grouped = calibration_schedules(network, spec.fingerprint, groups)
+    assert all(simulate(network, schedule).ok for _, schedule in grouped)
+    assert set().union(*_run_by_key(network, plain, groups)) <= set().union(*_run_by_key(network, grouped, groups))
+    assert len(grouped) < len(plain)
+    mixed = [s for _, s in grouped if len({(groups[op.name], s.impls.get(op.name)) for op in network.forward_ops})
+             > len({groups[op.name] for op in network.forward_ops})]
+    assert mixed  # some step runs two implementations of one signature
+
+
+def test_a_schedule_timing_few_new_pairs_is_left_out(repeated_layers):
+    """With ``least_new``, every schedule but the first and the fastest times at least that
+    share of the (signature, implementation) pairs for the first time, and what it leaves
+    out is what the schedules without it time besides."""
+    from monetdsl.runtime.calibrate import pooling_keys
+
+    spec, groups = repeated_layers
+    network = spec.network
+    keys = pooling_keys(network, groups)
+    total = len({(keys[op.name], i.name) for op in [*network.forward_ops, *network.backward_ops] for i in op.impls})
+    every = calibration_schedules(network, spec.fingerprint, groups)
+    new_counts = []
+    seen: set = set()
+    for run in _run_by_key(network, every, groups):
+        new_counts.append(len(run - seen))
+        seen |= run
+    share = (sorted(c for c in new_counts[1:] if c)[0] + 0.5) / total  # leaves out the schedule timing fewest
+    found = calibration_schedules(network, spec.fingerprint, groups, least_new=share)
+    assert len(found) < len(every)
+    seen = set()
+    for (label, _), run in zip(found, _run_by_key(network, found, groups)):
+        if seen and label != "the fastest implementations":
+            assert len(run - seen) >= share * total
+        seen |= run

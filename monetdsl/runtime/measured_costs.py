@@ -28,11 +28,15 @@ from .calibrate import CALIBRATION_NOTE, EagerPairs, in_place_times, with_in_pla
 from .eager_reference import keep_calibration_pairs
 from .stretch_cuts import charge_stretch_cuts
 
-__all__ = ["measured_trace", "measured_cost_model", "device_of", "IN_PLACE_ROUNDS"]
+__all__ = ["measured_trace", "measured_cost_model", "device_of", "IN_PLACE_ROUNDS", "LEAST_NEW_SHARE"]
 
 #: timed store-all steps per calibration schedule (after a warm-up step): planning time
 #: matters, and ops of one signature pool their samples in the store
 IN_PLACE_ROUNDS = 1
+#: a calibration schedule is stepped only when it times at least this share of the
+#: graph's (signature, implementation) pairs for the first time
+#: (:func:`~.calibrate.calibration_schedules`): each is a lowering and a training step
+LEAST_NEW_SHARE = 0.05
 
 
 def device_of(inputs) -> str:
@@ -134,7 +138,7 @@ def measured_trace(model: torch.nn.Module, inputs, trace, *, optimizer: str, sto
     if in_place is None:
         pairs = EagerPairs()  # eager's steps beside the fastest store-all's, for the eager reference
         samples, notes = in_place_times(model, list(inputs), measured, optimizer=optimizer, rounds=IN_PLACE_ROUNDS,
-                                        eager_pairs=pairs)
+                                        eager_pairs=pairs, groups=report.signatures, least_new=LEAST_NEW_SHARE)
         # planned on the pooled medians, as the next run reads them back: a schedule this run
         # solves replays on that run's costs exactly, so its cache entry is reused
         in_place, medians = _pooled_in_place(report.network, report, samples)
