@@ -11,7 +11,8 @@ import torch
 import monetdsl
 from monetdsl.costs import MeasurementStore
 from monetdsl.runtime import schedule_cache
-from monetdsl.runtime.eager_reference import (REFERENCE_ROUNDS, REFERENCE_SECONDS, EagerReference, _key, _pairs_key, eager_reference,
+from monetdsl.runtime.eager_reference import (EAGER_MARGIN, REFERENCE_MIN_SECONDS, REFERENCE_MOST, REFERENCE_ROUNDS,
+                                              REFERENCE_SECONDS, EagerReference, _key, _pairs_key, eager_reference,
                                               enough_pairs, measure_reference, reference_of)
 
 from .runtime_models import KindsCNN
@@ -23,6 +24,8 @@ def test_the_search_cap_keeps_eager_relative_time_within_the_cap_and_never_loose
     allowed = EagerReference(1000.0, 1000.0 * ratio).search_cap(cap)
     if ratio > 1 + cap + 1e-12:
         assert allowed is None  # even the runtime's store-all is over the cap
+    elif (1 + cap) / ratio - 1 < EAGER_MARGIN:
+        assert allowed is None  # it fits by less than the ratio's measurement resolves: eager, whatever the load
     else:
         assert 0 <= allowed <= cap
         assert (1 + allowed) * ratio <= 1 + cap + 1e-12  # planned time against eager's
@@ -33,10 +36,14 @@ def test_the_search_cap_keeps_eager_relative_time_within_the_cap_and_never_loose
 def test_the_pairs_stop_when_the_ratio_is_known_and_never_on_one_pair():
     steady = [1.10, 1.105, 1.098]
     noisy = [1.0, 1.3, 0.9, 1.25]
-    assert not enough_pairs(steady[:2], 0.1)  # two pairs say nothing of the spread
-    assert enough_pairs(steady, 0.1)
-    assert not enough_pairs(noisy, 0.1)  # the interval is wider than the tolerance
-    assert enough_pairs(noisy * 3, 0.1)  # ... until the round count is reached
+    later = REFERENCE_MIN_SECONDS + 0.1
+    assert not enough_pairs(steady[:2], later)  # two pairs say nothing of the spread
+    assert enough_pairs(steady, later)
+    assert not enough_pairs(steady, REFERENCE_MIN_SECONDS / 2)  # short steps: more pairs, however steady
+    assert not enough_pairs(steady * 10, REFERENCE_MIN_SECONDS / 2)
+    assert enough_pairs([1.1] * REFERENCE_MOST, REFERENCE_MIN_SECONDS / 2)  # ... up to the most pairs
+    assert not enough_pairs(noisy, later)  # the interval is wider than the tolerance
+    assert enough_pairs(noisy * 3, later)  # ... until the round count is reached
     assert len(noisy * 3) >= REFERENCE_ROUNDS
     assert not enough_pairs(noisy[:1], REFERENCE_SECONDS + 1)  # out of time, but one pair is no ratio
     assert enough_pairs(noisy[:2], REFERENCE_SECONDS + 1)

@@ -9,9 +9,12 @@ backward frees early and adds gradients in place). If the runtime's fastest step
 ``r`` x eager's, a schedule planned at overhead ``c`` runs at about ``(1 + c) r`` x
 eager's; so the search gets the cap ``(1 + cap) / r - 1``, never more than the cap asked
 for (``r`` is measured, with noise; a cap is not loosened on it). When that is below
-zero no schedule that recomputes fits: the model then trains as eager PyTorch (its own
-forward and autograd, which is the step the cap is measured against), and a
-:class:`~monetdsl.errors.CapWarning` says so.
+:data:`EAGER_MARGIN` (2 %, what ``r``'s measurement resolves) no schedule that
+recomputes fits, or one would fit by less than the noise of the measurement: the model
+then trains as eager PyTorch (its own forward and autograd, which is the step the cap is
+measured against), and a :class:`~monetdsl.errors.CapWarning` says so. The decision is
+then a property of the model and cap, not of the machine's load at planning time: it
+flips only where ``r`` itself is within noise of ``(1 + cap) / 1.02``.
 
 ``r`` is measured once per graph and machine and kept in the
 :class:`~monetdsl.costs.MeasurementStore`. Where the costs are calibrated in place
@@ -34,7 +37,9 @@ real device); a plan on roofline estimates has no eager step to compare with. Th
 stop (:func:`enough_pairs`) once the ratio is known within :data:`REFERENCE_TOLERANCE` (a
 95 % confidence interval of the pairs' mean ratio, at least 3 pairs), after 11 pairs, or
 once 3 s went into them (at least 2 pairs: a ResNet-18's pair takes seconds on a CPU, and
-a third would add as much to planning).
+a third would add as much to planning); but short steps are paired for at least
+:data:`REFERENCE_MIN_SECONDS` (up to :data:`REFERENCE_MOST` pairs): the fastest of dozens
+of steps of a few ms is the undisturbed one, the fastest of three was not always.
 
 >>> reference = EagerReference(eager_us=2000.0, runtime_us=2200.0)
 >>> round(reference.search_cap(0.15), 4), reference.search_cap(0.05)
@@ -55,7 +60,8 @@ from ..validate import resolve_constraints
 from ..search.simulator import simulate
 from .calibrate import CALIBRATION_NOTE, paired_with_eager, state_restored, store_all_schedule
 
-__all__ = ["EagerReference", "REFERENCE_ROUNDS", "REFERENCE_SECONDS", "REFERENCE_TOLERANCE", "enough_pairs", "measure_reference",
+__all__ = ["EagerReference", "REFERENCE_ROUNDS", "REFERENCE_SECONDS", "REFERENCE_TOLERANCE", "REFERENCE_MIN_SECONDS",
+           "REFERENCE_MOST", "EAGER_MARGIN", "enough_pairs", "measure_reference",
            "time_against_eager", "eager_reference", "reference_of", "keep_calibration_pairs", "cap_against_eager"]
 
 #: interleaved (eager, runtime) step pairs timed, after one warm-up pair, at most ...
@@ -66,6 +72,17 @@ REFERENCE_SECONDS = 3.0
 #: ... or once the ratio is known within this share of it (the half-width of a 95 %
 #: confidence interval of the mean ratio, from 3 pairs on): a cap moves by about as much
 REFERENCE_TOLERANCE = 0.02
+#: short steps are paired for at least this many seconds (up to :data:`REFERENCE_MOST`
+#: pairs), whatever the rules above say: each side's fastest step is the reference, and
+#: on a shared machine the fastest of 3 steps of a few ms moved a small CNN's ratio
+#: across its cap between two runs; the fastest of dozens is the undisturbed step
+REFERENCE_MIN_SECONDS = 0.5
+REFERENCE_MOST = 41
+#: the model trains as eager PyTorch when the runtime's store-all leaves less room than
+#: this for recomputation: the ratio is measured to about :data:`REFERENCE_TOLERANCE`, so
+#: a smaller room is a decision the load of the machine makes, and a schedule that may
+#: recompute 1 % of a step saves little
+EAGER_MARGIN = REFERENCE_TOLERANCE
 #: Student's t at 97.5 % by degrees of freedom (n - 1 pairs), for the interval above
 _T975 = {2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -86,21 +103,27 @@ class EagerReference:
     def search_cap(self, cap: float) -> float | None:
         """The overhead cap against the runtime's store-all step that keeps a schedule
         within ``cap`` of eager's step (at most ``cap``), or None when even store-all
-        does not fit."""
+        does not fit, or leaves less room than :data:`EAGER_MARGIN` (module docstring)."""
         allowed = (1.0 + cap) / self.runtime_over_eager - 1.0
-        return None if allowed < 0 else min(cap, allowed)
+        return None if allowed < EAGER_MARGIN else min(cap, allowed)
 
 
 def enough_pairs(ratios: list[float], seconds: float, rounds: int = REFERENCE_ROUNDS) -> bool:
     """Whether the timed pairs so far (their runtime / eager ratios, ``seconds`` spent on
-    them) are enough: ``rounds`` of them; 2 or more once :data:`REFERENCE_SECONDS` went by;
-    3 or more whose mean ratio is known within :data:`REFERENCE_TOLERANCE` (95 %).
+    them) are enough: :data:`REFERENCE_MOST` of them; else none before 2 pairs and
+    :data:`REFERENCE_MIN_SECONDS`; then ``rounds`` of them, or any once
+    :data:`REFERENCE_SECONDS` went by, or 3 or more whose mean ratio is known within
+    :data:`REFERENCE_TOLERANCE` (95 %).
 
-    >>> enough_pairs([1.10, 1.11, 1.10], 0.1), enough_pairs([1.0, 1.3, 1.1], 0.1), enough_pairs([1.0, 1.3], 3.5)
+    >>> enough_pairs([1.10, 1.11, 1.10], 0.6), enough_pairs([1.10, 1.11, 1.10], 0.1), enough_pairs([1.0, 1.3], 3.5)
     (True, False, True)
     """
     n = len(ratios)
-    if n >= rounds or (n >= 2 and seconds >= REFERENCE_SECONDS):
+    if n >= REFERENCE_MOST:
+        return True
+    if n < 2 or seconds < REFERENCE_MIN_SECONDS:
+        return False
+    if n >= rounds or seconds >= REFERENCE_SECONDS:
         return True
     if n < 3:
         return False
