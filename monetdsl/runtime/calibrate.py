@@ -245,7 +245,10 @@ def in_place_times(model: torch.nn.Module, inputs, trace, *, optimizer: str, rou
     Only the first schedule's steps follow a warm-up step: it is the process's first
     step through the runtime (the allocator's pools, first calls of the executor's code
     paths); every implementation's kernels already ran when they were timed alone, so a
-    later schedule's first step is a step like the next. A schedule that runs nothing
+    later schedule's first step is a step like the next (observed steps run every step on
+    its own). The first schedule's unobserved steps, which run its stretches through
+    autograd's engine for the first time (their forward runs are traced on their first
+    call, :mod:`.scripted_runs`), keep their warm-up. A schedule that runs nothing
     the schedules before it did (the fastest implementations, kept for the eager
     reference) is not observed at all."""
     from .module import OptimizedModule
@@ -284,7 +287,7 @@ def in_place_times(model: torch.nn.Module, inputs, trace, *, optimizer: str, rou
                 if not savings:
                     savings = _stretch_savings(module, network, impls, walls,
                                                _unobserved(module, lambda: _timed_steps(module, inputs, len(walls), clock.sync,
-                                                                                        most=len(walls), warm_up=False)))
+                                                                                        most=len(walls))))
             if pairs_here:
                 _unobserved(module, lambda: paired_with_eager(model, module, inputs, device, eager_pairs.pairs,
                                                               module_warm=True))
