@@ -53,6 +53,17 @@ def eager_step(model, inputs, seed: int, loss=None):
     return out.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def assert_steps_match_eager(optimized, reference, inputs, seeds=(1, 2)) -> None:
+    """Outputs and parameter gradients of ``optimized``'s training steps equal eager
+    ``reference``'s, one step per seed."""
+    for seed in seeds:
+        out1, grads1 = eager_step(optimized, inputs, seed)
+        out2, grads2 = eager_step(reference, inputs, seed)
+        torch.testing.assert_close(out1, out2)
+        for name in grads2:
+            torch.testing.assert_close(grads1[name], grads2[name], msg=name)
+
+
 def _reduce(out):
     return out if out.dim() == 0 else (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum()
 

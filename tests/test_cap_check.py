@@ -1,11 +1,13 @@
 """A capped schedule that recomputes is timed against eager's step before it is used; one
-that measures over the cap gives way to store-all, with a warning.
+that measures over its plan has its recomputations charged what they measured and is
+re-planned; one still over the cap gives way to store-all, with a warning.
 
 The timing is injected (``measure``): what is tested is the decision and that a verdict
 is measured once per schedule and machine, not the machine's speed.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -14,9 +16,11 @@ import torch.nn as nn
 
 import monetdsl
 from monetdsl.errors import CapWarning
-from monetdsl.planning import Constraints
-from monetdsl.runtime.cap_check import CAP_SLACK, schedule_holding_cap
+from monetdsl.planning import Constraints, schedule_for
+from monetdsl.runtime.cap_check import CAP_SLACK, RECHARGE_ROUNDS, recomputations, schedule_holding_cap
 from monetdsl.runtime.eager_reference import EagerReference
+from monetdsl.search.simulator import simulate
+from .runtime_helpers import assert_steps_match_eager
 
 
 class Cell(nn.Module):
@@ -45,11 +49,12 @@ def _measured(ratio, calls):
     return measure
 
 
-def _hold(recomputing, tmp_path, measure, budget=None):
+def _hold(recomputing, tmp_path, measure, budget=None, found=None, max_overhead=0.05):
     model, x, plan = recomputing
-    constraints = Constraints(budget, 0.05, None, "auto")
-    return schedule_holding_cap(model, (x,), plan.trace, plan.spec, constraints, (plan.schedule, plan.simulation), 0.10,
-                                optimizer="adam", schedule_dir=None, cache_dir=tmp_path, measure=measure)
+    constraints = Constraints(budget, max_overhead, None, "auto", time_limit=2)
+    found = found if found is not None else (plan.schedule, plan.simulation)
+    return schedule_holding_cap(model, (x,), plan.trace, plan.spec, constraints, found, 0.10, optimizer="adam",
+                                schedule_dir=None, cache_dir=tmp_path, measure=measure, store_all_ratio=1.0)
 
 
 def test_a_schedule_within_its_cap_is_kept_and_measured_once(recomputing, tmp_path):
@@ -68,6 +73,38 @@ def test_a_schedule_over_its_cap_gives_way_to_store_all(recomputing, tmp_path):
         schedule, simulation = _hold(recomputing, tmp_path, _measured(2.0, calls))
     assert not any(stage.recompute for stage in schedule.stages)
     assert simulation.valid and simulation.overhead == 0
+    assert 1 <= len(calls) <= 1 + RECHARGE_ROUNDS, "re-planned a bounded number of times"
+
+
+def test_recomputation_measured_over_its_plan_is_charged_and_re_planned(recomputing, tmp_path):
+    """On a machine where every recomputation costs 5 us more than the plan says (the
+    stretch it cuts), the schedule solved for a 10 % cap measures over it; the excess is
+    charged to its recomputations, the search re-plans with fewer of them, and that
+    schedule measures as planned and is kept: no warning, it replays in the simulator on
+    the uncharged costs, and training through it gives eager PyTorch's gradients."""
+    model, x, plan = recomputing
+    network, cut_us, calls = plan.spec.network, 5.0, []
+
+    def measure(model, inputs, trace, schedule, *, optimizer):
+        calls.append(schedule)
+        replay = simulate(network, schedule)
+        runtime = replay.compute_us + cut_us * recomputations(schedule)
+        return EagerReference(replay.baseline_us, runtime, runtime / replay.baseline_us)
+
+    first = schedule_for(plan.spec, Constraints(None, 0.10, None, "auto", time_limit=2))
+    assert measure(model, (x,), None, first[0], optimizer="adam").ratio > 1.10 * CAP_SLACK
+    calls.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CapWarning)
+        schedule, simulation = _hold(recomputing, tmp_path, measure, found=first, max_overhead=0.10)
+    assert len(calls) == 2 and calls[1] is schedule
+    assert 0 < recomputations(schedule) < recomputations(first[0])
+    assert simulation.valid and simulation.overhead <= 0.10 + 1e-9
+    assert simulation.compute_us == pytest.approx(simulate(network, schedule).compute_us + cut_us * recomputations(schedule))
+    assert simulate(network, schedule).valid
+    optimized = monetdsl.optimize(model, (x,), schedule=schedule)
+    reference = copy.deepcopy(model)
+    assert_steps_match_eager(optimized, reference, [x])
 
 
 def test_with_a_budget_the_schedule_stays_and_the_warning_says_what_it_measured(recomputing, tmp_path):
