@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 
 from ..costs import MeasurementStore
 from ..costs.signature import machine_signature
-from ..errors import CapWarning, warn_at_user
+from ..errors import CapWarning, SolveError, warn_at_user
 from ..grammar.printer import format_schedule
 from ..planning import schedule_for
 from .eager_reference import eager_reference, time_against_eager
@@ -139,7 +139,10 @@ def schedule_holding_cap(model, inputs, trace, spec, constraints, found: tuple, 
         charge += excess / recomputations(schedule)
         costs = f"{trace.cost_model}; every recomputation charged {charge:.3f} us for the stretch it cuts"
         charged = replace(spec, network=recomputation_charged(spec.network, charge))
-        schedule, simulation = schedule_for(charged, constraints, schedule_dir, costs=costs, progress=progress)
+        try:
+            schedule, simulation = schedule_for(charged, constraints, schedule_dir, costs=costs, progress=progress)
+        except SolveError:
+            break  # no schedule within the time limit on the charged costs: store-all, below
         if not any(stage.recompute for stage in schedule.stages):
             warn_at_user(f"{measured}; re-planned with every recomputation charged {charge:.1f} us for the stretch it"
                          " cuts, no recomputation pays: the plan keeps every tensor", CapWarning)
