@@ -7,8 +7,9 @@ that lower a network's floor. The runtime form is :mod:`monetdsl.runtime.sliced_
 """
 from .choice import DEFAULT_ALLOWANCE, widest_blocks, with_widest_segments
 from .runs import Run, block_width, blocks, per_sample_runs
-from .segment import (DEFAULT_KERNEL_FEE_US, DEFAULT_SLICES, SegmentCosts, is_segment, offered_costs, segment_costs, segment_name,
+from .segment import (DEFAULT_KERNEL_FEE_US, DEFAULT_SLICES, SegmentCosts, is_segment, offered_costs, segment_costs, segment_members,
+                      segment_name, slice_count,
                       sliced_network, sliced_spec)
 
 __all__ = ["Run", "block_width", "blocks", "per_sample_runs", "widest_blocks", "with_widest_segments", "DEFAULT_ALLOWANCE", "DEFAULT_KERNEL_FEE_US", "DEFAULT_SLICES",
-           "SegmentCosts", "is_segment", "offered_costs", "segment_costs", "segment_name", "sliced_network", "sliced_spec"]
+           "SegmentCosts", "is_segment", "offered_costs", "segment_costs", "segment_members", "segment_name", "slice_count", "sliced_network", "sliced_spec"]

@@ -17,10 +17,11 @@ what ``monetdsl slice`` writes without ``--segments``.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from ..ir import Network, Spec
 from .runs import Run, block_width, blocks, per_sample_runs
-from .segment import sliced_spec
+from .segment import DEFAULT_KERNEL_FEE_US, sliced_spec
 
 __all__ = ["DEFAULT_ALLOWANCE", "fastest_step_us", "widest_blocks", "with_widest_segments"]
 
@@ -28,13 +29,17 @@ __all__ = ["DEFAULT_ALLOWANCE", "fastest_step_us", "widest_blocks", "with_widest
 DEFAULT_ALLOWANCE = 0.10
 
 
-def widest_blocks(network: Network, allowance_us: float, max_blocks: int | None = None) -> list[Run]:
+def widest_blocks(network: Network, allowance_us: float, max_blocks: int | None = None,
+                  accept: Callable[[Run], bool] | None = None) -> list[Run]:
     """Blocks to slice, widest first, whose forwards together take at most ``allowance_us``.
 
     Stops at the first block that does not fit (a narrower one would not lower the floor
     the wider one sets), at the first no wider than an op outside every block, and after
-    ``max_blocks``."""
-    candidates = [piece for run in per_sample_runs(network) for piece in blocks(network, run)]
+    ``max_blocks``. ``accept``: which candidate blocks the caller can run as segments (the
+    runtime's lowering: :mod:`monetdsl.runtime.segment_steps`); the others stay op by op
+    and count among the ops outside every block."""
+    candidates = [piece for run in per_sample_runs(network) for piece in blocks(network, run)
+                  if accept is None or accept(piece)]
     candidates.sort(key=lambda run: -block_width(network, run))
     in_blocks = {name for run in candidates for name in run.ops}
     floor = max((_op_width(network, op) for op in network.forward_ops if op.name not in in_blocks), default=0)
@@ -52,13 +57,15 @@ def widest_blocks(network: Network, allowance_us: float, max_blocks: int | None 
     return chosen
 
 
-def with_widest_segments(spec: Spec, allowance: float = DEFAULT_ALLOWANCE,
-                         slice_counts=None) -> tuple[Spec, list[Run]]:
-    """``spec`` with :func:`widest_blocks` (within ``allowance`` of its no-recompute time)
-    as batch-sliced segments offering ``slice_counts`` (default: :func:`.segment.offered_costs`'
-    choice), and those blocks; ``spec`` itself when no block qualifies."""
-    runs = widest_blocks(spec.network, allowance * fastest_step_us(spec.network))
-    return (sliced_spec(spec, runs, slice_counts), runs) if runs else (spec, [])
+def with_widest_segments(spec: Spec, allowance: float = DEFAULT_ALLOWANCE, slice_counts=None,
+                         kernel_fee_us: float = DEFAULT_KERNEL_FEE_US,
+                         accept: Callable[[Run], bool] | None = None) -> tuple[Spec, list[Run]]:
+    """``spec`` with :func:`widest_blocks` (within ``allowance`` of its no-recompute time,
+    among the blocks ``accept`` lets through) as batch-sliced segments offering
+    ``slice_counts`` (default: :func:`.segment.offered_costs`' choice) at ``kernel_fee_us``
+    per op and extra slice, and those blocks; ``spec`` itself when no block qualifies."""
+    runs = widest_blocks(spec.network, allowance * fastest_step_us(spec.network), accept=accept)
+    return (sliced_spec(spec, runs, slice_counts, kernel_fee_us), runs) if runs else (spec, [])
 
 
 def fastest_step_us(network: Network) -> float:
