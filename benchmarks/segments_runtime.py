@@ -1,11 +1,10 @@
 """Batch-sliced segments through ``monetdsl.optimize``: memory and time against eager.
 
-A VGG-style CNN (three conv-relu-...-pool blocks: 16 channels at 32x32 with two
+A VGG-style CNN (``monetdsl.models.tiny_vgg``: three conv-relu-...-pool blocks: 16 channels at 32x32 with two
 convolutions, then 48 and 96 channels with eight each; the first block holds the widest
 tensors, the later ones most of the compute, as in VGG-16) is trained for one step by
 eager PyTorch and by ``monetdsl.optimize`` at store-all and under budgets below what any
-schedule of its ops one by one can hold (the largest, over ops, of an op's non-fixed
-inputs, outputs and least workspace: a lower bound of that floor), with and without
+schedule of its ops one by one can hold (:func:`monetdsl.slicing.op_by_op_bound`), with and without
 segments. Per row: the planned peak above fixed memory, the allocator's peak
 (``monetdsl.measure(probe="allocator")``) and their ratio, the segment's slice counts,
 and the step's time against eager's: eager and the plan interleaved in one process,
@@ -25,38 +24,15 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import monetdsl  # noqa: E402
 from monetdsl.errors import SolveError  # noqa: E402
 from monetdsl.search.simulator import chosen_impls  # noqa: E402
-from monetdsl.slicing import is_segment, slice_count  # noqa: E402
+from monetdsl.models import tiny_vgg  # noqa: E402
+from monetdsl.slicing import is_segment, op_by_op_bound, slice_count  # noqa: E402
 from monetdsl.units import human_bytes  # noqa: E402
-
-
-def vgg_style() -> nn.Module:
-    torch.manual_seed(0)
-    layers, channels = [], 3
-    for width, convs in ((16, 2), (48, 8), (96, 8)):
-        for _ in range(convs):
-            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
-            channels = width
-        layers.append(nn.MaxPool2d(2))
-    layers += [nn.Flatten(), nn.Linear(channels * 4 * 4, 10)]
-    return nn.Sequential(*layers)
-
-
-def op_by_op_floor(network) -> int:
-    """Largest over ops of the least an op holds by itself (non-fixed inputs, outputs, workspace)."""
-    tensors = network.tensors
-
-    def held(op, impl) -> int:
-        reads = op.inputs if hasattr(op, "inputs") else impl.reads
-        return sum(tensors[n].storage_bytes for n in (*reads, *op.outputs) if not tensors[n].is_fixed) + impl.workspace
-
-    return max(min(held(op, impl) for impl in op.impls) for op in (*network.forward_ops, *network.backward_ops))
 
 
 def segments_of(plan) -> str:
@@ -94,11 +70,11 @@ def main() -> None:
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     x = torch.randn(args.batch, 3, 32, 32)
-    model = vgg_style()
+    model = tiny_vgg()
     store_all = monetdsl.optimize(model, x, method="store-all")
     plan = store_all.plans[0]
     fixed = plan.simulation.fixed_bytes
-    floor = op_by_op_floor(plan.spec.network)
+    floor = op_by_op_bound(plan.spec.network)
     rows = [("store-all", store_all)]
     for share in (0.97, 0.85):
         budget = fixed + int(share * floor)
@@ -122,7 +98,7 @@ def main() -> None:
               f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__};"
               f" load average at the end {os.getloadavg()[0]:.1f} (shared machine: times are medians of interleaved"
               " rounds).",
-              f"Model: VGG-style CNN (`benchmarks/segments_runtime.py`), batch {args.batch}, 3x32x32, SGD-free step"
+              f"Model: VGG-style CNN (`monetdsl.models.tiny_vgg`), batch {args.batch}, 3x32x32, SGD-free step"
               f" (loss: mean square of the output), optimizer state counted as Adam; fixed memory {human_bytes(fixed)};"
               f" op-by-op lower bound above fixed {human_bytes(floor)}.",
               f"Command: `python benchmarks/segments_runtime.py --batch {args.batch} --rounds {args.rounds}"

@@ -15,24 +15,10 @@ from torch import nn
 import monetdsl
 from monetdsl.errors import OptionError
 from monetdsl.search.simulator import chosen_impls
-from monetdsl.slicing import is_segment, slice_count
+from monetdsl.models import tiny_vgg
+from monetdsl.slicing import is_segment, op_by_op_bound, slice_count
 
 BATCH = 8
-
-
-def _vgg_style(dtype=torch.float32) -> nn.Module:
-    """Three blocks: 16 channels at 32x32 (two convolutions), then 48 and 96 channels with
-    eight convolutions each: the first block holds the widest tensors, the later ones most
-    of the compute."""
-    torch.manual_seed(0)
-    layers, channels = [], 3
-    for width, convs in ((16, 2), (48, 8), (96, 8)):
-        for _ in range(convs):
-            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
-            channels = width
-        layers.append(nn.MaxPool2d(2))
-    layers += [nn.Flatten(), nn.Linear(channels * 4 * 4, 10)]
-    return nn.Sequential(*layers).to(dtype)
 
 
 def _segments(plan) -> dict[str, tuple[int, int]]:
@@ -41,19 +27,6 @@ def _segments(plan) -> dict[str, tuple[int, int]]:
     impls = chosen_impls(network, plan.schedule)
     return {op.name: (slice_count(impls[op.name]), slice_count(impls[f"{op.name}.backward"]))
             for op in network.forward_ops if is_segment(op)}
-
-
-def _op_by_op_floor(network) -> int:
-    """A lower bound of any schedule of ``network``'s ops one by one, above fixed memory:
-    every op holds its non-fixed inputs and outputs and its workspace at once, with the
-    implementation that needs least."""
-    tensors = network.tensors
-
-    def held(op, impl) -> int:
-        reads = op.inputs if hasattr(op, "inputs") else impl.reads
-        return sum(tensors[n].storage_bytes for n in (*reads, *op.outputs) if not tensors[n].is_fixed) + impl.workspace
-
-    return max(min(held(op, impl) for impl in op.impls) for op in (*network.forward_ops, *network.backward_ops))
 
 
 def _eager_grads(model_factory, x) -> list[torch.Tensor]:
@@ -74,28 +47,28 @@ def test_a_budget_below_the_op_by_op_floor_runs_the_first_block_in_slices(tmp_pa
     so only the segment makes it; the allocator's peak is the plan's, within 5 %. (About
     a minute on a loaded 2-core machine: every op is measured in a fresh store.)"""
     x = torch.randn(BATCH, 3, 32, 32)
-    model = _vgg_style()
+    model = tiny_vgg()
     full = monetdsl.optimize(model, x, method="store-all", cache_dir=tmp_path).plans[0]
     fixed = full.simulation.fixed_bytes
-    floor = _op_by_op_floor(full.spec.network)
+    floor = op_by_op_bound(full.spec.network)
     assert not any(is_segment(op) for op in full.spec.network.forward_ops)  # nothing to slice without a budget
     budget = fixed + int(floor * 0.97)
     optimized = monetdsl.optimize(model, x, budget=budget, time_limit=10, cache_dir=tmp_path)
     plan = optimized.plans[0]
     assert list(_segments(plan)) == ["0..4"]
     assert plan.planned_peak <= budget
-    assert _op_by_op_floor(plan.trace.built.network) == floor  # the ops one by one could not have met it
+    assert op_by_op_bound(plan.trace.built.network) == floor  # the ops one by one could not have met it
     measured = monetdsl.measure(optimized, x, probe="allocator", repeats=2)
     assert measured.ratio <= 1.05, measured.summary()
     model.zero_grad(set_to_none=True)
     optimized(x).square().mean().backward()
-    _assert_same_grads(model, _eager_grads(_vgg_style, x), rtol=1e-3)
+    _assert_same_grads(model, _eager_grads(tiny_vgg, x), rtol=1e-3)
 
 
 @pytest.fixture(scope="module")
 def float64_case():
     x = torch.randn(BATCH, 3, 32, 32, dtype=torch.float64)
-    model = _vgg_style(torch.float64)
+    model = tiny_vgg(torch.float64)
     full = monetdsl.optimize(model, x, method="store-all", cache_dir=None, profile=False).plans[0]
     budget = full.simulation.fixed_bytes + int(0.5 * (full.planned_peak - full.simulation.fixed_bytes))
     return model, x, budget
@@ -111,7 +84,7 @@ def test_sliced_steps_give_eager_gradients_exactly(float64_case):
     model.zero_grad(set_to_none=True)
     for _ in range(2):  # the second step adds into .grad
         optimized(x).square().mean().backward()
-    expected = [2 * g for g in _eager_grads(lambda: _vgg_style(torch.float64), x)]
+    expected = [2 * g for g in _eager_grads(lambda: tiny_vgg(torch.float64), x)]
     _assert_same_grads(model, expected, rtol=1e-10)
 
 

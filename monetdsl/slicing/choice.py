@@ -23,7 +23,7 @@ from ..ir import Network, Spec
 from .runs import Run, block_width, blocks, per_sample_runs
 from .segment import DEFAULT_KERNEL_FEE_US, sliced_spec
 
-__all__ = ["DEFAULT_ALLOWANCE", "fastest_step_us", "widest_blocks", "with_widest_segments"]
+__all__ = ["DEFAULT_ALLOWANCE", "fastest_step_us", "widest_blocks", "with_widest_segments", "op_by_op_bound"]
 
 #: the recomputation the default choice may force, as a fraction of the no-recompute time
 DEFAULT_ALLOWANCE = 0.10
@@ -80,3 +80,17 @@ def _op_width(network: Network, op) -> int:
     """Bytes of an op's non-fixed inputs and outputs: what its step holds at least."""
     tensors = network.tensors
     return sum(tensors[name].storage_bytes for name in (*op.inputs, *op.outputs) if not tensors[name].is_fixed)
+
+
+def op_by_op_bound(network: Network) -> int:
+    """A lower bound, above fixed memory, of every schedule of ``network``'s ops: each op
+    holds its non-fixed inputs (a backward op: its implementation's reads), its outputs
+    and its workspace at once, with the implementation that needs least. A budget below
+    it needs a segment (whose op holds one slice's working set)."""
+    tensors = network.tensors
+
+    def held(op, impl) -> int:
+        reads = op.inputs if hasattr(op, "inputs") else impl.reads
+        return sum(tensors[n].storage_bytes for n in (*reads, *op.outputs) if not tensors[n].is_fixed) + impl.workspace
+
+    return max(min(held(op, impl) for impl in op.impls) for op in (*network.forward_ops, *network.backward_ops))
