@@ -71,13 +71,13 @@ def float64_case():
     model = tiny_vgg(torch.float64)
     full = monetdsl.optimize(model, x, method="store-all", cache_dir=None, profile=False).plans[0]
     budget = full.simulation.fixed_bytes + int(0.5 * (full.planned_peak - full.simulation.fixed_bytes))
-    return model, x, budget
+    return model, x, budget, full.planned_peak
 
 
 def test_sliced_steps_give_eager_gradients_exactly(float64_case):
     """In float64 the slices' sums of parameter gradients equal the whole batch's up to
     rounding, through optimizer-free repeated steps (.grad accumulated across two calls)."""
-    model, x, budget = float64_case
+    model, x, budget, _ = float64_case
     optimized = monetdsl.optimize(model, x, budget=budget, time_limit=5, cache_dir=None, profile=False)
     (forward_k, backward_k), = _segments(optimized.plans[0]).values()
     assert forward_k >= 1 and backward_k >= 1
@@ -88,8 +88,15 @@ def test_sliced_steps_give_eager_gradients_exactly(float64_case):
     _assert_same_grads(model, expected, rtol=1e-10)
 
 
+def test_a_budget_store_all_meets_slices_nothing(float64_case):
+    """Store-all fits: nothing needs recomputing, and a segment would recompute its block."""
+    model, x, _, store_all_peak = float64_case
+    optimized = monetdsl.optimize(model, x, budget=store_all_peak, time_limit=5, cache_dir=None, profile=False)
+    assert not _segments(optimized.plans[0])
+
+
 def test_segments_false_plans_every_op_on_its_own(float64_case):
-    model, x, budget = float64_case
+    model, x, budget, _ = float64_case
     optimized = monetdsl.optimize(model, x, budget=budget, time_limit=5, cache_dir=None, profile=False, segments=False)
     network = optimized.plans[0].spec.network
     assert not any(is_segment(op) for op in network.forward_ops)

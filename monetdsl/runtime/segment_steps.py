@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 
 from ..ir import Network, grad_name
+from ..lowering.graphs import LoweringError
 from ..lowering.program import AccumulatedGrad, Program, StepFn, first_forward_step
 from ..search.impl_choice import cheapest_impls
 from ..search.simulator import simulate
@@ -102,7 +103,8 @@ def add_segment_steps(trace, network: Network, impls: dict[str, str], program: P
         run = segment_members(trace.built.network, op.name)
         chain = _member_chain(trace, run)
         if chain is None:
-            raise ValueError(f"{op.name}: the runtime cannot run this block slice by slice")
+            raise LoweringError(f"{op.name}: the runtime cannot run this block slice by slice (a member op reads its"
+                                " batch input through a view, or has no captured call of its own)")
         forward_k = slice_count(impls.get(op.name, op.impls[0].name))
         forward = _forward_fn(chain, op.inputs, forward_k)
         program.forward[op.name] = StepFn(op.name, tuple(op.inputs), tuple(op.outputs), forward)
