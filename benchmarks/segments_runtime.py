@@ -7,7 +7,8 @@ eager PyTorch and by ``monetdsl.optimize`` at store-all and under budgets below 
 schedule of its ops one by one can hold (:func:`monetdsl.slicing.op_by_op_bound`), with and without
 segments. Per row: the planned peak above fixed memory, the allocator's peak
 (``monetdsl.measure(probe="allocator")``) and their ratio, the segment's slice counts,
-and the step's time against eager's: eager and the plan interleaved in one process,
+and the step's time against eager's (eager's own row: its allocator peak): eager and the
+plan interleaved in one process,
 ``--rounds`` rounds, medians of process CPU time and of wall time.
 
     python benchmarks/segments_runtime.py [--batch 16] [--rounds 9] [--time-limit 20] [--output benchmarks/results/segments_runtime.md]
@@ -75,7 +76,7 @@ def main() -> None:
     plan = store_all.plans[0]
     fixed = plan.simulation.fixed_bytes
     floor = op_by_op_bound(plan.spec.network)
-    rows = [("store-all", store_all)]
+    rows = [("eager PyTorch", model), ("store-all", store_all)]
     for share in (0.97, 0.85):
         budget = fixed + int(share * floor)
         for segments in (True, False):
@@ -91,6 +92,9 @@ def main() -> None:
             lines.append(f"| {name} | | {optimized} | | | | |")
             continue
         measured = monetdsl.measure(optimized, x, probe="allocator", repeats=2)
+        if optimized is model:
+            lines.append(f"| {name} | | | {human_bytes(measured.peak)} | | x1 | x1 |")
+            continue
         cpu, wall = interleaved(model, optimized, x, args.rounds)
         lines.append(f"| {name} | {segments_of(optimized.plans[0])} | {human_bytes(measured.planned)} |"
                      f" {human_bytes(measured.peak)} | {measured.ratio:.3f} | x{cpu:.2f} | x{wall:.2f} |")
@@ -98,8 +102,8 @@ def main() -> None:
               f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__};"
               f" load average at the end {os.getloadavg()[0]:.1f} (shared machine: times are medians of interleaved"
               " rounds).",
-              f"Model: VGG-style CNN (`monetdsl.models.tiny_vgg`), batch {args.batch}, 3x32x32, SGD-free step"
-              f" (loss: mean square of the output), optimizer state counted as Adam; fixed memory {human_bytes(fixed)};"
+              f"Model: VGG-style CNN (`monetdsl.models.tiny_vgg`), batch {args.batch}, 3x32x32, one step without"
+              f" an optimizer step (loss: mean square of the output), optimizer state counted as Adam; fixed memory {human_bytes(fixed)};"
               f" op-by-op lower bound above fixed {human_bytes(floor)}.",
               f"Command: `python benchmarks/segments_runtime.py --batch {args.batch} --rounds {args.rounds}"
               f" --time-limit {args.time_limit:g}`", ""]
