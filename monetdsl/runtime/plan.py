@@ -33,7 +33,6 @@ from .eager_reference import cap_against_eager
 from .executor import StepPlan, plan_steps
 from .scale_weights import pins_avoiding_from_output, weights_divided_by, zero_weight_ops
 from .segment_steps import add_segment_steps, with_planned_segments
-from .segment_times import with_measured_segment_times
 from .stretches import ENGINE_ROOM
 
 #: ``Constraints``, ``trace_for_runtime``, ``schedule_for`` and ``clear_caches`` live in
@@ -160,8 +159,6 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
                                cache_dir=None if cache_dir is schedule_cache.USER_CACHE else cache_dir, capture_cache=kept_dir)
         if segments and constraints.schedule is None:
             trace = with_planned_segments(trace, inputs, constraints.budget)
-            if CALIBRATION_NOTE in trace.cost_model:  # costs measured on the device: the segments' too
-                trace = with_measured_segment_times(trace, inputs, None if cache_dir is schedule_cache.USER_CACHE else cache_dir)
     spec = trace.spec
     if progress is not None:
         progress(ProgressInfo("monetdsl", f"traced {len(spec.network.forward_ops)} ops, planning", 0.0, None, None, None, "us"))

@@ -41,7 +41,7 @@ from ..validate import resolve_constraints
 from .calibrate import store_all_schedule
 from .sliced_segment import backward_in_slices, forward_in_slices
 
-__all__ = ["can_slice", "member_chain", "backward_step", "forward_fn", "kernel_fee_us", "wants_segments", "with_planned_segments", "add_segment_steps"]
+__all__ = ["can_slice", "kernel_fee_us", "wants_segments", "with_planned_segments", "add_segment_steps"]
 
 
 def kernel_fee_us(inputs) -> float:
@@ -51,7 +51,7 @@ def kernel_fee_us(inputs) -> float:
     return PRESETS["A100" if on_cuda else "cpu"].overhead_us
 
 
-def member_chain(trace, run: Run) -> list[tuple[StepFn, str]] | None:
+def _member_chain(trace, run: Run) -> list[tuple[StepFn, str]] | None:
     """Each member op's first-forward step and the tensor it reads from the previous one
     (its batch input), or None when one cannot run on a slice."""
     network = trace.built.network
@@ -69,7 +69,7 @@ def can_slice(trace) -> Callable[[Run], bool]:
     """Whether the runtime can run a block of ``trace`` as a segment: every member op has
     a lowered first forward that reads its batch input whole, no first member writes in
     place over the segment's input."""
-    return lambda run: member_chain(trace, run) is not None
+    return lambda run: _member_chain(trace, run) is not None
 
 
 def wants_segments(spec, budget: int | None) -> bool:
@@ -101,17 +101,17 @@ def add_segment_steps(trace, network: Network, impls: dict[str, str], program: P
         if not is_segment(op):
             continue
         run = segment_members(trace.built.network, op.name)
-        chain = member_chain(trace, run)
+        chain = _member_chain(trace, run)
         if chain is None:
             raise LoweringError(f"{op.name}: the runtime cannot run this block slice by slice (a member op reads its"
                                 " batch input through a view, or has no captured call of its own)")
         forward_k = slice_count(impls.get(op.name, op.impls[0].name))
-        forward = forward_fn(chain, op.inputs, forward_k)
+        forward = _forward_fn(chain, op.inputs, forward_k)
         program.forward[op.name] = StepFn(op.name, tuple(op.inputs), tuple(op.outputs), forward)
         program.recompute[op.name] = StepFn(op.name, tuple(op.inputs), tuple(op.outputs), forward)
         bop = next(b for b in network.backward_ops if b.of == op.name)
         impl = bop.impl(impls.get(bop.name, bop.impls[0].name))
-        program.backward[bop.name] = backward_step(chain, op, bop.name, tuple(bop.outputs), slice_count(impl.name),
+        program.backward[bop.name] = _backward_step(chain, op, bop.name, tuple(bop.outputs), slice_count(impl.name),
                                                     program.layouts)
 
 
@@ -124,7 +124,7 @@ def _run_slice(chain: list[tuple[StepFn, str]], piece: torch.Tensor, values: dic
     return h
 
 
-def forward_fn(chain, reads: tuple[str, ...], slices: int) -> Callable:
+def _forward_fn(chain, reads: tuple[str, ...], slices: int) -> Callable:
     def forward(*values):
         by_name = dict(zip(reads, values))
         return (forward_in_slices(lambda piece: _run_slice(chain, piece, by_name), values[0], slices),)
@@ -132,7 +132,7 @@ def forward_fn(chain, reads: tuple[str, ...], slices: int) -> Callable:
     return forward
 
 
-def backward_step(chain, op, name: str, writes: tuple[str, ...], slices: int, layouts: dict) -> StepFn:
+def _backward_step(chain, op, name: str, writes: tuple[str, ...], slices: int, layouts: dict) -> StepFn:
     """The segment's backward: reads ``grad(result)``, the input and the parameters; writes
     the input's gradient (when it has one) and adds each parameter's into its target."""
     source, params = op.inputs[0], tuple(op.inputs[1:])
