@@ -112,6 +112,8 @@ class SearchOptions:
     time_limit: float | None = None
     objective: str | None = None
     options: dict = field(default_factory=dict)
+    #: the runtime's batch-sliced segments under a budget (monetdsl.optimize's ``segments``)
+    segments: bool = True
 
 
 def option_error(message: str, where: str = "monetdsl") -> OptionError:
@@ -131,6 +133,7 @@ def check_search_options(
     spelling: Mapping[str, str] | None = None,
     where: str = "monetdsl",
     caps_up_to_one: bool = False,
+    segments: bool = True,
 ) -> SearchOptions:
     """Every option checked and converted, or :class:`OptionError` for the first bad one.
 
@@ -160,7 +163,9 @@ def check_search_options(
         time_limit = float(time_limit)
     if objective is not None and objective not in OBJECTIVES:
         raise fail("objective", f"unknown objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
-    return SearchOptions(method, budget, overhead, time_limit, objective, _engine_options(options, fail))
+    if not _flag(segments):
+        raise fail("segments", f"must be True or False (run the widest blocks as batch-sliced segments), not {segments!r}")
+    return SearchOptions(method, budget, overhead, time_limit, objective, _engine_options(options, fail), segments)
 
 
 def _budget(value, fail) -> int | None:

@@ -22,6 +22,7 @@ import torch.fx as fx
 
 from ..catalogue.base import GradTarget
 from ..ir import Network, TensorKind, grad_name
+from ..slicing import is_segment
 from ..tracing.joint import tensor_args
 from ..tracing.to_ir import OpRecord
 from .alternatives import ADOPTING, AUTOGRAD_FORWARDS, RECOMPUTE, OpContext, backward_function, forward_function
@@ -29,7 +30,7 @@ from .autograd_saves import saves_key, saves_only
 from .graphs import ArgPath, LoweringError, arg_path, example_of, is_part_scatter, local_backward, owner_adapter, run_group
 from .step_source import StepSource
 
-__all__ = ["StepFn", "DirectCall", "GradTarget", "AccumulatedGrad", "Program", "lower"]
+__all__ = ["StepFn", "DirectCall", "GradTarget", "AccumulatedGrad", "Program", "lower", "first_forward_step"]
 
 
 @dataclass(frozen=True)
@@ -260,7 +261,11 @@ def lower(trace, network: Network, impls: dict[str, str], autograd_verdicts: dic
 
     ``autograd_verdicts``: :func:`.autograd_saves.saves_only`'s verdicts by
     :func:`.autograd_saves.saves_key`, read from a previous process; those found are used
-    instead of running the check, and the new ones are added to it."""
+    instead of running the check, and the new ones are added to it.
+
+    A batch-sliced segment op (:func:`monetdsl.slicing.is_segment`) has no record of its
+    own: it is left out here and lowered from its member ops by the runtime
+    (:mod:`monetdsl.runtime.segment_steps`)."""
     facts, value_names = trace.built.facts, trace.built.value_names
     if facts is None:
         raise LoweringError("this trace does not carry its joint graph; trace the model again")
@@ -276,6 +281,8 @@ def lower(trace, network: Network, impls: dict[str, str], autograd_verdicts: dic
         program.forward[op.name] = _forward_step(low, op, impl, recompute=False)
         program.recompute[op.name] = _forward_step(low, op, impl, recompute=True)
     for bop in network.backward_ops:
+        if bop.of not in lowerings and is_segment(network.op(bop.of)):
+            continue
         low = lowerings[bop.of]
         impl = bop.impl(impls.get(bop.name, bop.impls[0].name))
         try:
@@ -289,6 +296,27 @@ def lower(trace, network: Network, impls: dict[str, str], autograd_verdicts: dic
                        if isinstance(v := node.meta.get("val"), torch.Tensor)}
     _mark_autograd_steps(program, lowerings, impls, node_of, autograd_verdicts)
     return program
+
+
+def first_forward_step(trace, network: Network, name: str, sliced_input: str | None = None) -> StepFn | None:
+    """The first-forward step of op ``name`` of ``network`` (the traced ops one by one)
+    with its first implementation (PyTorch's): what a batch-sliced segment runs for each
+    member op, slice by slice. None when the trace has no record of it, when that
+    implementation is a function of the runtime's own that does not record autograd's
+    backward, or when the op reads ``sliced_input`` through a view (a view's arguments
+    may name the whole batch's shape, which a slice does not have)."""
+    record = next((r for r in trace.built.records if r.name == name), None)
+    if record is None or trace.built.facts is None:
+        return None
+    op = network.op(name)
+    low = _OpLowering(record, trace.built.facts, trace.built.value_names, network)
+    if any(p.owner == sliced_input and not p.is_identity for p in low.paths):
+        return None
+    kind = low.kind.name if low.kind is not None else None
+    if kind is not None and forward_function(kind, op.impls[0].name) is not None \
+            and (kind, op.impls[0].name) not in AUTOGRAD_FORWARDS:
+        return None
+    return _forward_step(low, op, op.impls[0], recompute=False)
 
 
 def _mark_autograd_steps(program: Program, lowerings: dict, impls: dict[str, str], node_of: dict,

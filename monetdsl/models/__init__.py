@@ -15,13 +15,13 @@ import importlib.util
 
 from .cnn import googlenet, mobilenet_v2, resnet50, vgg16
 from .gpt2 import GPT2, GPTConfig, gpt2_small, tiny_gpt
-from .small import SmallCNN, TinyMobile, TinyResNet, TinyUNet, small_cnn, tiny_mobile, tiny_resnet, tiny_unet
+from .small import SmallCNN, TinyMobile, TinyResNet, TinyUNet, small_cnn, tiny_mobile, tiny_resnet, tiny_unet, tiny_vgg
 from .shipped import SHIPPED, ShippedSpec
 from .unet import UNet, unet
 
 __all__ = [
     "resnet50", "googlenet", "mobilenet_v2", "vgg16", "unet", "UNet", "gpt2_small", "tiny_gpt", "GPT2", "GPTConfig",
-    "SHIPPED", "ShippedSpec", "small_cnn", "tiny_resnet", "tiny_unet", "tiny_mobile", "SmallCNN", "TinyResNet", "TinyUNet", "TinyMobile", "get", "TORCHVISION",
+    "SHIPPED", "ShippedSpec", "small_cnn", "tiny_resnet", "tiny_unet", "tiny_mobile", "tiny_vgg", "SmallCNN", "TinyResNet", "TinyUNet", "TinyMobile", "get", "TORCHVISION",
 ]
 
 def _has_torchvision() -> bool:

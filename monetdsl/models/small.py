@@ -4,14 +4,18 @@
 * :class:`TinyResNet`: a stem and two residual blocks (identity and projection skips);
 * :class:`TinyUNet`: one down and one up level (transposed convolution) joined by a
   concatenation, with LeakyReLU activations;
-* :class:`TinyMobile`: inverted residuals with in-place ReLU6 and a depthwise convolution.
+* :class:`TinyMobile`: inverted residuals with in-place ReLU6 and a depthwise convolution;
+* :func:`tiny_vgg`: VGG-style conv-ReLU blocks with max-pools, no batch norm: its first
+  block holds the widest tensors and a small share of the compute, as in VGG-16 (the case
+  for batch-sliced segments).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-__all__ = ["SmallCNN", "TinyResNet", "TinyUNet", "TinyMobile", "small_cnn", "tiny_resnet", "tiny_unet", "tiny_mobile"]
+__all__ = ["SmallCNN", "TinyResNet", "TinyUNet", "TinyMobile", "small_cnn", "tiny_resnet", "tiny_unet", "tiny_mobile",
+           "tiny_vgg"]
 
 
 class SmallCNN(nn.Module):
@@ -119,3 +123,18 @@ class TinyMobile(nn.Module):
 
 def tiny_mobile() -> TinyMobile:
     return TinyMobile()
+
+
+def tiny_vgg(dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    """Three blocks for 3x32x32 images: 16 channels at 32x32 (two convolutions), then 48
+    and 96 channels with eight convolutions each, a max-pool after each block, a linear
+    classifier; seeded weights."""
+    torch.manual_seed(0)
+    layers, channels = [], 3
+    for width, convs in ((16, 2), (48, 8), (96, 8)):
+        for _ in range(convs):
+            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
+            channels = width
+        layers.append(nn.MaxPool2d(2))
+    layers += [nn.Flatten(), nn.Linear(channels * 4 * 4, 10)]
+    return nn.Sequential(*layers).to(dtype)

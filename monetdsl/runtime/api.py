@@ -38,11 +38,13 @@ def _usage(message: str) -> MonetError:
     return option_error(message, "monetdsl.optimize")
 
 
-def _constraints(budget, max_overhead, schedule, method, time_limit=None) -> Constraints:
+def _constraints(budget, max_overhead, schedule, method, time_limit=None, segments=True) -> tuple[Constraints, bool]:
+    """The checked constraints, and whether plans may use batch-sliced segments."""
     if schedule is not None and (budget is not None or max_overhead is not None):
         raise _usage("give either a schedule file or a budget / overhead cap, not both (the file already decides)")
     checked = check_search_options(method=method, memory_budget=budget, max_overhead=max_overhead, time_limit=time_limit,
-                                   methods=METHODS, spelling=_SPELLING, where="monetdsl.optimize", caps_up_to_one=True)
+                                   methods=METHODS, spelling=_SPELLING, where="monetdsl.optimize", caps_up_to_one=True,
+                                   segments=segments)
     if schedule is not None and not isinstance(schedule, Schedule):
         schedule = os.fspath(schedule)
         if Path(schedule).is_dir():
@@ -51,7 +53,7 @@ def _constraints(budget, max_overhead, schedule, method, time_limit=None) -> Con
             raise _usage(f"schedule file {schedule} does not exist")
     if time_limit is not None and schedule is not None:
         raise _usage("time_limit bounds the search for a schedule; a schedule file needs none")
-    return Constraints(checked.memory_budget, checked.max_overhead, schedule, checked.method, checked.time_limit)
+    return Constraints(checked.memory_budget, checked.max_overhead, schedule, checked.method, checked.time_limit), checked.segments
 
 
 def _as_calls(example_inputs) -> list[tuple]:
@@ -92,6 +94,7 @@ def optimize(
     cache_dir: str | os.PathLike | None = USER_CACHE,
     profile: bool | None = None,
     time_limit: float | None = None,
+    segments: bool = True,
 ) -> OptimizedModule:
     """A module that trains ``model`` with a schedule and is called like it.
 
@@ -128,14 +131,22 @@ def optimize(
     of the best schedule found, a budget that works when passed back (the schedule is kept
     for the next search of this graph in the process); ``details["min_feasible_budget_exact"]``
     says whether it is proved minimal, and the message gives the proved lower bound when not.
+
+    ``segments`` (default True): under a budget that store-all does not meet, run the
+    widest blocks of per-sample ops (convolutions, activations, pooling between two
+    shrinking steps; no batch norm) as batch-sliced segments, chosen by ``monetdsl
+    trace``'s rule: each block runs a slice of the batch at a time and recomputes its
+    forward in the backward, which lowers the floor that running ops one by one sets
+    (:mod:`monetdsl.runtime.segment_steps`). ``False`` plans every op on its own.
     """
     if not isinstance(model, torch.nn.Module):
         raise _usage(f"optimize takes an nn.Module, not {type(model).__name__}")
     if optimizer not in OPTIMIZERS:
         raise _usage(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
-    constraints = _constraints(budget, max_overhead, schedule, method, time_limit)
+    constraints, sliced = _constraints(budget, max_overhead, schedule, method, time_limit, segments)
     calls = _as_calls(example_inputs)
-    module = OptimizedModule(model, constraints, optimizer=optimizer, cache_dir=_cache_dir(cache_dir), profile=profile)
+    module = OptimizedModule(model, constraints, optimizer=optimizer, cache_dir=_cache_dir(cache_dir), profile=profile,
+                             segments=sliced)
     if calls:
         was = model.training
         model.train()
@@ -206,15 +217,16 @@ class _GraphModel(torch.nn.Module):
 
 def backend(*, budget: int | str | None = None, max_overhead: float | str | None = None, schedule=None,
             method: str = "auto", optimizer: str = "adam", cache_dir: str | os.PathLike | None = USER_CACHE,
-            time_limit: float | None = None, profile: bool | None = None):
+            time_limit: float | None = None, profile: bool | None = None, segments: bool = True):
     """A ``torch.compile`` backend that trains each captured graph with a schedule:
     ``torch.compile(model, backend=monetdsl.backend(budget="6GiB"))``. The keywords are
     :func:`optimize`'s (``time_limit`` bounds each graph's search; costs are
-    measured on the device unless ``profile=False``).
+    measured on the device unless ``profile=False``; ``segments=False`` plans every op
+    on its own).
 
     A graph monetdsl cannot run as a whole training step (several outputs, inputs that
     need gradients: a graph break inside the model) runs unchanged, with a warning."""
-    constraints = _constraints(budget, max_overhead, schedule, method, time_limit)
+    constraints, sliced = _constraints(budget, max_overhead, schedule, method, time_limit, segments)
     directory = _cache_dir(cache_dir)
 
     def compile_graph(gm: torch.fx.GraphModule, example_inputs):
@@ -230,7 +242,8 @@ def backend(*, budget: int | str | None = None, max_overhead: float | str | None
             return gm.forward
         model = _GraphModel(gm, list(example_inputs))
         # torch.compile plans on the first call by design: no announcement
-        module = OptimizedModule(model, constraints, optimizer=optimizer, cache_dir=directory, profile=profile, announce=False)
+        module = OptimizedModule(model, constraints, optimizer=optimizer, cache_dir=directory, profile=profile, announce=False,
+                                 segments=sliced)
         tuple_out = isinstance(outputs, (list, tuple))
 
         def run(*args):

@@ -90,9 +90,11 @@ class OptimizedModule(torch.nn.Module):
     """``model`` trained with schedules; call it like the model."""
 
     def __init__(self, model: torch.nn.Module, constraints: Constraints, *, optimizer: str = "adam",
-                 cache_dir: str | os.PathLike | None = None, observe=None, profile: bool | None = None, announce: bool = True):
+                 cache_dir: str | os.PathLike | None = None, observe=None, profile: bool | None = None, announce: bool = True,
+                 segments: bool = True):
         super().__init__()
         self._profile = profile
+        self._segments = segments  # batch-sliced segments under a budget (:mod:`.segment_steps`)
         self._orig_mod = model
         self._constraints = constraints
         self._optimizer = optimizer
@@ -148,7 +150,8 @@ class OptimizedModule(torch.nn.Module):
 
             try:
                 plan = build_plan(self._orig_mod, list(inputs), self._constraints, optimizer=self._optimizer,
-                                  cache_dir=self._cache_dir, trace=trace, profile=self._profile, avoid=avoid, progress=report)
+                                  cache_dir=self._cache_dir, trace=trace, profile=self._profile, avoid=avoid, progress=report,
+                                  segments=self._segments)
             finally:
                 progress.close()
             self._plans[key] = plan

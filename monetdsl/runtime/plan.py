@@ -32,6 +32,7 @@ from .eager_random import pins_keeping_eager_dropout
 from .eager_reference import cap_against_eager
 from .executor import StepPlan, plan_steps
 from .scale_weights import pins_avoiding_from_output, weights_divided_by, zero_weight_ops
+from .segment_steps import add_segment_steps, with_planned_segments
 from .stretches import ENGINE_ROOM
 
 #: ``Constraints``, ``trace_for_runtime``, ``schedule_for`` and ``clear_caches`` live in
@@ -131,7 +132,8 @@ class RuntimePlan:
 
 
 def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, optimizer: str, cache_dir=None,
-               trace=None, profile: bool | None = None, avoid: frozenset | None = None, progress=None) -> RuntimePlan:
+               trace=None, profile: bool | None = None, avoid: frozenset | None = None, progress=None,
+               segments: bool = True) -> RuntimePlan:
     """Trace (unless ``trace`` is given), schedule and lower ``model`` for these inputs.
 
     ``profile``: solve on costs measured on the inputs' device (True), on the roofline
@@ -145,7 +147,9 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
     lowering's local backwards are kept in its ``traces`` directory
     (:mod:`monetdsl.tracing.kept_captures`, :mod:`monetdsl.planning.kept_backwards`),
     so a second process plans without tracing. ``progress``: the search's progress
-    callback."""
+    callback. ``segments``: under a budget, run the widest blocks of per-sample ops as
+    batch-sliced segments where that can pay (:mod:`.segment_steps`); a ``trace`` given
+    is used as it is."""
     schedule_dir = schedule_cache.resolve_cache_dir(cache_dir)  # measurements: their own default for USER_CACHE
     kept_dir = None if schedule_dir is None else schedule_dir / "traces"  # captured steps and their local backwards
     capture = capture_key(model, inputs, "output") if kept_dir is not None else None
@@ -153,6 +157,8 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
     if trace is None:
         trace = trace_for_plan(model, inputs, constraints, optimizer=optimizer, profile=profile,
                                cache_dir=None if cache_dir is schedule_cache.USER_CACHE else cache_dir, capture_cache=kept_dir)
+        if segments and constraints.schedule is None:
+            trace = with_planned_segments(trace, inputs, constraints.budget)
     spec = trace.spec
     if progress is not None:
         progress(ProgressInfo("monetdsl", f"traced {len(spec.network.forward_ops)} ops, planning", 0.0, None, None, None, "us"))
@@ -190,6 +196,7 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
     verdicts = adopt_autograd_verdicts(kept_dir, capture)  # what autograd saves: checked once, kept
     known = 0 if verdicts is None else len(verdicts)
     program = lower(trace, network, impls, verdicts)
+    add_segment_steps(trace, network, impls, program)
     keep_autograd_verdicts(kept_dir, capture, verdicts, known)
     keep_backwards(kept_dir, capture, adopted)  # and, at exit, the owner adapters its steps traced
     steps = plan_steps(network, schedule, program, _engine_room(simulation, constraints))

@@ -17,24 +17,29 @@ what ``monetdsl slice`` writes without ``--segments``.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from ..ir import Network, Spec
 from .runs import Run, block_width, blocks, per_sample_runs
-from .segment import sliced_spec
+from .segment import DEFAULT_KERNEL_FEE_US, sliced_spec
 
-__all__ = ["DEFAULT_ALLOWANCE", "fastest_step_us", "widest_blocks", "with_widest_segments"]
+__all__ = ["DEFAULT_ALLOWANCE", "fastest_step_us", "widest_blocks", "with_widest_segments", "op_by_op_bound"]
 
 #: the recomputation the default choice may force, as a fraction of the no-recompute time
 DEFAULT_ALLOWANCE = 0.10
 
 
-def widest_blocks(network: Network, allowance_us: float, max_blocks: int | None = None) -> list[Run]:
+def widest_blocks(network: Network, allowance_us: float, max_blocks: int | None = None,
+                  accept: Callable[[Run], bool] | None = None) -> list[Run]:
     """Blocks to slice, widest first, whose forwards together take at most ``allowance_us``.
 
     Stops at the first block that does not fit (a narrower one would not lower the floor
     the wider one sets), at the first no wider than an op outside every block, and after
-    ``max_blocks``."""
-    candidates = [piece for run in per_sample_runs(network) for piece in blocks(network, run)]
+    ``max_blocks``. ``accept``: which candidate blocks the caller can run as segments (the
+    runtime's lowering: :mod:`monetdsl.runtime.segment_steps`); the others stay op by op
+    and count among the ops outside every block."""
+    candidates = [piece for run in per_sample_runs(network) for piece in blocks(network, run)
+                  if accept is None or accept(piece)]
     candidates.sort(key=lambda run: -block_width(network, run))
     in_blocks = {name for run in candidates for name in run.ops}
     floor = max((_op_width(network, op) for op in network.forward_ops if op.name not in in_blocks), default=0)
@@ -52,13 +57,15 @@ def widest_blocks(network: Network, allowance_us: float, max_blocks: int | None 
     return chosen
 
 
-def with_widest_segments(spec: Spec, allowance: float = DEFAULT_ALLOWANCE,
-                         slice_counts=None) -> tuple[Spec, list[Run]]:
-    """``spec`` with :func:`widest_blocks` (within ``allowance`` of its no-recompute time)
-    as batch-sliced segments offering ``slice_counts`` (default: :func:`.segment.offered_costs`'
-    choice), and those blocks; ``spec`` itself when no block qualifies."""
-    runs = widest_blocks(spec.network, allowance * fastest_step_us(spec.network))
-    return (sliced_spec(spec, runs, slice_counts), runs) if runs else (spec, [])
+def with_widest_segments(spec: Spec, allowance: float = DEFAULT_ALLOWANCE, slice_counts=None,
+                         kernel_fee_us: float = DEFAULT_KERNEL_FEE_US,
+                         accept: Callable[[Run], bool] | None = None) -> tuple[Spec, list[Run]]:
+    """``spec`` with :func:`widest_blocks` (within ``allowance`` of its no-recompute time,
+    among the blocks ``accept`` lets through) as batch-sliced segments offering
+    ``slice_counts`` (default: :func:`.segment.offered_costs`' choice) at ``kernel_fee_us``
+    per op and extra slice, and those blocks; ``spec`` itself when no block qualifies."""
+    runs = widest_blocks(spec.network, allowance * fastest_step_us(spec.network), accept=accept)
+    return (sliced_spec(spec, runs, slice_counts, kernel_fee_us), runs) if runs else (spec, [])
 
 
 def fastest_step_us(network: Network) -> float:
@@ -73,3 +80,17 @@ def _op_width(network: Network, op) -> int:
     """Bytes of an op's non-fixed inputs and outputs: what its step holds at least."""
     tensors = network.tensors
     return sum(tensors[name].storage_bytes for name in (*op.inputs, *op.outputs) if not tensors[name].is_fixed)
+
+
+def op_by_op_bound(network: Network) -> int:
+    """A lower bound, above fixed memory, of every schedule of ``network``'s ops: each op
+    holds its non-fixed inputs (a backward op: its implementation's reads), its outputs
+    and its workspace at once, with the implementation that needs least. A budget below
+    it needs a segment (whose op holds one slice's working set)."""
+    tensors = network.tensors
+
+    def held(op, impl) -> int:
+        reads = op.inputs if hasattr(op, "inputs") else impl.reads
+        return sum(tensors[n].storage_bytes for n in (*reads, *op.outputs) if not tensors[n].is_fixed) + impl.workspace
+
+    return max(min(held(op, impl) for impl in op.impls) for op in (*network.forward_ops, *network.backward_ops))

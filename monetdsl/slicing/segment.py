@@ -52,7 +52,7 @@ from ..validate import validate_network
 from .runs import Run, batch_input, block_width
 
 __all__ = ["DEFAULT_SLICES", "DEFAULT_KERNEL_FEE_US", "SegmentCosts", "segment_costs", "offered_costs", "segment_name",
-           "is_segment", "sliced_network", "sliced_spec"]
+           "is_segment", "slice_count", "segment_members", "sliced_network", "sliced_spec"]
 
 #: a segment's implementation names: the slice count after the word (written and read here only)
 SLICED_IMPL = "sliced{slices}"
@@ -86,6 +86,30 @@ def is_segment(op: ForwardOp) -> bool:
     """Whether ``op`` is a batch-sliced segment: every implementation is ``slicedK``, as
     :func:`sliced_network` writes them (a spec keeps no other mark of it)."""
     return bool(op.impls) and all(re.fullmatch(SLICED_IMPL.format(slices="[0-9]+"), impl.name) for impl in op.impls)
+
+
+def slice_count(impl_name: str) -> int:
+    """``K`` of a segment implementation ``slicedK``."""
+    found = re.fullmatch(SLICED_IMPL.format(slices="([0-9]+)"), impl_name)
+    if found is None:
+        raise SpecError(f"{impl_name} is not a batch-sliced segment's implementation (sliced1, sliced2, ...)")
+    return int(found.group(1))
+
+
+def segment_members(network: Network, segment: str) -> Run:
+    """The run of ``network`` (the ops one by one) that the segment op named ``segment``
+    (:func:`segment_name`) replaces in its sliced form."""
+    order = [op.name for op in network.forward_ops]
+    for i, first in enumerate(order):
+        if segment.startswith(first + ".."):
+            last = segment[len(first) + 2:]
+            if last in order[i + 1:]:
+                ops = tuple(order[i:order.index(last, i + 1) + 1])
+                source = batch_input(network, network.op(ops[0]))
+                result = network.op(ops[-1]).outputs[0]
+                if source is not None:
+                    return Run(ops, source, result, network.tensors[result].shape[0])
+    raise SpecError(f"{segment} names no run of ops of {network.name} (a segment is named first..last)")
 
 
 def _input_has_gradient(network: Network, run: Run) -> bool:

@@ -179,22 +179,28 @@ def with_costs(trace: TraceResult, network: Network, cost_model: str, notes: Seq
     return result
 
 
-def with_segments(trace: TraceResult) -> TraceResult:
+def with_segments(trace: TraceResult, allowance: float | None = None, *, kernel_fee_us: float | None = None,
+                  accept=None, turned_off_by: str = "--no-segments") -> TraceResult:
     """``trace`` with its widest blocks of per-sample ops as batch-sliced segments
-    (:func:`monetdsl.slicing.with_widest_segments`: within 10 % of the no-recompute time,
-    only blocks wider than every other op), named in a header line; ``trace`` itself when
-    no block qualifies. What ``monetdsl trace`` writes unless ``--no-segments``.
-    ``built`` is kept as traced (the ops one by one, as its records describe them): the
-    traced runtime (``monetdsl.optimize``) does not lower segments; a segment is run by
-    :class:`monetdsl.runtime.sliced_segment.SlicedSegment`."""
-    from ..slicing import DEFAULT_ALLOWANCE, segment_name, with_widest_segments
+    (:func:`monetdsl.slicing.with_widest_segments`: within ``allowance`` of the
+    no-recompute time, default 10 %, only blocks wider than every other op, among those
+    ``accept`` lets through; ``kernel_fee_us`` per op and extra slice, default the P100
+    roofline's), named in a header line that says how ``turned_off_by`` writes their ops
+    one by one; ``trace`` itself when no block qualifies. What ``monetdsl trace`` writes
+    unless ``--no-segments``, and what ``monetdsl.optimize`` plans on
+    (:mod:`monetdsl.runtime.segment_steps`). ``built`` is kept as traced (the ops one by
+    one, as its records describe them): the runtime lowers a segment op from its member
+    ops' records."""
+    from ..slicing import DEFAULT_ALLOWANCE, DEFAULT_KERNEL_FEE_US, segment_name, with_widest_segments
 
-    sliced, runs = with_widest_segments(trace.spec)
+    allowance = DEFAULT_ALLOWANCE if allowance is None else allowance
+    fee = DEFAULT_KERNEL_FEE_US if kernel_fee_us is None else kernel_fee_us
+    sliced, runs = with_widest_segments(trace.spec, allowance, kernel_fee_us=fee, accept=accept)
     if not runs:
         return trace
     names = ", ".join(segment_name(run) for run in runs)
-    header = [*trace.header, f"batch-sliced segments: {names} (the widest blocks within {DEFAULT_ALLOWANCE:.0%} of the"
-              " no-recompute time; --no-segments writes their ops one by one)"]
+    header = [*trace.header, f"batch-sliced segments: {names} (the widest blocks within {allowance:.0%} of the"
+              f" no-recompute time; {turned_off_by} writes their ops one by one)"]
     spec = Spec(sliced.network, sliced.constraints, path=trace.spec.path)
     result = TraceResult(spec, trace.built, trace.cost_model, trace.capture_seconds, trace.total_seconds, header)
     spec.source = result.text()
