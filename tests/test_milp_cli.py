@@ -114,7 +114,7 @@ def test_progress_is_one_rewritten_line_on_a_terminal_and_nothing_elsewhere(resn
     spec = load_spec(resnet4)
     for stream, shown in ((_Terminal(), True), (io.StringIO(), False)):
         progress = StderrProgress(stream, after=0.0)
-        solve(spec, "milp", memory_budget=300 * 2**20, time_limit=2.5, progress=progress)
+        solve(spec, "milp", memory_budget=300 * 2**20, time_limit=5, progress=progress)
         progress.close()
         text = stream.getvalue()
         assert ("milp: search" in text and "incumbent" in text and "bound" in text and "gap" in text) is shown

@@ -148,7 +148,8 @@ def test_measured_costs_time_them_on_a_fresh_copy_of_the_gradient():
     with mock.patch.object(overwriting, "conv_input_grad_over_output", lambda g, w, a: given.append(g) or real(g, w, a)):
         report = measure_costs(trace.built, "cpu", repeats=2)
     assert not report.notes, report.notes
-    assert len(given) >= 2 * 3 and len({id(g) for g in given}) == len(given)  # two convolutions, warm-up and repeats
+    # two convolutions, each a warm-up and at least one timed run (one is enough when it agrees with the warm-up)
+    assert len(given) >= 2 * 2 and len({id(g) for g in given}) == len(given)
     network = report.network
     for bop in network.backward_ops:
         for impl in bop.impls:

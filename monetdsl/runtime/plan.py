@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..errors import EstimatedCostsWarning, ScheduleError, warn_at_user
+from ..errors import EstimatedCostsWarning, ScheduleError, SolveError, warn_at_user
 from ..ir import Schedule, Spec
 from ..lowering.graphs import ArgPath, arg_path
 from ..lowering.program import Program, lower
@@ -32,7 +32,7 @@ from .eager_random import pins_keeping_eager_dropout
 from .eager_reference import cap_against_eager
 from .executor import StepPlan, plan_steps
 from .scale_weights import pins_avoiding_from_output, weights_divided_by, zero_weight_ops
-from .segment_steps import add_segment_steps, with_planned_segments
+from .segment_steps import add_segment_steps, needs_segments, with_planned_segments
 from .stretches import ENGINE_ROOM
 
 #: ``Constraints``, ``trace_for_runtime``, ``schedule_for`` and ``clear_caches`` live in
@@ -147,9 +147,9 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
     lowering's local backwards are kept in its ``traces`` directory
     (:mod:`monetdsl.tracing.kept_captures`, :mod:`monetdsl.planning.kept_backwards`),
     so a second process plans without tracing. ``progress``: the search's progress
-    callback. ``segments``: under a budget, run the widest blocks of per-sample ops as
-    batch-sliced segments where that can pay (:mod:`.segment_steps`); a ``trace`` given
-    is used as it is."""
+    callback. ``segments``: under a budget the ops one by one cannot meet, run the widest
+    blocks of per-sample ops as batch-sliced segments (:mod:`.segment_steps`); a
+    ``trace`` given is used as it is."""
     schedule_dir = schedule_cache.resolve_cache_dir(cache_dir)  # measurements: their own default for USER_CACHE
     kept_dir = None if schedule_dir is None else schedule_dir / "traces"  # captured steps and their local backwards
     capture = capture_key(model, inputs, "output") if kept_dir is not None else None
@@ -157,8 +157,12 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
     if trace is None:
         trace = trace_for_plan(model, inputs, constraints, optimizer=optimizer, profile=profile,
                                cache_dir=None if cache_dir is schedule_cache.USER_CACHE else cache_dir, capture_cache=kept_dir)
-        if segments and constraints.schedule is None:
+        if segments and constraints.schedule is None and needs_segments(trace, constraints.budget):
             trace = with_planned_segments(trace, inputs, constraints.budget)
+            segments = False  # planned with them already
+    else:
+        segments = False  # a trace given is used as it is
+    asked = constraints
     spec = trace.spec
     if progress is not None:
         progress(ProgressInfo("monetdsl", f"traced {len(spec.network.forward_ops)} ops, planning", 0.0, None, None, None, "us"))
@@ -187,7 +191,14 @@ def build_plan(model: torch.nn.Module, inputs, constraints: Constraints, *, opti
     asked_cap = constraints.max_overhead if constraints.schedule is None else None
     store_dir = None if cache_dir is schedule_cache.USER_CACHE else cache_dir
     constraints = cap_against_eager(model, inputs, trace, spec, constraints, optimizer=optimizer, cache_dir=store_dir)
-    schedule, simulation = schedule_for(spec, constraints, schedule_dir, costs=trace.cost_model, progress=progress)
+    try:
+        schedule, simulation = schedule_for(spec, constraints, schedule_dir, costs=trace.cost_model, progress=progress)
+    except SolveError:
+        sliced = with_planned_segments(trace, inputs, asked.budget) if segments and asked.schedule is None else trace
+        if sliced is trace:
+            raise
+        return build_plan(model, inputs, asked, optimizer=optimizer, cache_dir=cache_dir, trace=sliced, profile=profile,
+                          avoid=avoid, progress=progress)
     if asked_cap is not None and constraints.max_overhead is not None and CALIBRATION_NOTE in trace.cost_model:
         schedule, simulation = schedule_holding_cap(model, inputs, trace, spec, constraints, (schedule, simulation), asked_cap,
                                                     optimizer=optimizer, schedule_dir=schedule_dir, cache_dir=store_dir,

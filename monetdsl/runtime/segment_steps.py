@@ -10,9 +10,12 @@ a segment's times and workspaces follow from its member ops' measured ones by th
 formulas of :mod:`monetdsl.slicing.segment` (the ones the simulator, the MILP and the
 hybrid charge), with the device's per-kernel launch fee for each extra slice.
 
-It does so only where slicing can pay: under a budget that the store-all schedule of the
-fastest implementations does not meet (above it nothing needs recomputing, and a segment
-would recompute its block at every step). Under an overhead cap alone, or with a schedule
+It does so only where the ops one by one cannot meet the budget: a segment recomputes
+its block at every step and pays Python per slice, so a budget an op-by-op schedule meets
+is planned op by op. Below the proved op-by-op bound
+(:func:`monetdsl.slicing.op_by_op_bound`) the plan is made with segments straight away
+(:func:`needs_segments`); between that bound and the store-all peak it is made op by op
+first, and with segments only when that search finds no schedule (``build_plan``). Under an overhead cap alone, or with a schedule
 file, the plan stays op by op: the segment's forced recomputation counts against the cap
 the runtime measures against eager's step. ``monetdsl.optimize(..., segments=False)``
 turns it off.
@@ -34,14 +37,14 @@ from ..lowering.graphs import LoweringError
 from ..lowering.program import AccumulatedGrad, Program, StepFn, first_forward_step
 from ..search.impl_choice import cheapest_impls
 from ..search.simulator import simulate
-from ..slicing import DEFAULT_ALLOWANCE, Run, is_segment, segment_members, slice_count
+from ..slicing import DEFAULT_ALLOWANCE, Run, is_segment, op_by_op_bound, segment_members, slice_count
 from ..tracing.api import with_segments
 from ..tracing.costs import PRESETS
 from ..validate import resolve_constraints
 from .calibrate import store_all_schedule
 from .sliced_segment import backward_in_slices, forward_in_slices
 
-__all__ = ["can_slice", "kernel_fee_us", "wants_segments", "with_planned_segments", "add_segment_steps"]
+__all__ = ["can_slice", "kernel_fee_us", "wants_segments", "needs_segments", "with_planned_segments", "add_segment_steps"]
 
 
 def kernel_fee_us(inputs) -> float:
@@ -82,6 +85,15 @@ def wants_segments(spec, budget: int | None) -> bool:
     allowed = resolve_constraints(network, spec.constraints, path=spec.path, source=spec.source).allowed_impls
     schedule = store_all_schedule(network, cheapest_impls(network, allowed), spec.fingerprint)
     return schedule is None or simulate(network, schedule).peak_bytes > budget
+
+
+def needs_segments(trace, budget: int | None) -> bool:
+    """Whether no op-by-op schedule of ``trace`` can meet ``budget``: it is below the
+    proved bound every such schedule holds above fixed memory."""
+    if budget is None:
+        return False
+    network = trace.spec.network
+    return budget < network.fixed_bytes + op_by_op_bound(network)
 
 
 def with_planned_segments(trace, inputs, budget: int | None, allowance: float = DEFAULT_ALLOWANCE):
