@@ -51,7 +51,12 @@ from ..search.schedule_builder import build_schedule
 from ..search.simulator import chosen_impls, simulate
 
 __all__ = ["Calibration", "StepClock", "EagerPairs", "paired_with_eager", "STRETCH_FLOOR", "ROUNDS_SECONDS", "MAX_ROUNDS", "calibrate", "in_place_times", "with_in_place_times", "calibration_schedules", "pooling_keys",
-           "state_restored", "backward_seeds", "store_all_schedule", "CALIBRATION_NOTE"]
+           "state_restored", "backward_seeds", "store_all_schedule", "CALIBRATION_NOTE", "device_of"]
+
+def device_of(inputs) -> str:
+    """``cuda`` when an input is on a GPU, else ``cpu``: where the steps timed here run."""
+    return "cuda" if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else "cpu"
+
 
 @dataclass
 class EagerPairs:
@@ -255,7 +260,7 @@ def in_place_times(model: torch.nn.Module, inputs, trace, *, optimizer: str, rou
     from ..planning import Constraints
 
     network = trace.spec.network
-    device = "cuda" if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else "cpu"
+    device = device_of(inputs)
     samples: dict[tuple[str, str], list[float]] = defaultdict(list)  # (op, impl) -> us, first forwards and backward steps
     notes: list[str] = []
     savings: dict = {}  # (op, impl) -> us a backward step saves in a stretch (the first schedule with stretches)

@@ -58,7 +58,7 @@ from ..errors import CapWarning, warn_at_user
 from ..search.impl_choice import cheapest_impls, first_impls
 from ..validate import resolve_constraints
 from ..search.simulator import simulate
-from .calibrate import CALIBRATION_NOTE, paired_with_eager, state_restored, store_all_schedule
+from .calibrate import CALIBRATION_NOTE, device_of, paired_with_eager, state_restored, store_all_schedule
 
 __all__ = ["EagerReference", "REFERENCE_ROUNDS", "REFERENCE_SECONDS", "REFERENCE_TOLERANCE", "REFERENCE_MIN_SECONDS",
            "REFERENCE_MOST", "EAGER_MARGIN", "enough_pairs", "measure_reference",
@@ -131,10 +131,6 @@ def enough_pairs(ratios: list[float], seconds: float, rounds: int = REFERENCE_RO
     return half_width <= REFERENCE_TOLERANCE * statistics.median(ratios)
 
 
-def _device_of(inputs) -> str:
-    return "cuda" if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else "cpu"
-
-
 def measure_reference(model: torch.nn.Module, inputs, trace, spec=None, *, optimizer: str,
                       rounds: int = REFERENCE_ROUNDS) -> EagerReference:
     """Eager steps of ``model`` interleaved with the runtime's steps of the store-all
@@ -157,7 +153,7 @@ def time_against_eager(model: torch.nn.Module, inputs, trace, schedule, *, optim
     from .module import OptimizedModule
     from ..planning import Constraints
 
-    device = _device_of(inputs)
+    device = device_of(inputs)
     pairs: list = []
     with state_restored(model, device):
         runtime = OptimizedModule(model, Constraints(None, None, schedule, "auto", engine_room=True), optimizer=optimizer, announce=False)
@@ -238,7 +234,7 @@ def eager_reference(model: torch.nn.Module, inputs, trace, spec=None, *, optimiz
     kept."""
     store = store if store is not None else MeasurementStore()
     spec = spec if spec is not None else trace.spec
-    device = _device_of(inputs)
+    device = device_of(inputs)
     key = _key(trace, spec, device)
     found = store.get(key)
     if found is not None and {"eager_us", "runtime_us", "ratio"} <= set(found) and found["eager_us"] > 0:

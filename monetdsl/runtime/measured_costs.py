@@ -24,7 +24,7 @@ import torch
 
 from ..costs import MeasurementStore, measured_report, profiled_cost_model
 from ..tracing.api import with_costs
-from .calibrate import CALIBRATION_NOTE, EagerPairs, in_place_times, with_in_place_times
+from .calibrate import CALIBRATION_NOTE, EagerPairs, device_of, in_place_times, with_in_place_times
 from .eager_reference import keep_calibration_pairs
 from .stretch_cuts import charge_stretch_cuts
 
@@ -37,11 +37,6 @@ IN_PLACE_ROUNDS = 1
 #: graph's (signature, implementation) pairs for the first time
 #: (:func:`~.calibrate.calibration_schedules`): each is a lowering and a training step
 LEAST_NEW_SHARE = 0.05
-
-
-def device_of(inputs) -> str:
-    """``cuda`` when an input is on a GPU, else ``cpu``."""
-    return "cuda" if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else "cpu"
 
 
 def measured_cost_model(device: str) -> str:

@@ -41,7 +41,7 @@ from ..slicing import DEFAULT_ALLOWANCE, Run, is_segment, op_by_op_bound, segmen
 from ..tracing.api import with_segments
 from ..tracing.costs import PRESETS
 from ..validate import resolve_constraints
-from .calibrate import store_all_schedule
+from .calibrate import device_of, store_all_schedule
 from .sliced_segment import backward_in_slices, forward_in_slices
 
 __all__ = ["can_slice", "kernel_fee_us", "wants_segments", "needs_segments", "with_planned_segments", "add_segment_steps"]
@@ -50,8 +50,7 @@ __all__ = ["can_slice", "kernel_fee_us", "wants_segments", "needs_segments", "wi
 def kernel_fee_us(inputs) -> float:
     """The launch fee of one kernel on the inputs' device: what each extra slice costs per
     op (the CPU preset's, measured on the development machine; a GPU's from the roofline)."""
-    on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
-    return PRESETS["A100" if on_cuda else "cpu"].overhead_us
+    return PRESETS["A100" if device_of(inputs) == "cuda" else "cpu"].overhead_us
 
 
 def _member_chain(trace, run: Run) -> list[tuple[StepFn, str]] | None:

@@ -29,7 +29,7 @@ import time
 import torch
 
 from ..search.impl_choice import cheapest_impls, first_impls, no_recompute_compute_us
-from .calibrate import backward_seeds, paired_with_eager, state_restored, store_all_schedule, with_in_place_times
+from .calibrate import backward_seeds, device_of, paired_with_eager, state_restored, store_all_schedule, with_in_place_times
 
 __all__ = ["CHARGE_ROUNDS", "CUT_NOISE", "PAIRED_SECONDS", "cut_implementations", "charge_stretch_cuts"]
 
@@ -85,7 +85,7 @@ def charge_stretch_cuts(model: torch.nn.Module, inputs, trace, in_place: dict, *
     first = first_impls(network)
     kin = kin if kin is not None else (lambda pair: pair)
     timer = timer if timer is not None else _paired_medians
-    device = "cuda" if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else "cpu"
+    device = device_of(inputs)
     own = store_all_schedule(network, first, trace.spec.fingerprint)
     if own is None:
         return in_place, []
